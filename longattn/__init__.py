@@ -1,0 +1,19 @@
+"""longattn: long-context attention kernels with PyTorch twins.
+
+Front doors::
+
+    from longattn import attention, merge_states
+    out = attention(q, k, v, causal=True)          # (batch, seqlen, nheads, headdim)
+
+Conventions (flash-attn's): bottom-right causal alignment, ``(left, right)``
+windows with -1 = unbounded, natural-log float32 lse of shape
+``(batch, nheads, seqlen_q)``, empty rows give ``out = 0`` and ``lse = -inf``.
+"""
+
+from longattn.api import attention
+from longattn.errors import LongAttnError
+from longattn.kernels.merge import merge_states
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "merge_states", "LongAttnError", "__version__"]

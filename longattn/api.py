@@ -1,0 +1,76 @@
+"""The public front door for prefill attention: :func:`attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.errors import UnsupportedFeatureError
+from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
+from longattn.masking import effective_window
+from longattn.validation import check_flag, check_qkv, check_softcap, check_softmax_scale, check_window
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sparse: object | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention with flash-attn's conventions; a drop-in for ``flash_attn_func``.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``, float32/float16/bfloat16.
+        k, v: ``(batch, seqlen_k, nheads_k, headdim)``, same dtype and device;
+            ``nheads % nheads_k == 0`` (MHA, GQA, MQA). Any strides.
+        causal: bottom-right aligned mask; query ``i`` sees key ``j`` iff
+            ``j <= i + seqlen_k - seqlen_q``. For seqlen_q=2, seqlen_k=5::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+            With ``seqlen_q > seqlen_k`` the first rows see nothing and get
+            ``out = 0`` (``lse = -inf``).
+        softmax_scale: defaults to ``headdim ** -0.5``.
+        window_size: ``(left, right)`` sliding window, -1 = unbounded: query
+            ``i`` sees keys ``i + seqlen_k - seqlen_q - left`` through
+            ``... + right``. With ``causal=True``, ``right`` must be -1 or 0.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        sparse: a sparse-method config; ``None`` means dense attention.
+        backend: ``"auto"`` (fastest twin that can serve), or ``"sdpa"``,
+            ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
+            :class:`~longattn.errors.BackendUnavailableError` listing every
+            backend's reasons (``longattn doctor`` shows them for this machine).
+        return_lse: also return ``lse``.
+
+    Returns:
+        ``out`` with q's shape and dtype, or ``(out, lse)`` with ``lse``
+        ``(batch, nheads, seqlen_q)`` float32, natural log. Differentiable in
+        q, k, v (and through lse). Math is float32 whatever the input dtype.
+
+    Example::
+
+        q = torch.randn(1, 1024, 8, 128)
+        k = v = torch.randn(1, 1024, 2, 128)      # GQA, 4 query heads per kv head
+        out = longattn.attention(q, k, v, causal=True)
+    """
+    q, k, v = check_qkv(q, k, v)
+    causal = check_flag("causal", causal)
+    return_lse = check_flag("return_lse", return_lse)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    window = effective_window(causal, check_window(window_size, causal))
+    softcap = check_softcap(softcap)
+    if sparse is not None:
+        raise UnsupportedFeatureError(
+            f"sparse={sparse!r} is not a sparse method this version of longattn provides; "
+            "use sparse=None for dense attention"
+        )
+    call = DenseCall(q, k, v, scale, window, softcap, need_lse=return_lse)
+    out, lse = DENSE_BACKENDS.select(call, backend).run(call)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,197 @@
+"""Dense attention: the call description, autograd, and the twins' registry.
+
+Twins (priority order for ``backend="auto"``):
+
+- ``sdpa``: PyTorch's fused kernel, where its semantics can be matched
+  exactly (no softcap, no left window; bottom-right causal via a mask when
+  ``seqlen_q != seqlen_k``). The fastest CPU path.
+- ``triton``: flash-attention forward kernel (GPU; on CPU only under
+  ``TRITON_INTERPRET=1``, for verification, never picked by auto there).
+- ``eager``: chunked PyTorch; serves every call.
+
+Every twin except plain SDPA returns lse, and gradients of those twins come
+from one recomputing backward (:func:`dense_backward_eager`), so a new
+forward twin gets autograd for free.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from longattn.dispatch import Backend, Registry
+from longattn.kernels.dense_eager import dense_backward_eager, dense_forward_eager
+from longattn.kernels.dense_sdpa import lse_op_available, sdpa_attention, sdpa_forward_with_lse
+
+ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+# SDPA realises bottom-right causality for seqlen_q != seqlen_k with an
+# explicit mask; above this many elements the mask costs more than it saves.
+SDPA_MAX_MASK_ELEMENTS = 1 << 24
+TRITON_MAX_HEADDIM = 256
+
+
+@dataclass(frozen=True)
+class DenseCall:
+    """One validated dense-attention request (shapes in :mod:`longattn.kernels.dense_eager`).
+
+    ``window`` is the effective ``(left, right)`` window, causal folded in.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    window: tuple[int, int]
+    softcap: float
+    need_lse: bool
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.k.shape[1]
+
+
+class RecomputingAttention(torch.autograd.Function):
+    """Autograd for any forward twin that returns ``(out, lse)``: the backward
+    recomputes probabilities from lse, chunk by chunk (flash-attention style)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, forward_fn: ForwardFn, scale: float, window: tuple[int, int], softcap: float):
+        out, lse = forward_fn(q, k, v, scale=scale, window=window, softcap=softcap)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = (scale, window, softcap)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, window, softcap = ctx.params
+        dq, dk, dv = dense_backward_eager(
+            dout, dlse, q, k, v, out, lse, scale=scale, window=window, softcap=softcap
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def run_with_autograd(forward_fn: ForwardFn, call: DenseCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a forward twin, through :class:`RecomputingAttention` only when a
+    gradient is needed (saving nothing otherwise)."""
+    args = (call.scale, call.window, call.softcap)
+    if call.needs_grad:
+        return RecomputingAttention.apply(call.q, call.k, call.v, forward_fn, *args)
+    return forward_fn(call.q, call.k, call.v, scale=call.scale, window=call.window, softcap=call.softcap)
+
+
+# --- sdpa -------------------------------------------------------------------
+
+def _sdpa_call_reasons(call: DenseCall) -> list[str]:
+    reasons = []
+    left, right = call.window
+    if call.softcap > 0:
+        reasons.append("softcap is not supported by SDPA")
+    if left >= 0 or right > 0:
+        reasons.append(f"window {call.window} is not expressible (SDPA has causal or full only)")
+    if call.q.numel() == 0 or call.seqlen_k == 0:
+        reasons.append("empty input (a sequence or batch of length 0)")
+    if right == 0 and call.seqlen_q != call.seqlen_k and call.seqlen_q * call.seqlen_k > SDPA_MAX_MASK_ELEMENTS:
+        reasons.append(
+            f"causal with seqlen_q {call.seqlen_q} != seqlen_k {call.seqlen_k} needs an explicit mask "
+            f"larger than {SDPA_MAX_MASK_ELEMENTS} elements"
+        )
+    if call.need_lse:
+        if call.q.device.type != "cpu":
+            reasons.append(f"SDPA returns no lse on {call.q.device.type}")
+        elif not lse_op_available():
+            reasons.append("this torch has no lse-returning fused CPU op")
+        elif call.q.dtype != torch.float32:
+            reasons.append(f"the fused CPU op's lse for {call.q.dtype} is only accurate to ~1e-4")
+    return reasons
+
+
+def _sdpa_run(call: DenseCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if call.need_lse:
+        return run_with_autograd(sdpa_forward_with_lse, call)
+    return sdpa_attention(call.q, call.k, call.v, scale=call.scale, window=call.window), None
+
+
+SDPA = Backend[DenseCall](
+    name="sdpa",
+    description="torch.nn.functional.scaled_dot_product_attention (fused CPU/GPU kernels)",
+    run=_sdpa_run,
+    machine_reasons=lambda: [],
+    call_reasons=_sdpa_call_reasons,
+)
+
+
+# --- triton -----------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_machine_reasons() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton)"]
+    if not torch.cuda.is_available() and not _interpreting():
+        return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs kernels on CPU)"]
+    return []
+
+
+def _triton_call_reasons(call: DenseCall) -> list[str]:
+    reasons = []
+    device = call.q.device.type
+    if device == "cpu" and not _interpreting():
+        reasons.append("tensors are on cpu; Triton runs them only under TRITON_INTERPRET=1")
+    elif device not in ("cpu", "cuda"):
+        reasons.append(f"tensors are on {device}; Triton needs cuda (or cpu under the interpreter)")
+    if device == "cpu" and call.q.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter has no bfloat16")
+    if call.q.shape[-1] > TRITON_MAX_HEADDIM:
+        reasons.append(f"headdim {call.q.shape[-1]} > {TRITON_MAX_HEADDIM}")
+    return reasons
+
+
+def _triton_auto_reasons(call: DenseCall) -> list[str]:
+    if call.q.device.type == "cpu":
+        return ["on cpu it runs in the Triton interpreter: correct but far slower than eager (force backend='triton' to use it)"]
+    return []
+
+
+def _triton_run(call: DenseCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.dense_triton import dense_forward_triton  # imports triton: only when used
+
+    return run_with_autograd(dense_forward_triton, call)
+
+
+TRITON = Backend[DenseCall](
+    name="triton",
+    description="flash-attention forward kernel in Triton (GPU; CPU under TRITON_INTERPRET=1)",
+    run=_triton_run,
+    machine_reasons=_triton_machine_reasons,
+    call_reasons=_triton_call_reasons,
+    auto_reasons=_triton_auto_reasons,
+)
+
+
+# --- eager ------------------------------------------------------------------
+
+EAGER = Backend[DenseCall](
+    name="eager",
+    description="chunked PyTorch, float32 math; serves every call",
+    run=lambda call: run_with_autograd(dense_forward_eager, call),
+    machine_reasons=lambda: [],
+    call_reasons=lambda call: [],
+)
+
+DENSE_BACKENDS = Registry[DenseCall]("dense attention", [SDPA, TRITON, EAGER])

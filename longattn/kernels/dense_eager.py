@@ -1,0 +1,198 @@
+"""Dense attention, eager PyTorch twin: the readable specification.
+
+Forward and backward are chunked over query rows, so memory stays
+``O(batch * nheads * seqlen_k * rows_per_chunk)`` instead of
+``O(seqlen_q * seqlen_k)``, and each chunk only touches the key range its rows
+can see (:func:`longattn.masking.visible_key_range`), so causal and windowed
+attention cost only the visible area. All math is float32; grouped-query
+attention is handled by folding the query group into the row dimension, so K
+and V are never repeated.
+
+Shapes (flash-attn layout):
+    q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``,
+    out like q, lse ``(batch, nheads, seqlen_q)`` float32, natural log.
+Query head ``h`` reads kv head ``h // (nheads // nheads_k)``.
+``window`` is the *effective* ``(left, right)`` window with causal folded in
+(:func:`longattn.masking.effective_window`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.masking import visibility_mask, visible_key_range
+
+# Float32 elements of one chunk's score block (16 Mi = 64 MiB). Large enough
+# for efficient matmuls, small enough that chunking bounds memory.
+SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+def rows_per_chunk(batch: int, nheads: int, seqlen_q: int, seqlen_k: int) -> int:
+    """Query rows per chunk so one score block stays near SCORE_CHUNK_ELEMENTS."""
+    rows = SCORE_CHUNK_ELEMENTS // max(1, batch * nheads * seqlen_k)
+    return max(1, min(seqlen_q, rows))
+
+
+def _heads_major(x: torch.Tensor) -> torch.Tensor:
+    """``(batch, seqlen, heads, dim)`` -> contiguous float32 ``(batch, heads, seqlen, dim)``."""
+    return x.permute(0, 2, 1, 3).to(torch.float32).contiguous()
+
+
+def _query_rows(x: torch.Tensor, r0: int, r1: int, nheads_k: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a ``(batch, seqlen_q, nheads, dim)`` tensor as float32
+    ``(batch, nheads_k, group * rows, dim)``: the query group folded into rows."""
+    batch, _, nheads, dim = x.shape
+    group = nheads // nheads_k
+    rows = x[:, r0:r1].reshape(batch, r1 - r0, nheads_k, group, dim)
+    return rows.permute(0, 2, 3, 1, 4).to(torch.float32).reshape(batch, nheads_k, group * (r1 - r0), dim)
+
+
+def _to_query_layout(x: torch.Tensor, nheads: int) -> torch.Tensor:
+    """Inverse of :func:`_query_rows`: ``(batch, nheads_k, group * rows, dim)`` ->
+    ``(batch, rows, nheads, dim)``."""
+    batch, nheads_k, folded, dim = x.shape
+    group = nheads // nheads_k
+    rows = folded // group
+    return x.reshape(batch, nheads_k, group, rows, dim).permute(0, 3, 1, 2, 4).reshape(batch, rows, nheads, dim)
+
+
+def _scores(
+    q_rows: torch.Tensor,
+    k_t: torch.Tensor,
+    rows: tuple[int, int],
+    keys: tuple[int, int],
+    seqlen_q: int,
+    seqlen_k: int,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked, scaled (and soft-capped) scores of one chunk.
+
+    Returns ``scores (batch, nheads_k, group * rows, keys)`` with invisible
+    entries at -inf, and ``tanh`` of the soft-cap (None without softcap), which
+    the backward pass needs for the soft-cap's derivative.
+    """
+    (r0, r1), (lo, hi) = rows, keys
+    scores = torch.matmul(q_rows, k_t[..., lo:hi]).mul_(scale)
+    capped = None
+    if softcap > 0:
+        capped = scores.div_(softcap).tanh_()
+        scores = capped * softcap
+    mask = visibility_mask(
+        torch.arange(r0, r1, device=scores.device),
+        torch.arange(lo, hi, device=scores.device),
+        seqlen_q,
+        seqlen_k,
+        window,
+    )
+    if mask is not None and not bool(mask.all()):
+        batch, nheads_k, folded, nkeys = scores.shape
+        grouped = scores.view(batch, nheads_k, folded // (r1 - r0), r1 - r0, nkeys)
+        grouped.masked_fill_(~mask, float("-inf"))
+    return scores, capped
+
+
+def dense_forward_eager(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention forward; returns ``(out, lse)`` (see module docstring)."""
+    batch, seqlen_q, nheads, dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((batch, nheads, seqlen_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or seqlen_k == 0:
+        return out, lse
+    k_t = _heads_major(k).transpose(-1, -2)  # (batch, nheads_k, dim, seqlen_k)
+    v_h = _heads_major(v)  # (batch, nheads_k, seqlen_k, dim)
+    step = rows_per_chunk(batch, nheads, seqlen_q, seqlen_k)
+    for r0 in range(0, seqlen_q, step):
+        r1 = min(seqlen_q, r0 + step)
+        lo, hi = visible_key_range(r0, r1, seqlen_q, seqlen_k, window)
+        if lo >= hi:
+            continue  # every row of the chunk is empty: out 0, lse -inf already
+        scores, _ = _scores(
+            _query_rows(q, r0, r1, nheads_k), k_t, (r0, r1), (lo, hi),
+            seqlen_q, seqlen_k, scale, window, softcap,
+        )
+        row_max = scores.amax(dim=-1, keepdim=True)
+        # Rows that see nothing in this chunk have max -inf; subtract 0 there
+        # so exp gives exact zeros instead of NaN.
+        row_max.masked_fill_(torch.isinf(row_max), 0.0)
+        probs = scores.sub_(row_max).exp_()
+        denom = probs.sum(dim=-1, keepdim=True)
+        acc = torch.matmul(probs, v_h[:, :, lo:hi])
+        acc.div_(denom.clamp_min(torch.finfo(torch.float32).tiny))  # empty rows: 0 / tiny = 0
+        out[:, r0:r1] = _to_query_layout(acc, nheads).to(q.dtype)
+        chunk_lse = (row_max + denom.log()).squeeze(-1)  # (batch, nheads_k, group * rows)
+        lse[:, :, r0:r1] = chunk_lse.reshape(batch, nheads, r1 - r0)
+    return out, lse
+
+
+def dense_backward_eager(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of dense attention, recomputing probabilities from ``lse``.
+
+    Any forward twin's ``(out, lse)`` can be differentiated with this, which
+    is why every twin returns lse. ``dlse`` (the gradient flowing into lse, or
+    None) enters as ``dS += P * dlse`` because ``d lse / d S = P``.
+    Returns ``(dq, dk, dv)`` in the dtypes of q, k, v.
+    """
+    batch, seqlen_q, nheads, dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros((batch, nheads_k, seqlen_k, dim), dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    if q.numel() == 0 or seqlen_k == 0:
+        return dq.to(q.dtype), dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
+    k_h = _heads_major(k)
+    k_t = k_h.transpose(-1, -2)
+    v_h = _heads_major(v)
+    # delta_i = sum_d dout_i * out_i = sum_j P_ij dP_ij: the softmax Jacobian's diagonal term.
+    delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1).permute(0, 2, 1)  # (b, h, sq)
+    if dlse is not None:
+        delta = delta - dlse.to(torch.float32)
+    lse_safe = lse.masked_fill(torch.isinf(lse), 0.0)  # empty rows: all scores -inf, P = 0
+    step = rows_per_chunk(batch, nheads, seqlen_q, seqlen_k)
+    for r0 in range(0, seqlen_q, step):
+        r1 = min(seqlen_q, r0 + step)
+        lo, hi = visible_key_range(r0, r1, seqlen_q, seqlen_k, window)
+        if lo >= hi:
+            continue
+        q_rows = _query_rows(q, r0, r1, nheads_k)
+        scores, capped = _scores(
+            q_rows, k_t, (r0, r1), (lo, hi), seqlen_q, seqlen_k, scale, window, softcap
+        )
+        fold = (batch, nheads_k, -1, 1)
+        probs = scores.sub_(lse_safe[:, :, r0:r1].reshape(fold)).exp_()
+        do_rows = _query_rows(dout, r0, r1, nheads_k)
+        dv[:, :, lo:hi] += torch.matmul(probs.transpose(-1, -2), do_rows)
+        dprobs = torch.matmul(do_rows, v_h[:, :, lo:hi].transpose(-1, -2))
+        dscores = probs.mul_(dprobs.sub_(delta[:, :, r0:r1].reshape(fold)))
+        if capped is not None:
+            dscores.mul_(1.0 - capped.square_())  # d(c * tanh(s / c)) / ds = 1 - tanh^2
+        dscores.mul_(scale)
+        dq[:, r0:r1] = _to_query_layout(torch.matmul(dscores, k_h[:, :, lo:hi]), nheads)
+        dk[:, :, lo:hi] += torch.matmul(dscores.transpose(-1, -2), q_rows)
+    return (
+        dq.to(q.dtype),
+        dk.permute(0, 2, 1, 3).to(k.dtype),
+        dv.permute(0, 2, 1, 3).to(v.dtype),
+    )

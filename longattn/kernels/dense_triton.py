@@ -1,0 +1,198 @@
+"""Dense attention forward, Triton twin: flash attention with online softmax.
+
+Same signature and results as :func:`longattn.kernels.dense_eager.dense_forward_eager`
+(the readable spec). Shapes (flash-attn layout, any strides):
+    q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``,
+    out like q (contiguous, q's dtype), lse ``(batch, nheads, seqlen_q)`` float32, natural log.
+Query head ``h`` reads kv head ``h // (nheads // nheads_k)`` (MHA, GQA, MQA).
+
+``window`` is the effective ``(left, right)`` window, -1 = unbounded, causal
+folded in as ``right = 0``. Queries are bottom-right aligned: with
+``offset = seqlen_k - seqlen_q`` query ``i`` sees key ``j`` iff
+``(left < 0 or j >= i + offset - left) and (right < 0 or j <= i + offset + right)``
+(:mod:`longattn.masking`). A row that sees no key gets out 0, lse -inf.
+
+One program owns ``BLOCK_M`` query rows of one (batch, head). It keeps the
+running row max ``m``, running denominator ``l`` and unnormalised output
+``acc`` in float32 and streams ``BLOCK_N`` keys at a time, rescaling by
+``exp(m_old - m_new)`` whenever the max grows, so the ``seqlen_q x seqlen_k``
+score matrix never exists. It visits only the key blocks its rows can see
+(the in-kernel twin of :func:`longattn.masking.visible_key_range`), so causal
+and windowed attention cost only the visible area. Exponentials use ``exp2``
+(one hardware instruction on GPUs) with ``log2(e)`` folded into the scores;
+lse is converted back to natural log on the way out.
+
+Without a GPU the kernel runs under ``TRITON_INTERPRET=1`` (set before triton
+is imported), which has no bfloat16 and is slow: tests use tiny shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # ImportError, or a broken install failing on import
+    triton = tl = None
+    _IMPORT_ERROR = f"triton is not importable: {type(exc).__name__}: {exc}".splitlines()[0]
+
+MAX_HEADDIM = 256
+_INTERPRETED = False  # set below once the kernel exists
+
+
+def triton_import_error() -> str | None:
+    """None when triton imports, else a one-line reason (for the dispatcher and doctor)."""
+    return _IMPORT_ERROR
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dense_fwd_kernel(
+        Q, K, V, Out, Lse,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_ob, stride_om, stride_oh, stride_od,
+        nheads, seqlen_q, seqlen_k, headdim, group,
+        scale, softcap, window_left, window_right,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        off_h = tl.program_id(1)
+        off_b = tl.program_id(2)
+        # int64 base offsets: batch * stride can exceed 2**31 for long contexts.
+        off_b64 = off_b.to(tl.int64)
+        off_hk64 = (off_h // group).to(tl.int64)
+        Q += off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+        K += off_b64 * stride_kb + off_hk64 * stride_kh
+        V += off_b64 * stride_vb + off_hk64 * stride_vh
+        Out += off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh
+        Lse += (off_b64 * nheads + off_h) * seqlen_q
+
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < seqlen_q
+        d_ok = offs_d < headdim  # BLOCK_D is headdim rounded up to a power of two
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+        # Key range [lo, hi) this block of rows can see (masking.visible_key_range).
+        offset = seqlen_k - seqlen_q
+        diag = offs_m + offset  # key position each query is aligned to
+        lo = 0
+        hi = seqlen_k
+        if HAS_LEFT:
+            # Round down to a block boundary so loads stay aligned; the mask trims the rest.
+            lo = tl.maximum(start_m * BLOCK_M + offset - window_left, 0) // BLOCK_N * BLOCK_N
+        if HAS_RIGHT:
+            last_row = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
+            hi = tl.minimum(last_row + offset + window_right + 1, seqlen_k)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < seqlen_k
+            kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            # "ieee": exact fp32 products on GPU (no TF32), matching the interpreter.
+            s = tl.dot(q, kt, input_precision="ieee") * scale
+            if HAS_SOFTCAP:
+                # softcap * tanh(s / softcap); tl has no tanh. exp of -2|x| <= 0
+                # never overflows, so large logits saturate cleanly at +-softcap.
+                x = s / softcap
+                e = tl.exp(-2.0 * tl.abs(x))
+                t = (1.0 - e) / (1.0 + e)
+                s = softcap * tl.where(x < 0, -t, t)
+            visible = col_ok[None, :]
+            if HAS_LEFT:
+                visible = visible & (cols[None, :] >= diag[:, None] - window_left)
+            if HAS_RIGHT:
+                visible = visible & (cols[None, :] <= diag[:, None] + window_right)
+            s = tl.where(visible, s * 1.4426950408889634, float("-inf"))  # to log2 units
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet has max -inf; subtract 0 there so
+            # exp2 gives exact zeros instead of NaN (-inf - -inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)  # rescales the old state to the new max
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            # p in v's dtype (fp16 on the tensor cores), accumulated in fp32, as flash-attn does.
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+
+        empty = l_i == 0.0  # rows that saw no key: acc is 0, keep it 0 and lse -inf
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + offs_m, lse, mask=row_ok)
+
+    # The interpreter replaces triton.jit's JITFunction with its own wrapper.
+    _INTERPRETED = not isinstance(_dense_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _launch_config(headdim: int, interpreted: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). Fixed heuristic, no autotune (autotune
+    can fail at import on hosts without a driver). tl.dot needs blocks >= 16."""
+    if interpreted:
+        return 16, 16, 4  # the interpreter pays per program and per op, not per FLOP
+    if headdim <= 64:
+        return 64, 64, 4
+    if headdim <= 128:
+        return 64, 64, 8
+    return 64, 32, 8  # large headdim: keep acc + K/V tiles within registers/shared memory
+
+
+def dense_forward_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention forward; returns ``(out, lse)`` (see module docstring).
+
+    Inputs are assumed validated (:mod:`longattn.validation`); this twin only
+    rejects what it cannot compute.
+    """
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"dense_forward_triton needs triton, but {_IMPORT_ERROR}")
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if headdim > MAX_HEADDIM:
+        raise RuntimeError(f"dense_forward_triton supports headdim <= {MAX_HEADDIM}, got {headdim}")
+    if not q.is_cuda and not _INTERPRETED:
+        raise RuntimeError(
+            f"dense_forward_triton got tensors on {q.device}; it needs CUDA tensors, "
+            "or TRITON_INTERPRET=1 set before triton is imported to run on CPU"
+        )
+    out = torch.zeros((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
+    lse = torch.full((batch, nheads, seqlen_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or seqlen_k == 0:
+        return out, lse  # nothing to launch: empty rows are out 0, lse -inf
+    left, right = int(window[0]), int(window[1])
+    block_m, block_n, num_warps = _launch_config(headdim, _INTERPRETED)
+    grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # m-blocks first: they share K/V in cache
+    _dense_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        nheads, seqlen_q, seqlen_k, headdim, nheads // nheads_k,
+        float(scale), float(softcap), max(left, 0), max(right, 0),
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(headdim)),
+        num_warps=num_warps,
+    )
+    return out, lse

@@ -1,0 +1,114 @@
+"""Input checks shared by every public function.
+
+Each check raises a :mod:`longattn.errors` subclass whose message names the
+argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from longattn.errors import ArgumentError, DeviceError, DTypeError, ShapeError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
+    """``t`` is a floating tensor with ``ndim`` dimensions described by ``layout``."""
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ShapeError(
+            f"{name} must have {ndim} dimensions {layout}, got {t.dim()} with shape {_shape(t)}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise DTypeError(
+            f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
+        )
+    return t
+
+
+def check_qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a q/k/v triple in longattn's layout.
+
+    q ``(batch, seqlen_q, nheads, headdim)``, k and v
+    ``(batch, seqlen_k, nheads_k, headdim)``, ``nheads % nheads_k == 0``, one
+    dtype, one device.
+    """
+    q = check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    k = check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    v = check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise DTypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share one dtype")
+        if t.device != q.device:
+            raise DeviceError(f"{name} is on {t.device} but q is on {q.device}; q, k, v must share one device")
+        if t.shape[0] != q.shape[0]:
+            raise ShapeError(f"{name} has batch {t.shape[0]} but q has {q.shape[0]}")
+        if t.shape[3] != q.shape[3]:
+            raise ShapeError(f"{name} has headdim {t.shape[3]} but q has {q.shape[3]}")
+    if v.shape[1] != k.shape[1]:
+        raise ShapeError(f"v has seqlen_k {v.shape[1]} but k has {k.shape[1]}")
+    if v.shape[2] != k.shape[2]:
+        raise ShapeError(f"v has nheads_k {v.shape[2]} but k has {k.shape[2]}")
+    nheads, nheads_k = q.shape[2], k.shape[2]
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ShapeError(
+            f"q has {nheads} heads, which is not a multiple of k's nheads_k {nheads_k} "
+            "(MHA needs equal counts, GQA/MQA a divisor)"
+        )
+    if q.shape[3] == 0:
+        raise ShapeError("q has headdim 0; headdim must be at least 1")
+    return q, k, v
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_softmax_scale(softmax_scale: object, headdim: int) -> float:
+    """Return the scale to use: ``headdim ** -0.5`` when ``None``."""
+    if softmax_scale is None:
+        return headdim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
+        raise ArgumentError(f"softmax_scale must be None or a finite number, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def check_softcap(softcap: object) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
+        raise ArgumentError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    return float(softcap)
+
+
+def check_window(window_size: object, causal: bool) -> tuple[int, int]:
+    """``window_size`` is ``(left, right)``, each an int >= -1 (-1 = unbounded).
+
+    With ``causal=True`` the right edge is the query itself, so ``right`` must
+    be -1 or 0: a positive right window would contradict causality, and
+    silently overriding it (as flash-attn does) hides a bug in the caller.
+    """
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size)
+    ):
+        raise ArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = int(window_size[0]), int(window_size[1])
+    if left < -1 or right < -1:
+        raise ArgumentError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    if causal and right > 0:
+        raise ArgumentError(
+            f"window_size right edge must be -1 or 0 when causal=True, got {right}; "
+            "a causal query cannot see keys to its right"
+        )
+    return left, right
