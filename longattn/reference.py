@@ -17,6 +17,7 @@ from longattn.validation import (
     check_softcap,
     check_softmax_scale,
     check_window,
+    FLOAT_DTYPES,
 )
 
 
@@ -34,7 +35,8 @@ def attention_ref(
     """Dense attention in float64; differentiable.
 
     Args:
-        q: ``(batch, seqlen_q, nheads, headdim)``.
+        q: ``(batch, seqlen_q, nheads, headdim)``; float64 accepted besides
+            float32/float16/bfloat16 (for float64 gradient checks).
         k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0``.
         causal: bottom-right aligned (query ``i`` sees key ``j`` iff
             ``j <= i + seqlen_k - seqlen_q``), see :mod:`longattn.masking`.
@@ -51,7 +53,7 @@ def attention_ref(
         ``(batch, nheads, seqlen_q)`` float64 (natural log). A query that sees
         no key gets ``out = 0`` and ``lse = -inf``.
     """
-    q, k, v = check_qkv(q, k, v)
+    q, k, v = check_qkv(q, k, v, dtypes=FLOAT_DTYPES + (torch.float64,))
     causal = check_flag("causal", causal)
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
     window = effective_window(causal, check_window(window_size, causal))

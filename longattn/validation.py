@@ -20,7 +20,9 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
+def check_tensor(
+    name: str, t: object, ndim: int, layout: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+) -> torch.Tensor:
     """``t`` is a floating tensor with ``ndim`` dimensions described by ``layout``."""
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
@@ -28,23 +30,24 @@ def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
         raise ShapeError(
             f"{name} must have {ndim} dimensions {layout}, got {t.dim()} with shape {_shape(t)}"
         )
-    if t.dtype not in FLOAT_DTYPES:
-        raise DTypeError(
-            f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
-        )
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise DTypeError(f"{name} must be one of {names}, got {t.dtype}")
     return t
 
 
-def check_qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def check_qkv(
+    q: object, k: object, v: object, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a q/k/v triple in longattn's layout.
 
     q ``(batch, seqlen_q, nheads, headdim)``, k and v
     ``(batch, seqlen_k, nheads_k, headdim)``, ``nheads % nheads_k == 0``, one
-    dtype, one device.
+    dtype (from ``dtypes``), one device.
     """
-    q = check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    k = check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    v = check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    q = check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)", dtypes)
+    k = check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)", dtypes)
+    v = check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)", dtypes)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise DTypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share one dtype")

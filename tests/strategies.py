@@ -1,0 +1,79 @@
+"""Hypothesis strategies and seeded data shared by the attention tests.
+
+Structural sizes are drawn by hypothesis; tensor data comes from a seeded
+torch.Generator so a failing example replays exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+HEADDIMS = [16, 24, 59, 64, 111, 128, 256]  # awkward, non-powers of two included
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads_k: int
+    group: int
+    headdim: int
+    dtype: torch.dtype
+    causal: bool
+    window_size: tuple[int, int]
+    softcap: float
+    seed: int
+
+    @property
+    def nheads(self) -> int:
+        return self.nheads_k * self.group
+
+    def tensors(self, *, scale: float = 1.0, requires_grad: bool = False):
+        """Seeded ``q, k, v`` in the case's dtype (q and k multiplied by ``scale``)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        q = torch.randn(self.batch, self.seqlen_q, self.nheads, self.headdim, generator=gen) * scale
+        k = torch.randn(self.batch, self.seqlen_k, self.nheads_k, self.headdim, generator=gen) * scale
+        v = torch.randn(self.batch, self.seqlen_k, self.nheads_k, self.headdim, generator=gen)
+        out = [t.to(self.dtype) for t in (q, k, v)]
+        if requires_grad:
+            out = [t.requires_grad_() for t in out]
+        return out
+
+    def kwargs(self) -> dict:
+        return {"causal": self.causal, "window_size": self.window_size, "softcap": self.softcap}
+
+
+@st.composite
+def cases(
+    draw,
+    *,
+    max_seqlen: int = 70,
+    dtypes=DTYPES,
+    headdims=HEADDIMS,
+    windows: bool = True,
+    softcaps: bool = True,
+) -> Case:
+    causal = draw(st.booleans())
+    window = (-1, -1)
+    if windows and draw(st.booleans()):
+        left = draw(st.integers(-1, 12))
+        right = draw(st.sampled_from([-1, 0])) if causal else draw(st.integers(-1, 12))
+        window = (left, right)
+    return Case(
+        batch=draw(st.integers(1, 2)),
+        seqlen_q=draw(st.integers(1, max_seqlen)),
+        seqlen_k=draw(st.integers(1, max_seqlen)),
+        nheads_k=draw(st.integers(1, 2)),
+        group=draw(st.sampled_from([1, 2, 4, 8])),
+        headdim=draw(st.sampled_from(headdims)),
+        dtype=draw(st.sampled_from(dtypes)),
+        causal=causal,
+        window_size=window,
+        softcap=draw(st.sampled_from([0.0, 0.0, 2.5])) if softcaps else 0.0,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
