@@ -1,0 +1,45 @@
+"""What machine produced a set of numbers (stored with every result).
+
+Absolute times mean little without the machine they came from; ratios
+measured in one run are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict[str, object]:
+    """A JSON-ready description of this machine and software."""
+    from longattn import __version__
+
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "longattn": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "executable": sys.executable,
+    }

@@ -1,0 +1,184 @@
+"""Run a benchmark group: build, time, check and record every case.
+
+Per case: make the inputs, build every method (compiles happen here, timed
+separately and reported as ``setup_s``), time the methods interleaved, then
+compare each method's first output with the scenario's reference. The result
+is a JSON-ready dict, written to ``out_dir`` with a plot by :mod:`.report`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from longattn.bench.machine import machine_info
+from longattn.bench.progress import Progress
+from longattn.bench.report import write_outputs
+from longattn.bench.scenarios import Scenario, get_group, max_abs_error
+from longattn.bench.timing import describe_exception, summarize, time_interleaved
+from longattn.errors import ArgumentError
+
+WARMUP_ROUNDS = 1
+QUICK_SKIP_REASON = "slow setup (torch.compile takes tens of seconds); skipped by --quick"
+
+
+def default_out_dir(group: str) -> str:
+    """``./longattn-results/<group>-<timestamp>/``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("longattn-results", f"{group}-{stamp}")
+
+
+def run_group(
+    group: str,
+    *,
+    sizes: Sequence[int] | None = None,
+    repeats: int | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Benchmark every scenario of ``group``; write JSON and a plot to ``out_dir``.
+
+    Args:
+        group: a registered group name (``longattn.bench.scenarios.group_names()``).
+        sizes: the sizes to run (default: the group's, or its quick sizes).
+        repeats: timed rounds per case (default: the group's), after one warmup.
+        quick: tiny sizes, and methods with a slow setup (compiles) skipped.
+        seed: seed of every case's inputs.
+        out_dir: results folder (default ``./longattn-results/<group>-<timestamp>/``).
+        quiet: no live progress bar, only one line per finished case.
+
+    Returns:
+        The results dict also written to ``out_dir/results.json``.
+    """
+    spec = get_group(group)
+    repeats = spec.default_repeats if repeats is None else repeats
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ArgumentError(f"repeats must be a positive integer, got {repeats!r}")
+    if sizes is None:
+        sizes = spec.quick_sizes if quick else spec.sizes
+    sizes = list(sizes)
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ArgumentError(f"sizes must be positive integers, got {sizes!r}")
+
+    scenarios = spec.scenarios(sizes)
+    progress = Progress(len(scenarios), quiet=quiet)
+    started = time.perf_counter()
+    cases = [run_case(s, repeats=repeats, quick=quick, seed=seed, progress=progress) for s in scenarios]
+    results: dict[str, Any] = {
+        "group": spec.name,
+        "description": spec.description,
+        "size_name": spec.size_name,
+        "settings": {
+            "sizes": sizes, "repeats": repeats, "warmup_rounds": WARMUP_ROUNDS,
+            "quick": quick, "seed": seed,
+        },
+        "machine": machine_info(),
+        "wall_s": time.perf_counter() - started,
+        "cases": cases,
+    }
+    write_outputs(results, out_dir if out_dir is not None else default_out_dir(spec.name))
+    return results
+
+
+def run_case(scenario: Scenario, *, repeats: int, quick: bool, seed: int, progress: Progress) -> dict[str, Any]:
+    """Build, time and check one scenario's methods."""
+    rounds = WARMUP_ROUNDS + repeats
+    progress.start_case(scenario.name, steps=len(scenario.methods) * (rounds + 1))
+    started = time.perf_counter()
+    inputs = scenario.make_inputs(seed)
+    records: dict[str, dict[str, Any]] = {name: _empty_record() for name in scenario.methods}
+    calls = {}
+    for name, method in scenario.methods.items():
+        if quick and method.slow_setup:
+            records[name]["skipped"] = QUICK_SKIP_REASON
+            progress.step(count=rounds + 1)
+            continue
+        progress.status(f"{'compiling' if method.slow_setup else 'preparing'} {name}")
+        t0 = time.perf_counter()
+        try:
+            fn = method.build(inputs)
+        except Exception as exc:  # an unavailable method is a table row, not a crash
+            records[name]["skipped"] = describe_exception(exc)
+            progress.step(count=rounds + 1)
+            continue
+        records[name]["setup_s"] = time.perf_counter() - t0
+        calls[name] = (lambda fn=fn: fn(inputs))
+        progress.step(f"built {name}")
+
+    gc.collect()  # garbage from building must not be collected inside a timed call
+    timings = time_interleaved(
+        calls,
+        warmup=WARMUP_ROUNDS,
+        repeats=repeats,
+        on_call=lambda name, rnd: progress.step(f"{name} round {rnd + 1}/{rounds}"),
+    )
+    for name, reason in timings.failed.items():
+        records[name]["skipped"] = f"failed while running: {reason}"
+    for name, seconds in timings.seconds.items():
+        records[name].update(times_s=seconds, **summarize(seconds))
+
+    progress.status("checking against the reference")
+    try:
+        reference, reference_name = scenario.reference(inputs, dict(timings.first_output))
+    except Exception as exc:  # e.g. out of memory: report times without errors
+        reference, reference_name = None, f"none (reference failed: {describe_exception(exc)})"
+    if reference is not None:
+        for name, out in timings.first_output.items():
+            records[name]["max_error"] = max_abs_error(out, reference)
+    del reference, timings
+
+    base = records[scenario.baseline].get("median_ms")
+    for record in records.values():
+        if base and record.get("median_ms") is not None:
+            record["ratio"] = record["median_ms"] / base
+
+    case = {
+        "scenario": scenario.name,
+        "size": scenario.size,
+        "params": scenario.params,
+        "baseline": scenario.baseline,
+        "error_reference": reference_name,
+        "methods": records,
+        "target": _target_verdict(scenario, records),
+        "wall_s": time.perf_counter() - started,
+    }
+    progress.finish_case(_case_summary(case))
+    return case
+
+
+def _empty_record() -> dict[str, Any]:
+    return {
+        "skipped": None, "setup_s": None, "times_s": [], "median_ms": None,
+        "min_ms": None, "ratio": None, "max_error": None,
+    }
+
+
+def _target_verdict(scenario: Scenario, records: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    target = scenario.target
+    if target is None:
+        return None
+    ratio = records.get(target.method, {}).get("ratio")
+    return {
+        "method": target.method,
+        "baseline": scenario.baseline,
+        "max_ratio": target.max_ratio,
+        "ratio": ratio,
+        "met": None if ratio is None else ratio <= target.max_ratio,
+        "note": target.note,
+    }
+
+
+def _case_summary(case: dict[str, Any]) -> str:
+    parts = []
+    for name, rec in case["methods"].items():
+        if rec["median_ms"] is None:
+            parts.append(f"{name} skipped")
+        else:
+            parts.append(f"{name} {rec['median_ms']:.1f} ms")
+    return f"{case['scenario']}: " + ", ".join(parts)

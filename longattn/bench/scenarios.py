@@ -1,0 +1,146 @@
+"""The scenario registry shared by ``longattn bench`` and ``benchmarks/``.
+
+A *scenario* is one named case: how to make its inputs from a seed, the
+methods to time on it, which method is the baseline of the speed ratio, and
+what its outputs are checked against. A *group* is a family of scenarios that
+differ in one size (the x axis of the plot), e.g. causal dense attention at
+seqlen 1k..8k. The CLI and the pytest-benchmark suite both read this registry,
+so their numbers come from identical cases.
+
+Adding a group is one call::
+
+    register_group(Group(name="decode", description=..., size_name="seqlen_k",
+                         sizes=(...), quick_sizes=(...), make_scenario=decode_scenario))
+
+in a module that :mod:`longattn.bench` imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longattn.errors import ArgumentError
+
+# A timed callable: takes the scenario's inputs, returns the output tensor.
+Timed = Callable[[Any], torch.Tensor]
+
+
+class MethodUnavailable(Exception):
+    """Raised by :attr:`Method.build` when a method cannot run here; the
+    message is the reason shown next to the skipped method."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to compute a scenario's output.
+
+    ``build(inputs)`` does the one-off work that must not be timed (compiling,
+    building masks) and returns the callable to time, ``fn(inputs) -> out``.
+    It raises :class:`MethodUnavailable` (or anything else) to be skipped with
+    a reason. ``slow_setup`` marks builds that take tens of seconds
+    (``torch.compile``), which ``--quick`` skips.
+    """
+
+    name: str
+    build: Callable[[Any], Timed]
+    slow_setup: bool = False
+
+
+def no_setup(fn: Timed) -> Callable[[Any], Timed]:
+    """A ``build`` for methods that need no preparation."""
+    return lambda inputs: fn
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed target: ``method``'s median time within ``max_ratio`` x the baseline's."""
+
+    method: str
+    max_ratio: float
+    note: str
+
+
+# reference(inputs, outputs) -> (expected output, what it is). ``outputs``
+# maps method names to outputs already computed, so a reference that is one
+# of the methods (SDPA at sizes the oracle cannot hold) costs nothing extra.
+Reference = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, str]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark case; ``methods`` are in table order."""
+
+    name: str
+    group: str
+    size: int
+    params: dict[str, Any]
+    make_inputs: Callable[[int], Any]
+    methods: dict[str, Method]
+    baseline: str
+    reference: Reference
+    target: Target | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """A family of scenarios indexed by one size (``size_name``, e.g. seqlen).
+
+    ``sizes`` is what ``longattn bench GROUP`` runs; ``quick_sizes`` what
+    ``--quick`` runs (a few seconds in total).
+    """
+
+    name: str
+    description: str
+    size_name: str
+    sizes: tuple[int, ...]
+    quick_sizes: tuple[int, ...]
+    make_scenario: Callable[[int], Scenario]
+    default_repeats: int = 3
+
+    def scenarios(self, sizes: Sequence[int] | None = None) -> list[Scenario]:
+        return [self.make_scenario(size) for size in (self.sizes if sizes is None else sizes)]
+
+
+_GROUPS: dict[str, Group] = {}
+
+
+def register_group(group: Group) -> Group:
+    """Make ``group`` available to ``longattn bench`` and ``benchmarks/``."""
+    if group.name in _GROUPS:
+        raise ArgumentError(f"benchmark group {group.name!r} is already registered")
+    _GROUPS[group.name] = group
+    return group
+
+
+def group_names() -> list[str]:
+    return list(_GROUPS)
+
+
+def get_group(name: str) -> Group:
+    """The registered group ``name``; the error lists the valid ones."""
+    if name not in _GROUPS:
+        raise ArgumentError(f"group must be one of {group_names()}, got {name!r}")
+    return _GROUPS[name]
+
+
+def parse_sizes(text: str, what: str = "sizes") -> tuple[int, ...]:
+    """``"1024,2048"`` -> ``(1024, 2048)``; every size a positive integer."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ArgumentError(f"{what} must be comma-separated positive integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ArgumentError(f"{what} must be comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+def max_abs_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference, computed in float64 (NaN anywhere gives NaN)."""
+    diff = (out.detach().to(torch.float64) - reference.detach().to(torch.float64)).abs()
+    if torch.isnan(diff).any():
+        return float("nan")
+    return float(diff.max()) if diff.numel() else 0.0

@@ -1,0 +1,84 @@
+"""Wall-clock timing of several methods on one case, interleaved.
+
+Each round runs every method once; rounds repeat. Machine drift (frequency,
+other processes, page cache) then lands on all methods alike, which is what
+makes a ratio measured in one run trustworthy. The order rotates each round
+so no method always runs right after the same neighbour (whose caches and
+allocator state it would inherit).
+
+Thread count is left as torch sets it: the point is to measure what a user
+of this machine gets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timings:
+    """Per method: timed seconds, the first call's output, or why it failed."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    first_output: dict[str, object] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    on_call: Callable[[str, int], None] | None = None,
+) -> Timings:
+    """Run ``warmup`` untimed then ``repeats`` timed rounds of every call.
+
+    The first call's output of each method is kept (for the error check), so
+    a warmup round doubles as the correctness run. A call that raises is
+    recorded in ``failed`` and dropped from later rounds. ``on_call(name,
+    round)`` is invoked after each call (progress display).
+    """
+    result = Timings(seconds={name: [] for name in calls})
+    names = list(calls)
+    for rnd in range(warmup + repeats):
+        shift = rnd % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            if name in result.failed:
+                continue
+            start = time.perf_counter()
+            try:
+                out = calls[name]()
+            except Exception as exc:  # a failing method is reported, not fatal
+                result.failed[name] = describe_exception(exc)
+            else:
+                elapsed = time.perf_counter() - start
+                if name not in result.first_output:
+                    result.first_output[name] = out
+                if rnd >= warmup:
+                    result.seconds[name].append(elapsed)
+                del out  # free before the next method allocates its own
+            if on_call is not None:
+                on_call(name, rnd)
+    for name in result.failed:
+        result.seconds.pop(name, None)
+        result.first_output.pop(name, None)
+    return result
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    """Median and min in milliseconds (median: robust to a slow outlier;
+    min: the best the machine did)."""
+    return {
+        "median_ms": statistics.median(seconds) * 1e3,
+        "min_ms": min(seconds) * 1e3,
+    }
+
+
+def describe_exception(exc: BaseException, limit: int = 240) -> str:
+    """One line: type and the first line of the message, truncated."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
