@@ -11,7 +11,10 @@ Twins (priority order for ``backend="auto"``):
 
 Every twin except plain SDPA returns lse, and gradients of those twins come
 from one recomputing backward (:func:`dense_backward_eager`), so a new
-forward twin gets autograd for free.
+forward twin gets autograd for free. Forward and backward are registered as
+``torch.library`` custom ops (``longattn::dense_forward``,
+``longattn::dense_backward``) so that ``torch.compile`` can trace through
+:func:`longattn.attention` without graph breaks.
 """
 
 from __future__ import annotations
@@ -51,10 +54,6 @@ class DenseCall:
     need_lse: bool
 
     @property
-    def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
-
-    @property
     def seqlen_q(self) -> int:
         return self.q.shape[1]
 
@@ -63,34 +62,89 @@ class DenseCall:
         return self.k.shape[1]
 
 
-class RecomputingAttention(torch.autograd.Function):
-    """Autograd for any forward twin that returns ``(out, lse)``: the backward
-    recomputes probabilities from lse, chunk by chunk (flash-attention style)."""
+def _forward_twin(name: str) -> ForwardFn:
+    """The ``(out, lse)`` forward twin called ``name`` (Triton imported lazily)."""
+    if name == "eager":
+        return dense_forward_eager
+    if name == "sdpa":
+        return sdpa_forward_with_lse
+    if name == "triton":
+        from longattn.kernels.dense_triton import dense_forward_triton
 
-    @staticmethod
-    def forward(ctx, q, k, v, forward_fn: ForwardFn, scale: float, window: tuple[int, int], softcap: float):
-        out, lse = forward_fn(q, k, v, scale=scale, window=window, softcap=softcap)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (scale, window, softcap)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        scale, window, softcap = ctx.params
-        dq, dk, dv = dense_backward_eager(
-            dout, dlse, q, k, v, out, lse, scale=scale, window=window, softcap=softcap
-        )
-        return dq, dk, dv, None, None, None, None
+        return dense_forward_triton
+    raise ValueError(f"unknown dense forward twin {name!r}")
 
 
-def run_with_autograd(forward_fn: ForwardFn, call: DenseCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a forward twin, through :class:`RecomputingAttention` only when a
-    gradient is needed (saving nothing otherwise)."""
-    args = (call.scale, call.window, call.softcap)
-    if call.needs_grad:
-        return RecomputingAttention.apply(call.q, call.k, call.v, forward_fn, *args)
-    return forward_fn(call.q, call.k, call.v, scale=call.scale, window=call.window, softcap=call.softcap)
+# The forward and backward are torch.library custom ops, so torch.compile
+# (fullgraph=True included) sees two opaque nodes with known output shapes
+# instead of breaking the graph on Python it cannot trace.
+@torch.library.custom_op("longattn::dense_forward", mutates_args=())
+def dense_forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    twin: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the named forward twin."""
+    return _forward_twin(twin)(q, k, v, scale=scale, window=(window_left, window_right), softcap=softcap)
+
+
+@dense_forward_op.register_fake
+def _dense_forward_fake(q, k, v, scale, window_left, window_right, softcap, twin):
+    batch, seqlen_q, nheads, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (batch, nheads, seqlen_q), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("longattn::dense_backward", mutates_args=())
+def dense_backward_op(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, recomputing probabilities from lse (any forward twin)."""
+    return dense_backward_eager(
+        dout, dlse, q, k, v, out, lse, scale=scale, window=(window_left, window_right), softcap=softcap
+    )
+
+
+@dense_backward_op.register_fake
+def _dense_backward_fake(dout, dlse, q, k, v, out, lse, scale, window_left, window_right, softcap):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, window_left, window_right, softcap, _twin = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.params = (scale, window_left, window_right, softcap)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = dense_backward_op(dout, dlse, q, k, v, out, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None
+
+
+dense_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_twin(twin: str, call: DenseCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a forward twin through the custom op (differentiable in q, k, v and
+    through lse via the shared recomputing backward)."""
+    return dense_forward_op(call.q, call.k, call.v, call.scale, *call.window, call.softcap, twin)
 
 
 # --- sdpa -------------------------------------------------------------------
@@ -121,7 +175,7 @@ def _sdpa_call_reasons(call: DenseCall) -> list[str]:
 
 def _sdpa_run(call: DenseCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     if call.need_lse:
-        return run_with_autograd(sdpa_forward_with_lse, call)
+        return run_twin("sdpa", call)
     return sdpa_attention(call.q, call.k, call.v, scale=call.scale, window=call.window), None
 
 
@@ -168,16 +222,10 @@ def _triton_auto_reasons(call: DenseCall) -> list[str]:
     return []
 
 
-def _triton_run(call: DenseCall) -> tuple[torch.Tensor, torch.Tensor]:
-    from longattn.kernels.dense_triton import dense_forward_triton  # imports triton: only when used
-
-    return run_with_autograd(dense_forward_triton, call)
-
-
 TRITON = Backend[DenseCall](
     name="triton",
     description="flash-attention forward kernel in Triton (GPU; CPU under TRITON_INTERPRET=1)",
-    run=_triton_run,
+    run=lambda call: run_twin("triton", call),
     machine_reasons=_triton_machine_reasons,
     call_reasons=_triton_call_reasons,
     auto_reasons=_triton_auto_reasons,
@@ -189,7 +237,7 @@ TRITON = Backend[DenseCall](
 EAGER = Backend[DenseCall](
     name="eager",
     description="chunked PyTorch, float32 math; serves every call",
-    run=lambda call: run_with_autograd(dense_forward_eager, call),
+    run=lambda call: run_twin("eager", call),
     machine_reasons=lambda: [],
     call_reasons=lambda call: [],
 )

@@ -154,7 +154,7 @@ def dense_backward_eager(
     Any forward twin's ``(out, lse)`` can be differentiated with this, which
     is why every twin returns lse. ``dlse`` (the gradient flowing into lse, or
     None) enters as ``dS += P * dlse`` because ``d lse / d S = P``.
-    Returns ``(dq, dk, dv)`` in the dtypes of q, k, v.
+    Returns contiguous ``(dq, dk, dv)`` in the dtypes of q, k, v.
     """
     batch, seqlen_q, nheads, dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -162,7 +162,7 @@ def dense_backward_eager(
     dk = torch.zeros((batch, nheads_k, seqlen_k, dim), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if q.numel() == 0 or seqlen_k == 0:
-        return dq.to(q.dtype), dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
+        return _finish_grads(dq, dk, dv, q, k, v)
     k_h = _heads_major(k)
     k_t = k_h.transpose(-1, -2)
     v_h = _heads_major(v)
@@ -192,8 +192,13 @@ def dense_backward_eager(
         dscores.mul_(scale)
         dq[:, r0:r1] = _to_query_layout(torch.matmul(dscores, k_h[:, :, lo:hi]), nheads)
         dk[:, :, lo:hi] += torch.matmul(dscores.transpose(-1, -2), q_rows)
+    return _finish_grads(dq, dk, dv, q, k, v)
+
+
+def _finish_grads(dq, dk, dv, q, k, v):
+    """float32 accumulators -> contiguous gradients in the inputs' dtypes and layout."""
     return (
-        dq.to(q.dtype),
-        dk.permute(0, 2, 1, 3).to(k.dtype),
-        dv.permute(0, 2, 1, 3).to(v.dtype),
+        dq.to(q.dtype).contiguous(),
+        dk.permute(0, 2, 1, 3).to(k.dtype).contiguous(),
+        dv.permute(0, 2, 1, 3).to(v.dtype).contiguous(),
     )

@@ -87,10 +87,10 @@ def sdpa_forward_with_lse(
         attn_mask=args["attn_mask"],
         scale=scale,
     )
-    lse = lse.to(torch.float32)
+    lse = lse.to(torch.float32).contiguous()  # the op returns it (batch, seqlen, nheads)-strided
     empty_rows = q.shape[1] - k.shape[1]
     if window[1] >= 0 and empty_rows > 0:
         # Causal with seqlen_q > seqlen_k: the first rows see no key. The op
         # returns out 0 but lse 0 for them; the contract says -inf.
         lse[:, :, :empty_rows] = float("-inf")
-    return out.transpose(1, 2), lse
+    return out.transpose(1, 2).contiguous(), lse

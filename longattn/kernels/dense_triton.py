@@ -28,7 +28,11 @@ is imported), which has no bfloat16 and is slow: tests use tiny shapes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from longattn.errors import DeviceError, UnsupportedFeatureError
 
 try:
     import triton
@@ -102,7 +106,7 @@ if triton is not None:
             col_ok = cols < seqlen_k
             kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            # "ieee": exact fp32 products on GPU (no TF32), matching the interpreter.
+            # "ieee": full fp32 inputs on GPU (no TF32 rounding), as the interpreter computes.
             s = tl.dot(q, kt, input_precision="ieee") * scale
             if HAS_SOFTCAP:
                 # softcap * tanh(s / softcap); tl has no tanh. exp of -2|x| <= 0
@@ -116,7 +120,7 @@ if triton is not None:
                 visible = visible & (cols[None, :] >= diag[:, None] - window_left)
             if HAS_RIGHT:
                 visible = visible & (cols[None, :] <= diag[:, None] + window_right)
-            s = tl.where(visible, s * 1.4426950408889634, float("-inf"))  # to log2 units
+            s = tl.where(visible, s * 1.4426950408889634, float("-inf"))  # * log2(e): log2 units
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with nothing visible yet has max -inf; subtract 0 there so
@@ -133,6 +137,7 @@ if triton is not None:
 
         empty = l_i == 0.0  # rows that saw no key: acc is 0, keep it 0 and lse -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        # Back to natural log: lse = ln(2) * (m + log2(l)).
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
         tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -142,16 +147,18 @@ if triton is not None:
     _INTERPRETED = not isinstance(_dense_fwd_kernel, triton.runtime.JITFunction)
 
 
-def _launch_config(headdim: int, interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). Fixed heuristic, no autotune (autotune
-    can fail at import on hosts without a driver). tl.dot needs blocks >= 16."""
+def _launch_config(headdim: int, interpreted: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). A fixed heuristic, no autotune
+    (autotune can fail at import on hosts without a driver). tl.dot needs blocks >= 16."""
     if interpreted:
-        return 16, 16, 4  # the interpreter pays per program and per op, not per FLOP
+        return 16, 16, 4, 1  # the interpreter pays per program and per op, not per FLOP
     if headdim <= 64:
-        return 64, 64, 4
+        return 64, 64, 4, 3
     if headdim <= 128:
-        return 64, 64, 8
-    return 64, 32, 8  # large headdim: keep acc + K/V tiles within registers/shared memory
+        return 64, 64, 8, 3
+    # headdim 256: smaller key tiles and fewer pipeline stages keep the K/V
+    # buffers (BLOCK_N * 256 * 4 bytes each in fp32) within shared memory.
+    return 64, 32, 8, 2
 
 
 def dense_forward_triton(
@@ -173,26 +180,29 @@ def dense_forward_triton(
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim > MAX_HEADDIM:
-        raise RuntimeError(f"dense_forward_triton supports headdim <= {MAX_HEADDIM}, got {headdim}")
+        raise UnsupportedFeatureError(f"dense_forward_triton supports headdim <= {MAX_HEADDIM}, got {headdim}")
     if not q.is_cuda and not _INTERPRETED:
-        raise RuntimeError(
+        raise DeviceError(
             f"dense_forward_triton got tensors on {q.device}; it needs CUDA tensors, "
             "or TRITON_INTERPRET=1 set before triton is imported to run on CPU"
         )
-    out = torch.zeros((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
-    lse = torch.full((batch, nheads, seqlen_q), float("-inf"), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or seqlen_k == 0:
-        return out, lse  # nothing to launch: empty rows are out 0, lse -inf
+    out_shape, lse_shape = (batch, seqlen_q, nheads, headdim), (batch, nheads, seqlen_q)
+    if batch * seqlen_q * nheads == 0 or seqlen_k == 0:  # nothing to launch: every row is empty
+        return (torch.zeros(out_shape, dtype=q.dtype, device=q.device),
+                torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device))
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)  # the kernel writes every element
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     left, right = int(window[0]), int(window[1])
-    block_m, block_n, num_warps = _launch_config(headdim, _INTERPRETED)
+    block_m, block_n, num_warps, num_stages = _launch_config(headdim, _INTERPRETED)
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # m-blocks first: they share K/V in cache
-    _dense_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        nheads, seqlen_q, seqlen_k, headdim, nheads // nheads_k,
-        float(scale), float(softcap), max(left, 0), max(right, 0),
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(headdim)),
-        num_warps=num_warps,
-    )
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
+        _dense_fwd_kernel[grid](
+            q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            nheads, seqlen_q, seqlen_k, headdim, nheads // nheads_k,
+            float(scale), float(softcap), max(left, 0), max(right, 0),
+            HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(headdim)),
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out, lse

@@ -1,0 +1,20 @@
+"""Benchmarks: ``longattn bench [GROUP]`` and the pytest-benchmark suite.
+
+- :mod:`.scenarios`: the registry of groups and scenarios (shared with ``benchmarks/``)
+- :mod:`.dense`: the ``dense`` group (causal prefill vs SDPA and FlexAttention)
+- :mod:`.timing`: interleaved warmup + repeats, median and min
+- :mod:`.runner`: :func:`run_group`, one group end to end
+- :mod:`.report`: table, JSON and plot; :mod:`.progress`: the stderr progress bar
+
+Example::
+
+    from longattn.bench import run_group
+    results = run_group("dense", quick=True, out_dir="/tmp/bench")
+"""
+
+# Each group module registers itself on import; a new group is one more line here.
+from longattn.bench import dense as _dense  # noqa: F401
+from longattn.bench.runner import run_group
+from longattn.bench.scenarios import get_group, group_names
+
+__all__ = ["run_group", "get_group", "group_names"]

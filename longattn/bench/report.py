@@ -1,0 +1,162 @@
+"""Present a group's results: a text table, ``results.json`` and ``times.png``.
+
+The JSON holds everything (machine, settings, every timed repeat) so a run
+can be compared with another later; the table and plot are views of it.
+matplotlib is optional (the ``bench`` extra): without it the plot is skipped
+and the output says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+JSON_NAME = "results.json"
+PLOT_NAME = "times.png"
+
+
+def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write the plot and the JSON into ``out_dir`` (created if needed).
+
+    Adds ``results["files"]`` (paths; ``plot`` is None when skipped) and
+    ``results["notes"]`` (why something was skipped), then returns ``results``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    notes = results.setdefault("notes", [])
+    plot_path = os.path.join(out_dir, PLOT_NAME)
+    try:
+        write_plot(results, plot_path)
+    except ImportError:
+        plot_path = None
+        notes.append("plot skipped: matplotlib is not installed (pip install 'longattn[bench]')")
+    json_path = os.path.join(out_dir, JSON_NAME)
+    results["files"] = {"json": json_path, "plot": plot_path}
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(results), f, indent=2)
+        f.write("\n")
+    return results
+
+
+def write_plot(results: dict[str, Any], path: str) -> None:
+    """Median time vs size per method, log-log. Raises ImportError without matplotlib."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for method in _method_names(results):
+        points = [
+            (case["size"], case["methods"][method]["median_ms"])
+            for case in results["cases"]
+            if case["methods"].get(method, {}).get("median_ms") is not None
+        ]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(results["size_name"])
+    ax.set_ylabel("median time (ms)")
+    machine = results["machine"]
+    ax.set_title(
+        f"longattn bench {results['group']}: {results['description']}\n"
+        f"{machine['cpu_model']}, {machine['torch_threads']} threads, torch {machine['torch']}",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as an aligned text table, then targets and files."""
+    header = ["scenario", "method", "median ms", "min ms", "ratio", "max error", "error vs", "note"]
+    rows = []
+    for case in results["cases"]:
+        first = True
+        for name, rec in case["methods"].items():
+            rows.append([
+                case["scenario"] if first else "",
+                name,
+                _num(rec["median_ms"]),
+                _num(rec["min_ms"]),
+                "" if rec["ratio"] is None else f"{rec['ratio']:.2f}x",
+                "" if rec["max_error"] is None else f"{rec['max_error']:.1e}",
+                case["error_reference"] if rec["max_error"] is not None else "",
+                _note(name, rec, case),
+            ])
+            first = False
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    numeric = {2, 3, 4, 5}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            (c.rjust(w) if i in numeric else c.ljust(w)) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    machine = results["machine"]
+    settings = results["settings"]
+    out = [
+        f"longattn bench {results['group']}: {results['description']}",
+        f"{machine['cpu_model']}, torch {machine['torch']}, {machine['torch_threads']} threads; "
+        f"median of {settings['repeats']} interleaved rounds after {settings['warmup_rounds']} warmup; "
+        "ratio = median / baseline's median",
+        "",
+        line(header),
+        line(["-" * w for w in widths]),
+        *(line(r) for r in rows),
+        "",
+    ]
+    out += [_target_line(case) for case in results["cases"] if case["target"]]
+    out += [f"note: {n}" for n in results.get("notes", [])]
+    files = results.get("files", {})
+    if files.get("json"):
+        out.append(f"results: {files['json']}")
+    if files.get("plot"):
+        out.append(f"plot:    {files['plot']}")
+    return "\n".join(out)
+
+
+def _method_names(results: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for case in results["cases"]:
+        names += [n for n in case["methods"] if n not in names]
+    return names
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _note(name: str, rec: dict[str, Any], case: dict[str, Any]) -> str:
+    if rec["skipped"]:
+        return f"skipped: {rec['skipped']}"
+    notes = []
+    if name == case["baseline"]:
+        notes.append("baseline")
+    if rec["setup_s"] is not None and rec["setup_s"] >= 0.5:
+        notes.append(f"setup/compile {rec['setup_s']:.1f} s, not timed")
+    return "; ".join(notes)
+
+
+def _target_line(case: dict[str, Any]) -> str:
+    t = case["target"]
+    where = f"{t['method']} <= {t['max_ratio']}x {t['baseline']} at {case['scenario']}"
+    if t["ratio"] is None:
+        return f"target: {where}: not measured ({t['method']} or {t['baseline']} skipped)"
+    verdict = "MET" if t["met"] else "NOT MET"
+    return f"target: {where}: {t['ratio']:.2f}x -> {verdict}  ({t['note']})"
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as strings ("nan", "inf"): JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,119 @@
+"""The ``longattn`` command: ``longattn bench [GROUP]``, ``longattn doctor``.
+
+Each subcommand is a :class:`Command` (its arguments and its run function);
+adding one (``simulate``, ``calibrate``) is one more entry in ``COMMANDS``.
+Bad arguments that argparse cannot check (an unknown group, bad sizes) are
+:class:`~longattn.errors.LongAttnError` raised by the library itself, so the
+same message reaches Python callers; here they become ``error: ...`` on
+stderr and exit status 2, like argparse's own errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from longattn.errors import LongAttnError
+
+USAGE_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --- bench ------------------------------------------------------------------
+
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    from longattn.bench.scenarios import group_names
+
+    groups = group_names()
+    parser.add_argument(
+        "group", nargs="?", default="dense", metavar="GROUP",
+        help=f"benchmark group, one of: {', '.join(groups)} (default: dense)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, skip slow compiles (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, metavar="N", help="timed rounds per case (default: 3)")
+    parser.add_argument("--sizes", default=None, metavar="N,N,...", help="sizes to run instead of the group's")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default: 0)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="results folder (default: ./longattn-results/<group>-<timestamp>/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar; one line per finished case")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from longattn.bench.report import format_table
+    from longattn.bench.runner import run_group
+    from longattn.bench.scenarios import get_group, parse_sizes
+
+    get_group(args.group)  # fail on a bad name before anything slow
+    sizes = None if args.sizes is None else parse_sizes(args.sizes, "--sizes")
+    results = run_group(
+        args.group, sizes=sizes, repeats=args.repeats, quick=args.quick,
+        seed=args.seed, out_dir=args.out, quiet=args.quiet,
+    )
+    print(format_table(results))
+    return 0
+
+
+# --- doctor -----------------------------------------------------------------
+
+def _configure_doctor(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from longattn.doctor import collect, format_report
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+COMMANDS = (
+    Command("bench", "time attention methods against baselines; write a table, JSON and a plot",
+            _configure_bench, _run_bench),
+    Command("doctor", "show this machine's libraries, compilers and usable backends",
+            _configure_doctor, _run_doctor),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longattn", description="longattn: long-context attention tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(child)
+        child.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``longattn`` console script; returns the exit status."""
+    parser = build_parser()
+    if argv is not None:  # allow pathlib paths, e.g. main(["bench", "--out", tmp_path])
+        argv = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in argv]
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return USAGE_ERROR
+    try:
+        return args.run(args)
+    except LongAttnError as exc:
+        print(f"longattn {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"longattn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""``longattn doctor``: what this machine offers longattn, and why not.
+
+Reports the software (python, torch, triton, cupy), the toolchain (nvcc, a
+C++ compiler) and, for every primitive's backend registry, which twins can
+run here and the reasons the others cannot: the same reasons a forced
+backend's error would give. Nothing is imported that is not needed to
+answer (triton's version comes from its package metadata).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from longattn.bench.machine import cpu_model
+
+# Every primitive's backend registry, as (module, attribute). A new primitive
+# adds one line; a module that fails to import is reported, not fatal.
+REGISTRIES = (
+    ("longattn.kernels.dense", "DENSE_BACKENDS"),
+)
+
+CXX_COMPILERS = ("c++", "g++", "clang++")
+TOOL_TIMEOUT_S = 10
+
+
+def collect() -> dict[str, Any]:
+    """Everything ``longattn doctor`` reports, as a JSON-ready dict."""
+    from longattn import __version__
+
+    return {
+        "longattn": __version__,
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "triton": _distribution("triton", "triton"),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "cupy": _distribution("cupy", "cupy"),
+        "nvcc": _tool("nvcc", "release"),
+        "cxx": next((t for t in (_tool(name) for name in CXX_COMPILERS) if t is not None), None),
+        "registries": {name: table for name, table in (_registry(*r) for r in REGISTRIES)},
+    }
+
+
+def _distribution(module: str, dist_prefix: str) -> dict[str, Any]:
+    """Whether ``module`` is importable and its distribution's version, without
+    importing it (``cupy`` ships as ``cupy-cuda12x`` and the like)."""
+    installed = importlib.util.find_spec(module) is not None
+    version = None
+    if installed:
+        for dist in importlib.metadata.packages_distributions().get(module, []):
+            if dist.lower().startswith(dist_prefix):
+                version = importlib.metadata.version(dist)
+                version += f" ({dist})" if dist != module else ""
+                break
+    return {"installed": installed, "version": version}
+
+
+def _tool(name: str, version_marker: str | None = None) -> dict[str, Any] | None:
+    """``name`` on the PATH: its path and the version line of ``name --version``
+    (the first line, or the first containing ``version_marker``)."""
+    path = shutil.which(name)
+    if path is None:
+        return None
+    try:
+        run = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )
+        lines = [ln.strip() for ln in run.stdout.splitlines() if ln.strip()]
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"name": name, "path": path, "version": f"unknown ({type(exc).__name__})"}
+    marked = [ln for ln in lines if version_marker and version_marker in ln]
+    version = (marked or lines or ["unknown"])[0]
+    return {"name": name, "path": path, "version": version}
+
+
+def _registry(module: str, attribute: str) -> tuple[str, dict[str, Any]]:
+    source = f"{module}.{attribute}"
+    try:
+        registry = getattr(importlib.import_module(module), attribute)
+    except Exception as exc:  # a broken registry is a finding, not a crash
+        return source, {"source": source, "error": f"{type(exc).__name__}: {exc}", "backends": {}}
+    reasons = registry.machine_table()
+    backends = {
+        b.name: {"usable": not reasons[b.name], "reasons": reasons[b.name], "description": b.description}
+        for b in registry.backends
+    }
+    return registry.primitive, {"source": source, "backends": backends}
+
+
+def format_report(info: dict[str, Any]) -> str:
+    """The human-readable report of :func:`collect`'s dict."""
+
+    def installed(entry: dict[str, Any]) -> str:
+        if not entry["installed"]:
+            return "not installed"
+        return entry["version"] or "installed (version unknown)"
+
+    def tool(entry: dict[str, Any] | None, missing: str) -> str:
+        return missing if entry is None else f"{entry['path']} ({entry['version']})"
+
+    devices = ", ".join(info["cuda_devices"])
+    rows = [
+        ("longattn", info["longattn"]),
+        ("python", f"{info['python']} ({info['python_executable']})"),
+        ("torch", info["torch"]),
+        ("CUDA available", f"yes: {devices}" if info["cuda_available"] else "no"),
+        ("threads", f"{info['threads']} torch threads, {info['cpu_count']} CPUs ({info['cpu_model']})"),
+        ("triton", installed(info["triton"])),
+        ("TRITON_INTERPRET", info["TRITON_INTERPRET"] if info["TRITON_INTERPRET"] is not None else "unset"),
+        ("cupy", installed(info["cupy"])),
+        ("nvcc", tool(info["nvcc"], "not on PATH")),
+        ("C++ compiler", tool(info["cxx"], f"none of {', '.join(CXX_COMPILERS)} on PATH")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    for primitive, table in info["registries"].items():
+        lines += ["", f"{primitive} backends ({table['source']}), in priority order:"]
+        if "error" in table:
+            lines.append(f"  cannot load: {table['error']}")
+            continue
+        name_width = max((len(n) for n in table["backends"]), default=0)
+        for name, b in table["backends"].items():
+            status = "usable" if b["usable"] else "NOT usable"
+            lines.append(f"  {name.ljust(name_width)}  {status:<10}  {b['description']}")
+            lines += [f"  {'':{name_width}}  {'':10}  - {why}" for why in b["reasons"]]
+    return "\n".join(lines)
