@@ -71,7 +71,7 @@ def write_plot(results: dict[str, Any], path: str) -> None:
 
 def format_table(results: dict[str, Any]) -> str:
     """The results as an aligned text table, then targets and files."""
-    header = ["scenario", "method", "median ms", "min ms", "ratio", "max error", "error vs", "note"]
+    header = ["scenario", "method", "median ms", "min ms", "runs", "ratio", "max error", "error vs", "note"]
     rows = []
     for case in results["cases"]:
         first = True
@@ -81,6 +81,7 @@ def format_table(results: dict[str, Any]) -> str:
                 name,
                 _num(rec["median_ms"]),
                 _num(rec["min_ms"]),
+                str(len(rec["times_s"])) if rec["times_s"] else "",
                 "" if rec["ratio"] is None else f"{rec['ratio']:.2f}x",
                 "" if rec["max_error"] is None else f"{rec['max_error']:.1e}",
                 case["error_reference"] if rec["max_error"] is not None else "",
@@ -88,7 +89,7 @@ def format_table(results: dict[str, Any]) -> str:
             ])
             first = False
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    numeric = {2, 3, 4, 5}
+    numeric = {2, 3, 4, 5, 6}
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -100,8 +101,7 @@ def format_table(results: dict[str, Any]) -> str:
     out = [
         f"longattn bench {results['group']}: {results['description']}",
         f"{machine['cpu_model']}, torch {machine['torch']}, {machine['torch_threads']} threads; "
-        f"median of {settings['repeats']} interleaved rounds after {settings['warmup_rounds']} warmup; "
-        "ratio = median / baseline's median",
+        f"{_rounds(settings)}; ratio = median / baseline's median",
         "",
         line(header),
         line(["-" * w for w in widths]),
@@ -116,6 +116,13 @@ def format_table(results: dict[str, Any]) -> str:
     if files.get("plot"):
         out.append(f"plot:    {files['plot']}")
     return "\n".join(out)
+
+
+def _rounds(settings: dict[str, Any]) -> str:
+    text = f"median of {settings['repeats']} interleaved rounds after {settings['warmup_rounds']} warmup"
+    if settings.get("method_budget_s"):
+        text += f" (fewer, see runs, past {settings['method_budget_s']:g} s per method and case)"
+    return text
 
 
 def _method_names(results: dict[str, Any]) -> list[str]:

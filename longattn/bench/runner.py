@@ -47,7 +47,9 @@ def run_group(
     Args:
         group: a registered group name (``longattn.bench.scenarios.group_names()``).
         sizes: the sizes to run (default: the group's, or its quick sizes).
-        repeats: timed rounds per case (default: the group's), after one warmup.
+        repeats: timed rounds per case, after one warmup. Default: the
+            group's, shortened for a method whose repeats would pass the
+            group's time budget; an explicit value is run in full.
         quick: tiny sizes, and methods with a slow setup (compiles) skipped.
         seed: seed of every case's inputs.
         out_dir: results folder (default ``./longattn-results/<group>-<timestamp>/``).
@@ -57,6 +59,7 @@ def run_group(
         The results dict also written to ``out_dir/results.json``.
     """
     spec = get_group(group)
+    budget_s = spec.method_budget_s if repeats is None else None
     repeats = spec.default_repeats if repeats is None else repeats
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ArgumentError(f"repeats must be a positive integer, got {repeats!r}")
@@ -69,13 +72,17 @@ def run_group(
     scenarios = spec.scenarios(sizes)
     progress = Progress(len(scenarios), quiet=quiet)
     started = time.perf_counter()
-    cases = [run_case(s, repeats=repeats, quick=quick, seed=seed, progress=progress) for s in scenarios]
+    cases = [
+        run_case(s, repeats=repeats, budget_s=budget_s, quick=quick, seed=seed, progress=progress)
+        for s in scenarios
+    ]
     results: dict[str, Any] = {
         "group": spec.name,
         "description": spec.description,
         "size_name": spec.size_name,
         "settings": {
-            "sizes": sizes, "repeats": repeats, "warmup_rounds": WARMUP_ROUNDS,
+            "sizes": sizes, "repeats": repeats, "method_budget_s": budget_s,
+            "warmup_rounds": WARMUP_ROUNDS,
             "quick": quick, "seed": seed,
         },
         "machine": machine_info(),
@@ -86,7 +93,15 @@ def run_group(
     return results
 
 
-def run_case(scenario: Scenario, *, repeats: int, quick: bool, seed: int, progress: Progress) -> dict[str, Any]:
+def run_case(
+    scenario: Scenario,
+    *,
+    repeats: int,
+    budget_s: float | None,
+    quick: bool,
+    seed: int,
+    progress: Progress,
+) -> dict[str, Any]:
     """Build, time and check one scenario's methods."""
     rounds = WARMUP_ROUNDS + repeats
     progress.start_case(scenario.name, steps=len(scenario.methods) * (rounds + 1))
@@ -116,6 +131,7 @@ def run_case(scenario: Scenario, *, repeats: int, quick: bool, seed: int, progre
         calls,
         warmup=WARMUP_ROUNDS,
         repeats=repeats,
+        budget_s=budget_s,
         on_call=lambda name, rnd: progress.step(f"{name} round {rnd + 1}/{rounds}"),
     )
     for name, reason in timings.failed.items():

@@ -90,7 +90,10 @@ class Group:
     """A family of scenarios indexed by one size (``size_name``, e.g. seqlen).
 
     ``sizes`` is what ``longattn bench GROUP`` runs; ``quick_sizes`` what
-    ``--quick`` runs (a few seconds in total).
+    ``--quick`` runs (a few seconds in total). By default each method gets
+    ``default_repeats`` timed rounds, fewer if they would take its timed total
+    past ``method_budget_s`` seconds in a case (see
+    :func:`longattn.bench.timing.time_interleaved`).
     """
 
     name: str
@@ -100,6 +103,7 @@ class Group:
     quick_sizes: tuple[int, ...]
     make_scenario: Callable[[int], Scenario]
     default_repeats: int = 3
+    method_budget_s: float | None = 5.0
 
     def scenarios(self, sizes: Sequence[int] | None = None) -> list[Scenario]:
         return [self.make_scenario(size) for size in (self.sizes if sizes is None else sizes)]

@@ -32,21 +32,26 @@ def time_interleaved(
     *,
     warmup: int,
     repeats: int,
+    budget_s: float | None = None,
     on_call: Callable[[str, int], None] | None = None,
 ) -> Timings:
-    """Run ``warmup`` untimed then ``repeats`` timed rounds of every call.
+    """Run ``warmup`` untimed then up to ``repeats`` timed rounds of every call.
 
     The first call's output of each method is kept (for the error check), so
     a warmup round doubles as the correctness run. A call that raises is
-    recorded in ``failed`` and dropped from later rounds. ``on_call(name,
-    round)`` is invoked after each call (progress display).
+    recorded in ``failed`` and dropped from later rounds. With ``budget_s``,
+    a method leaves the rotation once another repeat would take its timed
+    total past the budget (it always gets at least one timed repeat): a
+    method 10x slower than the rest then costs a few seconds, not minutes,
+    and the number of repeats it got is in its ``seconds`` list.
+    ``on_call(name, round)`` is invoked after each call (progress display).
     """
     result = Timings(seconds={name: [] for name in calls})
     names = list(calls)
     for rnd in range(warmup + repeats):
         shift = rnd % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
-            if name in result.failed:
+            if name in result.failed or _over_budget(result.seconds[name], budget_s):
                 continue
             start = time.perf_counter()
             try:
@@ -66,6 +71,13 @@ def time_interleaved(
         result.seconds.pop(name, None)
         result.first_output.pop(name, None)
     return result
+
+
+def _over_budget(seconds: list[float], budget_s: float | None) -> bool:
+    """Whether one more repeat (estimated by the median so far) would pass the budget."""
+    if budget_s is None or not seconds:
+        return False
+    return sum(seconds) + statistics.median(seconds) > budget_s
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:

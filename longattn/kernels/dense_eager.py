@@ -26,11 +26,26 @@ from longattn.masking import visibility_mask, visible_key_range
 # for efficient matmuls; small enough to stay near the L2/L3 caches, which on
 # the 2-core reference machine made it ~1.6x faster than 64 MiB chunks.
 SCORE_CHUNK_ELEMENTS = 1 << 21
+MIN_ROWS = 32
+MAX_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 scores, whatever the shape
 
 
-def rows_per_chunk(batch: int, nheads: int, seqlen_q: int, seqlen_k: int) -> int:
-    """Query rows per chunk so one score block stays near SCORE_CHUNK_ELEMENTS."""
-    rows = SCORE_CHUNK_ELEMENTS // max(1, batch * nheads * seqlen_k)
+def rows_per_chunk(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, window: tuple[int, int]) -> int:
+    """Query rows per chunk so one score block stays near SCORE_CHUNK_ELEMENTS.
+
+    A chunk of ``rows`` queries spans at most ``left + right + rows`` keys
+    under a two-sided window, so narrow windows get taller chunks (bigger,
+    faster matmuls) for the same memory.
+    """
+    left, right = window
+    width = seqlen_k if left < 0 or right < 0 else min(seqlen_k, left + right + 1)
+    per_row = max(1, batch * nheads * width)
+    rows = SCORE_CHUNK_ELEMENTS // per_row
+    if width < seqlen_k:  # the span grows by one key per extra row: solve rows * (width + rows) <= budget
+        rows = max(1, int(((width**2 + 4 * SCORE_CHUNK_ELEMENTS / (batch * nheads)) ** 0.5 - width) / 2))
+    # Very long keys would leave a handful of rows per chunk, and tiny matmuls
+    # are slow; allow taller chunks up to a hard memory cap.
+    rows = max(rows, min(MIN_ROWS, MAX_CHUNK_ELEMENTS // per_row))
     return max(1, min(seqlen_q, rows))
 
 
@@ -112,7 +127,7 @@ def dense_forward_eager(
         return out, lse
     k_t = _heads_major(k).transpose(-1, -2)  # (batch, nheads_k, dim, seqlen_k)
     v_h = _heads_major(v)  # (batch, nheads_k, seqlen_k, dim)
-    step = rows_per_chunk(batch, nheads, seqlen_q, seqlen_k)
+    step = rows_per_chunk(batch, nheads, seqlen_q, seqlen_k, window)
     for r0 in range(0, seqlen_q, step):
         r1 = min(seqlen_q, r0 + step)
         lo, hi = visible_key_range(r0, r1, seqlen_q, seqlen_k, window)
@@ -171,7 +186,7 @@ def dense_backward_eager(
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)
     lse_safe = lse.masked_fill(torch.isinf(lse), 0.0)  # empty rows: all scores -inf, P = 0
-    step = rows_per_chunk(batch, nheads, seqlen_q, seqlen_k)
+    step = rows_per_chunk(batch, nheads, seqlen_q, seqlen_k, window)
     for r0 in range(0, seqlen_q, step):
         r1 = min(seqlen_q, r0 + step)
         lo, hi = visible_key_range(r0, r1, seqlen_q, seqlen_k, window)
