@@ -55,6 +55,9 @@ def write_plot(results: dict[str, Any], path: str) -> None:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=method)
     ax.set_xscale("log", base=2)
+    sizes = sorted({case["size"] for case in results["cases"]})
+    ax.set_xticks(sizes, [str(size) for size in sizes])  # 1024, not 2^10
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel(results["size_name"])
     ax.set_ylabel("median time (ms)")

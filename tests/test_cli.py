@@ -1,0 +1,58 @@
+"""``longattn doctor`` and ``longattn bench`` through the CLI entry point."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+from longattn.cli import main
+
+
+def test_doctor_json_lists_backends_and_reasons(capsys):
+    assert main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    dense = info["registries"]["dense attention"]["backends"]
+    assert list(dense) == ["sdpa", "triton", "eager"]
+    assert dense["eager"]["usable"] is True and dense["eager"]["reasons"] == []
+    for backend in dense.values():  # unusable always comes with a reason
+        assert backend["usable"] == (not backend["reasons"])
+    assert info["torch"] and info["python"]
+
+
+def test_doctor_text_report(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "dense attention backends" in out and "eager" in out and "usable" in out
+
+
+def test_quick_bench_writes_checked_results(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", tmp_path, "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "longattn.attention" in table and "sdpa" in table
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["group"] == "dense"
+    assert results["cases"], "no cases ran"
+    timed = 0
+    for case in results["cases"]:
+        assert case["error_reference"] == "oracle (float64)"
+        for name, record in case["methods"].items():
+            if record["skipped"]:
+                continue
+            timed += 1
+            assert record["times_s"] and all(t > 0 for t in record["times_s"]), name
+            assert math.isfinite(record["max_error"]) and record["max_error"] <= 1e-4, (name, record["max_error"])
+    assert timed >= 3 * len(results["cases"])  # longattn, eager twin, sdpa at least
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "times.png").stat().st_size > 0
+
+
+def test_unknown_group_is_a_clear_error(capsys):
+    assert main(["bench", "nosuchgroup"]) == 2
+    err = capsys.readouterr().err
+    assert "group must be one of ['dense'" in err and "'nosuchgroup'" in err
+
+
+def test_bad_sizes_are_a_clear_error(capsys):
+    assert main(["bench", "--sizes", "12,abc"]) == 2
+    assert "--sizes must be comma-separated positive integers" in capsys.readouterr().err
