@@ -41,7 +41,11 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
         help=f"benchmark group, one of: {', '.join(groups)} (default: dense)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, skip slow compiles (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, metavar="N", help="timed rounds per case (default: 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, metavar="N",
+        help="timed rounds per case, all run (default: the group's, 5 for dense, fewer for a method "
+             "whose rounds would pass 5 s in a case)",
+    )
     parser.add_argument("--sizes", default=None, metavar="N,N,...", help="sizes to run instead of the group's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default: 0)")
     parser.add_argument("--out", default=None, metavar="DIR",

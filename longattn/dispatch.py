@@ -38,7 +38,8 @@ class Backend(Generic[Call]):
     auto_reasons: Callable[[Call], list[str]] = field(default=lambda call: [])
 
     def reasons(self, call: Call) -> list[str]:
-        return self.machine_reasons() or self.call_reasons(call)
+        """Every reason this twin cannot serve ``call`` (empty = it can)."""
+        return self.machine_reasons() + self.call_reasons(call)
 
 
 class Registry(Generic[Call]):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 
 from longattn.cli import main
 
@@ -56,3 +58,17 @@ def test_unknown_group_is_a_clear_error(capsys):
 def test_bad_sizes_are_a_clear_error(capsys):
     assert main(["bench", "--sizes", "12,abc"]) == 2
     assert "--sizes must be comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli():
+    run = subprocess.run(
+        [sys.executable, "-m", "longattn", "doctor", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "dense attention" in json.loads(run.stdout)["registries"]

@@ -102,7 +102,7 @@ class Group:
     sizes: tuple[int, ...]
     quick_sizes: tuple[int, ...]
     make_scenario: Callable[[int], Scenario]
-    default_repeats: int = 3
+    default_repeats: int = 5
     method_budget_s: float | None = 5.0
 
     def scenarios(self, sizes: Sequence[int] | None = None) -> list[Scenario]:

@@ -142,8 +142,15 @@ dense_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run_twin(twin: str, call: DenseCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a forward twin through the custom op (differentiable in q, k, v and
-    through lse via the shared recomputing backward)."""
+    """Run a forward twin; differentiable in q, k, v and through lse.
+
+    Inference outside torch.compile calls the twin directly: the custom op's
+    first call imports torch._dynamo (~1.5 s), a cost only worth paying when
+    its autograd or tracing support is used.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    if not needs_grad and not torch.compiler.is_compiling():
+        return _forward_twin(twin)(call.q, call.k, call.v, scale=call.scale, window=call.window, softcap=call.softcap)
     return dense_forward_op(call.q, call.k, call.v, call.scale, *call.window, call.softcap, twin)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longattn.errors import UnsupportedFeatureError
 from longattn.masking import dense_mask
 
 
@@ -67,8 +68,8 @@ def sdpa_forward_with_lse(
     """``(out, lse)`` from the fused CPU kernel; same signature as the other
     forward twins (``softcap`` must be 0). Not differentiable by itself: the
     dispatcher wraps it with the shared recomputing backward."""
-    if softcap:
-        raise ValueError("sdpa_forward_with_lse does not support softcap")  # dispatcher never sends it
+    if softcap:  # the dispatcher never sends it; direct callers get a clear error
+        raise UnsupportedFeatureError(f"sdpa_forward_with_lse does not support softcap, got softcap={softcap}")
     group = q.shape[2] // k.shape[2]
     if group > 1:  # the lse-returning op has no GQA mode: repeat K/V (O(seqlen_k) memory)
         k = k.repeat_interleave(group, dim=2)
