@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from longattn.dispatch import Backend, Registry
+from longattn.errors import ArgumentError
 from longattn.kernels.dense_eager import dense_backward_eager, dense_forward_eager
 from longattn.kernels.dense_sdpa import lse_op_available, sdpa_attention, sdpa_forward_with_lse
 
@@ -35,7 +36,7 @@ ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # SDPA realises bottom-right causality for seqlen_q != seqlen_k with an
 # explicit mask; above this many elements the mask costs more than it saves.
 SDPA_MAX_MASK_ELEMENTS = 1 << 24
-TRITON_MAX_HEADDIM = 256
+TRITON_MAX_HEADDIM = 256  # = dense_triton.MAX_HEADDIM; not imported from there, which would import triton
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _forward_twin(name: str) -> ForwardFn:
         from longattn.kernels.dense_triton import dense_forward_triton
 
         return dense_forward_triton
-    raise ValueError(f"unknown dense forward twin {name!r}")
+    raise ArgumentError(f"twin must be one of eager, sdpa, triton, got {name!r}")
 
 
 # The forward and backward are torch.library custom ops, so torch.compile
