@@ -213,7 +213,8 @@ def _triton_machine_reasons() -> list[str]:
 def _triton_call_reasons(call: DenseCall) -> list[str]:
     reasons = []
     device = call.q.device.type
-    if device == "cpu" and not _interpreting():
+    if device == "cpu" and not _interpreting() and torch.cuda.is_available():
+        # (without CUDA, the machine-level reason already says this)
         reasons.append("tensors are on cpu; Triton runs them only under TRITON_INTERPRET=1")
     elif device not in ("cpu", "cuda"):
         reasons.append(f"tensors are on {device}; Triton needs cuda (or cpu under the interpreter)")
