@@ -2,8 +2,9 @@
 
 Front doors::
 
-    from longattn import attention, merge_states
+    from longattn import attention, decode_attention, merge_states
     out = attention(q, k, v, causal=True)          # (batch, seqlen, nheads, headdim)
+    out = decode_attention(q, k_cache, v_cache, cache_seqlens=lens, k_new=k, v_new=v)
 
 Conventions (flash-attn's): bottom-right causal alignment, ``(left, right)``
 windows with -1 = unbounded, natural-log float32 lse of shape
@@ -11,9 +12,10 @@ windows with -1 = unbounded, natural-log float32 lse of shape
 """
 
 from longattn.api import attention
+from longattn.decode_api import decode_attention
 from longattn.errors import LongAttnError
 from longattn.kernels.merge import merge_states
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "merge_states", "LongAttnError", "__version__"]
+__all__ = ["attention", "decode_attention", "merge_states", "LongAttnError", "__version__"]

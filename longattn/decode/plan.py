@@ -1,0 +1,180 @@
+"""The stream-K (LeanAttention) schedule for decode attention.
+
+Work is cut into *LeanTiles*: ``block_n`` consecutive keys of one *output
+tile*, where an output tile is one ``(batch, kv_head)`` pair with its whole
+query group (and all of its ``seqlen_q`` queries) folded in, as in GQA
+decode. Output tile ``t`` is ``(batch, kv_head) = divmod(t, nheads_k)`` and
+holds ``ceil(seqlens[batch] / block_n)`` LeanTiles; in all there are ``W``.
+
+Worker ``c`` of ``G`` gets the contiguous global LeanTile range
+``[c * W // G, (c + 1) * W // G)`` (imbalance at most one LeanTile), which may
+cross output-tile boundaries. Where a worker covers a whole output tile it
+writes the final output; otherwise each contributor writes a partial
+``(out, lse)`` and the partials of a tile are merged in worker order (which
+is also key order), so the result is deterministic for a fixed ``G``. The
+kernels use "last contributor merges" (no spinning); the order of the merge
+is fixed here, whoever performs it.
+
+Example: seqlens (5, 3) keys, nheads_k 1, block_n 2 -> LeanTiles per tile
+(3, 2), W = 5; with G = 2, worker 0 gets global [0, 2) = tile 0 blocks 0-1,
+worker 1 gets [2, 5) = tile 0 block 2 and tile 1 blocks 0-1. Tile 0 has two
+contributors (merged), tile 1 one (written directly).
+
+Plan once per decode step and reuse it across layers (FlashInfer's plan/run
+split): it depends only on the lengths, ``nheads_k``, ``block_n`` and ``G``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from longattn.errors import ArgumentError, DTypeError, ShapeError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A worker's piece of one output tile: LeanTiles ``[first, last)`` of tile ``tile``,
+    i.e. keys ``[first * block_n, min(last * block_n, seqlen))`` of ``(batch, kv_head)``."""
+
+    worker: int
+    tile: int
+    batch: int
+    kv_head: int
+    first: int
+    last: int
+    whole_tile: bool  # covers every LeanTile of its tile: writes the output, no merge
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """A stream-K schedule. Build with :func:`plan_decode`.
+
+    Attributes:
+        seqlens: keys attended per batch entry (cache length after appending).
+        nheads_k: kv heads; output tiles number ``len(seqlens) * nheads_k``.
+        block_n: keys per LeanTile.
+        num_workers: ``G``.
+        tile_starts: ``(num_tiles + 1,)`` prefix sums: tile ``t`` owns global
+            LeanTiles ``[tile_starts[t], tile_starts[t + 1])``.
+    """
+
+    seqlens: tuple[int, ...]
+    nheads_k: int
+    block_n: int
+    num_workers: int
+    tile_starts: tuple[int, ...]
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.tile_starts) - 1
+
+    @property
+    def total_work(self) -> int:
+        """``W``, the number of LeanTiles."""
+        return self.tile_starts[-1]
+
+    def worker_range(self, worker: int) -> tuple[int, int]:
+        """Global LeanTile range ``[start, end)`` of ``worker``."""
+        w, g = self.total_work, self.num_workers
+        return worker * w // g, (worker + 1) * w // g
+
+    @cached_property
+    def segments(self) -> tuple[Segment, ...]:
+        """Every worker's segments, in worker order then key order."""
+        out = []
+        for worker in range(self.num_workers):
+            start, end = self.worker_range(worker)
+            pos = start
+            while pos < end:
+                # The tile holding global LeanTile `pos` (empty tiles are skipped by bisect_right).
+                tile = bisect.bisect_right(self.tile_starts, pos) - 1
+                tile_begin, tile_end = self.tile_starts[tile], self.tile_starts[tile + 1]
+                stop = min(end, tile_end)
+                batch, kv_head = divmod(tile, self.nheads_k)
+                out.append(
+                    Segment(
+                        worker, tile, batch, kv_head, pos - tile_begin, stop - tile_begin,
+                        whole_tile=(pos == tile_begin and stop == tile_end),
+                    )
+                )
+                pos = stop
+        return tuple(out)
+
+    @cached_property
+    def contributors(self) -> tuple[tuple[Segment, ...], ...]:
+        """Per output tile, its segments in merge order (worker order = key order).
+        Empty for tiles with no keys (their output is 0, lse -inf)."""
+        per_tile: list[list[Segment]] = [[] for _ in range(self.num_tiles)]
+        for seg in self.segments:
+            per_tile[seg.tile].append(seg)
+        return tuple(tuple(s) for s in per_tile)
+
+    def as_tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """int32 tensors for kernels: ``segments (num_segments, 6)`` rows of
+        ``(worker, tile, first, last, whole_tile, partial_slot)``,
+        ``worker_first_segment (num_workers + 1,)`` (segments of worker ``c`` are
+        rows ``[wfs[c], wfs[c+1])``), ``tile_first_partial (num_tiles + 1,)``
+        (partials of tile ``t`` sit in slots ``[tfp[t], tfp[t+1])`` in merge
+        order; whole tiles take no slot) and ``seqlens (batch,)``."""
+        rows, worker_first = [], [0] * (self.num_workers + 1)
+        slot_of: dict[Segment, int] = {}
+        tile_first = [0]
+        for segs in self.contributors:
+            partial = [s for s in segs if not s.whole_tile]
+            for s in partial:
+                slot_of[s] = len(slot_of)
+            tile_first.append(len(slot_of))
+        for seg in self.segments:
+            rows.append([seg.worker, seg.tile, seg.first, seg.last, int(seg.whole_tile), slot_of.get(seg, -1)])
+            worker_first[seg.worker + 1] += 1
+        for c in range(self.num_workers):
+            worker_first[c + 1] += worker_first[c]
+        as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+        return {
+            "segments": as_i32(rows).reshape(-1, 6),
+            "worker_first_segment": as_i32(worker_first),
+            "tile_first_partial": as_i32(tile_first),
+            "seqlens": as_i32(list(self.seqlens)),
+        }
+
+
+def plan_decode(
+    seqlens: Sequence[int] | torch.Tensor,
+    *,
+    nheads_k: int,
+    num_workers: int,
+    block_n: int = 64,
+) -> DecodePlan:
+    """Plan stream-K decode over sequences of ``seqlens`` keys.
+
+    Args:
+        seqlens: keys attended per batch entry (``cache_seqlens`` plus any
+            appended tokens): a sequence of ints or an integer tensor ``(batch,)``.
+        nheads_k: number of kv heads.
+        num_workers: ``G`` >= 1 (threads on a CPU, CTAs on a GPU). More
+            workers than LeanTiles is allowed: the extra ones get nothing.
+        block_n: keys per LeanTile (>= 1).
+    """
+    if isinstance(seqlens, torch.Tensor):
+        if seqlens.dim() != 1:
+            raise ShapeError(f"seqlens must be 1-D (batch,), got shape {tuple(seqlens.shape)}")
+        if seqlens.dtype.is_floating_point or seqlens.dtype == torch.bool:
+            raise DTypeError(f"seqlens must be an integer tensor, got {seqlens.dtype}")
+        seqlens = seqlens.tolist()
+    lengths = tuple(int(s) for s in seqlens)
+    if any(s < 0 for s in lengths):
+        raise ArgumentError(f"seqlens must be >= 0, got {list(lengths)}")
+    for name, value in (("nheads_k", nheads_k), ("num_workers", num_workers), ("block_n", block_n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArgumentError(f"{name} must be a positive int, got {value!r}")
+    starts = [0]
+    for length in lengths:
+        blocks = -(-length // block_n)
+        for _ in range(nheads_k):
+            starts.append(starts[-1] + blocks)
+    return DecodePlan(lengths, nheads_k, block_n, num_workers, tuple(starts))

@@ -1,0 +1,96 @@
+"""The public front door for decode: :func:`decode_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.decode.cache import check_cache
+from longattn.decode.plan import DecodePlan
+from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.kernels.decode import DECODE_BACKENDS, DecodeCall
+from longattn.masking import effective_window
+from longattn.validation import check_flag, check_softcap, check_softmax_scale, check_tensor, check_window
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sparse: object | None = None,
+    state: object | None = None,
+    plan: DecodePlan | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a few new queries over a KV cache; ``flash_attn_with_kvcache`` semantics.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``; seqlen_q is 1 for plain
+            decode, more for speculative or chunked steps.
+        k_cache, v_cache: contiguous ``(batch, max_seqlen, nheads_k, headdim)``,
+            or paged ``(num_pages, page_size, nheads_k, headdim)`` with
+            ``block_table``. Same dtype and device as q.
+        cache_seqlens: ``(batch,)`` int32, tokens already in each sequence's
+            cache. Read only: the caller advances it after appending.
+        block_table: ``(batch, max_pages)`` int32 page indices (paged cache);
+            any page order, any page_size >= 1.
+        k_new, v_new: ``(batch, seqlen_new, nheads_k, headdim)``, written into
+            the cache **in place** at ``cache_seqlens[b] ...`` before attending.
+        causal: bottom-right within each sequence: with ``L_b = cache_seqlens[b]
+            + seqlen_new``, query ``i`` sits at key position ``L_b - seqlen_q + i``
+            and sees keys up to it. seqlen_q=2, L_b=5::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+        window_size, softcap, softmax_scale: as in :func:`longattn.attention`.
+        sparse, state: sparse decode methods and their state objects (later
+            releases); must be None.
+        plan: a stream-K :class:`~longattn.decode.DecodePlan` from
+            :func:`~longattn.decode.plan_decode` over the lengths ``L_b``, to
+            reuse one schedule across layers; None plans per call.
+        backend: ``"auto"`` or a twin name (``longattn doctor`` lists them).
+        return_lse: also return lse ``(batch, nheads, seqlen_q)`` float32.
+
+    Returns:
+        ``out`` like q (or ``(out, lse)``). A sequence with no visible key gets
+        out 0 and lse -inf.
+
+    Example::
+
+        out = longattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens,
+                                        k_new=k_step, v_new=v_step)
+        lens += 1
+    """
+    q = check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    causal = check_flag("causal", causal)
+    return_lse = check_flag("return_lse", return_lse)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    window = effective_window(causal, check_window(window_size, causal))
+    softcap = check_softcap(softcap)
+    if sparse is not None:
+        raise UnsupportedFeatureError(f"sparse={sparse!r} is not a sparse decode method this version provides; use None")
+    if state is not None:
+        raise UnsupportedFeatureError(f"state={state!r}: decode state objects belong to sparse methods; pass None")
+    cache = check_cache(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    if plan is not None:
+        if not isinstance(plan, DecodePlan):
+            raise ArgumentError(f"plan must be a DecodePlan from longattn.decode.plan_decode, got {type(plan).__name__}")
+        lengths = tuple(cache.seqlens.tolist())
+        if plan.seqlens != lengths or plan.nheads_k != cache.k_cache.shape[2]:
+            raise ArgumentError(
+                f"plan was made for seqlens {list(plan.seqlens)} and nheads_k {plan.nheads_k}, but this call "
+                f"attends seqlens {list(lengths)} (cache_seqlens + seqlen_new) with nheads_k {cache.k_cache.shape[2]}"
+            )
+    call = DecodeCall(q, cache, scale, window, softcap, plan)
+    out, lse = DECODE_BACKENDS.select(call, backend).run(call)
+    return (out, lse) if return_lse else out
