@@ -1,11 +1,26 @@
-"""Build hook for longattn's optional compiled extensions.
+"""Build hook for longattn: ship the C++/CUDA sources of ``csrc/`` inside the package.
 
-Metadata lives in pyproject.toml. This file is where C++/CUDA extensions from
-``csrc/`` are declared as they arrive; every one of them must be optional: a
-failed or impossible build (no compiler, no CUDA) must still install the
-package, which then falls back to its PyTorch twins. There are none yet.
+Metadata lives in pyproject.toml. The kernels in ``csrc/`` are compiled at
+first use (``longattn/kernels/cpp_build.py`` for the CPU ones, NVRTC through
+cupy for the CUDA ones), never at install: a machine without a compiler or
+CUDA installs the same package and falls back to the PyTorch twins. So the
+only build step here copies ``csrc/`` into ``longattn/_csrc`` of the built
+package, where the loaders find it.
 """
 
-from setuptools import setup
+import shutil
+from pathlib import Path
 
-setup()
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithSources(build_py):
+    def run(self):
+        super().run()
+        source = Path(__file__).resolve().parent / "csrc"
+        if source.is_dir():
+            shutil.copytree(source, Path(self.build_lib) / "longattn" / "_csrc", dirs_exist_ok=True)
+
+
+setup(cmdclass={"build_py": BuildPyWithSources})

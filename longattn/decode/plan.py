@@ -44,7 +44,7 @@ class Segment:
     worker: int
     tile: int
     batch: int
-    kv_head: int
+    kv_head: int  # first kv head of the tile (heads_per_tile of them)
     first: int
     last: int
     whole_tile: bool  # covers every LeanTile of its tile: writes the output, no merge
@@ -56,7 +56,12 @@ class DecodePlan:
 
     Attributes:
         seqlens: keys attended per batch entry (cache length after appending).
-        nheads_k: kv heads; output tiles number ``len(seqlens) * nheads_k``.
+        nheads_k: kv heads.
+        heads_per_tile: kv heads folded into one output tile (1 on GPUs, where
+            tiles are many; all of them on a CPU, where reading every head of a
+            key position together streams the cache sequentially). Output tile
+            ``t`` is batch ``t // tiles_per_sequence``, kv heads from
+            ``(t % tiles_per_sequence) * heads_per_tile``.
         block_n: keys per LeanTile.
         num_workers: ``G``.
         tile_starts: ``(num_tiles + 1,)`` prefix sums: tile ``t`` owns global
@@ -68,6 +73,11 @@ class DecodePlan:
     block_n: int
     num_workers: int
     tile_starts: tuple[int, ...]
+    heads_per_tile: int = 1
+
+    @property
+    def tiles_per_sequence(self) -> int:
+        return self.nheads_k // self.heads_per_tile
 
     @property
     def num_tiles(self) -> int:
@@ -95,7 +105,8 @@ class DecodePlan:
                 tile = bisect.bisect_right(self.tile_starts, pos) - 1
                 tile_begin, tile_end = self.tile_starts[tile], self.tile_starts[tile + 1]
                 stop = min(end, tile_end)
-                batch, kv_head = divmod(tile, self.nheads_k)
+                batch, head_tile = divmod(tile, self.tiles_per_sequence)
+                kv_head = head_tile * self.heads_per_tile
                 out.append(
                     Segment(
                         worker, tile, batch, kv_head, pos - tile_begin, stop - tile_begin,
@@ -149,6 +160,7 @@ def plan_decode(
     nheads_k: int,
     num_workers: int,
     block_n: int = 64,
+    heads_per_tile: int = 1,
 ) -> DecodePlan:
     """Plan stream-K decode over sequences of ``seqlens`` keys.
 
@@ -159,6 +171,7 @@ def plan_decode(
         num_workers: ``G`` >= 1 (threads on a CPU, CTAs on a GPU). More
             workers than LeanTiles is allowed: the extra ones get nothing.
         block_n: keys per LeanTile (>= 1).
+        heads_per_tile: kv heads per output tile; must divide nheads_k.
     """
     if isinstance(seqlens, torch.Tensor):
         if seqlens.dim() != 1:
@@ -169,12 +182,15 @@ def plan_decode(
     lengths = tuple(int(s) for s in seqlens)
     if any(s < 0 for s in lengths):
         raise ArgumentError(f"seqlens must be >= 0, got {list(lengths)}")
-    for name, value in (("nheads_k", nheads_k), ("num_workers", num_workers), ("block_n", block_n)):
+    for name, value in (("nheads_k", nheads_k), ("num_workers", num_workers), ("block_n", block_n),
+                        ("heads_per_tile", heads_per_tile)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ArgumentError(f"{name} must be a positive int, got {value!r}")
+    if nheads_k % heads_per_tile:
+        raise ArgumentError(f"heads_per_tile {heads_per_tile} must divide nheads_k {nheads_k}")
     starts = [0]
     for length in lengths:
         blocks = -(-length // block_n)
-        for _ in range(nheads_k):
+        for _ in range(nheads_k // heads_per_tile):
             starts.append(starts[-1] + blocks)
-    return DecodePlan(lengths, nheads_k, block_n, num_workers, tuple(starts))
+    return DecodePlan(lengths, nheads_k, block_n, num_workers, tuple(starts), heads_per_tile)

@@ -1,13 +1,24 @@
 """Decode attention: the call description and the twins' registry.
 
-Twins (priority order for ``backend="auto"``): ``eager`` (PyTorch, serves
-every call). The C++ CPU, Triton and CUDA stream-K twins register here as
-they land. Every twin takes the same arguments (see
-:mod:`longattn.kernels.decode_eager`) and returns ``(out, lse)``.
+Twins (priority order for ``backend="auto"``):
+
+- ``cpu``: C++/OpenMP stream-K kernel, built on first use.
+- ``triton``: stream-K kernel (GPU; on CPU only under ``TRITON_INTERPRET=1``,
+  for verification, never picked by auto there).
+- ``cuda``: the same stream-K algorithm in CUDA C++, compiled at first use
+  with NVRTC through cupy. Compile-checked with nvcc but not yet run on a GPU
+  by this project's tests, so auto does not pick it (force ``backend="cuda"``).
+- ``eager``: PyTorch, one piece per sequence; serves every call.
+
+Every twin takes the same arguments (see :mod:`longattn.kernels.decode_eager`)
+and returns ``(out, lse)``; the GPU twins import lazily (triton and cupy are
+optional).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +26,7 @@ import torch
 from longattn.decode.cache import CacheView
 from longattn.decode.plan import DecodePlan
 from longattn.dispatch import Backend, Registry
+from longattn.kernels.decode_cpu import cpu_unavailable_reason, decode_forward_cpu
 from longattn.kernels.decode_eager import decode_forward_eager
 
 
@@ -37,6 +49,108 @@ class DecodeCall:
         return {"scale": self.scale, "window": self.window, "softcap": self.softcap}
 
 
+def _cpu_call_reasons(call: DecodeCall) -> list[str]:
+    return [] if call.q.device.type == "cpu" else [f"tensors are on {call.q.device.type}; this twin runs on cpu"]
+
+
+CPU = Backend[DecodeCall](
+    name="cpu",
+    description="C++/OpenMP stream-K kernel (csrc/cpu), fp16/bf16 widened to fp32 in registers",
+    run=lambda call: decode_forward_cpu(*call.args(), **call.kwargs(), plan=call.plan),
+    machine_reasons=lambda: [r] if (r := cpu_unavailable_reason()) else [],
+    call_reasons=_cpu_call_reasons,
+)
+
+MAX_KERNEL_HEADDIM = 256  # = decode_triton.MAX_HEADDIM = decode_cuda.MAX_HEADDIM (not imported: lazy)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --- triton -----------------------------------------------------------------
+
+def _triton_machine_reasons() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton)"]
+    if not torch.cuda.is_available() and not _interpreting():
+        return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs kernels on CPU)"]
+    return []
+
+
+def _triton_call_reasons(call: DecodeCall) -> list[str]:
+    reasons = []
+    device = call.q.device.type
+    if device == "cpu" and not _interpreting() and torch.cuda.is_available():
+        # (without CUDA, the machine-level reason already says this)
+        reasons.append("tensors are on cpu; Triton runs them only under TRITON_INTERPRET=1")
+    elif device not in ("cpu", "cuda"):
+        reasons.append(f"tensors are on {device}; Triton needs cuda (or cpu under the interpreter)")
+    if device == "cpu" and call.q.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter has no bfloat16")
+    if call.q.shape[-1] > MAX_KERNEL_HEADDIM:
+        reasons.append(f"headdim {call.q.shape[-1]} > {MAX_KERNEL_HEADDIM}")
+    return reasons
+
+
+def _triton_auto_reasons(call: DecodeCall) -> list[str]:
+    if call.q.device.type == "cpu":
+        return ["on cpu it runs in the Triton interpreter: correct but far slower than eager (force backend='triton' to use it)"]
+    return []
+
+
+def _triton_run(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.decode_triton import decode_forward_triton
+
+    return decode_forward_triton(*call.args(), **call.kwargs(), plan=call.plan)
+
+
+TRITON = Backend[DecodeCall](
+    name="triton",
+    description="stream-K (LeanAttention) decode kernel in Triton (GPU; CPU under TRITON_INTERPRET=1)",
+    run=_triton_run,
+    machine_reasons=_triton_machine_reasons,
+    call_reasons=_triton_call_reasons,
+    auto_reasons=_triton_auto_reasons,
+)
+
+
+# --- cuda -------------------------------------------------------------------
+
+def _cuda_machine_reasons() -> list[str]:
+    from longattn.kernels.decode_cuda import cuda_unavailable_reason  # imports neither cupy nor torch.cuda state
+
+    reason = cuda_unavailable_reason()
+    return [reason] if reason else []
+
+
+def _cuda_call_reasons(call: DecodeCall) -> list[str]:
+    reasons = []
+    if call.q.device.type != "cuda":
+        reasons.append(f"tensors are on {call.q.device.type}; the CUDA twin needs cuda tensors")
+    if call.q.shape[-1] > MAX_KERNEL_HEADDIM:
+        reasons.append(f"headdim {call.q.shape[-1]} > {MAX_KERNEL_HEADDIM}")
+    return reasons
+
+
+def _cuda_run(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.decode_cuda import decode_forward_cuda
+
+    return decode_forward_cuda(*call.args(), **call.kwargs(), plan=call.plan)
+
+
+CUDA = Backend[DecodeCall](
+    name="cuda",
+    description="stream-K decode kernel in CUDA C++ (csrc/cuda/decode_streamk.cu, NVRTC via cupy)",
+    run=_cuda_run,
+    machine_reasons=_cuda_machine_reasons,
+    call_reasons=_cuda_call_reasons,
+    auto_reasons=lambda call: ["compile-checked with nvcc but not yet verified on a GPU; force backend='cuda' to use it"],
+)
+
+
+# --- eager ------------------------------------------------------------------
+
 EAGER = Backend[DecodeCall](
     name="eager",
     description="PyTorch, one piece per sequence, float32 math; serves every call",
@@ -45,4 +159,4 @@ EAGER = Backend[DecodeCall](
     call_reasons=lambda call: [],
 )
 
-DECODE_BACKENDS = Registry[DecodeCall]("decode attention", [EAGER])
+DECODE_BACKENDS = Registry[DecodeCall]("decode attention", [CPU, TRITON, CUDA, EAGER])

@@ -138,18 +138,19 @@ def decode_forward_streamk_eager(
         if not segments:
             continue  # a sequence with no keys: out 0, lse -inf
         b, hk = segments[0].batch, segments[0].kv_head
-        heads = slice(hk * group, (hk + 1) * group)
+        kv_heads = slice(hk, hk + plan.heads_per_tile)
+        heads = slice(hk * group, (hk + plan.heads_per_tile) * group)
         length = plan.seqlens[b]
         partial_outs, partial_lses = [], []
         for seg in segments:
             start, end = seg.first * plan.block_n, min(seg.last * plan.block_n, length)
-            k_s = gather_keys(k_cache, block_table, b, start, end)[:, hk : hk + 1]
-            v_s = gather_keys(v_cache, block_table, b, start, end)[:, hk : hk + 1]
+            k_s = gather_keys(k_cache, block_table, b, start, end)[:, kv_heads]
+            v_s = gather_keys(v_cache, block_table, b, start, end)[:, kv_heads]
             o, l = attend_slice(
                 q[b, :, heads], k_s, v_s, key_start=start, seqlen=length, scale=scale, window=window, softcap=softcap
             )
-            partial_outs.append(o[None])  # (1, seqlen_q, group, dim)
-            partial_lses.append(l[None])  # (1, group, seqlen_q)
+            partial_outs.append(o[None])  # (1, seqlen_q, heads_per_tile * group, dim)
+            partial_lses.append(l[None])  # (1, heads_per_tile * group, seqlen_q)
         o, l = merge_states(partial_outs, partial_lses) if len(segments) > 1 else (partial_outs[0], partial_lses[0])
         out[b, :, heads] = o[0].to(q.dtype)
         lse[b, heads] = l[0]

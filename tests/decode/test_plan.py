@@ -19,12 +19,13 @@ from tests.tolerance import assert_close_to_oracle
 
 @given(
     st.lists(st.integers(0, 300), min_size=1, max_size=6),
-    st.integers(1, 4),
+    st.sampled_from([(1, 1), (2, 1), (4, 1), (4, 2), (4, 4), (3, 3)]),
     st.integers(1, 64),
     st.integers(1, 40),
 )
-def test_every_lean_tile_is_covered_exactly_once(seqlens, nheads_k, block_n, num_workers):
-    plan = plan_decode(seqlens, nheads_k=nheads_k, num_workers=num_workers, block_n=block_n)
+def test_every_lean_tile_is_covered_exactly_once(seqlens, heads, block_n, num_workers):
+    nheads_k, heads_per_tile = heads
+    plan = plan_decode(seqlens, nheads_k=nheads_k, num_workers=num_workers, block_n=block_n, heads_per_tile=heads_per_tile)
     covered = {}
     for seg in plan.segments:
         assert 0 <= seg.first < seg.last
@@ -33,7 +34,10 @@ def test_every_lean_tile_is_covered_exactly_once(seqlens, nheads_k, block_n, num
             assert key not in covered, f"LeanTile {key} covered twice"
             covered[key] = seg.worker
     expected = {
-        (b, h, blk) for b, n in enumerate(seqlens) for h in range(nheads_k) for blk in range(-(-n // block_n))
+        (b, h, blk)
+        for b, n in enumerate(seqlens)
+        for h in range(0, nheads_k, heads_per_tile)
+        for blk in range(-(-n // block_n))
     }
     assert set(covered) == expected
     # Balance: every worker's share is within one LeanTile of every other's.
@@ -49,6 +53,7 @@ def test_every_lean_tile_is_covered_exactly_once(seqlens, nheads_k, block_n, num
 
 @given(decode_cases(dtypes=(torch.float32,), max_len=60), st.integers(1, 8), st.sampled_from([1, 4, 16]), st.data())
 def test_streamk_eager_equals_oracle_for_any_worker_count(case, workers_small, block_n, data):
+    heads_per_tile = data.draw(st.sampled_from([1, case.nheads_k]))
     q, k_cache, v_cache, kwargs, logical_k, logical_v = case.build()
     # Append new tokens through the front door's cache logic, then run the twin on the result.
     from longattn.decode.cache import check_cache
@@ -58,7 +63,9 @@ def test_streamk_eager_equals_oracle_for_any_worker_count(case, workers_small, b
     total = sum(-(-n // block_n) for n in case.seqlens) * case.nheads_k
     # Worker counts from 1 to more than the work.
     num_workers = data.draw(st.sampled_from([1, workers_small, max(1, total), total + 3]))
-    plan = plan_decode(view.seqlens, nheads_k=case.nheads_k, num_workers=num_workers, block_n=block_n)
+    plan = plan_decode(
+        view.seqlens, nheads_k=case.nheads_k, num_workers=num_workers, block_n=block_n, heads_per_tile=heads_per_tile
+    )
     out, lse = decode_forward_streamk_eager(
         q, view.k_cache, view.v_cache, view.seqlens, view.block_table,
         scale=case.headdim ** -0.5, window=effective_window(case.causal, case.window_size), softcap=case.softcap,
@@ -92,6 +99,8 @@ def test_bad_plan_arguments():
         plan_decode([4, -1], nheads_k=1, num_workers=2)
     with pytest.raises(ArgumentError, match="block_n must be a positive int"):
         plan_decode([4], nheads_k=1, num_workers=2, block_n=0)
+    with pytest.raises(ArgumentError, match="heads_per_tile 3 must divide nheads_k 4"):
+        plan_decode([4], nheads_k=4, num_workers=2, heads_per_tile=3)
 
 
 def test_front_door_accepts_a_reused_plan():

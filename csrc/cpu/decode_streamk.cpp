@@ -1,0 +1,466 @@
+// Stream-K (LeanAttention) decode attention on the CPU.
+//
+// One OpenMP thread per stream-K worker. Worker c walks its segments (a run
+// of LeanTiles = block_n keys of one (batch, kv_head) output tile, the whole
+// query group folded into rows) and streams each K/V row of the cache once:
+// fp16/bf16 rows are widened to fp32 into a small L1-resident buffer, scores
+// and the online softmax are float32. A worker that covers a whole tile
+// writes the output; otherwise it writes a normalised partial (out, lse) to
+// its own slot, and after the workers finish, each tile's partials are merged
+// in slot order (= worker order = key order): deterministic, no atomics, no
+// waiting. The plan comes from longattn/decode/plan.py (DecodePlan.as_tensors).
+//
+// Layouts (element strides; the innermost headdim stride is 1):
+//   q      (batch, seqlen_q, nheads, headdim)
+//   cache  contiguous (batch, max_seqlen, nheads_k, headdim), or
+//          paged (num_pages, page_size, nheads_k, headdim) + block_table (batch, max_pages)
+//   out    (batch, seqlen_q, nheads, headdim) contiguous, lse (batch, nheads, seqlen_q)
+// Query i of sequence b sits at key position seqlens[b] - seqlen_q + i
+// (bottom-right); window (left, right), -1 = unbounded, causal folded in.
+// Rows that see no key keep out = 0, lse = -inf (the caller initialises them).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LONGATTN_AVX2 1
+#endif
+
+namespace {
+
+constexpr int kChunk = 32;  // keys widened and scored at a time (fits L1 with headdim <= 256)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+enum DType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline float bf16_to_f32(uint16_t x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Widen one row of `n` elements to float32.
+inline void load_row(const void* src, int dtype, float* dst, int n) {
+  if (dtype == kF32) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else if (dtype == kBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+#pragma omp simd
+    for (int d = 0; d < n; ++d) dst[d] = bf16_to_f32(s[d]);
+  } else {
+    const _Float16* s = static_cast<const _Float16*>(src);
+#pragma omp simd
+    for (int d = 0; d < n; ++d) dst[d] = static_cast<float>(s[d]);
+  }
+}
+
+inline void store_row(const float* src, int dtype, void* dst, int n) {
+  if (dtype == kF32) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else if (dtype == kBF16) {
+    uint16_t* t = static_cast<uint16_t*>(dst);
+    for (int d = 0; d < n; ++d) t[d] = f32_to_bf16(src[d]);
+  } else {
+    _Float16* t = static_cast<_Float16*>(dst);
+    for (int d = 0; d < n; ++d) t[d] = static_cast<_Float16>(src[d]);
+  }
+}
+
+inline int elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
+
+struct Problem {
+  const char* q; int64_t q_sb, q_sm, q_sh;
+  const char* k; const char* v; int64_t c_s0, c_s1, c_sh;  // cache strides (same for k and v)
+  int dtype;
+  const int32_t* seqlens;
+  const int32_t* block_table; int64_t bt_stride; int page_size;  // block_table null: contiguous
+  int seqlen_q, nheads, nheads_k, headdim;
+  float scale; int left, right; float softcap;
+  int block_n, heads_per_tile;
+  float* partial_out; float* partial_lse;
+  char* out; float* lse;
+};
+
+// Byte offset of key `pos` of sequence `b`, kv head `hk`, in the cache.
+inline int64_t key_offset(const Problem& p, int b, int pos, int hk) {
+  int64_t row;
+  if (p.block_table == nullptr) {
+    row = static_cast<int64_t>(b) * p.c_s0 + static_cast<int64_t>(pos) * p.c_s1;
+  } else {
+    int64_t page = p.block_table[static_cast<int64_t>(b) * p.bt_stride + pos / p.page_size];
+    row = page * p.c_s0 + static_cast<int64_t>(pos % p.page_size) * p.c_s1;
+  }
+  return (row + static_cast<int64_t>(hk) * p.c_sh) * elem_size(p.dtype);
+}
+
+
+// ---- micro-kernels: scores = Q K^T over a chunk, acc += P V -----------------
+// Q rows stay in L1 across the chunk; every K/V row is read from memory once
+// and used by all rows of the query group, which is what keeps decode
+// memory-bound rather than compute-bound.
+
+#ifdef LONGATTN_AVX2
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// exp for x <= 88 (scores minus their max are <= 0); exactly 0 below -87.3
+// and for -inf. Range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7
+// Taylor polynomial: relative error ~4e-9, below float rounding.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+// R rows (1..4) x 2 keys per step: 2R independent FMA chains, K loaded once per step.
+template <int R>
+void qk_rows(const float* q, int D, const float* const* krow, int n, float* s, int s_stride) {
+  const int dv = D & ~7;
+  int j = 0;
+  for (; j + 1 < n; j += 2) {
+    __m256 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    const float* k0 = krow[j];
+    const float* k1 = krow[j + 1];
+    for (int d = 0; d < dv; d += 8) {
+      const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * D + d);
+        a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(qv, x1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float t0 = hsum(a0[r]), t1 = hsum(a1[r]);
+      for (int d = dv; d < D; ++d) { t0 += q[r * D + d] * k0[d]; t1 += q[r * D + d] * k1[d]; }
+      s[r * s_stride + j] = t0;
+      s[r * s_stride + j + 1] = t1;
+    }
+  }
+  for (; j < n; ++j) {
+    for (int r = 0; r < R; ++r) {
+      __m256 a = _mm256_setzero_ps();
+      for (int d = 0; d < dv; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(krow[j] + d), a);
+      float t = hsum(a);
+      for (int d = dv; d < D; ++d) t += q[r * D + d] * krow[j][d];
+      s[r * s_stride + j] = t;
+    }
+  }
+}
+
+// acc[r] += sum_j p[r][j] * v_j for R rows (1..4), 16 columns at a time held in registers.
+template <int R>
+void pv_rows(const float* p, int p_stride, const float* const* vrow, int n, float* acc, int D) {
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m256 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) { a0[r] = _mm256_loadu_ps(acc + r * D + d); a1[r] = _mm256_loadu_ps(acc + r * D + d + 8); }
+    for (int j = 0; j < n; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(vrow[j] + d), v1 = _mm256_loadu_ps(vrow[j] + d + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 pb = _mm256_broadcast_ss(p + r * p_stride + j);
+        a0[r] = _mm256_fmadd_ps(pb, v0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(pb, v1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) { _mm256_storeu_ps(acc + r * D + d, a0[r]); _mm256_storeu_ps(acc + r * D + d + 8, a1[r]); }
+  }
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r) {
+      float t = acc[r * D + d];
+      for (int j = 0; j < n; ++j) t += p[r * p_stride + j] * vrow[j][d];
+      acc[r * D + d] = t;
+    }
+}
+#endif
+
+void qk_block(const float* q, int rows, int D, const float* const* krow, int n, float* s, int s_stride) {
+#ifdef LONGATTN_AVX2
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk_rows<4>(q + r * D, D, krow, n, s + r * s_stride, s_stride);
+  switch (rows - r) {
+    case 3: qk_rows<3>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
+    case 2: qk_rows<2>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
+    case 1: qk_rows<1>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
+    default: break;
+  }
+#else
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; ++j) {
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int d = 0; d < D; ++d) dot += q[r * D + d] * krow[j][d];
+      s[r * s_stride + j] = dot;
+    }
+#endif
+}
+
+void pv_block(const float* p, int rows, int p_stride, const float* const* vrow, int n, float* acc, int D) {
+#ifdef LONGATTN_AVX2
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv_rows<4>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D);
+  switch (rows - r) {
+    case 3: pv_rows<3>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
+    case 2: pv_rows<2>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
+    case 1: pv_rows<1>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
+    default: break;
+  }
+#else
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; ++j) {
+      const float pj = p[r * p_stride + j];
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[r * D + d] += pj * vrow[j][d];
+    }
+#endif
+}
+
+// p[j] = exp(s[j] - m) in place; returns the sum.
+float exp_shifted(float* s, int n, float m) {
+  float sum = 0.0f;
+  int j = 0;
+#ifdef LONGATTN_AVX2
+  __m256 total = _mm256_setzero_ps();
+  const __m256 mv = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  sum = hsum(total);
+#endif
+  for (; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+  return sum;
+}
+
+// Per-thread scratch, reused across segments.
+struct Scratch {
+  std::vector<float> q, acc, m, l, s, kbuf, vbuf;
+  const float* krow[kChunk];
+  const float* vrow[kChunk];
+  void resize(int rows, int headdim) {
+    q.resize(static_cast<size_t>(rows) * headdim);
+    acc.resize(static_cast<size_t>(rows) * headdim);
+    m.resize(rows); l.resize(rows);
+    s.resize(static_cast<size_t>(rows) * kChunk);
+    kbuf.resize(static_cast<size_t>(kChunk) * headdim);
+    vbuf.resize(static_cast<size_t>(kChunk) * headdim);
+  }
+};
+
+// One segment: keys [key_begin, key_end) of sequence b for kv heads
+// [hk0, hk0 + heads_per_tile) and every row of their query groups.
+void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, int key_end,
+                 bool whole_tile, int slot) {
+  const int D = p.headdim, Sq = p.seqlen_q, group = p.nheads / p.nheads_k;
+  const int head_rows = group * Sq, rows = p.heads_per_tile * head_rows;
+  const int L = p.seqlens[b];
+  const int es = elem_size(p.dtype);
+  // Rows are ordered (kv head, group member g, query i): row = (hl * group + g) * Sq + i.
+  for (int hl = 0; hl < p.heads_per_tile; ++hl)
+    for (int g = 0; g < group; ++g)
+      for (int i = 0; i < Sq; ++i) {
+        const int r = (hl * group + g) * Sq + i, h = (hk0 + hl) * group + g;
+        const char* src = p.q + (static_cast<int64_t>(b) * p.q_sb + static_cast<int64_t>(i) * p.q_sm +
+                                 static_cast<int64_t>(h) * p.q_sh) * es;
+        load_row(src, p.dtype, &w.q[static_cast<size_t>(r) * D], D);
+      }
+  std::fill(w.acc.begin(), w.acc.begin() + static_cast<size_t>(rows) * D, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
+  const int64_t head_bytes = p.c_sh * es;
+
+  for (int c0 = key_begin; c0 < key_end; c0 += kChunk) {
+    const int n = std::min(kChunk, key_end - c0);
+#ifdef LONGATTN_AVX2
+    // Prefetch the next chunk, position by position and head by head: the
+    // DRAM reads then run in address order however the heads interleave.
+    const int next = std::min(kChunk, key_end - c0 - n);
+    for (int j = 0; j < next; ++j) {
+      const char* base = p.k + key_offset(p, b, c0 + n + j, hk0);
+      const char* vbase = p.v + key_offset(p, b, c0 + n + j, hk0);
+      for (int hl = 0; hl < p.heads_per_tile; ++hl)
+        for (int off = 0; off < D * es; off += 64) {
+          _mm_prefetch(base + hl * head_bytes + off, _MM_HINT_T1);
+          _mm_prefetch(vbase + hl * head_bytes + off, _MM_HINT_T1);
+        }
+    }
+#endif
+    for (int hl = 0; hl < p.heads_per_tile; ++hl) {
+      for (int j = 0; j < n; ++j) {
+        const char* kp = p.k + key_offset(p, b, c0 + j, hk0 + hl);
+        const char* vp = p.v + key_offset(p, b, c0 + j, hk0 + hl);
+        if (p.dtype == kF32) {  // read in place: no copy for fp32
+          w.krow[j] = reinterpret_cast<const float*>(kp);
+          w.vrow[j] = reinterpret_cast<const float*>(vp);
+        } else {  // widen fp16/bf16 once into L1; every row of the group reuses it
+          load_row(kp, p.dtype, &w.kbuf[static_cast<size_t>(j) * D], D);
+          load_row(vp, p.dtype, &w.vbuf[static_cast<size_t>(j) * D], D);
+          w.krow[j] = &w.kbuf[static_cast<size_t>(j) * D];
+          w.vrow[j] = &w.vbuf[static_cast<size_t>(j) * D];
+        }
+      }
+      const int r0 = hl * head_rows;
+      float* s_head = &w.s[static_cast<size_t>(r0) * kChunk];
+      qk_block(&w.q[static_cast<size_t>(r0) * D], head_rows, D, w.krow, n, s_head, kChunk);
+      for (int r = r0; r < r0 + head_rows; ++r) {
+        float* sr = &w.s[static_cast<size_t>(r) * kChunk];
+        const int qpos = L - Sq + (r % Sq);
+        // Visible keys of this row within the chunk: [lo, hi).
+        int lo = p.left >= 0 ? qpos - p.left : 0;
+        int hi = p.right >= 0 ? qpos + p.right + 1 : L;
+        lo = std::max(lo - c0, 0);
+        hi = std::min(hi - c0, n);
+        float chunk_max = kNegInf;
+        for (int j = 0; j < n; ++j) {
+          float sc = sr[j] * p.scale;
+          if (p.softcap > 0.0f) sc = p.softcap * std::tanh(sc / p.softcap);
+          sc = (j < lo || j >= hi) ? kNegInf : sc;
+          sr[j] = sc;
+          chunk_max = std::max(chunk_max, sc);
+        }
+        if (chunk_max == kNegInf) {  // nothing visible for this row here: contribute nothing
+          std::fill(sr, sr + n, 0.0f);
+          continue;
+        }
+        const float m_new = std::max(w.m[r], chunk_max);
+        const float alpha = std::exp(w.m[r] - m_new);  // exp(-inf) = 0 on the first visible chunk
+        const float sum = exp_shifted(sr, n, m_new);
+        float* ar = &w.acc[static_cast<size_t>(r) * D];
+        if (alpha != 1.0f) {
+#pragma omp simd
+          for (int d = 0; d < D; ++d) ar[d] *= alpha;
+        }
+        w.l[r] = w.l[r] * alpha + sum;
+        w.m[r] = m_new;
+      }
+      pv_block(s_head, head_rows, kChunk, w.vrow, n, &w.acc[static_cast<size_t>(r0) * D], D);
+    }
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    float* ar = &w.acc[static_cast<size_t>(r) * D];
+    const bool empty = w.l[r] == 0.0f;
+    const float inv = empty ? 0.0f : 1.0f / w.l[r];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) ar[d] *= inv;
+    const float row_lse = empty ? kNegInf : w.m[r] + std::log(w.l[r]);
+    const int i = r % Sq, h = hk0 * group + r / Sq;  // r / Sq = hl * group + g
+    if (whole_tile) {
+      const int64_t o = (static_cast<int64_t>(b) * Sq + i) * p.nheads + h;
+      store_row(ar, p.dtype, p.out + o * D * es, D);
+      p.lse[(static_cast<int64_t>(b) * p.nheads + h) * Sq + i] = row_lse;
+    } else {
+      std::memcpy(p.partial_out + (static_cast<int64_t>(slot) * rows + r) * D, ar, sizeof(float) * D);
+      p.partial_lse[static_cast<int64_t>(slot) * rows + r] = row_lse;
+    }
+  }
+}
+
+// Merge the partials of one tile, slots [first, last), in order.
+void merge_tile(const Problem& p, int tile, int first, int last, std::vector<float>& acc) {
+  const int D = p.headdim, Sq = p.seqlen_q, group = p.nheads / p.nheads_k;
+  const int rows = p.heads_per_tile * group * Sq, tiles_per_seq = p.nheads_k / p.heads_per_tile;
+  const int b = tile / tiles_per_seq, hk0 = (tile % tiles_per_seq) * p.heads_per_tile;
+  acc.resize(D);
+  for (int r = 0; r < rows; ++r) {
+    float top = kNegInf;
+    for (int s = first; s < last; ++s) top = std::max(top, p.partial_lse[static_cast<int64_t>(s) * rows + r]);
+    const float base = top == kNegInf ? 0.0f : top;
+    float total = 0.0f;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int s = first; s < last; ++s) {
+      const float wgt = std::exp(p.partial_lse[static_cast<int64_t>(s) * rows + r] - base);
+      if (wgt == 0.0f) continue;
+      total += wgt;
+      const float* po = p.partial_out + (static_cast<int64_t>(s) * rows + r) * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[d] += wgt * po[d];
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int d = 0; d < D; ++d) acc[d] *= inv;
+    const int i = r % Sq, h = hk0 * group + r / Sq;
+    const int64_t o = (static_cast<int64_t>(b) * Sq + i) * p.nheads + h;
+    store_row(acc.data(), p.dtype, p.out + o * D * elem_size(p.dtype), D);
+    p.lse[(static_cast<int64_t>(b) * p.nheads + h) * Sq + i] = total > 0.0f ? base + std::log(total) : kNegInf;
+  }
+}
+
+}  // namespace
+
+extern "C" int longattn_decode_streamk_cpu(
+    const void* q, int64_t q_sb, int64_t q_sm, int64_t q_sh,
+    const void* k_cache, const void* v_cache, int64_t c_s0, int64_t c_s1, int64_t c_sh,
+    int dtype, const int32_t* seqlens, const int32_t* block_table, int64_t bt_stride, int page_size,
+    int seqlen_q, int nheads, int nheads_k, int headdim,
+    float scale, int window_left, int window_right, float softcap,
+    const int32_t* segments, const int32_t* worker_first_segment, const int32_t* tile_first_partial,
+    int num_workers, int num_tiles, int block_n, int heads_per_tile,
+    float* partial_out, float* partial_lse, void* out, float* lse, int num_threads) {
+  if (dtype < kF32 || dtype > kBF16 || headdim < 1 || nheads_k < 1 || nheads % nheads_k || heads_per_tile < 1 ||
+      nheads_k % heads_per_tile)
+    return 1;
+  Problem p{static_cast<const char*>(q), q_sb, q_sm, q_sh,
+            static_cast<const char*>(k_cache), static_cast<const char*>(v_cache), c_s0, c_s1, c_sh,
+            dtype, seqlens, block_table, bt_stride, page_size,
+            seqlen_q, nheads, nheads_k, headdim, scale, window_left, window_right, softcap, block_n,
+            heads_per_tile, partial_out, partial_lse, static_cast<char*>(out), lse};
+  const int rows = heads_per_tile * (nheads / nheads_k) * seqlen_q;
+  const int tiles_per_seq = nheads_k / heads_per_tile;
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    Scratch scratch;
+    scratch.resize(rows, headdim);
+    // Static, one worker at a time per thread: workers are equal by construction.
+#pragma omp for schedule(static, 1)
+    for (int c = 0; c < num_workers; ++c) {
+      for (int s = worker_first_segment[c]; s < worker_first_segment[c + 1]; ++s) {
+        const int32_t* seg = segments + static_cast<int64_t>(s) * 6;
+        const int tile = seg[1], first = seg[2], last = seg[3];
+        const int b = tile / tiles_per_seq, hk0 = (tile % tiles_per_seq) * heads_per_tile;
+        const int key_begin = first * block_n;
+        const int key_end = std::min(last * block_n, static_cast<int>(seqlens[b]));
+        run_segment(p, scratch, b, hk0, key_begin, key_end, seg[4] != 0, seg[5]);
+      }
+    }
+    std::vector<float> acc;
+#pragma omp for schedule(static)
+    for (int t = 0; t < num_tiles; ++t) {
+      if (tile_first_partial[t + 1] > tile_first_partial[t]) merge_tile(p, t, tile_first_partial[t], tile_first_partial[t + 1], acc);
+    }
+  }
+  return 0;
+}

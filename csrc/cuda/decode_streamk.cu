@@ -1,0 +1,287 @@
+// Stream-K (LeanAttention) decode attention: the CUDA twin.
+//
+// Follows longattn/kernels/decode_eager.py::decode_forward_streamk_eager (the
+// specification) and the schedule of longattn/decode/plan.py.
+//
+// Shapes (flash-attn's flash_attn_with_kvcache layout; strides in elements):
+//   q (batch, seqlen_q, nheads, headdim), any strides;
+//   contiguous cache k/v (batch, max_seqlen, nheads_k, headdim): page_size = 0;
+//   paged cache k/v (num_pages, page_size, nheads_k, headdim) + block_table
+//   (batch, max_pages) int32: key p of sequence b is in page
+//   block_table[b, p / page_size] at slot p % page_size (any page_size >= 1);
+//   seqlens (batch,) int32 keys attended;
+//   out (batch, seqlen_q, nheads, headdim) contiguous, in the input dtype;
+//   lse (batch, nheads, seqlen_q) float32 contiguous, natural log.
+// Alignment is bottom-right per sequence: query i of sequence b sits at key
+// position seqlens[b] - seqlen_q + i; window (left, right), -1 = unbounded,
+// causal folded in as right = 0. Rows that see no key: out 0, lse -inf. The
+// caller initialises out/lse to 0/-inf: tiles with no keys are never visited.
+//
+// Plan tensors (int32, from DecodePlan.as_tensors): segments (S, 6) rows
+// (worker, tile, first, last, whole_tile, partial_slot); worker_first_segment
+// (G + 1,); tile_first_partial (T + 1,); merge_tiles: tiles with partials.
+//
+// Two kernels, deterministic, no atomics, no spinning:
+//  1. streamk_partial_*: grid (G, ceil(group * seqlen_q / kRows)); CTA c walks
+//     worker c's segments. A segment is keys [first*block_n, min(last*block_n,
+//     seqlen)) of output tile (b, kv_head) = divmod(tile, nheads_k), whose query
+//     group is folded into rows r = i * group + g (query i, head kv_head*group+g)
+//     so K/V are read once for the whole group. Online softmax in float32; a
+//     whole tile writes out/lse, otherwise the normalised partial (out, lse)
+//     goes to float32 workspace slot partial_slot.
+//  2. streamk_merge_*: grid (len(merge_tiles),); merges the tile's slots in
+//     plan order: M = max L_i (0 if all -inf), w_i = exp(L_i - M),
+//     O = sum w_i O_i / sum w_i, L = M + log(sum w_i); empty -> 0 / -inf.
+// (One launch would need "last contributor merges" via an atomic counter; the
+// second launch gives the same fixed order with no counters to reset.)
+//
+// Inside a CTA: 4 warps; each warp owns kRows / 4 query rows; keys come in
+// blocks of 32 (one key per lane for the scores), staged in shared memory as
+// float32; each lane accumulates headdim / 32 output dims of each of its rows.
+// Compiles with nvcc and with NVRTC (no host headers: loaded by cupy.RawModule).
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;                      // query rows per CTA (blockIdx.y picks the block)
+constexpr int kRowsPerWarp = kRows / kWarps;
+constexpr int kBlockN = 32;                    // keys per step: one per lane
+constexpr int kMaxDim = 256;
+constexpr int kDimsPerLane = kMaxDim / 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Dynamic shared memory layout for headdim D (bytes; see streamk_smem_bytes in decode_cuda.py):
+// 2 * kBlockN int64 key offsets, then q (kRows x D), K (kBlockN x (D+1): the +1 staggers
+// lanes reading different keys across banks), V (kBlockN x D), all float32.
+template <typename T>
+__device__ void streamk_partial(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    T* __restrict__ out, float* __restrict__ lse, float* __restrict__ ws_o, float* __restrict__ ws_l,
+    const int* __restrict__ segs, const int* __restrict__ worker_first,
+    const int* __restrict__ seqlens, const int* __restrict__ block_table,
+    long long sq_b, long long sq_m, long long sq_h, long long sq_d,
+    long long sk_0, long long sk_1, long long sk_h, long long sk_d,
+    long long sv_0, long long sv_1, long long sv_h, long long sv_d,
+    long long bt_b, long long bt_p,
+    int nheads, int nheads_k, int seqlen_q, int group, int headdim, int block_n, int page_size,
+    float scale, float softcap, int window_left, int window_right) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  long long* k_off = reinterpret_cast<long long*>(smem_raw);
+  long long* v_off = k_off + kBlockN;
+  float* q_s = reinterpret_cast<float*>(v_off + kBlockN);
+  float* k_s = q_s + kRows * headdim;
+  float* v_s = k_s + kBlockN * (headdim + 1);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n_rows = group * seqlen_q;
+  const int row0 = blockIdx.y * kRows;
+  const int seg_lo = worker_first[blockIdx.x], seg_hi = worker_first[blockIdx.x + 1];
+
+  for (int s = seg_lo; s < seg_hi; ++s) {  // CTA-uniform bounds: __syncthreads below is safe
+    const int* seg = segs + 6LL * s;
+    const int tile = seg[1], first = seg[2], last = seg[3], whole = seg[4], slot = seg[5];
+    const int b = tile / nheads_k, hk = tile % nheads_k;
+    const int seqlen = seqlens[b];
+    const int start = first * block_n;
+    const int end = min(last * block_n, seqlen);
+    // Skip keys no row of the tile can see (rows sit at seqlen - seqlen_q .. seqlen - 1).
+    const int lo = window_left >= 0 ? max(start, seqlen - seqlen_q - window_left) : start;
+    const int hi = window_right >= 0 ? min(end, seqlen + window_right) : end;
+
+    __syncthreads();  // the previous segment's warps are done with q_s
+    for (int idx = tid; idx < kRows * headdim; idx += kThreads) {
+      const int r = row0 + idx / headdim, d = idx % headdim;
+      float x = 0.f;
+      if (r < n_rows) {
+        const int i = r / group, h = hk * group + r % group;
+        x = to_float(q[b * sq_b + i * sq_m + h * sq_h + d * sq_d]);
+      }
+      q_s[idx] = x;
+    }
+
+    float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDimsPerLane];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      m[rr] = neg_inf();  // running max, log2 units
+      l[rr] = 0.f;        // running sum of exp2(score - m)
+#pragma unroll
+      for (int j = 0; j < kDimsPerLane; ++j) acc[rr][j] = 0.f;
+    }
+
+    for (int n0 = lo; n0 < hi; n0 += kBlockN) {
+      __syncthreads();  // everyone is done with the previous K/V block
+      if (tid < kBlockN) {
+        const int key = n0 + tid;
+        long long ko = 0, vo = 0;
+        if (key < hi) {
+          if (page_size > 0) {  // paged: one page lookup per key, any page_size
+            const long long page = block_table[b * bt_b + (key / page_size) * bt_p];
+            const int off = key % page_size;
+            ko = page * sk_0 + off * sk_1;
+            vo = page * sv_0 + off * sv_1;
+          } else {
+            ko = b * sk_0 + key * sk_1;
+            vo = b * sv_0 + key * sv_1;
+          }
+        }
+        k_off[tid] = ko + hk * sk_h;
+        v_off[tid] = vo + hk * sv_h;
+      }
+      __syncthreads();
+      for (int idx = tid; idx < kBlockN * headdim; idx += kThreads) {
+        const int j = idx / headdim, d = idx % headdim;
+        const bool ok = n0 + j < hi;  // never read past the segment: pages there may be garbage
+        k_s[j * (headdim + 1) + d] = ok ? to_float(k[k_off[j] + d * sk_d]) : 0.f;
+        v_s[j * headdim + d] = ok ? to_float(v[v_off[j] + d * sv_d]) : 0.f;
+      }
+      __syncthreads();
+
+      const int key = n0 + lane;
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        const int lr = warp * kRowsPerWarp + rr;  // row within the CTA's block
+        const int r = row0 + lr;
+        const int qpos = seqlen - seqlen_q + r / group;
+        float sc = 0.f;
+        for (int d = 0; d < headdim; ++d) sc += q_s[lr * headdim + d] * k_s[lane * (headdim + 1) + d];
+        sc *= scale;
+        if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
+        const bool visible = r < n_rows && key < hi &&
+                             (window_left < 0 || key >= qpos - window_left) &&
+                             (window_right < 0 || key <= qpos + window_right);
+        sc = visible ? sc * kLog2e : neg_inf();
+        const float m_new = fmaxf(m[rr], warp_max(sc));
+        // No visible key yet: subtract 0 so exp2 gives exact zeros, not NaN.
+        const float m_safe = m_new == neg_inf() ? 0.f : m_new;
+        const float p = exp2f(sc - m_safe);
+        const float alpha = exp2f(m[rr] - m_safe);
+        l[rr] = l[rr] * alpha + warp_sum(p);
+        m[rr] = m_new;
+#pragma unroll
+        for (int j = 0; j < kDimsPerLane; ++j) acc[rr][j] *= alpha;
+        for (int jj = 0; jj < kBlockN; ++jj) {  // key jj's probability, broadcast from lane jj
+          const float pj = __shfl_sync(0xffffffffu, p, jj);
+#pragma unroll
+          for (int j = 0; j < kDimsPerLane; ++j) {
+            const int d = lane + 32 * j;
+            if (d < headdim) acc[rr][j] += pj * v_s[jj * headdim + d];
+          }
+        }
+      }
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int r = row0 + warp * kRowsPerWarp + rr;
+      if (r >= n_rows) continue;
+      const bool empty = l[rr] == 0.f;
+      const float inv = empty ? 0.f : 1.f / l[rr];
+      const float row_lse = empty ? neg_inf() : (m[rr] + log2f(l[rr])) * kLn2;
+      const int i = r / group, h = hk * group + r % group;
+      if (whole) {  // the only contributor: final output
+        T* o = out + ((static_cast<long long>(b) * seqlen_q + i) * nheads + h) * headdim;
+#pragma unroll
+        for (int j = 0; j < kDimsPerLane; ++j) {
+          const int d = lane + 32 * j;
+          if (d < headdim) o[d] = from_float<T>(acc[rr][j] * inv);
+        }
+        if (lane == 0) lse[(static_cast<long long>(b) * nheads + h) * seqlen_q + i] = row_lse;
+      } else {  // one of several: float32 partial, merged by streamk_merge
+        const long long base = static_cast<long long>(slot) * n_rows + r;
+#pragma unroll
+        for (int j = 0; j < kDimsPerLane; ++j) {
+          const int d = lane + 32 * j;
+          if (d < headdim) ws_o[base * headdim + d] = acc[rr][j] * inv;
+        }
+        if (lane == 0) ws_l[base] = row_lse;
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ void streamk_merge(
+    T* __restrict__ out, float* __restrict__ lse, const float* __restrict__ ws_o, const float* __restrict__ ws_l,
+    const int* __restrict__ merge_tiles, const int* __restrict__ tile_first,
+    int nheads, int nheads_k, int seqlen_q, int group, int headdim) {
+  const int tile = merge_tiles[blockIdx.x];
+  const int b = tile / nheads_k, hk = tile % nheads_k;
+  const int lo = tile_first[tile], hi = tile_first[tile + 1];
+  const int n_rows = group * seqlen_q;
+  // One thread per (row, dim); each recomputes its row's max and weights (a few cached loads).
+  for (int idx = threadIdx.x; idx < n_rows * headdim; idx += blockDim.x) {
+    const int r = idx / headdim, d = idx % headdim;
+    float mx = neg_inf();
+    for (int s = lo; s < hi; ++s) mx = fmaxf(mx, ws_l[static_cast<long long>(s) * n_rows + r]);
+    if (mx == neg_inf()) mx = 0.f;  // every part empty: weights are exact zeros
+    float den = 0.f, num = 0.f;
+    for (int s = lo; s < hi; ++s) {  // slot order = plan order: deterministic
+      const long long base = static_cast<long long>(s) * n_rows + r;
+      const float w = expf(ws_l[base] - mx);
+      den += w;
+      num += w * ws_o[base * headdim + d];
+    }
+    const int i = r / group, h = hk * group + r % group;
+    out[((static_cast<long long>(b) * seqlen_q + i) * nheads + h) * headdim + d] =
+        from_float<T>(den == 0.f ? 0.f : num / den);
+    if (d == 0) lse[(static_cast<long long>(b) * nheads + h) * seqlen_q + i] = den == 0.f ? neg_inf() : mx + logf(den);
+  }
+}
+
+}  // namespace
+
+// extern "C" entry points (unmangled names for cupy.RawModule.get_function), one per dtype.
+#define LONGATTN_PARTIAL_PARAMS(T)                                                                     \
+  const T *q, const T *k, const T *v, T *out, float *lse, float *ws_o, float *ws_l, const int *segs,   \
+      const int *worker_first, const int *seqlens, const int *block_table, long long sq_b,             \
+      long long sq_m, long long sq_h, long long sq_d, long long sk_0, long long sk_1, long long sk_h,  \
+      long long sk_d, long long sv_0, long long sv_1, long long sv_h, long long sv_d, long long bt_b,  \
+      long long bt_p, int nheads, int nheads_k, int seqlen_q, int group, int headdim, int block_n,     \
+      int page_size, float scale, float softcap, int window_left, int window_right
+#define LONGATTN_PARTIAL_ARGS                                                                          \
+  q, k, v, out, lse, ws_o, ws_l, segs, worker_first, seqlens, block_table, sq_b, sq_m, sq_h, sq_d,     \
+      sk_0, sk_1, sk_h, sk_d, sv_0, sv_1, sv_h, sv_d, bt_b, bt_p, nheads, nheads_k, seqlen_q, group,   \
+      headdim, block_n, page_size, scale, softcap, window_left, window_right
+#define LONGATTN_MERGE_PARAMS(T)                                                                       \
+  T *out, float *lse, const float *ws_o, const float *ws_l, const int *merge_tiles,                    \
+      const int *tile_first, int nheads, int nheads_k, int seqlen_q, int group, int headdim
+#define LONGATTN_MERGE_ARGS \
+  out, lse, ws_o, ws_l, merge_tiles, tile_first, nheads, nheads_k, seqlen_q, group, headdim
+
+#define LONGATTN_DEFINE(SUFFIX, T)                                                                     \
+  extern "C" __global__ void __launch_bounds__(kThreads) streamk_partial_##SUFFIX(LONGATTN_PARTIAL_PARAMS(T)) { \
+    streamk_partial<T>(LONGATTN_PARTIAL_ARGS);                                                         \
+  }                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads) streamk_merge_##SUFFIX(LONGATTN_MERGE_PARAMS(T)) { \
+    streamk_merge<T>(LONGATTN_MERGE_ARGS);                                                             \
+  }
+
+LONGATTN_DEFINE(f32, float)
+LONGATTN_DEFINE(f16, __half)
+LONGATTN_DEFINE(bf16, __nv_bfloat16)
