@@ -1,4 +1,4 @@
-"""The ``longattn`` command: ``longattn bench [GROUP]``, ``longattn doctor``.
+"""The ``longattn`` command: ``longattn bench [GROUP]``, ``longattn doctor``, ``longattn simulate lean``.
 
 Each subcommand is a :class:`Command` (its arguments and its run function);
 adding one (``simulate``, ``calibrate``) is one more entry in ``COMMANDS``.
@@ -82,11 +82,52 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- simulate ---------------------------------------------------------------
+
+def _configure_simulate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="what to simulate; one of: lean (stream-K decode)")
+    parser.add_argument("--gpu", default="h100", help="GPU preset: h100 or h200 (default: h100)")
+    parser.add_argument("--sms", type=int, default=None, metavar="N", help="SM count (default: the preset's, 132)")
+    parser.add_argument("--workers-per-sm", type=int, default=None, metavar="N",
+                        help="stream-K workers per SM (default: 2, as Microsoft's CUDA LeanAttention)")
+    parser.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
+                        help="HBM bandwidth of the whole GPU (default: the preset's)")
+    parser.add_argument("--separate-merge", action="store_true",
+                        help="merge stream-K partials in a second kernel (as the Triton twin) instead of in-kernel")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller sweep (batch 1/4/16/64, context 1k/16k/256k/1M)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the ragged batches' lengths (default: 0)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="results folder (default: ./longattn-results/simulate-lean-<timestamp>/)")
+    parser.add_argument("--quiet", action="store_true", help="no per-shape table; assumptions and summary only")
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from longattn.decode.simulate import get_gpu, run_sweep
+    from longattn.decode.simulate_report import default_out_dir, format_report, write_outputs
+    from longattn.errors import ArgumentError
+
+    if args.model != "lean":
+        raise ArgumentError(f"MODEL must be one of ['lean'], got {args.model!r}")
+    for option, value in (("--sms", args.sms), ("--workers-per-sm", args.workers_per_sm)):
+        if value is not None and value < 1:
+            raise ArgumentError(f"{option} must be a positive integer, got {value}")
+    if args.bandwidth is not None and not args.bandwidth > 0:
+        raise ArgumentError(f"--bandwidth must be > 0 GB/s, got {args.bandwidth}")
+    gpu = get_gpu(args.gpu, num_sms=args.sms, workers_per_sm=args.workers_per_sm, hbm_bandwidth_gbs=args.bandwidth)
+    results = run_sweep(gpu, quick=args.quick, seed=args.seed, separate_merge=args.separate_merge)
+    write_outputs(results, args.out if args.out is not None else default_out_dir())
+    print(format_report(results, table=not args.quiet))
+    return 0
+
+
 COMMANDS = (
     Command("bench", "time attention methods against baselines; write a table, JSON and a plot",
             _configure_bench, _run_bench),
     Command("doctor", "show this machine's libraries, compilers and usable backends",
             _configure_doctor, _run_doctor),
+    Command("simulate", "model decode schedules on a GPU (lean: FA2 vs split-K vs stream-K); table, JSON, plot",
+            _configure_simulate, _run_simulate),
 )
 
 

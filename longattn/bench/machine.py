@@ -43,3 +43,19 @@ def machine_info() -> dict[str, object]:
         "cuda_available": torch.cuda.is_available(),
         "executable": sys.executable,
     }
+
+
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Memory read bandwidth in GB/s: the median time of ``torch.sum`` over
+    ``gib`` GiB of float32 (the figure ../shared/MACHINE.md quotes), so
+    memory-bound kernels can be reported as a fraction of it, in one run."""
+    import time
+
+    data = torch.ones(int(gib * (1 << 30)) // 4)
+    data.sum()  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / sorted(times)[len(times) // 2] / 1e9

@@ -17,7 +17,7 @@ JSON_NAME = "results.json"
 PLOT_NAME = "times.png"
 
 
-def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike, *, plot: bool = True) -> dict[str, Any]:
     """Write the plot and the JSON into ``out_dir`` (created if needed).
 
     Adds ``results["files"]`` (paths; ``plot`` is None when skipped) and
@@ -25,9 +25,10 @@ def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     """
     os.makedirs(out_dir, exist_ok=True)
     notes = results.setdefault("notes", [])
-    plot_path = os.path.join(out_dir, PLOT_NAME)
+    plot_path = os.path.join(out_dir, PLOT_NAME) if plot else None
     try:
-        write_plot(results, plot_path)
+        if plot_path is not None:
+            write_plot(results, plot_path)
     except ImportError:
         plot_path = None
         notes.append("plot skipped: matplotlib is not installed (pip install 'longattn[bench]')")
@@ -74,25 +75,36 @@ def write_plot(results: dict[str, Any], path: str) -> None:
 
 def format_table(results: dict[str, Any]) -> str:
     """The results as an aligned text table, then targets and files."""
-    header = ["scenario", "method", "median ms", "min ms", "runs", "ratio", "max error", "error vs", "note"]
+    memory_bound = any(case.get("bytes_read") for case in results["cases"])
+    header = ["scenario", "method", "median ms", "min ms", "runs", "ratio"]
+    header += ["GB/s", "% of bw"] if memory_bound else []
+    header += ["max error", "error vs", "note"]
     rows = []
     for case in results["cases"]:
         first = True
         for name, rec in case["methods"].items():
-            rows.append([
+            row = [
                 case["scenario"] if first else "",
                 name,
                 _num(rec["median_ms"]),
                 _num(rec["min_ms"]),
                 str(len(rec["times_s"])) if rec["times_s"] else "",
                 "" if rec["ratio"] is None else f"{rec['ratio']:.2f}x",
+            ]
+            if memory_bound:
+                row += [
+                    "" if rec.get("gbps") is None else f"{rec['gbps']:.1f}",
+                    "" if rec.get("bandwidth_fraction") is None else f"{100 * rec['bandwidth_fraction']:.0f}%",
+                ]
+            row += [
                 "" if rec["max_error"] is None else f"{rec['max_error']:.1e}",
                 case["error_reference"] if rec["max_error"] is not None else "",
                 _note(name, rec, case),
-            ])
+            ]
+            rows.append(row)
             first = False
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    numeric = {2, 3, 4, 5, 6}
+    numeric = set(range(2, len(header) - 2))
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -105,6 +117,13 @@ def format_table(results: dict[str, Any]) -> str:
         f"longattn bench {results['group']}: {results['description']}",
         f"{machine['cpu_model']}, torch {machine['torch']}, {machine['torch_threads']} threads; "
         f"{_rounds(settings)}; ratio = median / baseline's median",
+    ]
+    if machine.get("read_bandwidth_gbps"):
+        out.append(
+            f"memory read bandwidth measured in this run (torch.sum over 1 GiB): "
+            f"{machine['read_bandwidth_gbps']:.1f} GB/s; GB/s = cache bytes read / median time"
+        )
+    out += [
         "",
         line(header),
         line(["-" * w for w in widths]),
@@ -154,11 +173,21 @@ def _note(name: str, rec: dict[str, Any], case: dict[str, Any]) -> str:
 
 def _target_line(case: dict[str, Any]) -> str:
     t = case["target"]
-    where = f"{t['method']} <= {t['max_ratio']}x {t['baseline']} at {case['scenario']}"
-    if t["ratio"] is None:
+    wants = []
+    if t["max_ratio"] is not None:
+        wants.append(f"<= {t['max_ratio']:g}x {t['baseline']}")
+    if t.get("min_bandwidth_fraction") is not None:
+        wants.append(f">= {100 * t['min_bandwidth_fraction']:.0f}% of read bandwidth")
+    where = f"{t['method']} {' and '.join(wants)} at {case['scenario']}"
+    if t["met"] is None:
         return f"target: {where}: not measured ({t['method']} or {t['baseline']} skipped)"
+    got = []
+    if t["ratio"] is not None and t["max_ratio"] is not None:
+        got.append(f"{t['ratio']:.3g}x")
+    if t.get("bandwidth_fraction") is not None and t.get("min_bandwidth_fraction") is not None:
+        got.append(f"{100 * t['bandwidth_fraction']:.0f}% of bandwidth")
     verdict = "MET" if t["met"] else "NOT MET"
-    return f"target: {where}: {t['ratio']:.2f}x -> {verdict}  ({t['note']})"
+    return f"target: {where}: {', '.join(got)} -> {verdict}  ({t['note']})"
 
 
 def _json_safe(value: Any) -> Any:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from longattn.bench.machine import machine_info
+from longattn.bench.machine import machine_info, measure_read_bandwidth
 from longattn.bench.progress import Progress
 from longattn.bench.report import write_outputs
 from longattn.bench.scenarios import Scenario, get_group, max_abs_error
@@ -72,8 +72,15 @@ def run_group(
     scenarios = spec.scenarios(sizes)
     progress = Progress(len(scenarios), quiet=quiet)
     started = time.perf_counter()
+    machine = machine_info()
+    bandwidth = None
+    if any(s.bytes_read for s in scenarios):
+        progress.status("measuring memory read bandwidth")
+        bandwidth = measure_read_bandwidth()
+        machine["read_bandwidth_gbps"] = bandwidth
     cases = [
-        run_case(s, repeats=repeats, budget_s=budget_s, quick=quick, seed=seed, progress=progress)
+        run_case(s, repeats=repeats, budget_s=budget_s, quick=quick, seed=seed, progress=progress,
+                 bandwidth_gbps=bandwidth)
         for s in scenarios
     ]
     results: dict[str, Any] = {
@@ -85,11 +92,11 @@ def run_group(
             "warmup_rounds": WARMUP_ROUNDS,
             "quick": quick, "seed": seed,
         },
-        "machine": machine_info(),
+        "machine": machine,
         "wall_s": time.perf_counter() - started,
         "cases": cases,
     }
-    write_outputs(results, out_dir if out_dir is not None else default_out_dir(spec.name))
+    write_outputs(results, out_dir if out_dir is not None else default_out_dir(spec.name), plot=spec.plot)
     return results
 
 
@@ -101,6 +108,7 @@ def run_case(
     quick: bool,
     seed: int,
     progress: Progress,
+    bandwidth_gbps: float | None = None,
 ) -> dict[str, Any]:
     """Build, time and check one scenario's methods."""
     rounds = WARMUP_ROUNDS + repeats
@@ -149,10 +157,15 @@ def run_case(
             records[name]["max_error"] = max_abs_error(out, reference)
     del reference, timings
 
+    bytes_read = scenario.bytes_read(inputs) if scenario.bytes_read else None
     base = records[scenario.baseline].get("median_ms")
     for record in records.values():
         if base and record.get("median_ms") is not None:
             record["ratio"] = record["median_ms"] / base
+        if bytes_read and record.get("median_ms"):
+            record["gbps"] = bytes_read / (record["median_ms"] * 1e-3) / 1e9
+            if bandwidth_gbps:
+                record["bandwidth_fraction"] = record["gbps"] / bandwidth_gbps
 
     case = {
         "scenario": scenario.name,
@@ -160,6 +173,7 @@ def run_case(
         "params": scenario.params,
         "baseline": scenario.baseline,
         "error_reference": reference_name,
+        "bytes_read": bytes_read,
         "methods": records,
         "target": _target_verdict(scenario, records),
         "wall_s": time.perf_counter() - started,
@@ -171,7 +185,7 @@ def run_case(
 def _empty_record() -> dict[str, Any]:
     return {
         "skipped": None, "setup_s": None, "times_s": [], "median_ms": None,
-        "min_ms": None, "ratio": None, "max_error": None,
+        "min_ms": None, "ratio": None, "max_error": None, "gbps": None, "bandwidth_fraction": None,
     }
 
 
@@ -179,13 +193,21 @@ def _target_verdict(scenario: Scenario, records: dict[str, dict[str, Any]]) -> d
     target = scenario.target
     if target is None:
         return None
-    ratio = records.get(target.method, {}).get("ratio")
+    record = records.get(target.method, {})
+    ratio, fraction = record.get("ratio"), record.get("bandwidth_fraction")
+    checks = []
+    if target.max_ratio is not None:
+        checks.append(None if ratio is None else ratio <= target.max_ratio)
+    if target.min_bandwidth_fraction is not None:
+        checks.append(None if fraction is None else fraction >= target.min_bandwidth_fraction)
     return {
         "method": target.method,
         "baseline": scenario.baseline,
         "max_ratio": target.max_ratio,
         "ratio": ratio,
-        "met": None if ratio is None else ratio <= target.max_ratio,
+        "min_bandwidth_fraction": target.min_bandwidth_fraction,
+        "bandwidth_fraction": fraction,
+        "met": None if None in checks else all(checks),
         "note": target.note,
     }
 

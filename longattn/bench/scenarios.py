@@ -57,11 +57,14 @@ def no_setup(fn: Timed) -> Callable[[Any], Timed]:
 
 @dataclass(frozen=True)
 class Target:
-    """A speed target: ``method``'s median time within ``max_ratio`` x the baseline's."""
+    """A speed target for ``method``: its median time within ``max_ratio`` x the
+    baseline's, and/or at least ``min_bandwidth_fraction`` of the memory read
+    bandwidth measured in the same run (memory-bound scenarios)."""
 
     method: str
-    max_ratio: float
+    max_ratio: float | None
     note: str
+    min_bandwidth_fraction: float | None = None
 
 
 # reference(inputs, outputs) -> (expected output, what it is). ``outputs``
@@ -83,6 +86,9 @@ class Scenario:
     baseline: str
     reference: Reference
     target: Target | None = None
+    # bytes_read(inputs): bytes every method must read at least (the KV cache
+    # for decode); gives GB/s and the fraction of the machine's read bandwidth.
+    bytes_read: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class Group:
     make_scenario: Callable[[int], Scenario]
     default_repeats: int = 5
     method_budget_s: float | None = 5.0
+    plot: bool = True  # False when the sizes are case numbers, not a sweep
 
     def scenarios(self, sizes: Sequence[int] | None = None) -> list[Scenario]:
         return [self.make_scenario(size) for size in (self.sizes if sizes is None else sizes)]

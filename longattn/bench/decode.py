@@ -1,0 +1,177 @@
+"""The ``decode`` benchmark group: decode attention over a KV cache, memory-bound.
+
+One query token per sequence, Hq=32, Hkv=8, D=128 (GQA 4). Cases: batch 1 at
+128k context and batch 8 with ragged lengths around 16k, in float32 and
+bfloat16, contiguous and paged (page_size 256, pages shuffled) caches.
+Methods:
+
+- ``longattn cpu``: ``decode_attention(backend="cpu")``, the C++ stream-K kernel;
+- ``longattn eager``: ``backend="eager"``, the PyTorch twin;
+- ``sdpa``: ``F.scaled_dot_product_attention(enable_gqa=True)`` over the
+  contiguous cache (ragged lengths through a boolean key mask). For paged
+  cases it runs on the equivalent contiguous tensors: the gather it would
+  need first is not timed, which favours SDPA.
+
+Decode is memory-bound, so besides time each method gets GB/s of KV cache
+read (``bytes_read`` / median time) and that as a fraction of the read
+bandwidth measured in the same run. Errors are against the float64 oracle,
+sequence by sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import longattn
+from longattn.bench.scenarios import Group, Method, Scenario, Target, no_setup, register_group
+from longattn.reference import attention_ref
+
+NHEADS, NHEADS_K, HEADDIM, PAGE_SIZE = 32, 8, 128, 256
+MIN_BANDWIDTH = 0.6
+SPEEDUP_VS_SDPA = {torch.float32: 4.0, torch.bfloat16: 20.0}  # the issue's targets at 128k, batch 1
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    name: str
+    batch: int
+    context: int
+    ragged: bool
+    dtype: torch.dtype
+    paged: bool
+
+
+def _specs(long_ctx: int, ragged_ctx: int, ragged_batch: int) -> list[DecodeSpec]:
+    specs = []
+    for batch, ctx, ragged in ((1, long_ctx, False), (ragged_batch, ragged_ctx, True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for paged in (False, True):
+                dt = str(dtype).removeprefix("torch.")
+                lens = f"ragged ~{ctx // 1024}k" if ragged else f"{ctx // 1024}k"
+                specs.append(DecodeSpec(f"b={batch} {lens} {dt} {'paged' if paged else 'contiguous'}",
+                                        batch, ctx, ragged, dtype, paged))
+    return specs
+
+
+FULL = _specs(131072, 16384, 8)
+QUICK = _specs(4096, 2048, 2)
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    q: torch.Tensor  # (batch, 1, nheads, headdim)
+    k: torch.Tensor  # logical keys (batch, max_len, nheads_k, headdim)
+    v: torch.Tensor
+    lengths: torch.Tensor  # (batch,) int32
+    k_cache: torch.Tensor  # what decode_attention reads: contiguous (= k) or paged
+    v_cache: torch.Tensor
+    block_table: torch.Tensor | None
+
+
+def make_decode_inputs(spec: DecodeSpec, seed: int) -> DecodeInputs:
+    gen = torch.Generator().manual_seed(seed)
+    if spec.ragged:
+        lengths = torch.randint(spec.context * 3 // 4, spec.context * 5 // 4 + 1, (spec.batch,), generator=gen)
+    else:
+        lengths = torch.full((spec.batch,), spec.context)
+    longest = int(lengths.max())
+    q = torch.randn(spec.batch, 1, NHEADS, HEADDIM, generator=gen).to(spec.dtype)
+    k = torch.randn(spec.batch, longest, NHEADS_K, HEADDIM, generator=gen).to(spec.dtype)
+    v = torch.randn(spec.batch, longest, NHEADS_K, HEADDIM, generator=gen).to(spec.dtype)
+    k_cache, v_cache, table = k, v, None
+    if spec.paged:
+        max_pages = -(-longest // PAGE_SIZE)
+        table = torch.randperm(spec.batch * max_pages, generator=gen).reshape(spec.batch, max_pages).to(torch.int32)
+        k_cache = torch.empty(spec.batch * max_pages, PAGE_SIZE, NHEADS_K, HEADDIM, dtype=spec.dtype)
+        v_cache = torch.empty_like(k_cache)
+        padded = max_pages * PAGE_SIZE
+        for b in range(spec.batch):
+            for src, dst in ((k, k_cache), (v, v_cache)):
+                rows = torch.zeros(padded, NHEADS_K, HEADDIM, dtype=spec.dtype)
+                rows[:longest] = src[b]
+                dst[table[b].long()] = rows.reshape(max_pages, PAGE_SIZE, NHEADS_K, HEADDIM)
+    return DecodeInputs(q, k, v, lengths.to(torch.int32), k_cache, v_cache, table)
+
+
+def _decode(backend: str):
+    def run(inputs: DecodeInputs) -> torch.Tensor:
+        return longattn.decode_attention(
+            inputs.q, inputs.k_cache, inputs.v_cache, cache_seqlens=inputs.lengths,
+            block_table=inputs.block_table, backend=backend,
+        )
+    return run
+
+
+def run_sdpa(inputs: DecodeInputs) -> torch.Tensor:
+    mask = None
+    if int(inputs.lengths.min()) != inputs.k.shape[1]:  # ragged: hide each sequence's padding
+        mask = (torch.arange(inputs.k.shape[1])[None, :] < inputs.lengths[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        inputs.q.transpose(1, 2), inputs.k.transpose(1, 2), inputs.v.transpose(1, 2),
+        attn_mask=mask, enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
+def decode_reference(inputs: DecodeInputs, outputs: dict) -> tuple[torch.Tensor, str]:
+    outs = []
+    for b, n in enumerate(inputs.lengths.tolist()):
+        out, _ = attention_ref(inputs.q[b : b + 1], inputs.k[b : b + 1, :n], inputs.v[b : b + 1, :n], causal=True)
+        outs.append(out)
+    return torch.cat(outs), "oracle (float64)"
+
+
+QUICK_OFFSET = 100  # case numbers >= 100 are the --quick cases
+
+
+def decode_scenario(index: int) -> Scenario:
+    """Case ``index`` of :data:`FULL`, or of :data:`QUICK` from ``QUICK_OFFSET`` on."""
+    spec = QUICK[index - QUICK_OFFSET] if index >= QUICK_OFFSET else FULL[index]
+    methods = [
+        Method("longattn cpu", no_setup(_decode("cpu"))),
+        Method("longattn eager", no_setup(_decode("eager"))),
+        Method("sdpa", no_setup(run_sdpa)),
+    ]
+    speedup = None if (spec.ragged or spec.paged) else SPEEDUP_VS_SDPA[spec.dtype]
+    note = f"issue target: >= {MIN_BANDWIDTH:.0%} of read bandwidth"
+    if speedup:
+        note += f" and >= {speedup:g}x faster than SDPA"
+    return Scenario(
+        name=spec.name,
+        group="decode",
+        size=index,
+        params={"batch": spec.batch, "context": spec.context, "ragged": spec.ragged,
+                "dtype": str(spec.dtype).removeprefix("torch."), "paged": spec.paged,
+                "page_size": PAGE_SIZE if spec.paged else None, "nheads": NHEADS,
+                "nheads_k": NHEADS_K, "headdim": HEADDIM, "seqlen_q": 1},
+        make_inputs=lambda seed: make_decode_inputs(spec, seed),
+        methods={m.name: m for m in methods},
+        baseline="sdpa",
+        reference=decode_reference,
+        # The issue's targets are for the full-size cases; --quick cases are too small to be memory-bound.
+        target=None if index >= QUICK_OFFSET else Target(
+            "longattn cpu", None if speedup is None else 1.0 / speedup, note, MIN_BANDWIDTH
+        ),
+        bytes_read=cache_bytes,
+    )
+
+
+def cache_bytes(inputs: DecodeInputs) -> int:
+    """Bytes of K and V a decode step must read: every cached token, once."""
+    return 2 * int(inputs.lengths.sum()) * NHEADS_K * HEADDIM * inputs.k.element_size()
+
+
+DECODE = register_group(
+    Group(
+        name="decode",
+        description=f"one query token, Hq={NHEADS}, Hkv={NHEADS_K}, D={HEADDIM}; baseline SDPA",
+        size_name="case",
+        sizes=tuple(range(len(FULL))),
+        quick_sizes=tuple(range(QUICK_OFFSET, QUICK_OFFSET + len(QUICK))),
+        make_scenario=decode_scenario,
+        plot=False,
+    )
+)
