@@ -33,7 +33,7 @@
 
 namespace {
 
-constexpr int kChunk = 32;  // keys widened and scored at a time (fits L1 with headdim <= 256)
+constexpr int kChunk = 16;  // key positions streamed, widened and scored at a time
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 enum DType { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -270,13 +270,13 @@ struct Scratch {
   std::vector<float> q, acc, m, l, s, kbuf, vbuf;
   const float* krow[kChunk];
   const float* vrow[kChunk];
-  void resize(int rows, int headdim) {
+  void resize(int rows, int heads, int headdim) {
     q.resize(static_cast<size_t>(rows) * headdim);
     acc.resize(static_cast<size_t>(rows) * headdim);
     m.resize(rows); l.resize(rows);
     s.resize(static_cast<size_t>(rows) * kChunk);
-    kbuf.resize(static_cast<size_t>(kChunk) * headdim);
-    vbuf.resize(static_cast<size_t>(kChunk) * headdim);
+    kbuf.resize(static_cast<size_t>(heads) * kChunk * headdim);
+    vbuf.resize(static_cast<size_t>(heads) * kChunk * headdim);
   }
 };
 
@@ -304,32 +304,42 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
 
   for (int c0 = key_begin; c0 < key_end; c0 += kChunk) {
     const int n = std::min(kChunk, key_end - c0);
-#ifdef LONGATTN_AVX2
-    // Prefetch the next chunk, position by position and head by head: the
-    // DRAM reads then run in address order however the heads interleave.
-    const int next = std::min(kChunk, key_end - c0 - n);
-    for (int j = 0; j < next; ++j) {
-      const char* base = p.k + key_offset(p, b, c0 + n + j, hk0);
-      const char* vbase = p.v + key_offset(p, b, c0 + n + j, hk0);
-      for (int hl = 0; hl < p.heads_per_tile; ++hl)
-        for (int off = 0; off < D * es; off += 64) {
-          _mm_prefetch(base + hl * head_bytes + off, _MM_HINT_T1);
-          _mm_prefetch(vbase + hl * head_bytes + off, _MM_HINT_T1);
+    // Half types: stream the chunk in address order (position by position,
+    // every head of the tile), widening to fp32 into L2-resident buffers, so
+    // the hardware prefetcher sees one sequential stream. fp32 rows are used
+    // in place; the next chunk is prefetched in the same address order.
+    const bool widen = p.dtype != kF32;
+    for (int j = 0; j < n; ++j) {
+      const char* kp = p.k + key_offset(p, b, c0 + j, hk0);
+      const char* vp = p.v + key_offset(p, b, c0 + j, hk0);
+      if (widen) {
+        for (int hl = 0; hl < p.heads_per_tile; ++hl) {
+          const size_t at = (static_cast<size_t>(hl) * kChunk + j) * D;
+          load_row(kp + hl * head_bytes, p.dtype, &w.kbuf[at], D);
+          load_row(vp + hl * head_bytes, p.dtype, &w.vbuf[at], D);
         }
-    }
+      }
+#ifdef LONGATTN_AVX2
+      else if (c0 + n + j < key_end) {
+        const char* nk = p.k + key_offset(p, b, c0 + n + j, hk0);
+        const char* nv = p.v + key_offset(p, b, c0 + n + j, hk0);
+        for (int hl = 0; hl < p.heads_per_tile; ++hl)
+          for (int off = 0; off < D * es; off += 64) {
+            _mm_prefetch(nk + hl * head_bytes + off, _MM_HINT_T0);
+            _mm_prefetch(nv + hl * head_bytes + off, _MM_HINT_T0);
+          }
+      }
 #endif
+    }
     for (int hl = 0; hl < p.heads_per_tile; ++hl) {
       for (int j = 0; j < n; ++j) {
-        const char* kp = p.k + key_offset(p, b, c0 + j, hk0 + hl);
-        const char* vp = p.v + key_offset(p, b, c0 + j, hk0 + hl);
-        if (p.dtype == kF32) {  // read in place: no copy for fp32
-          w.krow[j] = reinterpret_cast<const float*>(kp);
-          w.vrow[j] = reinterpret_cast<const float*>(vp);
-        } else {  // widen fp16/bf16 once into L1; every row of the group reuses it
-          load_row(kp, p.dtype, &w.kbuf[static_cast<size_t>(j) * D], D);
-          load_row(vp, p.dtype, &w.vbuf[static_cast<size_t>(j) * D], D);
-          w.krow[j] = &w.kbuf[static_cast<size_t>(j) * D];
-          w.vrow[j] = &w.vbuf[static_cast<size_t>(j) * D];
+        if (widen) {
+          const size_t at = (static_cast<size_t>(hl) * kChunk + j) * D;
+          w.krow[j] = &w.kbuf[at];
+          w.vrow[j] = &w.vbuf[at];
+        } else {
+          w.krow[j] = reinterpret_cast<const float*>(p.k + key_offset(p, b, c0 + j, hk0 + hl));
+          w.vrow[j] = reinterpret_cast<const float*>(p.v + key_offset(p, b, c0 + j, hk0 + hl));
         }
       }
       const int r0 = hl * head_rows;
@@ -443,7 +453,7 @@ extern "C" int longattn_decode_streamk_cpu(
 #pragma omp parallel num_threads(num_threads)
   {
     Scratch scratch;
-    scratch.resize(rows, headdim);
+    scratch.resize(rows, heads_per_tile, headdim);
     // Static, one worker at a time per thread: workers are equal by construction.
 #pragma omp for schedule(static, 1)
     for (int c = 0; c < num_workers; ++c) {

@@ -24,11 +24,13 @@
 // Two kernels, deterministic, no atomics, no spinning:
 //  1. streamk_partial_*: grid (G, ceil(group * seqlen_q / kRows)); CTA c walks
 //     worker c's segments. A segment is keys [first*block_n, min(last*block_n,
-//     seqlen)) of output tile (b, kv_head) = divmod(tile, nheads_k), whose query
-//     group is folded into rows r = i * group + g (query i, head kv_head*group+g)
-//     so K/V are read once for the whole group. Online softmax in float32; a
-//     whole tile writes out/lse, otherwise the normalised partial (out, lse)
-//     goes to float32 workspace slot partial_slot.
+//     seqlen)) of output tile t: batch t / tiles_per_seq and kv heads from
+//     (t % tiles_per_seq) * heads_per_tile (heads_per_tile is 1 in GPU plans;
+//     CPU plans fold every kv head into a tile, run here one after another).
+//     Each kv head's query group is folded into rows r = i * group + g (query
+//     i, head kv_head*group+g) so K/V are read once for the whole group. Online
+//     softmax in float32; a whole tile writes out/lse, otherwise the normalised
+//     partial (out, lse) goes to float32 workspace rows (slot, kv head, row).
 //  2. streamk_merge_*: grid (len(merge_tiles),); merges the tile's slots in
 //     plan order: M = max L_i (0 if all -inf), w_i = exp(L_i - M),
 //     O = sum w_i O_i / sum w_i, L = M + log(sum w_i); empty -> 0 / -inf.
@@ -89,8 +91,8 @@ __device__ void streamk_partial(
     long long sk_0, long long sk_1, long long sk_h, long long sk_d,
     long long sv_0, long long sv_1, long long sv_h, long long sv_d,
     long long bt_b, long long bt_p,
-    int nheads, int nheads_k, int seqlen_q, int group, int headdim, int block_n, int page_size,
-    float scale, float softcap, int window_left, int window_right) {
+    int nheads, int tiles_per_seq, int heads_per_tile, int seqlen_q, int group, int headdim, int block_n,
+    int page_size, float scale, float softcap, int window_left, int window_right) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   long long* k_off = reinterpret_cast<long long*>(smem_raw);
   long long* v_off = k_off + kBlockN;
@@ -106,7 +108,7 @@ __device__ void streamk_partial(
   for (int s = seg_lo; s < seg_hi; ++s) {  // CTA-uniform bounds: __syncthreads below is safe
     const int* seg = segs + 6LL * s;
     const int tile = seg[1], first = seg[2], last = seg[3], whole = seg[4], slot = seg[5];
-    const int b = tile / nheads_k, hk = tile % nheads_k;
+    const int b = tile / tiles_per_seq;
     const int seqlen = seqlens[b];
     const int start = first * block_n;
     const int end = min(last * block_n, seqlen);
@@ -114,114 +116,119 @@ __device__ void streamk_partial(
     const int lo = window_left >= 0 ? max(start, seqlen - seqlen_q - window_left) : start;
     const int hi = window_right >= 0 ? min(end, seqlen + window_right) : end;
 
-    __syncthreads();  // the previous segment's warps are done with q_s
-    for (int idx = tid; idx < kRows * headdim; idx += kThreads) {
-      const int r = row0 + idx / headdim, d = idx % headdim;
-      float x = 0.f;
-      if (r < n_rows) {
-        const int i = r / group, h = hk * group + r % group;
-        x = to_float(q[b * sq_b + i * sq_m + h * sq_h + d * sq_d]);
+    // A tile holds heads_per_tile kv heads (1 in GPU plans; CPU plans fold them all in):
+    // one pass over the segment's keys per kv head.
+    for (int th = 0; th < heads_per_tile; ++th) {
+      const int hk = (tile % tiles_per_seq) * heads_per_tile + th;
+      __syncthreads();  // the previous segment's warps are done with q_s
+      for (int idx = tid; idx < kRows * headdim; idx += kThreads) {
+        const int r = row0 + idx / headdim, d = idx % headdim;
+        float x = 0.f;
+        if (r < n_rows) {
+          const int i = r / group, h = hk * group + r % group;
+          x = to_float(q[b * sq_b + i * sq_m + h * sq_h + d * sq_d]);
+        }
+        q_s[idx] = x;
       }
-      q_s[idx] = x;
-    }
 
-    float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDimsPerLane];
-#pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      m[rr] = neg_inf();  // running max, log2 units
-      l[rr] = 0.f;        // running sum of exp2(score - m)
-#pragma unroll
-      for (int j = 0; j < kDimsPerLane; ++j) acc[rr][j] = 0.f;
-    }
+      float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDimsPerLane];
+      #pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        m[rr] = neg_inf();  // running max, log2 units
+        l[rr] = 0.f;        // running sum of exp2(score - m)
+        #pragma unroll
+        for (int j = 0; j < kDimsPerLane; ++j) acc[rr][j] = 0.f;
+      }
 
-    for (int n0 = lo; n0 < hi; n0 += kBlockN) {
-      __syncthreads();  // everyone is done with the previous K/V block
-      if (tid < kBlockN) {
-        const int key = n0 + tid;
-        long long ko = 0, vo = 0;
-        if (key < hi) {
-          if (page_size > 0) {  // paged: one page lookup per key, any page_size
-            const long long page = block_table[b * bt_b + (key / page_size) * bt_p];
-            const int off = key % page_size;
-            ko = page * sk_0 + off * sk_1;
-            vo = page * sv_0 + off * sv_1;
-          } else {
-            ko = b * sk_0 + key * sk_1;
-            vo = b * sv_0 + key * sv_1;
+      for (int n0 = lo; n0 < hi; n0 += kBlockN) {
+        __syncthreads();  // everyone is done with the previous K/V block
+        if (tid < kBlockN) {
+          const int key = n0 + tid;
+          long long ko = 0, vo = 0;
+          if (key < hi) {
+            if (page_size > 0) {  // paged: one page lookup per key, any page_size
+              const long long page = block_table[b * bt_b + (key / page_size) * bt_p];
+              const int off = key % page_size;
+              ko = page * sk_0 + off * sk_1;
+              vo = page * sv_0 + off * sv_1;
+            } else {
+              ko = b * sk_0 + key * sk_1;
+              vo = b * sv_0 + key * sv_1;
+            }
+          }
+          k_off[tid] = ko + hk * sk_h;
+          v_off[tid] = vo + hk * sv_h;
+        }
+        __syncthreads();
+        for (int idx = tid; idx < kBlockN * headdim; idx += kThreads) {
+          const int kj = idx / headdim, d = idx % headdim;
+          const bool ok = n0 + kj < hi;  // never read past the segment: pages there may be garbage
+          k_s[kj * (headdim + 1) + d] = ok ? to_float(k[k_off[kj] + d * sk_d]) : 0.f;
+          v_s[kj * headdim + d] = ok ? to_float(v[v_off[kj] + d * sv_d]) : 0.f;
+        }
+        __syncthreads();
+
+        const int key = n0 + lane;
+        #pragma unroll
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+          const int lr = warp * kRowsPerWarp + rr;  // row within the CTA's block
+          const int r = row0 + lr;
+          const int qpos = seqlen - seqlen_q + r / group;
+          float sc = 0.f;
+          for (int d = 0; d < headdim; ++d) sc += q_s[lr * headdim + d] * k_s[lane * (headdim + 1) + d];
+          sc *= scale;
+          if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
+          const bool visible = r < n_rows && key < hi &&
+                               (window_left < 0 || key >= qpos - window_left) &&
+                               (window_right < 0 || key <= qpos + window_right);
+          sc = visible ? sc * kLog2e : neg_inf();
+          const float m_new = fmaxf(m[rr], warp_max(sc));
+          // No visible key yet: subtract 0 so exp2 gives exact zeros, not NaN.
+          const float m_safe = m_new == neg_inf() ? 0.f : m_new;
+          const float p = exp2f(sc - m_safe);
+          const float alpha = exp2f(m[rr] - m_safe);
+          l[rr] = l[rr] * alpha + warp_sum(p);
+          m[rr] = m_new;
+          #pragma unroll
+          for (int j = 0; j < kDimsPerLane; ++j) acc[rr][j] *= alpha;
+          for (int jj = 0; jj < kBlockN; ++jj) {  // key jj's probability, broadcast from lane jj
+            const float pj = __shfl_sync(0xffffffffu, p, jj);
+            #pragma unroll
+            for (int j = 0; j < kDimsPerLane; ++j) {
+              const int d = lane + 32 * j;
+              if (d < headdim) acc[rr][j] += pj * v_s[jj * headdim + d];
+            }
           }
         }
-        k_off[tid] = ko + hk * sk_h;
-        v_off[tid] = vo + hk * sv_h;
       }
-      __syncthreads();
-      for (int idx = tid; idx < kBlockN * headdim; idx += kThreads) {
-        const int j = idx / headdim, d = idx % headdim;
-        const bool ok = n0 + j < hi;  // never read past the segment: pages there may be garbage
-        k_s[j * (headdim + 1) + d] = ok ? to_float(k[k_off[j] + d * sk_d]) : 0.f;
-        v_s[j * headdim + d] = ok ? to_float(v[v_off[j] + d * sv_d]) : 0.f;
-      }
-      __syncthreads();
 
-      const int key = n0 + lane;
-#pragma unroll
+      #pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        const int lr = warp * kRowsPerWarp + rr;  // row within the CTA's block
-        const int r = row0 + lr;
-        const int qpos = seqlen - seqlen_q + r / group;
-        float sc = 0.f;
-        for (int d = 0; d < headdim; ++d) sc += q_s[lr * headdim + d] * k_s[lane * (headdim + 1) + d];
-        sc *= scale;
-        if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
-        const bool visible = r < n_rows && key < hi &&
-                             (window_left < 0 || key >= qpos - window_left) &&
-                             (window_right < 0 || key <= qpos + window_right);
-        sc = visible ? sc * kLog2e : neg_inf();
-        const float m_new = fmaxf(m[rr], warp_max(sc));
-        // No visible key yet: subtract 0 so exp2 gives exact zeros, not NaN.
-        const float m_safe = m_new == neg_inf() ? 0.f : m_new;
-        const float p = exp2f(sc - m_safe);
-        const float alpha = exp2f(m[rr] - m_safe);
-        l[rr] = l[rr] * alpha + warp_sum(p);
-        m[rr] = m_new;
-#pragma unroll
-        for (int j = 0; j < kDimsPerLane; ++j) acc[rr][j] *= alpha;
-        for (int jj = 0; jj < kBlockN; ++jj) {  // key jj's probability, broadcast from lane jj
-          const float pj = __shfl_sync(0xffffffffu, p, jj);
-#pragma unroll
+        const int r = row0 + warp * kRowsPerWarp + rr;
+        if (r >= n_rows) continue;
+        const bool empty = l[rr] == 0.f;
+        const float inv = empty ? 0.f : 1.f / l[rr];
+        const float row_lse = empty ? neg_inf() : (m[rr] + log2f(l[rr])) * kLn2;
+        const int i = r / group, h = hk * group + r % group;
+        if (whole) {  // the only contributor: final output
+          T* o = out + ((static_cast<long long>(b) * seqlen_q + i) * nheads + h) * headdim;
+          #pragma unroll
           for (int j = 0; j < kDimsPerLane; ++j) {
             const int d = lane + 32 * j;
-            if (d < headdim) acc[rr][j] += pj * v_s[jj * headdim + d];
+            if (d < headdim) o[d] = from_float<T>(acc[rr][j] * inv);
           }
+          if (lane == 0) lse[(static_cast<long long>(b) * nheads + h) * seqlen_q + i] = row_lse;
+        } else {  // one of several: float32 partial, merged by streamk_merge
+          const long long base = (static_cast<long long>(slot) * heads_per_tile + th) * n_rows + r;
+          #pragma unroll
+          for (int j = 0; j < kDimsPerLane; ++j) {
+            const int d = lane + 32 * j;
+            if (d < headdim) ws_o[base * headdim + d] = acc[rr][j] * inv;
+          }
+          if (lane == 0) ws_l[base] = row_lse;
         }
       }
-    }
-
-#pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int r = row0 + warp * kRowsPerWarp + rr;
-      if (r >= n_rows) continue;
-      const bool empty = l[rr] == 0.f;
-      const float inv = empty ? 0.f : 1.f / l[rr];
-      const float row_lse = empty ? neg_inf() : (m[rr] + log2f(l[rr])) * kLn2;
-      const int i = r / group, h = hk * group + r % group;
-      if (whole) {  // the only contributor: final output
-        T* o = out + ((static_cast<long long>(b) * seqlen_q + i) * nheads + h) * headdim;
-#pragma unroll
-        for (int j = 0; j < kDimsPerLane; ++j) {
-          const int d = lane + 32 * j;
-          if (d < headdim) o[d] = from_float<T>(acc[rr][j] * inv);
-        }
-        if (lane == 0) lse[(static_cast<long long>(b) * nheads + h) * seqlen_q + i] = row_lse;
-      } else {  // one of several: float32 partial, merged by streamk_merge
-        const long long base = static_cast<long long>(slot) * n_rows + r;
-#pragma unroll
-        for (int j = 0; j < kDimsPerLane; ++j) {
-          const int d = lane + 32 * j;
-          if (d < headdim) ws_o[base * headdim + d] = acc[rr][j] * inv;
-        }
-        if (lane == 0) ws_l[base] = row_lse;
-      }
-    }
+    }  // kv heads of the tile
   }
 }
 
@@ -229,20 +236,22 @@ template <typename T>
 __device__ void streamk_merge(
     T* __restrict__ out, float* __restrict__ lse, const float* __restrict__ ws_o, const float* __restrict__ ws_l,
     const int* __restrict__ merge_tiles, const int* __restrict__ tile_first,
-    int nheads, int nheads_k, int seqlen_q, int group, int headdim) {
+    int nheads, int tiles_per_seq, int heads_per_tile, int seqlen_q, int group, int headdim) {
   const int tile = merge_tiles[blockIdx.x];
-  const int b = tile / nheads_k, hk = tile % nheads_k;
+  const int b = tile / tiles_per_seq;
   const int lo = tile_first[tile], hi = tile_first[tile + 1];
   const int n_rows = group * seqlen_q;
-  // One thread per (row, dim); each recomputes its row's max and weights (a few cached loads).
-  for (int idx = threadIdx.x; idx < n_rows * headdim; idx += blockDim.x) {
-    const int r = idx / headdim, d = idx % headdim;
+  // One thread per (kv head of the tile, row, dim); each recomputes its row's max and
+  // weights (a few cached loads). Workspace rows are (slot, kv head of the tile, row).
+  for (int idx = threadIdx.x; idx < heads_per_tile * n_rows * headdim; idx += blockDim.x) {
+    const int j = idx / (n_rows * headdim), r = idx / headdim % n_rows, d = idx % headdim;
+    const int hk = (tile % tiles_per_seq) * heads_per_tile + j;
     float mx = neg_inf();
-    for (int s = lo; s < hi; ++s) mx = fmaxf(mx, ws_l[static_cast<long long>(s) * n_rows + r]);
+    for (int s = lo; s < hi; ++s) mx = fmaxf(mx, ws_l[(static_cast<long long>(s) * heads_per_tile + j) * n_rows + r]);
     if (mx == neg_inf()) mx = 0.f;  // every part empty: weights are exact zeros
     float den = 0.f, num = 0.f;
     for (int s = lo; s < hi; ++s) {  // slot order = plan order: deterministic
-      const long long base = static_cast<long long>(s) * n_rows + r;
+      const long long base = (static_cast<long long>(s) * heads_per_tile + j) * n_rows + r;
       const float w = expf(ws_l[base] - mx);
       den += w;
       num += w * ws_o[base * headdim + d];
@@ -262,17 +271,21 @@ __device__ void streamk_merge(
       const int *worker_first, const int *seqlens, const int *block_table, long long sq_b,             \
       long long sq_m, long long sq_h, long long sq_d, long long sk_0, long long sk_1, long long sk_h,  \
       long long sk_d, long long sv_0, long long sv_1, long long sv_h, long long sv_d, long long bt_b,  \
-      long long bt_p, int nheads, int nheads_k, int seqlen_q, int group, int headdim, int block_n,     \
-      int page_size, float scale, float softcap, int window_left, int window_right
+      long long bt_p, int nheads, int tiles_per_seq, int heads_per_tile, int seqlen_q, int group,      \
+      int headdim, int block_n, int page_size, float scale, float softcap, int window_left,            \
+      int window_right
 #define LONGATTN_PARTIAL_ARGS                                                                          \
   q, k, v, out, lse, ws_o, ws_l, segs, worker_first, seqlens, block_table, sq_b, sq_m, sq_h, sq_d,     \
-      sk_0, sk_1, sk_h, sk_d, sv_0, sv_1, sv_h, sv_d, bt_b, bt_p, nheads, nheads_k, seqlen_q, group,   \
-      headdim, block_n, page_size, scale, softcap, window_left, window_right
+      sk_0, sk_1, sk_h, sk_d, sv_0, sv_1, sv_h, sv_d, bt_b, bt_p, nheads, tiles_per_seq,               \
+      heads_per_tile, seqlen_q, group, headdim, block_n, page_size, scale, softcap, window_left,       \
+      window_right
 #define LONGATTN_MERGE_PARAMS(T)                                                                       \
   T *out, float *lse, const float *ws_o, const float *ws_l, const int *merge_tiles,                    \
-      const int *tile_first, int nheads, int nheads_k, int seqlen_q, int group, int headdim
-#define LONGATTN_MERGE_ARGS \
-  out, lse, ws_o, ws_l, merge_tiles, tile_first, nheads, nheads_k, seqlen_q, group, headdim
+      const int *tile_first, int nheads, int tiles_per_seq, int heads_per_tile, int seqlen_q,          \
+      int group, int headdim
+#define LONGATTN_MERGE_ARGS                                                                            \
+  out, lse, ws_o, ws_l, merge_tiles, tile_first, nheads, tiles_per_seq, heads_per_tile, seqlen_q,      \
+      group, headdim
 
 #define LONGATTN_DEFINE(SUFFIX, T)                                                                     \
   extern "C" __global__ void __launch_bounds__(kThreads) streamk_partial_##SUFFIX(LONGATTN_PARTIAL_PARAMS(T)) { \

@@ -1,0 +1,314 @@
+"""The CUDA stream-K decode twin (csrc/cuda/decode_streamk.cu).
+
+What runs where:
+- with ``nvcc`` on the PATH: the source compiles for sm_80 and sm_90 with
+  warnings as errors (runs on this CPU-only machine);
+- anywhere: the launch arguments the loader builds match the kernels'
+  parameter lists in the source (count, order, pointer element types and
+  scalar widths): a mismatch there would be silent memory corruption;
+- with ``g++`` (C++20): the kernels *run on the CPU* in an emulation of the
+  CUDA execution model (one std::thread per CUDA thread, real barriers for
+  ``__syncthreads`` and warp shuffles, shared memory poisoned with NaN per
+  block), fed by the loader's own launch arguments, and are checked against
+  the oracle. This verifies the algorithm, indexing and synchronisation, not
+  GPU-only behaviour (memory model, occupancy, shared-memory limits, NVRTC);
+- with a CUDA device and cupy: results against the float64 oracle
+  (tolerance rule, eager twin as baseline) and bitwise determinism.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longattn.decode import plan_decode
+from longattn.decode.cache import check_cache
+from longattn.kernels import decode_cuda
+from longattn.kernels.decode_eager import decode_forward_eager
+from longattn.masking import effective_window
+from tests.decode.decode_cases import DecodeCase
+from tests.tolerance import assert_close_to_oracle
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH (the CUDA source is compile-checked only with it)")
+def test_source_compiles_for_sm80_and_sm90(tmp_path):
+    cmd = [NVCC, "-c", "-std=c++17", "--Werror", "all-warnings",
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "-o", str(tmp_path / "decode_streamk.o"), str(decode_cuda.SOURCE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr}"
+    assert (tmp_path / "decode_streamk.o").stat().st_size > 0
+
+
+def _macro_params(name: str) -> list[str]:
+    """Parameter types of ``#define name(T) ...`` in the source, e.g. ``['const T *', 'int', ...]``."""
+    text = decode_cuda.SOURCE.read_text()
+    body = re.search(rf"#define {name}\(T\)(.*?)\n(?=#define)", text, re.S)
+    assert body, f"macro {name} not found in {decode_cuda.SOURCE}"
+    params = body.group(1).replace("\\\n", " ").split(",")
+    # "const T *q" -> "const T *": drop the trailing parameter name, keep the pointer star.
+    return [re.sub(r"\s+", " ", re.sub(r"\w+\s*$", "", p.strip()).replace("*", " *")).strip() for p in params]
+
+
+def _check_args(param_types: list[str], args: tuple, dtype: torch.dtype) -> None:
+    assert len(args) == len(param_types), f"{len(args)} arguments for {len(param_types)} parameters"
+    pointee = {"T": dtype, "float": torch.float32, "int": torch.int32}
+    for i, (ptype, arg) in enumerate(zip(param_types, args)):
+        if ptype.endswith("*"):
+            base = ptype.replace("const", "").replace("*", "").strip()
+            assert isinstance(arg, torch.Tensor), f"parameter {i} ({ptype}) got {type(arg).__name__}"
+            assert arg.dtype == pointee[base], f"parameter {i} ({ptype}) got a {arg.dtype} tensor"
+        else:
+            want = {"long long": np.int64, "int": np.int32, "float": np.float32}[ptype]
+            assert type(arg) is want, f"parameter {i} ({ptype}) got {type(arg).__name__}"
+
+
+@pytest.mark.parametrize("page_size", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads_per_tile", [1, 2])
+def test_launch_arguments_match_the_kernel_signatures(page_size, dtype, heads_per_tile):
+    case = DecodeCase((9, 0, 30), 0, 2, 2, 4, 24, dtype, page_size, True, (-1, -1), 0.0, seed=1)
+    q, k_cache, v_cache, kwargs, _, _ = case.build()
+    plan = plan_decode(case.seqlens, nheads_k=2, num_workers=5, block_n=4, heads_per_tile=heads_per_tile)
+    out, lse, launches = decode_cuda.prepare_launches(
+        q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs.get("block_table"),
+        scale=0.2, window=(-1, 0), softcap=0.0, plan=plan)
+    assert [launch.name.rsplit("_", 1)[0] for launch in launches] == ["streamk_partial", "streamk_merge"]
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    partial, merge = launches
+    _check_args(_macro_params("LONGATTN_PARTIAL_PARAMS"), partial.args, dtype)
+    _check_args(_macro_params("LONGATTN_MERGE_PARAMS"), merge.args, dtype)
+    # Workspace: one row per (slot, kv head of the tile, query row), float32.
+    slots = sum(len(s) for s in plan.contributors if len(s) > 1)
+    assert partial.args[6].numel() == slots * heads_per_tile * case.group * case.seqlen_q
+    assert partial.shared_mem == decode_cuda.streamk_smem_bytes(24)
+    src = decode_cuda.SOURCE.read_text()
+    for name, value in (("kThreads", None), ("kRows", decode_cuda.ROWS), ("kBlockN", decode_cuda.BLOCK_N),
+                        ("kMaxDim", decode_cuda.MAX_HEADDIM)):
+        if value is not None:
+            assert re.search(rf"constexpr int {name} = {value};", src), f"{name} != {value} in the source"
+
+
+# --- CPU emulation of the CUDA kernels (g++) ---------------------------------
+
+_EMU_FP16 = """#pragma once
+#include <cstring>
+struct __half { unsigned short bits; };
+inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h, 2); return (float)f; }
+inline __half __float2half_rn(float x) { _Float16 f = (_Float16)x; __half h; std::memcpy(&h, &f, 2); return h; }
+"""
+_EMU_BF16 = """#pragma once
+#include <cstring>
+struct __nv_bfloat16 { unsigned short bits; };
+inline float __bfloat162float(__nv_bfloat16 b) { unsigned u = (unsigned)b.bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {  // round to nearest even (finite inputs)
+  unsigned u; std::memcpy(&u, &x, 4); u += 0x7fffu + ((u >> 16) & 1u); return {(unsigned short)(u >> 16)};
+}
+"""
+# One std::thread per CUDA thread of a block (blocks run one after another); __syncthreads is a
+# barrier over the block, a shuffle is a write, a warp barrier, a read and another warp barrier.
+_EMU_PRELUDE = """#pragma once
+#include <math.h>
+#include <algorithm>
+#include <barrier>
+#include <cstring>
+#include <thread>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(n)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__
+struct Dim3 { int x, y, z; };
+inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 blockDim{128, 1, 1};
+inline std::barrier<>* g_block;
+inline std::barrier<>* g_warp[32];
+inline float g_lanes[32][32];
+inline void __syncthreads() { g_block->arrive_and_wait(); }
+inline float emu_shfl(float x, int src) {
+  const int w = threadIdx.x / 32;
+  g_lanes[w][threadIdx.x % 32] = x;
+  g_warp[w]->arrive_and_wait();
+  const float r = g_lanes[w][src];
+  g_warp[w]->arrive_and_wait();
+  return r;
+}
+inline float __shfl_xor_sync(unsigned, float x, int o) { return emu_shfl(x, (threadIdx.x % 32) ^ o); }
+inline float __shfl_sync(unsigned, float x, int src) { return emu_shfl(x, src); }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+using std::max;
+using std::min;
+namespace { alignas(16) unsigned char smem_raw[1 << 20]; }  // the kernels' extern __shared__ array
+template <class F> void emu_grid(int gx, int gy, F body) {
+  for (int by = 0; by < gy; ++by)
+    for (int bx = 0; bx < gx; ++bx) {
+      std::memset(smem_raw, 0xff, sizeof smem_raw);  // NaN: reading unwritten shared memory shows
+      std::barrier<> block(blockDim.x);
+      for (int w = 0; w < blockDim.x / 32; ++w) g_warp[w] = new std::barrier<>(32);
+      g_block = &block;
+      std::vector<std::thread> threads;
+      for (int t = 0; t < blockDim.x; ++t)
+        threads.emplace_back([&, t] { threadIdx = {t, 0, 0}; blockIdx = {bx, by, 0}; body(); });
+      for (auto& th : threads) th.join();
+      for (int w = 0; w < blockDim.x / 32; ++w) delete g_warp[w];
+    }
+}
+"""
+_EMU_HARNESS = """#include "decode_streamk.cu"
+#define EMU_LAUNCH(SUFFIX, T)                                                      \\
+  extern "C" void emu_partial_##SUFFIX(int gx, int gy, LONGATTN_PARTIAL_PARAMS(T)) { \\
+    emu_grid(gx, gy, [&] { streamk_partial_##SUFFIX(LONGATTN_PARTIAL_ARGS); });     \\
+  }                                                                                \\
+  extern "C" void emu_merge_##SUFFIX(int gx, LONGATTN_MERGE_PARAMS(T)) {            \\
+    emu_grid(gx, 1, [&] { streamk_merge_##SUFFIX(LONGATTN_MERGE_ARGS); });          \\
+  }
+EMU_LAUNCH(f32, float)
+EMU_LAUNCH(f16, __half)
+EMU_LAUNCH(bf16, __nv_bfloat16)
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The CUDA source compiled for the CPU emulation, as a ctypes library."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not on the PATH (needed to run the CUDA kernels in the CPU emulation)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in (("cuda_fp16.h", _EMU_FP16), ("cuda_bf16.h", _EMU_BF16), ("prelude.h", _EMU_PRELUDE),
+                           ("harness.cpp", _EMU_HARNESS)):
+            with open(f"{tmp}/{name}", "w") as f:
+                f.write(text)
+        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{tmp}", f"-I{decode_cuda.SOURCE.parent}",
+               "-include", "prelude.h", f"{tmp}/harness.cpp", "-o", f"{tmp}/emu.so"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:  # an old toolchain (no C++20 <barrier>, no _Float16); nvcc checks the source
+            pytest.skip(f"g++ cannot build the CUDA emulation: {proc.stderr.strip()[-300:]}")
+        yield ctypes.CDLL(f"{tmp}/emu.so")
+
+
+def _emulate(lib, case: DecodeCase, num_workers: int, block_n: int, heads_per_tile: int = 1):
+    q, k_cache, v_cache, kwargs, logical_k, logical_v = case.build()
+    view = check_cache(q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs.get("block_table"),
+                       kwargs.get("k_new"), kwargs.get("v_new"))
+    plan = plan_decode(view.seqlens, nheads_k=case.nheads_k, num_workers=num_workers, block_n=block_n,
+                       heads_per_tile=heads_per_tile)
+    args = (q, view.k_cache, view.v_cache, view.seqlens, view.block_table)
+    params = dict(scale=case.headdim ** -0.5, window=effective_window(case.causal, case.window_size),
+                  softcap=case.softcap)
+    scalar = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float32: ctypes.c_float}
+    results = []
+    for _ in range(2):  # twice: bitwise determinism
+        out, lse, launches = decode_cuda.prepare_launches(*args, **params, plan=plan)
+        for launch in launches:
+            _, kind, suffix = launch.name.split("_")
+            c_args = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else scalar[type(a)](a.item())
+                      for a in launch.args]
+            getattr(lib, f"emu_{kind}_{suffix}")(*(ctypes.c_int(g) for g in launch.grid), *c_args)
+        results.append((out, lse))
+    (out, lse), again = results
+    eager_out, eager_lse = decode_forward_eager(*args, **params)
+    ref_out, ref_lse = case.oracle(q, logical_k, logical_v)
+    assert_close_to_oracle(out, ref_out, eager_out)
+    assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+
+
+# (case, num_workers, block_n, heads_per_tile); DecodeCase fields: cache_seqlens, seqlen_new, seqlen_q,
+# nheads_k, group, headdim, dtype, page_size, causal, window_size, softcap, seed.
+_EMU_CASES = {
+    "ragged-paged3-fp16-window-softcap": (DecodeCase((0, 37, 1), 2, 3, 2, 4, 40, torch.float16, 3, True, (9, -1), 4.0, 1), 3, 8, 1),
+    "contiguous-bf16-one-worker": (DecodeCase((45, 7), 0, 2, 1, 8, 64, torch.bfloat16, None, True, (-1, -1), 0.0, 2), 1, 16, 1),
+    "page1-fp32-many-workers": (DecodeCase((33, 0, 12), 1, 5, 2, 1, 24, torch.float32, 1, False, (6, 2), 0.0, 3), 40, 4, 1),
+    "gqa8-seqlen_q8-hd256-page16": (DecodeCase((70,), 0, 8, 1, 8, 256, torch.float32, 16, True, (-1, -1), 0.0, 4), 3, 16, 1),
+    "heads-per-tile-2": (DecodeCase((50, 9), 0, 2, 2, 4, 32, torch.float16, 3, True, (-1, -1), 0.0, 5), 3, 8, 2),
+    "split-tile-with-empty-rows": (DecodeCase((5, 0), 0, 8, 1, 4, 16, torch.float32, None, True, (-1, -1), 0.0, 6), 50, 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(_EMU_CASES))
+def test_kernels_match_oracle_in_cpu_emulation(emulated, name):
+    case, num_workers, block_n, heads_per_tile = _EMU_CASES[name]
+    _emulate(emulated, case, num_workers, block_n, heads_per_tile)
+
+
+def test_unavailable_reason_is_one_line():
+    reason = decode_cuda.cuda_unavailable_reason()
+    assert reason is None or (reason and "\n" not in reason)
+
+
+# --- runtime (a CUDA device and cupy) ---------------------------------------
+
+_REASON = decode_cuda.cuda_unavailable_reason()
+requires_gpu = pytest.mark.skipif(_REASON is not None, reason=f"CUDA twin cannot run here: {_REASON}")
+
+
+@requires_gpu
+@given(
+    case=st.builds(
+        DecodeCase,
+        cache_seqlens=st.lists(st.sampled_from([0, 1, 17, 64, 200]), min_size=1, max_size=3).map(tuple),
+        seqlen_new=st.sampled_from([0, 1]),
+        seqlen_q=st.integers(1, 8),
+        nheads_k=st.integers(1, 2),
+        group=st.sampled_from([1, 4, 8]),
+        headdim=st.sampled_from([16, 40, 128, 256]),
+        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+        page_size=st.sampled_from([None, 1, 3, 16]),
+        causal=st.booleans(),
+        window_size=st.sampled_from([(-1, -1), (7, -1), (30, 0)]),
+        softcap=st.sampled_from([0.0, 4.0]),
+        seed=st.integers(0, 2**31 - 1),
+    ),
+    num_workers=st.sampled_from([1, 3, 1000]),
+    block_n=st.sampled_from([4, 64]),
+)
+@settings(max_examples=50)
+def test_matches_oracle_on_gpu(case, num_workers, block_n):
+    q, k_cache, v_cache, kwargs, logical_k, logical_v = case.build()
+    q, k_cache, v_cache = (t.cuda() for t in (q, k_cache, v_cache))
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    view = check_cache(q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs.get("block_table"),
+                       kwargs.get("k_new"), kwargs.get("v_new"))
+    plan = plan_decode(view.seqlens, nheads_k=case.nheads_k, num_workers=num_workers, block_n=block_n)
+    args = (q, view.k_cache, view.v_cache, view.seqlens, view.block_table)
+    params = dict(scale=case.headdim ** -0.5, window=effective_window(case.causal, case.window_size),
+                  softcap=case.softcap)
+    out, lse = decode_cuda.decode_forward_cuda(*args, **params, plan=plan)
+    eager_out, eager_lse = decode_forward_eager(*args, **params)
+    ref_out, ref_lse = case.oracle(q.cpu(), logical_k, logical_v)
+    assert_close_to_oracle(out, ref_out, eager_out)
+    assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")
+    again = decode_cuda.decode_forward_cuda(*args, **params, plan=plan)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])  # deterministic for a fixed plan
+
+
+@requires_gpu
+def test_public_front_door_on_gpu():
+    import longattn
+
+    case = DecodeCase((40, 0, 333), 1, 2, 2, 4, 64, torch.bfloat16, 16, True, (-1, -1), 0.0, seed=3)
+    q, k_cache, v_cache, kwargs, logical_k, logical_v = case.build()
+    q, k_cache, v_cache = (t.cuda() for t in (q, k_cache, v_cache))
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    k_eager, v_eager = k_cache.clone(), v_cache.clone()
+    out, lse = longattn.decode_attention(q, k_cache, v_cache, **kwargs, backend="cuda", return_lse=True)
+    eager = longattn.decode_attention(q, k_eager, v_eager, **kwargs, backend="eager", return_lse=True)
+    ref_out, ref_lse = case.oracle(q.cpu(), logical_k, logical_v)
+    assert_close_to_oracle(out, ref_out, eager[0])
+    assert_close_to_oracle(lse, ref_lse, eager[1], name="lse")
