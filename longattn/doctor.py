@@ -27,6 +27,7 @@ from longattn.bench.machine import cpu_model
 # adds one line; a module that fails to import is reported, not fatal.
 REGISTRIES = (
     ("longattn.kernels.dense", "DENSE_BACKENDS"),
+    ("longattn.kernels.decode", "DECODE_BACKENDS"),
 )
 
 CXX_COMPILERS = ("c++", "g++", "clang++")

@@ -124,12 +124,12 @@ def decode_reference(inputs: DecodeInputs, outputs: dict) -> tuple[torch.Tensor,
     return torch.cat(outs), "oracle (float64)"
 
 
-QUICK_OFFSET = 100  # case numbers >= 100 are the --quick cases
+QUICK_OFFSET = 100  # case numbers 1.. are FULL's cases, 101.. QUICK's
 
 
 def decode_scenario(index: int) -> Scenario:
-    """Case ``index`` of :data:`FULL`, or of :data:`QUICK` from ``QUICK_OFFSET`` on."""
-    spec = QUICK[index - QUICK_OFFSET] if index >= QUICK_OFFSET else FULL[index]
+    """Case number ``index`` (1-based) of :data:`FULL`, or of :data:`QUICK` from ``QUICK_OFFSET + 1`` on."""
+    spec = QUICK[index - QUICK_OFFSET - 1] if index > QUICK_OFFSET else FULL[index - 1]
     methods = [
         Method("longattn cpu", no_setup(_decode("cpu"))),
         Method("longattn eager", no_setup(_decode("eager"))),
@@ -152,7 +152,7 @@ def decode_scenario(index: int) -> Scenario:
         baseline="sdpa",
         reference=decode_reference,
         # The issue's targets are for the full-size cases; --quick cases are too small to be memory-bound.
-        target=None if index >= QUICK_OFFSET else Target(
+        target=None if index > QUICK_OFFSET else Target(
             "longattn cpu", None if speedup is None else 1.0 / speedup, note, MIN_BANDWIDTH
         ),
         bytes_read=cache_bytes,
@@ -169,8 +169,8 @@ DECODE = register_group(
         name="decode",
         description=f"one query token, Hq={NHEADS}, Hkv={NHEADS_K}, D={HEADDIM}; baseline SDPA",
         size_name="case",
-        sizes=tuple(range(len(FULL))),
-        quick_sizes=tuple(range(QUICK_OFFSET, QUICK_OFFSET + len(QUICK))),
+        sizes=tuple(range(1, len(FULL) + 1)),
+        quick_sizes=tuple(range(QUICK_OFFSET + 1, QUICK_OFFSET + len(QUICK) + 1)),
         make_scenario=decode_scenario,
         plot=False,
     )
