@@ -307,31 +307,35 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
     // Half types: stream the chunk in address order (position by position,
     // every head of the tile), widening to fp32 into L2-resident buffers, so
     // the hardware prefetcher sees one sequential stream. fp32 rows are used
-    // in place; the next chunk is prefetched in the same address order.
+    // in place.
     const bool widen = p.dtype != kF32;
-    for (int j = 0; j < n; ++j) {
-      const char* kp = p.k + key_offset(p, b, c0 + j, hk0);
-      const char* vp = p.v + key_offset(p, b, c0 + j, hk0);
-      if (widen) {
+    if (widen) {
+      for (int j = 0; j < n; ++j) {
+        const char* kp = p.k + key_offset(p, b, c0 + j, hk0);
+        const char* vp = p.v + key_offset(p, b, c0 + j, hk0);
         for (int hl = 0; hl < p.heads_per_tile; ++hl) {
           const size_t at = (static_cast<size_t>(hl) * kChunk + j) * D;
           load_row(kp + hl * head_bytes, p.dtype, &w.kbuf[at], D);
           load_row(vp + hl * head_bytes, p.dtype, &w.vbuf[at], D);
         }
       }
+    }
+    const int next_n = std::min(kChunk, key_end - c0 - n);
+    for (int hl = 0; hl < p.heads_per_tile; ++hl) {
 #ifdef LONGATTN_AVX2
-      else if (c0 + n + j < key_end) {
+      // Prefetch the next chunk while this one computes, a slice per head so
+      // DRAM stays busy through the compute instead of idling between bursts.
+      const int pf_begin = hl * next_n / p.heads_per_tile, pf_end = (hl + 1) * next_n / p.heads_per_tile;
+      for (int j = pf_begin; j < pf_end; ++j) {
         const char* nk = p.k + key_offset(p, b, c0 + n + j, hk0);
         const char* nv = p.v + key_offset(p, b, c0 + n + j, hk0);
-        for (int hl = 0; hl < p.heads_per_tile; ++hl)
+        for (int h2 = 0; h2 < p.heads_per_tile; ++h2)
           for (int off = 0; off < D * es; off += 64) {
-            _mm_prefetch(nk + hl * head_bytes + off, _MM_HINT_T0);
-            _mm_prefetch(nv + hl * head_bytes + off, _MM_HINT_T0);
+            _mm_prefetch(nk + h2 * head_bytes + off, _MM_HINT_T0);
+            _mm_prefetch(nv + h2 * head_bytes + off, _MM_HINT_T0);
           }
       }
 #endif
-    }
-    for (int hl = 0; hl < p.heads_per_tile; ++hl) {
       for (int j = 0; j < n; ++j) {
         if (widen) {
           const size_t at = (static_cast<size_t>(hl) * kChunk + j) * D;
