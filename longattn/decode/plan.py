@@ -126,6 +126,15 @@ class DecodePlan:
         return tuple(tuple(s) for s in per_tile)
 
     def as_tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The plan as int32 tensors on ``device`` (built once per device: a
+        plan reused across layers pays for this once). See :meth:`_build_tensors`."""
+        key = str(torch.device(device))
+        cache = self.__dict__.setdefault("_tensor_cache", {})  # frozen dataclass: cache outside fields
+        if key not in cache:
+            cache[key] = self._build_tensors(device)
+        return cache[key]
+
+    def _build_tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """int32 tensors for kernels: ``segments (num_segments, 6)`` rows of
         ``(worker, tile, first, last, whole_tile, partial_slot)``,
         ``worker_first_segment (num_workers + 1,)`` (segments of worker ``c`` are
