@@ -144,51 +144,82 @@ inline __m256 exp256(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
 
-// R rows (1..4) x 2 keys per step: 2R independent FMA chains, K loaded once per step.
-template <int R>
-void qk_rows(const float* q, int D, const float* const* krow, int n, float* s, int s_stride) {
+// Typed row access: fp16/bf16 are widened to fp32 in registers, so each K/V
+// element is read from memory once and never written back to a buffer.
+template <typename T> struct Row;
+template <> struct Row<float> {
+  static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  static float at(const float* p, int d) { return p[d]; }
+};
+template <> struct Row<uint16_t> {  // bfloat16: the top half of a float32
+  static __m256 load8(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static float at(const uint16_t* p, int d) { return bf16_to_f32(p[d]); }
+};
+template <> struct Row<_Float16> {
+  static __m256 load8(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float at(const _Float16* p, int d) { return static_cast<float>(p[d]); }
+};
+
+// Eight horizontal sums at once: out[i] = sum of the lanes of v[i].
+inline __m256 hsum8(const __m256 v[8]) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// R rows (1..4) x 2 keys per step: 2R independent FMA chains, each K element
+// loaded (and widened) once for all R rows.
+template <int R, typename T>
+void qk_rows(const float* q, int D, const void* const* krow, int n, float* s, int s_stride) {
   const int dv = D & ~7;
   int j = 0;
   for (; j + 1 < n; j += 2) {
-    __m256 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-    const float* k0 = krow[j];
-    const float* k1 = krow[j + 1];
+    __m256 acc[8];  // acc[2r] key j, acc[2r+1] key j+1
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    const T* k0 = static_cast<const T*>(krow[j]);
+    const T* k1 = static_cast<const T*>(krow[j + 1]);
     for (int d = 0; d < dv; d += 8) {
-      const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+      const __m256 x0 = Row<T>::load8(k0 + d), x1 = Row<T>::load8(k1 + d);
       for (int r = 0; r < R; ++r) {
         const __m256 qv = _mm256_loadu_ps(q + r * D + d);
-        a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(qv, x1, a1[r]);
+        acc[2 * r] = _mm256_fmadd_ps(qv, x0, acc[2 * r]);
+        acc[2 * r + 1] = _mm256_fmadd_ps(qv, x1, acc[2 * r + 1]);
       }
     }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, hsum8(acc));
     for (int r = 0; r < R; ++r) {
-      float t0 = hsum(a0[r]), t1 = hsum(a1[r]);
-      for (int d = dv; d < D; ++d) { t0 += q[r * D + d] * k0[d]; t1 += q[r * D + d] * k1[d]; }
+      float t0 = sums[2 * r], t1 = sums[2 * r + 1];
+      for (int d = dv; d < D; ++d) { t0 += q[r * D + d] * Row<T>::at(k0, d); t1 += q[r * D + d] * Row<T>::at(k1, d); }
       s[r * s_stride + j] = t0;
       s[r * s_stride + j + 1] = t1;
     }
   }
   for (; j < n; ++j) {
+    const T* kj = static_cast<const T*>(krow[j]);
     for (int r = 0; r < R; ++r) {
       __m256 a = _mm256_setzero_ps();
-      for (int d = 0; d < dv; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(krow[j] + d), a);
+      for (int d = 0; d < dv; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), Row<T>::load8(kj + d), a);
       float t = hsum(a);
-      for (int d = dv; d < D; ++d) t += q[r * D + d] * krow[j][d];
+      for (int d = dv; d < D; ++d) t += q[r * D + d] * Row<T>::at(kj, d);
       s[r * s_stride + j] = t;
     }
   }
 }
 
 // acc[r] += sum_j p[r][j] * v_j for R rows (1..4), 16 columns at a time held in registers.
-template <int R>
-void pv_rows(const float* p, int p_stride, const float* const* vrow, int n, float* acc, int D) {
+template <int R, typename T>
+void pv_rows(const float* p, int p_stride, const void* const* vrow, int n, float* acc, int D) {
   int d = 0;
   for (; d + 16 <= D; d += 16) {
     __m256 a0[R], a1[R];
     for (int r = 0; r < R; ++r) { a0[r] = _mm256_loadu_ps(acc + r * D + d); a1[r] = _mm256_loadu_ps(acc + r * D + d + 8); }
     for (int j = 0; j < n; ++j) {
-      const __m256 v0 = _mm256_loadu_ps(vrow[j] + d), v1 = _mm256_loadu_ps(vrow[j] + d + 8);
+      const T* vj = static_cast<const T*>(vrow[j]);
+      const __m256 v0 = Row<T>::load8(vj + d), v1 = Row<T>::load8(vj + d + 8);
       for (int r = 0; r < R; ++r) {
         const __m256 pb = _mm256_broadcast_ss(p + r * p_stride + j);
         a0[r] = _mm256_fmadd_ps(pb, v0, a0[r]);
@@ -200,49 +231,68 @@ void pv_rows(const float* p, int p_stride, const float* const* vrow, int n, floa
   for (; d < D; ++d)
     for (int r = 0; r < R; ++r) {
       float t = acc[r * D + d];
-      for (int j = 0; j < n; ++j) t += p[r * p_stride + j] * vrow[j][d];
+      for (int j = 0; j < n; ++j) t += p[r * p_stride + j] * Row<T>::at(static_cast<const T*>(vrow[j]), d);
       acc[r * D + d] = t;
     }
 }
-#endif
 
-void qk_block(const float* q, int rows, int D, const float* const* krow, int n, float* s, int s_stride) {
-#ifdef LONGATTN_AVX2
+template <typename T>
+void qk_block_typed(const float* q, int rows, int D, const void* const* krow, int n, float* s, int s_stride) {
   int r = 0;
-  for (; r + 4 <= rows; r += 4) qk_rows<4>(q + r * D, D, krow, n, s + r * s_stride, s_stride);
+  for (; r + 4 <= rows; r += 4) qk_rows<4, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride);
   switch (rows - r) {
-    case 3: qk_rows<3>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
-    case 2: qk_rows<2>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
-    case 1: qk_rows<1>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
+    case 3: qk_rows<3, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
+    case 2: qk_rows<2, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
+    case 1: qk_rows<1, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
     default: break;
   }
+}
+
+template <typename T>
+void pv_block_typed(const float* p, int rows, int p_stride, const void* const* vrow, int n, float* acc, int D) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv_rows<4, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D);
+  switch (rows - r) {
+    case 3: pv_rows<3, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
+    case 2: pv_rows<2, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
+    case 1: pv_rows<1, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
+    default: break;
+  }
+}
+#endif
+
+// scores[r][j] = q_r . k_j; rows are fp32 (widened) unless AVX2 reads them typed.
+void qk_block(const float* q, int rows, int D, int dtype, const void* const* krow, int n, float* s, int s_stride) {
+#ifdef LONGATTN_AVX2
+  if (dtype == kBF16) return qk_block_typed<uint16_t>(q, rows, D, krow, n, s, s_stride);
+  if (dtype == kF16) return qk_block_typed<_Float16>(q, rows, D, krow, n, s, s_stride);
+  return qk_block_typed<float>(q, rows, D, krow, n, s, s_stride);
 #else
+  (void)dtype;
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < n; ++j) {
+      const float* kj = static_cast<const float*>(krow[j]);
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int d = 0; d < D; ++d) dot += q[r * D + d] * krow[j][d];
+      for (int d = 0; d < D; ++d) dot += q[r * D + d] * kj[d];
       s[r * s_stride + j] = dot;
     }
 #endif
 }
 
-void pv_block(const float* p, int rows, int p_stride, const float* const* vrow, int n, float* acc, int D) {
+void pv_block(const float* p, int rows, int p_stride, int dtype, const void* const* vrow, int n, float* acc, int D) {
 #ifdef LONGATTN_AVX2
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) pv_rows<4>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D);
-  switch (rows - r) {
-    case 3: pv_rows<3>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
-    case 2: pv_rows<2>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
-    case 1: pv_rows<1>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
-    default: break;
-  }
+  if (dtype == kBF16) return pv_block_typed<uint16_t>(p, rows, p_stride, vrow, n, acc, D);
+  if (dtype == kF16) return pv_block_typed<_Float16>(p, rows, p_stride, vrow, n, acc, D);
+  return pv_block_typed<float>(p, rows, p_stride, vrow, n, acc, D);
 #else
+  (void)dtype;
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < n; ++j) {
       const float pj = p[r * p_stride + j];
+      const float* vj = static_cast<const float*>(vrow[j]);
 #pragma omp simd
-      for (int d = 0; d < D; ++d) acc[r * D + d] += pj * vrow[j][d];
+      for (int d = 0; d < D; ++d) acc[r * D + d] += pj * vj[d];
     }
 #endif
 }
@@ -268,8 +318,8 @@ float exp_shifted(float* s, int n, float m) {
 // Per-thread scratch, reused across segments.
 struct Scratch {
   std::vector<float> q, acc, m, l, s, kbuf, vbuf;
-  const float* krow[kChunk];
-  const float* vrow[kChunk];
+  const void* krow[kChunk];
+  const void* vrow[kChunk];
   void resize(int rows, int heads, int headdim) {
     q.resize(static_cast<size_t>(rows) * headdim);
     acc.resize(static_cast<size_t>(rows) * headdim);
@@ -304,11 +354,15 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
 
   for (int c0 = key_begin; c0 < key_end; c0 += kChunk) {
     const int n = std::min(kChunk, key_end - c0);
-    // Half types: stream the chunk in address order (position by position,
-    // every head of the tile), widening to fp32 into L2-resident buffers, so
-    // the hardware prefetcher sees one sequential stream. fp32 rows are used
-    // in place.
+    // With AVX2 the micro-kernels read every dtype in place (fp16/bf16 are
+    // widened in registers). Without it, half types are first widened into
+    // L2-resident fp32 buffers, position by position in address order.
+#ifdef LONGATTN_AVX2
+    const bool widen = false;  // the micro-kernels widen in registers
+#else
     const bool widen = p.dtype != kF32;
+#endif
+    const int row_dtype = widen ? kF32 : p.dtype;
     if (widen) {
       for (int j = 0; j < n; ++j) {
         const char* kp = p.k + key_offset(p, b, c0 + j, hk0);
@@ -320,7 +374,9 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
         }
       }
     }
+#ifdef LONGATTN_AVX2
     const int next_n = std::min(kChunk, key_end - c0 - n);
+#endif
     for (int hl = 0; hl < p.heads_per_tile; ++hl) {
 #ifdef LONGATTN_AVX2
       // Prefetch the next chunk while this one computes, a slice per head so
@@ -342,13 +398,13 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
           w.krow[j] = &w.kbuf[at];
           w.vrow[j] = &w.vbuf[at];
         } else {
-          w.krow[j] = reinterpret_cast<const float*>(p.k + key_offset(p, b, c0 + j, hk0 + hl));
-          w.vrow[j] = reinterpret_cast<const float*>(p.v + key_offset(p, b, c0 + j, hk0 + hl));
+          w.krow[j] = p.k + key_offset(p, b, c0 + j, hk0 + hl);
+          w.vrow[j] = p.v + key_offset(p, b, c0 + j, hk0 + hl);
         }
       }
       const int r0 = hl * head_rows;
       float* s_head = &w.s[static_cast<size_t>(r0) * kChunk];
-      qk_block(&w.q[static_cast<size_t>(r0) * D], head_rows, D, w.krow, n, s_head, kChunk);
+      qk_block(&w.q[static_cast<size_t>(r0) * D], head_rows, D, row_dtype, w.krow, n, s_head, kChunk);
       for (int r = r0; r < r0 + head_rows; ++r) {
         float* sr = &w.s[static_cast<size_t>(r) * kChunk];
         const int qpos = L - Sq + (r % Sq);
@@ -380,7 +436,7 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
         w.l[r] = w.l[r] * alpha + sum;
         w.m[r] = m_new;
       }
-      pv_block(s_head, head_rows, kChunk, w.vrow, n, &w.acc[static_cast<size_t>(r0) * D], D);
+      pv_block(s_head, head_rows, kChunk, row_dtype, w.vrow, n, &w.acc[static_cast<size_t>(r0) * D], D);
     }
   }
 
