@@ -17,8 +17,6 @@ optional).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +24,10 @@ import torch
 from longattn.decode.cache import CacheView
 from longattn.decode.plan import DecodePlan
 from longattn.dispatch import Backend, Registry
+from longattn.kernels import triton_support
 from longattn.kernels.decode_cpu import cpu_unavailable_reason, decode_forward_cpu
+from longattn.kernels.decode_cuda import MAX_HEADDIM as CUDA_MAX_HEADDIM  # imports no cupy
+from longattn.kernels.decode_cuda import cuda_unavailable_reason, decode_forward_cuda
 from longattn.kernels.decode_eager import decode_forward_eager
 
 
@@ -61,42 +62,6 @@ CPU = Backend[DecodeCall](
     call_reasons=_cpu_call_reasons,
 )
 
-MAX_KERNEL_HEADDIM = 256  # = decode_triton.MAX_HEADDIM = decode_cuda.MAX_HEADDIM (not imported: lazy)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# --- triton -----------------------------------------------------------------
-
-def _triton_machine_reasons() -> list[str]:
-    if importlib.util.find_spec("triton") is None:
-        return ["triton is not installed (pip install triton)"]
-    if not torch.cuda.is_available() and not _interpreting():
-        return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs kernels on CPU)"]
-    return []
-
-
-def _triton_call_reasons(call: DecodeCall) -> list[str]:
-    reasons = []
-    device = call.q.device.type
-    if device == "cpu" and not _interpreting() and torch.cuda.is_available():
-        # (without CUDA, the machine-level reason already says this)
-        reasons.append("tensors are on cpu; Triton runs them only under TRITON_INTERPRET=1")
-    elif device not in ("cpu", "cuda"):
-        reasons.append(f"tensors are on {device}; Triton needs cuda (or cpu under the interpreter)")
-    if device == "cpu" and call.q.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter has no bfloat16")
-    if call.q.shape[-1] > MAX_KERNEL_HEADDIM:
-        reasons.append(f"headdim {call.q.shape[-1]} > {MAX_KERNEL_HEADDIM}")
-    return reasons
-
-
-def _triton_auto_reasons(call: DecodeCall) -> list[str]:
-    if call.q.device.type == "cpu":
-        return ["on cpu it runs in the Triton interpreter: correct but far slower than eager (force backend='triton' to use it)"]
-    return []
 
 
 def _triton_run(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,17 +74,15 @@ TRITON = Backend[DecodeCall](
     name="triton",
     description="stream-K (LeanAttention) decode kernel in Triton (GPU; CPU under TRITON_INTERPRET=1)",
     run=_triton_run,
-    machine_reasons=_triton_machine_reasons,
-    call_reasons=_triton_call_reasons,
-    auto_reasons=_triton_auto_reasons,
+    machine_reasons=triton_support.machine_reasons,
+    call_reasons=lambda call: triton_support.call_reasons(call.q),
+    auto_reasons=lambda call: triton_support.auto_reasons(call.q),
 )
 
 
 # --- cuda -------------------------------------------------------------------
 
 def _cuda_machine_reasons() -> list[str]:
-    from longattn.kernels.decode_cuda import cuda_unavailable_reason  # imports neither cupy nor torch.cuda state
-
     reason = cuda_unavailable_reason()
     return [reason] if reason else []
 
@@ -128,14 +91,12 @@ def _cuda_call_reasons(call: DecodeCall) -> list[str]:
     reasons = []
     if call.q.device.type != "cuda":
         reasons.append(f"tensors are on {call.q.device.type}; the CUDA twin needs cuda tensors")
-    if call.q.shape[-1] > MAX_KERNEL_HEADDIM:
-        reasons.append(f"headdim {call.q.shape[-1]} > {MAX_KERNEL_HEADDIM}")
+    if call.q.shape[-1] > CUDA_MAX_HEADDIM:
+        reasons.append(f"headdim {call.q.shape[-1]} > {CUDA_MAX_HEADDIM}")
     return reasons
 
 
 def _cuda_run(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor]:
-    from longattn.kernels.decode_cuda import decode_forward_cuda
-
     return decode_forward_cuda(*call.args(), **call.kwargs(), plan=call.plan)
 
 

@@ -19,14 +19,13 @@ forward twin gets autograd for free. Forward and backward are registered as
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from longattn.dispatch import Backend, Registry
+from longattn.kernels import triton_support
 from longattn.errors import ArgumentError
 from longattn.kernels.dense_eager import dense_backward_eager, dense_forward_eager
 from longattn.kernels.dense_sdpa import lse_op_available, sdpa_attention, sdpa_forward_with_lse
@@ -36,7 +35,6 @@ ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # SDPA realises bottom-right causality for seqlen_q != seqlen_k with an
 # explicit mask; above this many elements the mask costs more than it saves.
 SDPA_MAX_MASK_ELEMENTS = 1 << 24
-TRITON_MAX_HEADDIM = 256  # = dense_triton.MAX_HEADDIM; not imported from there, which would import triton
 
 
 @dataclass(frozen=True)
@@ -198,46 +196,13 @@ SDPA = Backend[DenseCall](
 
 # --- triton -----------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton_machine_reasons() -> list[str]:
-    if importlib.util.find_spec("triton") is None:
-        return ["triton is not installed (pip install triton)"]
-    if not torch.cuda.is_available() and not _interpreting():
-        return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs kernels on CPU)"]
-    return []
-
-
-def _triton_call_reasons(call: DenseCall) -> list[str]:
-    reasons = []
-    device = call.q.device.type
-    if device == "cpu" and not _interpreting() and torch.cuda.is_available():
-        # (without CUDA, the machine-level reason already says this)
-        reasons.append("tensors are on cpu; Triton runs them only under TRITON_INTERPRET=1")
-    elif device not in ("cpu", "cuda"):
-        reasons.append(f"tensors are on {device}; Triton needs cuda (or cpu under the interpreter)")
-    if device == "cpu" and call.q.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter has no bfloat16")
-    if call.q.shape[-1] > TRITON_MAX_HEADDIM:
-        reasons.append(f"headdim {call.q.shape[-1]} > {TRITON_MAX_HEADDIM}")
-    return reasons
-
-
-def _triton_auto_reasons(call: DenseCall) -> list[str]:
-    if call.q.device.type == "cpu":
-        return ["on cpu it runs in the Triton interpreter: correct but far slower than eager (force backend='triton' to use it)"]
-    return []
-
-
 TRITON = Backend[DenseCall](
     name="triton",
     description="flash-attention forward kernel in Triton (GPU; CPU under TRITON_INTERPRET=1)",
     run=lambda call: run_twin("triton", call),
-    machine_reasons=_triton_machine_reasons,
-    call_reasons=_triton_call_reasons,
-    auto_reasons=_triton_auto_reasons,
+    machine_reasons=triton_support.machine_reasons,
+    call_reasons=lambda call: triton_support.call_reasons(call.q),
+    auto_reasons=lambda call: triton_support.auto_reasons(call.q),
 )
 
 
