@@ -10,11 +10,12 @@ peak HBM bandwidth spent streaming K and V, of three schedules:
 - ``split_k``: flash-decoding: each output tile cut into ``s`` splits chosen by
   flash-attn's heuristic (:func:`split_k_num_splits`), one CTA per split, then
   a second kernel that combines the splits;
-- ``stream_k``: LeanAttention: ``G = num_sms x workers_per_sm`` workers, each
-  taking an equal contiguous share of all LeanTiles exactly as
-  :func:`longattn.decode.plan_decode` assigns them; a tile's partials are
-  merged by its last contributor in the same kernel (or, with
-  ``separate_merge``, by a second kernel as the Triton twin does).
+- ``stream_k``: LeanAttention: ``min(G, W)`` workers (``G = num_sms x
+  workers_per_sm``, ``W`` LeanTiles), each taking an equal contiguous share of
+  all LeanTiles exactly as :func:`longattn.decode.plan_decode` assigns them; a
+  tile's partials are merged, split into headdim column slices, by its last
+  contributors in the same kernel (or, with ``separate_merge``, by a second
+  kernel as the Triton twin does).
 
 Assumptions (also printed by ``longattn simulate lean``):
 
@@ -38,12 +39,22 @@ Assumptions (also printed by ``longattn simulate lean``):
    why LeanAttention runs two workers per SM, and why a lone CTA on an SM
    pays its latencies in full.
 4. CTAs are dispatched in launch order to the SM that frees first (greedy list
-   scheduling), into its emptier slot; stream-K's G workers are all resident,
-   worker ``c`` on SM ``c % num_sms``. A tile's merge is charged to the
-   contributor whose part ends last (the last arriver; nobody waits). A
-   second kernel (split-K's combine) starts after ``kernel_gap_us``; the first
-   launch's latency is the same for all schedules and is left out (kernel
-   times, as a profiler reports them).
+   scheduling), into its emptier slot. Stream-K launches ``min(G, W)``
+   workers, all resident, worker ``c`` on SM ``c % num_sms``: with fewer
+   LeanTiles than ``G`` a launcher plans for ``W`` workers (one LeanTile each,
+   one per SM) rather than launching ``G`` of which ``plan_decode`` would
+   leave all but every ``G / W``-th idle, putting two busy ones on one SM.
+   A stream-K tile's merge is split, as the Triton twin's merge kernel does,
+   into ``ceil(headdim / merge_block_d)`` column programs on distinct SMs;
+   each pays ``merge_us`` and reads every partial's lse and its columns of
+   every partial's out. In the one-kernel variant the programs are the tile's
+   last-arriving contributors on distinct SMs, latest first (cycling if there
+   are fewer SMs than programs), each waiting for the tile's last partial;
+   with ``separate_merge`` they are CTAs of the second kernel. Split-K's
+   combine (flash-attn's) reads all of a tile's partials in one CTA. A second
+   kernel starts after ``kernel_gap_us``; the first launch's latency is the
+   same for all schedules and is left out (kernel times, as a profiler
+   reports them).
 5. LeanTile size: FA2 and split-K use ``block_n`` keys (256). Stream-K takes,
    of 256, 128, 64, 32 and 16, the size this model predicts fastest for the
    shape, as a planner or autotuner would: small tiles balance short contexts
@@ -97,6 +108,7 @@ class GpuModel:
     kv_bytes: int = 2  # bytes per K/V element (fp16)
     group_size: int = 8  # query heads per kv head, folded into one output tile (GQA)
     block_n: int = 256  # keys per LeanTile of FA2 and split-K; stream-K's largest
+    merge_block_d: int = 32  # headdim columns per stream-K merge program (decode_triton.MERGE_BLOCK_D)
     cta_prologue_us: float = 0.3  # CTA start: indices, pointers, first loads in flight
     segment_us: float = 0.3  # per output tile a CTA touches: init state, finalise, bump a counter
     iteration_us: float = 0.02  # per LeanTile: loop, sync and rescale not hidden under loads
@@ -104,7 +116,8 @@ class GpuModel:
     kernel_gap_us: float = 2.0  # drain of a kernel + start of the next (split-K's combine)
 
     def __post_init__(self) -> None:
-        for name in ("num_sms", "workers_per_sm", "ctas_per_sm", "headdim", "kv_bytes", "group_size", "block_n"):
+        for name in ("num_sms", "workers_per_sm", "ctas_per_sm", "headdim", "kv_bytes", "group_size", "block_n",
+                     "merge_block_d"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{name} must be a positive int, got {value!r}")
@@ -124,6 +137,15 @@ class GpuModel:
     def partial_bytes(self) -> int:
         """One partial state of one output tile: fp32 out and lse of each query head of the group."""
         return self.group_size * (self.headdim + 1) * 4
+
+    @property
+    def merge_programs(self) -> int:
+        """Column programs a stream-K tile's merge is split into."""
+        return -(-self.headdim // self.merge_block_d)
+
+    def merge_read_us(self, partials: int, columns: int) -> float:
+        """One SM reads ``partials`` partials' lse and ``columns`` of their out from L2."""
+        return partials * self.group_size * (columns + 1) * 4 * self.num_sms / (self.l2_bandwidth_gbs * 1e3)
 
     @property
     def key_us(self) -> float:
@@ -237,9 +259,18 @@ def _list_schedule(ctas: Sequence[tuple[float, float]], num_sms: int, slots: int
     return machine.makespan_us()
 
 
-def _combine_kernel_us(gpu: GpuModel, partials_per_tile: Sequence[int]) -> float:
-    """A second kernel, one CTA per tile, reading its partials (split-K's combine)."""
-    ctas = [(gpu.cta_prologue_us + gpu.merge_us, n * gpu.partial_us) for n in partials_per_tile if n > 1]
+def _column_slices(gpu: GpuModel) -> list[int]:
+    """Headdim columns of each stream-K merge program (the last may be narrower)."""
+    return [min(gpu.merge_block_d, gpu.headdim - i * gpu.merge_block_d) for i in range(gpu.merge_programs)]
+
+
+def _combine_kernel_us(gpu: GpuModel, partials_per_tile: Sequence[int], *, column_split: bool = False) -> float:
+    """A second kernel reading each tile's partials: one CTA per tile (split-K's
+    combine), or with ``column_split`` one per column slice of a tile (stream-K's
+    merge kernel), launched tile by tile so a tile's slices land on distinct SMs."""
+    slices = _column_slices(gpu) if column_split else [gpu.headdim]
+    ctas = [(gpu.cta_prologue_us + gpu.merge_us, gpu.merge_read_us(n, cols))
+            for n in partials_per_tile if n > 1 for cols in slices]
     return gpu.kernel_gap_us + _list_schedule(ctas, gpu.num_sms, gpu.ctas_per_sm) if ctas else 0.0
 
 
@@ -302,36 +333,56 @@ def simulate_stream_k(
 
 
 def _stream_k(shape: Shape, gpu: GpuModel, bn: int, separate_merge: bool) -> ScheduleResult:
-    g = gpu.num_workers
+    # Launch no more workers than LeanTiles (assumption 4): plan_decode given G > W
+    # spreads the W LeanTiles to every (G / W)-th worker, two busy ones per SM.
+    lean_tiles = sum(-(-n // bn) for n in shape.seqlens) * shape.nheads_k
+    g = max(1, min(gpu.num_workers, lean_tiles))
     plan = plan_decode(shape.seqlens, nheads_k=shape.nheads_k, num_workers=g, block_n=bn)
     latency = [gpu.cta_prologue_us] * g  # every launched worker starts, even one with no work
     streaming = [0.0] * g
-    # tile -> (latest end of a part, its worker); ends on each worker's own chain,
+    # tile -> [(end of a part, its worker)]; ends on each worker's own chain,
     # as its SM's co-resident worker slows both alike.
-    last_end: dict[int, tuple[float, int]] = {}
-    partials: dict[int, int] = {}
+    part_ends: dict[int, list[tuple[float, int]]] = {}
     for seg in plan.segments:
         c = seg.worker
         latency[c] += gpu.segment_us + (seg.last - seg.first) * gpu.iteration_us
         streaming[c] += (min(seg.last * bn, shape.seqlens[seg.batch]) - seg.first * bn) * gpu.key_us
         if not seg.whole_tile:
             streaming[c] += gpu.partial_us  # writes its (out, lse)
-            partials[seg.tile] = partials.get(seg.tile, 0) + 1
-            last_end[seg.tile] = max(last_end.get(seg.tile, (-1.0, -1)), (latency[c] + streaming[c], c))
+            part_ends.setdefault(seg.tile, []).append((latency[c] + streaming[c], c))
+    partials = {tile: len(parts) for tile, parts in part_ends.items()}
     if not separate_merge:
-        # The last arriver reads the tile's partials. Where in its timeline that
-        # happens does not change its totals, which is all the makespan needs.
-        for tile, (_, c) in last_end.items():
-            latency[c] += gpu.merge_us
-            streaming[c] += partials[tile] * gpu.partial_us
+        # Each column slice of a tile's merge goes to one of its last arrivers, on
+        # distinct SMs, latest first. A merger that finished its own work before the
+        # tile's last partial landed waits for it (once: its merges come after all of
+        # its own work). Otherwise where in its timeline a merge happens does not
+        # change its totals, which is all the makespan needs.
+        own_end = [latency[c] + streaming[c] for c in range(g)]
+        wait = [0.0] * g
+        for parts in part_ends.values():
+            mergers: list[int] = []
+            sms: set[int] = set()
+            for _, c in sorted(parts, reverse=True):
+                if c % gpu.num_sms not in sms:
+                    mergers.append(c)
+                    sms.add(c % gpu.num_sms)
+            last = max(parts)[0]
+            for i, cols in enumerate(_column_slices(gpu)):
+                c = mergers[i % len(mergers)]
+                latency[c] += gpu.merge_us
+                streaming[c] += gpu.merge_read_us(len(parts), cols)
+                wait[c] = max(wait[c], last - own_end[c])
+        for c in range(g):
+            latency[c] += wait[c]
     machine = _Machine(gpu.num_sms, gpu.workers_per_sm)
     for c in range(g):
         machine.place(c % gpu.num_sms, c // gpu.num_sms, latency[c], streaming[c])
     makespan = machine.makespan_us()
     if separate_merge:
-        makespan += _combine_kernel_us(gpu, list(partials.values()))
+        makespan += _combine_kernel_us(gpu, list(partials.values()), column_split=True)
     fan_in = max(partials.values(), default=1)  # most contributors of one tile
-    return _result(shape, gpu, makespan, g, block_n=bn, workers=g, fan_in=fan_in)
+    return _result(shape, gpu, makespan, g, block_n=bn, workers=g, fan_in=fan_in,
+                   merge_programs=gpu.merge_programs)
 
 
 def simulate_shape(shape: Shape, gpu: GpuModel, *, separate_merge: bool = False) -> dict[str, Any]:
@@ -422,7 +473,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def assumptions(gpu: GpuModel, *, separate_merge: bool = False) -> list[str]:
     """The model's assumptions with this GPU's numbers, one line each."""
-    merge = "a second kernel (the Triton twin)" if separate_merge else "each tile's last-arriving contributor"
+    merge = ("CTAs of a second kernel (the Triton twin)" if separate_merge
+             else "the tile's last-arriving contributors on distinct SMs, each waiting for the last partial")
     return [
         f"memory-bound: a key costs moving its K and V ({gpu.bytes_per_key} B per kv head) at the SM's "
         f"1/{gpu.num_sms} share of {gpu.hbm_bandwidth_gbs:g} GB/s HBM = {gpu.key_us * 1e3:.1f} ns; "
@@ -435,8 +487,12 @@ def assumptions(gpu: GpuModel, *, separate_merge: bool = False) -> list[str]:
         f"latencies (guesses, not measured): CTA prologue {gpu.cta_prologue_us:g} us, per segment "
         f"{gpu.segment_us:g} us, per LeanTile {gpu.iteration_us:g} us, per merge {gpu.merge_us:g} us, "
         f"gap before a second kernel {gpu.kernel_gap_us:g} us; the first launch is left out",
-        "CTAs dispatched in launch order to the SM that frees first; stream-K's G = "
-        f"{gpu.num_workers} workers all resident, worker c on SM c % {gpu.num_sms}; merges by {merge}",
+        "CTAs dispatched in launch order to the SM that frees first; stream-K launches min(G, W) workers "
+        f"(G = {gpu.num_workers}, W = LeanTiles; a launcher plans for W workers when W < G, one per SM), "
+        f"all resident, worker c on SM c % {gpu.num_sms}",
+        f"stream-K merges a tile in ceil({gpu.headdim} / {gpu.merge_block_d}) = {gpu.merge_programs} headdim "
+        f"column programs (as the Triton twin's merge kernel), each reading every partial's lse and its columns "
+        f"of their out: {merge}; split-K's combine reads a tile's partials in one CTA",
         f"LeanTile: {gpu.block_n} keys for FA2 and split-K; stream-K takes whichever of "
         f"{'/'.join(map(str, STREAM_K_BLOCK_NS))} keys the model predicts fastest per shape",
         "utilisation = useful K/V streaming time / (SMs x makespan) = fraction of peak HBM bandwidth",

@@ -191,7 +191,8 @@ def _summary_lines(results: dict[str, Any]) -> list[str]:
         splits = s["split_k"]["params"]["splits"]
         out.append(
             f"    slower at {item['at']}: {item['speedup']:.3f}x; {r['batch'] * r['nheads_k']} output tile(s), "
-            f"stream-K merges up to {s['stream_k']['params']['fan_in']} partials of a tile on one SM, "
+            f"stream-K merges up to {s['stream_k']['params']['fan_in']} partials of a tile in "
+            f"{s['stream_k']['params'].get('merge_programs', 1)} column program(s), "
             + (f"split-K's combine reads {splits}" if splits > 1 else "split-K runs 1 split (no combine)")
         )
     below = summary["stream_k_below_target"]

@@ -34,8 +34,17 @@ Two launches, no atomics, no spinning:
    (large GQA ratio times seqlen_q) into blocks of at most 64 rows (32 for
    headdim > 128), bounding registers and shared memory.
 2. ``_streamk_merge_kernel``, grid ``(tiles with partials, row_blocks,
-   heads_per_tile)``: merges slots ``tile_first_partial[t] .. [t+1]`` in plan
-   order (max, then weighted sum; all -inf gives 0 / -inf), writes out/lse.
+   heads_per_tile x column_blocks)``: merges slots ``tile_first_partial[t] ..
+   [t+1]`` in plan order (max, then weighted sum; all -inf gives 0 / -inf),
+   writes out/lse. Each program takes ``MERGE_BLOCK_D`` (32) headdim columns:
+   a GQA decode tile has a single row block (``group * seqlen_q`` rows, e.g.
+   4), and a tile can have up to ``G`` partials (264 on an H100), so without
+   the column split one program would read every partial of the tile alone
+   while the rest of the GPU idles. Every column program reads all partial
+   lse of its rows (a few bytes each) and recomputes the identical merged lse,
+   and only its own column slice of the partial outputs; column block 0
+   writes lse. The per-element arithmetic and order are unchanged, so the
+   result does not depend on the split.
 
 A one-launch GPU variant would let the last contributor of a tile merge
 after an atomic counter increment; two launches give the same fixed merge
@@ -198,16 +207,19 @@ if triton is not None:
     def _streamk_merge_kernel(
         Out, Lse, WsO, WsL, MergeTiles, TileFirst,
         stride_ob, stride_om, stride_oh, stride_od,
-        nheads, tiles_per_seq, heads_per_tile, seqlen_q, group, headdim,
+        nheads, tiles_per_seq, heads_per_tile, seqlen_q, group, headdim, col_blocks,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        # BLOCK_D here is the column slice of one program (MERGE_BLOCK_D, or less for
+        # small headdim), not the partial kernel's whole padded headdim.
         tile = tl.load(MergeTiles + tl.program_id(0))
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        j = tl.program_id(2)  # which kv head of the tile
+        j = tl.program_id(2) // col_blocks  # which kv head of the tile
+        cb = tl.program_id(2) % col_blocks  # which column slice of headdim
         n_rows = group * seqlen_q
         row_ok = rows < n_rows
         qi = rows // group
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_d = cb * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = offs_d < headdim
         b64 = (tile // tiles_per_seq).to(tl.int64)
         heads = ((tile % tiles_per_seq) * heads_per_tile + j) * group + rows % group
@@ -233,10 +245,18 @@ if triton is not None:
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
         tl.store(Out + b64 * stride_ob + qi[:, None] * stride_om + heads[:, None] * stride_oh
                  + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + (b64 * nheads + heads) * seqlen_q + qi, lse, mask=row_ok)
+        # Every column program computed the same lse (same loads, same order); one writes it.
+        if cb == 0:
+            tl.store(Lse + (b64 * nheads + heads) * seqlen_q + qi, lse, mask=row_ok)
 
     # The interpreter replaces triton.jit's JITFunction with its own wrapper.
     _INTERPRETED = not isinstance(_streamk_partial_kernel, triton.runtime.JITFunction)
+
+
+# Headdim columns per merge program. 32 fp32 columns x up to 64 rows keep a program's
+# accumulator small, and headdim 128 gives 4 programs per row block of a tile.
+# ``longattn.decode.simulate.GpuModel.merge_block_d`` models the same split.
+MERGE_BLOCK_D = 32
 
 
 def default_num_workers(device: torch.device) -> int:
@@ -340,10 +360,13 @@ def decode_forward_triton(
         )
         merge_tiles = [tile for tile, segs in enumerate(plan.contributors) if len(segs) > 1]
         if merge_tiles:
-            _streamk_merge_kernel[(len(merge_tiles), row_blocks, plan.heads_per_tile)](
+            # Column slices spread one tile's merge over several programs (SMs on a GPU).
+            merge_block_d = min(block_d, MERGE_BLOCK_D)
+            col_blocks = triton.cdiv(headdim, merge_block_d)
+            _streamk_merge_kernel[(len(merge_tiles), row_blocks, plan.heads_per_tile * col_blocks)](
                 out, lse, ws_o, ws_l, torch.tensor(merge_tiles, dtype=torch.int32, device=q.device),
                 t["tile_first_partial"], *out.stride(),
-                nheads, plan.tiles_per_sequence, plan.heads_per_tile, seqlen_q, group, headdim,
-                BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+                nheads, plan.tiles_per_sequence, plan.heads_per_tile, seqlen_q, group, headdim, col_blocks,
+                BLOCK_M=block_m, BLOCK_D=merge_block_d, num_warps=4,
             )
     return out, lse

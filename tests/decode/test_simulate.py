@@ -112,8 +112,8 @@ def test_stream_k_never_slower_than_split_k_on_quick_sweep(quick_rows):
 
 
 def test_only_merging_partials_makes_stream_k_slower_than_split_k():
-    # In the full sweep stream-K loses to split-K on a few 1-2 tile shapes (one SM
-    # merges >= 64 partials of a tile); with free merges it never loses.
+    # Where stream-K loses to split-K on a 1-2 tile shape, it is a tile merging
+    # >= 64 partials; with free merges it never loses.
     for shape in sweep_shapes():
         if shape.batch * shape.nheads_k > 2 or shape.context < 16 << 10:
             continue
