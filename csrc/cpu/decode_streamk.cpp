@@ -297,6 +297,22 @@ void pv_block(const float* p, int rows, int p_stride, int dtype, const void* con
 #endif
 }
 
+float row_max(const float* s, int n) {
+  float m = kNegInf;
+  int j = 0;
+#ifdef LONGATTN_AVX2
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(s);
+    for (j = 8; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    for (float x : lanes) m = std::max(m, x);
+  }
+#endif
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
 // p[j] = exp(s[j] - m) in place; returns the sum.
 float exp_shifted(float* s, int n, float m) {
   float sum = 0.0f;
@@ -345,7 +361,11 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
         const int r = (hl * group + g) * Sq + i, h = (hk0 + hl) * group + g;
         const char* src = p.q + (static_cast<int64_t>(b) * p.q_sb + static_cast<int64_t>(i) * p.q_sm +
                                  static_cast<int64_t>(h) * p.q_sh) * es;
-        load_row(src, p.dtype, &w.q[static_cast<size_t>(r) * D], D);
+        float* qr = &w.q[static_cast<size_t>(r) * D];
+        load_row(src, p.dtype, qr, D);
+        // Scale once here rather than every score later.
+#pragma omp simd
+        for (int d = 0; d < D; ++d) qr[d] *= p.scale;
       }
   std::fill(w.acc.begin(), w.acc.begin() + static_cast<size_t>(rows) * D, 0.0f);
   std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
@@ -413,13 +433,18 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
         int hi = p.right >= 0 ? qpos + p.right + 1 : L;
         lo = std::max(lo - c0, 0);
         hi = std::min(hi - c0, n);
-        float chunk_max = kNegInf;
-        for (int j = 0; j < n; ++j) {
-          float sc = sr[j] * p.scale;
-          if (p.softcap > 0.0f) sc = p.softcap * std::tanh(sc / p.softcap);
-          sc = (j < lo || j >= hi) ? kNegInf : sc;
-          sr[j] = sc;
-          chunk_max = std::max(chunk_max, sc);
+        float chunk_max;
+        if (lo == 0 && hi == n && p.softcap <= 0.0f) {
+          chunk_max = row_max(sr, n);  // the common case: every key visible, nothing to rewrite
+        } else {
+          chunk_max = kNegInf;
+          for (int j = 0; j < n; ++j) {
+            float sc = sr[j];
+            if (p.softcap > 0.0f) sc = p.softcap * std::tanh(sc / p.softcap);
+            sc = (j < lo || j >= hi) ? kNegInf : sc;
+            sr[j] = sc;
+            chunk_max = std::max(chunk_max, sc);
+          }
         }
         if (chunk_max == kNegInf) {  // nothing visible for this row here: contribute nothing
           std::fill(sr, sr + n, 0.0f);
