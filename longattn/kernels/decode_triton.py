@@ -70,17 +70,10 @@ import torch
 
 from longattn.decode.plan import DecodePlan, plan_decode
 from longattn.errors import ArgumentError, DeviceError, UnsupportedFeatureError
+from longattn.kernels.triton_support import MAX_HEADDIM, import_triton
 
-try:
-    import triton
-    import triton.language as tl
+triton, tl, _IMPORT_ERROR = import_triton()
 
-    _IMPORT_ERROR: str | None = None
-except Exception as exc:  # ImportError, or a broken install failing on import
-    triton = tl = None
-    _IMPORT_ERROR = f"triton is not importable: {type(exc).__name__}: {exc}".splitlines()[0]
-
-MAX_HEADDIM = 256
 _INTERPRETED = False  # set below once the kernels exist
 
 

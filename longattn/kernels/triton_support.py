@@ -2,18 +2,20 @@
 
 Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter
 (``TRITON_INTERPRET=1``, set before triton is imported), which is for
-verification only: ``backend="auto"`` never picks it. Nothing here imports
-triton (that costs seconds); the kernels' modules do, when first used.
+verification only: ``backend="auto"`` never picks it. Importing this module
+does not import triton (that costs seconds); the kernels' modules call
+:func:`import_triton` when they are first used.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from types import ModuleType
 
 import torch
 
-MAX_HEADDIM = 256  # every Triton twin's limit (their modules assert the same)
+MAX_HEADDIM = 256  # every Triton twin's headdim limit (they import it from here)
 
 
 def interpreting() -> bool:
@@ -50,3 +52,15 @@ def auto_reasons(q: torch.Tensor) -> list[str]:
     if q.device.type == "cpu":
         return ["on cpu it runs in the Triton interpreter: correct but far slower than eager (force backend='triton' to use it)"]
     return []
+
+
+def import_triton() -> tuple[ModuleType | None, ModuleType | None, str | None]:
+    """``(triton, triton.language, None)``, or ``(None, None, reason)`` when
+    triton is missing or its install is broken: a kernel module then still
+    imports, and its wrapper raises with the reason."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as exc:  # ImportError, or a broken install failing on import
+        return None, None, f"triton is not importable: {type(exc).__name__}: {exc}".splitlines()[0]
+    return triton, tl, None
