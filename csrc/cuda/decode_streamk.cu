@@ -31,9 +31,16 @@
 //     i, head kv_head*group+g) so K/V are read once for the whole group. Online
 //     softmax in float32; a whole tile writes out/lse, otherwise the normalised
 //     partial (out, lse) goes to float32 workspace rows (slot, kv head, row).
-//  2. streamk_merge_*: grid (len(merge_tiles),); merges the tile's slots in
-//     plan order: M = max L_i (0 if all -inf), w_i = exp(L_i - M),
-//     O = sum w_i O_i / sum w_i, L = M + log(sum w_i); empty -> 0 / -inf.
+//  2. streamk_merge_*: grid (len(merge_tiles), ceil(headdim / kMergeCols));
+//     merges the tile's slots in plan order: M = max L_i (0 if all -inf),
+//     w_i = exp(L_i - M), O = sum w_i O_i / sum w_i, L = M + log(sum w_i);
+//     empty -> 0 / -inf. CTA (t, c) takes headdim columns [c * kMergeCols,
+//     (c + 1) * kMergeCols) of every row of tile t (all its kv heads): a GQA
+//     decode tile has few rows and up to G partials, so one CTA per tile would
+//     read every partial alone. Each CTA reads all partial lse of its rows (a
+//     few bytes each) and recomputes the identical merged lse, and only its own
+//     column slice of the partial outputs; column block 0 writes lse. The
+//     per-element arithmetic and order do not depend on the split.
 // (One launch would need "last contributor merges" via an atomic counter; the
 // second launch gives the same fixed order with no counters to reset.)
 //
@@ -54,6 +61,7 @@ constexpr int kRowsPerWarp = kRows / kWarps;
 constexpr int kBlockN = 32;                    // keys per step: one per lane
 constexpr int kMaxDim = 256;
 constexpr int kDimsPerLane = kMaxDim / 32;
+constexpr int kMergeCols = 32;                 // headdim columns per merge CTA (blockIdx.y picks the slice)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -241,10 +249,13 @@ __device__ void streamk_merge(
   const int b = tile / tiles_per_seq;
   const int lo = tile_first[tile], hi = tile_first[tile + 1];
   const int n_rows = group * seqlen_q;
-  // One thread per (kv head of the tile, row, dim); each recomputes its row's max and
-  // weights (a few cached loads). Workspace rows are (slot, kv head of the tile, row).
-  for (int idx = threadIdx.x; idx < heads_per_tile * n_rows * headdim; idx += blockDim.x) {
-    const int j = idx / (n_rows * headdim), r = idx / headdim % n_rows, d = idx % headdim;
+  const int col0 = blockIdx.y * kMergeCols;              // this CTA's column slice of headdim
+  const int ncols = min(kMergeCols, headdim - col0);     // >= 1: the grid has ceil(headdim / kMergeCols) slices
+  // One thread per (kv head of the tile, row, column of the slice); each recomputes its row's
+  // max and weights (a few cached loads; every column CTA gets the same values in the same
+  // order). Workspace rows are (slot, kv head of the tile, row).
+  for (int idx = threadIdx.x; idx < heads_per_tile * n_rows * ncols; idx += blockDim.x) {
+    const int j = idx / (n_rows * ncols), r = idx / ncols % n_rows, d = col0 + idx % ncols;
     const int hk = (tile % tiles_per_seq) * heads_per_tile + j;
     float mx = neg_inf();
     for (int s = lo; s < hi; ++s) mx = fmaxf(mx, ws_l[(static_cast<long long>(s) * heads_per_tile + j) * n_rows + r]);
@@ -259,6 +270,7 @@ __device__ void streamk_merge(
     const int i = r / group, h = hk * group + r % group;
     out[((static_cast<long long>(b) * seqlen_q + i) * nheads + h) * headdim + d] =
         from_float<T>(den == 0.f ? 0.f : num / den);
+    // Identical in every column CTA; column 0 (in column block 0) writes it.
     if (d == 0) lse[(static_cast<long long>(b) * nheads + h) * seqlen_q + i] = den == 0.f ? neg_inf() : mx + logf(den);
   }
 }

@@ -14,7 +14,8 @@ seqlen_q)`` float32, natural log. Alignment is bottom-right per sequence
 (query ``i`` at key position ``seqlens[b] - seqlen_q + i``); ``window`` is
 the effective ``(left, right)``, causal folded in.
 
-Two launches (partials per worker, then a merge per split tile), no atomics:
+Two launches (partials per worker, then a merge per split tile and column
+block of ``MERGE_COLS`` headdim columns), no atomics:
 bitwise deterministic for a fixed plan. The source is compiled at first use
 with NVRTC through ``cupy.RawModule`` (no build step; CUDA stays optional),
 tensors cross to cupy through DLPack (float16/bfloat16 as int16 views: cupy
@@ -48,6 +49,9 @@ SOURCE = next(
 MAX_HEADDIM = 256  # = kMaxDim in the source
 # Constants of the source: threads per CTA, query rows per CTA, keys per step.
 THREADS, ROWS, BLOCK_N = 128, 16, 32
+# Headdim columns per merge CTA (= kMergeCols): the merge grid is (tiles with partials,
+# ceil(headdim / MERGE_COLS)), so a split tile is merged by several CTAs in parallel.
+MERGE_COLS = 32
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -203,7 +207,7 @@ def prepare_launches(
     )]
     if merge_tiles:
         launches.append(Launch(
-            f"streamk_merge_{suffix}", (len(merge_tiles),),
+            f"streamk_merge_{suffix}", (len(merge_tiles), -(-headdim // MERGE_COLS)),
             (out, lse, ws_o, ws_l, torch.tensor(merge_tiles, dtype=torch.int32, device=q.device),
              t["tile_first_partial"], *shape),
             0,

@@ -92,9 +92,13 @@ def test_launch_arguments_match_the_kernel_signatures(page_size, dtype, heads_pe
     slots = sum(len(s) for s in plan.contributors if len(s) > 1)
     assert partial.args[6].numel() == slots * heads_per_tile * case.group * case.seqlen_q
     assert partial.shared_mem == decode_cuda.streamk_smem_bytes(24)
+    # Merge grid: (tiles with partials, headdim column blocks of MERGE_COLS).
+    merge_tiles = [t for t, s in enumerate(plan.contributors) if len(s) > 1]
+    assert merge.grid == (len(merge_tiles), -(-24 // decode_cuda.MERGE_COLS))
+    assert merge.args[4].tolist() == merge_tiles
     src = decode_cuda.SOURCE.read_text()
     for name, value in (("kThreads", None), ("kRows", decode_cuda.ROWS), ("kBlockN", decode_cuda.BLOCK_N),
-                        ("kMaxDim", decode_cuda.MAX_HEADDIM)):
+                        ("kMaxDim", decode_cuda.MAX_HEADDIM), ("kMergeCols", decode_cuda.MERGE_COLS)):
         if value is not None:
             assert re.search(rf"constexpr int {name} = {value};", src), f"{name} != {value} in the source"
 
@@ -172,8 +176,8 @@ _EMU_HARNESS = """#include "decode_streamk.cu"
   extern "C" void emu_partial_##SUFFIX(int gx, int gy, LONGATTN_PARTIAL_PARAMS(T)) { \\
     emu_grid(gx, gy, [&] { streamk_partial_##SUFFIX(LONGATTN_PARTIAL_ARGS); });     \\
   }                                                                                \\
-  extern "C" void emu_merge_##SUFFIX(int gx, LONGATTN_MERGE_PARAMS(T)) {            \\
-    emu_grid(gx, 1, [&] { streamk_merge_##SUFFIX(LONGATTN_MERGE_ARGS); });          \\
+  extern "C" void emu_merge_##SUFFIX(int gx, int gy, LONGATTN_MERGE_PARAMS(T)) {    \\
+    emu_grid(gx, gy, [&] { streamk_merge_##SUFFIX(LONGATTN_MERGE_ARGS); });         \\
   }
 EMU_LAUNCH(f32, float)
 EMU_LAUNCH(f16, __half)
@@ -212,11 +216,14 @@ def _emulate(lib, case: DecodeCase, num_workers: int, block_n: int, heads_per_ti
     params = dict(scale=case.headdim ** -0.5, window=effective_window(case.causal, case.window_size),
                   softcap=case.softcap)
     scalar = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float32: ctypes.c_float}
-    results = []
+    results, merge_col_blocks = [], []
     for _ in range(2):  # twice: bitwise determinism
         out, lse, launches = decode_cuda.prepare_launches(*args, **params, plan=plan)
         for launch in launches:
             _, kind, suffix = launch.name.split("_")
+            if kind == "merge":  # one CTA per (split tile, headdim column block)
+                assert launch.grid[1:] == (-(-case.headdim // decode_cuda.MERGE_COLS),)
+                merge_col_blocks.append(launch.grid[1])
             c_args = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else scalar[type(a)](a.item())
                       for a in launch.args]
             getattr(lib, f"emu_{kind}_{suffix}")(*(ctypes.c_int(g) for g in launch.grid), *c_args)
@@ -227,6 +234,7 @@ def _emulate(lib, case: DecodeCase, num_workers: int, block_n: int, heads_per_ti
     assert_close_to_oracle(out, ref_out, eager_out)
     assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")
     assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+    return merge_col_blocks
 
 
 # (case, num_workers, block_n, heads_per_tile); DecodeCase fields: cache_seqlens, seqlen_new, seqlen_q,
@@ -238,13 +246,19 @@ _EMU_CASES = {
     "gqa8-seqlen_q8-hd256-page16": (DecodeCase((70,), 0, 8, 1, 8, 256, torch.float32, 16, True, (-1, -1), 0.0, 4), 3, 16, 1),
     "heads-per-tile-2": (DecodeCase((50, 9), 0, 2, 2, 4, 32, torch.float16, 3, True, (-1, -1), 0.0, 5), 3, 8, 2),
     "split-tile-with-empty-rows": (DecodeCase((5, 0), 0, 8, 1, 4, 16, torch.float32, None, True, (-1, -1), 0.0, 6), 50, 2, 1),
+    # Merge over 3 headdim column blocks (32 + 32 + 8), two kv heads per tile, empty rows (window).
+    "merge-hd72-three-column-blocks": (DecodeCase((61, 3), 0, 3, 2, 2, 72, torch.bfloat16, 5, True, (4, -1), 0.0, 7), 7, 8, 2),
 }
+# Cases whose merge runs over several headdim column blocks (checked to really split tiles).
+_MULTI_COLUMN_MERGE = ("gqa8-seqlen_q8-hd256-page16", "merge-hd72-three-column-blocks")
 
 
 @pytest.mark.parametrize("name", list(_EMU_CASES))
 def test_kernels_match_oracle_in_cpu_emulation(emulated, name):
     case, num_workers, block_n, heads_per_tile = _EMU_CASES[name]
-    _emulate(emulated, case, num_workers, block_n, heads_per_tile)
+    merge_col_blocks = _emulate(emulated, case, num_workers, block_n, heads_per_tile)
+    if name in _MULTI_COLUMN_MERGE:
+        assert merge_col_blocks and min(merge_col_blocks) > 1
 
 
 def test_unavailable_reason_is_one_line():
