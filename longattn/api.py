@@ -6,8 +6,7 @@ import torch
 
 from longattn.errors import UnsupportedFeatureError
 from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
-from longattn.masking import effective_window
-from longattn.validation import check_flag, check_qkv, check_softcap, check_softmax_scale, check_window
+from longattn.validation import check_attention_options, check_qkv
 
 
 def attention(
@@ -61,11 +60,9 @@ def attention(
         out = longattn.attention(q, k, v, causal=True)
     """
     q, k, v = check_qkv(q, k, v)
-    causal = check_flag("causal", causal)
-    return_lse = check_flag("return_lse", return_lse)
-    scale = check_softmax_scale(softmax_scale, q.shape[-1])
-    window = effective_window(causal, check_window(window_size, causal))
-    softcap = check_softcap(softcap)
+    causal, return_lse, scale, window, softcap = check_attention_options(
+        q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
+    )
     if sparse is not None:
         raise UnsupportedFeatureError(
             f"sparse={sparse!r} is not a sparse method this version of longattn provides; "

@@ -8,8 +8,7 @@ from longattn.decode.cache import check_cache
 from longattn.decode.plan import DecodePlan
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.kernels.decode import DECODE_BACKENDS, DecodeCall
-from longattn.masking import effective_window
-from longattn.validation import check_flag, check_softcap, check_softmax_scale, check_tensor, check_window
+from longattn.validation import check_attention_options, check_tensor
 
 
 def decode_attention(
@@ -72,11 +71,9 @@ def decode_attention(
         lens += 1
     """
     q = check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    causal = check_flag("causal", causal)
-    return_lse = check_flag("return_lse", return_lse)
-    scale = check_softmax_scale(softmax_scale, q.shape[-1])
-    window = effective_window(causal, check_window(window_size, causal))
-    softcap = check_softcap(softcap)
+    causal, return_lse, scale, window, softcap = check_attention_options(
+        q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
+    )
     if sparse is not None:
         raise UnsupportedFeatureError(f"sparse={sparse!r} is not a sparse decode method this version provides; use None")
     if state is not None:

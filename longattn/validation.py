@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from longattn.errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from longattn.masking import effective_window
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -115,3 +116,21 @@ def check_window(window_size: object, causal: bool) -> tuple[int, int]:
             "a causal query cannot see keys to its right"
         )
     return left, right
+
+
+def check_attention_options(
+    headdim: int,
+    causal: object,
+    return_lse: object,
+    softmax_scale: object,
+    window_size: object,
+    softcap: object,
+) -> tuple[bool, bool, float, tuple[int, int], float]:
+    """The options :func:`longattn.attention` and :func:`longattn.decode_attention`
+    share: ``(causal, return_lse, scale, window, softcap)`` with the window
+    effective (causal folded in, see :func:`longattn.masking.effective_window`)."""
+    causal = check_flag("causal", causal)
+    return_lse = check_flag("return_lse", return_lse)
+    scale = check_softmax_scale(softmax_scale, headdim)
+    window = effective_window(causal, check_window(window_size, causal))
+    return causal, return_lse, scale, window, check_softcap(softcap)

@@ -11,24 +11,33 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 JSON_NAME = "results.json"
 PLOT_NAME = "times.png"
 
 
-def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike, *, plot: bool = True) -> dict[str, Any]:
-    """Write the plot and the JSON into ``out_dir`` (created if needed).
+def write_outputs(
+    results: dict[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    plot: Callable[[dict[str, Any], str], None] | None = None,
+    plot_name: str = PLOT_NAME,
+) -> dict[str, Any]:
+    """Write the plot (``plot(results, path)``, default :func:`write_plot`;
+    skipped when ``plot_name`` is empty) and the JSON into ``out_dir``.
 
     Adds ``results["files"]`` (paths; ``plot`` is None when skipped) and
     ``results["notes"]`` (why something was skipped), then returns ``results``.
+    Shared by ``longattn bench`` and ``longattn simulate``.
     """
     os.makedirs(out_dir, exist_ok=True)
     notes = results.setdefault("notes", [])
-    plot_path = os.path.join(out_dir, PLOT_NAME) if plot else None
+    plot_path = os.path.join(out_dir, plot_name) if plot_name else None
     try:
         if plot_path is not None:
-            write_plot(results, plot_path)
+            (plot or write_plot)(results, plot_path)
     except ImportError:
         plot_path = None
         notes.append("plot skipped: matplotlib is not installed (pip install 'longattn[bench]')")

@@ -17,7 +17,7 @@ from typing import Any
 
 from longattn.bench.machine import machine_info, measure_read_bandwidth
 from longattn.bench.progress import Progress
-from longattn.bench.report import write_outputs
+from longattn.bench.report import PLOT_NAME, write_outputs
 from longattn.bench.scenarios import Scenario, get_group, max_abs_error
 from longattn.bench.timing import describe_exception, summarize, time_interleaved
 from longattn.errors import ArgumentError
@@ -96,7 +96,7 @@ def run_group(
         "wall_s": time.perf_counter() - started,
         "cases": cases,
     }
-    write_outputs(results, out_dir if out_dir is not None else default_out_dir(spec.name), plot=spec.plot)
+    write_outputs(results, out_dir if out_dir is not None else default_out_dir(spec.name), plot_name=PLOT_NAME if spec.plot else "")
     return results
 
 

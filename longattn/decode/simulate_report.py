@@ -9,13 +9,12 @@ skipped and the report says so.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from typing import Any
 
+from longattn.bench import report as bench_report
 from longattn.decode.simulate import KV_HEADS, SCHEDULES, format_context
 
-JSON_NAME = "results.json"
 PLOT_NAME = "speedup.png"
 PLOT_BATCHES = (1, 4, 16, 64)
 PLOT_HEADS = 8
@@ -34,23 +33,10 @@ def default_out_dir() -> str:
 
 
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Write the plot and the JSON into ``out_dir`` (created if needed); adds
-    ``results["paper"]``, ``results["files"]`` and ``results["notes"]``."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the plot and the JSON into ``out_dir`` (created if needed) with the
+    bench's writer; adds ``results["paper"]``, ``results["files"]`` and ``results["notes"]``."""
     results["paper"] = PAPER
-    notes = results.setdefault("notes", [])
-    plot_path: str | None = os.path.join(out_dir, PLOT_NAME)
-    try:
-        write_plot(results, plot_path)
-    except ImportError:
-        plot_path = None
-        notes.append("plot skipped: matplotlib is not installed (pip install 'longattn[bench]')")
-    json_path = os.path.join(out_dir, JSON_NAME)
-    results["files"] = {"json": json_path, "plot": plot_path}
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    return results
+    return bench_report.write_outputs(results, out_dir, plot=write_plot, plot_name=PLOT_NAME)
 
 
 def _curve(rows: list[dict[str, Any]], batch: int, key: str) -> tuple[list[int], list[float]]:
