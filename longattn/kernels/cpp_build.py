@@ -64,8 +64,13 @@ def _cpu_model() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_library(name: str) -> ctypes.CDLL:
-    """Compile (if not cached) and load ``csrc/cpu/<name>``; raises :class:`BuildError`."""
+def load_library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (if not cached) and load ``csrc/cpu/<name>``; raises :class:`BuildError`.
+
+    ``extra_flags`` are appended to :data:`FLAGS` (and to the cache key), e.g.
+    ``("-mno-avx512f",)`` to build the AVX2 path on an AVX-512 machine: the
+    tests use it to check every vector path this machine can run."""
+    flags = (*FLAGS, *extra_flags)
     source = source_path(name)
     if not source.is_file():
         raise BuildError(f"the C++ source {source} is missing from this installation")
@@ -77,7 +82,7 @@ def load_library(name: str) -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as exc:
         raise BuildError(f"{compiler} --version failed: {exc}") from exc
     key = hashlib.sha256(
-        "\0".join([source.read_text(), version, " ".join(FLAGS), _cpu_model()]).encode()
+        "\0".join([source.read_text(), version, " ".join(flags), _cpu_model()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
@@ -88,7 +93,7 @@ def load_library(name: str) -> ctypes.CDLL:
         os.close(fd)
         try:
             run = subprocess.run(
-                [compiler, *FLAGS, str(source), "-o", tmp],
+                [compiler, *flags, str(source), "-o", tmp],
                 capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
             )
             if run.returncode != 0:

@@ -11,6 +11,7 @@ bandwidth instead of SDPA's ~13% (fp32) / ~2.4% (bf16) of it.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -20,8 +21,11 @@ from longattn.kernels.cpp_build import load_library, unavailable_reason
 SOURCE = "decode_streamk.cpp"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Keys per LeanTile. Workers are few on a CPU (one per thread), so tiles can
-# be long; 256 keys keeps per-segment overhead negligible.
+# be long; 256 keys keeps per-segment overhead negligible. Short contexts get
+# shorter tiles (down to MIN_BLOCK_N) so every thread still has work.
 DEFAULT_BLOCK_N = 256
+MIN_BLOCK_N = 16
+TILES_PER_WORKER = 4
 
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [
@@ -41,19 +45,38 @@ def cpu_unavailable_reason() -> str | None:
     return unavailable_reason(SOURCE)
 
 
-def _kernel():
-    fn = load_library(SOURCE).longattn_decode_streamk_cpu
+@functools.lru_cache(maxsize=None)
+def _kernel(build_flags: tuple[str, ...] = ()):
+    fn = load_library(SOURCE, build_flags).longattn_decode_streamk_cpu
     fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
     return fn
 
 
 def default_plan(seqlens: torch.Tensor, nheads_k: int) -> DecodePlan:
     """One stream-K worker per thread; every kv head of a sequence in one
-    tile, so each key position's heads are read together, in address order."""
+    tile, so each key position's heads are read together, in address order.
+
+    Cached by lengths: the layers of one decode step share their lengths, so
+    all but the first reuse the plan (and its tensors) without asking."""
+    return _cached_plan(tuple(seqlens.tolist()), nheads_k, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_plan(lengths: tuple[int, ...], nheads_k: int, num_workers: int) -> DecodePlan:
     return plan_decode(
-        seqlens, nheads_k=nheads_k, num_workers=torch.get_num_threads(), block_n=DEFAULT_BLOCK_N,
+        lengths, nheads_k=nheads_k, num_workers=num_workers, block_n=block_n_for(lengths, num_workers),
         heads_per_tile=nheads_k,
     )
+
+
+def block_n_for(lengths: tuple[int, ...], num_workers: int) -> int:
+    """DEFAULT_BLOCK_N, halved (not below MIN_BLOCK_N) until the LeanTiles
+    number at least TILES_PER_WORKER per worker: at batch 1 and 256 keys a
+    single 256-key tile would leave every thread but one idle."""
+    block_n = DEFAULT_BLOCK_N
+    while block_n > MIN_BLOCK_N and sum(-(-n // block_n) for n in lengths) < TILES_PER_WORKER * num_workers:
+        block_n //= 2
+    return block_n
 
 
 def decode_forward_cpu(
@@ -67,8 +90,12 @@ def decode_forward_cpu(
     window: tuple[int, int],
     softcap: float,
     plan: DecodePlan | None = None,
+    build_flags: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream-K decode on the CPU (shapes in :mod:`longattn.kernels.decode_eager`)."""
+    """Stream-K decode on the CPU (shapes in :mod:`longattn.kernels.decode_eager`).
+
+    ``build_flags``: extra compiler flags for the kernel (a separate cached
+    build), e.g. ``("-mno-avx512f",)`` to run the AVX2 path; tests use it."""
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_k = k_cache.shape[2]
     plan = default_plan(seqlens, nheads_k) if plan is None else plan
@@ -86,7 +113,7 @@ def decode_forward_cpu(
     partial_lse = torch.empty((num_partials, rows), dtype=torch.float32)
     seqlens32 = seqlens.to(torch.int32).contiguous()
     table = None if block_table is None else block_table.to(torch.int32).contiguous()
-    status = _kernel()(
+    status = _kernel(tuple(build_flags))(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         DTYPE_CODES[q.dtype], seqlens32.data_ptr(),

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(case: DecodeCase, plan_args: dict | None):
+def _run(case: DecodeCase, plan_args: dict | None, build_flags: tuple[str, ...] = ()):
     q, k_cache, v_cache, kwargs, logical_k, logical_v = case.build()
     view = check_cache(q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs.get("block_table"),
                        kwargs.get("k_new"), kwargs.get("v_new"))
@@ -29,7 +29,7 @@ def _run(case: DecodeCase, plan_args: dict | None):
     params = {"scale": case.headdim ** -0.5, "window": effective_window(case.causal, case.window_size),
               "softcap": case.softcap}
     plan = None if plan_args is None else plan_decode(view.seqlens, nheads_k=case.nheads_k, **plan_args)
-    out, lse = decode_forward_cpu(*args, **params, plan=plan)
+    out, lse = decode_forward_cpu(*args, **params, plan=plan, build_flags=build_flags)
     eager_out, eager_lse = decode_forward_eager(*args, **params)
     ref_out, ref_lse = case.oracle(q, logical_k, logical_v)
     return (out, lse), (eager_out, eager_lse), (ref_out, ref_lse), (args, params, plan)
@@ -61,6 +61,29 @@ def test_bitwise_deterministic_for_a_fixed_plan():
 def test_long_context_gqa_8(dtype):
     case = DecodeCase((5000,), 1, 1, 1, 8, 128, dtype, None, True, (-1, -1), 0.0, seed=6)
     (out, lse), (eager_out, eager_lse), (ref_out, ref_lse), _ = _run(case, None)
+    assert_close_to_oracle(out, ref_out, eager_out)
+    assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")
+
+
+# The kernel has a vector path per instruction set; -march=native picks one,
+# so on an AVX-512 machine the others are built with features switched off.
+VECTOR_PATHS = {
+    "native": (),
+    "avx512-without-bf16-dot": ("-mno-avx512bf16",),
+    "avx2": ("-mno-avx512f",),
+    "portable": ("-mno-avx512f", "-mno-avx2", "-mno-fma"),
+}
+
+
+@pytest.mark.parametrize("path", list(VECTOR_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("headdim,window,softcap", [(128, (-1, -1), 0.0), (40, (37, 0), 5.0)])
+def test_every_vector_path_matches_oracle(path, dtype, headdim, window, softcap):
+    # Two sequences over several chunks and LeanTiles, seqlen_q 3, GQA 4; the
+    # second case has a tail of headdim (40 = 32 + 8), a window and softcap.
+    case = DecodeCase((300, 77), 2, 3, 2, 4, headdim, dtype, 16, True, window, softcap, seed=11)
+    (out, lse), (eager_out, eager_lse), (ref_out, ref_lse), _ = _run(
+        case, {"num_workers": 3, "block_n": 32, "heads_per_tile": 2}, VECTOR_PATHS[path])
     assert_close_to_oracle(out, ref_out, eager_out)
     assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")
 
