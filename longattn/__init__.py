@@ -15,6 +15,7 @@ from longattn.api import attention
 from longattn.decode_api import decode_attention
 from longattn.errors import LongAttnError
 from longattn.kernels.merge import merge_states
+from longattn import sparse  # noqa: E402  (longattn.sparse.HiP, ...)
 
 __version__ = "0.1.0"
 

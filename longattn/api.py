@@ -41,7 +41,10 @@ def attention(
             ``i`` sees keys ``i + seqlen_k - seqlen_q - left`` through
             ``... + right``. With ``causal=True``, ``right`` must be -1 or 0.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
-        sparse: a sparse-method config; ``None`` means dense attention.
+        sparse: a sparse-method config, e.g. :class:`longattn.sparse.HiP`;
+            ``None`` means dense attention. A sparse method brings its own
+            sinks and window, so ``window_size`` must stay ``(-1, -1)``; it
+            runs on its PyTorch twin (``backend`` "auto" or "eager").
         backend: ``"auto"`` (fastest twin that can serve), or ``"sdpa"``,
             ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
             :class:`~longattn.errors.BackendUnavailableError` listing every
@@ -64,10 +67,32 @@ def attention(
         q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
     )
     if sparse is not None:
-        raise UnsupportedFeatureError(
-            f"sparse={sparse!r} is not a sparse method this version of longattn provides; "
-            "use sparse=None for dense attention"
-        )
+        out, lse = _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend)
+        return (out, lse) if return_lse else out
     call = DenseCall(q, k, v, scale, window, softcap, need_lse=return_lse)
     out, lse = DENSE_BACKENDS.select(call, backend).run(call)
     return (out, lse) if return_lse else out
+
+
+SPARSE_BACKENDS = ("auto", "eager")
+
+
+def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend):
+    """Run a sparse method's prefill after checking what only applies to dense attention."""
+    from longattn.sparse import HiP
+
+    if not isinstance(sparse, HiP):
+        raise UnsupportedFeatureError(
+            f"sparse={sparse!r} is not a sparse method this version of longattn provides "
+            "(longattn.sparse.HiP); use sparse=None for dense attention"
+        )
+    if window != (-1, 0 if causal else -1):
+        raise UnsupportedFeatureError(
+            f"window_size={tuple(window_size)} cannot be combined with sparse={type(sparse).__name__}: "
+            "the method has its own sink_size and window_size; leave window_size=(-1, -1)"
+        )
+    if backend not in SPARSE_BACKENDS:
+        raise UnsupportedFeatureError(
+            f"backend={backend!r} cannot serve sparse={type(sparse).__name__} yet; use one of {SPARSE_BACKENDS}"
+        )
+    return sparse.prefill(q, k, v, causal=causal, scale=scale, softcap=softcap)

@@ -1,0 +1,152 @@
+"""Block-sparse attention: per query block, a list of key blocks, plus
+attention sinks and a local window. The primitive HiP (and later Streaming
+and Duo) run on.
+
+Who sees what (positions bottom-right aligned, ``p_i = i + seqlen_k -
+seqlen_q``; query block ``i // block_q``, key block ``j // block_k``): query
+``i`` of head ``h`` sees key ``j`` iff, with ``causal``, ``j <= p_i``, and
+
+- ``j < sink_size`` (a sink), or
+- ``j`` is in the window: causal ``p_i - window_size < j <= p_i``,
+  non-causal ``|j - p_i| < window_size``, or
+- ``j >= sink_size`` and its key block is listed in
+  ``key_blocks[b, h, i // block_q]``.
+
+The three sets are a union: a key in two of them counts once. A row that
+sees nothing gets ``out = 0``, ``lse = -inf``. :meth:`BlockSparseLayout.dense_mask`
+writes this rule out as the boolean mask the float64 oracle takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longattn.errors import ArgumentError, DTypeError, ShapeError
+from longattn.validation import check_attention_options, check_qkv
+
+
+@dataclass(frozen=True)
+class BlockSparseLayout:
+    """The geometry of one block-sparse call (see the module docstring)."""
+
+    seqlen_q: int
+    seqlen_k: int
+    block_q: int
+    block_k: int
+    sink_size: int
+    window_size: int
+    causal: bool
+
+    @property
+    def offset(self) -> int:
+        """``p_i - i``: query ``i`` sits at key position ``i + offset``."""
+        return self.seqlen_k - self.seqlen_q
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.seqlen_q // self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return -(-self.seqlen_k // self.block_k)
+
+    def in_window(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Window membership, broadcasting query positions against key positions."""
+        if self.causal:
+            return (kpos > qpos - self.window_size) & (kpos <= qpos)
+        return (kpos - qpos).abs() < self.window_size
+
+    def selected_mask(self, key_blocks: torch.Tensor) -> torch.Tensor:
+        """``(batch, nheads, num_q_blocks, num_k_blocks)`` bool: which key blocks are listed."""
+        batch, nheads, nqb, _ = key_blocks.shape
+        listed = torch.zeros(batch, nheads, nqb, self.num_k_blocks + 1, dtype=torch.bool, device=key_blocks.device)
+        # -1 (padding) lands in the extra last column, which is dropped.
+        index = torch.where(key_blocks < 0, self.num_k_blocks, key_blocks).long()
+        listed.scatter_(-1, index, True)
+        return listed[..., : self.num_k_blocks]
+
+    def dense_mask(self, key_blocks: torch.Tensor) -> torch.Tensor:
+        """``(batch, nheads, seqlen_q, seqlen_k)`` bool: the visibility rule, for the oracle."""
+        device = key_blocks.device
+        i = torch.arange(self.seqlen_q, device=device)[:, None]
+        j = torch.arange(self.seqlen_k, device=device)[None, :]
+        qpos = i + self.offset
+        fixed = (j < self.sink_size) | self.in_window(qpos, j)
+        listed = self.selected_mask(key_blocks)[:, :, i // self.block_q, j // self.block_k]
+        mask = fixed | (listed & (j >= self.sink_size))
+        if self.causal:
+            mask = mask & (j <= qpos)
+        return mask
+
+
+def check_key_blocks(key_blocks: object, batch: int, nheads: int, layout: BlockSparseLayout) -> torch.Tensor:
+    """``key_blocks`` is an integer ``(batch, nheads, num_q_blocks, n)`` tensor of key
+    block indices in ``[0, num_k_blocks)`` or -1 (padding), none repeated in a row."""
+    if not isinstance(key_blocks, torch.Tensor):
+        raise DTypeError(f"key_blocks must be a torch.Tensor, got {type(key_blocks).__name__}")
+    if key_blocks.dtype.is_floating_point or key_blocks.dtype.is_complex or key_blocks.dtype == torch.bool:
+        raise DTypeError(f"key_blocks must be an integer tensor, got {key_blocks.dtype}")
+    expected = (batch, nheads, layout.num_q_blocks)
+    if key_blocks.dim() != 4 or tuple(key_blocks.shape[:3]) != expected:
+        raise ShapeError(
+            f"key_blocks must be (batch, nheads, num_q_blocks, n) = ({batch}, {nheads}, "
+            f"{layout.num_q_blocks}, n), got {tuple(key_blocks.shape)}"
+        )
+    if key_blocks.numel():
+        low, high = int(key_blocks.min()), int(key_blocks.max())
+        if low < -1 or high >= layout.num_k_blocks:
+            raise ArgumentError(
+                f"key_blocks entries must be in [0, {layout.num_k_blocks}) (key blocks of {layout.block_k} "
+                f"keys over seqlen_k={layout.seqlen_k}) or -1, got values in [{low}, {high}]"
+            )
+        ordered = key_blocks.sort(dim=-1).values
+        if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
+            raise ArgumentError("key_blocks lists a key block twice for one query block and head")
+    return key_blocks
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_blocks: torch.Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    sink_size: int = 0,
+    window_size: int = 0,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over listed key blocks plus sinks and a window (rule in the module docstring).
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``; k, v ``(batch, seqlen_k,
+            nheads_k, headdim)`` (GQA: head ``h`` reads kv head ``h // (nheads // nheads_k)``).
+        key_blocks: ``(batch, nheads, ceil(seqlen_q / block_q), n)`` integer
+            key block indices, -1 for "none"; any order, no repeats.
+        block_q, block_k: queries per query block, keys per key block (>= 1).
+        sink_size, window_size: >= 0.
+        causal, softmax_scale, softcap, return_lse: as in :func:`longattn.attention`.
+
+    Returns:
+        ``out`` like q, or ``(out, lse)`` with ``lse (batch, nheads, seqlen_q)`` float32.
+    """
+    from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
+
+    q, k, v = check_qkv(q, k, v)
+    causal, return_lse, scale, _, softcap = check_attention_options(
+        q.shape[-1], causal, return_lse, softmax_scale, (-1, -1), softcap
+    )
+    for name, value, minimum in (("block_q", block_q, 1), ("block_k", block_k, 1), ("sink_size", sink_size, 0),
+                                 ("window_size", window_size, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+    layout = BlockSparseLayout(q.shape[1], k.shape[1], block_q, block_k, sink_size, window_size, causal)
+    key_blocks = check_key_blocks(key_blocks, q.shape[0], q.shape[2], layout)
+    out, lse = block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
+    return (out, lse) if return_lse else out

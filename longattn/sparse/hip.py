@@ -1,0 +1,98 @@
+"""HiP (hierarchically pruned attention, arXiv 2406.09827): the configuration
+and the prefill method.
+
+For every block of ``block_q`` queries HiP searches, by halving branches of
+key blocks (:func:`longattn.sparse.hip_mask.hip_select_blocks`), for the
+``topk // block_k`` key blocks of highest score, then runs block-sparse
+attention over them plus ``sink_size`` attention sinks and a ``window_size``
+local window (:func:`longattn.kernels.block_sparse.block_sparse_attention`).
+Which keys a query sees, exactly (positions bottom-right aligned, ``p_i = i +
+seqlen_k - seqlen_q``):
+
+- the sinks ``j < sink_size``;
+- the window: causal ``p_i - window_size < j <= p_i``; non-causal
+  ``|j - p_i| < window_size``;
+- every other key ``j >= sink_size`` of a selected key block (block ``m``
+  holds keys ``[m * block_k, (m + 1) * block_k)``);
+
+and, with ``causal=True``, only keys ``j <= p_i``. When the searchable range
+of a query block (causal: ``[sink_size, p_last - window_size]`` with
+``p_last`` its last query's position; non-causal: ``[sink_size, seqlen_k)``)
+holds at most ``topk`` keys' worth of blocks, all of it is selected and the
+result is exactly dense attention.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from longattn.errors import ArgumentError
+
+
+@dataclass(frozen=True)
+class HiP:
+    """HiP attention settings (validated on construction).
+
+    Attributes:
+        topk: keys kept per query block and head by the search (a multiple of
+            ``block_k``); ``topk // block_k`` key blocks.
+        block_q: queries per query block (they share one selection).
+        block_k: keys per key block (the unit of selection).
+        query_stride: the search scores a query block with every
+            ``query_stride``-th query, counting back from its last one.
+        sink_size: leading keys every query sees.
+        window_size: local window every query sees (0: none).
+        refresh_interval: decode steps a selection is reused before it is
+            searched again (decode only).
+    """
+
+    topk: int = 512
+    block_q: int = 64
+    block_k: int = 2
+    query_stride: int = 2
+    sink_size: int = 16
+    window_size: int = 256
+    refresh_interval: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("topk", "block_q", "block_k", "query_stride", "refresh_interval"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("sink_size", "window_size"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.topk % self.block_k:
+            raise ArgumentError(
+                f"HiP topk must be a multiple of block_k, got topk={self.topk}, block_k={self.block_k}"
+            )
+        if self.query_stride > self.block_q:
+            raise ArgumentError(
+                f"HiP query_stride must be <= block_q, got query_stride={self.query_stride}, block_q={self.block_q}"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        """Key blocks selected per query block and head: ``topk // block_k``."""
+        return self.topk // self.block_k
+
+    def prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, softcap: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select key blocks (no gradient flows through the choice), then attend
+        over them, the sinks and the window: ``(out, lse)``. Inputs are
+        validated by :func:`longattn.attention`."""
+        from longattn.kernels.block_sparse import BlockSparseLayout
+        from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
+        from longattn.sparse.hip_mask import hip_select_blocks
+
+        with torch.no_grad():
+            key_blocks = hip_select_blocks(q, k, self, causal=causal)
+        layout = BlockSparseLayout(q.shape[1], k.shape[1], self.block_q, self.block_k, self.sink_size,
+                                   self.window_size, causal)
+        return block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ArgumentError(f"HiP {name} must be an int >= {minimum}, got {value!r}")

@@ -1,0 +1,145 @@
+"""HiP's mask estimation: a tree search for the best key blocks of every
+query block, vectorised over batch, heads and query blocks (eager PyTorch,
+the CPU path).
+
+For query block ``qb`` (queries ``[qb * block_q, ...)``, last one at position
+``p_last``) the searchable keys are ``[sink_size, p_last - window_size]``
+(causal) or ``[sink_size, seqlen_k)`` (non-causal), i.e. key blocks ``lo ..
+hi`` (block ``m`` = keys ``[m * block_k, (m + 1) * block_k)``), ``n`` of
+them. With ``nb = topk // block_k``:
+
+1. ``n <= nb``: every block of the range is selected (then HiP is exactly
+   dense attention).
+2. Otherwise the range is cut into ``nb`` groups of consecutive blocks
+   (group ``g`` = ``[lo + g * n // nb, lo + (g + 1) * n // nb)``), and each
+   round splits every group into halves ``[s, (s + e) // 2)`` and ``[(s + e)
+   // 2, e)``, scores each half by its centre block ``(s + e - 1) // 2`` --
+   the max of ``q . k`` over the block's keys in the range and the block's
+   strided queries (every ``query_stride``-th, counting back from the last,
+   each seeing only keys at or before its position when causal) -- and keeps
+   the ``nb`` best halves (empty halves score -inf). Rounds continue until
+   every group is one block: ``ceil(log2(ceil(n / nb)))`` of them.
+
+Each head searches with its own queries against its kv head's keys (GQA).
+The result lists block indices in ascending order, -1 padding last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longattn.kernels.block_sparse import BlockSparseLayout
+from longattn.sparse.hip import HiP
+
+# Elements of the gathered representative keys per chunk of rows: 32 MiB of float32.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def searchable_blocks(layout: BlockSparseLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query block: ``(first block, number of blocks, last searchable key)``, each ``(num_q_blocks,)``."""
+    qb = torch.arange(layout.num_q_blocks, device=device)
+    p_last = torch.clamp((qb + 1) * layout.block_q, max=layout.seqlen_q) - 1 + layout.offset
+    if layout.causal:
+        end = torch.clamp(p_last - layout.window_size, max=layout.seqlen_k - 1)
+    else:
+        end = torch.full_like(qb, layout.seqlen_k - 1)
+    lo = torch.full_like(qb, layout.sink_size // layout.block_k)
+    count = torch.where(end >= layout.sink_size, end // layout.block_k - lo + 1, torch.zeros_like(qb))
+    return lo, count, end
+
+
+def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, config: HiP, *, causal: bool = True) -> torch.Tensor:
+    """HiP's selection for every (batch, head, query block).
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``.
+        config: the :class:`~longattn.sparse.HiP` settings.
+        causal: bottom-right causal alignment, as in :func:`longattn.attention`.
+
+    Returns:
+        ``(batch, nheads, ceil(seqlen_q / block_q), topk // block_k)`` int64
+        key block indices, ascending, -1 padding at the end: the
+        ``key_blocks`` argument of
+        :func:`~longattn.kernels.block_sparse.block_sparse_attention`.
+    """
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k = k.shape[1]
+    layout = BlockSparseLayout(seqlen_q, seqlen_k, config.block_q, config.block_k, config.sink_size,
+                               config.window_size, causal)
+    nqb, nb, device = layout.num_q_blocks, config.num_blocks, q.device
+    lo, count, end = searchable_blocks(layout, device)
+
+    g = torch.arange(nb + 1, device=device)
+    bounds = lo[:, None] + g[None, :] * count[:, None] // nb  # (nqb, nb + 1)
+    starts = bounds[:, :-1].expand(batch, nheads, nqb, nb).reshape(-1, nb).contiguous()
+    ends = bounds[:, 1:].expand(batch, nheads, nqb, nb).reshape(-1, nb).contiguous()
+    largest = int(-(-count.max() // nb)) if nqb and seqlen_k else 0
+    rounds = math.ceil(math.log2(largest)) if largest > 1 else 0
+
+    if rounds:
+        scorer = _BranchScorer(q, k, layout, config, end)
+        for _ in range(rounds):
+            mids = (starts + ends) // 2
+            child_s, child_e = torch.cat([starts, mids], 1), torch.cat([mids, ends], 1)
+            scores = scorer.score((child_s + child_e - 1) // 2)
+            scores = scores.masked_fill(child_e <= child_s, float("-inf"))
+            keep = torch.topk(scores, nb, dim=1, sorted=False).indices
+            starts, ends = child_s.gather(1, keep), child_e.gather(1, keep)
+
+    picked = torch.where(ends > starts, starts, torch.full_like(starts, -1))
+    # Ascending, -1 last: sort with -1 read as +inf.
+    huge = torch.iinfo(picked.dtype).max
+    ordered = torch.where(picked < 0, huge, picked).sort(dim=1).values
+    ordered = torch.where(ordered == huge, -1, ordered)
+    return ordered.reshape(batch, nheads, nqb, nb)
+
+
+class _BranchScorer:
+    """Scores representative key blocks for every (batch, head, query block) row."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, config: HiP,
+                 end: torch.Tensor) -> None:
+        batch, seqlen_q, nheads, headdim = q.shape
+        self.layout, self.block_k = layout, config.block_k
+        self.nheads, self.nqb = nheads, layout.num_q_blocks
+        self.nheads_k, self.seqlen_k = k.shape[2], k.shape[1]
+        self.group = nheads // self.nheads_k
+        device = q.device
+        # Strided queries of each block, counting back from its last query.
+        strided = -(-config.block_q // config.query_stride)
+        qb = torch.arange(self.nqb, device=device)
+        last = torch.clamp((qb + 1) * config.block_q, max=seqlen_q) - 1
+        qidx = last[:, None] - torch.arange(strided, device=device)[None, :] * config.query_stride  # (nqb, s)
+        self.query_ok = qidx >= qb[:, None] * config.block_q
+        qidx = qidx.clamp(min=0)
+        self.qpos = qidx + layout.offset  # (nqb, s)
+        self.end = end
+        # (batch * nheads * nqb, s, headdim) float32
+        self.queries = q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim)
+        self.k_rows = k.transpose(1, 2).reshape(batch * self.nheads_k * self.seqlen_k, headdim)
+
+    def score(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``blocks (rows, c)`` key block indices -> ``(rows, c)`` max of q . k over
+        each block's searchable keys and the row's strided queries."""
+        rows, c = blocks.shape
+        bk, device = self.block_k, blocks.device
+        out = torch.empty(rows, c, dtype=torch.float32, device=device)
+        offsets = torch.arange(bk, device=device)
+        step = max(1, CHUNK_ELEMENTS // (c * bk * self.queries.shape[-1]))
+        for start in range(0, rows, step):
+            r = torch.arange(start, min(start + step, rows), device=device)
+            b, h, qb = r // (self.nheads * self.nqb), (r // self.nqb) % self.nheads, r % self.nqb
+            pos = (blocks[r][:, :, None] * bk + offsets).reshape(len(r), c * bk)  # (n, c * bk)
+            base = (b * self.nheads_k + h // self.group) * self.seqlen_k
+            keys = self.k_rows[base[:, None] + pos.clamp(0, self.seqlen_k - 1)].float()
+            dots = torch.bmm(self.queries[r], keys.transpose(1, 2))  # (n, s, c * bk)
+            kpos = pos[:, None, :]
+            ok = (kpos >= self.layout.sink_size) & (kpos <= self.end[qb][:, None, None])
+            ok = ok & self.query_ok[qb][:, :, None]
+            if self.layout.causal:
+                ok &= kpos <= self.qpos[qb][:, :, None]
+            dots = dots.masked_fill(~ok, float("-inf"))
+            out[r] = dots.amax(dim=1).reshape(len(r), c, bk).amax(dim=2)
+        return out
