@@ -78,17 +78,28 @@ def block_sparse_forward_eager(
         return _unblock(out, lse, batch, nheads, seqlen_q, q.dtype)
     step = max(1, CHUNK_ELEMENTS // (num_candidates * max(headdim, bq)))
     local = torch.arange(bq, device=device)
+    row_ids = torch.arange(rows, device=device)
+    # Gather and score buffers are allocated once: fresh tensors of tens of
+    # MiB per chunk cost more in page faults than the work that fills them.
+    kbuf = torch.empty(min(step, rows) * num_candidates, headdim, dtype=k.dtype, device=device)
+    vbuf = torch.empty_like(kbuf)
+    sbuf = torch.empty(min(step, rows) * bq * num_candidates, dtype=torch.float32, device=device)
     for start in range(0, rows, step):
-        r = torch.arange(start, min(start + step, rows), device=device)
+        stop = min(start + step, rows)
+        n, r = stop - start, row_ids[start:stop]
         b, h, qb = r // (nheads * nqb), (r // nqb) % nheads, r % nqb
-        pos = torch.cat([fixed_pos[qb], listed_pos[r]], dim=1)  # (n, candidates)
+        pos = torch.cat([fixed_pos[qb], listed_pos[start:stop]], dim=1)  # (n, candidates)
         base = (b * nheads_k + h // group) * seqlen_k
-        index = base[:, None] + pos.clamp(0, seqlen_k - 1)
-        kc = k_rows[index].float()  # (n, candidates, headdim)
-        vc = v_rows[index].float()
-        scores = torch.bmm(q_blocks[r], kc.transpose(1, 2)) * scale  # (n, bq, candidates)
+        index = (base[:, None] + pos.clamp(0, seqlen_k - 1)).reshape(-1)
+        kc = torch.index_select(k_rows, 0, index, out=kbuf[: n * num_candidates]).view(n, num_candidates, headdim)
+        vc = torch.index_select(v_rows, 0, index, out=vbuf[: n * num_candidates]).view(n, num_candidates, headdim)
+        if kc.dtype != torch.float32:
+            kc, vc = kc.float(), vc.float()
+        scores = torch.bmm(q_blocks[start:stop], kc.transpose(1, 2),
+                           out=sbuf[: n * bq * num_candidates].view(n, bq, num_candidates))
+        scores.mul_(scale)
         if softcap > 0:
-            scores = softcap * torch.tanh(scores / softcap)
+            scores.div_(softcap).tanh_().mul_(softcap)
         qpos = (qb[:, None] * bq + local + layout.offset)[:, :, None]  # (n, bq, 1)
         kpos = pos[:, None, :]
         in_window = layout.in_window(qpos, kpos)
@@ -100,12 +111,12 @@ def block_sparse_forward_eager(
         visible &= (kpos >= 0) & (kpos < seqlen_k)
         if layout.causal:
             visible &= kpos <= qpos
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores.masked_fill_(~visible, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)
         finite = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
-        probs = torch.exp(scores - finite[..., None])  # rows that see nothing: exp(-inf) = 0
-        out[r] = torch.bmm(probs, vc)
-        lse[r] = row_lse
+        probs = scores.sub_(finite[..., None]).exp_()  # rows that see nothing: exp(-inf) = 0
+        torch.bmm(probs, vc, out=out[start:stop])
+        lse[start:stop] = row_lse
     return _unblock(out, lse, batch, nheads, seqlen_q, q.dtype)
 
 

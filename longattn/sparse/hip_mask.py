@@ -83,7 +83,8 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, config: HiP, *, causal: 
         for _ in range(rounds):
             mids = (starts + ends) // 2
             child_s, child_e = torch.cat([starts, mids], 1), torch.cat([mids, ends], 1)
-            scores = scorer.score((child_s + child_e - 1) // 2)
+            centres = ((child_s + child_e - 1) // 2).clamp(0, layout.num_k_blocks - 1)  # empty halves: any block
+            scores = scorer.score(centres)
             scores = scores.masked_fill(child_e <= child_s, float("-inf"))
             keep = torch.topk(scores, nb, dim=1, sorted=False).indices
             starts, ends = child_s.gather(1, keep), child_e.gather(1, keep)
@@ -97,7 +98,12 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, config: HiP, *, causal: 
 
 
 class _BranchScorer:
-    """Scores representative key blocks for every (batch, head, query block) row."""
+    """Scores representative key blocks for every (batch, head, query block) row.
+
+    Rows are processed in chunks into buffers allocated once per search:
+    fresh tensors of tens of MiB cost more in page faults than the gather
+    and matmul that fill them.
+    """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, config: HiP,
                  end: torch.Tensor) -> None:
@@ -106,40 +112,65 @@ class _BranchScorer:
         self.nheads, self.nqb = nheads, layout.num_q_blocks
         self.nheads_k, self.seqlen_k = k.shape[2], k.shape[1]
         self.group = nheads // self.nheads_k
-        device = q.device
-        # Strided queries of each block, counting back from its last query.
+        device, bk, nkb = q.device, config.block_k, layout.num_k_blocks
+        # Strided queries of each block, counting back from its last query; a
+        # short last block repeats its last query (the max is unchanged).
         strided = -(-config.block_q // config.query_stride)
         qb = torch.arange(self.nqb, device=device)
         last = torch.clamp((qb + 1) * config.block_q, max=seqlen_q) - 1
         qidx = last[:, None] - torch.arange(strided, device=device)[None, :] * config.query_stride  # (nqb, s)
-        self.query_ok = qidx >= qb[:, None] * config.block_q
-        qidx = qidx.clamp(min=0)
-        self.qpos = qidx + layout.offset  # (nqb, s)
+        qidx = torch.where(qidx >= qb[:, None] * config.block_q, qidx, last[:, None])
+        self.qpos = qidx + layout.offset
         self.end = end
-        # (batch * nheads * nqb, s, headdim) float32
-        self.queries = q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim)
-        self.k_rows = k.transpose(1, 2).reshape(batch * self.nheads_k * self.seqlen_k, headdim)
+        # (rows, headdim, strided)
+        self.queries_t = q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim).transpose(1, 2).contiguous()
+        # Keys as rows of whole blocks: (batch * nheads_k * num_k_blocks, block_k * headdim), zero-padded.
+        blocks = torch.zeros(batch, self.nheads_k, nkb * bk, headdim, dtype=torch.float32, device=device)
+        blocks[:, :, : self.seqlen_k] = k.transpose(1, 2)
+        self.key_blocks = blocks.reshape(batch * self.nheads_k * nkb, bk * headdim)
+        # Keys outside a block's searchable part (before the sinks end, after the
+        # range ends, after a strided query when causal) need a mask; with
+        # aligned sinks and ranges and a window at least as long as a query
+        # block (HiP's defaults) none do, and the mask is skipped.
+        active = (end >= layout.sink_size)
+        ragged_end = bool((((end + 1) % bk != 0) & active).any())
+        early_query = layout.causal and bool(((self.qpos < end[:, None]) & active[:, None]).any())
+        self.needs_mask = layout.sink_size % bk != 0 or ragged_end or early_query
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, numel: int) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.queries_t.device)
+        return buf[:numel]
 
     def score(self, blocks: torch.Tensor) -> torch.Tensor:
         """``blocks (rows, c)`` key block indices -> ``(rows, c)`` max of q . k over
         each block's searchable keys and the row's strided queries."""
         rows, c = blocks.shape
         bk, device = self.block_k, blocks.device
+        headdim, strided = self.queries_t.shape[1], self.queries_t.shape[2]
+        nkb = self.layout.num_k_blocks
         out = torch.empty(rows, c, dtype=torch.float32, device=device)
-        offsets = torch.arange(bk, device=device)
-        step = max(1, CHUNK_ELEMENTS // (c * bk * self.queries.shape[-1]))
+        step = max(1, CHUNK_ELEMENTS // (c * bk * max(headdim, strided)))
+        row_ids = torch.arange(rows, device=device)
         for start in range(0, rows, step):
-            r = torch.arange(start, min(start + step, rows), device=device)
-            b, h, qb = r // (self.nheads * self.nqb), (r // self.nqb) % self.nheads, r % self.nqb
-            pos = (blocks[r][:, :, None] * bk + offsets).reshape(len(r), c * bk)  # (n, c * bk)
-            base = (b * self.nheads_k + h // self.group) * self.seqlen_k
-            keys = self.k_rows[base[:, None] + pos.clamp(0, self.seqlen_k - 1)].float()
-            dots = torch.bmm(self.queries[r], keys.transpose(1, 2))  # (n, s, c * bk)
-            kpos = pos[:, None, :]
-            ok = (kpos >= self.layout.sink_size) & (kpos <= self.end[qb][:, None, None])
-            ok = ok & self.query_ok[qb][:, :, None]
-            if self.layout.causal:
-                ok &= kpos <= self.qpos[qb][:, :, None]
-            dots = dots.masked_fill(~ok, float("-inf"))
-            out[r] = dots.amax(dim=1).reshape(len(r), c, bk).amax(dim=2)
+            stop = min(start + step, rows)
+            n, r = stop - start, row_ids[start:stop]
+            b, h = r // (self.nheads * self.nqb), (r // self.nqb) % self.nheads
+            base = (b * self.nheads_k + h // self.group) * nkb
+            index = (base[:, None] + blocks[start:stop]).reshape(-1)
+            keys = torch.index_select(self.key_blocks, 0, index, out=self._buffer("keys", n * c * bk * headdim).view(
+                n * c, bk * headdim)).view(n, c * bk, headdim)
+            # (n, keys, strided): the max over strided queries is then a contiguous reduction.
+            dots = torch.bmm(keys, self.queries_t[start:stop],
+                             out=self._buffer("dots", n * strided * c * bk).view(n, c * bk, strided))
+            if self.needs_mask:
+                qb = r % self.nqb
+                kpos = (blocks[start:stop][:, :, None] * bk + torch.arange(bk, device=device)).reshape(n, c * bk, 1)
+                ok = (kpos >= self.layout.sink_size) & (kpos <= self.end[qb][:, None, None])
+                if self.layout.causal:
+                    ok = ok & (kpos <= self.qpos[qb][:, None, :])
+                dots.masked_fill_(~ok, float("-inf"))
+            out[start:stop] = dots.amax(dim=2).view(n, c, bk).amax(dim=2)
         return out
