@@ -73,6 +73,13 @@ def check_qkv(
     return q, k, v
 
 
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ArgumentError(f"{name} must be a bool, got {value!r}")

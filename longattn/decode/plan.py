@@ -34,6 +34,7 @@ from functools import cached_property
 import torch
 
 from longattn.errors import ArgumentError, DTypeError, ShapeError
+from longattn.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,7 @@ def plan_decode(
         raise ArgumentError(f"seqlens must be >= 0, got {list(lengths)}")
     for name, value in (("nheads_k", nheads_k), ("num_workers", num_workers), ("block_n", block_n),
                         ("heads_per_tile", heads_per_tile)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ArgumentError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value)
     if nheads_k % heads_per_tile:
         raise ArgumentError(f"heads_per_tile {heads_per_tile} must divide nheads_k {nheads_k}")
     starts = [0]

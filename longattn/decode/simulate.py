@@ -76,6 +76,7 @@ from typing import Any
 
 from longattn.decode.plan import plan_decode
 from longattn.errors import ArgumentError
+from longattn.validation import check_int
 
 SCHEDULES = ("fa2", "split_k", "stream_k")  # keys of a row's "schedules"
 STREAM_K_BLOCK_NS = (256, 128, 64, 32, 16)
@@ -118,9 +119,7 @@ class GpuModel:
     def __post_init__(self) -> None:
         for name in ("num_sms", "workers_per_sm", "ctas_per_sm", "headdim", "kv_bytes", "group_size", "block_n",
                      "merge_block_d"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ArgumentError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name))
         for name in ("hbm_bandwidth_gbs", "l2_bandwidth_gbs"):
             if not getattr(self, name) > 0:
                 raise ArgumentError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from longattn.errors import ArgumentError, DTypeError, ShapeError
-from longattn.validation import check_attention_options, check_qkv
+from longattn.validation import check_attention_options, check_int, check_qkv
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,7 @@ def block_sparse_attention(
     )
     for name, value, minimum in (("block_q", block_q, 1), ("block_k", block_k, 1), ("sink_size", sink_size, 0),
                                  ("window_size", window_size, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_int(name, value, minimum)
     layout = BlockSparseLayout(q.shape[1], k.shape[1], block_q, block_k, sink_size, window_size, causal)
     key_blocks = check_key_blocks(key_blocks, q.shape[0], q.shape[2], layout)
     out, lse = block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)

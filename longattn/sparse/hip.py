@@ -24,12 +24,12 @@ result is exactly dense attention.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from longattn.errors import ArgumentError
+from longattn.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ class HiP:
 
     def __post_init__(self) -> None:
         for name in ("topk", "block_q", "block_k", "query_stride", "refresh_interval"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(f"HiP {name}", getattr(self, name), minimum=1)
         for name in ("sink_size", "window_size"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_int(f"HiP {name}", getattr(self, name), minimum=0)
         if self.topk % self.block_k:
             raise ArgumentError(
                 f"HiP topk must be a multiple of block_k, got topk={self.topk}, block_k={self.block_k}"
@@ -92,7 +92,3 @@ class HiP:
                                    self.window_size, causal)
         return block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
 
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ArgumentError(f"HiP {name} must be an int >= {minimum}, got {value!r}")

@@ -93,11 +93,11 @@ def test_plan_example_from_the_docstring():
 
 
 def test_bad_plan_arguments():
-    with pytest.raises(ArgumentError, match="num_workers must be a positive int"):
+    with pytest.raises(ArgumentError, match="num_workers must be an int >= 1"):
         plan_decode([4], nheads_k=1, num_workers=0)
     with pytest.raises(ArgumentError, match="seqlens must be >= 0"):
         plan_decode([4, -1], nheads_k=1, num_workers=2)
-    with pytest.raises(ArgumentError, match="block_n must be a positive int"):
+    with pytest.raises(ArgumentError, match="block_n must be an int >= 1"):
         plan_decode([4], nheads_k=1, num_workers=2, block_n=0)
     with pytest.raises(ArgumentError, match="heads_per_tile 3 must divide nheads_k 4"):
         plan_decode([4], nheads_k=4, num_workers=2, heads_per_tile=3)

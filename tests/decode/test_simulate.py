@@ -98,7 +98,7 @@ def test_ragged_sweep_is_seeded_and_in_range():
 def test_bad_gpu_arguments_are_clear_errors():
     with pytest.raises(ArgumentError, match="gpu must be one of"):
         get_gpu("a100")
-    with pytest.raises(ArgumentError, match="num_sms must be a positive int, got 0"):
+    with pytest.raises(ArgumentError, match="num_sms must be an int >= 1, got 0"):
         get_gpu("h100", num_sms=0)
 
 
