@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from longattn.kernels.block_sparse import BlockSparseLayout
+from longattn.kernels.merge import merge_states
 
 # Elements of one gathered K (or V) slab per chunk: 8M floats = 32 MiB.
 CHUNK_ELEMENTS = 1 << 23
 
-SINK, WINDOW, LISTED = 0, 1, 2  # candidate kinds
+SINK, WINDOW = 0, 1  # kinds of fixed candidates
 
 
 def fixed_candidates(layout: BlockSparseLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +42,31 @@ def fixed_candidates(layout: BlockSparseLayout, device: torch.device) -> tuple[t
     return positions, kinds
 
 
+def fixed_visibility(layout: BlockSparseLayout, positions: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """``(num_q_blocks, block_q, F)`` bool: which fixed candidates (sinks, window
+    span) each query of each block sees. The same for every batch entry and
+    head, so it is built once per call."""
+    qpos = (torch.arange(layout.num_q_blocks, device=positions.device)[:, None] * layout.block_q
+            + torch.arange(layout.block_q, device=positions.device) + layout.offset)[:, :, None]
+    kpos = positions[:, None, :]
+    visible = torch.where(kinds == SINK, torch.ones_like(kpos, dtype=torch.bool),
+                          layout.in_window(qpos, kpos) & (kpos >= layout.sink_size))
+    visible = visible & (kpos >= 0) & (kpos < layout.seqlen_k)
+    if layout.causal:
+        visible = visible & (kpos <= qpos)
+    return visible
+
+
+def listed_visibility(layout: BlockSparseLayout, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """Listed-block keys ``kpos (n, 1, L)`` seen by queries at ``qpos (n, bq, 1)``:
+    past the sinks, inside the sequence, outside the window (the window part
+    counts them), and, causal, at or before the query."""
+    inside = (kpos >= max(layout.sink_size, 0)) & (kpos < layout.seqlen_k)
+    if layout.causal:  # j <= p - window: neither in the window nor after the query
+        return inside & (kpos <= qpos - layout.window_size)
+    return inside & ~layout.in_window(qpos, kpos)
+
+
 def block_sparse_forward_eager(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,73 +77,120 @@ def block_sparse_forward_eager(
     scale: float,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (batch, seqlen_q, nheads, headdim) in q's dtype, lse (batch, nheads, seqlen_q) float32)``."""
+    """``(out (batch, seqlen_q, nheads, headdim) in q's dtype, lse (batch, nheads, seqlen_q) float32)``.
+
+    Each chunk of rows runs through PyTorch's fused CPU attention kernel with
+    an additive mask (0 / -inf) when it exists and there is no softcap, else
+    through matmul, logsumexp and exp.
+    """
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group = nheads // nheads_k
     bq, bk, nqb = layout.block_q, layout.block_k, layout.num_q_blocks
     device = q.device
+    rows = batch * nheads * nqb
+
+    fixed_pos, fixed_kind = fixed_candidates(layout, device)
+    listed_pos = (key_blocks.long()[..., :, None] * bk + torch.arange(bk, device=device)).reshape(rows, -1)
+    num_candidates = fixed_pos.shape[1] + listed_pos.shape[1]
+    if num_candidates == 0 or seqlen_k == 0 or rows == 0:
+        out = torch.zeros(rows, bq, headdim, dtype=torch.float32, device=device)
+        lse = torch.full((rows, bq), float("-inf"), dtype=torch.float32, device=device)
+        return _unblock(out, lse, batch, nheads, seqlen_q, q.dtype)
+    fixed_seen = fixed_visibility(layout, fixed_pos, fixed_kind)  # (nqb, bq, F)
+    fixed_bias = torch.zeros(fixed_seen.shape, dtype=torch.float32, device=device).masked_fill_(
+        ~fixed_seen, float("-inf"))
+    fixed_any = fixed_seen.any(dim=-1)  # (nqb, bq)
 
     # (batch, kv_head, position) order: key row (b, hk, j) is row (b * nheads_k + hk) * seqlen_k + j.
     k_rows = k.transpose(1, 2).reshape(batch * nheads_k * seqlen_k, headdim)
     v_rows = v.transpose(1, 2).reshape(batch * nheads_k * seqlen_k, headdim)
     q_blocks = torch.zeros(batch, nheads, nqb * bq, headdim, dtype=torch.float32, device=device)
     q_blocks[:, :, :seqlen_q] = q.transpose(1, 2)
-    q_blocks = q_blocks.reshape(batch * nheads * nqb, bq, headdim)
+    q_blocks = q_blocks.reshape(rows, bq, headdim)
 
-    fixed_pos, fixed_kind = fixed_candidates(layout, device)
-    listed_pos = (key_blocks.long()[..., :, None] * bk + torch.arange(bk, device=device)).reshape(
-        batch * nheads * nqb, -1)  # -1 entries give negative positions: dropped by the mask
-    kinds = torch.cat([fixed_kind, torch.full((listed_pos.shape[1],), LISTED, device=device)])
-    num_candidates = kinds.numel()
-
-    rows = batch * nheads * nqb
-    out = torch.zeros(rows, bq, headdim, dtype=torch.float32, device=device)
-    lse = torch.full((rows, bq), float("-inf"), dtype=torch.float32, device=device)
-    if num_candidates == 0 or seqlen_k == 0:
-        return _unblock(out, lse, batch, nheads, seqlen_q, q.dtype)
-    step = max(1, CHUNK_ELEMENTS // (num_candidates * max(headdim, bq)))
+    attend = _Attend(k_rows, v_rows, scale, softcap, min(nqb, max(1, CHUNK_ELEMENTS // (
+        num_candidates * max(headdim, bq)))) * num_candidates, bq)
+    step = attend.rows_per_chunk // num_candidates
     local = torch.arange(bq, device=device)
-    row_ids = torch.arange(rows, device=device)
-    # Gather and score buffers are allocated once: fresh tensors of tens of
-    # MiB per chunk cost more in page faults than the work that fills them.
-    kbuf = torch.empty(min(step, rows) * num_candidates, headdim, dtype=k.dtype, device=device)
-    vbuf = torch.empty_like(kbuf)
-    sbuf = torch.empty(min(step, rows) * bq * num_candidates, dtype=torch.float32, device=device)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        n, r = stop - start, row_ids[start:stop]
-        b, h, qb = r // (nheads * nqb), (r // nqb) % nheads, r % nqb
-        pos = torch.cat([fixed_pos[qb], listed_pos[start:stop]], dim=1)  # (n, candidates)
-        base = (b * nheads_k + h // group) * seqlen_k
-        index = (base[:, None] + pos.clamp(0, seqlen_k - 1)).reshape(-1)
-        kc = torch.index_select(k_rows, 0, index, out=kbuf[: n * num_candidates]).view(n, num_candidates, headdim)
-        vc = torch.index_select(v_rows, 0, index, out=vbuf[: n * num_candidates]).view(n, num_candidates, headdim)
+    # Rows run (batch, head) by (batch, head), query blocks in chunks: a chunk's
+    # fixed candidates and their mask are then slices, shared by every head.
+    # The fixed and the listed candidates are attended separately (each a
+    # disjoint key set) and merged once at the end.
+    parts_out = torch.empty(2, rows, bq, headdim, dtype=torch.float32, device=device)
+    parts_lse = torch.empty(2, rows, bq, dtype=torch.float32, device=device)
+    for bh in range(batch * nheads):
+        base = (bh // nheads * nheads_k + bh % nheads // group) * seqlen_k
+        for q0 in range(0, nqb, step):
+            q1 = min(q0 + step, nqb)
+            r0, r1 = bh * nqb + q0, bh * nqb + q1
+            attend(q_blocks[r0:r1], base + fixed_pos[q0:q1].clamp(0, seqlen_k - 1), parts_out[0, r0:r1],
+                   parts_lse[0, r0:r1], bias=fixed_bias[q0:q1], seen_any=fixed_any[q0:q1])
+            qpos = (torch.arange(q0, q1, device=device)[:, None] * bq + local + layout.offset)[:, :, None]
+            seen = listed_visibility(layout, qpos, listed_pos[r0:r1][:, None, :])
+            attend(q_blocks[r0:r1], base + listed_pos[r0:r1].clamp(0, seqlen_k - 1), parts_out[1, r0:r1],
+                   parts_lse[1, r0:r1], seen=seen)
+    # merge_states takes (batch, seqlen_q, nheads, headdim) parts: rows as batch, one head.
+    out, lse = merge_states(parts_out[:, :, :, None], parts_lse[:, :, None])
+    return _unblock(out[:, :, 0], lse[:, 0], batch, nheads, seqlen_q, q.dtype)
+
+
+class _Attend:
+    """Attention of query blocks over gathered candidate keys with a 0/-inf
+    mask, into buffers allocated once: fresh tensors of tens of MiB per chunk
+    cost more in page faults than the work that fills them. Uses PyTorch's
+    fused CPU attention kernel when there is no softcap."""
+
+    def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, scale: float, softcap: float,
+                 rows_per_chunk: int, block_q: int) -> None:
+        self.k_rows, self.v_rows, self.scale, self.softcap = k_rows, v_rows, scale, softcap
+        self.rows_per_chunk = rows_per_chunk  # candidate rows (queries blocks x candidates) per call
+        device, headdim = k_rows.device, k_rows.shape[1]
+        self.kbuf = torch.empty(rows_per_chunk, headdim, dtype=k_rows.dtype, device=device)
+        self.vbuf = torch.empty_like(self.kbuf)
+        self.bias_buf = torch.empty(rows_per_chunk * block_q, dtype=torch.float32, device=device)
+        self.zero = torch.zeros((), device=device)
+        self.neg_inf = torch.full((), float("-inf"), device=device)
+        self.fused = softcap == 0 and device.type == "cpu" and hasattr(
+            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+    def __call__(self, q: torch.Tensor, index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                 bias: torch.Tensor | None = None, seen_any: torch.Tensor | None = None,
+                 seen: torch.Tensor | None = None) -> None:
+        """``q (n, bq, d)`` over key rows ``index (n, c)``, masked by ``bias (n, bq, c)``
+        (0/-inf, with ``seen_any (n, bq)``: rows that see some key) or by bool
+        ``seen (n, bq, c)``. Writes ``out (n, bq, d)`` and ``lse (n, bq)``; rows that
+        see nothing get 0 and -inf."""
+        n, c = index.shape
+        bq, d = q.shape[1], q.shape[2]
+        if c == 0:
+            out.zero_()
+            lse.fill_(float("-inf"))
+            return
+        flat = index.reshape(-1)
+        kc = torch.index_select(self.k_rows, 0, flat, out=self.kbuf[: n * c]).view(n, c, d)
+        vc = torch.index_select(self.v_rows, 0, flat, out=self.vbuf[: n * c]).view(n, c, d)
         if kc.dtype != torch.float32:
             kc, vc = kc.float(), vc.float()
-        scores = torch.bmm(q_blocks[start:stop], kc.transpose(1, 2),
-                           out=sbuf[: n * bq * num_candidates].view(n, bq, num_candidates))
-        scores.mul_(scale)
-        if softcap > 0:
-            scores.div_(softcap).tanh_().mul_(softcap)
-        qpos = (qb[:, None] * bq + local + layout.offset)[:, :, None]  # (n, bq, 1)
-        kpos = pos[:, None, :]
-        in_window = layout.in_window(qpos, kpos)
-        beyond_sinks = kpos >= layout.sink_size
-        visible = torch.where(
-            kinds == SINK, torch.ones_like(in_window),
-            torch.where(kinds == WINDOW, in_window & beyond_sinks, ~in_window & beyond_sinks),
-        )
-        visible &= (kpos >= 0) & (kpos < seqlen_k)
-        if layout.causal:
-            visible &= kpos <= qpos
-        scores.masked_fill_(~visible, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)
-        finite = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
-        probs = scores.sub_(finite[..., None]).exp_()  # rows that see nothing: exp(-inf) = 0
-        torch.bmm(probs, vc, out=out[start:stop])
-        lse[start:stop] = row_lse
-    return _unblock(out, lse, batch, nheads, seqlen_q, q.dtype)
+        if bias is None:
+            bias = torch.where(seen, self.zero, self.neg_inf, out=self.bias_buf[: n * bq * c].view(n, bq, c))
+            seen_any = seen.any(dim=-1)
+        if self.fused:
+            part_out, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[:, None], kc[:, None], vc[:, None], 0.0, False, attn_mask=bias[:, None], scale=self.scale)
+            out.copy_(part_out[:, 0])
+            lse.copy_(part_lse[:, 0])
+        else:
+            scores = torch.bmm(q, kc.transpose(1, 2)).mul_(self.scale)
+            if self.softcap > 0:
+                scores.div_(self.softcap).tanh_().mul_(self.softcap)
+            scores.add_(bias)
+            torch.logsumexp(scores, dim=-1, out=lse)
+            finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+            torch.bmm(scores.sub_(finite[..., None]).exp_(), vc, out=out)
+        # The fused kernel reports lse 0 for rows that see nothing; the contract says -inf.
+        out.masked_fill_(~seen_any[..., None], 0.0)
+        lse.masked_fill_(~seen_any, float("-inf"))
 
 
 def _unblock(out, lse, batch, nheads, seqlen_q, dtype):

@@ -95,6 +95,6 @@ def merge_states(
     lse = top + total.log()  # -inf where every part was empty
     weights = weights / total.clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.zeros(out_stack.shape[1:], dtype=torch.float32, device=out_stack.device)
-    for i in range(n):  # fixed order: deterministic
-        out += weights[i].permute(0, 2, 1)[..., None] * out_stack[i].to(torch.float32)
+    for i in range(n):  # fixed order: deterministic; addcmul_ makes no temporary of out's size
+        out.addcmul_(weights[i].permute(0, 2, 1)[..., None], out_stack[i].to(torch.float32))
     return out.to(out_stack.dtype), lse
