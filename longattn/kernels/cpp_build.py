@@ -3,7 +3,7 @@
 The sources have a plain C ABI (pointers, strides, ints), so they compile in
 about a second without torch's headers and load with :mod:`ctypes`. The
 shared library is cached under ``$LONGATTN_CACHE_DIR`` (default
-``~/.cache/longattn``), keyed by a hash of the source, the compiler's
+``~/.cache/longattn``), keyed by a hash of the source and the headers beside it, the compiler's
 version, the flags and the CPU model, so an edit or a different machine
 rebuilds. Without a compiler, or if the build fails, the reason is returned
 and the dispatcher falls back to the PyTorch twins (``longattn doctor``
@@ -82,7 +82,7 @@ def load_library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as exc:
         raise BuildError(f"{compiler} --version failed: {exc}") from exc
     key = hashlib.sha256(
-        "\0".join([source.read_text(), version, " ".join(flags), _cpu_model()]).encode()
+        "\0".join([source.read_text(), *_headers(source), version, " ".join(flags), _cpu_model()]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
@@ -109,6 +109,12 @@ def load_library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         return ctypes.CDLL(str(target))
     except OSError as exc:
         raise BuildError(f"built {target} but could not load it: {exc}") from exc
+
+
+def _headers(source: Path) -> list[str]:
+    """The headers beside ``source`` (csrc/cpu/*.h): part of the cache key, so
+    editing a shared header rebuilds every kernel that may include it."""
+    return [h.read_text() for h in sorted(source.parent.glob("*.h"))]
 
 
 def unavailable_reason(name: str) -> str | None:

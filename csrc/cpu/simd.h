@@ -1,0 +1,102 @@
+// Vector helpers shared by the CPU kernels of csrc/cpu (header-only).
+//
+// LONGATTN_AVX2 / LONGATTN_AVX512 / LONGATTN_AVX512BF16 say what the compiler
+// may use (the kernels are built with -march=native, so: what this CPU has).
+// `Isa` is the widest float vector available: kernels written over Isa::vec
+// run 16 lanes with AVX-512 and 8 with AVX2; without AVX2 the kernels take
+// their scalar paths.
+
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LONGATTN_AVX2 1
+#if defined(__AVX512F__)
+#define LONGATTN_AVX512 1
+#if defined(__AVX512BF16__)
+#define LONGATTN_AVX512BF16 1
+#endif
+#endif
+#endif
+
+#include <cstdint>
+
+namespace {
+
+#ifdef LONGATTN_AVX2
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// exp for x <= 88 (scores minus their max are <= 0); exactly 0 below -87.3
+// and for -inf. Range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7
+// Taylor polynomial: relative error ~4e-9, below float rounding.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+// The micro-kernels are written once over a vector of W floats: 16 with
+// AVX-512 (twice the FMA work per instruction where the core has 512-bit
+// units), else 8 with AVX2. Loads of K/V rows widen fp16/bf16 to fp32 in
+// registers, so each element is read from memory once and never written back.
+struct Avx2 {
+  using vec = __m256;
+  static constexpr int W = 8;
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static vec load(const uint16_t* p) {  // bfloat16: the top half of a float32
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static vec load(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec set1(float x) { return _mm256_set1_ps(x); }
+  static __m256 fold8(vec v) { return v; }  // 8 lanes with the same sum
+};
+
+#ifdef LONGATTN_AVX512
+struct Avx512 {
+  using vec = __m512;
+  static constexpr int W = 16;
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static vec load(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static vec load(const _Float16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static vec set1(float x) { return _mm512_set1_ps(x); }
+  static __m256 fold8(vec v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+};
+using Isa = Avx512;
+#else
+using Isa = Avx2;
+#endif
+
+#endif  // LONGATTN_AVX2
+
+}  // namespace
