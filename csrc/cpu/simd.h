@@ -72,6 +72,18 @@ struct Avx2 {
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   static vec set1(float x) { return _mm256_set1_ps(x); }
   static __m256 fold8(vec v) { return v; }  // 8 lanes with the same sum
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static float hmax(vec v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  // Lanes whose position limit[lane] is below pos become -inf (causal masking).
+  static vec drop_after(vec x, const int32_t* limit, int32_t pos) {
+    const __m256i over = _mm256_cmpgt_epi32(_mm256_set1_epi32(pos), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(limit)));
+    return _mm256_blendv_ps(x, _mm256_set1_ps(-__builtin_inff()), _mm256_castsi256_ps(over));
+  }
 };
 
 #ifdef LONGATTN_AVX512
@@ -90,6 +102,13 @@ struct Avx512 {
   static vec set1(float x) { return _mm512_set1_ps(x); }
   static __m256 fold8(vec v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+  static float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+  static vec drop_after(vec x, const int32_t* limit, int32_t pos) {
+    const __mmask16 over = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(pos), _mm512_loadu_si512(limit));
+    return _mm512_mask_blend_ps(over, x, _mm512_set1_ps(-__builtin_inff()));
   }
 };
 using Isa = Avx512;

@@ -110,29 +110,61 @@ def block_sparse_forward_eager(
     q_blocks = q_blocks.reshape(rows, bq, headdim)
 
     attend = _Attend(k_rows, v_rows, scale, softcap, min(nqb, max(1, CHUNK_ELEMENTS // (
-        num_candidates * max(headdim, bq)))) * num_candidates, bq)
+        num_candidates * max(headdim, bq)))) * num_candidates)
     step = attend.rows_per_chunk // num_candidates
-    local = torch.arange(bq, device=device)
     # Rows run (batch, head) by (batch, head), query blocks in chunks: a chunk's
     # fixed candidates and their mask are then slices, shared by every head.
-    # The fixed and the listed candidates are attended separately (each a
-    # disjoint key set) and merged once at the end.
-    parts_out = torch.empty(2, rows, bq, headdim, dtype=torch.float32, device=device)
-    parts_lse = torch.empty(2, rows, bq, dtype=torch.float32, device=device)
+    # The fixed and the listed candidates are attended separately (disjoint
+    # key sets) into reused part buffers and merged per chunk.
+    out = torch.empty(rows, bq, headdim, dtype=torch.float32, device=device)
+    lse = torch.empty(rows, bq, dtype=torch.float32, device=device)
+    parts_out = torch.empty(2, step, bq, 1, headdim, dtype=torch.float32, device=device)
+    parts_lse = torch.empty(2, step, 1, bq, dtype=torch.float32, device=device)
+    listed = _ListedMask(layout, step, listed_pos.shape[1])
     for bh in range(batch * nheads):
         base = (bh // nheads * nheads_k + bh % nheads // group) * seqlen_k
         for q0 in range(0, nqb, step):
             q1 = min(q0 + step, nqb)
-            r0, r1 = bh * nqb + q0, bh * nqb + q1
-            attend(q_blocks[r0:r1], base + fixed_pos[q0:q1].clamp(0, seqlen_k - 1), parts_out[0, r0:r1],
-                   parts_lse[0, r0:r1], bias=fixed_bias[q0:q1], seen_any=fixed_any[q0:q1])
-            qpos = (torch.arange(q0, q1, device=device)[:, None] * bq + local + layout.offset)[:, :, None]
-            seen = listed_visibility(layout, qpos, listed_pos[r0:r1][:, None, :])
-            attend(q_blocks[r0:r1], base + listed_pos[r0:r1].clamp(0, seqlen_k - 1), parts_out[1, r0:r1],
-                   parts_lse[1, r0:r1], seen=seen)
-    # merge_states takes (batch, seqlen_q, nheads, headdim) parts: rows as batch, one head.
-    out, lse = merge_states(parts_out[:, :, :, None], parts_lse[:, :, None])
-    return _unblock(out[:, :, 0], lse[:, 0], batch, nheads, seqlen_q, q.dtype)
+            n, r0, r1 = q1 - q0, bh * nqb + q0, bh * nqb + q1
+            attend(q_blocks[r0:r1], base + fixed_pos[q0:q1].clamp(0, seqlen_k - 1), parts_out[0, :n, :, 0],
+                   parts_lse[0, :n, 0], bias=fixed_bias[q0:q1], seen_any=fixed_any[q0:q1])
+            bias, seen_any = listed(q0, q1, listed_pos[r0:r1])
+            attend(q_blocks[r0:r1], base + listed_pos[r0:r1].clamp(0, seqlen_k - 1), parts_out[1, :n, :, 0],
+                   parts_lse[1, :n, 0], bias=bias, seen_any=seen_any)
+            # merge_states takes (batch, seqlen_q, nheads, headdim) parts: rows as batch, one head.
+            merged_out, merged_lse = merge_states(parts_out[:, :n], parts_lse[:, :n])
+            out[r0:r1] = merged_out[:, :, 0]
+            lse[r0:r1] = merged_lse[:, 0]
+    return _unblock(out, lse, batch, nheads, seqlen_q, q.dtype)
+
+
+class _ListedMask:
+    """The 0/-inf mask of a chunk's listed-block candidates, built in buffers
+    reused across chunks (see :func:`listed_visibility` for the rule)."""
+
+    def __init__(self, layout: BlockSparseLayout, max_rows: int, listed: int) -> None:
+        self.layout = layout
+        self.seen = torch.empty(max_rows * layout.block_q * listed, dtype=torch.bool)
+        self.bias = torch.empty(max_rows * layout.block_q * listed, dtype=torch.float32)
+        self.zero, self.neg_inf = torch.zeros(()), torch.full((), float("-inf"))
+        self.local = torch.arange(layout.block_q)
+
+    def __call__(self, q0: int, q1: int, kpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kpos (n, L)`` listed positions of query blocks ``[q0, q1)`` ->
+        ``(bias (n, bq, L), seen_any (n, bq))``."""
+        lay, n, width = self.layout, q1 - q0, kpos.shape[1]
+        qpos = (torch.arange(q0, q1)[:, None] * lay.block_q + self.local + lay.offset)[:, :, None]
+        seen = self.seen[: n * lay.block_q * width].view(n, lay.block_q, width)
+        if lay.causal:
+            # Keys outside [sink, seqlen_k) (and -1 padding) moved out of reach,
+            # so one comparison per (query, key) decides: j <= p - window.
+            inside = (kpos >= lay.sink_size) & (kpos < lay.seqlen_k)
+            reach = torch.where(inside, kpos, torch.iinfo(kpos.dtype).max)[:, None, :]
+            torch.le(reach, qpos - lay.window_size, out=seen)
+        else:
+            seen.copy_(listed_visibility(lay, qpos, kpos[:, None, :]))
+        bias = torch.where(seen, self.zero, self.neg_inf, out=self.bias[: seen.numel()].view(seen.shape))
+        return bias, seen.any(dim=-1)
 
 
 class _Attend:
@@ -142,27 +174,22 @@ class _Attend:
     fused CPU attention kernel when there is no softcap."""
 
     def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, scale: float, softcap: float,
-                 rows_per_chunk: int, block_q: int) -> None:
+                 rows_per_chunk: int) -> None:
         self.k_rows, self.v_rows, self.scale, self.softcap = k_rows, v_rows, scale, softcap
         self.rows_per_chunk = rows_per_chunk  # candidate rows (queries blocks x candidates) per call
         device, headdim = k_rows.device, k_rows.shape[1]
         self.kbuf = torch.empty(rows_per_chunk, headdim, dtype=k_rows.dtype, device=device)
         self.vbuf = torch.empty_like(self.kbuf)
-        self.bias_buf = torch.empty(rows_per_chunk * block_q, dtype=torch.float32, device=device)
-        self.zero = torch.zeros((), device=device)
-        self.neg_inf = torch.full((), float("-inf"), device=device)
         self.fused = softcap == 0 and device.type == "cpu" and hasattr(
             torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
     def __call__(self, q: torch.Tensor, index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
-                 bias: torch.Tensor | None = None, seen_any: torch.Tensor | None = None,
-                 seen: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor, seen_any: torch.Tensor) -> None:
         """``q (n, bq, d)`` over key rows ``index (n, c)``, masked by ``bias (n, bq, c)``
-        (0/-inf, with ``seen_any (n, bq)``: rows that see some key) or by bool
-        ``seen (n, bq, c)``. Writes ``out (n, bq, d)`` and ``lse (n, bq)``; rows that
-        see nothing get 0 and -inf."""
+        (0/-inf; ``seen_any (n, bq)``: rows that see some key). Writes ``out (n, bq, d)``
+        and ``lse (n, bq)``; rows that see nothing get 0 and -inf."""
         n, c = index.shape
-        bq, d = q.shape[1], q.shape[2]
+        d = q.shape[2]
         if c == 0:
             out.zero_()
             lse.fill_(float("-inf"))
@@ -172,9 +199,6 @@ class _Attend:
         vc = torch.index_select(self.v_rows, 0, flat, out=self.vbuf[: n * c]).view(n, c, d)
         if kc.dtype != torch.float32:
             kc, vc = kc.float(), vc.float()
-        if bias is None:
-            bias = torch.where(seen, self.zero, self.neg_inf, out=self.bias_buf[: n * bq * c].view(n, bq, c))
-            seen_any = seen.any(dim=-1)
         if self.fused:
             part_out, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q[:, None], kc[:, None], vc[:, None], 0.0, False, attn_mask=bias[:, None], scale=self.scale)

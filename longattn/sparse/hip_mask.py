@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from longattn.errors import ArgumentError
 from longattn.kernels.block_sparse import BlockSparseLayout
 from longattn.sparse.hip import HiP
 
@@ -50,13 +51,19 @@ def searchable_blocks(layout: BlockSparseLayout, device: torch.device) -> tuple[
     return lo, count, end
 
 
-def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, config: HiP, *, causal: bool = True) -> torch.Tensor:
+def hip_select_blocks(
+    q: torch.Tensor, k: torch.Tensor, config: HiP, *, causal: bool = True, backend: str = "auto"
+) -> torch.Tensor:
     """HiP's selection for every (batch, head, query block).
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``.
         config: the :class:`~longattn.sparse.HiP` settings.
         causal: bottom-right causal alignment, as in :func:`longattn.attention`.
+        backend: who scores branches: ``"cpu"`` (the C++ kernel), ``"eager"``
+            (PyTorch), or ``"auto"`` (the C++ kernel for CPU tensors when it
+            builds here, else PyTorch). Both compute in float32; their scores
+            differ only in summation order.
 
     Returns:
         ``(batch, nheads, ceil(seqlen_q / block_q), topk // block_k)`` int64
@@ -79,7 +86,7 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, config: HiP, *, causal: 
     rounds = math.ceil(math.log2(largest)) if largest > 1 else 0
 
     if rounds:
-        scorer = _BranchScorer(q, k, layout, config, end)
+        scorer = _BranchScorer(q, k, layout, config, end, _scoring_backend(backend, q.device))
         for _ in range(rounds):
             mids = (starts + ends) // 2
             child_s, child_e = torch.cat([starts, mids], 1), torch.cat([mids, ends], 1)
@@ -97,6 +104,23 @@ def hip_select_blocks(q: torch.Tensor, k: torch.Tensor, config: HiP, *, causal: 
     return ordered.reshape(batch, nheads, nqb, nb)
 
 
+SCORING_BACKENDS = ("auto", "cpu", "eager")
+
+
+def _scoring_backend(backend: str, device: torch.device) -> str:
+    from longattn.errors import BackendUnavailableError
+    from longattn.kernels.hip_score_cpu import score_unavailable_reason
+
+    if backend not in SCORING_BACKENDS:
+        raise ArgumentError(f"backend must be one of {SCORING_BACKENDS}, got {backend!r}")
+    cpu_reason = "tensors are not on the CPU" if device.type != "cpu" else score_unavailable_reason()
+    if backend == "cpu" and cpu_reason is not None:
+        raise BackendUnavailableError(f"backend='cpu' cannot score HiP branches here: {cpu_reason}")
+    if backend == "auto":
+        return "cpu" if cpu_reason is None else "eager"
+    return backend
+
+
 class _BranchScorer:
     """Scores representative key blocks for every (batch, head, query block) row.
 
@@ -106,7 +130,7 @@ class _BranchScorer:
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, config: HiP,
-                 end: torch.Tensor) -> None:
+                 end: torch.Tensor, backend: str = "eager") -> None:
         batch, seqlen_q, nheads, headdim = q.shape
         self.layout, self.block_k = layout, config.block_k
         self.nheads, self.nqb = nheads, layout.num_q_blocks
@@ -122,6 +146,15 @@ class _BranchScorer:
         qidx = torch.where(qidx >= qb[:, None] * config.block_q, qidx, last[:, None])
         self.qpos = qidx + layout.offset
         self.end = end
+        self.backend = backend
+        if backend == "cpu":  # lanes padded to the kernel's vector multiple by repeating the last query
+            from longattn.kernels.hip_score_cpu import LANES
+
+            lanes = -(-strided // LANES) * LANES
+            pad = torch.cat([torch.arange(strided), torch.zeros(lanes - strided, dtype=torch.long)])
+            qidx = qidx[:, pad]
+            self.cpu_query_pos = (qidx + layout.offset).to(torch.int32).contiguous()
+            strided = lanes
         # (rows, headdim, strided)
         self.queries_t = q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim).transpose(1, 2).contiguous()
         # Keys as rows of whole blocks: (batch * nheads_k * num_k_blocks, block_k * headdim), zero-padded.
@@ -146,7 +179,16 @@ class _BranchScorer:
 
     def score(self, blocks: torch.Tensor) -> torch.Tensor:
         """``blocks (rows, c)`` key block indices -> ``(rows, c)`` max of q . k over
-        each block's searchable keys and the row's strided queries."""
+        each block's searchable keys and the row's strided queries. The blocks
+        must lie in their row's searchable block range (the search's centres
+        do); rows without a range get arbitrary scores (the search ignores them)."""
+        if self.backend == "cpu":
+            from longattn.kernels.hip_score_cpu import score_blocks_cpu
+
+            return score_blocks_cpu(
+                self.queries_t, self.cpu_query_pos, self.end, self.key_blocks, blocks.contiguous(),
+                block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal,
+                nheads=self.nheads, nheads_k=self.nheads_k, num_k_blocks=self.layout.num_k_blocks)
         rows, c = blocks.shape
         bk, device = self.block_k, blocks.device
         headdim, strided = self.queries_t.shape[1], self.queries_t.shape[2]
