@@ -15,6 +15,7 @@ Example::
 # Each group module registers itself on import; a new group is one more line here.
 from longattn.bench import decode as _decode  # noqa: F401
 from longattn.bench import dense as _dense  # noqa: F401
+from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench.runner import run_group
 from longattn.bench.scenarios import get_group, group_names
 

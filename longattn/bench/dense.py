@@ -125,7 +125,7 @@ def dense_scenario(seqlen: int) -> Scenario:
         methods={m.name: m for m in methods},
         baseline="sdpa",
         reference=dense_reference,
-        target=TARGET if seqlen == TARGET_SEQLEN else None,
+        targets=(TARGET,) if seqlen == TARGET_SEQLEN else (),
     )
 
 

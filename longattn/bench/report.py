@@ -139,7 +139,11 @@ def format_table(results: dict[str, Any]) -> str:
         *(line(r) for r in rows),
         "",
     ]
-    out += [_target_line(case) for case in results["cases"] if case["target"]]
+    for case in results["cases"]:
+        if case.get("measurements"):
+            figures = ", ".join(f"{k} {_figure(v)}" for k, v in case["measurements"].items())
+            out.append(f"measured at {case['scenario']}: {figures}")
+    out += [_target_line(case, t) for case in results["cases"] for t in case.get("targets", [])]
     out += [f"note: {n}" for n in results.get("notes", [])]
     files = results.get("files", {})
     if files.get("json"):
@@ -180,8 +184,11 @@ def _note(name: str, rec: dict[str, Any], case: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
-def _target_line(case: dict[str, Any]) -> str:
-    t = case["target"]
+def _figure(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
     wants = []
     if t["max_ratio"] is not None:
         wants.append(f"<= {t['max_ratio']:g}x {t['baseline']}")

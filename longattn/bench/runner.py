@@ -155,7 +155,17 @@ def run_case(
     if reference is not None:
         for name, out in timings.first_output.items():
             records[name]["max_error"] = max_abs_error(out, reference)
+    first_outputs = dict(timings.first_output)
     del reference, timings
+
+    measurements = {}
+    if scenario.measure is not None:
+        progress.status("measuring")
+        try:
+            measurements = scenario.measure(inputs, dict(first_outputs))
+        except Exception as exc:  # a failed measurement is reported, not a crash
+            measurements = {"failed": describe_exception(exc)}
+    del first_outputs
 
     bytes_read = scenario.bytes_read(inputs) if scenario.bytes_read else None
     base = records[scenario.baseline].get("median_ms")
@@ -175,7 +185,8 @@ def run_case(
         "error_reference": reference_name,
         "bytes_read": bytes_read,
         "methods": records,
-        "target": _target_verdict(scenario, records),
+        "targets": [_target_verdict(scenario, t, records) for t in scenario.targets],
+        "measurements": measurements,
         "wall_s": time.perf_counter() - started,
     }
     progress.finish_case(_case_summary(case))
@@ -189,12 +200,12 @@ def _empty_record() -> dict[str, Any]:
     }
 
 
-def _target_verdict(scenario: Scenario, records: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    target = scenario.target
-    if target is None:
-        return None
+def _target_verdict(scenario: Scenario, target, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     record = records.get(target.method, {})
-    ratio, fraction = record.get("ratio"), record.get("bandwidth_fraction")
+    baseline = target.baseline or scenario.baseline
+    fraction = record.get("bandwidth_fraction")
+    mine, theirs = record.get("median_ms"), records.get(baseline, {}).get("median_ms")
+    ratio = mine / theirs if mine is not None and theirs else None
     checks = []
     if target.max_ratio is not None:
         checks.append(None if ratio is None else ratio <= target.max_ratio)
@@ -202,7 +213,7 @@ def _target_verdict(scenario: Scenario, records: dict[str, dict[str, Any]]) -> d
         checks.append(None if fraction is None else fraction >= target.min_bandwidth_fraction)
     return {
         "method": target.method,
-        "baseline": scenario.baseline,
+        "baseline": baseline,
         "max_ratio": target.max_ratio,
         "ratio": ratio,
         "min_bandwidth_fraction": target.min_bandwidth_fraction,

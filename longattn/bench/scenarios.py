@@ -58,13 +58,15 @@ def no_setup(fn: Timed) -> Callable[[Any], Timed]:
 @dataclass(frozen=True)
 class Target:
     """A speed target for ``method``: its median time within ``max_ratio`` x the
-    baseline's, and/or at least ``min_bandwidth_fraction`` of the memory read
-    bandwidth measured in the same run (memory-bound scenarios)."""
+    median of ``baseline`` (default: the scenario's baseline), and/or at least
+    ``min_bandwidth_fraction`` of the memory read bandwidth measured in the
+    same run (memory-bound scenarios)."""
 
     method: str
     max_ratio: float | None
     note: str
     min_bandwidth_fraction: float | None = None
+    baseline: str | None = None
 
 
 # reference(inputs, outputs) -> (expected output, what it is). ``outputs``
@@ -85,10 +87,14 @@ class Scenario:
     methods: dict[str, Method]
     baseline: str
     reference: Reference
-    target: Target | None = None
+    targets: tuple[Target, ...] = ()
     # bytes_read(inputs): bytes every method must read at least (the KV cache
     # for decode); gives GB/s and the fraction of the machine's read bandwidth.
     bytes_read: Callable[[Any], int] | None = None
+    # measure(inputs, outputs) -> {name: value}: figures other than speed taken
+    # once per case after timing (a sparse method's recall, a time split);
+    # printed under the table and stored with the case.
+    measure: Callable[[Any, dict[str, torch.Tensor]], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -67,10 +67,12 @@ class BlockSparseLayout:
         listed.scatter_(-1, index, True)
         return listed[..., : self.num_k_blocks]
 
-    def dense_mask(self, key_blocks: torch.Tensor) -> torch.Tensor:
-        """``(batch, nheads, seqlen_q, seqlen_k)`` bool: the visibility rule, for the oracle."""
+    def dense_mask(self, key_blocks: torch.Tensor, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(batch, nheads, seqlen_q, seqlen_k)`` bool: the visibility rule, for the
+        oracle; with ``query_rows`` (1-D query indices) only those rows."""
         device = key_blocks.device
-        i = torch.arange(self.seqlen_q, device=device)[:, None]
+        rows = torch.arange(self.seqlen_q, device=device) if query_rows is None else query_rows.to(device)
+        i = rows[:, None]
         j = torch.arange(self.seqlen_k, device=device)[None, :]
         qpos = i + self.offset
         fixed = (j < self.sink_size) | self.in_window(qpos, j)

@@ -1,0 +1,221 @@
+"""The ``hip`` benchmark group: HiP sparse prefill against dense attention.
+
+Causal prefill, batch 1, H=8, D=128, float32, HiP defaults (topk 512, block_q
+64, block_k 2, query stride 2, 16 sinks, 256-token window), on a structured
+synthetic workload: rotary-encoded queries and keys (so scores decay with
+distance, as in a RoPE model), a few far "needle" keys every query is drawn
+to, and noise. Methods:
+
+- ``longattn hip``: ``attention(..., sparse=HiP())``, mask search + attention;
+- ``block-sparse (given mask)``: the block-sparse primitive on HiP's
+  selection, computed beforehand (not timed): the attention part alone;
+- ``flex (same mask)``: compiled FlexAttention with a mask_mod that encodes
+  the same selection + sinks + window (up to :data:`FLEX_MAX_SEQLEN`; above
+  it building the BlockMask alone takes minutes here);
+- ``sdpa``: dense causal SDPA, the baseline.
+
+The error column compares every output with the block-sparse primitive's
+(same mask): for ``longattn hip`` and flex it checks they attend over the
+same keys; for ``sdpa`` it is HiP's approximation error. Measured per case:
+the mask search's own time (median of 3), the output's relative error
+against dense attention, the share of the dense softmax mass the selected
+keys hold (recall) on 64 sampled queries, and how many planted needles the
+sampled queries see.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import longattn
+from longattn.bench.scenarios import Group, Method, MethodUnavailable, Scenario, Target, Timed, no_setup, register_group
+from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_attention
+from longattn.sparse import HiP, hip_select_blocks
+
+NHEADS, HEADDIM = 8, 128
+CONFIG = HiP()
+FLEX_MAX_SEQLEN = 16384
+SPEEDUP_VS_SDPA = {32768: 4.0, 65536: 6.0}  # the issue's targets
+NEEDLES = 4  # per head
+SAMPLED_QUERIES = 64
+
+
+@dataclass(frozen=True)
+class HipInputs:
+    q: torch.Tensor  # (1, seqlen, nheads, headdim)
+    k: torch.Tensor
+    v: torch.Tensor
+    needles: torch.Tensor  # (nheads, NEEDLES) key positions
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (..., headdim)`` by RoPE angles ``position * 10000^(-2f/headdim)``
+    per channel pair; returns ``(len(positions), ..., headdim)``."""
+    half = x.shape[-1] // 2
+    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    angles = (positions.to(torch.float64)[:, None] * freqs).to(torch.float32)  # (n, half)
+    cos, sin = angles.cos(), angles.sin()
+    shape = (len(positions),) + (1,) * (x.dim() - 1) + (half,)
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty((len(positions),) + x.shape)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
+
+
+LOGIT_PEAK = 12.0  # scaled score of a key at distance 0, and of a needle
+
+
+def make_hip_inputs(seqlen: int, seed: int) -> HipInputs:
+    """Local decay (RoPE of one direction per head: scaled score ~LOGIT_PEAK at
+    distance 0, falling with distance), a pull ``g`` shared by all queries that
+    only the needles answer (score LOGIT_PEAK), noise."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(seqlen)
+    dot = LOGIT_PEAK * HEADDIM ** 0.5  # softmax_scale is headdim ** -0.5
+    a = F.normalize(torch.randn(NHEADS, HEADDIM, generator=gen), dim=-1) * dot ** 0.5
+    g = F.normalize(torch.randn(NHEADS, HEADDIM, generator=gen), dim=-1)
+    noise = 0.3
+    q = rotary(a, pos) + g + noise * torch.randn(seqlen, NHEADS, HEADDIM, generator=gen)
+    k = rotary(a, pos) + noise * torch.randn(seqlen, NHEADS, HEADDIM, generator=gen)
+    low, high = CONFIG.sink_size + CONFIG.window_size, max(CONFIG.sink_size + CONFIG.window_size + 1, seqlen // 2)
+    needles = torch.randint(low, high, (NHEADS, NEEDLES), generator=gen)
+    for h in range(NHEADS):
+        k[needles[h], h] = dot * g[h]
+    v = torch.randn(seqlen, NHEADS, HEADDIM, generator=gen)
+    return HipInputs(q[None].contiguous(), k[None].contiguous(), v[None].contiguous(), needles)
+
+
+def _layout(seqlen: int) -> BlockSparseLayout:
+    return BlockSparseLayout(seqlen, seqlen, CONFIG.block_q, CONFIG.block_k, CONFIG.sink_size,
+                             CONFIG.window_size, True)
+
+
+def run_hip(inputs: HipInputs) -> torch.Tensor:
+    return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, sparse=CONFIG)
+
+
+def build_block_sparse(inputs: HipInputs) -> Timed:
+    blocks = hip_select_blocks(inputs.q, inputs.k, CONFIG)
+
+    def run(inputs: HipInputs) -> torch.Tensor:
+        return block_sparse_attention(inputs.q, inputs.k, inputs.v, blocks, block_q=CONFIG.block_q,
+                                      block_k=CONFIG.block_k, sink_size=CONFIG.sink_size,
+                                      window_size=CONFIG.window_size, causal=True)
+    return run
+
+
+def build_flex(inputs: HipInputs) -> Timed:
+    seqlen = inputs.q.shape[1]
+    if seqlen > FLEX_MAX_SEQLEN:
+        raise MethodUnavailable(f"skipped above {FLEX_MAX_SEQLEN} tokens: building its BlockMask "
+                                "evaluates the mask on every (query, key) pair")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        raise MethodUnavailable(f"this torch has no flex_attention ({exc})") from None
+    layout = _layout(seqlen)
+    listed = layout.selected_mask(hip_select_blocks(inputs.q, inputs.k, CONFIG))[0]  # (nheads, nqb, nkb)
+    sink, window, bq, bk = CONFIG.sink_size, CONFIG.window_size, CONFIG.block_q, CONFIG.block_k
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        fixed = (kv_idx < sink) | (kv_idx > q_idx - window)
+        chosen = listed[h, q_idx // bq, kv_idx // bk] & (kv_idx >= sink)
+        return (kv_idx <= q_idx) & (fixed | chosen)
+
+    block_mask = create_block_mask(mask_mod, 1, NHEADS, seqlen, seqlen, device="cpu")
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(inputs: HipInputs) -> torch.Tensor:
+        out = compiled(inputs.q.transpose(1, 2), inputs.k.transpose(1, 2), inputs.v.transpose(1, 2),
+                       block_mask=block_mask)
+        return out.transpose(1, 2)
+    run(inputs)
+    return run
+
+
+def run_sdpa(inputs: HipInputs) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(inputs.q.transpose(1, 2), inputs.k.transpose(1, 2),
+                                         inputs.v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def hip_reference(inputs: HipInputs, outputs: dict) -> tuple[torch.Tensor, str]:
+    if "block-sparse (given mask)" in outputs:
+        return outputs["block-sparse (given mask)"], "block-sparse, same mask"
+    return build_block_sparse(inputs)(inputs), "block-sparse, same mask"
+
+
+def measure_quality(inputs: HipInputs, outputs: dict) -> dict[str, float]:
+    """Mask search time, output error vs dense, attention-mass recall and needles seen."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        blocks = hip_select_blocks(inputs.q, inputs.k, CONFIG)
+        times.append(time.perf_counter() - start)
+    figures: dict[str, float] = {"mask search s": statistics.median(times)}
+    hip_out = outputs.get("longattn hip")
+    dense = outputs.get("sdpa")
+    if hip_out is None or dense is None:
+        dense = run_sdpa(inputs)
+        hip_out = run_hip(inputs)
+    figures["rel error vs dense"] = float((hip_out - dense).norm() / dense.norm())
+
+    seqlen = inputs.q.shape[1]
+    rows = torch.linspace(seqlen // 2, seqlen - 1, SAMPLED_QUERIES).long().unique()  # queries that can see needles
+    seen = _layout(seqlen).dense_mask(blocks, rows)[0]  # (nheads, rows, seqlen)
+    q = inputs.q[0, rows].transpose(0, 1)  # (nheads, rows, headdim)
+    scores = torch.einsum("hrd,jhd->hrj", q, inputs.k[0]) * HEADDIM ** -0.5
+    scores = scores.masked_fill(torch.arange(seqlen)[None, None, :] > rows[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    figures["recall (dense mass kept)"] = float((probs * seen).sum(-1).mean())
+    needle_seen = torch.stack([seen[h][:, inputs.needles[h]] for h in range(NHEADS)])
+    figures["needles seen"] = float(needle_seen.float().mean())
+    return figures
+
+
+def hip_scenario(seqlen: int) -> Scenario:
+    methods = [
+        Method("longattn hip", no_setup(run_hip)),
+        Method("block-sparse (given mask)", build_block_sparse),
+        Method("flex (same mask)", build_flex, slow_setup=True),
+        Method("sdpa", no_setup(run_sdpa)),
+    ]
+    targets = []
+    if seqlen in SPEEDUP_VS_SDPA:
+        x = SPEEDUP_VS_SDPA[seqlen]
+        targets.append(Target("longattn hip", 1 / x, f"issue target: >= {x:g}x faster than SDPA at {seqlen // 1024}k"))
+    if seqlen <= FLEX_MAX_SEQLEN and seqlen >= 4096:
+        targets.append(Target("block-sparse (given mask)", 1.0, "issue target: at least as fast as FlexAttention "
+                              "on the same mask", baseline="flex (same mask)"))
+    return Scenario(
+        name=f"hip {seqlen}",
+        group="hip",
+        size=seqlen,
+        params={"seqlen": seqlen, "nheads": NHEADS, "headdim": HEADDIM, "dtype": "float32", "causal": True,
+                "hip": CONFIG.__dict__},
+        make_inputs=lambda seed: make_hip_inputs(seqlen, seed),
+        methods={m.name: m for m in methods},
+        baseline="sdpa",
+        reference=hip_reference,
+        targets=tuple(targets),
+        measure=measure_quality,
+    )
+
+
+HIP = register_group(
+    Group(
+        name="hip",
+        description=f"HiP prefill (topk {CONFIG.topk}), causal, fp32, batch 1, H={NHEADS}, D={HEADDIM}; baseline SDPA",
+        size_name="seqlen",
+        sizes=(4096, 8192, 16384, 32768, 65536),
+        quick_sizes=(1024, 2048),
+        make_scenario=hip_scenario,
+    )
+)

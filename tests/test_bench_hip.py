@@ -1,0 +1,33 @@
+"""`longattn bench hip`: runs, checks HiP against the primitive, and measures quality."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from longattn.cli import main
+
+
+def test_hip_bench_where_topk_covers_everything_measures_dense(tmp_path, capsys):
+    # At 600 tokens HiP's default topk (512) covers every searchable range, so
+    # HiP is dense attention: recall 1, every needle seen, error vs dense ~0.
+    assert main(["bench", "hip", "--sizes", "600", "--repeats", "1", "--out", tmp_path, "--quiet"]) == 0
+    assert "measured at hip 600" in capsys.readouterr().out
+    case = json.loads((tmp_path / "results.json").read_text())["cases"][0]
+    methods = case["methods"]
+    assert methods["longattn hip"]["max_error"] <= 1e-5  # same keys as the primitive
+    assert methods["sdpa"]["max_error"] <= 1e-4  # dense == HiP here
+    m = case["measurements"]
+    assert m["recall (dense mass kept)"] > 1 - 1e-5 and m["needles seen"] == 1.0
+    assert m["rel error vs dense"] < 1e-5 and m["mask search s"] > 0
+    assert case["targets"] == []
+
+
+def test_hip_bench_quick_runs(tmp_path, capsys):
+    assert main(["bench", "hip", "--quick", "--repeats", "1", "--out", tmp_path, "--quiet"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for case in results["cases"]:
+        m = case["measurements"]
+        assert 0 < m["recall (dense mass kept)"] <= 1 + 1e-6 and 0 <= m["needles seen"] <= 1
+        assert math.isfinite(m["rel error vs dense"])
+        assert case["methods"]["longattn hip"]["max_error"] <= 1e-5
