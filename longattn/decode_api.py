@@ -52,8 +52,11 @@ def decode_attention(
                 1 1 1 1 1
 
         window_size, softcap, softmax_scale: as in :func:`longattn.attention`.
-        sparse, state: sparse decode methods and their state objects (later
-            releases); must be None.
+        sparse, state: a sparse decode method and the state object it keeps
+            between steps of one layer: ``sparse=HiP(...)`` with
+            ``state=HiPDecodeState()`` (see :mod:`longattn.sparse.hip_decode`;
+            ``state=None`` searches every step). Sparse decode runs on the
+            PyTorch twin, takes no ``window_size`` or ``plan``.
         plan: a stream-K :class:`~longattn.decode.DecodePlan` from
             :func:`~longattn.decode.plan_decode` over the lengths ``L_b``, to
             reuse one schedule across layers; None plans per call.
@@ -75,10 +78,15 @@ def decode_attention(
         q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
     )
     if sparse is not None:
-        raise UnsupportedFeatureError(f"sparse={sparse!r} is not a sparse decode method this version provides; use None")
-    if state is not None:
+        _check_sparse_decode(sparse, window, causal, plan, backend)
+    elif state is not None:
         raise UnsupportedFeatureError(f"state={state!r}: decode state objects belong to sparse methods; pass None")
     cache = check_cache(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    if sparse is not None:
+        from longattn.sparse.hip_decode import hip_decode
+
+        out, lse = hip_decode(q, cache, sparse, state, scale=scale, softcap=softcap, causal=causal)
+        return (out, lse) if return_lse else out
     if plan is not None:
         if not isinstance(plan, DecodePlan):
             raise ArgumentError(f"plan must be a DecodePlan from longattn.decode.plan_decode, got {type(plan).__name__}")
@@ -91,3 +99,20 @@ def decode_attention(
     call = DecodeCall(q, cache, scale, window, softcap, plan)
     out, lse = DECODE_BACKENDS.select(call, backend).run(call)
     return (out, lse) if return_lse else out
+
+
+def _check_sparse_decode(sparse, window, causal, plan, backend) -> None:
+    from longattn.sparse import HiP
+
+    if not isinstance(sparse, HiP):
+        raise UnsupportedFeatureError(
+            f"sparse={sparse!r} is not a sparse decode method this version provides (longattn.sparse.HiP)"
+        )
+    if window != (-1, 0 if causal else -1):
+        raise UnsupportedFeatureError(
+            "window_size cannot be combined with sparse=HiP: it has its own sink_size and window_size"
+        )
+    if plan is not None:
+        raise UnsupportedFeatureError("plan= schedules dense stream-K decode; it does not apply to sparse=HiP")
+    if backend not in ("auto", "eager"):
+        raise UnsupportedFeatureError(f"backend={backend!r} cannot serve sparse=HiP decode yet; use 'auto' or 'eager'")

@@ -13,8 +13,14 @@
 //               S a multiple of the vector width (callers pad by repeating a query)
 //   query_pos   (nqb, S) int32: key position of each strided query of query block qb
 //   range_end   (nqb,)  int64: last searchable key of query block qb
-//   key_blocks  (batch * nheads_k * nkb, bk * D) float32: keys by block, zero-padded
-//   blocks      (rows, c) int64: block indices to score, each in [0, nkb)
+//   keys        float32 rows of D; key (b, pos, hk) is row
+//               b * batch_stride + hk * head_stride + pos * pos_stride, or, with
+//               block_table (batch, bt_stride) int64 (a paged cache),
+//               (block_table[b][pos / page_size] * page_size + pos % page_size) * pos_stride
+//               + hk * head_stride. Callers pass keys laid out (batch, nheads_k, positions,
+//               D) when they can: a block's keys are then adjacent in memory.
+//   blocks      (rows, c) int64: block indices to score (keys of a block past the
+//               searchable range are never read)
 //   out         (rows, c) float32
 // Row r is (b, h, qb) = (r / (nheads * nqb), (r / nqb) % nheads, r % nqb);
 // head h reads kv head h / (nheads / nheads_k).
@@ -24,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "simd.h"
 
@@ -33,18 +40,28 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct ScoreProblem {
   const float* queries_t; const int32_t* query_pos; const int64_t* range_end;
-  const float* key_blocks; const int64_t* blocks;
-  int64_t rows; int S, D, bk, c, sink, causal, nheads, nheads_k, nqb, nkb;
+  const float* keys; int64_t batch_stride, head_stride, pos_stride;
+  const int64_t* block_table; int64_t bt_stride; int page_size;
+  const int64_t* blocks;
+  int64_t rows; int S, D, bk, c, sink, causal, nheads, nheads_k, nqb;
   float* out;
 };
 
+// Key `pos` of batch b, kv head hk.
+inline const float* key_at(const ScoreProblem& p, int64_t b, int hk, int64_t pos) {
+  const int64_t row = p.block_table == nullptr
+      ? b * p.batch_stride + pos * p.pos_stride
+      : (p.block_table[b * p.bt_stride + pos / p.page_size] * p.page_size + pos % p.page_size) * p.pos_stride;
+  return p.keys + (row + hk * p.head_stride) * p.D;
+}
+
 float score_block_scalar(const ScoreProblem& p, const float* qt, const int32_t* qpos, int64_t end,
-                         const float* kb, int64_t first_pos) {
+                         int64_t b, int hk, int64_t first_pos) {
   float best = kNegInf;
   for (int t = 0; t < p.bk; ++t) {
     const int64_t pos = first_pos + t;
     if (pos < p.sink || pos > end) continue;
-    const float* k = kb + static_cast<int64_t>(t) * p.D;
+    const float* k = key_at(p, b, hk, pos);
     for (int s = 0; s < p.S; ++s) {
       if (p.causal && pos > qpos[s]) continue;
       float dot = 0.0f;
@@ -59,7 +76,7 @@ float score_block_scalar(const ScoreProblem& p, const float* qt, const int32_t* 
 // NV vectors of query lanes (NV * W queries) starting at lane s0; two keys at
 // a time, each split into even and odd d: 4 * NV independent FMA chains.
 template <int NV>
-void max_over_tile(const ScoreProblem& p, const float* qt, const int32_t* qpos, int s0, const float* kb,
+void max_over_tile(const ScoreProblem& p, const float* qt, const int32_t* qpos, int s0, int64_t b, int hk,
                    int64_t first_pos, int64_t end, typename Isa::vec best[NV]) {
   using V = Isa;
   const int D = p.D, S = p.S;
@@ -72,8 +89,8 @@ void max_over_tile(const ScoreProblem& p, const float* qt, const int32_t* qpos, 
   while (t < p.bk) {
     if (!valid(t)) { ++t; continue; }
     const bool pair = t + 1 < p.bk && valid(t + 1);
-    const float* k0 = kb + static_cast<int64_t>(t) * D;
-    const float* k1 = pair ? k0 + D : k0;
+    const float* k0 = key_at(p, b, hk, first_pos + t);
+    const float* k1 = pair ? key_at(p, b, hk, first_pos + t + 1) : k0;
     typename V::vec a[NV][4];
     for (int v = 0; v < NV; ++v) for (int i = 0; i < 4; ++i) a[v][i] = V::zero();
     int d = 0;
@@ -106,61 +123,147 @@ void max_over_tile(const ScoreProblem& p, const float* qt, const int32_t* qpos, 
   }
 }
 
+// Max over NV * W query lanes from s0 of one block's scores.
 template <int NV>
-void score_row_tiles(const ScoreProblem& p, const float* qt, const int32_t* qpos, int s0, const int64_t* blocks,
-                     const float* kv_blocks, int64_t end, float* out) {
+float tile_score(const ScoreProblem& p, const float* qt, const int32_t* qpos, int s0, int64_t b, int hk,
+                 int64_t block, int64_t end) {
   using V = Isa;
-  for (int j = 0; j < p.c; ++j) {
-    typename V::vec best[NV];
-    for (int v = 0; v < NV; ++v) best[v] = V::set1(kNegInf);
-    const float* kb = kv_blocks + blocks[j] * static_cast<int64_t>(p.bk) * p.D;
-    max_over_tile<NV>(p, qt, qpos, s0, kb, blocks[j] * p.bk, end, best);
-    typename V::vec m = best[0];
-    for (int v = 1; v < NV; ++v) m = V::max(m, best[v]);
-    out[j] = std::max(out[j], V::hmax(m));
-  }
+  typename V::vec best[NV];
+  for (int v = 0; v < NV; ++v) best[v] = V::set1(kNegInf);
+  max_over_tile<NV>(p, qt, qpos, s0, b, hk, block * p.bk, end, best);
+  typename V::vec m = best[0];
+  for (int v = 1; v < NV; ++v) m = V::max(m, best[v]);
+  return V::hmax(m);
 }
 #endif
 
-void score_row(const ScoreProblem& p, int64_t r) {
+// One (batch, head, query block) row: its transposed strided queries and where its keys are.
+struct RowContext {
+  const float* qt; const int32_t* qpos; int64_t b; int hk; int64_t end;
+};
+
+RowContext row_context(const ScoreProblem& p, int64_t r) {
   const int64_t b = r / (static_cast<int64_t>(p.nheads) * p.nqb);
   const int h = static_cast<int>((r / p.nqb) % p.nheads), qb = static_cast<int>(r % p.nqb);
-  const int hk = h / (p.nheads / p.nheads_k);
-  const float* qt = p.queries_t + r * static_cast<int64_t>(p.D) * p.S;
-  const int32_t* qpos = p.query_pos + static_cast<int64_t>(qb) * p.S;
-  const int64_t end = p.range_end[qb];
-  const float* kv_blocks = p.key_blocks + (b * p.nheads_k + hk) * static_cast<int64_t>(p.nkb) * p.bk * p.D;
-  const int64_t* blocks = p.blocks + r * p.c;
-  float* out = p.out + r * p.c;
-  std::fill(out, out + p.c, kNegInf);
+  return {p.queries_t + r * static_cast<int64_t>(p.D) * p.S, p.query_pos + static_cast<int64_t>(qb) * p.S, b,
+          h / (p.nheads / p.nheads_k), p.range_end[qb]};
+}
+
+// The row's score of key block `block`: max over its strided queries and the block's searchable keys.
+float block_score(const ScoreProblem& p, const RowContext& row, int64_t block) {
 #ifdef LONGATTN_AVX2
   if (p.S % Isa::W == 0) {
+    float best = kNegInf;
     int s0 = 0;
-    for (; s0 + 4 * Isa::W <= p.S; s0 += 4 * Isa::W) score_row_tiles<4>(p, qt, qpos, s0, blocks, kv_blocks, end, out);
+    for (; s0 + 4 * Isa::W <= p.S; s0 += 4 * Isa::W)
+      best = std::max(best, tile_score<4>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end));
     switch ((p.S - s0) / Isa::W) {
-      case 3: score_row_tiles<3>(p, qt, qpos, s0, blocks, kv_blocks, end, out); break;
-      case 2: score_row_tiles<2>(p, qt, qpos, s0, blocks, kv_blocks, end, out); break;
-      case 1: score_row_tiles<1>(p, qt, qpos, s0, blocks, kv_blocks, end, out); break;
+      case 3: best = std::max(best, tile_score<3>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+      case 2: best = std::max(best, tile_score<2>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+      case 1: best = std::max(best, tile_score<1>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
       default: break;
     }
-    return;
+    return best;
   }
 #endif
-  for (int j = 0; j < p.c; ++j)
-    out[j] = score_block_scalar(p, qt, qpos, end, kv_blocks + blocks[j] * static_cast<int64_t>(p.bk) * p.D,
-                                blocks[j] * p.bk);
+  return score_block_scalar(p, row.qt, row.qpos, row.end, row.b, row.hk, block * p.bk);
+}
+
+constexpr int kPrefetchAhead = 2;  // blocks scored before a prefetched one is needed
+
+void prefetch_block(const ScoreProblem& p, const RowContext& row, int64_t block) {
+#ifdef LONGATTN_AVX2
+  for (int t = 0; t < p.bk; ++t) {
+    const int64_t pos = block * p.bk + t;
+    if (pos < p.sink || pos > row.end) continue;
+    const char* k = reinterpret_cast<const char*>(key_at(p, row.b, row.hk, pos));
+    for (int off = 0; off < p.D * static_cast<int>(sizeof(float)); off += 64) _mm_prefetch(k + off, _MM_HINT_T0);
+  }
+#else
+  (void)p; (void)row; (void)block;
+#endif
+}
+
+void score_row(const ScoreProblem& p, int64_t r) {
+  const RowContext row = row_context(p, r);
+  const int64_t* blocks = p.blocks + r * p.c;
+  float* out = p.out + r * p.c;
+  for (int j = 0; j < p.c; ++j) {
+    if (j + kPrefetchAhead < p.c) prefetch_block(p, row, blocks[j + kPrefetchAhead]);
+    out[j] = block_score(p, row, blocks[j]);
+  }
+}
+
+// The whole tree search of one row (see longattn/sparse/hip_mask.py): `rounds`
+// times, halve each of the nb groups [starts, ends), score each half by its
+// centre block (empty halves -inf) and keep the nb best, ties to the earlier
+// half (so the result does not depend on the sort). Groups stay in branch order.
+void search_row(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends, int nb, int rounds) {
+  const RowContext row = row_context(p, r);
+  int64_t* s = starts + r * nb;
+  int64_t* e = ends + r * nb;
+  std::vector<int64_t> cs(2 * nb), ce(2 * nb);
+  std::vector<float> score(2 * nb);
+  std::vector<int> order(2 * nb);
+  // A row whose groups are already single blocks is done: rows with short
+  // ranges (early query blocks, when causal) need fewer rounds than the longest.
+  int64_t largest = 0;
+  for (int g = 0; g < nb; ++g) largest = std::max(largest, e[g] - s[g]);
+  int needed = 0;
+  while ((int64_t{1} << needed) < largest) ++needed;
+  rounds = std::min(rounds, needed);
+  for (int round = 0; round < rounds; ++round) {
+    for (int g = 0; g < nb; ++g) {
+      const int64_t mid = (s[g] + e[g]) / 2;
+      cs[g] = s[g]; ce[g] = mid;
+      cs[nb + g] = mid; ce[nb + g] = e[g];
+    }
+    for (int i = 0; i < 2 * nb; ++i) {
+      // Blocks are scattered over the sequence: fetch a later one while this one computes.
+      if (i + kPrefetchAhead < 2 * nb && ce[i + kPrefetchAhead] > cs[i + kPrefetchAhead])
+        prefetch_block(p, row, (cs[i + kPrefetchAhead] + ce[i + kPrefetchAhead] - 1) / 2);
+      score[i] = ce[i] > cs[i] ? block_score(p, row, (cs[i] + ce[i] - 1) / 2) : kNegInf;
+    }
+    for (int i = 0; i < 2 * nb; ++i) order[i] = i;
+    auto better = [&](int x, int y) { return score[x] > score[y] || (score[x] == score[y] && x < y); };
+    std::nth_element(order.begin(), order.begin() + nb, order.end(), better);
+    std::sort(order.begin(), order.begin() + nb);
+    for (int g = 0; g < nb; ++g) { s[g] = cs[order[g]]; e[g] = ce[order[g]]; }
+  }
 }
 
 }  // namespace
 
 extern "C" int longattn_hip_score_blocks(
-    const float* queries_t, const int32_t* query_pos, const int64_t* range_end, const float* key_blocks,
+    const float* queries_t, const int32_t* query_pos, const int64_t* range_end,
+    const float* keys, int64_t batch_stride, int64_t head_stride, int64_t pos_stride,
+    const int64_t* block_table, int64_t bt_stride, int page_size,
     const int64_t* blocks, int64_t rows, int S, int D, int bk, int c, int sink, int causal, int nheads,
-    int nheads_k, int nqb, int nkb, float* out, int num_threads) {
+    int nheads_k, int nqb, float* out, int num_threads) {
   if (S < 1 || D < 1 || bk < 1 || c < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
-  const ScoreProblem p{queries_t, query_pos, range_end, key_blocks, blocks, rows, S, D, bk, c, sink, causal,
-                       nheads, nheads_k, nqb, nkb, out};
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  if (block_table != nullptr && page_size < 1) return 1;
+  const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
+                       block_table, bt_stride, page_size,
+                       blocks, rows, S, D, bk, c, sink, causal, nheads, nheads_k, nqb, out};
+  // Rows are (batch, head, query block) in order; interleaving small chunks
+  // keeps every thread on the same head, so they share that head's keys in
+  // the last-level cache instead of each streaming a different head's.
+#pragma omp parallel for num_threads(num_threads) schedule(static, 8)
   for (int64_t r = 0; r < rows; ++r) score_row(p, r);
+  return 0;
+}
+
+// The full search for every row: starts/ends (rows, nb) hold the initial
+// groups on entry and the selected single blocks (or empty groups) on return.
+extern "C" int longattn_hip_search(
+    const float* queries_t, const int32_t* query_pos, const int64_t* range_end,
+    const float* keys, int64_t batch_stride, int64_t head_stride, int64_t pos_stride,
+    int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk, int nb, int rounds, int sink, int causal,
+    int nheads, int nheads_k, int nqb, int num_threads) {
+  if (S < 1 || D < 1 || bk < 1 || nb < 1 || rounds < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
+  const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
+                       nullptr, 0, 0, nullptr, rows, S, D, bk, 0, sink, causal, nheads, nheads_k, nqb, nullptr};
+#pragma omp parallel for num_threads(num_threads) schedule(static, 8)
+  for (int64_t r = 0; r < rows; ++r) search_row(p, r, starts, ends, nb, rounds);
   return 0;
 }

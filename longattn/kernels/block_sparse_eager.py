@@ -12,6 +12,8 @@ masks make them a union without double counting).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from longattn.kernels.block_sparse import BlockSparseLayout
@@ -67,6 +69,59 @@ def listed_visibility(layout: BlockSparseLayout, qpos: torch.Tensor, kpos: torch
     return inside & ~layout.in_window(qpos, kpos)
 
 
+@dataclass(frozen=True)
+class KeyRows:
+    """Where key ``pos`` of (batch ``b``, kv head ``hk``) lives, as a row of flat
+    ``(rows, headdim)`` views of K and V -- so keys are gathered from the
+    caller's own layout (a (batch, seqlen, nheads_k, headdim) tensor, a
+    contiguous KV cache or a paged one) without copying it first."""
+
+    k_rows: torch.Tensor
+    v_rows: torch.Tensor
+    nheads_k: int
+    positions_per_sequence: int  # contiguous layouts: rows of one sequence / nheads_k
+    block_table: torch.Tensor | None = None  # paged: (batch, max_pages), int64
+    page_size: int = 0
+    first_batch: int = 0  # batch index 0 of a call is this sequence of the layout
+
+    @classmethod
+    def dense(cls, k: torch.Tensor, v: torch.Tensor) -> KeyRows:
+        """``k, v (batch, seqlen, nheads_k, headdim)``, or a contiguous cache (seqlen = capacity)."""
+        k, v = k.contiguous(), v.contiguous()  # no copy when already contiguous
+        return cls(k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1]), k.shape[2], k.shape[1])
+
+    @classmethod
+    def paged(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor) -> KeyRows:
+        """``k_cache, v_cache (num_pages, page_size, nheads_k, headdim)`` + ``block_table (batch, max_pages)``."""
+        k, v = k_cache.contiguous(), v_cache.contiguous()
+        return cls(k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1]), k.shape[2], 0, block_table.long(), k.shape[1])
+
+    def sequence(self, b: int) -> KeyRows:
+        """The same layout, with batch index 0 meaning sequence ``b``."""
+        return replace(self, first_batch=self.first_batch + b)
+
+    def logical(self, batch: int, seqlen: int) -> torch.Tensor:
+        """The first ``seqlen`` keys of ``batch`` sequences as a ``(batch, seqlen, nheads_k,
+        headdim)`` tensor: a view of a contiguous layout, a gather of a paged one."""
+        d = self.k_rows.shape[1]
+        if self.block_table is None:
+            per_sequence = self.k_rows.view(-1, self.positions_per_sequence, self.nheads_k, d)
+            return per_sequence[self.first_batch : self.first_batch + batch, :seqlen]
+        pos = torch.arange(seqlen, device=self.k_rows.device)
+        table = self.block_table[self.first_batch : self.first_batch + batch]
+        rows = table[:, pos // self.page_size] * self.page_size + pos % self.page_size  # (batch, seqlen)
+        pages = self.k_rows.view(-1, self.nheads_k, d)
+        return torch.index_select(pages, 0, rows.reshape(-1)).view(batch, seqlen, self.nheads_k, d)
+
+    def index(self, b: int, hk: int, pos: torch.Tensor) -> torch.Tensor:
+        """Rows of keys ``pos`` (valid positions) of batch ``b``, kv head ``hk``."""
+        b += self.first_batch
+        if self.block_table is None:
+            return (b * self.positions_per_sequence + pos) * self.nheads_k + hk
+        page = self.block_table[b][pos // self.page_size]
+        return (page * self.page_size + pos % self.page_size) * self.nheads_k + hk
+
+
 def block_sparse_forward_eager(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,14 +132,29 @@ def block_sparse_forward_eager(
     scale: float,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (batch, seqlen_q, nheads, headdim) in q's dtype, lse (batch, nheads, seqlen_q) float32)``.
+    """``(out (batch, seqlen_q, nheads, headdim) in q's dtype, lse (batch, nheads, seqlen_q) float32)``
+    for ``k, v (batch, seqlen_k, nheads_k, headdim)``."""
+    return block_sparse_rows_eager(q, KeyRows.dense(k, v), key_blocks, layout, scale=scale, softcap=softcap)
+
+
+def block_sparse_rows_eager(
+    q: torch.Tensor,
+    keys: KeyRows,
+    key_blocks: torch.Tensor,
+    layout: BlockSparseLayout,
+    *,
+    scale: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of ``q (batch, seqlen_q, nheads, headdim)`` over the
+    keys ``keys`` addresses (``layout.seqlen_k`` of them per sequence).
 
     Each chunk of rows runs through PyTorch's fused CPU attention kernel with
     an additive mask (0 / -inf) when it exists and there is no softcap, else
     through matmul, logsumexp and exp.
     """
     batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    seqlen_k, nheads_k = layout.seqlen_k, keys.nheads_k
     group = nheads // nheads_k
     bq, bk, nqb = layout.block_q, layout.block_k, layout.num_q_blocks
     device = q.device
@@ -102,14 +172,11 @@ def block_sparse_forward_eager(
         ~fixed_seen, float("-inf"))
     fixed_any = fixed_seen.any(dim=-1)  # (nqb, bq)
 
-    # (batch, kv_head, position) order: key row (b, hk, j) is row (b * nheads_k + hk) * seqlen_k + j.
-    k_rows = k.transpose(1, 2).reshape(batch * nheads_k * seqlen_k, headdim)
-    v_rows = v.transpose(1, 2).reshape(batch * nheads_k * seqlen_k, headdim)
     q_blocks = torch.zeros(batch, nheads, nqb * bq, headdim, dtype=torch.float32, device=device)
     q_blocks[:, :, :seqlen_q] = q.transpose(1, 2)
     q_blocks = q_blocks.reshape(rows, bq, headdim)
 
-    attend = _Attend(k_rows, v_rows, scale, softcap, min(nqb, max(1, CHUNK_ELEMENTS // (
+    attend = _Attend(keys.k_rows, keys.v_rows, scale, softcap, min(nqb, max(1, CHUNK_ELEMENTS // (
         num_candidates * max(headdim, bq)))) * num_candidates)
     step = attend.rows_per_chunk // num_candidates
     # Rows run (batch, head) by (batch, head), query blocks in chunks: a chunk's
@@ -122,15 +189,15 @@ def block_sparse_forward_eager(
     parts_lse = torch.empty(2, step, 1, bq, dtype=torch.float32, device=device)
     listed = _ListedMask(layout, step, listed_pos.shape[1])
     for bh in range(batch * nheads):
-        base = (bh // nheads * nheads_k + bh % nheads // group) * seqlen_k
+        b, hk = bh // nheads, bh % nheads // group
         for q0 in range(0, nqb, step):
             q1 = min(q0 + step, nqb)
             n, r0, r1 = q1 - q0, bh * nqb + q0, bh * nqb + q1
-            attend(q_blocks[r0:r1], base + fixed_pos[q0:q1].clamp(0, seqlen_k - 1), parts_out[0, :n, :, 0],
-                   parts_lse[0, :n, 0], bias=fixed_bias[q0:q1], seen_any=fixed_any[q0:q1])
+            attend(q_blocks[r0:r1], keys.index(b, hk, fixed_pos[q0:q1].clamp(0, seqlen_k - 1)),
+                   parts_out[0, :n, :, 0], parts_lse[0, :n, 0], bias=fixed_bias[q0:q1], seen_any=fixed_any[q0:q1])
             bias, seen_any = listed(q0, q1, listed_pos[r0:r1])
-            attend(q_blocks[r0:r1], base + listed_pos[r0:r1].clamp(0, seqlen_k - 1), parts_out[1, :n, :, 0],
-                   parts_lse[1, :n, 0], bias=bias, seen_any=seen_any)
+            attend(q_blocks[r0:r1], keys.index(b, hk, listed_pos[r0:r1].clamp(0, seqlen_k - 1)),
+                   parts_out[1, :n, :, 0], parts_lse[1, :n, 0], bias=bias, seen_any=seen_any)
             # merge_states takes (batch, seqlen_q, nheads, headdim) parts: rows as batch, one head.
             merged_out, merged_lse = merge_states(parts_out[:, :n], parts_lse[:, :n])
             out[r0:r1] = merged_out[:, :, 0]

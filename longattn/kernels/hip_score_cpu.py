@@ -23,9 +23,10 @@ LANES = 16
 
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _ARGTYPES = [
-    _PTR, _PTR, _PTR, _PTR, _PTR,  # queries_t, query_pos, range_end, key_blocks, blocks
-    _I64, _INT, _INT, _INT, _INT, _INT, _INT,  # rows, S, D, bk, c, sink, causal
-    _INT, _INT, _INT, _INT,  # nheads, nheads_k, nqb, nkb
+    _PTR, _PTR, _PTR,  # queries_t, query_pos, range_end
+    _PTR, _I64, _I64, _I64, _PTR, _I64, _INT,  # keys, batch/head/pos strides, block_table, its stride, page_size
+    _PTR, _I64, _INT, _INT, _INT, _INT, _INT, _INT,  # blocks, rows, S, D, bk, c, sink, causal
+    _INT, _INT, _INT,  # nheads, nheads_k, nqb
     _PTR, _INT,  # out, num_threads
 ]
 
@@ -35,6 +36,14 @@ def score_unavailable_reason() -> str | None:
     return unavailable_reason(SOURCE)
 
 
+_SEARCH_ARGTYPES = [
+    _PTR, _PTR, _PTR,  # queries_t, query_pos, range_end
+    _PTR, _I64, _I64, _I64,  # keys, batch/head/pos strides
+    _PTR, _PTR, _I64, _INT, _INT, _INT, _INT, _INT, _INT, _INT,  # starts, ends, rows, S, D, bk, nb, rounds, sink, causal
+    _INT, _INT, _INT, _INT,  # nheads, nheads_k, nqb, num_threads
+]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(build_flags: tuple[str, ...] = ()):
     fn = load_library(SOURCE, build_flags).longattn_hip_score_blocks
@@ -42,34 +51,76 @@ def _kernel(build_flags: tuple[str, ...] = ()):
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _search_kernel(build_flags: tuple[str, ...] = ()):
+    fn = load_library(SOURCE, build_flags).longattn_hip_search
+    fn.argtypes, fn.restype = _SEARCH_ARGTYPES, ctypes.c_int
+    return fn
+
+
+def search_blocks_cpu(
+    queries_t: torch.Tensor,
+    query_pos: torch.Tensor,
+    range_end: torch.Tensor,
+    keys: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    *,
+    rounds: int,
+    block_k: int,
+    sink_size: int,
+    causal: bool,
+    nheads: int,
+    build_flags: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``rounds`` of the tree search in one call: ``starts, ends (rows, nb)``
+    int64 initial groups -> the groups kept at the end (layouts as
+    :func:`score_blocks_cpu`). Ties keep the earlier branch."""
+    rows, headdim, lanes = queries_t.shape
+    nheads_k, positions = keys.shape[1], keys.shape[2]
+    starts, ends = starts.contiguous().clone(), ends.contiguous().clone()
+    tensors = [t.contiguous() for t in (queries_t, query_pos, range_end, keys)]
+    status = _search_kernel(tuple(build_flags))(
+        tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
+        tensors[3].data_ptr(), nheads_k * positions, positions, 1,
+        starts.data_ptr(), ends.data_ptr(), rows, lanes, headdim, block_k, starts.shape[1], rounds,
+        sink_size, int(causal), nheads, nheads_k, range_end.shape[0], torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"the C++ HiP search rejected its arguments (status {status})")
+    return starts, ends
+
+
 def score_blocks_cpu(
     queries_t: torch.Tensor,
     query_pos: torch.Tensor,
     range_end: torch.Tensor,
-    key_blocks: torch.Tensor,
+    keys: torch.Tensor,
     blocks: torch.Tensor,
     *,
     block_k: int,
     sink_size: int,
     causal: bool,
     nheads: int,
-    nheads_k: int,
-    num_k_blocks: int,
     build_flags: tuple[str, ...] = (),
 ) -> torch.Tensor:
     """``(rows, c)`` float32 block scores (layouts in ``csrc/cpu/hip_score.cpp``):
 
     queries_t ``(rows, headdim, S)`` float32, S a multiple of :data:`LANES`;
-    query_pos ``(nqb, S)`` int32; range_end ``(nqb,)`` int64; key_blocks
-    ``(batch * nheads_k * nkb, block_k * headdim)`` float32; blocks ``(rows, c)`` int64.
+    query_pos ``(nqb, S)`` int32; range_end ``(nqb,)`` int64; keys
+    ``(batch, nheads_k, positions, headdim)`` float32 (a block's keys adjacent;
+    positions past the searchable range are never read); blocks ``(rows, c)`` int64.
     """
     rows, headdim, lanes = queries_t.shape
     nqb, c = range_end.shape[0], blocks.shape[1]
+    nheads_k, positions = keys.shape[1], keys.shape[2]
     out = torch.empty(rows, c, dtype=torch.float32)
-    tensors = [t.contiguous() for t in (queries_t, query_pos, range_end, key_blocks, blocks)]
+    tensors = [t.contiguous() for t in (queries_t, query_pos, range_end, keys, blocks)]
     status = _kernel(tuple(build_flags))(
-        *(t.data_ptr() for t in tensors), rows, lanes, headdim, block_k, c, sink_size, int(causal),
-        nheads, nheads_k, nqb, num_k_blocks, out.data_ptr(), torch.get_num_threads(),
+        tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
+        tensors[3].data_ptr(), nheads_k * positions, positions, 1, None, 0, 0,
+        tensors[4].data_ptr(), rows, lanes, headdim, block_k, c, sink_size, int(causal),
+        nheads, nheads_k, nqb, out.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
         raise RuntimeError(f"the C++ HiP scorer rejected its arguments (status {status})")

@@ -1,13 +1,16 @@
 """Sparse attention methods: configs passed as ``attention(..., sparse=...)``.
 
 - :class:`HiP` -- hierarchically pruned attention (tree-searched top-k key
-  blocks + sinks + window); :func:`hip_select_blocks` returns its selection.
+  blocks + sinks + window); :func:`hip_select_blocks` returns its selection;
+  :class:`HiPDecodeState` carries it across decode steps
+  (``decode_attention(..., sparse=HiP(), state=HiPDecodeState())``).
 - :func:`block_sparse_attention` -- the primitive they run on: attention over
   listed key blocks plus sinks and a window, for callers with their own masks.
 """
 
 from longattn.kernels.block_sparse import block_sparse_attention
 from longattn.sparse.hip import HiP
+from longattn.sparse.hip_decode import HiPDecodeState
 from longattn.sparse.hip_mask import hip_select_blocks
 
-__all__ = ["HiP", "block_sparse_attention", "hip_select_blocks"]
+__all__ = ["HiP", "HiPDecodeState", "block_sparse_attention", "hip_select_blocks"]

@@ -32,6 +32,7 @@ import torch
 
 from longattn.errors import ArgumentError
 from longattn.kernels.block_sparse import BlockSparseLayout
+from longattn.kernels.block_sparse_eager import KeyRows
 from longattn.sparse.hip import HiP
 
 # Elements of the gathered representative keys per chunk of rows: 32 MiB of float32.
@@ -71,8 +72,15 @@ def hip_select_blocks(
         ``key_blocks`` argument of
         :func:`~longattn.kernels.block_sparse.block_sparse_attention`.
     """
+    return select_blocks(q, KeyRows.dense(k, k), k.shape[1], config, causal=causal, backend=backend)
+
+
+def select_blocks(
+    q: torch.Tensor, keys: KeyRows, seqlen_k: int, config: HiP, *, causal: bool = True, backend: str = "auto"
+) -> torch.Tensor:
+    """:func:`hip_select_blocks` over keys in any layout :class:`KeyRows` addresses
+    (``seqlen_k`` per sequence): decode searches a KV cache in place."""
     batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k = k.shape[1]
     layout = BlockSparseLayout(seqlen_q, seqlen_k, config.block_q, config.block_k, config.sink_size,
                                config.window_size, causal)
     nqb, nb, device = layout.num_q_blocks, config.num_blocks, q.device
@@ -86,15 +94,17 @@ def hip_select_blocks(
     rounds = math.ceil(math.log2(largest)) if largest > 1 else 0
 
     if rounds:
-        scorer = _BranchScorer(q, k, layout, config, end, _scoring_backend(backend, q.device))
-        for _ in range(rounds):
-            mids = (starts + ends) // 2
-            child_s, child_e = torch.cat([starts, mids], 1), torch.cat([mids, ends], 1)
-            centres = ((child_s + child_e - 1) // 2).clamp(0, layout.num_k_blocks - 1)  # empty halves: any block
-            scores = scorer.score(centres)
-            scores = scores.masked_fill(child_e <= child_s, float("-inf"))
-            keep = torch.topk(scores, nb, dim=1, sorted=False).indices
-            starts, ends = child_s.gather(1, keep), child_e.gather(1, keep)
+        scorer = _BranchScorer(q, keys, layout, config, end, _scoring_backend(backend, q.device))
+        if scorer.backend == "cpu":  # every round in one C++ call
+            starts, ends = scorer.search(starts, ends, rounds)
+        else:
+            for _ in range(rounds):
+                mids = (starts + ends) // 2
+                child_s, child_e = torch.cat([starts, mids], 1), torch.cat([mids, ends], 1)
+                centres = ((child_s + child_e - 1) // 2).clamp(0, layout.num_k_blocks - 1)  # empty halves: any block
+                scores = scorer.score(centres).masked_fill(child_e <= child_s, float("-inf"))
+                keep = torch.topk(scores, nb, dim=1, sorted=False).indices
+                starts, ends = child_s.gather(1, keep), child_e.gather(1, keep)
 
     picked = torch.where(ends > starts, starts, torch.full_like(starts, -1))
     # Ascending, -1 last: sort with -1 read as +inf.
@@ -129,12 +139,12 @@ class _BranchScorer:
     and matmul that fill them.
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, config: HiP,
+    def __init__(self, q: torch.Tensor, keys: KeyRows, layout: BlockSparseLayout, config: HiP,
                  end: torch.Tensor, backend: str = "eager") -> None:
         batch, seqlen_q, nheads, headdim = q.shape
         self.layout, self.block_k = layout, config.block_k
         self.nheads, self.nqb = nheads, layout.num_q_blocks
-        self.nheads_k, self.seqlen_k = k.shape[2], k.shape[1]
+        self.nheads_k, self.seqlen_k = keys.nheads_k, layout.seqlen_k
         self.group = nheads // self.nheads_k
         device, bk, nkb = q.device, config.block_k, layout.num_k_blocks
         # Strided queries of each block, counting back from its last query; a
@@ -157,9 +167,13 @@ class _BranchScorer:
             strided = lanes
         # (rows, headdim, strided)
         self.queries_t = q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim).transpose(1, 2).contiguous()
-        # Keys as rows of whole blocks: (batch * nheads_k * num_k_blocks, block_k * headdim), zero-padded.
-        blocks = torch.zeros(batch, self.nheads_k, nkb * bk, headdim, dtype=torch.float32, device=device)
-        blocks[:, :, : self.seqlen_k] = k.transpose(1, 2)
+        # Keys by (batch, kv head, block), zero-padded: the blocks a row scores are
+        # scattered, so each one's keys should at least be adjacent. Copying the
+        # keys once costs less than reading them strided round after round.
+        blocks = torch.empty(batch, self.nheads_k, nkb * bk, headdim, dtype=torch.float32, device=device)
+        blocks[:, :, self.seqlen_k :] = 0
+        blocks[:, :, : self.seqlen_k] = keys.logical(batch, self.seqlen_k).transpose(1, 2)
+        self.key_positions = blocks  # (batch, nheads_k, nkb * bk, headdim)
         self.key_blocks = blocks.reshape(batch * self.nheads_k * nkb, bk * headdim)
         # Keys outside a block's searchable part (before the sinks end, after the
         # range ends, after a strided query when causal) need a mask; with
@@ -177,6 +191,14 @@ class _BranchScorer:
             buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.queries_t.device)
         return buf[:numel]
 
+    def search(self, starts: torch.Tensor, ends: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every round in the C++ kernel (``backend == "cpu"``)."""
+        from longattn.kernels.hip_score_cpu import search_blocks_cpu
+
+        return search_blocks_cpu(
+            self.queries_t, self.cpu_query_pos, self.end, self.key_positions, starts, ends, rounds=rounds,
+            block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal, nheads=self.nheads)
+
     def score(self, blocks: torch.Tensor) -> torch.Tensor:
         """``blocks (rows, c)`` key block indices -> ``(rows, c)`` max of q . k over
         each block's searchable keys and the row's strided queries. The blocks
@@ -186,9 +208,9 @@ class _BranchScorer:
             from longattn.kernels.hip_score_cpu import score_blocks_cpu
 
             return score_blocks_cpu(
-                self.queries_t, self.cpu_query_pos, self.end, self.key_blocks, blocks.contiguous(),
+                self.queries_t, self.cpu_query_pos, self.end, self.key_positions, blocks.contiguous(),
                 block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal,
-                nheads=self.nheads, nheads_k=self.nheads_k, num_k_blocks=self.layout.num_k_blocks)
+                nheads=self.nheads)
         rows, c = blocks.shape
         bk, device = self.block_k, blocks.device
         headdim, strided = self.queries_t.shape[1], self.queries_t.shape[2]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import longattn
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.kernels.block_sparse import BlockSparseLayout
+from longattn.kernels.block_sparse_eager import KeyRows
 from longattn.reference import attention_ref
 from longattn.sparse import HiP, hip_select_blocks
 from longattn.sparse.hip_mask import searchable_blocks
@@ -162,12 +163,12 @@ def test_cpu_scorer_matches_eager_scores(build_flags, c):
     gen = torch.Generator().manual_seed(c["seed"])
     draws = torch.randint(0, 1 << 30, (rows.numel(), 7), generator=gen)
     blocks = (lo[qb][:, None] + draws % count[qb].clamp(min=1)[:, None]).clamp(max=layout.num_k_blocks - 1)
-    eager = _BranchScorer(q, k, layout, cfg, end, "eager").score(blocks)
-    cpu_scorer = _BranchScorer(q, k, layout, cfg, end, "cpu")
+    keys = KeyRows.dense(k, k)
+    eager = _BranchScorer(q, keys, layout, cfg, end, "eager").score(blocks)
+    cpu_scorer = _BranchScorer(q, keys, layout, cfg, end, "cpu")
     cpu = hsc.score_blocks_cpu(
-        cpu_scorer.queries_t, cpu_scorer.cpu_query_pos, end, cpu_scorer.key_blocks, blocks, block_k=cfg.block_k,
-        sink_size=cfg.sink_size, causal=c["causal"], nheads=q.shape[2], nheads_k=k.shape[2],
-        num_k_blocks=layout.num_k_blocks, build_flags=build_flags)
+        cpu_scorer.queries_t, cpu_scorer.cpu_query_pos, end, cpu_scorer.key_positions, blocks, block_k=cfg.block_k,
+        sink_size=cfg.sink_size, causal=c["causal"], nheads=q.shape[2], build_flags=build_flags)
     cpu, eager = cpu[active], eager[active]
     assert not torch.isinf(cpu).any() and not torch.isinf(eager).any()  # the last query sees every searchable key
     assert torch.allclose(cpu, eager, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,120 @@
+"""HiP decode: ``decode_attention(..., sparse=HiP(...), state=HiPDecodeState())``.
+
+A decode step's queries (``seqlen_q <= block_q``, bottom-right: query ``i``
+of sequence ``b`` sits at position ``L_b - seqlen_q + i``) form one query
+block. On a *refresh* the tree search (:mod:`longattn.sparse.hip_mask`)
+selects ``topk // block_k`` key blocks per head from the cache, in place
+(contiguous or paged); the next ``refresh_interval - 1`` steps reuse that
+selection and only attend: the sinks, the window (which covers the tokens
+added since the refresh, as long as fewer than ``window_size`` were) and the
+stored blocks, restricted as always to ``sink_size <= j <= p - window_size``.
+Keys that leave the window between refreshes and were not selected are not
+seen until the next refresh: that is HiP's approximation, exactly.
+
+The state is explicit: one :class:`HiPDecodeState` per layer, held by the
+caller. ``state=None`` searches on every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longattn.decode.cache import CacheView
+from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.kernels.block_sparse import BlockSparseLayout
+from longattn.kernels.block_sparse_eager import KeyRows, block_sparse_rows_eager
+from longattn.sparse.hip import HiP
+from longattn.sparse.hip_mask import select_blocks
+
+
+@dataclass
+class HiPDecodeState:
+    """HiP's selection carried between decode steps of one layer.
+
+    Attributes:
+        key_blocks: per sequence, ``(1, nheads, 1, topk // block_k)`` key block
+            indices chosen at the last refresh (None before the first step).
+        lengths: keys per sequence at that refresh.
+        steps_since_refresh: steps served by the current selection,
+            including the refresh step; a refresh is due when it reaches the
+            config's ``refresh_interval``.
+        refreshes: how many times the search has run (for inspection).
+    """
+
+    key_blocks: list[torch.Tensor] | None = None
+    lengths: tuple[int, ...] | None = None
+    steps_since_refresh: int = 0
+    refreshes: int = 0
+    config: HiP | None = None
+    nheads: int | None = None
+
+    def reset(self) -> None:
+        """Forget the selection: the next step searches (e.g. for a new batch)."""
+        self.key_blocks, self.lengths, self.steps_since_refresh = None, None, 0
+        self.config, self.nheads = None, None
+
+    def refresh_due(self, config: HiP, lengths: tuple[int, ...], nheads: int) -> bool:
+        """True when the next step must search; raises if the state belongs to other sequences."""
+        if self.key_blocks is None:
+            return True
+        if config != self.config or nheads != self.nheads:
+            raise ArgumentError(
+                f"state was filled with {self.config} and {self.nheads} heads, this call uses {config} and "
+                f"{nheads} heads; use one HiPDecodeState per layer and config (or call state.reset())"
+            )
+        if len(lengths) != len(self.lengths) or any(n < m for n, m in zip(lengths, self.lengths)):
+            raise ArgumentError(
+                f"state was filled for sequences of lengths {list(self.lengths)}, this call attends "
+                f"{list(lengths)}: a state follows one batch of growing sequences; call state.reset() "
+                "for a new batch"
+            )
+        return self.steps_since_refresh >= config.refresh_interval
+
+
+def hip_decode(
+    q: torch.Tensor,
+    cache: CacheView,
+    config: HiP,
+    state: HiPDecodeState | None,
+    *,
+    scale: float,
+    softcap: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a HiP decode step over a validated cache (tokens already appended)."""
+    batch, seqlen_q, nheads, _ = q.shape
+    if seqlen_q > config.block_q:
+        raise UnsupportedFeatureError(
+            f"HiP decode takes seqlen_q <= block_q ({config.block_q}) queries per step, got {seqlen_q}; "
+            "run longer chunks through longattn.attention(..., sparse=HiP(...))"
+        )
+    if state is not None and not isinstance(state, HiPDecodeState):
+        raise ArgumentError(f"state for sparse=HiP must be a longattn.sparse.HiPDecodeState, got {type(state).__name__}")
+    lengths = tuple(cache.seqlens.tolist())
+    keys = (KeyRows.paged(cache.k_cache, cache.v_cache, cache.block_table) if cache.paged
+            else KeyRows.dense(cache.k_cache, cache.v_cache))
+    if state is None or state.refresh_due(config, lengths, nheads):
+        selection = [select_blocks(q[b : b + 1], keys.sequence(b), n, config, causal=causal)
+                     for b, n in enumerate(lengths)]
+        if state is not None:
+            state.key_blocks, state.lengths, state.steps_since_refresh = selection, lengths, 0
+            state.config, state.nheads = config, nheads
+            state.refreshes += 1
+    else:
+        selection = state.key_blocks
+    if state is not None:
+        state.steps_since_refresh += 1
+
+    outs, lses = [], []
+    for b, n in enumerate(lengths):
+        # One query block holds the step's queries; block_q = seqlen_q keeps
+        # the window span to the queries that exist.
+        layout = BlockSparseLayout(seqlen_q, n, seqlen_q, config.block_k, config.sink_size, config.window_size,
+                                   causal)
+        out, lse = block_sparse_rows_eager(q[b : b + 1], keys.sequence(b), selection[b], layout, scale=scale,
+                                           softcap=softcap)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)

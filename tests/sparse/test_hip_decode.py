@@ -1,0 +1,137 @@
+"""HiP decode: selection reuse across steps, in contiguous and paged caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import longattn
+from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_attention
+from longattn.reference import attention_ref
+from longattn.sparse import HiP, HiPDecodeState
+from tests.tolerance import assert_close_to_oracle
+
+
+def _caches(k, v, capacity, page_size, gen):
+    """Contiguous (batch, capacity, ...) caches holding k/v, or paged ones with shuffled pages."""
+    batch, length, nheads_k, headdim = k.shape
+    kc = torch.zeros(batch, capacity, nheads_k, headdim, dtype=k.dtype)
+    vc = torch.zeros_like(kc)
+    kc[:, :length], vc[:, :length] = k, v
+    if page_size is None:
+        return kc, vc, None
+    pages = capacity // page_size
+    table = torch.randperm(batch * pages, generator=gen).reshape(batch, pages).to(torch.int32)
+    kp = torch.full((batch * pages, page_size, nheads_k, headdim), float("nan"), dtype=k.dtype)
+    vp = kp.clone()
+    for b in range(batch):
+        kp[table[b].long()] = kc[b].reshape(pages, page_size, nheads_k, headdim)
+        vp[table[b].long()] = vc[b].reshape(pages, page_size, nheads_k, headdim)
+    return kp, vp, table
+
+
+@st.composite
+def decode_runs(draw):
+    block_k = draw(st.integers(1, 3))
+    cfg = HiP(topk=block_k * draw(st.integers(1, 5)), block_q=draw(st.integers(4, 8)), block_k=block_k,
+              query_stride=draw(st.integers(1, 4)), sink_size=draw(st.integers(0, 6)),
+              window_size=draw(st.integers(0, 12)), refresh_interval=draw(st.integers(1, 4)))
+    return dict(
+        cfg=cfg, batch=draw(st.integers(1, 3)), start=draw(st.integers(0, 60)), steps=draw(st.integers(1, 6)),
+        seqlen_q=draw(st.integers(1, 3)), nheads_k=draw(st.sampled_from([1, 2])),
+        group=draw(st.sampled_from([1, 4, 8])), page_size=draw(st.sampled_from([None, 1, 8])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@given(decode_runs())
+def test_steps_equal_the_oracle_restricted_to_the_reused_selection(run):
+    cfg, gen = run["cfg"], torch.Generator().manual_seed(run["seed"])
+    batch, sq, hk, nheads, d = run["batch"], run["seqlen_q"], run["nheads_k"], run["nheads_k"] * run["group"], 16
+    total = run["start"] + run["steps"] * sq
+    capacity = -(-total // 8) * 8
+    # Ragged: sequence b starts with start - b tokens (at least 0).
+    starts = [max(0, run["start"] - b) for b in range(batch)]
+    k_all = torch.randn(batch, capacity, hk, d, generator=gen).to(run["dtype"])
+    v_all = torch.randn(batch, capacity, hk, d, generator=gen).to(run["dtype"])
+    k_cache, v_cache, table = _caches(torch.zeros_like(k_all), torch.zeros_like(v_all), capacity, run["page_size"], gen)
+    state = HiPDecodeState()
+    lens = torch.zeros(batch, dtype=torch.int32)
+    # Fill the prompt (no attention check), then decode.
+    prompt = max(starts)
+    if prompt:
+        for b in range(batch):
+            _write(k_cache, v_cache, table, b, 0, k_all[b, : starts[b]], v_all[b, : starts[b]], run["page_size"])
+        lens = torch.tensor(starts, dtype=torch.int32)
+    for step in range(run["steps"]):
+        q = torch.randn(batch, sq, nheads, d, generator=gen).to(run["dtype"])
+        k_new = torch.stack([k_all[b, starts[b] + step * sq: starts[b] + (step + 1) * sq] for b in range(batch)])
+        v_new = torch.stack([v_all[b, starts[b] + step * sq: starts[b] + (step + 1) * sq] for b in range(batch)])
+        out, lse = longattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, block_table=table, k_new=k_new,
+                                             v_new=v_new, sparse=cfg, state=state, return_lse=True)
+        assert state.refreshes == -(-(step + 1) // cfg.refresh_interval)
+        for b in range(batch):
+            n = int(lens[b]) + sq
+            blocks = state.key_blocks[b]
+            layout = BlockSparseLayout(sq, n, sq, cfg.block_k, cfg.sink_size, cfg.window_size, True)
+            # Bitwise equal to the primitive run on the logical keys with the reused selection.
+            again = block_sparse_attention(q[b : b + 1], k_all[b : b + 1, :n], v_all[b : b + 1, :n], blocks,
+                                           block_q=sq, block_k=cfg.block_k, sink_size=cfg.sink_size,
+                                           window_size=cfg.window_size, return_lse=True)
+            assert torch.equal(out[b : b + 1], again[0]) and torch.equal(lse[b : b + 1], again[1])
+            ref_out, ref_lse = attention_ref(q[b : b + 1], k_all[b : b + 1, :n], v_all[b : b + 1, :n],
+                                             mask=layout.dense_mask(blocks))
+            assert_close_to_oracle(out[b : b + 1], ref_out, ref_out)
+            assert_close_to_oracle(lse[b : b + 1], ref_lse, ref_lse, name="lse")
+        lens = lens + sq
+
+
+def _write(k_cache, v_cache, table, b, at, k, v, page_size):
+    if table is None:
+        k_cache[b, at : at + k.shape[0]], v_cache[b, at : at + k.shape[0]] = k, v
+        return
+    for i in range(k.shape[0]):
+        page, off = int(table[b, (at + i) // page_size]), (at + i) % page_size
+        k_cache[page, off], v_cache[page, off] = k[i], v[i]
+
+
+def test_dense_when_topk_covers_the_cache():
+    torch.manual_seed(4)
+    k, v = torch.randn(2, 100, 2, 32), torch.randn(2, 100, 2, 32)
+    q = torch.randn(2, 1, 8, 32)
+    lens = torch.tensor([100, 70], dtype=torch.int32)
+    out = longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=HiP(topk=128, block_k=2),
+                                    state=HiPDecodeState())
+    for b, n in enumerate(lens.tolist()):
+        ref, _ = attention_ref(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], causal=True)
+        assert_close_to_oracle(out[b : b + 1], ref, ref)
+
+
+def test_state_errors_name_the_problem():
+    k, v = torch.randn(1, 64, 1, 16), torch.randn(1, 64, 1, 16)
+    q = torch.randn(1, 1, 2, 16)
+    cfg = HiP(topk=8, block_q=4, block_k=2, sink_size=2, window_size=4)
+    state = HiPDecodeState()
+    longattn.decode_attention(q, k, v, cache_seqlens=torch.tensor([40], dtype=torch.int32), sparse=cfg, state=state)
+    with pytest.raises(ArgumentError, match="reset"):  # a shorter sequence: another batch
+        longattn.decode_attention(q, k, v, cache_seqlens=torch.tensor([10], dtype=torch.int32), sparse=cfg,
+                                  state=state)
+    with pytest.raises(ArgumentError, match="config"):
+        longattn.decode_attention(q, k, v, cache_seqlens=torch.tensor([41], dtype=torch.int32),
+                                  sparse=HiP(topk=16, block_q=4, block_k=2), state=state)
+    state.reset()
+    longattn.decode_attention(q, k, v, cache_seqlens=torch.tensor([10], dtype=torch.int32), sparse=cfg, state=state)
+    lens = torch.tensor([40], dtype=torch.int32)
+    with pytest.raises(ArgumentError, match="HiPDecodeState"):
+        longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, state={"blocks": 1})
+    with pytest.raises(UnsupportedFeatureError, match="block_q"):
+        longattn.decode_attention(torch.randn(1, 5, 2, 16), k, v, cache_seqlens=lens, sparse=cfg)
+    with pytest.raises(UnsupportedFeatureError, match="window_size"):
+        longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, window_size=(8, 0))
+    with pytest.raises(UnsupportedFeatureError, match="backend"):
+        longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, backend="cpu")
+    with pytest.raises(UnsupportedFeatureError, match="state"):
+        longattn.decode_attention(q, k, v, cache_seqlens=lens, state=HiPDecodeState())
