@@ -1,7 +1,7 @@
 """The ``hip-decode`` benchmark group: HiP decode steps against dense decode.
 
 One query token, batch 1, H=8, D=128, float32, HiP defaults, on the ``hip``
-group's structured workload (RoPE-like local decay, needles, noise) at the
+group's structured workload (smooth local decay, needle spans, noise) at the
 given context. Methods:
 
 - ``hip cached mask``: ``decode_attention(..., sparse=HiP(), state=state)``
