@@ -43,8 +43,9 @@ def attention(
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         sparse: a sparse-method config, e.g. :class:`longattn.sparse.HiP`;
             ``None`` means dense attention. A sparse method brings its own
-            sinks and window, so ``window_size`` must stay ``(-1, -1)``; it
-            runs on its PyTorch twin (``backend`` "auto" or "eager").
+            sinks and window, so ``window_size`` must stay ``(-1, -1)``; its
+            attention runs on the block-sparse twin ``backend`` names ("auto",
+            "eager" or "triton").
         backend: ``"auto"`` (fastest twin that can serve), or ``"sdpa"``,
             ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
             :class:`~longattn.errors.BackendUnavailableError` listing every
@@ -74,7 +75,7 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-SPARSE_BACKENDS = ("auto", "eager")
+SPARSE_BACKENDS = ("auto", "eager", "triton")
 
 
 def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend):
@@ -95,4 +96,4 @@ def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap
         raise UnsupportedFeatureError(
             f"backend={backend!r} cannot serve sparse={type(sparse).__name__} yet; use one of {SPARSE_BACKENDS}"
         )
-    return sparse.prefill(q, k, v, causal=causal, scale=scale, softcap=softcap)
+    return sparse.prefill(q, k, v, causal=causal, scale=scale, softcap=softcap, backend=backend)

@@ -12,7 +12,7 @@ def test_hip_bench_where_topk_covers_everything_measures_dense(tmp_path, capsys)
     # At 600 tokens HiP's default topk (512) covers every searchable range, so
     # HiP is dense attention: recall 1, every needle seen, error vs dense ~0.
     assert main(["bench", "hip", "--sizes", "600", "--repeats", "1", "--out", tmp_path, "--quiet"]) == 0
-    assert "measured at hip 600" in capsys.readouterr().out
+    assert "measured at hip H=8 600" in capsys.readouterr().out
     case = json.loads((tmp_path / "results.json").read_text())["cases"][0]
     methods = case["methods"]
     assert methods["longattn hip"]["max_error"] <= 1e-5  # same keys as the primitive

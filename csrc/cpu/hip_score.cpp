@@ -258,11 +258,14 @@ extern "C" int longattn_hip_score_blocks(
 extern "C" int longattn_hip_search(
     const float* queries_t, const int32_t* query_pos, const int64_t* range_end,
     const float* keys, int64_t batch_stride, int64_t head_stride, int64_t pos_stride,
+    const int64_t* block_table, int64_t bt_stride, int page_size,
     int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk, int nb, int rounds, int sink, int causal,
     int nheads, int nheads_k, int nqb, int num_threads) {
   if (S < 1 || D < 1 || bk < 1 || nb < 1 || rounds < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
+  if (block_table != nullptr && page_size < 1) return 1;
   const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
-                       nullptr, 0, 0, nullptr, rows, S, D, bk, 0, sink, causal, nheads, nheads_k, nqb, nullptr};
+                       block_table, bt_stride, page_size, nullptr, rows, S, D, bk, 0, sink, causal, nheads, nheads_k,
+                       nqb, nullptr};
 #pragma omp parallel for num_threads(num_threads) schedule(static, 8)
   for (int64_t r = 0; r < rows; ++r) search_row(p, r, starts, ends, nb, rounds);
   return 0;

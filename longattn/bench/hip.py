@@ -50,7 +50,7 @@ class HipInputs:
     q: torch.Tensor  # (1, seqlen, nheads, headdim)
     k: torch.Tensor
     v: torch.Tensor
-    needles: torch.Tensor  # (nheads, NEEDLES) first key positions of the needle spans
+    needles: torch.Tensor  # (nheads_k, NEEDLES) first key positions of the needle spans
 
 
 LOGIT_PEAK = 12.0  # scaled score of a key at distance 0, and of a needle key
@@ -75,27 +75,29 @@ def smooth_walk(seqlen: int, width: int, length: float, gen: torch.Generator, ch
     return local.reshape(-1, width)[:seqlen].to(torch.float32)
 
 
-def make_hip_inputs(seqlen: int, seed: int) -> HipInputs:
-    """Per head: keys and queries follow one smooth random walk (scaled score
+def make_hip_inputs(seqlen: int, seed: int, nheads: int = NHEADS, nheads_k: int = NHEADS) -> HipInputs:
+    """Per kv head: keys and queries follow one smooth random walk (scaled score
     ~LOGIT_PEAK at distance 0, falling as exp(-distance / CORRELATION_LENGTH),
     about N(0, 1) far away); NEEDLES spans of NEEDLE_LEN keys point along a
-    direction ``g`` every query also leans to (score LOGIT_PEAK); noise."""
+    direction ``g`` every query of the group also leans to (score LOGIT_PEAK);
+    noise. Query heads of a GQA group share their kv head's walk."""
     gen = torch.Generator().manual_seed(seed)
+    group = nheads // nheads_k
     dot = LOGIT_PEAK * HEADDIM ** 0.5  # softmax_scale is headdim ** -0.5
-    walk = smooth_walk(seqlen, NHEADS * HEADDIM, CORRELATION_LENGTH, gen).view(seqlen, NHEADS, HEADDIM)
+    walk = smooth_walk(seqlen, nheads_k * HEADDIM, CORRELATION_LENGTH, gen).view(seqlen, nheads_k, HEADDIM)
     walk = walk * (dot / HEADDIM) ** 0.5  # |walk_j|^2 ~ dot
-    g = F.normalize(torch.randn(NHEADS, HEADDIM, generator=gen), dim=-1)
+    g = F.normalize(torch.randn(nheads_k, HEADDIM, generator=gen), dim=-1)
     noise = 0.3
-    q = walk + g + noise * torch.randn(seqlen, NHEADS, HEADDIM, generator=gen)
-    k = walk + noise * torch.randn(seqlen, NHEADS, HEADDIM, generator=gen)
+    q = (walk + g).repeat_interleave(group, dim=1) + noise * torch.randn(seqlen, nheads, HEADDIM, generator=gen)
+    k = walk + noise * torch.randn(seqlen, nheads_k, HEADDIM, generator=gen)
     low = CONFIG.sink_size + CONFIG.window_size
     high = max(low + 1, seqlen // 2 - NEEDLE_LEN)
-    needles = torch.randint(low, high, (NHEADS, NEEDLES), generator=gen)
-    for h in range(NHEADS):
+    needles = torch.randint(low, high, (nheads_k, NEEDLES), generator=gen)
+    for h in range(nheads_k):
         for start in needles[h].tolist():
             span = slice(start, min(start + NEEDLE_LEN, seqlen))
             k[span, h] = dot * g[h] + noise * torch.randn(k[span, h].shape, generator=gen)
-    v = torch.randn(seqlen, NHEADS, HEADDIM, generator=gen)
+    v = torch.randn(seqlen, nheads_k, HEADDIM, generator=gen)
     return HipInputs(q[None].contiguous(), k[None].contiguous(), v[None].contiguous(), needles)
 
 
@@ -136,12 +138,13 @@ def build_flex(inputs: HipInputs) -> Timed:
         chosen = listed[h, q_idx // bq, kv_idx // bk] & (kv_idx >= sink)
         return (kv_idx <= q_idx) & (fixed | chosen)
 
-    block_mask = create_block_mask(mask_mod, 1, NHEADS, seqlen, seqlen, device="cpu")
+    block_mask = create_block_mask(mask_mod, 1, inputs.q.shape[2], seqlen, seqlen, device="cpu")
     compiled = torch.compile(flex_attention, dynamic=False)
+    gqa = inputs.q.shape[2] != inputs.k.shape[2]
 
     def run(inputs: HipInputs) -> torch.Tensor:
         out = compiled(inputs.q.transpose(1, 2), inputs.k.transpose(1, 2), inputs.v.transpose(1, 2),
-                       block_mask=block_mask)
+                       block_mask=block_mask, enable_gqa=gqa)
         return out.transpose(1, 2)
     run(inputs)
     return run
@@ -149,7 +152,7 @@ def build_flex(inputs: HipInputs) -> Timed:
 
 def run_sdpa(inputs: HipInputs) -> torch.Tensor:
     out = F.scaled_dot_product_attention(inputs.q.transpose(1, 2), inputs.k.transpose(1, 2),
-                                         inputs.v.transpose(1, 2), is_causal=True)
+                                         inputs.v.transpose(1, 2), is_causal=True, enable_gqa=True)
     return out.transpose(1, 2)
 
 
@@ -177,19 +180,22 @@ def measure_quality(inputs: HipInputs, outputs: dict) -> dict[str, float]:
     seqlen = inputs.q.shape[1]
     rows = torch.linspace(seqlen // 2, seqlen - 1, SAMPLED_QUERIES).long().unique()  # queries that can see needles
     seen = _layout(seqlen).dense_mask(blocks, rows)[0]  # (nheads, rows, seqlen)
+    nheads, nheads_k = inputs.q.shape[2], inputs.k.shape[2]
+    group = nheads // nheads_k
     q = inputs.q[0, rows].transpose(0, 1)  # (nheads, rows, headdim)
-    scores = torch.einsum("hrd,jhd->hrj", q, inputs.k[0]) * HEADDIM ** -0.5
+    k = inputs.k[0].repeat_interleave(group, dim=1)  # (seqlen, nheads, headdim)
+    scores = torch.einsum("hrd,jhd->hrj", q, k) * HEADDIM ** -0.5
     scores = scores.masked_fill(torch.arange(seqlen)[None, None, :] > rows[None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     figures["recall (dense mass kept)"] = float((probs * seen).sum(-1).mean())
     spans = inputs.needles[:, :, None] + torch.arange(NEEDLE_LEN)  # (nheads, NEEDLES, NEEDLE_LEN)
     spans = spans.clamp(max=seqlen - 1)
-    needle_seen = torch.stack([seen[h][:, spans[h]].any(-1) for h in range(NHEADS)])  # (nheads, rows, NEEDLES)
+    needle_seen = torch.stack([seen[h][:, spans[h // group]].any(-1) for h in range(nheads)])  # (nheads, rows, NEEDLES)
     figures["needles seen"] = float(needle_seen.float().mean())
     return figures
 
 
-def hip_scenario(seqlen: int) -> Scenario:
+def hip_scenario(seqlen: int, nheads: int = NHEADS, nheads_k: int = NHEADS, group: str = "hip") -> Scenario:
     methods = [
         Method("longattn hip", no_setup(run_hip)),
         Method("block-sparse (given mask)", build_block_sparse),
@@ -200,16 +206,17 @@ def hip_scenario(seqlen: int) -> Scenario:
     if seqlen in SPEEDUP_VS_SDPA:
         x = SPEEDUP_VS_SDPA[seqlen]
         targets.append(Target("longattn hip", 1 / x, f"issue target: >= {x:g}x faster than SDPA at {seqlen // 1024}k"))
-    if seqlen <= FLEX_MAX_SEQLEN and seqlen >= 4096:
+    if 4096 <= seqlen <= FLEX_MAX_SEQLEN:
         targets.append(Target("block-sparse (given mask)", 1.0, "issue target: at least as fast as FlexAttention "
                               "on the same mask", baseline="flex (same mask)"))
+    heads = f"H={nheads}" if nheads == nheads_k else f"H={nheads}/{nheads_k}"
     return Scenario(
-        name=f"hip {seqlen}",
-        group="hip",
+        name=f"hip {heads} {seqlen}",
+        group=group,
         size=seqlen,
-        params={"seqlen": seqlen, "nheads": NHEADS, "headdim": HEADDIM, "dtype": "float32", "causal": True,
-                "hip": CONFIG.__dict__},
-        make_inputs=lambda seed: make_hip_inputs(seqlen, seed),
+        params={"seqlen": seqlen, "nheads": nheads, "nheads_k": nheads_k, "headdim": HEADDIM, "dtype": "float32",
+                "causal": True, "hip": CONFIG.__dict__},
+        make_inputs=lambda seed: make_hip_inputs(seqlen, seed, nheads, nheads_k),
         methods={m.name: m for m in methods},
         baseline="sdpa",
         reference=hip_reference,
@@ -226,5 +233,18 @@ HIP = register_group(
         sizes=(4096, 8192, 16384, 32768, 65536),
         quick_sizes=(1024, 2048),
         make_scenario=hip_scenario,
+    )
+)
+
+GQA_HEADS = (32, 8)
+HIP_GQA = register_group(
+    Group(
+        name="hip-gqa",
+        description=f"HiP prefill (topk {CONFIG.topk}), causal, fp32, batch 1, GQA H={GQA_HEADS[0]}/{GQA_HEADS[1]}, "
+                    f"D={HEADDIM}; baseline SDPA",
+        size_name="seqlen",
+        sizes=(8192, 16384, 32768),
+        quick_sizes=(1024,),
+        make_scenario=lambda seqlen: hip_scenario(seqlen, *GQA_HEADS, group="hip-gqa"),
     )
 )

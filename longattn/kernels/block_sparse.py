@@ -123,6 +123,7 @@ def block_sparse_attention(
     softmax_scale: float | None = None,
     softcap: float = 0.0,
     return_lse: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over listed key blocks plus sinks and a window (rule in the module docstring).
 
@@ -134,12 +135,13 @@ def block_sparse_attention(
         block_q, block_k: queries per query block, keys per key block (>= 1).
         sink_size, window_size: >= 0.
         causal, softmax_scale, softcap, return_lse: as in :func:`longattn.attention`.
+        backend: ``"eager"`` (PyTorch, the CPU path), ``"triton"`` (CUDA, or
+            CPU under ``TRITON_INTERPRET=1`` for verification) or ``"auto"``
+            (Triton on CUDA tensors, else eager).
 
     Returns:
         ``out`` like q, or ``(out, lse)`` with ``lse (batch, nheads, seqlen_q)`` float32.
     """
-    from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
-
     q, k, v = check_qkv(q, k, v)
     causal, return_lse, scale, _, softcap = check_attention_options(
         q.shape[-1], causal, return_lse, softmax_scale, (-1, -1), softcap
@@ -149,5 +151,29 @@ def block_sparse_attention(
         check_int(name, value, minimum)
     layout = BlockSparseLayout(q.shape[1], k.shape[1], block_q, block_k, sink_size, window_size, causal)
     key_blocks = check_key_blocks(key_blocks, q.shape[0], q.shape[2], layout)
-    out, lse = block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
+    out, lse = block_sparse_forward(q, k, v, key_blocks, layout, scale=scale, softcap=softcap, backend=backend)
     return (out, lse) if return_lse else out
+
+
+BACKENDS = ("auto", "eager", "triton")
+
+
+def block_sparse_forward(q, k, v, key_blocks, layout: BlockSparseLayout, *, scale: float, softcap: float,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin ``backend`` names (validated inputs): ``(out, lse)``."""
+    from longattn.errors import BackendUnavailableError
+    from longattn.kernels import triton_support
+
+    if backend not in BACKENDS:
+        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_reasons = triton_support.machine_reasons() + triton_support.call_reasons(q)
+    if backend == "triton" and triton_reasons:
+        raise BackendUnavailableError(
+            "backend='triton' cannot serve this block-sparse call: " + "; ".join(triton_reasons))
+    if backend == "triton" or (backend == "auto" and q.is_cuda and not triton_reasons):
+        from longattn.kernels.block_sparse_triton import block_sparse_forward_triton
+
+        return block_sparse_forward_triton(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
+    from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
+
+    return block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)

@@ -83,14 +83,7 @@ def triton_import_error() -> str | None:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _softcap(s, softcap):
-        # softcap * tanh(s / softcap); exp of -2|x| <= 0 never overflows.
-        x = s / softcap
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = (1.0 - e) / (1.0 + e)
-        return softcap * tl.where(x < 0, -t, t)
+    from longattn.kernels.triton_math import softcap_tanh
 
     @triton.jit
     def _streamk_partial_kernel(
@@ -164,7 +157,7 @@ if triton is not None:
                     # "ieee": full fp32 products on GPU (no TF32), as the interpreter computes.
                     sc = tl.dot(q, kt, input_precision="ieee") * scale
                     if HAS_SOFTCAP:
-                        sc = _softcap(sc, softcap)
+                        sc = softcap_tanh(sc, softcap)
                     visible = col_ok[None, :]
                     if HAS_LEFT:
                         visible = visible & (cols[None, :] >= qpos[:, None] - window_left)

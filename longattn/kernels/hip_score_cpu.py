@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from longattn.kernels.block_sparse_eager import KeyRows
 from longattn.kernels.cpp_build import load_library, unavailable_reason
 
 SOURCE = "hip_score.cpp"
@@ -39,6 +40,7 @@ def score_unavailable_reason() -> str | None:
 _SEARCH_ARGTYPES = [
     _PTR, _PTR, _PTR,  # queries_t, query_pos, range_end
     _PTR, _I64, _I64, _I64,  # keys, batch/head/pos strides
+    _PTR, _I64, _INT,  # block_table, its row stride, page_size
     _PTR, _PTR, _I64, _INT, _INT, _INT, _INT, _INT, _INT, _INT,  # starts, ends, rows, S, D, bk, nb, rounds, sink, causal
     _INT, _INT, _INT, _INT,  # nheads, nheads_k, nqb, num_threads
 ]
@@ -62,7 +64,7 @@ def search_blocks_cpu(
     queries_t: torch.Tensor,
     query_pos: torch.Tensor,
     range_end: torch.Tensor,
-    keys: torch.Tensor,
+    keys: torch.Tensor | KeyRows,
     starts: torch.Tensor,
     ends: torch.Tensor,
     *,
@@ -74,15 +76,33 @@ def search_blocks_cpu(
     build_flags: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``rounds`` of the tree search in one call: ``starts, ends (rows, nb)``
-    int64 initial groups -> the groups kept at the end (layouts as
-    :func:`score_blocks_cpu`). Ties keep the earlier branch."""
+    int64 initial groups -> the groups kept at the end. ``keys``: a
+    ``(batch, nheads_k, positions, headdim)`` float32 copy (adjacent block
+    keys), or float32 keys read in place where a
+    :class:`~longattn.kernels.block_sparse_eager.KeyRows` says (a decode cache).
+    Ties keep the earlier branch."""
     rows, headdim, lanes = queries_t.shape
-    nheads_k, positions = keys.shape[1], keys.shape[2]
+    table, table_stride, page_size = None, 0, 0
+    if isinstance(keys, KeyRows):
+        if keys.k_rows.dtype != torch.float32:
+            raise ValueError("search_blocks_cpu reads keys in place only in float32")
+        nheads_k, head_stride, pos_stride = keys.nheads_k, 1, keys.nheads_k
+        if keys.block_table is None:
+            batch_stride = keys.positions_per_sequence * nheads_k
+            key_rows = keys.k_rows[keys.first_batch * batch_stride:]
+        else:
+            batch_stride, key_rows = 0, keys.k_rows
+            table = keys.block_table[keys.first_batch:].contiguous()
+            table_stride, page_size = table.shape[1], keys.page_size
+    else:
+        nheads_k, positions = keys.shape[1], keys.shape[2]
+        batch_stride, head_stride, pos_stride, key_rows = nheads_k * positions, positions, 1, keys.contiguous()
     starts, ends = starts.contiguous().clone(), ends.contiguous().clone()
-    tensors = [t.contiguous() for t in (queries_t, query_pos, range_end, keys)]
+    tensors = [t.contiguous() for t in (queries_t, query_pos, range_end)]
     status = _search_kernel(tuple(build_flags))(
         tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
-        tensors[3].data_ptr(), nheads_k * positions, positions, 1,
+        key_rows.data_ptr(), batch_stride, head_stride, pos_stride,
+        None if table is None else table.data_ptr(), table_stride, page_size,
         starts.data_ptr(), ends.data_ptr(), rows, lanes, headdim, block_k, starts.shape[1], rounds,
         sink_size, int(causal), nheads, nheads_k, range_end.shape[0], torch.get_num_threads(),
     )

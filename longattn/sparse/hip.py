@@ -77,18 +77,19 @@ class HiP:
         return self.topk // self.block_k
 
     def prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, softcap: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, softcap: float,
+        backend: str = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Select key blocks (no gradient flows through the choice), then attend
-        over them, the sinks and the window: ``(out, lse)``. Inputs are
+        over them, the sinks and the window: ``(out, lse)``. ``backend`` picks
+        the block-sparse twin ("auto", "eager", "triton"). Inputs are
         validated by :func:`longattn.attention`."""
-        from longattn.kernels.block_sparse import BlockSparseLayout
-        from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
+        from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_forward
         from longattn.sparse.hip_mask import hip_select_blocks
 
         with torch.no_grad():
             key_blocks = hip_select_blocks(q, k, self, causal=causal)
         layout = BlockSparseLayout(q.shape[1], k.shape[1], self.block_q, self.block_k, self.sink_size,
                                    self.window_size, causal)
-        return block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
+        return block_sparse_forward(q, k, v, key_blocks, layout, scale=scale, softcap=softcap, backend=backend)
 

@@ -61,10 +61,11 @@ def hip_select_blocks(
         q: ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``.
         config: the :class:`~longattn.sparse.HiP` settings.
         causal: bottom-right causal alignment, as in :func:`longattn.attention`.
-        backend: who scores branches: ``"cpu"`` (the C++ kernel), ``"eager"``
-            (PyTorch), or ``"auto"`` (the C++ kernel for CPU tensors when it
-            builds here, else PyTorch). Both compute in float32; their scores
-            differ only in summation order.
+        backend: who scores branches: ``"cpu"`` (the C++ kernel, every round
+            in one call), ``"triton"`` (a Triton kernel per round: CUDA, or CPU
+            under ``TRITON_INTERPRET=1``), ``"eager"`` (PyTorch), or ``"auto"``
+            (Triton on CUDA; the C++ kernel on CPU when it builds here, else
+            PyTorch). All score in float32; scores differ only in summation order.
 
     Returns:
         ``(batch, nheads, ceil(seqlen_q / block_q), topk // block_k)`` int64
@@ -94,7 +95,7 @@ def select_blocks(
     rounds = math.ceil(math.log2(largest)) if largest > 1 else 0
 
     if rounds:
-        scorer = _BranchScorer(q, keys, layout, config, end, _scoring_backend(backend, q.device))
+        scorer = _BranchScorer(q, keys, layout, config, end, _scoring_backend(backend, q))
         if scorer.backend == "cpu":  # every round in one C++ call
             starts, ends = scorer.search(starts, ends, rounds)
         else:
@@ -114,19 +115,25 @@ def select_blocks(
     return ordered.reshape(batch, nheads, nqb, nb)
 
 
-SCORING_BACKENDS = ("auto", "cpu", "eager")
+SCORING_BACKENDS = ("auto", "cpu", "triton", "eager")
 
 
-def _scoring_backend(backend: str, device: torch.device) -> str:
+def _scoring_backend(backend: str, q: torch.Tensor) -> str:
     from longattn.errors import BackendUnavailableError
+    from longattn.kernels import triton_support
     from longattn.kernels.hip_score_cpu import score_unavailable_reason
 
     if backend not in SCORING_BACKENDS:
         raise ArgumentError(f"backend must be one of {SCORING_BACKENDS}, got {backend!r}")
-    cpu_reason = "tensors are not on the CPU" if device.type != "cpu" else score_unavailable_reason()
+    cpu_reason = "tensors are not on the CPU" if q.device.type != "cpu" else score_unavailable_reason()
     if backend == "cpu" and cpu_reason is not None:
         raise BackendUnavailableError(f"backend='cpu' cannot score HiP branches here: {cpu_reason}")
+    triton_reasons = triton_support.machine_reasons() + triton_support.call_reasons(q)
+    if backend == "triton" and triton_reasons:
+        raise BackendUnavailableError("backend='triton' cannot score HiP branches here: " + "; ".join(triton_reasons))
     if backend == "auto":
+        if q.is_cuda and not triton_reasons:
+            return "triton"
         return "cpu" if cpu_reason is None else "eager"
     return backend
 
@@ -157,24 +164,32 @@ class _BranchScorer:
         self.qpos = qidx + layout.offset
         self.end = end
         self.backend = backend
-        if backend == "cpu":  # lanes padded to the kernel's vector multiple by repeating the last query
+        if backend in ("cpu", "triton"):  # lanes padded by repeating the last query (the max is unchanged)
             from longattn.kernels.hip_score_cpu import LANES
 
-            lanes = -(-strided // LANES) * LANES
+            # C++: a multiple of the vector width; Triton: a power of two >= 16 (tl.dot).
+            lanes = -(-strided // LANES) * LANES if backend == "cpu" else max(16, 1 << (strided - 1).bit_length())
             pad = torch.cat([torch.arange(strided), torch.zeros(lanes - strided, dtype=torch.long)])
             qidx = qidx[:, pad]
-            self.cpu_query_pos = (qidx + layout.offset).to(torch.int32).contiguous()
+            self.padded_query_pos = (qidx + layout.offset).to(torch.int32).contiguous()
             strided = lanes
         # (rows, headdim, strided)
         self.queries_t = q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim).transpose(1, 2).contiguous()
         # Keys by (batch, kv head, block), zero-padded: the blocks a row scores are
         # scattered, so each one's keys should at least be adjacent. Copying the
-        # keys once costs less than reading them strided round after round.
-        blocks = torch.empty(batch, self.nheads_k, nkb * bk, headdim, dtype=torch.float32, device=device)
-        blocks[:, :, self.seqlen_k :] = 0
-        blocks[:, :, : self.seqlen_k] = keys.logical(batch, self.seqlen_k).transpose(1, 2)
-        self.key_positions = blocks  # (batch, nheads_k, nkb * bk, headdim)
-        self.key_blocks = blocks.reshape(batch * self.nheads_k * nkb, bk * headdim)
+        # keys once costs less than reading them strided round after round --
+        # unless the rows are few (a decode step): then the C++ search reads a
+        # float32 cache in place instead of copying all of it.
+        rows = batch * nheads * self.nqb
+        self.in_place = (backend == "cpu" and keys.k_rows.dtype == torch.float32
+                         and rows * 2 * config.num_blocks < self.seqlen_k * self.nheads_k)
+        if not self.in_place:
+            blocks = torch.empty(batch, self.nheads_k, nkb * bk, headdim, dtype=torch.float32, device=device)
+            blocks[:, :, self.seqlen_k :] = 0
+            blocks[:, :, : self.seqlen_k] = keys.logical(batch, self.seqlen_k).transpose(1, 2)
+            self.key_positions = blocks  # (batch, nheads_k, nkb * bk, headdim)
+            self.key_blocks = blocks.reshape(batch * self.nheads_k * nkb, bk * headdim)
+        self.keys = keys
         # Keys outside a block's searchable part (before the sinks end, after the
         # range ends, after a strided query when causal) need a mask; with
         # aligned sinks and ranges and a window at least as long as a query
@@ -196,7 +211,8 @@ class _BranchScorer:
         from longattn.kernels.hip_score_cpu import search_blocks_cpu
 
         return search_blocks_cpu(
-            self.queries_t, self.cpu_query_pos, self.end, self.key_positions, starts, ends, rounds=rounds,
+            self.queries_t, self.padded_query_pos, self.end, self.keys if self.in_place else self.key_positions,
+            starts, ends, rounds=rounds,
             block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal, nheads=self.nheads)
 
     def score(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -204,11 +220,18 @@ class _BranchScorer:
         each block's searchable keys and the row's strided queries. The blocks
         must lie in their row's searchable block range (the search's centres
         do); rows without a range get arbitrary scores (the search ignores them)."""
+        if self.backend == "triton":
+            from longattn.kernels.hip_score_triton import score_blocks_triton
+
+            return score_blocks_triton(
+                self.queries_t.transpose(1, 2), self.padded_query_pos, self.end, self.key_positions, blocks,
+                block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal,
+                nheads=self.nheads)
         if self.backend == "cpu":
             from longattn.kernels.hip_score_cpu import score_blocks_cpu
 
             return score_blocks_cpu(
-                self.queries_t, self.cpu_query_pos, self.end, self.key_positions, blocks.contiguous(),
+                self.queries_t, self.padded_query_pos, self.end, self.key_positions, blocks.contiguous(),
                 block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal,
                 nheads=self.nheads)
         rows, c = blocks.shape

@@ -28,18 +28,14 @@ from longattn.kernels.decode_triton import decode_forward_triton, triton_import_
 from longattn.masking import effective_window
 from tests.decode.decode_cases import DecodeCase
 from tests.tolerance import assert_close_to_oracle
+from tests.triton_skip import HAS_CUDA, triton_skip_reason
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
 def _skip_reason() -> str | None:
-    if triton_import_error() is not None:
-        return triton_import_error()
-    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA device and TRITON_INTERPRET != '1' (it must be set before triton is imported)"
-    return None
+    return triton_skip_reason(triton_import_error())
 
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))

@@ -9,12 +9,11 @@ no bfloat16, so shapes stay tiny and bfloat16 is tested only on a GPU.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 import pytest
 import torch
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, strategies as st
 
 from longattn.errors import UnsupportedFeatureError
 from longattn.kernels.dense_eager import dense_forward_eager
@@ -23,16 +22,12 @@ from longattn.kernels.dense_triton import dense_forward_triton, triton_import_er
 from longattn.masking import effective_window
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
+from tests.triton_skip import HAS_CUDA, triton_skip_reason
 
-HAS_CUDA = torch.cuda.is_available()
 
 
 def _skip_reason() -> str | None:
-    if triton_import_error() is not None:
-        return triton_import_error()
-    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA device and TRITON_INTERPRET != '1' (it must be set before triton is imported)"
-    return None
+    return triton_skip_reason(triton_import_error())
 
 
 # Every test but the import-guard one runs the kernel.

@@ -166,8 +166,9 @@ def test_cpu_scorer_matches_eager_scores(build_flags, c):
     keys = KeyRows.dense(k, k)
     eager = _BranchScorer(q, keys, layout, cfg, end, "eager").score(blocks)
     cpu_scorer = _BranchScorer(q, keys, layout, cfg, end, "cpu")
+    key_positions = _BranchScorer(q, keys, layout, cfg, end, "eager").key_positions
     cpu = hsc.score_blocks_cpu(
-        cpu_scorer.queries_t, cpu_scorer.cpu_query_pos, end, cpu_scorer.key_positions, blocks, block_k=cfg.block_k,
+        cpu_scorer.queries_t, cpu_scorer.padded_query_pos, end, key_positions, blocks, block_k=cfg.block_k,
         sink_size=cfg.sink_size, causal=c["causal"], nheads=q.shape[2], build_flags=build_flags)
     cpu, eager = cpu[active], eager[active]
     assert not torch.isinf(cpu).any() and not torch.isinf(eager).any()  # the last query sees every searchable key
@@ -181,3 +182,19 @@ def test_backends_select_the_same_blocks():
     assert torch.equal(hip_select_blocks(q, k, cfg, backend="eager"), hip_select_blocks(q, k, cfg, backend="cpu"))
     with pytest.raises(ArgumentError, match="backend"):
         hip_select_blocks(q, k, cfg, backend="gpu")
+
+
+@pytest.mark.skipif(__import__("longattn.kernels.hip_score_cpu", fromlist=["x"]).score_unavailable_reason() is not None,
+                    reason="the C++ HiP scorer does not build here")
+@pytest.mark.parametrize("build_flags", [(), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
+def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(build_flags, monkeypatch):
+    import longattn.kernels.hip_score_cpu as hsc
+
+    real = hsc.search_blocks_cpu
+    monkeypatch.setattr(hsc, "search_blocks_cpu", lambda *a, **kw: real(*a, **kw, build_flags=build_flags))
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 400, 4, 40), torch.randn(1, 400, 2, 40)
+    for causal in (True, False):
+        cfg = HiP(topk=24, block_q=16, block_k=3, query_stride=3, sink_size=5, window_size=20)
+        assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpu"),
+                           hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))

@@ -135,3 +135,26 @@ def test_state_errors_name_the_problem():
         longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, backend="cpu")
     with pytest.raises(UnsupportedFeatureError, match="state"):
         longattn.decode_attention(q, k, v, cache_seqlens=lens, state=HiPDecodeState())
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_search_in_a_cache_selects_what_the_eager_search_selects_on_the_logical_keys(page_size):
+    # Few rows (a decode step): the C++ search reads a float32 cache in place,
+    # contiguous or paged, instead of copying it.
+    from longattn.kernels.block_sparse_eager import KeyRows
+    from longattn.kernels.hip_score_cpu import score_unavailable_reason
+    from longattn.sparse import hip_select_blocks
+    from longattn.sparse.hip_mask import select_blocks
+
+    if score_unavailable_reason() is not None:
+        pytest.skip(f"the C++ HiP scorer does not build here: {score_unavailable_reason()}")
+    gen = torch.Generator().manual_seed(8)
+    k = torch.randn(2, 300, 2, 32, generator=gen)
+    k_cache, v_cache, table = _caches(k, k.clone(), 304, page_size, gen)
+    keys = KeyRows.dense(k_cache, v_cache) if table is None else KeyRows.paged(k_cache, v_cache, table)
+    cfg = HiP(topk=16, block_q=4, block_k=2, sink_size=3, window_size=12)
+    q = torch.randn(2, 1, 4, 32, generator=gen)
+    for b, n in enumerate([300, 211]):
+        in_place = select_blocks(q[b : b + 1], keys.sequence(b), n, cfg, backend="cpu")
+        eager = hip_select_blocks(q[b : b + 1], k[b : b + 1, :n], cfg, backend="eager")
+        assert torch.equal(in_place, eager)
