@@ -156,6 +156,20 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def launch_config(block_q: int, block_k: int, headdim: int, interpreted: bool) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D, BK, num_stages)``: a program holds a query
+    block (rounded up to a power of two, >= 16 for tl.dot); a key tile holds
+    ``BLOCK_N // BK`` listed blocks (BK = block_k rounded up). Headdim 256
+    takes narrower, unpipelined key tiles so K/V fit in shared memory."""
+    bk = _pow2(block_k)
+    block_d = max(16, _pow2(headdim))
+    if interpreted:
+        return max(16, _pow2(block_q)), max(16, bk), block_d, bk, 1
+    if block_d > 128:
+        return max(16, _pow2(block_q)), max(16, bk), block_d, bk, 1
+    return max(16, _pow2(block_q)), max(64, bk), block_d, bk, 2
+
+
 def block_sparse_forward_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -183,9 +197,7 @@ def block_sparse_forward_triton(
     if seqlen_q == 0 or batch == 0 or nheads == 0:
         return out, lse
     blocks = key_blocks.to(device=q.device, dtype=torch.int32).contiguous()
-    bk_pow2 = _pow2(layout.block_k)
-    block_n = max(16, bk_pow2)  # tl.dot needs >= 16; a tile holds block_n // bk_pow2 listed blocks
-    block_m = max(16, _pow2(layout.block_q))
+    block_m, block_n, block_d, bk_pow2, stages = launch_config(layout.block_q, layout.block_k, headdim, _INTERPRETED)
     grid = (layout.num_q_blocks, nheads, batch)
     _block_sparse_fwd_kernel[grid](
         q, k, v, out, lse, blocks,
@@ -194,7 +206,7 @@ def block_sparse_forward_triton(
         layout.block_q, layout.block_k, layout.sink_size, layout.window_size,
         float(scale), float(softcap),
         CAUSAL=layout.causal, HAS_SOFTCAP=softcap > 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _pow2(headdim)), BK=bk_pow2,
-        num_warps=4, num_stages=1 if _INTERPRETED else 2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BK=bk_pow2,
+        num_warps=4, num_stages=stages,
     )
     return out, lse
