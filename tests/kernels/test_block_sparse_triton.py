@@ -127,3 +127,17 @@ def test_kernels_compile_for_gpu_targets(tmp_path):
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip(f"triton cannot compile for GPU targets here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_streaming_on_the_triton_twin_matches_the_oracle():
+    import longattn
+    from longattn.sparse import Streaming
+    from longattn.sparse.streaming import lambda_mask
+
+    torch.manual_seed(9)
+    q, k, v = torch.randn(1, 90, 4, 16), torch.randn(1, 100, 2, 16), torch.randn(1, 100, 2, 16)
+    out = longattn.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=True, sparse=Streaming(5, 17),
+                             backend="triton")
+    ref, _ = attention_ref(q, k, v, mask=lambda_mask(90, 100, 5, 17))
+    eager = longattn.attention(q, k, v, causal=True, sparse=Streaming(5, 17), backend="eager")
+    assert_close_to_oracle(out.cpu(), ref, eager)
