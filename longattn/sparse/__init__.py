@@ -4,7 +4,8 @@
   blocks + sinks + window); :func:`hip_select_blocks` returns its selection;
   :class:`HiPDecodeState` carries it across decode steps
   (``decode_attention(..., sparse=HiP(), state=HiPDecodeState())``).
-- :class:`Streaming` -- StreamingLLM's attention sinks + sliding window.
+- :class:`Streaming` -- StreamingLLM's attention sinks + sliding window;
+  :class:`StreamingCache` is its constant-size decode cache.
 - :func:`block_sparse_attention` -- the primitive they run on: attention over
   listed key blocks plus sinks and a window, for callers with their own masks.
 """
@@ -14,5 +15,6 @@ from longattn.sparse.hip import HiP
 from longattn.sparse.hip_decode import HiPDecodeState
 from longattn.sparse.hip_mask import hip_select_blocks
 from longattn.sparse.streaming import Streaming
+from longattn.sparse.streaming_cache import StreamingCache
 
-__all__ = ["HiP", "HiPDecodeState", "Streaming", "block_sparse_attention", "hip_select_blocks"]
+__all__ = ["HiP", "HiPDecodeState", "Streaming", "StreamingCache", "block_sparse_attention", "hip_select_blocks"]

@@ -1,0 +1,63 @@
+"""StreamingCache: prefill + decode steps equal one Lambda-masked pass; size stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import longattn
+from longattn.errors import ArgumentError, ShapeError
+from longattn.reference import attention_ref
+from longattn.sparse import Streaming, StreamingCache
+from longattn.sparse.streaming import lambda_mask
+from tests.tolerance import assert_close_to_oracle
+
+
+@given(st.integers(0, 12), st.integers(1, 20), st.integers(0, 60), st.lists(st.integers(1, 7), min_size=1, max_size=6),
+       st.sampled_from([1, 2]), st.sampled_from([1, 4]), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**16))
+def test_prefill_then_steps_equal_one_masked_pass(sink, window, prompt, steps, nheads_k, group, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    total = prompt + sum(steps)
+    batch, nheads, d = 2, nheads_k * group, 16
+    q = torch.randn(batch, total, nheads, d, generator=gen).to(dtype)
+    k = torch.randn(batch, total, nheads_k, d, generator=gen).to(dtype)
+    v = torch.randn(batch, total, nheads_k, d, generator=gen).to(dtype)
+    cfg = Streaming(sink, window)
+    ref_out, ref_lse = attention_ref(q, k, v, mask=lambda_mask(total, total, sink, window))
+    cache = StreamingCache(cfg, batch, nheads_k, d, dtype=dtype)
+    if prompt:
+        out, lse = longattn.attention(q[:, :prompt], k[:, :prompt], v[:, :prompt], causal=True, sparse=cfg,
+                                      return_lse=True)
+        assert_close_to_oracle(out, ref_out[:, :prompt], ref_out[:, :prompt])
+        cache.append(k[:, :prompt], v[:, :prompt])
+    at = prompt
+    for n in steps:
+        out, lse = cache.step(q[:, at : at + n], k[:, at : at + n], v[:, at : at + n], return_lse=True)
+        assert_close_to_oracle(out, ref_out[:, at : at + n], ref_out[:, at : at + n])
+        assert_close_to_oracle(lse, ref_lse[:, :, at : at + n], ref_lse[:, :, at : at + n], name="lse")
+        at += n
+        # Never more than sink + window tokens, whatever the length.
+        assert cache.k.shape[1] == sink + window and cache.length == at
+        assert int((cache.positions() >= 0).sum()) == min(at, sink + window)
+    assert cache.memory_bytes == 2 * batch * nheads_k * d * (sink + window) * cache.k.element_size()
+
+
+def test_positions_track_the_sinks_and_the_window():
+    cache = StreamingCache(Streaming(2, 3), 1, 1, 4)
+    cache.append(torch.zeros(1, 9, 1, 4), torch.zeros(1, 9, 1, 4))
+    assert sorted(cache.positions().tolist()) == [0, 1, 6, 7, 8]
+
+
+def test_errors_name_the_argument():
+    cache = StreamingCache(Streaming(2, 3), 2, 2, 8)
+    with pytest.raises(ShapeError, match="k_new"):
+        cache.append(torch.zeros(2, 1, 3, 8), torch.zeros(2, 1, 3, 8))
+    with pytest.raises(ShapeError, match="v_new"):
+        cache.step(torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 2, 8), torch.zeros(2, 1, 2, 8))
+    with pytest.raises(ArgumentError, match="config"):
+        StreamingCache("streaming", 1, 1, 8)
+    with pytest.raises(ArgumentError, match="batch"):
+        StreamingCache(Streaming(), 0, 1, 8)
