@@ -17,6 +17,7 @@ from longattn.bench import decode as _decode  # noqa: F401
 from longattn.bench import dense as _dense  # noqa: F401
 from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench import hip_decode as _hip_decode  # noqa: F401
+from longattn.bench import streaming as _streaming  # noqa: F401
 from longattn.bench.runner import run_group
 from longattn.bench.scenarios import get_group, group_names
 

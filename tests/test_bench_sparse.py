@@ -1,4 +1,4 @@
-"""`longattn bench hip`: runs, checks HiP against the primitive, and measures quality."""
+"""`longattn bench hip` and `streaming`: they run, check against the primitives, and measure quality."""
 
 from __future__ import annotations
 
@@ -31,3 +31,11 @@ def test_hip_bench_quick_runs(tmp_path, capsys):
         assert 0 < m["recall (dense mass kept)"] <= 1 + 1e-6 and 0 <= m["needles seen"] <= 1
         assert math.isfinite(m["rel error vs dense"])
         assert case["methods"]["longattn hip"]["max_error"] <= 1e-5
+
+
+def test_streaming_bench_where_the_window_covers_everything_is_dense(tmp_path, capsys):
+    # 600 tokens < sink 64 + window 1024: the Lambda mask is the causal mask.
+    assert main(["bench", "streaming", "--sizes", "600", "--repeats", "1", "--out", tmp_path, "--quiet"]) == 0
+    case = json.loads((tmp_path / "results.json").read_text())["cases"][0]
+    assert case["methods"]["longattn streaming"]["max_error"] <= 1e-5
+    assert case["methods"]["sdpa"]["max_error"] <= 1e-4
