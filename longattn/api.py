@@ -41,8 +41,8 @@ def attention(
             ``i`` sees keys ``i + seqlen_k - seqlen_q - left`` through
             ``... + right``. With ``causal=True``, ``right`` must be -1 or 0.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
-        sparse: a sparse-method config: :class:`longattn.sparse.HiP` or
-            :class:`longattn.sparse.Streaming`;
+        sparse: a sparse-method config: :class:`longattn.sparse.HiP`,
+            :class:`longattn.sparse.Streaming` or :class:`longattn.sparse.Duo`;
             ``None`` means dense attention. A sparse method brings its own
             sinks and window, so ``window_size`` must stay ``(-1, -1)``; its
             attention runs on the block-sparse twin ``backend`` names ("auto",
@@ -81,12 +81,12 @@ SPARSE_BACKENDS = ("auto", "eager", "triton")
 
 def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend):
     """Run a sparse method's prefill after checking what only applies to dense attention."""
-    from longattn.sparse import HiP, Streaming
+    from longattn.sparse import Duo, HiP, Streaming
 
-    if not isinstance(sparse, (HiP, Streaming)):
+    if not isinstance(sparse, (HiP, Streaming, Duo)):
         raise UnsupportedFeatureError(
             f"sparse={sparse!r} is not a sparse method this version of longattn provides "
-            "(longattn.sparse.HiP, longattn.sparse.Streaming); use sparse=None for dense attention"
+            "(longattn.sparse.HiP, Streaming, Duo); use sparse=None for dense attention"
         )
     if window != (-1, 0 if causal else -1):
         raise UnsupportedFeatureError(

@@ -6,15 +6,19 @@
   (``decode_attention(..., sparse=HiP(), state=HiPDecodeState())``).
 - :class:`Streaming` -- StreamingLLM's attention sinks + sliding window;
   :class:`StreamingCache` is its constant-size decode cache.
+- :class:`HeadPattern`, :class:`Duo` -- DuoAttention: per kv head, full
+  (retrieval) or sinks + window (streaming) attention; :class:`DuoCache` is
+  its two-part decode cache.
 - :func:`block_sparse_attention` -- the primitive they run on: attention over
   listed key blocks plus sinks and a window, for callers with their own masks.
 """
 
 from longattn.kernels.block_sparse import block_sparse_attention
+from longattn.sparse.duo import Duo, DuoCache, HeadPattern
 from longattn.sparse.hip import HiP
 from longattn.sparse.hip_decode import HiPDecodeState
 from longattn.sparse.hip_mask import hip_select_blocks
 from longattn.sparse.streaming import Streaming
 from longattn.sparse.streaming_cache import StreamingCache
 
-__all__ = ["HiP", "HiPDecodeState", "Streaming", "StreamingCache", "block_sparse_attention", "hip_select_blocks"]
+__all__ = ["Duo", "DuoCache", "HeadPattern", "HiP", "HiPDecodeState", "Streaming", "StreamingCache", "block_sparse_attention", "hip_select_blocks"]

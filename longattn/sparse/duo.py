@@ -1,0 +1,280 @@
+"""DuoAttention: retrieval heads attend to everything, streaming heads to sinks + a window.
+
+:class:`HeadPattern` says, per layer and per kv head (a GQA group shares its
+kv head's kind), which heads are *retrieval* heads (full causal attention)
+and which are *streaming* heads (the Lambda mask of
+:mod:`longattn.sparse.streaming`). :class:`Duo` is the ``sparse=`` config of
+one layer: ``attention(q, k, v, causal=True, sparse=Duo(pattern, layer_idx))``
+runs the layer's retrieval heads densely and its streaming heads with sinks +
+window in one call and returns the heads in their original order (no weight
+reordering on the caller's side).
+
+Pattern files are JSON (:meth:`HeadPattern.save` / :meth:`HeadPattern.load`)::
+
+    {"format": "longattn.HeadPattern", "version": 1, "num_layers": 2, "nheads_k": 4,
+     "retrieval": [[true, false, false, true], [false, false, true, false]],
+     "gates": [[0.9, 0.1, 0.2, 0.8], [...]] or null, "sink_size": 64, "window_size": 256}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from longattn.errors import ArgumentError, ShapeError
+from longattn.sparse.streaming import Streaming
+
+FORMAT, VERSION = "longattn.HeadPattern", 1
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """Retrieval (True) or streaming (False) per ``(layer, kv head)``.
+
+    Attributes:
+        retrieval: ``num_layers`` tuples of ``nheads_k`` bools.
+        sink_size, window_size: the streaming heads' sinks and window.
+        gates: the scores the pattern came from (``from_gates``), if any.
+    """
+
+    retrieval: tuple[tuple[bool, ...], ...]
+    sink_size: int = 64
+    window_size: int = 256
+    gates: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retrieval, tuple) or not self.retrieval:
+            raise ArgumentError("HeadPattern retrieval must be a non-empty tuple of per-layer tuples")
+        width = len(self.retrieval[0])
+        for i, row in enumerate(self.retrieval):
+            if not isinstance(row, tuple) or len(row) != width or width == 0:
+                raise ShapeError(f"HeadPattern retrieval layer {i} has {len(row) if isinstance(row, tuple) else '?'} "
+                                 f"heads; every layer needs the same number ({width}) of kv heads, at least one")
+            if not all(isinstance(x, bool) for x in row):
+                raise ArgumentError(f"HeadPattern retrieval layer {i} must hold bools, got {row!r}")
+        if self.gates is not None:
+            if len(self.gates) != len(self.retrieval) or any(len(g) != width for g in self.gates):
+                raise ShapeError(f"HeadPattern gates must be {len(self.retrieval)} x {width}, like retrieval")
+        Streaming(self.sink_size, self.window_size)  # validates both
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.retrieval)
+
+    @property
+    def nheads_k(self) -> int:
+        return len(self.retrieval[0])
+
+    @property
+    def retrieval_fraction(self) -> float:
+        return sum(map(sum, self.retrieval)) / (self.num_layers * self.nheads_k)
+
+    def layer(self, layer_idx: int) -> torch.Tensor:
+        """``(nheads_k,)`` bool: the retrieval heads of layer ``layer_idx``."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise ArgumentError(f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}")
+        return torch.tensor(self.retrieval[layer_idx], dtype=torch.bool)
+
+    @classmethod
+    def from_gates(cls, gates: torch.Tensor, sparsity: float = 0.5, *, sink_size: int = 64,
+                   window_size: int = 256) -> HeadPattern:
+        """The lowest ``sparsity`` fraction of ``gates (num_layers, nheads_k)``, over
+        all layers, become streaming heads (ties: the earlier head in layer-major
+        order is the lower); the rest retrieval heads."""
+        if not isinstance(gates, torch.Tensor) or gates.dim() != 2 or gates.numel() == 0:
+            raise ShapeError(f"gates must be a non-empty (num_layers, nheads_k) tensor, got "
+                             f"{tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__}")
+        if not gates.dtype.is_floating_point or not bool(torch.isfinite(gates).all()):
+            raise ArgumentError("gates must be finite floating-point scores")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+            raise ArgumentError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+        flat = gates.detach().to(torch.float64).flatten()
+        streaming = math.floor(sparsity * flat.numel() + 1e-9)
+        order = sorted(range(flat.numel()), key=lambda i: (float(flat[i]), i))
+        retrieval = [True] * flat.numel()
+        for i in order[:streaming]:
+            retrieval[i] = False
+        rows, cols = gates.shape
+        return cls(tuple(tuple(retrieval[r * cols:(r + 1) * cols]) for r in range(rows)), sink_size, window_size,
+                   tuple(tuple(float(x) for x in row) for row in gates.detach().to(torch.float64).tolist()))
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "num_layers": self.num_layers, "nheads_k": self.nheads_k,
+                "retrieval": [list(r) for r in self.retrieval],
+                "gates": None if self.gates is None else [list(g) for g in self.gates],
+                "sink_size": self.sink_size, "window_size": self.window_size}
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, num_layers: int | None = None,
+             nheads_k: int | None = None) -> HeadPattern:
+        """Read a pattern file; with ``num_layers`` / ``nheads_k``, check it fits the model."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ArgumentError(f"{path} is not a HeadPattern file (invalid JSON: {exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ArgumentError(f"{path} is not a HeadPattern file (no \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise ArgumentError(f"{path} has HeadPattern version {data.get('version')!r}; this longattn reads {VERSION}")
+        try:
+            pattern = cls(tuple(tuple(r) for r in data["retrieval"]), data["sink_size"], data["window_size"],
+                          None if data.get("gates") is None else tuple(tuple(g) for g in data["gates"]))
+        except (KeyError, TypeError) as exc:
+            raise ArgumentError(f"{path} is missing or mistypes a HeadPattern field: {exc}") from None
+        if data.get("num_layers") != pattern.num_layers or data.get("nheads_k") != pattern.nheads_k:
+            raise ShapeError(f"{path} says {data.get('num_layers')} layers x {data.get('nheads_k')} kv heads but "
+                             f"holds {pattern.num_layers} x {pattern.nheads_k}")
+        if num_layers is not None and num_layers != pattern.num_layers:
+            raise ShapeError(f"{path} has {pattern.num_layers} layers, the model has {num_layers}")
+        if nheads_k is not None and nheads_k != pattern.nheads_k:
+            raise ShapeError(f"{path} has {pattern.nheads_k} kv heads per layer, the model has {nheads_k}")
+        return pattern
+
+
+@dataclass(frozen=True)
+class Duo:
+    """``sparse=`` config for layer ``layer_idx`` of a :class:`HeadPattern`.
+
+    Retrieval heads: full causal attention. Streaming heads: sinks + window
+    (``sink_size``/``window_size`` here, defaulting to the pattern's).
+    """
+
+    pattern: HeadPattern
+    layer_idx: int
+    sink_size: int | None = None
+    window_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, HeadPattern):
+            raise ArgumentError(f"Duo pattern must be a HeadPattern, got {type(self.pattern).__name__}")
+        self.pattern.layer(self.layer_idx)  # validates the index
+        self.streaming  # validates the sizes
+
+    @property
+    def streaming(self) -> Streaming:
+        return Streaming(self.pattern.sink_size if self.sink_size is None else self.sink_size,
+                         self.pattern.window_size if self.window_size is None else self.window_size)
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                softcap: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """One call: retrieval heads dense, streaming heads Lambda; heads in their original order."""
+        from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
+
+        if not causal:
+            raise ArgumentError("sparse=Duo(...) is defined for causal attention; pass causal=True")
+        nheads, nheads_k = q.shape[2], k.shape[2]
+        if nheads_k != self.pattern.nheads_k:
+            raise ShapeError(f"the pattern has {self.pattern.nheads_k} kv heads per layer, k has {nheads_k}")
+        group = nheads // nheads_k
+        full_kv = self.pattern.layer(self.layer_idx).to(q.device)
+        full_q = full_kv.repeat_interleave(group)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[0], nheads, q.shape[1], dtype=torch.float32, device=q.device)
+        if bool(full_kv.any()):
+            qh, kh, vh = q[:, :, full_q], k[:, :, full_kv], v[:, :, full_kv]
+            call = DenseCall(qh, kh, vh, scale, (-1, 0), softcap, need_lse=True)
+            o, l_ = DENSE_BACKENDS.select(call, backend).run(call)
+            out[:, :, full_q], lse[:, full_q] = o, l_
+        if not bool(full_kv.all()):
+            qh, kh, vh = q[:, :, ~full_q], k[:, :, ~full_kv], v[:, :, ~full_kv]
+            o, l_ = self.streaming.prefill(qh, kh, vh, causal=True, scale=scale, softcap=softcap, backend=backend)
+            out[:, :, ~full_q], lse[:, ~full_q] = o, l_
+        return out, lse
+
+
+
+class DuoCache:
+    """The two-part decode cache of one DuoAttention layer: a full KV cache for
+    the retrieval heads and a :class:`~longattn.sparse.StreamingCache` (sinks +
+    window) for the streaming heads.
+
+    Args:
+        duo: the layer's :class:`Duo` config.
+        batch, capacity: sequences, and tokens the full part can hold.
+        nheads_k, headdim, dtype, device: as the model's K/V.
+
+    Chunks of any length go through :meth:`step` exactly: retrieval heads see
+    every earlier token, streaming heads exactly their sinks and window (the
+    Lambda rule per query, also inside a chunk).
+    """
+
+    def __init__(self, duo: Duo, batch: int, capacity: int, nheads_k: int, headdim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        from longattn.sparse.streaming_cache import StreamingCache
+
+        if not isinstance(duo, Duo):
+            raise ArgumentError(f"duo must be a longattn.sparse.Duo, got {type(duo).__name__}")
+        if nheads_k != duo.pattern.nheads_k:
+            raise ShapeError(f"the pattern has {duo.pattern.nheads_k} kv heads per layer, nheads_k is {nheads_k}")
+        self.duo = duo
+        self.full = duo.pattern.layer(duo.layer_idx).to(device)
+        n_full = int(self.full.sum())
+        self.k_full = torch.zeros(batch, capacity, n_full, headdim, dtype=dtype, device=device)
+        self.v_full = torch.zeros_like(self.k_full)
+        self.stream = (StreamingCache(duo.streaming, batch, nheads_k - n_full, headdim, dtype=dtype, device=device)
+                       if n_full < nheads_k else None)
+        self.length = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of K and V the cache needs for its ``length`` tokens:
+        ``2 * batch * headdim * bytes * (H_full * length + H_stream * (sink + window))``."""
+        batch, _, n_full, headdim = self.k_full.shape
+        full = 2 * batch * headdim * self.k_full.element_size() * n_full * self.length
+        return full + (self.stream.memory_bytes if self.stream is not None else 0)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes actually allocated (the full part at its capacity)."""
+        full = 2 * self.k_full.numel() * self.k_full.element_size()
+        return full + (self.stream.memory_bytes if self.stream is not None else 0)
+
+    def _split(self, t: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = self.full.repeat_interleave(group)
+        return t[:, :, heads], t[:, :, ~heads]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a prompt's ``(batch, n, nheads_k, headdim)`` keys/values (after its prefill)."""
+        n = k.shape[1]
+        if self.length + n > self.k_full.shape[1]:
+            raise ArgumentError(f"the cache holds {self.k_full.shape[1]} tokens; {self.length} + {n} do not fit")
+        kf, ks = self._split(k, 1)
+        vf, vs = self._split(v, 1)
+        self.k_full[:, self.length : self.length + n] = kf
+        self.v_full[:, self.length : self.length + n] = vf
+        if self.stream is not None:
+            self.stream.append(ks, vs)
+        self.length += n
+
+    def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
+             softmax_scale: float | None = None) -> torch.Tensor:
+        """Attend ``q (batch, n, nheads, headdim)`` for ``n`` new tokens, store them;
+        heads come back in their original order."""
+        import longattn
+
+        batch, n, nheads, headdim = q.shape
+        group = nheads // k_new.shape[2]
+        if self.length + n > self.k_full.shape[1]:
+            raise ArgumentError(f"the cache holds {self.k_full.shape[1]} tokens; {self.length} + {n} do not fit")
+        qf, qs = self._split(q, group)
+        kf, ks = self._split(k_new, 1)
+        vf, vs = self._split(v_new, 1)
+        out = torch.empty_like(q)
+        heads = self.full.repeat_interleave(group)
+        if qf.shape[2]:
+            lens = torch.full((batch,), self.length, dtype=torch.int32, device=q.device)
+            out[:, :, heads] = longattn.decode_attention(qf, self.k_full, self.v_full, cache_seqlens=lens,
+                                                         k_new=kf, v_new=vf, softmax_scale=softmax_scale)
+        if self.stream is not None:
+            out[:, :, ~heads] = self.stream.step(qs, ks, vs, softmax_scale=softmax_scale)
+        self.length += n
+        return out
