@@ -39,3 +39,14 @@ def test_streaming_bench_where_the_window_covers_everything_is_dense(tmp_path, c
     case = json.loads((tmp_path / "results.json").read_text())["cases"][0]
     assert case["methods"]["longattn streaming"]["max_error"] <= 1e-5
     assert case["methods"]["sdpa"]["max_error"] <= 1e-4
+
+
+def test_duo_bench_quick_memory_matches_the_formula(tmp_path):
+    assert main(["bench", "duo", "--quick", "--repeats", "1", "--out", tmp_path, "--quiet"]) == 0
+    cases = json.loads((tmp_path / "results.json").read_text())["cases"]
+    assert [c["params"]["kind"] for c in cases] == ["prefill", "decode"]
+    for case in cases:
+        assert abs(case["measurements"]["allocated / formula"] - 1.0) < 0.01
+        assert case["measurements"]["dense cache / duo cache"] > 1.5
+    decode = cases[1]["methods"]
+    assert decode["longattn dense"]["max_error"] <= 1e-4  # dense decode equals SDPA

@@ -15,6 +15,7 @@ Example::
 # Each group module registers itself on import; a new group is one more line here.
 from longattn.bench import decode as _decode  # noqa: F401
 from longattn.bench import dense as _dense  # noqa: F401
+from longattn.bench import duo as _duo  # noqa: F401
 from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench import hip_decode as _hip_decode  # noqa: F401
 from longattn.bench import streaming as _streaming  # noqa: F401
