@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from longattn.errors import UnsupportedFeatureError
+from longattn.hooks import ATTENTION_HOOK
 from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
 from longattn.validation import check_attention_options, check_qkv
 
@@ -68,6 +69,11 @@ def attention(
     causal, return_lse, scale, window, softcap = check_attention_options(
         q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
     )
+    hook = ATTENTION_HOOK.get()
+    if hook is not None:  # a calibration run observes or replaces this call (longattn.sparse.calibrate)
+        if return_lse:
+            raise UnsupportedFeatureError("return_lse=True is not available while a Duo calibration runs")
+        return hook(q, k, v, causal=causal, scale=scale, sparse=sparse)
     if sparse is not None:
         out, lse = _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend)
         return (out, lse) if return_lse else out

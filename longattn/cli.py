@@ -1,4 +1,4 @@
-"""The ``longattn`` command: ``longattn bench [GROUP]``, ``longattn doctor``, ``longattn simulate lean``.
+"""The ``longattn`` command: ``longattn bench [GROUP]``, ``doctor``, ``simulate lean``, ``calibrate duo``.
 
 Each subcommand is a :class:`Command` (its arguments and its run function);
 adding one (``simulate``, ``calibrate``) is one more entry in ``COMMANDS``.
@@ -121,6 +121,55 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", metavar="METHOD", help="duo: find DuoAttention's retrieval heads")
+    parser.add_argument("--model", required=True, metavar="MODULE:CALLABLE",
+                        help="a callable returning the model (an nn.Module taking token ids (batch, seqlen) whose "
+                             "layers call longattn.attention), e.g. mypkg.models:make_model")
+    parser.add_argument("--vocab-size", type=int, required=True, help="token ids are drawn from [0, VOCAB_SIZE)")
+    parser.add_argument("--how", choices=("scores", "optimise"), default="scores",
+                        help="scores: training-free echo/induction scores (default); optimise: DuoAttention's "
+                             "gate optimisation")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of kv heads made streaming heads")
+    parser.add_argument("--sink-size", type=int, default=64)
+    parser.add_argument("--window-size", type=int, default=256)
+    parser.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (default: 256)")
+    parser.add_argument("--steps", type=int, default=100, help="optimisation steps (optimise only; default: 100)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, metavar="FILE", help="where to write the HeadPattern JSON")
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import importlib
+
+    from longattn.bench.progress import Progress
+    from longattn.errors import ArgumentError
+    from longattn.sparse.calibrate import calibrate_duo
+
+    if args.method != "duo":
+        raise ArgumentError(f"METHOD must be one of ['duo'], got {args.method!r}")
+    module_name, _, attr = args.model.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ArgumentError(f"--model {args.model!r} does not name an importable MODULE:CALLABLE ({exc})") from None
+    model = factory()
+    kwargs = {"seqlen": args.seqlen}
+    if args.how == "optimise":
+        progress = Progress(1, quiet=False)
+        progress.start_case("gate optimisation", steps=args.steps)
+        kwargs.update(steps=args.steps, progress=lambda step, loss: progress.step(f"step {step + 1}: loss {loss:.4g}"))
+    pattern = calibrate_duo(model, vocab_size=args.vocab_size, method=args.how, sparsity=args.sparsity,
+                            sink_size=args.sink_size, window_size=args.window_size, seed=args.seed, **kwargs)
+    pattern.save(args.out)
+    rows = ["layer " + str(i) + ": " + " ".join("R" if r else "s" for r in row)
+            for i, row in enumerate(pattern.retrieval)]
+    print("\n".join([f"{pattern.num_layers} layers x {pattern.nheads_k} kv heads, "
+                      f"{pattern.retrieval_fraction:.0%} retrieval (R) / streaming (s):", *rows,
+                      f"pattern: {args.out}"]))
+    return 0
+
+
 COMMANDS = (
     Command("bench", "time attention methods against baselines; write a table, JSON and a plot",
             _configure_bench, _run_bench),
@@ -128,6 +177,8 @@ COMMANDS = (
             _configure_doctor, _run_doctor),
     Command("simulate", "model decode schedules on a GPU (lean: FA2 vs split-K vs stream-K); table, JSON, plot",
             _configure_simulate, _run_simulate),
+    Command("calibrate", "find a model's retrieval and streaming heads (duo); write a HeadPattern file",
+            _configure_calibrate, _run_calibrate),
 )
 
 
