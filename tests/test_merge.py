@@ -83,3 +83,24 @@ def test_bad_input_names_the_argument():
         longattn.merge_states(["x"], [good_lse])
     with pytest.raises(ArgumentError, match="NaN"):
         longattn.merge_states([good_out], [torch.full((1, 2, 4), float("nan"))])
+
+
+def test_merge_two_in_place_equals_merge_states():
+    from longattn.kernels.merge import merge_two_in_place
+
+    torch.manual_seed(3)
+    o1, o2 = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8)
+    l1, l2 = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    l1[0, 0, 0] = float("-inf")  # one part empty for this row
+    l1[1, 1, 1] = l2[1, 1, 1] = float("-inf")  # both empty: out 0, lse -inf
+    o2[1, 1, 1] = 0.0
+    o1[1, 1, 1] = 0.0
+    o1[0, 0, 0] = 0.0
+    want_out, want_lse = merge_states([o1, o2], [l1, l2])
+    # merge_two_in_place takes (..., d) with lse (...): heads before positions, like lse.
+    out, lse = o1.transpose(1, 2).contiguous(), l1.clone()
+    merge_two_in_place(out, lse, o2.transpose(1, 2), l2)
+    assert torch.allclose(out.transpose(1, 2), want_out, atol=1e-6)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = ~torch.isinf(want_lse)
+    assert torch.allclose(lse[finite], want_lse[finite], atol=1e-6)

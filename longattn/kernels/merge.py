@@ -98,3 +98,18 @@ def merge_states(
     for i in range(n):  # fixed order: deterministic; addcmul_ makes no temporary of out's size
         out.addcmul_(weights[i].permute(0, 2, 1)[..., None], out_stack[i].to(torch.float32))
     return out.to(out_stack.dtype), lse
+
+
+def merge_two_in_place(out: torch.Tensor, lse: torch.Tensor, other_out: torch.Tensor,
+                       other_lse: torch.Tensor) -> None:
+    """:func:`merge_states` of two parts, written into the first: ``out (..., d)``
+    float32 and ``lse (...)`` become the merge of themselves with
+    ``other_out, other_lse`` (same shapes). No temporaries of ``out``'s size,
+    for the hot paths that merge large partial outputs (no input checks)."""
+    top = torch.maximum(lse, other_lse)
+    top = top.masked_fill(torch.isinf(top), 0.0)  # both parts empty: weights are 0 below
+    w_self, w_other = torch.exp(lse - top), torch.exp(other_lse - top)
+    total = w_self + w_other
+    safe = total.clamp_min(torch.finfo(torch.float32).tiny)
+    out.mul_((w_self / safe)[..., None]).addcmul_(other_out, (w_other / safe)[..., None])
+    lse.copy_(top + total.log())  # -inf where both parts were empty

@@ -96,10 +96,10 @@ def streaming_prefill_chunked(
     copy) and goes through PyTorch's fused CPU attention kernel with an
     additive mask -- the same mask for every chunk past the start, built
     once; when the span has moved past the sinks, the sinks (visible to the
-    whole chunk: no mask) are a second call, merged with ``merge_states``. A
+    whole chunk: no mask) are a second call, merged in place. A
     kv head's query group is folded into its rows (GQA without repeating
     K/V). ``(out, lse)`` as every twin."""
-    from longattn.kernels.merge import merge_states
+    from longattn.kernels.merge import merge_two_in_place
 
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -138,9 +138,8 @@ def streaming_prefill_chunked(
                                    attn_mask=bias, scale=scale)
             if sink_end:
                 o_sink, l_sink = fused(rows, kt[:, :, :sink_end], vt[:, :, :sink_end], 0.0, False, scale=scale)
-                merged, l_span = merge_states(
-                    torch.stack([o_span, o_sink]).transpose(2, 3), torch.stack([l_span, l_sink]).float())
-                o_span = merged.transpose(1, 2)
+                l_span = l_span.float()
+                merge_two_in_place(o_span, l_span, o_sink, l_sink.float())
         else:  # the span starts right after the sinks: one slice from key 0
             bias, seen = span_mask(0, p1 + 1, p0, n)
             o_span, l_span = fused(rows, kt[:, :, : p1 + 1], vt[:, :, : p1 + 1], 0.0, False,
@@ -153,3 +152,4 @@ def streaming_prefill_chunked(
         out[:, c0:c1] = o_span.transpose(1, 2)
         lse[:, :, c0:c1] = l_span
     return out, lse
+
