@@ -96,7 +96,7 @@ def test_merge_two_in_place_equals_merge_states():
     o2[1, 1, 1] = 0.0
     o1[1, 1, 1] = 0.0
     o1[0, 0, 0] = 0.0
-    want_out, want_lse = merge_states([o1, o2], [l1, l2])
+    want_out, want_lse = longattn.merge_states([o1, o2], [l1, l2])
     # merge_two_in_place takes (..., d) with lse (...): heads before positions, like lse.
     out, lse = o1.transpose(1, 2).contiguous(), l1.clone()
     merge_two_in_place(out, lse, o2.transpose(1, 2), l2)
