@@ -69,7 +69,8 @@ def attention(
     causal, return_lse, scale, window, softcap = check_attention_options(
         q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
     )
-    hook = ATTENTION_HOOK.get()
+    # (torch.compile cannot trace ContextVar.get; calibration never runs compiled)
+    hook = None if torch.compiler.is_compiling() else ATTENTION_HOOK.get()
     if hook is not None:  # a calibration run observes or replaces this call (longattn.sparse.calibrate)
         if return_lse:
             raise UnsupportedFeatureError("return_lse=True is not available while a Duo calibration runs")
