@@ -1,9 +1,7 @@
-// HiP's branch scoring on the CPU: for every (batch, head, query block) row
-// and each of its candidate key blocks, the max of q . k over the row's
-// strided queries and the block's searchable keys.
-//
-// The tree search (longattn/sparse/hip_mask.py) calls this once per round;
-// it is the hot loop of HiP's mask estimation. Keys are read in place (no
+// HiP's tree search on the CPU: for every (batch, head, query block) row,
+// every round of halving, scoring (the max of q . k over the row's strided
+// queries and a block's searchable keys) and keeping the best branches,
+// in one call (the PyTorch twin is longattn/sparse/hip_mask.py). Keys are read in place (no
 // gather), queries are held transposed, (headdim, S), so one key row updates
 // S query lanes with broadcast FMAs and no horizontal sums; the max over the
 // lanes is taken once per block.
@@ -19,9 +17,8 @@
 //               (block_table[b][pos / page_size] * page_size + pos % page_size) * pos_stride
 //               + hk * head_stride. Callers pass keys laid out (batch, nheads_k, positions,
 //               D) when they can: a block's keys are then adjacent in memory.
-//   blocks      (rows, c) int64: block indices to score (keys of a block past the
-//               searchable range are never read)
-//   out         (rows, c) float32
+//   starts/ends (rows, nb) int64: the groups, in and out (keys of a block past
+//               the searchable range are never read)
 // Row r is (b, h, qb) = (r / (nheads * nqb), (r / nqb) % nheads, r % nqb);
 // head h reads kv head h / (nheads / nheads_k).
 // A key at position p counts iff sink <= p <= range_end[qb]; with causal, for
@@ -42,9 +39,7 @@ struct ScoreProblem {
   const float* queries_t; const int32_t* query_pos; const int64_t* range_end;
   const float* keys; int64_t batch_stride, head_stride, pos_stride;
   const int64_t* block_table; int64_t bt_stride; int page_size;
-  const int64_t* blocks;
-  int64_t rows; int S, D, bk, c, sink, causal, nheads, nheads_k, nqb;
-  float* out;
+  int64_t rows; int S, D, bk, sink, causal, nheads, nheads_k, nqb;
 };
 
 // Key `pos` of batch b, kv head hk.
@@ -184,16 +179,6 @@ void prefetch_block(const ScoreProblem& p, const RowContext& row, int64_t block)
 #endif
 }
 
-void score_row(const ScoreProblem& p, int64_t r) {
-  const RowContext row = row_context(p, r);
-  const int64_t* blocks = p.blocks + r * p.c;
-  float* out = p.out + r * p.c;
-  for (int j = 0; j < p.c; ++j) {
-    if (j + kPrefetchAhead < p.c) prefetch_block(p, row, blocks[j + kPrefetchAhead]);
-    out[j] = block_score(p, row, blocks[j]);
-  }
-}
-
 // The whole tree search of one row (see longattn/sparse/hip_mask.py): `rounds`
 // times, halve each of the nb groups [starts, ends), score each half by its
 // centre block (empty halves -inf) and keep the nb best, ties to the earlier
@@ -234,25 +219,6 @@ void search_row(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends
 
 }  // namespace
 
-extern "C" int longattn_hip_score_blocks(
-    const float* queries_t, const int32_t* query_pos, const int64_t* range_end,
-    const float* keys, int64_t batch_stride, int64_t head_stride, int64_t pos_stride,
-    const int64_t* block_table, int64_t bt_stride, int page_size,
-    const int64_t* blocks, int64_t rows, int S, int D, int bk, int c, int sink, int causal, int nheads,
-    int nheads_k, int nqb, float* out, int num_threads) {
-  if (S < 1 || D < 1 || bk < 1 || c < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
-  if (block_table != nullptr && page_size < 1) return 1;
-  const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
-                       block_table, bt_stride, page_size,
-                       blocks, rows, S, D, bk, c, sink, causal, nheads, nheads_k, nqb, out};
-  // Rows are (batch, head, query block) in order; interleaving small chunks
-  // keeps every thread on the same head, so they share that head's keys in
-  // the last-level cache instead of each streaming a different head's.
-#pragma omp parallel for num_threads(num_threads) schedule(static, 8)
-  for (int64_t r = 0; r < rows; ++r) score_row(p, r);
-  return 0;
-}
-
 // The full search for every row: starts/ends (rows, nb) hold the initial
 // groups on entry and the selected single blocks (or empty groups) on return.
 extern "C" int longattn_hip_search(
@@ -264,8 +230,7 @@ extern "C" int longattn_hip_search(
   if (S < 1 || D < 1 || bk < 1 || nb < 1 || rounds < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
   if (block_table != nullptr && page_size < 1) return 1;
   const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
-                       block_table, bt_stride, page_size, nullptr, rows, S, D, bk, 0, sink, causal, nheads, nheads_k,
-                       nqb, nullptr};
+                       block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k, nqb};
 #pragma omp parallel for num_threads(num_threads) schedule(static, 8)
   for (int64_t r = 0; r < rows; ++r) search_row(p, r, starts, ends, nb, rounds);
   return 0;

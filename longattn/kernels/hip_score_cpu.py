@@ -1,11 +1,12 @@
-"""HiP branch scoring, C++ CPU twin (``csrc/cpu/hip_score.cpp``).
+"""HiP's tree search, C++ CPU twin (``csrc/cpu/hip_score.cpp``): every round in one call.
 
-Same result as the PyTorch scoring in :mod:`longattn.sparse.hip_mask` (up to
-float32 summation order): for each row and candidate key block, the max of
-``q . k`` over the row's strided queries and the block's searchable keys. It
-reads keys in place instead of gathering them and needs no temporaries, which
-is what HiP's mask estimation spends its time on. Built on first use like the
-decode kernel; without a compiler the PyTorch scoring serves.
+Selects what the PyTorch search in :mod:`longattn.sparse.hip_mask` selects
+(scores equal up to float32 summation order): per row, halve the groups,
+score each half by the max of ``q . k`` over the row's strided queries and
+its centre block's searchable keys, keep the best. It reads keys in place
+(no gather, no temporaries), which is what HiP's mask estimation spends its
+time on. Built on first use like the decode kernel; without a compiler the
+PyTorch search serves.
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ SOURCE = "hip_score.cpp"
 LANES = 16
 
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-_ARGTYPES = [
-    _PTR, _PTR, _PTR,  # queries_t, query_pos, range_end
-    _PTR, _I64, _I64, _I64, _PTR, _I64, _INT,  # keys, batch/head/pos strides, block_table, its stride, page_size
-    _PTR, _I64, _INT, _INT, _INT, _INT, _INT, _INT,  # blocks, rows, S, D, bk, c, sink, causal
-    _INT, _INT, _INT,  # nheads, nheads_k, nqb
-    _PTR, _INT,  # out, num_threads
-]
 
 
 def score_unavailable_reason() -> str | None:
-    """None when the C++ scorer builds and loads here, else why not."""
+    """None when the C++ search builds and loads here, else why not."""
     return unavailable_reason(SOURCE)
 
 
@@ -44,13 +38,6 @@ _SEARCH_ARGTYPES = [
     _PTR, _PTR, _I64, _INT, _INT, _INT, _INT, _INT, _INT, _INT,  # starts, ends, rows, S, D, bk, nb, rounds, sink, causal
     _INT, _INT, _INT, _INT,  # nheads, nheads_k, nqb, num_threads
 ]
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(build_flags: tuple[str, ...] = ()):
-    fn = load_library(SOURCE, build_flags).longattn_hip_score_blocks
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,38 +97,3 @@ def search_blocks_cpu(
         raise RuntimeError(f"the C++ HiP search rejected its arguments (status {status})")
     return starts, ends
 
-
-def score_blocks_cpu(
-    queries_t: torch.Tensor,
-    query_pos: torch.Tensor,
-    range_end: torch.Tensor,
-    keys: torch.Tensor,
-    blocks: torch.Tensor,
-    *,
-    block_k: int,
-    sink_size: int,
-    causal: bool,
-    nheads: int,
-    build_flags: tuple[str, ...] = (),
-) -> torch.Tensor:
-    """``(rows, c)`` float32 block scores (layouts in ``csrc/cpu/hip_score.cpp``):
-
-    queries_t ``(rows, headdim, S)`` float32, S a multiple of :data:`LANES`;
-    query_pos ``(nqb, S)`` int32; range_end ``(nqb,)`` int64; keys
-    ``(batch, nheads_k, positions, headdim)`` float32 (a block's keys adjacent;
-    positions past the searchable range are never read); blocks ``(rows, c)`` int64.
-    """
-    rows, headdim, lanes = queries_t.shape
-    nqb, c = range_end.shape[0], blocks.shape[1]
-    nheads_k, positions = keys.shape[1], keys.shape[2]
-    out = torch.empty(rows, c, dtype=torch.float32)
-    tensors = [t.contiguous() for t in (queries_t, query_pos, range_end, keys, blocks)]
-    status = _kernel(tuple(build_flags))(
-        tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
-        tensors[3].data_ptr(), nheads_k * positions, positions, 1, None, 0, 0,
-        tensors[4].data_ptr(), rows, lanes, headdim, block_k, c, sink_size, int(causal),
-        nheads, nheads_k, nqb, out.data_ptr(), torch.get_num_threads(),
-    )
-    if status != 0:
-        raise RuntimeError(f"the C++ HiP scorer rejected its arguments (status {status})")
-    return out

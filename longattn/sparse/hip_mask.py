@@ -227,13 +227,6 @@ class _BranchScorer:
                 self.queries_t.transpose(1, 2), self.padded_query_pos, self.end, self.key_positions, blocks,
                 block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal,
                 nheads=self.nheads)
-        if self.backend == "cpu":
-            from longattn.kernels.hip_score_cpu import score_blocks_cpu
-
-            return score_blocks_cpu(
-                self.queries_t, self.padded_query_pos, self.end, self.key_positions, blocks.contiguous(),
-                block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal,
-                nheads=self.nheads)
         rows, c = blocks.shape
         bk, device = self.block_k, blocks.device
         headdim, strided = self.queries_t.shape[1], self.queries_t.shape[2]

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 import longattn
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.kernels.block_sparse import BlockSparseLayout
-from longattn.kernels.block_sparse_eager import KeyRows
 from longattn.reference import attention_ref
 from longattn.sparse import HiP, hip_select_blocks
 from longattn.sparse.hip_mask import searchable_blocks
@@ -141,38 +140,6 @@ def test_attention_rejects_what_hip_cannot_combine():
         longattn.attention(q, k, v, causal=True, sparse=HiP(), backend="sdpa")
     with pytest.raises(UnsupportedFeatureError, match="sparse"):
         longattn.attention(q, k, v, causal=True, sparse="hip")
-
-
-@pytest.mark.skipif(__import__("longattn.kernels.hip_score_cpu", fromlist=["x"]).score_unavailable_reason() is not None,
-                    reason="the C++ HiP scorer does not build here")
-@pytest.mark.parametrize("build_flags", [(), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
-@given(hip_cases())
-def test_cpu_scorer_matches_eager_scores(build_flags, c):
-    # Both score in float32 in different orders: equal up to rounding, for every
-    # vector path of the C++ kernel (AVX-512, AVX2, scalar).
-    import longattn.kernels.hip_score_cpu as hsc
-    from longattn.sparse.hip_mask import _BranchScorer
-
-    q, k, _ = _inputs(c)
-    cfg, layout = c["config"], _layout(c)
-    lo, count, end = searchable_blocks(layout, torch.device("cpu"))
-    # The search only scores blocks inside a row's searchable range, in rows that have one.
-    rows = torch.arange(q.shape[2] * layout.num_q_blocks)
-    qb = rows % layout.num_q_blocks
-    active = count[qb] > 0
-    gen = torch.Generator().manual_seed(c["seed"])
-    draws = torch.randint(0, 1 << 30, (rows.numel(), 7), generator=gen)
-    blocks = (lo[qb][:, None] + draws % count[qb].clamp(min=1)[:, None]).clamp(max=layout.num_k_blocks - 1)
-    keys = KeyRows.dense(k, k)
-    eager = _BranchScorer(q, keys, layout, cfg, end, "eager").score(blocks)
-    cpu_scorer = _BranchScorer(q, keys, layout, cfg, end, "cpu")
-    key_positions = _BranchScorer(q, keys, layout, cfg, end, "eager").key_positions
-    cpu = hsc.score_blocks_cpu(
-        cpu_scorer.queries_t, cpu_scorer.padded_query_pos, end, key_positions, blocks, block_k=cfg.block_k,
-        sink_size=cfg.sink_size, causal=c["causal"], nheads=q.shape[2], build_flags=build_flags)
-    cpu, eager = cpu[active], eager[active]
-    assert not torch.isinf(cpu).any() and not torch.isinf(eager).any()  # the last query sees every searchable key
-    assert torch.allclose(cpu, eager, rtol=1e-5, atol=1e-4)
 
 
 def test_backends_select_the_same_blocks():
