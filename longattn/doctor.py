@@ -55,7 +55,15 @@ def collect() -> dict[str, Any]:
         "nvcc": _tool("nvcc", "release"),
         "cxx": next((t for t in (_tool(name) for name in CXX_COMPILERS) if t is not None), None),
         "registries": {name: table for name, table in (_registry(*r) for r in REGISTRIES)},
+        "cpu_kernels": _cpu_kernels(),
     }
+
+
+def _cpu_kernels() -> dict[str, str | None]:
+    """Each C++ CPU kernel outside the registries: None when it builds and loads, else why not."""
+    from longattn.kernels.hip_score_cpu import score_unavailable_reason
+
+    return {"HiP tree search (csrc/cpu/hip_score.cpp; else the PyTorch search)": score_unavailable_reason()}
 
 
 def _distribution(module: str, dist_prefix: str) -> dict[str, Any]:
@@ -140,4 +148,9 @@ def format_report(info: dict[str, Any]) -> str:
             status = "usable" if b["usable"] else "NOT usable"
             lines.append(f"  {name.ljust(name_width)}  {status:<10}  {b['description']}")
             lines += [f"  {'':{name_width}}  {'':10}  - {why}" for why in b["reasons"]]
+    lines += ["", "other C++ CPU kernels:"]
+    for name, reason in info["cpu_kernels"].items():
+        lines.append(f"  {'usable' if reason is None else 'NOT usable'}  {name}")
+        if reason is not None:
+            lines.append(f"    - {reason}")
     return "\n".join(lines)

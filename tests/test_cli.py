@@ -26,6 +26,7 @@ def test_doctor_text_report(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "dense attention backends" in out and "eager" in out and "usable" in out
+    assert "HiP tree search" in out  # the C++ kernels outside the registries are reported too
 
 
 def test_quick_bench_writes_checked_results(tmp_path, capsys):
