@@ -15,8 +15,8 @@ from longattn.api import attention
 from longattn.decode_api import decode_attention
 from longattn.errors import LongAttnError
 from longattn.kernels.merge import merge_states
-from longattn import sparse  # noqa: E402  (longattn.sparse.HiP, ...)
+from longattn import sparse  # longattn.sparse.HiP, Streaming, Duo, ...
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "decode_attention", "merge_states", "LongAttnError", "__version__"]
+__all__ = ["attention", "decode_attention", "merge_states", "sparse", "LongAttnError", "__version__"]

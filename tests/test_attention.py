@@ -16,7 +16,7 @@ import longattn
 from longattn.errors import BackendUnavailableError
 from longattn.reference import attention_ref
 from tests.strategies import Case, cases
-from tests.tolerance import assert_close_to_oracle, max_error
+from tests.tolerance import assert_close_to_oracle
 
 CPU_BACKENDS = ["auto", "sdpa", "eager"]
 

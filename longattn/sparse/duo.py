@@ -238,8 +238,9 @@ class DuoCache:
         full = 2 * self.k_full.numel() * self.k_full.element_size()
         return full + (self.stream.memory_bytes if self.stream is not None else 0)
 
-    def _split(self, t: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        heads = self.full.repeat_interleave(group)
+    @staticmethod
+    def _split(t: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t (batch, n, heads, d)`` -> (retrieval heads, streaming heads) by the bool ``heads``."""
         return t[:, :, heads], t[:, :, ~heads]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -247,8 +248,8 @@ class DuoCache:
         n = k.shape[1]
         if self.length + n > self.k_full.shape[1]:
             raise ArgumentError(f"the cache holds {self.k_full.shape[1]} tokens; {self.length} + {n} do not fit")
-        kf, ks = self._split(k, 1)
-        vf, vs = self._split(v, 1)
+        kf, ks = self._split(k, self.full)
+        vf, vs = self._split(v, self.full)
         self.k_full[:, self.length : self.length + n] = kf
         self.v_full[:, self.length : self.length + n] = vf
         if self.stream is not None:
@@ -265,11 +266,11 @@ class DuoCache:
         group = nheads // k_new.shape[2]
         if self.length + n > self.k_full.shape[1]:
             raise ArgumentError(f"the cache holds {self.k_full.shape[1]} tokens; {self.length} + {n} do not fit")
-        qf, qs = self._split(q, group)
-        kf, ks = self._split(k_new, 1)
-        vf, vs = self._split(v_new, 1)
+        heads = self.full.repeat_interleave(group)  # per query head
+        qf, qs = self._split(q, heads)
+        kf, ks = self._split(k_new, self.full)
+        vf, vs = self._split(v_new, self.full)
         out = torch.empty_like(q)
-        heads = self.full.repeat_interleave(group)
         if qf.shape[2]:
             lens = torch.full((batch,), self.length, dtype=torch.int32, device=q.device)
             out[:, :, heads] = longattn.decode_attention(qf, self.k_full, self.v_full, cache_seqlens=lens,

@@ -9,9 +9,6 @@ the kernels compile for real GPU targets (sm_80, sm_90) ahead of time.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -28,7 +25,7 @@ from longattn.kernels.decode_triton import decode_forward_triton, triton_import_
 from longattn.masking import effective_window
 from tests.decode.decode_cases import DecodeCase
 from tests.tolerance import assert_close_to_oracle
-from tests.triton_skip import HAS_CUDA, triton_skip_reason
+from tests.triton_helpers import HAS_CUDA, assert_compiles_for_gpu, load_without_triton, triton_skip_reason
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -237,27 +234,13 @@ def test_kernels_compile_for_gpu_targets(tmp_path):
     """Ahead-of-time compile to cubin for sm_80 and sm_90 (bf16, fp16, fp32; paged and
     contiguous): catches what the interpreter accepts but the compiler rejects, and checks
     shared memory fits. Needs triton's bundled ptxas, not a GPU."""
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
-        pytest.skip(f"triton cannot compile for GPU targets here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    assert_compiles_for_gpu(_AOT, tmp_path)
 
 
 def test_imports_without_triton(monkeypatch):
-    # A None entry in sys.modules makes `import triton` raise ImportError.
-    import importlib.util
-
     from longattn.kernels import decode_triton
 
-    monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_decode_triton_without_triton", decode_triton.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_without_triton(decode_triton, monkeypatch)
     reason = module.triton_import_error()
     assert reason is not None and "triton" in reason and "\n" not in reason
     q = torch.zeros(1, 1, 1, 16)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +15,7 @@ from longattn.kernels.block_sparse_triton import triton_import_error
 from longattn.reference import attention_ref
 from longattn.sparse import HiP
 from tests.tolerance import assert_close_to_oracle
-from tests.triton_skip import HAS_CUDA, triton_skip_reason
+from tests.triton_helpers import HAS_CUDA, assert_compiles_for_gpu, load_without_triton, triton_skip_reason
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -119,14 +116,7 @@ _AOT = textwrap.dedent("""
 def test_kernels_compile_for_gpu_targets(tmp_path):
     """Ahead-of-time compile to cubin for sm_80 and sm_90: catches what the interpreter
     accepts but the compiler rejects. Needs triton's bundled ptxas, not a GPU."""
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
-        pytest.skip(f"triton cannot compile for GPU targets here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    assert_compiles_for_gpu(_AOT, tmp_path)
 
 
 def test_streaming_on_the_triton_twin_matches_the_oracle():
@@ -141,3 +131,17 @@ def test_streaming_on_the_triton_twin_matches_the_oracle():
     ref, _ = attention_ref(q, k, v, mask=lambda_mask(90, 100, 5, 17))
     eager = longattn.attention(q, k, v, causal=True, sparse=Streaming(5, 17), backend="eager")
     assert_close_to_oracle(out.cpu(), ref, eager)
+
+
+def test_imports_without_triton(monkeypatch):
+    from longattn.kernels import block_sparse_triton, hip_score_triton
+
+    for kernel_module in (block_sparse_triton, hip_score_triton):
+        module = load_without_triton(kernel_module, monkeypatch)
+        reason = module.triton_import_error()
+        assert reason is not None and "triton" in reason and "\n" not in reason
+    q = torch.zeros(1, 4, 1, 16)
+    layout = BlockSparseLayout(4, 4, 4, 1, 0, 2, True)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        load_without_triton(block_sparse_triton, monkeypatch).block_sparse_forward_triton(
+            q, q, q, torch.empty(1, 1, 1, 0, dtype=torch.long), layout, scale=0.25, softcap=0.0)

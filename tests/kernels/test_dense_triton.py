@@ -8,8 +8,6 @@ no bfloat16, so shapes stay tiny and bfloat16 is tested only on a GPU.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from longattn.kernels.dense_triton import dense_forward_triton, triton_import_er
 from longattn.masking import effective_window
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
-from tests.triton_skip import HAS_CUDA, triton_skip_reason
+from tests.triton_helpers import HAS_CUDA, load_without_triton, triton_skip_reason
 
 
 
@@ -177,12 +175,7 @@ def test_empty_inputs(shape):
 
 
 def test_imports_without_triton(monkeypatch):
-    # A None entry in sys.modules makes `import triton` raise ImportError.
-    monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_dense_triton_without_triton", dense_triton.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_without_triton(dense_triton, monkeypatch)
     reason = module.triton_import_error()
     assert reason is not None and "triton" in reason and "\n" not in reason
     q = torch.zeros(1, 1, 1, 16)

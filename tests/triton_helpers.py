@@ -1,0 +1,50 @@
+"""Helpers shared by the Triton twins' test files: when they can run, the
+ahead-of-time GPU compile check, and loading a kernel module without triton."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def triton_skip_reason(import_error: str | None) -> str | None:
+    """None when Triton kernels can run: triton imports (``import_error`` is its
+    module's reason otherwise) and there is a GPU or the interpreter is on."""
+    if import_error is not None:
+        return import_error
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device and TRITON_INTERPRET != '1' (it must be set before triton is imported)"
+    return None
+
+
+def assert_compiles_for_gpu(script: str, cache_dir) -> None:
+    """Run ``script`` (which compiles kernels to cubin and prints "compiled") in a
+    fresh process without the interpreter; skip when triton has no ptxas here."""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "TRITON_DEFAULT_FP_FUSION": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip(f"triton cannot compile for GPU targets here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+def load_without_triton(module: ModuleType, monkeypatch) -> ModuleType:
+    """A fresh copy of kernel ``module`` imported as if triton were not installed
+    (a None entry in sys.modules makes ``import triton`` raise ImportError)."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location(f"_{module.__name__.rsplit('.', 1)[-1]}_without_triton",
+                                                  module.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    return copy
