@@ -180,15 +180,26 @@ class Duo:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], nheads, q.shape[1], dtype=torch.float32, device=q.device)
         if bool(full_kv.any()):
-            qh, kh, vh = q[:, :, full_q], k[:, :, full_kv], v[:, :, full_kv]
-            call = DenseCall(qh, kh, vh, scale, (-1, 0), softcap, need_lse=True)
+            hq, hk = head_index(full_q), head_index(full_kv)
+            call = DenseCall(q[:, :, hq], k[:, :, hk], v[:, :, hk], scale, (-1, 0), softcap, need_lse=True)
             o, l_ = DENSE_BACKENDS.select(call, backend).run(call)
-            out[:, :, full_q], lse[:, full_q] = o, l_
+            out[:, :, hq], lse[:, hq] = o, l_
         if not bool(full_kv.all()):
-            qh, kh, vh = q[:, :, ~full_q], k[:, :, ~full_kv], v[:, :, ~full_kv]
-            o, l_ = self.streaming.prefill(qh, kh, vh, causal=True, scale=scale, softcap=softcap, backend=backend)
-            out[:, :, ~full_q], lse[:, ~full_q] = o, l_
+            hq, hk = head_index(~full_q), head_index(~full_kv)
+            o, l_ = self.streaming.prefill(q[:, :, hq], k[:, :, hk], v[:, :, hk], causal=True, scale=scale,
+                                           softcap=softcap, backend=backend)
+            out[:, :, hq], lse[:, hq] = o, l_
         return out, lse
+
+
+def head_index(heads: torch.Tensor) -> slice | torch.Tensor:
+    """Index for the heads marked in the bool vector ``heads``: a slice when
+    they are one contiguous run (a strided view of q/k/v, no gather copy of
+    a long sequence's heads), else the mask itself."""
+    marked = torch.nonzero(heads.cpu()).flatten().tolist()
+    if marked and marked[-1] - marked[0] + 1 == len(marked):
+        return slice(marked[0], marked[-1] + 1)
+    return heads
 
 
 
@@ -223,6 +234,15 @@ class DuoCache:
         self.stream = (StreamingCache(duo.streaming, batch, nheads_k - n_full, headdim, dtype=dtype, device=device)
                        if n_full < nheads_k else None)
         self.length = 0
+        # (retrieval, streaming) head indices: slices when contiguous (views, no copies), per query group size.
+        self._index: dict[int, tuple[slice | torch.Tensor, slice | torch.Tensor]] = {}
+
+    def _heads(self, group: int) -> tuple[slice | torch.Tensor, slice | torch.Tensor]:
+        """Indices of the retrieval and the streaming heads among ``nheads_k * group`` heads."""
+        if group not in self._index:
+            full = self.full.repeat_interleave(group)
+            self._index[group] = head_index(full), head_index(~full)
+        return self._index[group]
 
     @property
     def memory_bytes(self) -> int:
@@ -238,18 +258,18 @@ class DuoCache:
         full = 2 * self.k_full.numel() * self.k_full.element_size()
         return full + (self.stream.memory_bytes if self.stream is not None else 0)
 
-    @staticmethod
-    def _split(t: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t (batch, n, heads, d)`` -> (retrieval heads, streaming heads) by the bool ``heads``."""
-        return t[:, :, heads], t[:, :, ~heads]
+    def _split(self, t: torch.Tensor, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t (batch, n, heads, d)`` -> (retrieval heads, streaming heads)."""
+        full, stream = self._heads(group)
+        return t[:, :, full], t[:, :, stream]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a prompt's ``(batch, n, nheads_k, headdim)`` keys/values (after its prefill)."""
         n = k.shape[1]
         if self.length + n > self.k_full.shape[1]:
             raise ArgumentError(f"the cache holds {self.k_full.shape[1]} tokens; {self.length} + {n} do not fit")
-        kf, ks = self._split(k, self.full)
-        vf, vs = self._split(v, self.full)
+        kf, ks = self._split(k)
+        vf, vs = self._split(v)
         self.k_full[:, self.length : self.length + n] = kf
         self.v_full[:, self.length : self.length + n] = vf
         if self.stream is not None:
@@ -266,16 +286,16 @@ class DuoCache:
         group = nheads // k_new.shape[2]
         if self.length + n > self.k_full.shape[1]:
             raise ArgumentError(f"the cache holds {self.k_full.shape[1]} tokens; {self.length} + {n} do not fit")
-        heads = self.full.repeat_interleave(group)  # per query head
-        qf, qs = self._split(q, heads)
-        kf, ks = self._split(k_new, self.full)
-        vf, vs = self._split(v_new, self.full)
+        full, stream = self._heads(group)  # among the query heads
+        qf, qs = self._split(q, group)
+        kf, ks = self._split(k_new)
+        vf, vs = self._split(v_new)
         out = torch.empty_like(q)
         if qf.shape[2]:
             lens = torch.full((batch,), self.length, dtype=torch.int32, device=q.device)
-            out[:, :, heads] = longattn.decode_attention(qf, self.k_full, self.v_full, cache_seqlens=lens,
-                                                         k_new=kf, v_new=vf, softmax_scale=softmax_scale)
+            out[:, :, full] = longattn.decode_attention(qf, self.k_full, self.v_full, cache_seqlens=lens,
+                                                        k_new=kf, v_new=vf, softmax_scale=softmax_scale)
         if self.stream is not None:
-            out[:, :, ~heads] = self.stream.step(qs, ks, vs, softmax_scale=softmax_scale)
+            out[:, :, stream] = self.stream.step(qs, ks, vs, softmax_scale=softmax_scale)
         self.length += n
         return out
