@@ -85,6 +85,13 @@ class StreamingCache:
         v_new = self._check_new("v_new", v_new, k_new.shape[1])
         sink, window = self.config.sink_size, self.config.window_size
         n = k_new.shape[1]
+        if n == 1:  # a decode step: one slot, found without building index tensors
+            p = self.length
+            slot = p if p < sink else sink + (p - sink) % window
+            self.k[:, slot] = k_new[:, 0]
+            self.v[:, slot] = v_new[:, 0]
+            self.length += 1
+            return
         pos = torch.arange(self.length, self.length + n)
         # Only the sinks and the last `window` new tokens survive: write just those.
         keep = (pos < sink) | (pos >= self.length + n - window)
@@ -111,6 +118,8 @@ class StreamingCache:
         scale = check_softmax_scale(softmax_scale, headdim)
         softcap = check_softcap(softcap)
         sink, window = self.config.sink_size, self.config.window_size
+        if n == 1 and q.dtype == self.k.dtype == k_new.dtype == v_new.dtype:
+            return self._decode_one(q, k_new, v_new, scale, softcap, return_lse)
         keys = torch.cat([self.k.to(q.dtype), k_new], dim=1).float()  # (batch, slots + n, nheads_k, headdim)
         values = torch.cat([self.v.to(q.dtype), v_new], dim=1).float()
         key_pos = torch.cat([self.positions(), torch.arange(self.length, self.length + n, device=q.device)])
@@ -127,3 +136,18 @@ class StreamingCache:
         self.append(k_new, v_new)
         out = out.reshape(batch, n, nheads, headdim).to(q.dtype)
         return (out, lse.reshape(batch, nheads, n)) if return_lse else out
+
+    def _decode_one(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float, softcap: float,
+                    return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One new token: store it first -- it overwrites the one ring slot its
+        query may no longer see (position ``p - window_size``) -- and the filled
+        slots are then exactly the keys the query sees, in slots ``[0, filled)``
+        (the ring fills in order before it wraps). So the step is plain decode
+        over the slots, through the fast decode kernel."""
+        from longattn.decode_api import decode_attention
+
+        self.append(k_new, v_new)
+        filled = torch.full((q.shape[0],), min(self.length, self.config.budget), dtype=torch.int32,
+                            device=q.device)
+        return decode_attention(q, self.k, self.v, cache_seqlens=filled, softmax_scale=scale, softcap=softcap,
+                                return_lse=return_lse)

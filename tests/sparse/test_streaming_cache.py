@@ -45,6 +45,26 @@ def test_prefill_then_steps_equal_one_masked_pass(sink, window, prompt, steps, n
     assert cache.memory_bytes == 2 * batch * nheads_k * d * (sink + window) * cache.k.element_size()
 
 
+@given(st.integers(0, 6), st.integers(1, 12), st.integers(0, 30), st.integers(1, 40), st.sampled_from([0.0, 2.5]),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+def test_token_by_token_decode_through_the_fast_path(sink, window, prompt, steps, softcap, dtype, seed):
+    """One token per step (the decode kernel over the filled slots) well past
+    the ring's wrap, with softcap and GQA, equals one masked pass."""
+    gen = torch.Generator().manual_seed(seed)
+    total, nheads_k, group, d = prompt + steps, 2, 3, 16
+    q = torch.randn(1, total, nheads_k * group, d, generator=gen).to(dtype)
+    k = torch.randn(1, total, nheads_k, d, generator=gen).to(dtype)
+    v = torch.randn(1, total, nheads_k, d, generator=gen).to(dtype)
+    ref_out, ref_lse = attention_ref(q, k, v, softcap=softcap, mask=lambda_mask(total, total, sink, window))
+    cache = StreamingCache(Streaming(sink, window), 1, nheads_k, d, dtype=dtype)
+    cache.append(k[:, :prompt], v[:, :prompt])
+    for at in range(prompt, total):
+        out, lse = cache.step(q[:, at : at + 1], k[:, at : at + 1], v[:, at : at + 1], softcap=softcap,
+                              return_lse=True)
+        assert_close_to_oracle(out, ref_out[:, at : at + 1], ref_out[:, at : at + 1])
+        assert_close_to_oracle(lse, ref_lse[:, :, at : at + 1], ref_lse[:, :, at : at + 1], name="lse")
+
+
 def test_positions_track_the_sinks_and_the_window():
     cache = StreamingCache(Streaming(2, 3), 1, 1, 4)
     cache.append(torch.zeros(1, 9, 1, 4), torch.zeros(1, 9, 1, 4))
