@@ -213,9 +213,13 @@ class DuoCache:
         batch, capacity: sequences, and tokens the full part can hold.
         nheads_k, headdim, dtype, device: as the model's K/V.
 
-    Chunks of any length go through :meth:`step` exactly: retrieval heads see
-    every earlier token, streaming heads exactly their sinks and window (the
-    Lambda rule per query, also inside a chunk).
+    Chunks of any length go through :meth:`step` (chunked prefill into the
+    cache): retrieval heads see every earlier token; streaming heads by
+    default exactly their sinks and window (the Lambda rule per query, also
+    inside a chunk), with ``exact_lambda=False`` the looser rule of
+    DuoAttention's reference chunked prefill (the whole streaming cache as it
+    was when the chunk began, plus the chunk causally; see
+    :mod:`longattn.sparse.streaming_cache`).
     """
 
     def __init__(self, duo: Duo, batch: int, capacity: int, nheads_k: int, headdim: int, *,
@@ -277,11 +281,14 @@ class DuoCache:
         self.length += n
 
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
-             softmax_scale: float | None = None) -> torch.Tensor:
+             softmax_scale: float | None = None, exact_lambda: bool = True) -> torch.Tensor:
         """Attend ``q (batch, n, nheads, headdim)`` for ``n`` new tokens, store them;
-        heads come back in their original order."""
+        heads come back in their original order. ``exact_lambda`` chooses the
+        streaming heads' rule inside a chunk (class docstring)."""
         import longattn
 
+        if not isinstance(exact_lambda, bool):
+            raise ArgumentError(f"exact_lambda must be True or False, got {exact_lambda!r}")
         batch, n, nheads, headdim = q.shape
         group = nheads // k_new.shape[2]
         if self.length + n > self.k_full.shape[1]:
@@ -296,6 +303,6 @@ class DuoCache:
             out[:, :, full] = longattn.decode_attention(qf, self.k_full, self.v_full, cache_seqlens=lens,
                                                         k_new=kf, v_new=vf, softmax_scale=softmax_scale)
         if self.stream is not None:
-            out[:, :, stream] = self.stream.step(qs, ks, vs, softmax_scale=softmax_scale)
+            out[:, :, stream] = self.stream.step(qs, ks, vs, softmax_scale=softmax_scale, exact_lambda=exact_lambda)
         self.length += n
         return out

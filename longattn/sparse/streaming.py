@@ -75,6 +75,17 @@ def lambda_mask(seqlen_q: int, seqlen_k: int, sink_size: int, window_size: int,
     return (j <= p) & ((j < sink_size) | (j > p - window_size))
 
 
+def reference_chunk_mask(start: int, n: int, sink_size: int, window_size: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n, start + n)`` bool: DuoAttention's reference rule for a chunk of
+    ``n`` queries at positions ``start .. start + n - 1`` (``exact_lambda=False``
+    of the streaming caches): what the cache held when the chunk began (the
+    sinks and the latest ``window_size`` tokens) plus the chunk causally."""
+    p = torch.arange(start, start + n, device=device)[:, None]
+    j = torch.arange(start + n, device=device)[None, :]
+    return (j <= p) & ((j < sink_size) | (j >= start - window_size))
+
+
 # Queries per chunk of the chunked CPU pass: each chunk reads the sinks and
 # its window span (window + CHUNK - 1 keys) as one contiguous slice. Smaller
 # chunks waste less on the masked triangles at the span's ends, larger ones

@@ -14,6 +14,14 @@ sees ``j < sink_size`` and ``p - window_size < j <= p`` -- over the cache and
 the step's own new tokens, then stores those tokens. This is exact for any
 number of new tokens per step: the keys a query needs are either still in the
 ring (written before the step) or among the new tokens.
+
+Chunk semantics: by default (``exact_lambda=True``) a query inside a chunk
+sees exactly its own sinks and window. ``exact_lambda=False`` is the looser
+rule of DuoAttention's reference chunked prefill: every query of the step
+sees all the cache held when the step began (sinks + up to ``window_size``
+latest tokens) plus the step's tokens up to itself -- so a query late in a
+chunk of ``n`` sees up to ``window_size + n`` recent tokens, and a one-token
+step ``window_size + 1``.
 """
 
 from __future__ import annotations
@@ -102,11 +110,15 @@ class StreamingCache:
         self.length += n
 
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *, softmax_scale: float | None = None,
-             softcap: float = 0.0, return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             softcap: float = 0.0, return_lse: bool = False,
+             exact_lambda: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One decode (or chunked) step: ``q (batch, n, nheads, headdim)`` for the
         ``n`` new tokens ``k_new, v_new (batch, n, nheads_k, headdim)`` at
         positions ``length .. length + n - 1``; attends under the Lambda rule,
-        then appends them. Returns ``out`` like q (and lse ``(batch, nheads, n)``)."""
+        then appends them. Returns ``out`` like q (and lse ``(batch, nheads, n)``).
+        ``exact_lambda=False``: the reference's chunk rule (module docstring)."""
+        if not isinstance(exact_lambda, bool):
+            raise ArgumentError(f"exact_lambda must be True or False, got {exact_lambda!r}")
         q = check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
         k_new = self._check_new("k_new", k_new, q.shape[1])
         v_new = self._check_new("v_new", v_new, q.shape[1])
@@ -118,13 +130,15 @@ class StreamingCache:
         scale = check_softmax_scale(softmax_scale, headdim)
         softcap = check_softcap(softcap)
         sink, window = self.config.sink_size, self.config.window_size
-        if n == 1 and q.dtype == self.k.dtype == k_new.dtype == v_new.dtype:
+        if exact_lambda and n == 1 and q.dtype == self.k.dtype == k_new.dtype == v_new.dtype:
             return self._decode_one(q, k_new, v_new, scale, softcap, return_lse)
         keys = torch.cat([self.k.to(q.dtype), k_new], dim=1).float()  # (batch, slots + n, nheads_k, headdim)
         values = torch.cat([self.v.to(q.dtype), v_new], dim=1).float()
         key_pos = torch.cat([self.positions(), torch.arange(self.length, self.length + n, device=q.device)])
         query_pos = torch.arange(self.length, self.length + n, device=q.device)[:, None]
-        visible = (key_pos >= 0) & (key_pos <= query_pos) & ((key_pos < sink) | (key_pos > query_pos - window))
+        visible = (key_pos >= 0) & (key_pos <= query_pos)
+        if exact_lambda:  # else everything cached when the step began stays visible to the whole chunk
+            visible &= (key_pos < sink) | (key_pos > query_pos - window)
         group = nheads // nheads_k
         qg = q.float().reshape(batch, n, nheads_k, group, headdim)
         scores = torch.einsum("bnkgd,bmkd->bkgnm", qg, keys) * scale  # (batch, nheads_k, group, n, keys)

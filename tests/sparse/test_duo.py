@@ -13,7 +13,7 @@ import longattn
 from longattn.errors import ArgumentError, ShapeError
 from longattn.reference import attention_ref
 from longattn.sparse import Duo, HeadPattern
-from longattn.sparse.streaming import lambda_mask
+from longattn.sparse.streaming import lambda_mask, reference_chunk_mask
 from tests.tolerance import assert_close_to_oracle
 
 
@@ -130,3 +130,30 @@ def test_prefill_then_decode_with_the_two_part_cache_equals_one_masked_pass(prom
     # 2 * batch * headdim * bytes * (H_full * T + H_stream * (sink + window))
     n_full = sum(layer)
     assert cache.memory_bytes == 2 * 2 * d * 4 * (n_full * total + (nheads_k - n_full) * (sink + window))
+
+
+@given(st.integers(0, 30), st.lists(st.integers(1, 9), min_size=1, max_size=4), st.sampled_from(PATTERNS_3),
+       st.integers(0, 2**16))
+def test_chunked_prefill_into_the_cache_with_the_reference_chunk_rule(prompt, steps, layer, seed):
+    """``exact_lambda=False``: streaming heads see the whole streaming cache
+    as the chunk began plus the chunk causally; retrieval heads stay dense."""
+    from longattn.sparse import DuoCache
+
+    gen = torch.Generator().manual_seed(seed)
+    nheads_k, group, d, sink, window = 3, 2, 16, 3, 7
+    total = prompt + sum(steps)
+    q = torch.randn(1, total, nheads_k * group, d, generator=gen)
+    k = torch.randn(1, total, nheads_k, d, generator=gen)
+    v = torch.randn(1, total, nheads_k, d, generator=gen)
+    full = torch.tensor(layer).repeat_interleave(group)
+    cache = DuoCache(Duo(HeadPattern((layer,), sink, window), 0), 1, total, nheads_k, d)
+    cache.append(k[:, :prompt], v[:, :prompt])
+    at = prompt
+    for n in steps:
+        causal = lambda_mask(n, at + n, 0, 2 * total + 1)
+        mask = torch.where(full[:, None, None], causal, reference_chunk_mask(at, n, sink, window))[None]
+        ref, _ = attention_ref(q[:, at : at + n], k[:, : at + n], v[:, : at + n], mask=mask)
+        out = cache.step(q[:, at : at + n], k[:, at : at + n], v[:, at : at + n], exact_lambda=False)
+        assert_close_to_oracle(out, ref, ref)
+        at += n
+

@@ -11,7 +11,7 @@ import longattn
 from longattn.errors import ArgumentError, ShapeError
 from longattn.reference import attention_ref
 from longattn.sparse import Streaming, StreamingCache
-from longattn.sparse.streaming import lambda_mask
+from longattn.sparse.streaming import lambda_mask, reference_chunk_mask
 from tests.tolerance import assert_close_to_oracle
 
 
@@ -63,6 +63,27 @@ def test_token_by_token_decode_through_the_fast_path(sink, window, prompt, steps
                               return_lse=True)
         assert_close_to_oracle(out, ref_out[:, at : at + 1], ref_out[:, at : at + 1])
         assert_close_to_oracle(lse, ref_lse[:, :, at : at + 1], ref_lse[:, :, at : at + 1], name="lse")
+
+
+@given(st.integers(0, 6), st.integers(1, 12), st.integers(0, 30), st.lists(st.integers(1, 9), min_size=1, max_size=5),
+       st.sampled_from([1, 3]), st.integers(0, 2**16))
+def test_reference_chunk_semantics(sink, window, prompt, steps, group, seed):
+    gen = torch.Generator().manual_seed(seed)
+    total, nheads_k, d = prompt + sum(steps), 2, 16
+    q = torch.randn(1, total, nheads_k * group, d, generator=gen)
+    k = torch.randn(1, total, nheads_k, d, generator=gen)
+    v = torch.randn(1, total, nheads_k, d, generator=gen)
+    cache = StreamingCache(Streaming(sink, window), 1, nheads_k, d)
+    cache.append(k[:, :prompt], v[:, :prompt])
+    at = prompt
+    for n in steps:
+        ref, _ = attention_ref(q[:, at : at + n], k[:, : at + n], v[:, : at + n],
+                               mask=reference_chunk_mask(at, n, sink, window))
+        out = cache.step(q[:, at : at + n], k[:, at : at + n], v[:, at : at + n], exact_lambda=False)
+        assert_close_to_oracle(out, ref, ref)
+        at += n
+    with pytest.raises(ArgumentError, match="exact_lambda"):
+        cache.step(q[:, :1], k[:, :1], v[:, :1], exact_lambda="no")
 
 
 def test_positions_track_the_sinks_and_the_window():
