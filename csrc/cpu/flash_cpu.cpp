@@ -1,0 +1,312 @@
+// Flash-attention forward on the CPU: float32, windows, attention sinks, softcap, GQA.
+//
+// Why our own: PyTorch's fused CPU kernel runs its block products through a
+// BLAS that, on this AMD machine, uses 256-bit code (~186 GFLOP/s on two
+// cores against a 455 GFLOP/s AVX-512 FMA peak); these AVX-512 micro-kernels
+// reach ~260-310. And it visits only the key tiles a query block can see, so
+// a sliding window (StreamingLLM's sinks + window) costs ~seqlen * (sink +
+// window), never a dense pass.
+//
+// Work item: (batch, head, block of BM query rows). Its queries, pre-scaled,
+// are stored transposed (Qt[d][row]) once, so that
+//   * scores of a tile of keys come out key-major, St[key][row] += K[key][d] *
+//     Qt[d][row]: each K element is broadcast straight from its row in memory
+//     (no packing of K), each Qt vector serves KR keys;
+//   * the online softmax is vectorised over rows (max, exp, sum per key row);
+//   * P V accumulates O[row][d] from V rows read in place, R rows x NV vectors.
+// Key tiles cover the sinks [0, sink) and the window span of the block's rows;
+// only tiles some row sees partially are masked element by element.
+//
+// Visibility (flash-attn's convention): query row i sits at key position
+// p = i + seqlen_k - seqlen_q and sees key j iff
+//   (right < 0 or j <= p + right) and (left < 0 or j >= p - left or j < sink).
+// Rows that see nothing get out = 0, lse = -inf. lse is natural-log. Each
+// work item is computed by one thread in a fixed order: results do not
+// depend on the thread count or schedule.
+//
+// Layouts (element strides, headdim innermost and contiguous):
+//   q, out (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim)
+//   lse (batch, nheads, seqlen_q) contiguous.
+// headdim must be a multiple of the vector width (the caller pads).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+#ifdef LONGATTN_AVX2
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int W = Isa::W;
+constexpr int NQ = 3;        // query vectors per work item
+constexpr int BM = NQ * W;   // query rows per work item: 48 with AVX-512, 24 with AVX2
+constexpr int KR = 8;        // keys per score micro-step (KR x NQ accumulators)
+constexpr int BN = 64;       // keys per tile (a multiple of KR)
+constexpr int R = 6;         // rows per P V micro-step (R x NV accumulators)
+constexpr int NV = 4;        // headdim vectors per P V micro-step
+
+#ifdef LONGATTN_AVX512
+// exp as exp256 in simd.h, 16 lanes: exactly 0 below -87.3 and for -inf.
+inline __m512 vexp(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.3f);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, _mm512_castsi512_ps(bits));
+}
+inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+inline __m512 vsub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+inline __m512 vdiv(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
+// -inf lanes of m become 0, so that x - m stays -inf (not NaN) for rows that saw nothing yet.
+inline __m512 finite_or_zero(__m512 m) {
+  const __mmask16 none = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+  return _mm512_mask_blend_ps(none, m, _mm512_setzero_ps());
+}
+#else
+inline __m256 vexp(__m256 x) { return exp256(x); }
+inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m256 vsub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+inline __m256 vdiv(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
+inline __m256 finite_or_zero(__m256 m) {
+  const __m256 none = _mm256_cmp_ps(m, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+  return _mm256_blendv_ps(m, _mm256_setzero_ps(), none);
+}
+#endif
+
+// cap * tanh(x / cap), with tanh(y) = 1 - 2 / (exp(2y) + 1) (saturates to +-1, no overflow).
+inline Isa::vec softcap_vec(Isa::vec x, float cap) {
+  const Isa::vec e = vexp(vmul(x, Isa::set1(2.0f / cap)));
+  const Isa::vec t = vsub(Isa::set1(1.0f), vdiv(Isa::set1(2.0f), Isa::add(e, Isa::set1(1.0f))));
+  return vmul(t, Isa::set1(cap));
+}
+
+struct Problem {
+  const float *q, *k, *v;
+  int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh;
+  float* out;
+  int64_t o_sb, o_ss, o_sh;
+  float* lse;
+  int seqlen_q, seqlen_k, nheads, nheads_k, headdim, left, right, sink;
+  float scale, softcap;
+};
+
+struct Scratch {  // one per thread
+  std::vector<float> qt, st, o, m, l, alpha;
+  explicit Scratch(int headdim)
+      : qt(static_cast<size_t>(headdim) * BM), st(BN * BM), o(static_cast<size_t>(BM) * headdim), m(BM), l(BM),
+        alpha(BM) {}
+};
+
+// St[j][0..BM) = sum_d K[j][d] Qt[d][0..BM) for KR keys.
+inline void score_keys(const float* qt, int headdim, const float* const* krow, float* st) {
+  Isa::vec acc[KR][NQ];
+  for (int j = 0; j < KR; ++j)
+    for (int c = 0; c < NQ; ++c) acc[j][c] = Isa::zero();
+  for (int d = 0; d < headdim; ++d) {
+    Isa::vec qv[NQ];
+    for (int c = 0; c < NQ; ++c) qv[c] = Isa::load(qt + d * BM + c * W);
+    for (int j = 0; j < KR; ++j) {
+      const Isa::vec kv = Isa::set1(krow[j][d]);
+      for (int c = 0; c < NQ; ++c) acc[j][c] = Isa::fma(kv, qv[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < KR; ++j)
+    for (int c = 0; c < NQ; ++c) Isa::store(st + j * BM + c * W, acc[j][c]);
+}
+
+// O[r][d0..d0+NVD*W) = alpha[r] O[r][..] + sum_{j<n} P[j][r] V[j][d0..] for R rows.
+template <int NVD>
+inline void accumulate_values(const float* pt, const float* alpha, const float* const* vrow, int d0, int n,
+                              float* o, int headdim) {
+  Isa::vec acc[R][NVD];
+  for (int r = 0; r < R; ++r) {
+    const Isa::vec a = Isa::set1(alpha[r]);
+    for (int c = 0; c < NVD; ++c) acc[r][c] = vmul(a, Isa::load(o + r * headdim + d0 + c * W));
+  }
+  for (int j = 0; j < n; ++j) {
+    Isa::vec vv[NVD];
+    for (int c = 0; c < NVD; ++c) vv[c] = Isa::load(vrow[j] + d0 + c * W);
+    for (int r = 0; r < R; ++r) {
+      const Isa::vec pv = Isa::set1(pt[j * BM + r]);
+      for (int c = 0; c < NVD; ++c) acc[r][c] = Isa::fma(pv, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NVD; ++c) Isa::store(o + r * headdim + d0 + c * W, acc[r][c]);
+}
+
+void accumulate_chunk(int nvd, const float* pt, const float* alpha, const float* const* vrow, int d0, int n, float* o,
+                      int headdim) {
+  switch (nvd) {
+    case 4: accumulate_values<4>(pt, alpha, vrow, d0, n, o, headdim); break;
+    case 3: accumulate_values<3>(pt, alpha, vrow, d0, n, o, headdim); break;
+    case 2: accumulate_values<2>(pt, alpha, vrow, d0, n, o, headdim); break;
+    default: accumulate_values<1>(pt, alpha, vrow, d0, n, o, headdim); break;
+  }
+}
+
+inline bool visible(const Problem& pb, int64_t j, int64_t p) {
+  return (pb.right < 0 || j <= p + pb.right) && (pb.left < 0 || j >= p - pb.left || j < pb.sink);
+}
+
+// One tile of n <= BN keys from key j0, for rows at positions p0 .. p0 + BM - 1.
+void key_tile(const Problem& pb, Scratch& s, int rows_padded, const float* k_base, const float* v_base, int64_t j0,
+              int n, int64_t p0, bool needs_mask) {
+  const int headdim = pb.headdim;
+  const float* krow[BN];
+  const float* vrow[BN];
+  for (int j = 0; j < BN; ++j) {  // keys past n repeat the last one (masked out below)
+    const int64_t pos = j0 + std::min(j, n - 1);
+    krow[j] = k_base + pos * pb.k_ss;
+    vrow[j] = v_base + pos * pb.v_ss;
+  }
+  const int n_scored = (n + KR - 1) / KR * KR;
+  float* st = s.st.data();
+  for (int j = 0; j < n_scored; j += KR) score_keys(s.qt.data(), headdim, krow + j, st + j * BM);
+  if (pb.softcap > 0)
+    for (int j = 0; j < n_scored; ++j)
+      for (int c = 0; c < NQ; ++c)
+        Isa::store(st + j * BM + c * W, softcap_vec(Isa::load(st + j * BM + c * W), pb.softcap));
+  if (needs_mask)
+    for (int j = 0; j < n_scored; ++j)
+      for (int r = 0; r < BM; ++r)
+        if (j >= n || !visible(pb, j0 + j, p0 + r)) st[j * BM + r] = kNegInf;
+  // Online softmax over the tile, BM rows at a time per vector.
+  for (int c = 0; c < NQ; ++c) {
+    Isa::vec tile_max = Isa::set1(kNegInf);
+    for (int j = 0; j < n_scored; ++j) tile_max = Isa::max(tile_max, Isa::load(st + j * BM + c * W));
+    const Isa::vec m_old = Isa::load(s.m.data() + c * W);
+    const Isa::vec m_new = Isa::max(m_old, tile_max);
+    const Isa::vec m_sub = finite_or_zero(m_new);
+    const Isa::vec alpha = vexp(vsub(m_old, m_sub));
+    Isa::vec sum = Isa::zero();
+    for (int j = 0; j < n_scored; ++j) {
+      const Isa::vec p = vexp(vsub(Isa::load(st + j * BM + c * W), m_sub));
+      Isa::store(st + j * BM + c * W, p);
+      sum = Isa::add(sum, p);
+    }
+    Isa::store(s.m.data() + c * W, m_new);
+    Isa::store(s.l.data() + c * W, Isa::fma(alpha, Isa::load(s.l.data() + c * W), sum));
+    Isa::store(s.alpha.data() + c * W, alpha);
+  }
+  for (int r = 0; r < rows_padded; r += R)
+    for (int d = 0; d < headdim; d += NV * W)
+      accumulate_chunk(std::min(NV, (headdim - d) / W), st + r, s.alpha.data() + r, vrow, d, n,
+                       s.o.data() + static_cast<size_t>(r) * headdim, headdim);
+}
+
+void work_item(const Problem& pb, Scratch& s, int b, int h, int first_row) {
+  const int headdim = pb.headdim;
+  const int rows = std::min(BM, pb.seqlen_q - first_row);
+  const int rows_padded = (rows + R - 1) / R * R;
+  const int kv_head = h / (pb.nheads / pb.nheads_k);
+  const int64_t offset = static_cast<int64_t>(pb.seqlen_k) - pb.seqlen_q;
+  const int64_t p0 = first_row + offset, p1 = p0 + rows - 1;
+  float* qt = s.qt.data();
+  for (int r = 0; r < BM; ++r) {
+    const float* qrow = pb.q + b * pb.q_sb + static_cast<int64_t>(first_row + std::min(r, rows - 1)) * pb.q_ss +
+                        h * pb.q_sh;
+    for (int d = 0; d < headdim; ++d) qt[d * BM + r] = r < rows ? qrow[d] * pb.scale : 0.0f;
+  }
+  std::fill(s.o.begin(), s.o.end(), 0.0f);
+  std::fill(s.m.begin(), s.m.end(), kNegInf);
+  std::fill(s.l.begin(), s.l.end(), 0.0f);
+  const float* k_base = pb.k + b * pb.k_sb + kv_head * pb.k_sh;
+  const float* v_base = pb.v + b * pb.v_sb + kv_head * pb.v_sh;
+  // Keys some row may see: the window span [lo, hi), and the sinks below it.
+  const int64_t hi = pb.right < 0 ? pb.seqlen_k : std::min<int64_t>(pb.seqlen_k, p1 + pb.right + 1);
+  int64_t lo = pb.left < 0 ? 0 : std::max<int64_t>(0, p0 - pb.left);
+  const int64_t sink_end = std::min<int64_t>({static_cast<int64_t>(pb.sink), lo, hi});
+  if (lo >= hi) lo = hi;
+  const int64_t spans[2][2] = {{0, sink_end}, {lo, hi}};
+  for (const auto& span : spans) {
+    for (int64_t j0 = span[0]; j0 < span[1]; j0 += BN) {
+      const int n = static_cast<int>(std::min<int64_t>(BN, span[1] - j0));
+      const int64_t jl = j0 + n - 1;
+      // Every row sees every key of the tile: within the right edge for the
+      // first row, and sinks or within the left edge for the last.
+      const bool whole = n == BN && rows == BM && (pb.right < 0 || jl <= p0 + pb.right) &&
+                         (pb.left < 0 || jl < pb.sink || j0 >= p1 - pb.left);
+      key_tile(pb, s, rows_padded, k_base, v_base, j0, n, p0, !whole);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* orow = pb.out + b * pb.o_sb + static_cast<int64_t>(first_row + r) * pb.o_ss + h * pb.o_sh;
+    float* lse = pb.lse + (static_cast<int64_t>(b) * pb.nheads + h) * pb.seqlen_q + first_row + r;
+    const float l = s.l[r];
+    if (l > 0) {
+      const float inv = 1.0f / l;
+      for (int d = 0; d < headdim; ++d) orow[d] = s.o[static_cast<size_t>(r) * headdim + d] * inv;
+      *lse = s.m[r] + std::log(l);
+    } else {
+      for (int d = 0; d < headdim; ++d) orow[d] = 0.0f;
+      *lse = kNegInf;
+    }
+  }
+}
+
+}  // namespace
+#endif  // LONGATTN_AVX2
+
+// The vector width in floats the kernel was built with; 0: no AVX2 (the kernel is unavailable).
+extern "C" int longattn_flash_cpu_lanes() {
+#ifdef LONGATTN_AVX2
+  return Isa::W;
+#else
+  return 0;
+#endif
+}
+
+// Returns 0, or 1 for arguments it cannot take, 2 when built without AVX2.
+extern "C" int longattn_flash_cpu(
+    const float* q, int64_t q_sb, int64_t q_ss, int64_t q_sh,
+    const float* k, int64_t k_sb, int64_t k_ss, int64_t k_sh,
+    const float* v, int64_t v_sb, int64_t v_ss, int64_t v_sh,
+    float* out, int64_t o_sb, int64_t o_ss, int64_t o_sh, float* lse,
+    int batch, int seqlen_q, int seqlen_k, int nheads, int nheads_k, int headdim,
+    int window_left, int window_right, int sink, float scale, float softcap, int num_threads) {
+#ifdef LONGATTN_AVX2
+  if (batch < 1 || seqlen_q < 1 || seqlen_k < 0 || nheads_k < 1 || nheads % nheads_k || headdim < W ||
+      headdim % W || sink < 0 || num_threads < 1)
+    return 1;
+  const Problem pb{q, k, v, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, out, o_sb, o_ss, o_sh, lse,
+                   seqlen_q, seqlen_k, nheads, nheads_k, headdim, window_left, window_right, sink, scale, softcap};
+  const int blocks = (seqlen_q + BM - 1) / BM;
+  const int64_t items = static_cast<int64_t>(batch) * nheads * blocks;
+#pragma omp parallel num_threads(num_threads)
+  {
+    Scratch s(headdim);
+    // Items differ in cost (causal rows see more keys the later they sit): hand them out dynamically.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int block = static_cast<int>(it % blocks);
+      const int h = static_cast<int>((it / blocks) % nheads);
+      const int b = static_cast<int>(it / blocks / nheads);
+      work_item(pb, s, b, h, block * BM);
+    }
+  }
+  return 0;
+#else
+  (void)q; (void)q_sb; (void)q_ss; (void)q_sh; (void)k; (void)k_sb; (void)k_ss; (void)k_sh; (void)v; (void)v_sb;
+  (void)v_ss; (void)v_sh; (void)out; (void)o_sb; (void)o_ss; (void)o_sh; (void)lse; (void)batch; (void)seqlen_q;
+  (void)seqlen_k; (void)nheads; (void)nheads_k; (void)headdim; (void)window_left; (void)window_right; (void)sink;
+  (void)scale; (void)softcap; (void)num_threads;
+  return 2;
+#endif
+}

@@ -1,0 +1,100 @@
+"""Flash-attention forward, C++ CPU twin (``csrc/cpu/flash_cpu.cpp``).
+
+Float32 math with AVX-512 (or AVX2) micro-kernels; windows ``(left, right)``
+in flash-attn's convention (causal is ``right = 0``), attention sinks (keys
+``j < sink`` visible whatever the left window: StreamingLLM's Lambda mask),
+softcap and GQA. It visits only the key tiles a block of 48 queries can see,
+so a window costs ``seqlen * (sink + window)``. Built on first use like the
+other C++ kernels; :func:`flash_unavailable_reason` says why it cannot run
+(no compiler, no AVX2), and the callers then use PyTorch.
+
+Inputs of any float dtype are computed in float32 (half-precision inputs are
+widened once, a copy); head dims that are not a multiple of 16 are
+zero-padded (exact: zeros add nothing to q.k, and padded value columns are
+dropped). Shapes as :func:`longattn.attention`: ``q (batch, seqlen_q, nheads,
+headdim)``, ``k, v (batch, seqlen_k, nheads_k, headdim)``; query ``i`` sits at
+key position ``i + seqlen_k - seqlen_q``. Returns ``out`` like q and lse
+``(batch, nheads, seqlen_q)`` float32, natural log; rows that see no key get
+0 and -inf.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from longattn.kernels.cpp_build import BuildError, load_library
+
+SOURCE = "flash_cpu.cpp"
+# Head dims are padded to a multiple of this (AVX-512's 16 floats; AVX2's 8 divides it).
+HEADDIM_MULTIPLE = 16
+
+_I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_ARGTYPES = [
+    _PTR, _I64, _I64, _I64,  # q, strides (batch, seq, head)
+    _PTR, _I64, _I64, _I64,  # k
+    _PTR, _I64, _I64, _I64,  # v
+    _PTR, _I64, _I64, _I64, _PTR,  # out, its strides, lse
+    _INT, _INT, _INT, _INT, _INT, _INT,  # batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim
+    _INT, _INT, _INT, _FLOAT, _FLOAT, _INT,  # window left/right, sink, scale, softcap, threads
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(build_flags: tuple[str, ...] = ()):
+    lib = load_library(SOURCE, build_flags)
+    if lib.longattn_flash_cpu_lanes() == 0:
+        raise BuildError("the C++ flash kernel needs AVX2 and FMA, which this CPU (or build) lacks")
+    fn = lib.longattn_flash_cpu
+    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    return fn
+
+
+def flash_unavailable_reason(build_flags: tuple[str, ...] = ()) -> str | None:
+    """None when the kernel builds and runs here, else why not."""
+    try:
+        _kernel(build_flags)
+    except BuildError as exc:
+        return str(exc)
+    return None
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def flash_forward_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0, sink: int = 0, build_flags: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``; inputs already validated (:func:`longattn.attention`).
+    ``window = (left, right)``, -1 unbounded; ``sink``: leading keys every
+    query sees regardless of the left window (still subject to the right)."""
+    fn = _kernel(build_flags)
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    out = torch.empty(batch, seqlen_q, nheads, headdim, dtype=torch.float32)
+    lse = torch.full((batch, nheads, seqlen_q), float("-inf"), dtype=torch.float32)
+    if q.numel() == 0 or seqlen_k == 0:
+        return out.zero_().to(q.dtype), lse
+    pad = -headdim % HEADDIM_MULTIPLE
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    if pad:
+        qf, kf, vf = (F.pad(t, (0, pad)) for t in (qf, kf, vf))
+        out = torch.empty(batch, seqlen_q, nheads, headdim + pad, dtype=torch.float32)
+    # headdim innermost and contiguous (the kernel's one requirement on strides)
+    qf, kf, vf = (t if t.stride(3) == 1 else t.contiguous() for t in (qf, kf, vf))
+    status = fn(
+        qf.data_ptr(), *_strides(qf), kf.data_ptr(), *_strides(kf), vf.data_ptr(), *_strides(vf),
+        out.data_ptr(), *_strides(out), lse.data_ptr(),
+        batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim + pad,
+        window[0], window[1], sink, scale, softcap, torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"longattn_flash_cpu rejected its arguments (status {status}); this is a bug")
+    if pad:
+        out = out[..., :headdim]
+    return out.to(q.dtype) if q.dtype != torch.float32 or pad else out, lse
