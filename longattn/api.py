@@ -48,8 +48,8 @@ def attention(
             sinks and window, so ``window_size`` must stay ``(-1, -1)``; its
             attention runs on the block-sparse twin ``backend`` names ("auto",
             "eager" or "triton").
-        backend: ``"auto"`` (fastest twin that can serve), or ``"sdpa"``,
-            ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
+        backend: ``"auto"`` (fastest twin that can serve), or ``"cpp"``,
+            ``"sdpa"``, ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
             :class:`~longattn.errors.BackendUnavailableError` listing every
             backend's reasons (``longattn doctor`` shows them for this machine).
         return_lse: also return ``lse``.

@@ -18,7 +18,10 @@ from longattn.reference import attention_ref
 from tests.strategies import Case, cases
 from tests.tolerance import assert_close_to_oracle
 
-CPU_BACKENDS = ["auto", "sdpa", "eager"]
+CPU_BACKENDS = ["auto", "cpp", "sdpa", "eager"]
+# Forced twins that may decline a call: sdpa (semantics it cannot express),
+# cpp (no compiler or no AVX2 on this machine).
+MAY_DECLINE = ("sdpa", "cpp")
 
 
 def _run(case: Case, backend: str, q, k, v, return_lse: bool = True):
@@ -27,7 +30,7 @@ def _run(case: Case, backend: str, q, k, v, return_lse: bool = True):
         result = longattn.attention(q, k, v, **case.kwargs(), backend=backend, return_lse=return_lse)
         return result if return_lse else (result, None)
     except BackendUnavailableError as exc:
-        assert backend == "sdpa", f"only a forced sdpa may decline, got: {exc}"
+        assert backend in MAY_DECLINE, f"only a forced {MAY_DECLINE} may decline, got: {exc}"
         return None
 
 
@@ -132,11 +135,16 @@ def test_deterministic_bitwise(window_size):
         assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def test_auto_prefers_sdpa_where_it_serves_and_eager_otherwise():
+def test_auto_prefers_cpp_then_sdpa_where_it_serves_and_eager_otherwise():
     from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
+    from longattn.kernels.flash_cpu import flash_unavailable_reason
 
     q = torch.randn(1, 16, 2, 32)
     plain = DenseCall(q, q, q, 0.1, (-1, 0), 0.0, need_lse=False)
     capped = DenseCall(q, q, q, 0.1, (-1, 0), 5.0, need_lse=False)
-    assert DENSE_BACKENDS.select(plain, "auto").name == "sdpa"
-    assert DENSE_BACKENDS.select(capped, "auto").name == "eager"
+    if flash_unavailable_reason() is None:
+        assert DENSE_BACKENDS.select(plain, "auto").name == "cpp"
+        assert DENSE_BACKENDS.select(capped, "auto").name == "cpp"
+    else:
+        assert DENSE_BACKENDS.select(plain, "auto").name == "sdpa"
+        assert DENSE_BACKENDS.select(capped, "auto").name == "eager"

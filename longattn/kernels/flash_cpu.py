@@ -53,13 +53,27 @@ def _kernel(build_flags: tuple[str, ...] = ()):
     return fn
 
 
+# build flags -> None (usable) or why not; filled by the first probe, so a
+# failed build is not retried on every call.
+_PROBED: dict[tuple[str, ...], str | None] = {}
+NOT_PROBED = "not probed yet (the first longattn call outside torch.compile builds and probes it)"
+
+
 def flash_unavailable_reason(build_flags: tuple[str, ...] = ()) -> str | None:
-    """None when the kernel builds and runs here, else why not."""
-    try:
-        _kernel(build_flags)
-    except BuildError as exc:
-        return str(exc)
-    return None
+    """None when the kernel builds and runs here, else why not (builds on first use)."""
+    if build_flags not in _PROBED:
+        try:
+            _kernel(build_flags)
+            _PROBED[build_flags] = None
+        except BuildError as exc:
+            _PROBED[build_flags] = str(exc)
+    return _PROBED[build_flags]
+
+
+def probed_unavailable_reason() -> str | None:
+    """:func:`flash_unavailable_reason` without building or touching files
+    (what torch.compile can trace): the last probe's answer, else :data:`NOT_PROBED`."""
+    return _PROBED.get((), NOT_PROBED)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:

@@ -1,0 +1,76 @@
+"""The C++ CPU flash kernel against the float64 oracle, in every vector build this machine runs.
+
+The dense twin ``cpp`` is also run through tests/test_attention.py; here the
+kernel's own features (attention sinks with a left window, both vector
+widths, thread-count independence) and its availability reporting.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longattn.kernels.flash_cpu import flash_forward_cpu, flash_unavailable_reason
+from longattn.reference import attention_ref
+from tests.tolerance import assert_close_to_oracle
+
+# The AVX-512 build (where the CPU has it) and the AVX2 build.
+BUILDS = [(), ("-mno-avx512f",)]
+
+
+def _skip_reason(flags: tuple[str, ...]) -> str | None:
+    reason = flash_unavailable_reason(flags)
+    return None if reason is None else f"the flash kernel cannot run with build flags {flags}: {reason}"
+
+
+def _mask(seqlen_q: int, seqlen_k: int, left: int, right: int, sink: int) -> torch.Tensor:
+    """flash-attn window (left, right), -1 unbounded, plus sinks exempt from the left edge."""
+    p = torch.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q
+    j = torch.arange(seqlen_k)[None, :]
+    ok_right = (j <= p + right) if right >= 0 else torch.ones_like(j, dtype=torch.bool) | (p < 0)
+    ok_left = ((j >= p - left) if left >= 0 else torch.ones_like(j, dtype=torch.bool) | (p < 0)) | (j < sink)
+    return ok_right & ok_left
+
+
+@pytest.mark.parametrize("flags", BUILDS)
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 130), st.integers(0, 130), st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       st.sampled_from([8, 16, 40, 64, 128]), st.integers(-1, 50), st.sampled_from([-1, 0, 3]), st.integers(0, 9),
+       st.sampled_from([0.0, 4.0]), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+def test_matches_the_oracle(flags, seqlen_q, seqlen_k, heads, headdim, left, right, sink, softcap, dtype, seed):
+    if (why := _skip_reason(flags)) is not None:
+        pytest.skip(why)
+    nheads, nheads_k = heads
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, seqlen_q, nheads, headdim, generator=gen).to(dtype)
+    k = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
+    v = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
+    out, lse = flash_forward_cpu(q, k, v, scale=headdim ** -0.5, window=(left, right), softcap=softcap, sink=sink,
+                                 build_flags=flags)
+    ref_out, ref_lse = attention_ref(q, k, v, softcap=softcap, mask=_mask(seqlen_q, seqlen_k, left, right, sink))
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close_to_oracle(out, ref_out, ref_out)
+    assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    if (why := _skip_reason(())) is not None:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 4, 64, generator=gen) for _ in range(3))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = flash_forward_cpu(q, k, v, scale=0.125, window=(-1, 0))
+        torch.set_num_threads(2)
+        two = flash_forward_cpu(q, k, v, scale=0.125, window=(-1, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_a_build_without_avx2_reports_itself_unavailable():
+    reason = flash_unavailable_reason(("-mno-avx2", "-mno-fma", "-mno-avx512f"))
+    assert reason is not None and ("AVX2" in reason or "compiler" in reason)
