@@ -15,7 +15,7 @@ def test_doctor_json_lists_backends_and_reasons(capsys):
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     dense = info["registries"]["dense attention"]["backends"]
-    assert list(dense) == ["sdpa", "triton", "eager"]
+    assert list(dense) == ["cpp", "sdpa", "triton", "eager"]
     assert dense["eager"]["usable"] is True and dense["eager"]["reasons"] == []
     for backend in dense.values():  # unusable always comes with a reason
         assert backend["usable"] == (not backend["reasons"])
@@ -26,7 +26,7 @@ def test_doctor_text_report(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "dense attention backends" in out and "eager" in out and "usable" in out
-    assert "HiP tree search" in out  # the C++ kernels outside the registries are reported too
+    assert "HiP tree search" in out and "Streaming/Duo prefill" in out  # C++ kernels outside the registries
 
 
 def test_quick_bench_writes_checked_results(tmp_path, capsys):

@@ -41,7 +41,7 @@ V = torch.randn(1, 8, 2, 64)
         ({"softcap": -1.0}, ArgumentError, "softcap must be a finite number >= 0"),
         ({"softmax_scale": float("nan")}, ArgumentError, "softmax_scale must be None or a finite number"),
         ({"causal": 1}, ArgumentError, "causal must be a bool"),
-        ({"backend": "cuda-magic"}, ArgumentError, r"backend must be 'auto' or one of \['sdpa', 'triton', 'eager'\]"),
+        ({"backend": "cuda-magic"}, ArgumentError, r"backend must be 'auto' or one of \['cpp', 'sdpa', 'triton', 'eager'\]"),
         ({"sparse": "hip"}, UnsupportedFeatureError, "sparse='hip'"),
     ],
 )
@@ -66,8 +66,8 @@ def test_forced_backend_lists_every_backend_and_reason():
     message = str(info.value)
     assert "sdpa: softcap is not supported" in message
     assert "eager: can serve" in message
-    assert "triton:" in message
-    assert set(info.value.reasons) == {"sdpa", "triton", "eager"}
+    assert "triton:" in message and "cpp:" in message
+    assert set(info.value.reasons) == {"cpp", "sdpa", "triton", "eager"}
 
 
 def test_forced_triton_rejects_unsupported_headdim():

@@ -3,7 +3,8 @@
 Shapes: batch 1, 8 heads, headdim 128, float32, causal, seqlen_q == seqlen_k
 in 1k..8k. Methods:
 
-- ``longattn.attention``: the front door, ``backend="auto"``;
+- ``longattn.attention``: the front door, ``backend="auto"`` (on a CPU with
+  a compiler and AVX2: the C++ flash kernel, ``csrc/cpu/flash_cpu.cpp``);
 - ``longattn eager twin``: ``backend="eager"``, the readable chunked twin;
 - ``sdpa``: ``F.scaled_dot_product_attention(is_causal=True)`` on transposed
   views. Its top-left causal alignment equals longattn's bottom-right one

@@ -4,7 +4,9 @@ Causal prefill, batch 1, H=8, D=128, float32, ``Streaming(sink_size=64,
 window_size=1024)`` (the Lambda mask). Methods:
 
 - ``longattn streaming``: ``attention(..., sparse=Streaming(64, 1024))``
-  (on CPU the chunked pass over contiguous window spans);
+  (on CPU the C++ flash kernel over the sink and window tiles);
+- ``longattn chunked (PyTorch)``: ``backend="eager"``, PyTorch's fused
+  kernel over each chunk's window span (what runs without a compiler);
 - ``flex (same mask)``: compiled FlexAttention with the sink + window
   mask_mod (up to 32k tokens; its BlockMask build evaluates every
   (query, key) pair);
@@ -51,6 +53,10 @@ def run_streaming(inputs: StreamingInputs) -> torch.Tensor:
     return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, sparse=CONFIG)
 
 
+def run_chunked(inputs: StreamingInputs) -> torch.Tensor:
+    return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, sparse=CONFIG, backend="eager")
+
+
 def run_sdpa(inputs: StreamingInputs) -> torch.Tensor:
     out = F.scaled_dot_product_attention(inputs.q.transpose(1, 2), inputs.k.transpose(1, 2),
                                          inputs.v.transpose(1, 2), is_causal=True)
@@ -94,6 +100,7 @@ def reference(inputs: StreamingInputs, outputs: dict) -> tuple[torch.Tensor, str
 def streaming_scenario(seqlen: int) -> Scenario:
     methods = [
         Method("longattn streaming", no_setup(run_streaming)),
+        Method("longattn chunked (PyTorch)", no_setup(run_chunked)),
         Method("flex (same mask)", build_flex, slow_setup=True),
         Method("sdpa", no_setup(run_sdpa)),
     ]
