@@ -49,51 +49,11 @@ constexpr int BN = 64;       // keys per tile (a multiple of KR)
 constexpr int R = 6;         // rows per P V micro-step (R x NV accumulators)
 constexpr int NV = 4;        // headdim vectors per P V micro-step
 
-#ifdef LONGATTN_AVX512
-// exp as exp256 in simd.h, 16 lanes: exactly 0 below -87.3 and for -inf.
-inline __m512 vexp(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.3f);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, _mm512_castsi512_ps(bits));
-}
-inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
-inline __m512 vsub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
-inline __m512 vdiv(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
-// -inf lanes of m become 0, so that x - m stays -inf (not NaN) for rows that saw nothing yet.
-inline __m512 finite_or_zero(__m512 m) {
-  const __mmask16 none = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
-  return _mm512_mask_blend_ps(none, m, _mm512_setzero_ps());
-}
-#else
-inline __m256 vexp(__m256 x) { return exp256(x); }
-inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
-inline __m256 vsub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
-inline __m256 vdiv(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
-inline __m256 finite_or_zero(__m256 m) {
-  const __m256 none = _mm256_cmp_ps(m, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
-  return _mm256_blendv_ps(m, _mm256_setzero_ps(), none);
-}
-#endif
-
 // cap * tanh(x / cap), with tanh(y) = 1 - 2 / (exp(2y) + 1) (saturates to +-1, no overflow).
 inline Isa::vec softcap_vec(Isa::vec x, float cap) {
-  const Isa::vec e = vexp(vmul(x, Isa::set1(2.0f / cap)));
-  const Isa::vec t = vsub(Isa::set1(1.0f), vdiv(Isa::set1(2.0f), Isa::add(e, Isa::set1(1.0f))));
-  return vmul(t, Isa::set1(cap));
+  const Isa::vec e = Isa::exp(Isa::mul(x, Isa::set1(2.0f / cap)));
+  const Isa::vec t = Isa::sub(Isa::set1(1.0f), Isa::div(Isa::set1(2.0f), Isa::add(e, Isa::set1(1.0f))));
+  return Isa::mul(t, Isa::set1(cap));
 }
 
 struct Problem {
@@ -137,7 +97,7 @@ inline void accumulate_values(const float* pt, const float* alpha, const float* 
   Isa::vec acc[R][NVD];
   for (int r = 0; r < R; ++r) {
     const Isa::vec a = Isa::set1(alpha[r]);
-    for (int c = 0; c < NVD; ++c) acc[r][c] = vmul(a, Isa::load(o + r * headdim + d0 + c * W));
+    for (int c = 0; c < NVD; ++c) acc[r][c] = Isa::mul(a, Isa::load(o + r * headdim + d0 + c * W));
   }
   for (int j = 0; j < n; ++j) {
     Isa::vec vv[NVD];
@@ -193,11 +153,11 @@ void key_tile(const Problem& pb, Scratch& s, int rows_padded, const float* k_bas
     for (int j = 0; j < n_scored; ++j) tile_max = Isa::max(tile_max, Isa::load(st + j * BM + c * W));
     const Isa::vec m_old = Isa::load(s.m.data() + c * W);
     const Isa::vec m_new = Isa::max(m_old, tile_max);
-    const Isa::vec m_sub = finite_or_zero(m_new);
-    const Isa::vec alpha = vexp(vsub(m_old, m_sub));
+    const Isa::vec m_sub = Isa::finite_or_zero(m_new);
+    const Isa::vec alpha = Isa::exp(Isa::sub(m_old, m_sub));
     Isa::vec sum = Isa::zero();
     for (int j = 0; j < n_scored; ++j) {
-      const Isa::vec p = vexp(vsub(Isa::load(st + j * BM + c * W), m_sub));
+      const Isa::vec p = Isa::exp(Isa::sub(Isa::load(st + j * BM + c * W), m_sub));
       Isa::store(st + j * BM + c * W, p);
       sum = Isa::add(sum, p);
     }

@@ -54,6 +54,29 @@ inline __m256 exp256(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
 
+#ifdef LONGATTN_AVX512
+// exp256's range reduction and polynomial, 16 lanes.
+inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.3f);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, _mm512_castsi512_ps(bits));
+}
+#endif
+
 // The micro-kernels are written once over a vector of W floats: 16 with
 // AVX-512 (twice the FMA work per instruction where the core has 512-bit
 // units), else 8 with AVX2. Loads of K/V rows widen fp16/bf16 to fp32 in
@@ -74,6 +97,14 @@ struct Avx2 {
   static __m256 fold8(vec v) { return v; }  // 8 lanes with the same sum
   static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
+  static vec exp(vec x) { return exp256(x); }
+  // -inf lanes become 0 (a running max that saw nothing: x - m stays -inf, not NaN).
+  static vec finite_or_zero(vec m) {
+    return _mm256_blendv_ps(m, _mm256_setzero_ps(), _mm256_cmp_ps(m, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ));
+  }
   static float hmax(vec v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_max_ps(x, _mm_movehl_ps(x, x));
@@ -105,6 +136,14 @@ struct Avx512 {
   }
   static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
+  static vec exp(vec x) { return exp512(x); }
+  static vec finite_or_zero(vec m) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ), m,
+                                _mm512_setzero_ps());
+  }
   static float hmax(vec v) { return _mm512_reduce_max_ps(v); }
   static vec drop_after(vec x, const int32_t* limit, int32_t pos) {
     const __mmask16 over = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(pos), _mm512_loadu_si512(limit));
