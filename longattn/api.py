@@ -47,7 +47,8 @@ def attention(
             ``None`` means dense attention. A sparse method brings its own
             sinks and window, so ``window_size`` must stay ``(-1, -1)``; its
             attention runs on the block-sparse twin ``backend`` names ("auto",
-            "eager" or "triton").
+            "eager" or "triton"). Sparse methods are forward-only (inference):
+            inputs that require grad are refused with a clear error.
         backend: ``"auto"`` (fastest twin that can serve), or ``"cpp"``,
             ``"sdpa"``, ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
             :class:`~longattn.errors.BackendUnavailableError` listing every
@@ -99,6 +100,11 @@ def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap
         raise UnsupportedFeatureError(
             f"window_size={tuple(window_size)} cannot be combined with sparse={type(sparse).__name__}: "
             "the method has its own sink_size and window_size; leave window_size=(-1, -1)"
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise UnsupportedFeatureError(
+            f"sparse={type(sparse).__name__}(...) is forward-only: its kernels compute no gradients, and q, k or v "
+            "requires grad; run it under torch.no_grad() / torch.inference_mode(), or use sparse=None"
         )
     if backend not in SPARSE_BACKENDS:
         raise UnsupportedFeatureError(

@@ -76,3 +76,17 @@ def test_forced_triton_rejects_unsupported_headdim():
         longattn.attention(q, q, q, backend="triton")
     # The eager twin has no headdim limit.
     assert longattn.attention(q, q, q, backend="eager").shape == q.shape
+
+
+@pytest.mark.parametrize("make_sparse", ["hip", "streaming", "duo"])
+def test_sparse_methods_refuse_inputs_that_require_grad(make_sparse):
+    from longattn.sparse import HiP, Duo, HeadPattern, Streaming
+
+    sparse = {"hip": lambda: HiP(), "streaming": lambda: Streaming(4, 16),
+              "duo": lambda: Duo(HeadPattern(((True, False),)), 0)}[make_sparse]()
+    q = torch.randn(1, 40, 2, 16, requires_grad=True)
+    k = torch.randn(1, 40, 2, 16)
+    with pytest.raises(UnsupportedFeatureError, match="forward-only"):
+        longattn.attention(q, k, k, causal=True, sparse=sparse)
+    with torch.no_grad():  # inference is what they are for
+        assert longattn.attention(q, k, k, causal=True, sparse=sparse).shape == q.shape

@@ -167,8 +167,8 @@ def _cpp_machine_reasons() -> list[str]:
     from longattn.kernels import flash_cpu
 
     # While torch.compile traces, no build or file access: the last probe decides.
-    probe = flash_cpu.probed_unavailable_reason if torch.compiler.is_compiling() else flash_cpu.flash_unavailable_reason
-    reason = probe()
+    compiling = torch.compiler.is_compiling()
+    reason = flash_cpu.probed_unavailable_reason() if compiling else flash_cpu.flash_unavailable_reason()
     return [] if reason is None else [reason]
 
 

@@ -202,7 +202,6 @@ def head_index(heads: torch.Tensor) -> slice | torch.Tensor:
     return heads
 
 
-
 class DuoCache:
     """The two-part decode cache of one DuoAttention layer: a full KV cache for
     the retrieval heads and a :class:`~longattn.sparse.StreamingCache` (sinks +
