@@ -1,7 +1,8 @@
 """Dense attention through ``torch.nn.functional.scaled_dot_product_attention``.
 
 PyTorch's fused CPU (flash) kernel is the dense path on a CPU where the C++
-twin (``cpp``) cannot build, and SDPA the fast path on GPUs; but its semantics differ from longattn's contract in ways that must be bridged
+twin (``cpp``) cannot build, and SDPA the fast path on GPUs; but its
+semantics differ from longattn's contract in ways that must be bridged
 here, never passed through:
 
 - ``is_causal`` is *top-left* aligned. It equals longattn's bottom-right rule
