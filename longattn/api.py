@@ -47,7 +47,7 @@ def attention(
             ``None`` means dense attention. A sparse method brings its own
             sinks and window, so ``window_size`` must stay ``(-1, -1)``; its
             attention runs on the block-sparse twin ``backend`` names ("auto",
-            "eager" or "triton"). Sparse methods are forward-only (inference):
+            "cpp", "eager" or "triton"). Sparse methods are forward-only (inference):
             inputs that require grad are refused with a clear error.
         backend: ``"auto"`` (fastest twin that can serve), or ``"cpp"``,
             ``"sdpa"``, ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
@@ -84,7 +84,7 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-SPARSE_BACKENDS = ("auto", "eager", "triton")
+SPARSE_BACKENDS = ("auto", "cpp", "eager", "triton")
 
 
 def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend):

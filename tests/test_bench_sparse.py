@@ -15,7 +15,8 @@ def test_hip_bench_where_topk_covers_everything_measures_dense(tmp_path, capsys)
     assert "measured at hip H=8 600" in capsys.readouterr().out
     case = json.loads((tmp_path / "results.json").read_text())["cases"][0]
     methods = case["methods"]
-    assert methods["longattn hip"]["max_error"] <= 1e-5  # same keys as the primitive
+    # the same keys as the eager twin (the reference), through the C++ kernel: fp32 rounding apart
+    assert methods["longattn hip"]["max_error"] <= 1e-4
     assert methods["sdpa"]["max_error"] <= 1e-4  # dense == HiP here
     m = case["measurements"]
     assert m["recall (dense mass kept)"] > 1 - 1e-5 and m["needles seen"] == 1.0
@@ -30,7 +31,7 @@ def test_hip_bench_quick_runs(tmp_path, capsys):
         m = case["measurements"]
         assert 0 < m["recall (dense mass kept)"] <= 1 + 1e-6 and 0 <= m["needles seen"] <= 1
         assert math.isfinite(m["rel error vs dense"])
-        assert case["methods"]["longattn hip"]["max_error"] <= 1e-5
+        assert case["methods"]["longattn hip"]["max_error"] <= 1e-4  # vs the eager twin, same selection
 
 
 def test_streaming_bench_where_the_window_covers_everything_is_dense(tmp_path, capsys):

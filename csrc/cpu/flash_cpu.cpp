@@ -14,12 +14,18 @@
 //     (no packing of K), each Qt vector serves KR keys;
 //   * the online softmax is vectorised over rows (max, exp, sum per key row);
 //   * P V accumulates O[row][d] from V rows read in place, R rows x NV vectors.
-// Key tiles cover the sinks [0, sink) and the window span of the block's rows;
+// Key tiles cover the window span of the block's rows, the sinks outside it,
+// and listed keys outside both (gathered through row pointers, no copies);
 // only tiles some row sees partially are masked element by element.
 //
-// Visibility (flash-attn's convention): query row i sits at key position
-// p = i + seqlen_k - seqlen_q and sees key j iff
-//   (right < 0 or j <= p + right) and (left < 0 or j >= p - left or j < sink).
+// Visibility: query row i sits at key position p = i + seqlen_k - seqlen_q
+// and sees key j iff (not causal or j <= p) and
+//   * j is in the window: (left < 0 or j >= p - left) and (right < 0 or j <= p + right)
+//     (flash-attn's convention; dense attention passes causal folded into right = 0), or
+//   * j < sink (a sink), or
+//   * j is listed for the row's query block (block-sparse attention: the
+//     caller passes, per (batch, head, block of block_q rows), key positions
+//     or -1).
 // Rows that see nothing get out = 0, lse = -inf. lse is natural-log. Each
 // work item is computed by one thread in a fixed order: results do not
 // depend on the thread count or schedule.
@@ -63,14 +69,19 @@ struct Problem {
   int64_t o_sb, o_ss, o_sh;
   float* lse;
   int seqlen_q, seqlen_k, nheads, nheads_k, headdim, left, right, sink;
+  bool causal;
   float scale, softcap;
+  const int32_t* listed;  // (batch, nheads, query blocks, listed_per_block) key positions, -1 = none; or null
+  int listed_per_block, block_q;
 };
 
 struct Scratch {  // one per thread
   std::vector<float> qt, st, o, m, l, alpha;
+  std::vector<uint8_t> in_list;  // listed flags over the window span
+  std::vector<int64_t> keys, extra;  // a tile's key positions; listed keys outside the span
   explicit Scratch(int headdim)
       : qt(static_cast<size_t>(headdim) * BM), st(BN * BM), o(static_cast<size_t>(BM) * headdim), m(BM), l(BM),
-        alpha(BM) {}
+        alpha(BM), keys(BN) {}
 };
 
 // St[j][0..BM) = sum_d K[j][d] Qt[d][0..BM) for KR keys.
@@ -121,18 +132,21 @@ void accumulate_chunk(int nvd, const float* pt, const float* alpha, const float*
   }
 }
 
-inline bool visible(const Problem& pb, int64_t j, int64_t p) {
-  return (pb.right < 0 || j <= p + pb.right) && (pb.left < 0 || j >= p - pb.left || j < pb.sink);
+inline bool visible(const Problem& pb, int64_t j, int64_t p, bool listed) {
+  if (pb.causal && j > p) return false;
+  const bool in_window = (pb.left < 0 || j >= p - pb.left) && (pb.right < 0 || j <= p + pb.right);
+  return in_window || j < pb.sink || listed;
 }
 
-// One tile of n <= BN keys from key j0, for rows at positions p0 .. p0 + BM - 1.
-void key_tile(const Problem& pb, Scratch& s, int rows_padded, const float* k_base, const float* v_base, int64_t j0,
-              int n, int64_t p0, bool needs_mask) {
+// One tile of n <= BN keys at positions keys[0..n), for rows at positions
+// p0 .. p0 + BM - 1; listed[j] (or null: none) marks listed keys.
+void key_tile(const Problem& pb, Scratch& s, int rows_padded, const float* k_base, const float* v_base,
+              const int64_t* keys, const uint8_t* listed, int n, int64_t p0, bool needs_mask) {
   const int headdim = pb.headdim;
   const float* krow[BN];
   const float* vrow[BN];
   for (int j = 0; j < BN; ++j) {  // keys past n repeat the last one (masked out below)
-    const int64_t pos = j0 + std::min(j, n - 1);
+    const int64_t pos = keys[std::min(j, n - 1)];
     krow[j] = k_base + pos * pb.k_ss;
     vrow[j] = v_base + pos * pb.v_ss;
   }
@@ -146,7 +160,7 @@ void key_tile(const Problem& pb, Scratch& s, int rows_padded, const float* k_bas
   if (needs_mask)
     for (int j = 0; j < n_scored; ++j)
       for (int r = 0; r < BM; ++r)
-        if (j >= n || !visible(pb, j0 + j, p0 + r)) st[j * BM + r] = kNegInf;
+        if (j >= n || !visible(pb, keys[j], p0 + r, listed != nullptr && listed[j])) st[j * BM + r] = kNegInf;
   // Online softmax over the tile, BM rows at a time per vector.
   for (int c = 0; c < NQ; ++c) {
     Isa::vec tile_max = Isa::set1(kNegInf);
@@ -171,9 +185,15 @@ void key_tile(const Problem& pb, Scratch& s, int rows_padded, const float* k_bas
                        s.o.data() + static_cast<size_t>(r) * headdim, headdim);
 }
 
-void work_item(const Problem& pb, Scratch& s, int b, int h, int first_row) {
+// Every row of the item sees every key of [j0, jl] (no mask needed).
+inline bool whole_tile(const Problem& pb, int64_t j0, int64_t jl, int n, int rows, int64_t p0, int64_t p1) {
+  if (n != BN || rows != BM || (pb.causal && jl > p0)) return false;
+  const bool all_in_window = (pb.left < 0 || j0 >= p1 - pb.left) && (pb.right < 0 || jl <= p0 + pb.right);
+  return all_in_window || jl < pb.sink;
+}
+
+void work_item(const Problem& pb, Scratch& s, int b, int h, int query_block, int first_row, int rows) {
   const int headdim = pb.headdim;
-  const int rows = std::min(BM, pb.seqlen_q - first_row);
   const int rows_padded = (rows + R - 1) / R * R;
   const int kv_head = h / (pb.nheads / pb.nheads_k);
   const int64_t offset = static_cast<int64_t>(pb.seqlen_k) - pb.seqlen_q;
@@ -189,22 +209,47 @@ void work_item(const Problem& pb, Scratch& s, int b, int h, int first_row) {
   std::fill(s.l.begin(), s.l.end(), 0.0f);
   const float* k_base = pb.k + b * pb.k_sb + kv_head * pb.k_sh;
   const float* v_base = pb.v + b * pb.v_sb + kv_head * pb.v_sh;
-  // Keys some row may see: the window span [lo, hi), and the sinks below it.
-  const int64_t hi = pb.right < 0 ? pb.seqlen_k : std::min<int64_t>(pb.seqlen_k, p1 + pb.right + 1);
-  int64_t lo = pb.left < 0 ? 0 : std::max<int64_t>(0, p0 - pb.left);
-  const int64_t sink_end = std::min<int64_t>({static_cast<int64_t>(pb.sink), lo, hi});
-  if (lo >= hi) lo = hi;
-  const int64_t spans[2][2] = {{0, sink_end}, {lo, hi}};
-  for (const auto& span : spans) {
-    for (int64_t j0 = span[0]; j0 < span[1]; j0 += BN) {
-      const int n = static_cast<int>(std::min<int64_t>(BN, span[1] - j0));
-      const int64_t jl = j0 + n - 1;
-      // Every row sees every key of the tile: within the right edge for the
-      // first row, and sinks or within the left edge for the last.
-      const bool whole = n == BN && rows == BM && (pb.right < 0 || jl <= p0 + pb.right) &&
-                         (pb.left < 0 || jl < pb.sink || j0 >= p1 - pb.left);
-      key_tile(pb, s, rows_padded, k_base, v_base, j0, n, p0, !whole);
+  // Keys some row may see: the window span [lo, hi) (causal: up to p1), the
+  // sinks [0, sink_end) left and right of it, and listed keys outside both.
+  const int64_t visible_end = pb.causal ? std::min<int64_t>(pb.seqlen_k, p1 + 1) : pb.seqlen_k;
+  const int64_t hi = std::max<int64_t>(0, pb.right < 0 ? visible_end : std::min(visible_end, p1 + pb.right + 1));
+  const int64_t lo = std::min(hi, pb.left < 0 ? int64_t{0} : std::max<int64_t>(0, p0 - pb.left));
+  const int64_t sink_end = std::min<int64_t>(pb.sink, visible_end);
+  const int64_t ranges[3][2] = {{0, std::min(sink_end, lo)}, {lo, hi}, {std::max(hi, lo), sink_end}};
+  const int32_t* listed = pb.listed == nullptr ? nullptr
+      : pb.listed + ((static_cast<int64_t>(b) * pb.nheads + h) * ((pb.seqlen_q + pb.block_q - 1) / pb.block_q) +
+                     query_block) * pb.listed_per_block;
+  s.extra.clear();
+  if (listed != nullptr) {
+    s.in_list.assign(static_cast<size_t>(hi - lo), 0);
+    for (int t = 0; t < pb.listed_per_block; ++t) {
+      const int64_t j = listed[t];
+      if (j < 0 || j >= visible_end || j < sink_end) continue;  // none, never visible, or a sink anyway
+      if (j >= lo && j < hi) s.in_list[j - lo] = 1;
+      else s.extra.push_back(j);
     }
+  }
+  int64_t* keys = s.keys.data();
+  for (int t = 0; t < 3; ++t) {
+    const uint8_t* flags = (t == 1 && listed != nullptr) ? s.in_list.data() : nullptr;
+    for (int64_t j0 = ranges[t][0]; j0 < ranges[t][1]; j0 += BN) {
+      const int n = static_cast<int>(std::min<int64_t>(BN, ranges[t][1] - j0));
+      for (int j = 0; j < n; ++j) keys[j] = j0 + j;
+      const bool whole = whole_tile(pb, j0, j0 + n - 1, n, rows, p0, p1);
+      key_tile(pb, s, rows_padded, k_base, v_base, keys, flags == nullptr ? nullptr : flags + (j0 - lo), n, p0,
+               !whole);
+    }
+  }
+  static const uint8_t kAllListed[BN] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  for (size_t e0 = 0; e0 < s.extra.size(); e0 += BN) {
+    const int n = static_cast<int>(std::min<size_t>(BN, s.extra.size() - e0));
+    int64_t last = 0;
+    for (int j = 0; j < n; ++j) last = std::max(last, keys[j] = s.extra[e0 + j]);
+    // listed keys are seen by every row, up to causality
+    const bool whole = n == BN && rows == BM && (!pb.causal || last <= p0);
+    key_tile(pb, s, rows_padded, k_base, v_base, keys, kAllListed, n, p0, !whole);
   }
   for (int r = 0; r < rows; ++r) {
     float* orow = pb.out + b * pb.o_sb + static_cast<int64_t>(first_row + r) * pb.o_ss + h * pb.o_sh;
@@ -240,25 +285,33 @@ extern "C" int longattn_flash_cpu(
     const float* v, int64_t v_sb, int64_t v_ss, int64_t v_sh,
     float* out, int64_t o_sb, int64_t o_ss, int64_t o_sh, float* lse,
     int batch, int seqlen_q, int seqlen_k, int nheads, int nheads_k, int headdim,
-    int window_left, int window_right, int sink, float scale, float softcap, int num_threads) {
+    int window_left, int window_right, int sink, int causal, float scale, float softcap,
+    const int32_t* listed, int listed_per_block, int block_q, int num_threads) {
 #ifdef LONGATTN_AVX2
   if (batch < 1 || seqlen_q < 1 || seqlen_k < 0 || nheads_k < 1 || nheads % nheads_k || headdim < W ||
-      headdim % W || sink < 0 || num_threads < 1)
+      headdim % W || sink < 0 || num_threads < 1 || (listed != nullptr && (block_q < 1 || listed_per_block < 0)))
     return 1;
+  // Items never straddle two query blocks of a listing: each block of block_q
+  // rows splits into pieces of at most BM rows.
+  const int bq = listed == nullptr ? BM : block_q;
   const Problem pb{q, k, v, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, out, o_sb, o_ss, o_sh, lse,
-                   seqlen_q, seqlen_k, nheads, nheads_k, headdim, window_left, window_right, sink, scale, softcap};
-  const int blocks = (seqlen_q + BM - 1) / BM;
-  const int64_t items = static_cast<int64_t>(batch) * nheads * blocks;
+                   seqlen_q, seqlen_k, nheads, nheads_k, headdim, window_left, window_right, sink, causal != 0,
+                   scale, softcap, listed, listed_per_block, bq};
+  const int blocks = (seqlen_q + bq - 1) / bq, pieces = (bq + BM - 1) / BM;
+  const int64_t items = static_cast<int64_t>(batch) * nheads * blocks * pieces;
 #pragma omp parallel num_threads(num_threads)
   {
     Scratch s(headdim);
     // Items differ in cost (causal rows see more keys the later they sit): hand them out dynamically.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
-      const int block = static_cast<int>(it % blocks);
-      const int h = static_cast<int>((it / blocks) % nheads);
-      const int b = static_cast<int>(it / blocks / nheads);
-      work_item(pb, s, b, h, block * BM);
+      const int piece = static_cast<int>(it % pieces);
+      const int block = static_cast<int>((it / pieces) % blocks);
+      const int h = static_cast<int>((it / pieces / blocks) % nheads);
+      const int b = static_cast<int>(it / pieces / blocks / nheads);
+      const int first_row = block * bq + piece * BM;
+      const int rows = std::min({BM, bq - piece * BM, seqlen_q - first_row});
+      if (rows > 0) work_item(pb, s, b, h, block, first_row, rows);
     }
   }
   return 0;
@@ -266,7 +319,7 @@ extern "C" int longattn_flash_cpu(
   (void)q; (void)q_sb; (void)q_ss; (void)q_sh; (void)k; (void)k_sb; (void)k_ss; (void)k_sh; (void)v; (void)v_sb;
   (void)v_ss; (void)v_sh; (void)out; (void)o_sb; (void)o_ss; (void)o_sh; (void)lse; (void)batch; (void)seqlen_q;
   (void)seqlen_k; (void)nheads; (void)nheads_k; (void)headdim; (void)window_left; (void)window_right; (void)sink;
-  (void)scale; (void)softcap; (void)num_threads;
+  (void)causal; (void)scale; (void)softcap; (void)listed; (void)listed_per_block; (void)block_q; (void)num_threads;
   return 2;
 #endif
 }

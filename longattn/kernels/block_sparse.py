@@ -135,9 +135,10 @@ def block_sparse_attention(
         block_q, block_k: queries per query block, keys per key block (>= 1).
         sink_size, window_size: >= 0.
         causal, softmax_scale, softcap, return_lse: as in :func:`longattn.attention`.
-        backend: ``"eager"`` (PyTorch, the CPU path), ``"triton"`` (CUDA, or
-            CPU under ``TRITON_INTERPRET=1`` for verification) or ``"auto"``
-            (Triton on CUDA tensors, else eager).
+        backend: ``"cpp"`` (the C++ flash kernel, CPU, window_size >= 1),
+            ``"eager"`` (PyTorch), ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1`` for verification) or ``"auto"`` (Triton
+            on CUDA tensors, else cpp where it can serve, else eager).
 
     Returns:
         ``out`` like q, or ``(out, lse)`` with ``lse (batch, nheads, seqlen_q)`` float32.
@@ -155,21 +156,42 @@ def block_sparse_attention(
     return (out, lse) if return_lse else out
 
 
-BACKENDS = ("auto", "eager", "triton")
+BACKENDS = ("auto", "cpp", "eager", "triton")
+
+
+def cpp_reasons(q: torch.Tensor, layout: BlockSparseLayout) -> list[str]:
+    """Why the C++ flash kernel cannot serve this block-sparse call (empty: it can)."""
+    from longattn.kernels.flash_cpu import flash_unavailable_reason
+
+    reasons = [] if q.device.type == "cpu" else [f"CPU only, q is on {q.device.type}"]
+    if layout.window_size < 1:
+        reasons.append("window_size 0 (no window) is served by the eager twin")
+    if not reasons and (why := flash_unavailable_reason()) is not None:
+        reasons.append(why)
+    return reasons
 
 
 def block_sparse_forward(q, k, v, key_blocks, layout: BlockSparseLayout, *, scale: float, softcap: float,
                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """The twin ``backend`` names (validated inputs): ``(out, lse)``."""
+    """The twin ``backend`` names (validated inputs): ``(out, lse)``. ``auto``:
+    Triton on CUDA, the C++ flash kernel on a CPU where it builds, else eager."""
     from longattn.errors import BackendUnavailableError
     from longattn.kernels import triton_support
 
     if backend not in BACKENDS:
         raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("auto", "cpp") and not q.is_cuda:
+        reasons = cpp_reasons(q, layout)
+        if backend == "cpp" and reasons:
+            raise BackendUnavailableError("backend='cpp' cannot serve this block-sparse call:", {"cpp": reasons})
+        if not reasons:
+            from longattn.kernels.flash_cpu import block_sparse_forward_cpp
+
+            return block_sparse_forward_cpp(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
     triton_reasons = triton_support.machine_reasons() + triton_support.call_reasons(q)
     if backend == "triton" and triton_reasons:
-        raise BackendUnavailableError(
-            "backend='triton' cannot serve this block-sparse call: " + "; ".join(triton_reasons))
+        raise BackendUnavailableError("backend='triton' cannot serve this block-sparse call:",
+                                      {"triton": triton_reasons})
     if backend == "triton" or (backend == "auto" and q.is_cuda and not triton_reasons):
         from longattn.kernels.block_sparse_triton import block_sparse_forward_triton
 

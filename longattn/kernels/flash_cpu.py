@@ -39,7 +39,8 @@ _ARGTYPES = [
     _PTR, _I64, _I64, _I64,  # v
     _PTR, _I64, _I64, _I64, _PTR,  # out, its strides, lse
     _INT, _INT, _INT, _INT, _INT, _INT,  # batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim
-    _INT, _INT, _INT, _FLOAT, _FLOAT, _INT,  # window left/right, sink, scale, softcap, threads
+    _INT, _INT, _INT, _INT, _FLOAT, _FLOAT,  # window left/right, sink, causal, scale, softcap
+    _PTR, _INT, _INT, _INT,  # listed key positions, their count per query block, block_q, threads
 ]
 
 
@@ -82,11 +83,18 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def flash_forward_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0, sink: int = 0, build_flags: tuple[str, ...] = (),
+    softcap: float = 0.0, sink: int = 0, causal: bool = False, listed: torch.Tensor | None = None,
+    block_q: int = 1, build_flags: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``; inputs already validated (:func:`longattn.attention`).
-    ``window = (left, right)``, -1 unbounded; ``sink``: leading keys every
-    query sees regardless of the left window (still subject to the right)."""
+
+    Query ``i`` (at key position ``p = i + seqlen_k - seqlen_q``) sees key
+    ``j`` iff (not ``causal`` or ``j <= p``) and (``j`` is in the window
+    ``(left, right)`` -- flash-attn's, -1 unbounded; dense attention passes
+    causality as ``right = 0`` -- or ``j < sink``, or ``j`` is listed).
+    ``listed``: ``(batch, nheads, ceil(seqlen_q / block_q), n)`` int32 key
+    positions seen by the rows of each query block of ``block_q`` rows, -1
+    for none (block-sparse attention), or None."""
     fn = _kernel(build_flags)
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -101,14 +109,35 @@ def flash_forward_cpu(
         out = torch.empty(batch, seqlen_q, nheads, headdim + pad, dtype=torch.float32)
     # headdim innermost and contiguous (the kernel's one requirement on strides)
     qf, kf, vf = (t if t.stride(3) == 1 else t.contiguous() for t in (qf, kf, vf))
+    if listed is not None:
+        listed = listed.to(torch.int32).contiguous()
     status = fn(
         qf.data_ptr(), *_strides(qf), kf.data_ptr(), *_strides(kf), vf.data_ptr(), *_strides(vf),
         out.data_ptr(), *_strides(out), lse.data_ptr(),
         batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim + pad,
-        window[0], window[1], sink, scale, softcap, torch.get_num_threads(),
+        window[0], window[1], sink, int(causal), scale, softcap,
+        None if listed is None else listed.data_ptr(), 0 if listed is None else listed.shape[-1], block_q,
+        torch.get_num_threads(),
     )
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu rejected its arguments (status {status}); this is a bug")
     if pad:
         out = out[..., :headdim]
     return out.to(q.dtype) if q.dtype != torch.float32 or pad else out, lse
+
+
+def block_sparse_forward_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_blocks: torch.Tensor, layout,
+                             *, scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention (:mod:`longattn.kernels.block_sparse`'s rule,
+    validated inputs, ``layout.window_size >= 1``) on the kernel: listed key
+    blocks become listed key positions per query block; the window is
+    ``(window - 1, 0)`` causal or ``(window - 1, window - 1)`` otherwise."""
+    w = layout.window_size - 1
+    listed = None
+    if key_blocks.shape[-1]:
+        offsets = torch.arange(layout.block_k, device=key_blocks.device)
+        positions = (key_blocks.long()[..., None] * layout.block_k + offsets).flatten(-2)
+        invalid = (key_blocks[..., None] < 0).expand(*key_blocks.shape, layout.block_k).flatten(-2)
+        listed = torch.where(invalid | (positions >= layout.seqlen_k), -1, positions).to(torch.int32)
+    return flash_forward_cpu(q, k, v, scale=scale, window=(w, 0 if layout.causal else w), softcap=softcap,
+                             sink=layout.sink_size, causal=layout.causal, listed=listed, block_q=layout.block_q)

@@ -82,7 +82,7 @@ class HiP:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Select key blocks (no gradient flows through the choice), then attend
         over them, the sinks and the window: ``(out, lse)``. ``backend`` picks
-        the block-sparse twin ("auto", "eager", "triton"). Inputs are
+        the block-sparse twin ("auto", "cpp", "eager", "triton"). Inputs are
         validated by :func:`longattn.attention`."""
         from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_forward
         from longattn.sparse.hip_mask import hip_select_blocks

@@ -13,12 +13,12 @@ assume) or are re-rotated into the cache (StreamingLLM's reference) is the
 caller's choice.
 
 Prefill cost is ``seqlen * (sink_size + window_size)`` per head, never a dense
-pass. On the CPU (``backend="auto"``) it is the C++ flash kernel with a sink
-and a left window (:mod:`longattn.kernels.flash_cpu`), which visits only the
-sink and window tiles; ``backend="eager"`` (or no compiler) runs PyTorch's
-fused kernel over each chunk's window span
-(:func:`streaming_prefill_chunked`); elsewhere the block-sparse primitive
-with no listed blocks.
+pass: it is the block-sparse primitive with no listed blocks, which on a CPU
+(``backend="auto"`` or ``"cpp"``) runs the C++ flash kernel with a sink and
+a left window (:mod:`longattn.kernels.flash_cpu`: only the sink and window
+tiles are visited). ``backend="eager"`` on a CPU, or ``"auto"`` without the
+C++ kernel, runs PyTorch's fused kernel over each chunk's window span
+(:func:`streaming_prefill_chunked`).
 """
 
 from __future__ import annotations
@@ -65,15 +65,13 @@ class Streaming:
 
         if not causal:
             raise ArgumentError("sparse=Streaming(...) is defined for causal attention; pass causal=True")
-        if backend == "auto" and q.device.type == "cpu":
-            from longattn.kernels.flash_cpu import flash_forward_cpu, flash_unavailable_reason
+        from longattn.kernels.block_sparse import cpp_reasons
 
-            if flash_unavailable_reason() is None:  # the C++ kernel: only the sink and window tiles
-                return flash_forward_cpu(q, k, v, scale=scale, window=(self.window_size - 1, 0), softcap=softcap,
-                                         sink=self.sink_size)
-        if backend in ("auto", "eager") and softcap == 0 and q.device.type == "cpu" and _fused_available():
-            return streaming_prefill_chunked(q, k, v, self.sink_size, self.window_size, scale=scale)
         layout = BlockSparseLayout(q.shape[1], k.shape[1], QUERY_BLOCK, 1, self.sink_size, self.window_size, True)
+        # On a CPU without the C++ kernel, PyTorch's fused kernel per chunk beats the eager block-sparse twin.
+        no_cpp = backend == "auto" and bool(cpp_reasons(q, layout))
+        if (backend == "eager" or no_cpp) and softcap == 0 and q.device.type == "cpu" and _fused_available():
+            return streaming_prefill_chunked(q, k, v, self.sink_size, self.window_size, scale=scale)
         no_blocks = torch.empty(q.shape[0], q.shape[2], layout.num_q_blocks, 0, dtype=torch.long, device=q.device)
         return block_sparse_forward(q, k, v, no_blocks, layout, scale=scale, softcap=softcap, backend=backend)
 

@@ -39,17 +39,24 @@ def block_sparse_cases(draw):
         draw(st.sampled_from([0.0, 3.0])), seed
 
 
-@given(block_sparse_cases())
-def test_matches_oracle_with_the_dense_mask(case):
+@given(block_sparse_cases(), st.sampled_from(["auto", "cpp", "eager"]))
+def test_matches_oracle_with_the_dense_mask(case, backend):
+    from longattn.errors import BackendUnavailableError
+    from longattn.kernels.flash_cpu import flash_unavailable_reason
+
     layout, nheads, nheads_k, key_blocks, dtype, softcap, seed = case
     gen = torch.Generator().manual_seed(seed)
     headdim = 16
     q = torch.randn(1, layout.seqlen_q, nheads, headdim, generator=gen).to(dtype)
     k = torch.randn(1, layout.seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
     v = torch.randn(1, layout.seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
-    out, lse = block_sparse_attention(
-        q, k, v, key_blocks, block_q=layout.block_q, block_k=layout.block_k, sink_size=layout.sink_size,
-        window_size=layout.window_size, causal=layout.causal, softcap=softcap, return_lse=True)
+    kwargs = dict(block_q=layout.block_q, block_k=layout.block_k, sink_size=layout.sink_size,
+                  window_size=layout.window_size, causal=layout.causal, softcap=softcap, return_lse=True)
+    if backend == "cpp" and (layout.window_size == 0 or flash_unavailable_reason() is not None):
+        with pytest.raises(BackendUnavailableError, match="backend='cpp'"):
+            block_sparse_attention(q, k, v, key_blocks, **kwargs, backend=backend)
+        return
+    out, lse = block_sparse_attention(q, k, v, key_blocks, **kwargs, backend=backend)
     ref_out, ref_lse = attention_ref(q, k, v, softcap=softcap, mask=layout.dense_mask(key_blocks))
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_to_oracle(out, ref_out, ref_out)
@@ -90,3 +97,16 @@ def test_bad_sizes_are_named(name, value):
     kwargs = {"block_q": 4, "block_k": 4, name: value}
     with pytest.raises(ArgumentError, match=name):
         block_sparse_attention(q, k, v, torch.full((1, 2, 3, 1), -1), **kwargs)
+
+
+def test_a_forced_twin_that_cannot_serve_says_why():
+    from longattn.errors import BackendUnavailableError
+    from longattn.kernels import triton_support
+
+    q = torch.randn(1, 8, 2, 16)
+    no_blocks = torch.full((1, 2, 1, 1), -1)
+    with pytest.raises(BackendUnavailableError, match="cpp: window_size 0"):
+        block_sparse_attention(q, q, q, no_blocks, block_q=8, block_k=4, backend="cpp")
+    if triton_support.machine_reasons() + triton_support.call_reasons(q):  # no GPU, no interpreter
+        with pytest.raises(BackendUnavailableError, match="triton:"):
+            block_sparse_attention(q, q, q, no_blocks, block_q=8, block_k=4, backend="triton")

@@ -25,21 +25,31 @@ def _skip_reason(flags: tuple[str, ...]) -> str | None:
     return None if reason is None else f"the flash kernel cannot run with build flags {flags}: {reason}"
 
 
-def _mask(seqlen_q: int, seqlen_k: int, left: int, right: int, sink: int) -> torch.Tensor:
-    """flash-attn window (left, right), -1 unbounded, plus sinks exempt from the left edge."""
+def _mask(seqlen_q, seqlen_k, left, right, sink, causal, listed=None, block_q=1):
+    """The kernel's rule: (not causal or j <= p) and (j in the window (left, right),
+    flash-attn's with -1 unbounded, or j < sink, or j listed for the row's block)."""
     p = torch.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q
     j = torch.arange(seqlen_k)[None, :]
-    ok_right = (j <= p + right) if right >= 0 else torch.ones_like(j, dtype=torch.bool) | (p < 0)
-    ok_left = ((j >= p - left) if left >= 0 else torch.ones_like(j, dtype=torch.bool) | (p < 0)) | (j < sink)
-    return ok_right & ok_left
+    in_window = ((j >= p - left) | (left < 0)) & ((j <= p + right) | (right < 0))
+    mask = in_window | (j < sink)
+    if listed is not None:  # (batch, nheads, blocks, n) positions -> (batch, nheads, seqlen_q, seqlen_k)
+        batch, nheads, blocks, _ = listed.shape
+        hit = torch.zeros(batch, nheads, blocks, seqlen_k + 1, dtype=torch.bool)
+        hit.scatter_(-1, torch.where(listed < 0, seqlen_k, listed).long(), True)
+        mask = mask | hit[..., :seqlen_k][:, :, torch.arange(seqlen_q) // block_q]
+    if causal:
+        mask = mask & (j <= p)
+    return mask
 
 
 @pytest.mark.parametrize("flags", BUILDS)
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 130), st.integers(0, 130), st.sampled_from([(1, 1), (2, 1), (4, 2)]),
        st.sampled_from([8, 16, 40, 64, 128]), st.integers(-1, 50), st.sampled_from([-1, 0, 3]), st.integers(0, 9),
-       st.sampled_from([0.0, 4.0]), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
-def test_matches_the_oracle(flags, seqlen_q, seqlen_k, heads, headdim, left, right, sink, softcap, dtype, seed):
+       st.booleans(), st.sampled_from([0.0, 4.0]), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**16))
+def test_matches_the_oracle(flags, seqlen_q, seqlen_k, heads, headdim, left, right, sink, causal, softcap, dtype,
+                            seed):
     if (why := _skip_reason(flags)) is not None:
         pytest.skip(why)
     nheads, nheads_k = heads
@@ -48,9 +58,36 @@ def test_matches_the_oracle(flags, seqlen_q, seqlen_k, heads, headdim, left, rig
     k = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
     v = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
     out, lse = flash_forward_cpu(q, k, v, scale=headdim ** -0.5, window=(left, right), softcap=softcap, sink=sink,
-                                 build_flags=flags)
-    ref_out, ref_lse = attention_ref(q, k, v, softcap=softcap, mask=_mask(seqlen_q, seqlen_k, left, right, sink))
+                                 causal=causal, build_flags=flags)
+    mask = _mask(seqlen_q, seqlen_k, left, right, sink, causal)
+    ref_out, ref_lse = attention_ref(q, k, v, softcap=softcap, mask=mask)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close_to_oracle(out, ref_out, ref_out)
+    assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
+
+
+@pytest.mark.parametrize("flags", BUILDS)
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 200), st.sampled_from([(1, 1), (2, 1)]), st.sampled_from([1, 7, 48, 64]),
+       st.integers(0, 40), st.integers(-1, 30), st.integers(0, 5), st.booleans(), st.integers(0, 2**16))
+def test_listed_keys_match_the_oracle(flags, seqlen_q, seqlen_k, heads, block_q, n_listed, left, sink, causal, seed):
+    """Block-sparse mode: per block of block_q query rows, listed key
+    positions (-1 padding, in any order) seen besides the window and sinks."""
+    if (why := _skip_reason(flags)) is not None:
+        pytest.skip(why)
+    nheads, nheads_k = heads
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, seqlen_q, nheads, 32, generator=gen)
+    k = torch.randn(1, seqlen_k, nheads_k, 32, generator=gen)
+    v = torch.randn(1, seqlen_k, nheads_k, 32, generator=gen)
+    blocks = -(-seqlen_q // block_q)
+    listed = torch.stack([torch.randperm(seqlen_k + 5, generator=gen)[:n_listed] for _ in range(nheads * blocks)])
+    listed = torch.where(listed >= seqlen_k, -1, listed).reshape(1, nheads, blocks, -1).to(torch.int32)
+    right = 0 if causal else left
+    out, lse = flash_forward_cpu(q, k, v, scale=0.2, window=(left, right), sink=sink, causal=causal, listed=listed,
+                                 block_q=block_q, build_flags=flags)
+    mask = _mask(seqlen_q, seqlen_k, left, right, sink, causal, listed, block_q)
+    ref_out, ref_lse = attention_ref(q, k, v, softmax_scale=0.2, mask=mask)
     assert_close_to_oracle(out, ref_out, ref_out)
     assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
 
