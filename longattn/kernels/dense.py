@@ -4,7 +4,7 @@ Twins (priority order for ``backend="auto"``):
 
 - ``cpp``: the C++ CPU flash kernel (``csrc/cpu/flash_cpu.cpp``): every CPU
   call (windows, softcap, GQA, any head dim), float32 math, AVX-512 or AVX2.
-  The fastest CPU path where it builds (causal fp32 1.4x-2.6x faster than
+  The fastest CPU path where it builds (causal fp32 1.75x-2.3x faster than
   SDPA at 1k-32k tokens here), skipped without a compiler or AVX2.
 - ``sdpa``: PyTorch's fused kernel, where its semantics can be matched
   exactly (no softcap, no left window; bottom-right causal via a mask when
