@@ -132,8 +132,8 @@ def flash_forward_cpu(
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu rejected its arguments (status {status}); this is a bug")
     if pad:
-        out = out[..., :headdim]
-    return out.to(q.dtype) if q.dtype != torch.float32 or pad else out, lse
+        out = out[..., :headdim].contiguous()  # the contract's output is contiguous like q
+    return out.to(q.dtype), lse
 
 
 def block_sparse_forward_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_blocks: torch.Tensor, layout,

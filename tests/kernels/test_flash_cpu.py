@@ -131,3 +131,11 @@ def test_head_major_copies_give_the_same_bits(monkeypatch, window):
     ref_out, ref_lse = attention_ref(q, k, v, softmax_scale=0.2, window_size=window)
     assert_close_to_oracle(head_major[0], ref_out, ref_out)
     assert_close_to_oracle(head_major[1], ref_lse, ref_lse, name="lse")
+
+
+def test_output_is_contiguous_for_padded_head_dims():
+    if (why := _skip_reason(())) is not None:
+        pytest.skip(why)
+    q = torch.randn(1, 9, 2, 40)
+    out, lse = flash_forward_cpu(q, q, q, scale=0.1, window=(-1, 0))
+    assert out.is_contiguous() and out.shape == q.shape and lse.is_contiguous()
