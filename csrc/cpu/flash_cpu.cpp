@@ -36,6 +36,7 @@
 // headdim must be a multiple of the vector width (the caller pads).
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -240,16 +241,18 @@ void work_item(const Problem& pb, Scratch& s, int b, int h, int query_block, int
                !whole);
     }
   }
-  static const uint8_t kAllListed[BN] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                         1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                         1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  static const std::array<uint8_t, BN> kAllListed = [] {
+    std::array<uint8_t, BN> flags{};
+    flags.fill(1);
+    return flags;
+  }();
   for (size_t e0 = 0; e0 < s.extra.size(); e0 += BN) {
     const int n = static_cast<int>(std::min<size_t>(BN, s.extra.size() - e0));
     int64_t last = 0;
     for (int j = 0; j < n; ++j) last = std::max(last, keys[j] = s.extra[e0 + j]);
     // listed keys are seen by every row, up to causality
     const bool whole = n == BN && rows == BM && (!pb.causal || last <= p0);
-    key_tile(pb, s, rows_padded, k_base, v_base, keys, kAllListed, n, p0, !whole);
+    key_tile(pb, s, rows_padded, k_base, v_base, keys, kAllListed.data(), n, p0, !whole);
   }
   for (int r = 0; r < rows; ++r) {
     float* orow = pb.out + b * pb.o_sb + static_cast<int64_t>(first_row + r) * pb.o_ss + h * pb.o_sh;
