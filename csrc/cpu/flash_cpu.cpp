@@ -3,11 +3,12 @@
 // Why our own: PyTorch's fused CPU kernel runs its block products through a
 // BLAS that, on this AMD machine, uses 256-bit code (~186 GFLOP/s on two
 // cores against a 455 GFLOP/s AVX-512 FMA peak); these AVX-512 micro-kernels
-// reach ~260-310. And it visits only the key tiles a query block can see, so
+// reach ~260-330. And it visits only the key tiles a query block can see, so
 // a sliding window (StreamingLLM's sinks + window) costs ~seqlen * (sink +
 // window), never a dense pass.
 //
-// Work item: (batch, head, block of BM query rows). Its queries, pre-scaled,
+// Work item: (batch, head, block of BM query rows; with listed keys, pieces
+// of at most BM rows of one listing block of block_q). Its queries, pre-scaled,
 // are stored transposed (Qt[d][row]) once, so that
 //   * scores of a tile of keys come out key-major, St[key][row] += K[key][d] *
 //     Qt[d][row]: each K element is broadcast straight from its row in memory
