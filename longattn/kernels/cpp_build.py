@@ -86,10 +86,14 @@ def load_library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     ).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         # Build into a temporary name, then rename: concurrent first uses
         # (e.g. torchrun ranks) never load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        except OSError as exc:  # a read-only home, say: the PyTorch twins serve instead
+            raise BuildError(f"cannot write the kernel cache {target.parent} ({exc}); "
+                             "set LONGATTN_CACHE_DIR to a writable directory") from exc
         os.close(fd)
         try:
             run = subprocess.run(

@@ -139,3 +139,15 @@ def test_output_is_contiguous_for_padded_head_dims():
     q = torch.randn(1, 9, 2, 40)
     out, lse = flash_forward_cpu(q, q, q, scale=0.1, window=(-1, 0))
     assert out.is_contiguous() and out.shape == q.shape and lse.is_contiguous()
+
+
+def test_an_unwritable_kernel_cache_is_a_build_error_not_a_crash(tmp_path, monkeypatch):
+    """A read-only cache directory makes the C++ kernels unavailable (with the
+    reason), so callers fall back to the PyTorch twins instead of failing."""
+    from longattn.kernels.cpp_build import BuildError, load_library
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("LONGATTN_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(BuildError, match="LONGATTN_CACHE_DIR"):
+        load_library("flash_cpu.cpp", ("-DLONGATTN_CACHE_TEST",))  # a flag no cached build has
