@@ -145,6 +145,10 @@ def test_auto_prefers_cpp_then_sdpa_where_it_serves_and_eager_otherwise():
     if flash_unavailable_reason() is None:
         assert DENSE_BACKENDS.select(plain, "auto").name == "cpp"
         assert DENSE_BACKENDS.select(capped, "auto").name == "cpp"
+        # a few queries: SDPA where it serves, else still the C++ kernel (not eager)
+        short = q[:, :4]
+        assert DENSE_BACKENDS.select(DenseCall(short, q, q, 0.1, (-1, 0), 0.0, need_lse=False), "auto").name == "sdpa"
+        assert DENSE_BACKENDS.select(DenseCall(short, q, q, 0.1, (-1, 0), 5.0, need_lse=False), "auto").name == "cpp"
     else:
         assert DENSE_BACKENDS.select(plain, "auto").name == "sdpa"
         assert DENSE_BACKENDS.select(capped, "auto").name == "eager"

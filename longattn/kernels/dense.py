@@ -5,7 +5,8 @@ Twins (priority order for ``backend="auto"``):
 - ``cpp``: the C++ CPU flash kernel (``csrc/cpu/flash_cpu.cpp``): every CPU
   call (windows, softcap, GQA, any head dim), float32 math, AVX-512 or AVX2.
   The fastest CPU path where it builds (causal fp32 1.75x-2.3x faster than
-  SDPA at 1k-32k tokens here), skipped without a compiler or AVX2.
+  SDPA at 1k-32k tokens here), skipped without a compiler or AVX2, and by
+  ``auto`` for fewer than 16 queries where SDPA can serve (faster there).
 - ``sdpa``: PyTorch's fused kernel, where its semantics can be matched
   exactly (no softcap, no left window; bottom-right causal via a mask when
   ``seqlen_q != seqlen_k``).
@@ -172,12 +173,25 @@ def _cpp_machine_reasons() -> list[str]:
     return [] if reason is None else [reason]
 
 
+# Below this many queries the kernel's 48-row blocks are mostly padding and
+# SDPA is up to 1.5x faster (at 16 they are even here); decode_attention is
+# faster than both for a few queries over a long cache.
+CPP_MIN_SEQLEN_Q = 16
+
+
+def _cpp_auto_reasons(call: DenseCall) -> list[str]:
+    if call.seqlen_q < CPP_MIN_SEQLEN_Q and not SDPA.reasons(call):
+        return [f"seqlen_q {call.seqlen_q} < {CPP_MIN_SEQLEN_Q}: SDPA serves short query runs faster"]
+    return []
+
+
 CPP = Backend[DenseCall](
     name="cpp",
     description="C++ CPU flash kernel (AVX-512/AVX2; windows, softcap, GQA, any head dim)",
     run=lambda call: run_twin("cpp", call),
     machine_reasons=_cpp_machine_reasons,
     call_reasons=lambda call: [] if call.q.device.type == "cpu" else [f"CPU only, q is on {call.q.device.type}"],
+    auto_reasons=lambda call: _cpp_auto_reasons(call),
 )
 
 

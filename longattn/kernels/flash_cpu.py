@@ -32,8 +32,10 @@ SOURCE = "flash_cpu.cpp"
 # Head dims are padded to a multiple of this (AVX-512's 16 floats; AVX2's 8 divides it).
 HEADDIM_MULTIPLE = 16
 # Key spans from this many keys up are read from head-major copies of K/V
-# (below: the copy costs what it saves).
+# when each kv head serves at least this many query rows (below either, the
+# copy costs more than the ~12% it saves).
 HEAD_MAJOR_MIN_KEYS = 8192
+HEAD_MAJOR_MIN_ROWS = 4096
 
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [
@@ -113,7 +115,8 @@ def flash_forward_cpu(
     # headdim innermost and contiguous (the kernel's one requirement on strides)
     qf, kf, vf = (t if t.stride(3) == 1 else t.contiguous() for t in (qf, kf, vf))
     long_span = listed is None and (window[0] < 0 or window[0] >= HEAD_MAJOR_MIN_KEYS)
-    if long_span and seqlen_k >= HEAD_MAJOR_MIN_KEYS and nheads_k > 1 and kf.stride(1) != kf.shape[-1]:
+    many_rows = seqlen_q * (nheads // nheads_k) >= HEAD_MAJOR_MIN_ROWS
+    if long_span and many_rows and seqlen_k >= HEAD_MAJOR_MIN_KEYS and nheads_k > 1 and kf.stride(1) != kf.shape[-1]:
         # Token-major K/V put consecutive keys of one head nheads_k rows apart,
         # each on its own 4 KiB page for 8+ heads of 128: a pass over tens of
         # thousands of keys then misses the TLB on almost every row. Head-major

@@ -126,6 +126,7 @@ def test_head_major_copies_give_the_same_bits(monkeypatch, window):
     k, v = (torch.randn(1, 90, 2, 32, generator=gen) for _ in range(2))
     token_major = flash_forward_cpu(q, k, v, scale=0.2, window=window)
     monkeypatch.setattr(flash_cpu, "HEAD_MAJOR_MIN_KEYS", 16)
+    monkeypatch.setattr(flash_cpu, "HEAD_MAJOR_MIN_ROWS", 16)
     head_major = flash_forward_cpu(q, k, v, scale=0.2, window=window)
     assert torch.equal(token_major[0], head_major[0]) and torch.equal(token_major[1], head_major[1])
     ref_out, ref_lse = attention_ref(q, k, v, softmax_scale=0.2, window_size=window)
