@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from longattn.decode.cache import check_cache
-from longattn.decode.plan import DecodePlan
+from longattn.kernels.decode.cache import check_cache
+from longattn.kernels.decode.plan import DecodePlan
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.kernels.decode import DECODE_BACKENDS, DecodeCall
 from longattn.validation import check_attention_options, check_tensor

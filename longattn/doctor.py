@@ -61,8 +61,8 @@ def collect() -> dict[str, Any]:
 
 def _cpu_kernels() -> dict[str, str | None]:
     """Each C++ CPU kernel outside the registries: None when it builds and loads, else why not."""
-    from longattn.kernels.flash_cpu import flash_unavailable_reason
-    from longattn.kernels.hip_score_cpu import score_unavailable_reason
+    from longattn.kernels.dense.cpp import flash_unavailable_reason
+    from longattn.kernels.hip_score.cpp import score_unavailable_reason
 
     return {
         "HiP tree search (csrc/cpu/hip_score.cpp; else the PyTorch search)": score_unavailable_reason(),

@@ -137,7 +137,7 @@ def test_deterministic_bitwise(window_size):
 
 def test_auto_prefers_cpp_then_sdpa_where_it_serves_and_eager_otherwise():
     from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
-    from longattn.kernels.flash_cpu import flash_unavailable_reason
+    from longattn.kernels.dense.cpp import flash_unavailable_reason
 
     q = torch.randn(1, 16, 2, 32)
     plain = DenseCall(q, q, q, 0.1, (-1, 0), 0.0, need_lse=False)

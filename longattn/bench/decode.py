@@ -5,7 +5,7 @@ One query token per sequence, Hq=32, Hkv=8, D=128 (GQA 4). Cases: batch 1 at
 bfloat16, contiguous and paged (page_size 256, pages shuffled) caches.
 Methods:
 
-- ``longattn cpu``: ``decode_attention(backend="cpu")``, the C++ stream-K kernel;
+- ``longattn cpp``: ``decode_attention(backend="cpp")``, the C++ stream-K kernel;
 - ``longattn eager``: ``backend="eager"``, the PyTorch twin;
 - ``sdpa``: ``F.scaled_dot_product_attention(enable_gqa=True)`` over the
   contiguous cache (ragged lengths through a boolean key mask). For paged
@@ -131,7 +131,7 @@ def decode_scenario(index: int) -> Scenario:
     """Case number ``index`` (1-based) of :data:`FULL`, or of :data:`QUICK` from ``QUICK_OFFSET + 1`` on."""
     spec = QUICK[index - QUICK_OFFSET - 1] if index > QUICK_OFFSET else FULL[index - 1]
     methods = [
-        Method("longattn cpu", no_setup(_decode("cpu"))),
+        Method("longattn cpp", no_setup(_decode("cpp"))),
         Method("longattn eager", no_setup(_decode("eager"))),
         Method("sdpa", no_setup(run_sdpa)),
     ]
@@ -153,7 +153,7 @@ def decode_scenario(index: int) -> Scenario:
         reference=decode_reference,
         # The issue's targets are for the full-size cases; --quick cases are too small to be memory-bound.
         targets=() if index > QUICK_OFFSET else (Target(
-            "longattn cpu", None if speedup is None else 1.0 / speedup, note, MIN_BANDWIDTH
+            "longattn cpp", None if speedup is None else 1.0 / speedup, note, MIN_BANDWIDTH
         ),),
         bytes_read=cache_bytes,
     )

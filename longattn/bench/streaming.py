@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import longattn
 from longattn.bench.scenarios import Group, Method, MethodUnavailable, Scenario, Target, Timed, no_setup, register_group
 from longattn.kernels.block_sparse import BlockSparseLayout
-from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
+from longattn.kernels.block_sparse.eager import block_sparse_forward_eager
 from longattn.sparse import Streaming
 
 NHEADS, HEADDIM = 8, 128

@@ -74,7 +74,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from longattn.decode.plan import plan_decode
+from longattn.kernels.decode.plan import plan_decode
 from longattn.errors import ArgumentError
 from longattn.validation import check_int
 

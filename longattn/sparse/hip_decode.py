@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.decode.cache import CacheView
+from longattn.kernels.decode.cache import CacheView
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.kernels.block_sparse import BlockSparseLayout
-from longattn.kernels.block_sparse_eager import KeyRows, block_sparse_rows_eager
+from longattn.kernels.block_sparse.eager import KeyRows, block_sparse_rows_eager
 from longattn.sparse.hip import HiP
 from longattn.sparse.hip_mask import select_blocks
 

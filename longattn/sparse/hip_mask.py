@@ -32,7 +32,7 @@ import torch
 
 from longattn.errors import ArgumentError
 from longattn.kernels.block_sparse import BlockSparseLayout
-from longattn.kernels.block_sparse_eager import KeyRows
+from longattn.kernels.block_sparse.eager import KeyRows
 from longattn.sparse.hip import HiP
 
 # Elements of the gathered representative keys per chunk of rows: 32 MiB of float32.
@@ -61,7 +61,7 @@ def hip_select_blocks(
         q: ``(batch, seqlen_q, nheads, headdim)``; k ``(batch, seqlen_k, nheads_k, headdim)``.
         config: the :class:`~longattn.sparse.HiP` settings.
         causal: bottom-right causal alignment, as in :func:`longattn.attention`.
-        backend: who scores branches: ``"cpu"`` (the C++ kernel, every round
+        backend: who scores branches: ``"cpp"`` (the C++ kernel, every round
             in one call), ``"triton"`` (a Triton kernel per round: CUDA, or CPU
             under ``TRITON_INTERPRET=1``), ``"eager"`` (PyTorch), or ``"auto"``
             (Triton on CUDA; the C++ kernel on CPU when it builds here, else
@@ -96,7 +96,7 @@ def select_blocks(
 
     if rounds:
         scorer = _BranchScorer(q, keys, layout, config, end, _scoring_backend(backend, q))
-        if scorer.backend == "cpu":  # every round in one C++ call
+        if scorer.backend == "cpp":  # every round in one C++ call
             starts, ends = scorer.search(starts, ends, rounds)
         else:
             for _ in range(rounds):
@@ -115,26 +115,26 @@ def select_blocks(
     return ordered.reshape(batch, nheads, nqb, nb)
 
 
-SCORING_BACKENDS = ("auto", "cpu", "triton", "eager")
+SCORING_BACKENDS = ("auto", "cpp", "triton", "eager")
 
 
 def _scoring_backend(backend: str, q: torch.Tensor) -> str:
     from longattn.errors import BackendUnavailableError
-    from longattn.kernels import triton_support
-    from longattn.kernels.hip_score_cpu import score_unavailable_reason
+    from longattn.kernels.support import triton_support
+    from longattn.kernels.hip_score.cpp import score_unavailable_reason
 
     if backend not in SCORING_BACKENDS:
         raise ArgumentError(f"backend must be one of {SCORING_BACKENDS}, got {backend!r}")
     cpu_reason = "tensors are not on the CPU" if q.device.type != "cpu" else score_unavailable_reason()
-    if backend == "cpu" and cpu_reason is not None:
-        raise BackendUnavailableError(f"backend='cpu' cannot score HiP branches here: {cpu_reason}")
+    if backend == "cpp" and cpu_reason is not None:
+        raise BackendUnavailableError(f"backend='cpp' cannot score HiP branches here: {cpu_reason}")
     triton_reasons = triton_support.machine_reasons() + triton_support.call_reasons(q)
     if backend == "triton" and triton_reasons:
         raise BackendUnavailableError("backend='triton' cannot score HiP branches here: " + "; ".join(triton_reasons))
     if backend == "auto":
         if q.is_cuda and not triton_reasons:
             return "triton"
-        return "cpu" if cpu_reason is None else "eager"
+        return "cpp" if cpu_reason is None else "eager"
     return backend
 
 
@@ -164,11 +164,11 @@ class _BranchScorer:
         self.qpos = qidx + layout.offset
         self.end = end
         self.backend = backend
-        if backend in ("cpu", "triton"):  # lanes padded by repeating the last query (the max is unchanged)
-            from longattn.kernels.hip_score_cpu import LANES
+        if backend in ("cpp", "triton"):  # lanes padded by repeating the last query (the max is unchanged)
+            from longattn.kernels.hip_score.cpp import LANES
 
             # C++: a multiple of the vector width; Triton: a power of two >= 16 (tl.dot).
-            lanes = -(-strided // LANES) * LANES if backend == "cpu" else max(16, 1 << (strided - 1).bit_length())
+            lanes = -(-strided // LANES) * LANES if backend == "cpp" else max(16, 1 << (strided - 1).bit_length())
             pad = torch.cat([torch.arange(strided), torch.zeros(lanes - strided, dtype=torch.long)])
             qidx = qidx[:, pad]
             self.padded_query_pos = (qidx + layout.offset).to(torch.int32).contiguous()
@@ -181,7 +181,7 @@ class _BranchScorer:
         # unless the rows are few (a decode step): then the C++ search reads a
         # float32 cache in place instead of copying all of it.
         rows = batch * nheads * self.nqb
-        self.in_place = (backend == "cpu" and keys.k_rows.dtype == torch.float32
+        self.in_place = (backend == "cpp" and keys.k_rows.dtype == torch.float32
                          and rows * 2 * config.num_blocks < self.seqlen_k * self.nheads_k)
         if not self.in_place:
             blocks = torch.empty(batch, self.nheads_k, nkb * bk, headdim, dtype=torch.float32, device=device)
@@ -207,8 +207,8 @@ class _BranchScorer:
         return buf[:numel]
 
     def search(self, starts: torch.Tensor, ends: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every round in the C++ kernel (``backend == "cpu"``)."""
-        from longattn.kernels.hip_score_cpu import search_blocks_cpu
+        """Every round in the C++ kernel (``backend == "cpp"``)."""
+        from longattn.kernels.hip_score.cpp import search_blocks_cpu
 
         return search_blocks_cpu(
             self.queries_t, self.padded_query_pos, self.end, self.keys if self.in_place else self.key_positions,
@@ -221,7 +221,7 @@ class _BranchScorer:
         must lie in their row's searchable block range (the search's centres
         do); rows without a range get arbitrary scores (the search ignores them)."""
         if self.backend == "triton":
-            from longattn.kernels.hip_score_triton import score_blocks_triton
+            from longattn.kernels.hip_score.triton import score_blocks_triton
 
             return score_blocks_triton(
                 self.queries_t.transpose(1, 2), self.padded_query_pos, self.end, self.key_positions, blocks,

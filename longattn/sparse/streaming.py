@@ -15,7 +15,7 @@ caller's choice.
 Prefill cost is ``seqlen * (sink_size + window_size)`` per head, never a dense
 pass: it is the block-sparse primitive with no listed blocks, which on a CPU
 (``backend="auto"`` or ``"cpp"``) runs the C++ flash kernel with a sink and
-a left window (:mod:`longattn.kernels.flash_cpu`: only the sink and window
+a left window (:mod:`longattn.kernels.dense.cpp`: only the sink and window
 tiles are visited). ``backend="eager"`` on a CPU, or ``"auto"`` without the
 C++ kernel, runs PyTorch's fused kernel over each chunk's window span
 (:func:`streaming_prefill_chunked`).

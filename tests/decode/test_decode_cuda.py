@@ -30,9 +30,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn.decode import plan_decode
-from longattn.decode.cache import check_cache
-from longattn.kernels import decode_cuda
-from longattn.kernels.decode_eager import decode_forward_eager
+from longattn.kernels.decode.cache import check_cache
+from longattn.kernels.decode import cuda as decode_cuda
+from longattn.kernels.decode.eager import decode_forward_eager
 from longattn.masking import effective_window
 from tests.decode.decode_cases import DecodeCase
 from tests.tolerance import assert_close_to_oracle

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 import longattn
 from longattn.decode import plan_decode
-from longattn.decode.cache import check_cache
+from longattn.kernels.decode.cache import check_cache
 from longattn.kernels.decode import DECODE_BACKENDS, DecodeCall
-from longattn.kernels.decode_eager import decode_forward_eager
-from longattn.kernels.decode_triton import decode_forward_triton, triton_import_error
+from longattn.kernels.decode.eager import decode_forward_eager
+from longattn.kernels.decode.triton import decode_forward_triton, triton_import_error
 from longattn.masking import effective_window
 from tests.decode.decode_cases import DecodeCase
 from tests.tolerance import assert_close_to_oracle
@@ -203,7 +203,7 @@ _AOT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from longattn.kernels import decode_triton as m
+    from longattn.kernels.decode import triton as m
 
     def compile_for(fn, ptrs, consts, arch, num_warps):
         sig = {}
@@ -238,7 +238,7 @@ def test_kernels_compile_for_gpu_targets(tmp_path):
 
 
 def test_imports_without_triton(monkeypatch):
-    from longattn.kernels import decode_triton
+    from longattn.kernels.decode import triton as decode_triton
 
     module = load_without_triton(decode_triton, monkeypatch)
     reason = module.triton_import_error()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import longattn
 from longattn.decode import plan_decode
 from longattn.errors import ArgumentError
-from longattn.kernels.decode_eager import decode_forward_streamk_eager
+from longattn.kernels.decode.eager import decode_forward_streamk_eager
 from longattn.masking import effective_window
 from tests.decode.decode_cases import decode_cases
 from tests.tolerance import assert_close_to_oracle
@@ -56,7 +56,7 @@ def test_streamk_eager_equals_oracle_for_any_worker_count(case, workers_small, b
     heads_per_tile = data.draw(st.sampled_from([1, case.nheads_k]))
     q, k_cache, v_cache, kwargs, logical_k, logical_v = case.build()
     # Append new tokens through the front door's cache logic, then run the twin on the result.
-    from longattn.decode.cache import check_cache
+    from longattn.kernels.decode.cache import check_cache
 
     view = check_cache(q, k_cache, v_cache, kwargs["cache_seqlens"], kwargs.get("block_table"),
                        kwargs.get("k_new"), kwargs.get("v_new"))

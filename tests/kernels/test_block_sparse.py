@@ -42,7 +42,7 @@ def block_sparse_cases(draw):
 @given(block_sparse_cases(), st.sampled_from(["auto", "cpp", "eager"]))
 def test_matches_oracle_with_the_dense_mask(case, backend):
     from longattn.errors import BackendUnavailableError
-    from longattn.kernels.flash_cpu import flash_unavailable_reason
+    from longattn.kernels.dense.cpp import flash_unavailable_reason
 
     layout, nheads, nheads_k, key_blocks, dtype, softcap, seed = case
     gen = torch.Generator().manual_seed(seed)
@@ -101,7 +101,7 @@ def test_bad_sizes_are_named(name, value):
 
 def test_a_forced_twin_that_cannot_serve_says_why():
     from longattn.errors import BackendUnavailableError
-    from longattn.kernels import triton_support
+    from longattn.kernels.support import triton_support
 
     q = torch.randn(1, 8, 2, 16)
     no_blocks = torch.full((1, 2, 1, 1), -1)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_attention
-from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
-from longattn.kernels.block_sparse_triton import triton_import_error
+from longattn.kernels.block_sparse.eager import block_sparse_forward_eager
+from longattn.kernels.block_sparse.triton import triton_import_error
 from longattn.reference import attention_ref
 from longattn.sparse import HiP
 from tests.tolerance import assert_close_to_oracle
@@ -92,7 +92,8 @@ _AOT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from longattn.kernels import block_sparse_triton as bs, hip_score_triton as hs
+    from longattn.kernels.block_sparse import triton as bs
+    from longattn.kernels.hip_score import triton as hs
 
     def compile_for(fn, ptrs, consts, arch, stages, fp32=("scale", "softcap")):
         sig = {name: ptrs.get(name) or ("constexpr" if name in consts else "fp32" if name in fp32 else "i32")
@@ -134,7 +135,8 @@ def test_streaming_on_the_triton_twin_matches_the_oracle():
 
 
 def test_imports_without_triton(monkeypatch):
-    from longattn.kernels import block_sparse_triton, hip_score_triton
+    from longattn.kernels.block_sparse import triton as block_sparse_triton
+    from longattn.kernels.hip_score import triton as hip_score_triton
 
     for kernel_module in (block_sparse_triton, hip_score_triton):
         module = load_without_triton(kernel_module, monkeypatch)

@@ -14,9 +14,9 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from longattn.errors import UnsupportedFeatureError
-from longattn.kernels.dense_eager import dense_forward_eager
-from longattn.kernels import dense_triton
-from longattn.kernels.dense_triton import dense_forward_triton, triton_import_error
+from longattn.kernels.dense.eager import dense_forward_eager
+from longattn.kernels.dense import triton as dense_triton
+from longattn.kernels.dense.triton import dense_forward_triton, triton_import_error
 from longattn.masking import effective_window
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle

@@ -146,16 +146,16 @@ def test_backends_select_the_same_blocks():
     torch.manual_seed(3)
     q, k = torch.randn(1, 700, 4, 64), torch.randn(1, 700, 2, 64)
     cfg = HiP(topk=32, block_q=32, block_k=2, sink_size=4, window_size=40)
-    assert torch.equal(hip_select_blocks(q, k, cfg, backend="eager"), hip_select_blocks(q, k, cfg, backend="cpu"))
+    assert torch.equal(hip_select_blocks(q, k, cfg, backend="eager"), hip_select_blocks(q, k, cfg, backend="cpp"))
     with pytest.raises(ArgumentError, match="backend"):
         hip_select_blocks(q, k, cfg, backend="gpu")
 
 
-@pytest.mark.skipif(__import__("longattn.kernels.hip_score_cpu", fromlist=["x"]).score_unavailable_reason() is not None,
+@pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
                     reason="the C++ HiP scorer does not build here")
 @pytest.mark.parametrize("build_flags", [(), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
 def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(build_flags, monkeypatch):
-    import longattn.kernels.hip_score_cpu as hsc
+    import longattn.kernels.hip_score.cpp as hsc
 
     real = hsc.search_blocks_cpu
     monkeypatch.setattr(hsc, "search_blocks_cpu", lambda *a, **kw: real(*a, **kw, build_flags=build_flags))
@@ -163,5 +163,5 @@ def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(b
     q, k = torch.randn(1, 400, 4, 40), torch.randn(1, 400, 2, 40)
     for causal in (True, False):
         cfg = HiP(topk=24, block_q=16, block_k=3, query_stride=3, sink_size=5, window_size=20)
-        assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpu"),
+        assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpp"),
                            hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))

@@ -133,7 +133,7 @@ def test_state_errors_name_the_problem():
     with pytest.raises(UnsupportedFeatureError, match="window_size"):
         longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, window_size=(8, 0))
     with pytest.raises(UnsupportedFeatureError, match="backend"):
-        longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, backend="cpu")
+        longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, backend="cpp")
     with pytest.raises(UnsupportedFeatureError, match="state"):
         longattn.decode_attention(q, k, v, cache_seqlens=lens, state=HiPDecodeState())
 
@@ -142,8 +142,8 @@ def test_state_errors_name_the_problem():
 def test_search_in_a_cache_selects_what_the_eager_search_selects_on_the_logical_keys(page_size):
     # Few rows (a decode step): the C++ search reads a float32 cache in place,
     # contiguous or paged, instead of copying it.
-    from longattn.kernels.block_sparse_eager import KeyRows
-    from longattn.kernels.hip_score_cpu import score_unavailable_reason
+    from longattn.kernels.block_sparse.eager import KeyRows
+    from longattn.kernels.hip_score.cpp import score_unavailable_reason
     from longattn.sparse import hip_select_blocks
     from longattn.sparse.hip_mask import select_blocks
 
@@ -156,6 +156,6 @@ def test_search_in_a_cache_selects_what_the_eager_search_selects_on_the_logical_
     cfg = HiP(topk=16, block_q=4, block_k=2, sink_size=3, window_size=12)
     q = torch.randn(2, 1, 4, 32, generator=gen)
     for b, n in enumerate([300, 211]):
-        in_place = select_blocks(q[b : b + 1], keys.sequence(b), n, cfg, backend="cpu")
+        in_place = select_blocks(q[b : b + 1], keys.sequence(b), n, cfg, backend="cpp")
         eager = hip_select_blocks(q[b : b + 1], k[b : b + 1, :n], cfg, backend="eager")
         assert torch.equal(in_place, eager)

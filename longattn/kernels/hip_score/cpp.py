@@ -16,8 +16,8 @@ import functools
 
 import torch
 
-from longattn.kernels.block_sparse_eager import KeyRows
-from longattn.kernels.cpp_build import load_library, unavailable_reason
+from longattn.kernels.block_sparse.eager import KeyRows
+from longattn.kernels.support.cpp_build import load_library, unavailable_reason
 
 SOURCE = "hip_score.cpp"
 # Query lanes are padded to a multiple of this (the widest vector, AVX-512's 16 floats).
@@ -66,7 +66,7 @@ def search_blocks_cpu(
     int64 initial groups -> the groups kept at the end. ``keys``: a
     ``(batch, nheads_k, positions, headdim)`` float32 copy (adjacent block
     keys), or float32 keys read in place where a
-    :class:`~longattn.kernels.block_sparse_eager.KeyRows` says (a decode cache).
+    :class:`~longattn.kernels.block_sparse.eager.KeyRows` says (a decode cache).
     Ties keep the earlier branch."""
     rows, headdim, lanes = queries_t.shape
     table, table_stride, page_size = None, 0, 0

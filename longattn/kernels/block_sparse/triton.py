@@ -1,6 +1,6 @@
 """Block-sparse attention forward, Triton twin.
 
-Same contract as :func:`longattn.kernels.block_sparse_eager.block_sparse_forward_eager`
+Same contract as :func:`longattn.kernels.block_sparse.eager.block_sparse_forward_eager`
 (the visibility rule is in :mod:`longattn.kernels.block_sparse`). One program
 owns one query block of one (batch, head) and runs one online softmax over
 three kinds of key tiles, in a fixed order: the sinks ``[0, sink_size)``,
@@ -19,7 +19,7 @@ import torch
 
 from longattn.errors import DeviceError, UnsupportedFeatureError
 from longattn.kernels.block_sparse import BlockSparseLayout
-from longattn.kernels.triton_support import MAX_HEADDIM, import_triton
+from longattn.kernels.support.triton_support import MAX_HEADDIM, import_triton
 
 triton, tl, _IMPORT_ERROR = import_triton()
 
@@ -31,7 +31,7 @@ def triton_import_error() -> str | None:
 
 
 if triton is not None:
-    from longattn.kernels.triton_math import softcap_tanh
+    from longattn.kernels.support.triton_tile import softcap_tanh
 
     @triton.jit
     def _attend_tile(q, K, V, cols, load_ok, visible, m_i, l_i, acc, offs_d, d_ok,

@@ -1,9 +1,9 @@
 """Stream-K (LeanAttention) decode attention, CUDA twin (``csrc/cuda/decode_streamk.cu``).
 
 Same signature and results as the eager twins in
-:mod:`longattn.kernels.decode_eager`; the kernels execute a
-:class:`~longattn.decode.plan.DecodePlan` as
-:func:`~longattn.kernels.decode_eager.decode_forward_streamk_eager` does.
+:mod:`longattn.kernels.decode.eager`; the kernels execute a
+:class:`~longattn.kernels.decode.plan.DecodePlan` as
+:func:`~longattn.kernels.decode.eager.decode_forward_streamk_eager` does.
 
 Shapes: q ``(batch, seqlen_q, nheads, headdim)`` (any strides, headdim <=
 256); contiguous cache ``(batch, max_seqlen, nheads_k, headdim)`` or paged
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longattn.decode.plan import DecodePlan, plan_decode
+from longattn.kernels.decode.plan import DecodePlan, plan_decode
 from longattn.errors import ArgumentError, DeviceError, DTypeError, UnsupportedFeatureError
 
-_PACKAGE = Path(__file__).resolve().parents[1]
+_PACKAGE = Path(__file__).resolve().parents[2]  # longattn/
 # A wheel carries the sources in longattn/_csrc (setup.py copies them there); a source
 # checkout (editable install) has them in csrc/ beside the package.
 SOURCE = next(

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from longattn.dispatch import Backend, Registry
-from longattn.kernels import triton_support
+from longattn.kernels.support import triton_support
 from longattn.errors import ArgumentError
-from longattn.kernels.dense_eager import dense_backward_eager, dense_forward_eager
-from longattn.kernels.dense_sdpa import lse_op_available, sdpa_attention, sdpa_forward_with_lse
+from longattn.kernels.dense.eager import dense_backward_eager, dense_forward_eager
+from longattn.kernels.dense.sdpa import lse_op_available, sdpa_attention, sdpa_forward_with_lse
 
 ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,7 +44,7 @@ SDPA_MAX_MASK_ELEMENTS = 1 << 24
 
 @dataclass(frozen=True)
 class DenseCall:
-    """One validated dense-attention request (shapes in :mod:`longattn.kernels.dense_eager`).
+    """One validated dense-attention request (shapes in :mod:`longattn.kernels.dense.eager`).
 
     ``window`` is the effective ``(left, right)`` window, causal folded in.
     """
@@ -73,11 +73,11 @@ def _forward_twin(name: str) -> ForwardFn:
     if name == "sdpa":
         return sdpa_forward_with_lse
     if name == "cpp":
-        from longattn.kernels.flash_cpu import flash_forward_cpu
+        from longattn.kernels.dense.cpp import flash_forward_cpu
 
         return flash_forward_cpu
     if name == "triton":
-        from longattn.kernels.dense_triton import dense_forward_triton
+        from longattn.kernels.dense.triton import dense_forward_triton
 
         return dense_forward_triton
     raise ArgumentError(f"twin must be one of cpp, eager, sdpa, triton, got {name!r}")
@@ -165,7 +165,7 @@ def run_twin(twin: str, call: DenseCall) -> tuple[torch.Tensor, torch.Tensor]:
 # --- cpp --------------------------------------------------------------------
 
 def _cpp_machine_reasons() -> list[str]:
-    from longattn.kernels import flash_cpu
+    from longattn.kernels.dense import cpp as flash_cpu
 
     # While torch.compile traces, no build or file access: the last probe decides.
     compiling = torch.compiler.is_compiling()

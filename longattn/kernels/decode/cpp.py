@@ -1,9 +1,9 @@
 """Decode attention, C++ CPU twin: stream-K over OpenMP threads.
 
 Same signature and results as the eager twins of
-:mod:`longattn.kernels.decode_eager`; the kernel is
+:mod:`longattn.kernels.decode.eager`; the kernel is
 ``csrc/cpu/decode_streamk.cpp`` (built on first use, see
-:mod:`longattn.kernels.cpp_build`). It streams every K/V row once and widens
+:mod:`longattn.kernels.support.cpp_build`). It streams every K/V row once and widens
 fp16/bf16 to fp32 in registers, which is what makes decode run near memory
 bandwidth instead of SDPA's ~13% (fp32) / ~2.4% (bf16) of it.
 """
@@ -15,8 +15,8 @@ import functools
 
 import torch
 
-from longattn.decode.plan import DecodePlan, plan_decode
-from longattn.kernels.cpp_build import load_library, unavailable_reason
+from longattn.kernels.decode.plan import DecodePlan, plan_decode
+from longattn.kernels.support.cpp_build import load_library, unavailable_reason
 
 SOURCE = "decode_streamk.cpp"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -92,7 +92,7 @@ def decode_forward_cpu(
     plan: DecodePlan | None = None,
     build_flags: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream-K decode on the CPU (shapes in :mod:`longattn.kernels.decode_eager`).
+    """Stream-K decode on the CPU (shapes in :mod:`longattn.kernels.decode.eager`).
 
     ``build_flags``: extra compiler flags for the kernel (a separate cached
     build), e.g. ``("-mno-avx512f",)`` to run the AVX2 path; tests use it."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from longattn.errors import DeviceError
-from longattn.kernels.triton_support import import_triton
+from longattn.kernels.support.triton_support import import_triton
 
 triton, tl, _IMPORT_ERROR = import_triton()
 

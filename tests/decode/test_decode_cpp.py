@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 import longattn
 from longattn.decode import plan_decode
-from longattn.decode.cache import check_cache
-from longattn.kernels.decode_cpu import cpu_unavailable_reason, decode_forward_cpu
-from longattn.kernels.decode_eager import decode_forward_eager
+from longattn.kernels.decode.cache import check_cache
+from longattn.kernels.decode.cpp import cpu_unavailable_reason, decode_forward_cpu
+from longattn.kernels.decode.eager import decode_forward_eager
 from longattn.masking import effective_window
 from tests.decode.decode_cases import DecodeCase, decode_cases
 from tests.tolerance import assert_close_to_oracle
@@ -95,6 +95,6 @@ def test_auto_picks_the_cpu_kernel():
     q, k_cache, v_cache, kwargs, _, _ = case.build()
     view = check_cache(q, k_cache, v_cache, kwargs["cache_seqlens"], None, None, None)
     call = DecodeCall(q, view, 0.25, (-1, 0), 0.0, None)
-    assert DECODE_BACKENDS.select(call, "auto").name == "cpu"
+    assert DECODE_BACKENDS.select(call, "auto").name == "cpp"
     out = longattn.decode_attention(q, k_cache, v_cache, **kwargs)
     assert out.shape == q.shape

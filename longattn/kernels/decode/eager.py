@@ -13,7 +13,7 @@ Alignment is bottom-right within each sequence: query ``i`` of batch entry
 
 Two twins: :func:`decode_forward_eager` attends each sequence in one piece;
 :func:`decode_forward_streamk_eager` executes a stream-K
-:class:`~longattn.decode.plan.DecodePlan` segment by segment and merges the
+:class:`~longattn.kernels.decode.plan.DecodePlan` segment by segment and merges the
 partials in the plan's fixed order: the specification the CPU, Triton and
 CUDA kernels follow.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from longattn.decode.plan import DecodePlan
+from longattn.kernels.decode.plan import DecodePlan
 from longattn.kernels.merge import merge_states
 from longattn.masking import visibility_mask
 

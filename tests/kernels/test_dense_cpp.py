@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longattn.kernels.flash_cpu import flash_forward_cpu, flash_unavailable_reason
+from longattn.kernels.dense.cpp import flash_forward_cpu, flash_unavailable_reason
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
 
@@ -117,7 +117,7 @@ def test_a_build_without_avx2_reports_itself_unavailable():
 def test_head_major_copies_give_the_same_bits(monkeypatch, window):
     """Long key spans read K/V from head-major copies (a speed choice); the
     result must not change by a bit. The threshold is lowered to reach it."""
-    from longattn.kernels import flash_cpu
+    from longattn.kernels.dense import cpp as flash_cpu
 
     if (why := _skip_reason(())) is not None:
         pytest.skip(why)
@@ -145,7 +145,7 @@ def test_output_is_contiguous_for_padded_head_dims():
 def test_an_unwritable_kernel_cache_is_a_build_error_not_a_crash(tmp_path, monkeypatch):
     """A read-only cache directory makes the C++ kernels unavailable (with the
     reason), so callers fall back to the PyTorch twins instead of failing."""
-    from longattn.kernels.cpp_build import BuildError, load_library
+    from longattn.kernels.support.cpp_build import BuildError, load_library
 
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")

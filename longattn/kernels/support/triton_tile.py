@@ -1,12 +1,12 @@
 """Small ``@triton.jit`` helpers shared by the Triton twins.
 
-Defined only when triton imports (see :func:`longattn.kernels.triton_support.import_triton`);
+Defined only when triton imports (see :func:`longattn.kernels.support.triton_support.import_triton`);
 the kernels that call them live in modules that check the same thing.
 """
 
 from __future__ import annotations
 
-from longattn.kernels.triton_support import import_triton
+from longattn.kernels.support.triton_support import import_triton
 
 triton, tl, _IMPORT_ERROR = import_triton()
 

@@ -161,7 +161,7 @@ BACKENDS = ("auto", "cpp", "eager", "triton")
 
 def cpp_reasons(q: torch.Tensor, layout: BlockSparseLayout) -> list[str]:
     """Why the C++ flash kernel cannot serve this block-sparse call (empty: it can)."""
-    from longattn.kernels.flash_cpu import flash_unavailable_reason
+    from longattn.kernels.dense.cpp import flash_unavailable_reason
 
     reasons = [] if q.device.type == "cpu" else [f"CPU only, q is on {q.device.type}"]
     if layout.window_size < 1:
@@ -176,7 +176,7 @@ def block_sparse_forward(q, k, v, key_blocks, layout: BlockSparseLayout, *, scal
     """The twin ``backend`` names (validated inputs): ``(out, lse)``. ``auto``:
     Triton on CUDA, the C++ flash kernel on a CPU where it builds, else eager."""
     from longattn.errors import BackendUnavailableError
-    from longattn.kernels import triton_support
+    from longattn.kernels.support import triton_support
 
     if backend not in BACKENDS:
         raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -185,7 +185,7 @@ def block_sparse_forward(q, k, v, key_blocks, layout: BlockSparseLayout, *, scal
         if backend == "cpp" and reasons:
             raise BackendUnavailableError("backend='cpp' cannot serve this block-sparse call:", {"cpp": reasons})
         if not reasons:
-            from longattn.kernels.flash_cpu import block_sparse_forward_cpp
+            from longattn.kernels.block_sparse.cpp import block_sparse_forward_cpp
 
             return block_sparse_forward_cpp(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
     triton_reasons = triton_support.machine_reasons() + triton_support.call_reasons(q)
@@ -193,9 +193,9 @@ def block_sparse_forward(q, k, v, key_blocks, layout: BlockSparseLayout, *, scal
         raise BackendUnavailableError("backend='triton' cannot serve this block-sparse call:",
                                       {"triton": triton_reasons})
     if backend == "triton" or (backend == "auto" and q.is_cuda and not triton_reasons):
-        from longattn.kernels.block_sparse_triton import block_sparse_forward_triton
+        from longattn.kernels.block_sparse.triton import block_sparse_forward_triton
 
         return block_sparse_forward_triton(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
-    from longattn.kernels.block_sparse_eager import block_sparse_forward_eager
+    from longattn.kernels.block_sparse.eager import block_sparse_forward_eager
 
     return block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)

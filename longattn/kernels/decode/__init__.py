@@ -2,7 +2,7 @@
 
 Twins (priority order for ``backend="auto"``):
 
-- ``cpu``: C++/OpenMP stream-K kernel, built on first use.
+- ``cpp``: C++/OpenMP stream-K kernel (``csrc/cpu``), built on first use.
 - ``triton``: stream-K kernel (GPU; on CPU only under ``TRITON_INTERPRET=1``,
   for verification, never picked by auto there).
 - ``cuda``: the same stream-K algorithm in CUDA C++, compiled at first use
@@ -10,7 +10,7 @@ Twins (priority order for ``backend="auto"``):
   by this project's tests, so auto does not pick it (force ``backend="cuda"``).
 - ``eager``: PyTorch, one piece per sequence; serves every call.
 
-Every twin takes the same arguments (see :mod:`longattn.kernels.decode_eager`)
+Every twin takes the same arguments (see :mod:`longattn.kernels.decode.eager`)
 and returns ``(out, lse)``; the GPU twins import lazily (triton and cupy are
 optional).
 """
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.decode.cache import CacheView
-from longattn.decode.plan import DecodePlan
+from longattn.kernels.decode.cache import CacheView
+from longattn.kernels.decode.plan import DecodePlan
 from longattn.dispatch import Backend, Registry
-from longattn.kernels import triton_support
-from longattn.kernels.decode_cpu import cpu_unavailable_reason, decode_forward_cpu
-from longattn.kernels.decode_cuda import MAX_HEADDIM as CUDA_MAX_HEADDIM  # imports no cupy
-from longattn.kernels.decode_cuda import cuda_unavailable_reason, decode_forward_cuda
-from longattn.kernels.decode_eager import decode_forward_eager
+from longattn.kernels.support import triton_support
+from longattn.kernels.decode.cpp import cpu_unavailable_reason, decode_forward_cpu
+from longattn.kernels.decode.cuda import MAX_HEADDIM as CUDA_MAX_HEADDIM  # imports no cupy
+from longattn.kernels.decode.cuda import cuda_unavailable_reason, decode_forward_cuda
+from longattn.kernels.decode.eager import decode_forward_eager
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def _cpu_call_reasons(call: DecodeCall) -> list[str]:
     return [] if call.q.device.type == "cpu" else [f"tensors are on {call.q.device.type}; this twin runs on cpu"]
 
 
-CPU = Backend[DecodeCall](
-    name="cpu",
+CPP = Backend[DecodeCall](
+    name="cpp",
     description="C++/OpenMP stream-K kernel (csrc/cpu), fp16/bf16 widened to fp32 in registers",
     run=lambda call: decode_forward_cpu(*call.args(), **call.kwargs(), plan=call.plan),
     machine_reasons=lambda: [r] if (r := cpu_unavailable_reason()) else [],
@@ -65,7 +65,7 @@ CPU = Backend[DecodeCall](
 
 
 def _triton_run(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor]:
-    from longattn.kernels.decode_triton import decode_forward_triton
+    from longattn.kernels.decode.triton import decode_forward_triton
 
     return decode_forward_triton(*call.args(), **call.kwargs(), plan=call.plan)
 
@@ -120,4 +120,4 @@ EAGER = Backend[DecodeCall](
     call_reasons=lambda call: [],
 )
 
-DECODE_BACKENDS = Registry[DecodeCall]("decode attention", [CPU, TRITON, CUDA, EAGER])
+DECODE_BACKENDS = Registry[DecodeCall]("decode attention", [CPP, TRITON, CUDA, EAGER])

@@ -49,7 +49,7 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """Output only (differentiable through PyTorch's own backward).
 
-    Shapes as in :func:`longattn.kernels.dense_eager.dense_forward_eager`.
+    Shapes as in :func:`longattn.kernels.dense.eager.dense_forward_eager`.
     """
     args = _causal_args(q.shape[1], k.shape[1], window, q.device)
     out = F.scaled_dot_product_attention(

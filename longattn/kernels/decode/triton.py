@@ -1,9 +1,9 @@
 """Stream-K (LeanAttention) decode attention, Triton twin.
 
 Same signature and results as the eager twins in
-:mod:`longattn.kernels.decode_eager`; it executes a
-:class:`~longattn.decode.plan.DecodePlan` exactly as
-:func:`~longattn.kernels.decode_eager.decode_forward_streamk_eager` does.
+:mod:`longattn.kernels.decode.eager`; it executes a
+:class:`~longattn.kernels.decode.plan.DecodePlan` exactly as
+:func:`~longattn.kernels.decode.eager.decode_forward_streamk_eager` does.
 
 Shapes (flash-attn's ``flash_attn_with_kvcache`` layout, any strides):
     q ``(batch, seqlen_q, nheads, headdim)``; contiguous cache
@@ -68,9 +68,9 @@ import contextlib
 
 import torch
 
-from longattn.decode.plan import DecodePlan, plan_decode
+from longattn.kernels.decode.plan import DecodePlan, plan_decode
 from longattn.errors import ArgumentError, DeviceError, UnsupportedFeatureError
-from longattn.kernels.triton_support import MAX_HEADDIM, import_triton
+from longattn.kernels.support.triton_support import MAX_HEADDIM, import_triton
 
 triton, tl, _IMPORT_ERROR = import_triton()
 
@@ -83,7 +83,7 @@ def triton_import_error() -> str | None:
 
 
 if triton is not None:
-    from longattn.kernels.triton_math import softcap_tanh
+    from longattn.kernels.support.triton_tile import softcap_tanh
 
     @triton.jit
     def _streamk_partial_kernel(

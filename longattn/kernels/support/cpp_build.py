@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-_PACKAGE = Path(__file__).resolve().parent.parent
+_PACKAGE = Path(__file__).resolve().parents[2]  # longattn/
 # A wheel carries the sources in longattn/_csrc (setup.py copies them there);
 # a source checkout (editable install) has them in csrc/ beside the package.
 CSRC_DIRS = (_PACKAGE / "_csrc" / "cpu", _PACKAGE.parent / "csrc" / "cpu")

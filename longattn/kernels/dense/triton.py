@@ -1,6 +1,6 @@
 """Dense attention forward, Triton twin: flash attention with online softmax.
 
-Same signature and results as :func:`longattn.kernels.dense_eager.dense_forward_eager`
+Same signature and results as :func:`longattn.kernels.dense.eager.dense_forward_eager`
 (the readable spec). Shapes (flash-attn layout, any strides):
     q ``(batch, seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``,
     out like q (contiguous, q's dtype), lse ``(batch, nheads, seqlen_q)`` float32, natural log.
@@ -33,7 +33,7 @@ import contextlib
 import torch
 
 from longattn.errors import DeviceError, UnsupportedFeatureError
-from longattn.kernels.triton_support import MAX_HEADDIM, import_triton
+from longattn.kernels.support.triton_support import MAX_HEADDIM, import_triton
 
 triton, tl, _IMPORT_ERROR = import_triton()
 
@@ -46,7 +46,7 @@ def triton_import_error() -> str | None:
 
 
 if triton is not None:
-    from longattn.kernels.triton_math import softcap_tanh
+    from longattn.kernels.support.triton_tile import softcap_tanh
 
     @triton.jit
     def _dense_fwd_kernel(
