@@ -99,7 +99,7 @@ def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap
     if window != (-1, 0 if causal else -1):
         raise UnsupportedFeatureError(
             f"window_size={tuple(window_size)} cannot be combined with sparse={type(sparse).__name__}: "
-            "the method has its own sink_size and window_size; leave window_size=(-1, -1)"
+            "the method has its own sink_size and recent_size; leave window_size=(-1, -1)"
         )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise UnsupportedFeatureError(

@@ -132,7 +132,8 @@ def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
                              "gate optimisation")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of kv heads made streaming heads")
     parser.add_argument("--sink-size", type=int, default=64)
-    parser.add_argument("--window-size", type=int, default=256)
+    parser.add_argument("--recent-size", "--window-size", dest="recent_size", type=int, default=256,
+                        help="tokens a streaming head sees, itself included (default: 256; --window-size is its old name)")
     parser.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (default: 256)")
     parser.add_argument("--steps", type=int, default=100, help="optimisation steps (optimise only; default: 100)")
     parser.add_argument("--seed", type=int, default=0)
@@ -160,7 +161,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         progress.start_case("gate optimisation", steps=args.steps)
         kwargs.update(steps=args.steps, progress=lambda step, loss: progress.step(f"step {step + 1}: loss {loss:.4g}"))
     pattern = calibrate_duo(model, vocab_size=args.vocab_size, method=args.how, sparsity=args.sparsity,
-                            sink_size=args.sink_size, window_size=args.window_size, seed=args.seed, **kwargs)
+                            sink_size=args.sink_size, recent_size=args.recent_size, seed=args.seed, **kwargs)
     pattern.save(args.out)
     rows = ["layer " + str(i) + ": " + " ".join("R" if r else "s" for r in row)
             for i, row in enumerate(pattern.retrieval)]

@@ -110,7 +110,7 @@ def _check_sparse_decode(sparse, window, causal, plan, backend) -> None:
         )
     if window != (-1, 0 if causal else -1):
         raise UnsupportedFeatureError(
-            "window_size cannot be combined with sparse=HiP: it has its own sink_size and window_size"
+            "window_size cannot be combined with sparse=HiP: it has its own sink_size and recent_size"
         )
     if plan is not None:
         raise UnsupportedFeatureError("plan= schedules dense stream-K decode; it does not apply to sparse=HiP")

@@ -29,7 +29,7 @@ from longattn.sparse import Duo, DuoCache, HeadPattern
 
 NHEADS, HEADDIM, SINK, WINDOW = 8, 128, 64, 256
 PATTERN = HeadPattern.from_gates(torch.arange(NHEADS, dtype=torch.float32)[None], sparsity=0.5,
-                                 sink_size=SINK, window_size=WINDOW)
+                                 sink_size=SINK, recent_size=WINDOW)
 DUO = Duo(PATTERN, 0)
 PREFILL_SPEEDUP, DECODE_SPEEDUP = 1.8, 1.8  # the targets (ideal 2x)
 
@@ -142,7 +142,7 @@ def duo_scenario(index: int) -> Scenario:
         group="duo",
         size=index,
         params={"kind": case.kind, "length": case.length, "nheads": NHEADS, "headdim": HEADDIM, "dtype": "float32",
-                "retrieval_kv_heads": int(PATTERN.layer(0).sum()), "sink_size": SINK, "window_size": WINDOW},
+                "retrieval_kv_heads": int(PATTERN.layer(0).sum()), "sink_size": SINK, "recent_size": WINDOW},
         make_inputs=lambda seed: make_inputs(case, seed),
         methods={m.name: m for m in methods},
         baseline=baseline,

@@ -90,7 +90,7 @@ def make_hip_inputs(seqlen: int, seed: int, nheads: int = NHEADS, nheads_k: int 
     noise = 0.3
     q = (walk + g).repeat_interleave(group, dim=1) + noise * torch.randn(seqlen, nheads, HEADDIM, generator=gen)
     k = walk + noise * torch.randn(seqlen, nheads_k, HEADDIM, generator=gen)
-    low = CONFIG.sink_size + CONFIG.window_size
+    low = CONFIG.sink_size + CONFIG.recent_size
     high = max(low + 1, seqlen // 2 - NEEDLE_LEN)
     needles = torch.randint(low, high, (nheads_k, NEEDLES), generator=gen)
     for h in range(nheads_k):
@@ -103,7 +103,7 @@ def make_hip_inputs(seqlen: int, seed: int, nheads: int = NHEADS, nheads_k: int 
 
 def _layout(seqlen: int) -> BlockSparseLayout:
     return BlockSparseLayout(seqlen, seqlen, CONFIG.block_q, CONFIG.block_k, CONFIG.sink_size,
-                             CONFIG.window_size, True)
+                             CONFIG.recent_size, True)
 
 
 def run_hip(inputs: HipInputs) -> torch.Tensor:
@@ -116,7 +116,7 @@ def build_block_sparse(inputs: HipInputs) -> Timed:
     def run(inputs: HipInputs) -> torch.Tensor:
         return block_sparse_attention(inputs.q, inputs.k, inputs.v, blocks, block_q=CONFIG.block_q,
                                       block_k=CONFIG.block_k, sink_size=CONFIG.sink_size,
-                                      window_size=CONFIG.window_size, causal=True)
+                                      recent_size=CONFIG.recent_size, causal=True)
     return run
 
 
@@ -132,7 +132,7 @@ def build_flex(inputs: HipInputs) -> Timed:
         raise MethodUnavailable(f"this torch has no flex_attention ({exc})") from None
     layout = _layout(seqlen)
     listed = layout.selected_mask(hip_select_blocks(inputs.q, inputs.k, CONFIG))[0]  # (nheads, nqb, nkb)
-    sink, window, bq, bk = CONFIG.sink_size, CONFIG.window_size, CONFIG.block_q, CONFIG.block_k
+    sink, window, bq, bk = CONFIG.sink_size, CONFIG.recent_size, CONFIG.block_q, CONFIG.block_k
 
     def mask_mod(b, h, q_idx, kv_idx):
         fixed = (kv_idx < sink) | (kv_idx > q_idx - window)
@@ -167,7 +167,7 @@ def hip_reference(inputs: HipInputs, outputs: dict) -> tuple[torch.Tensor, str]:
     blocks = hip_select_blocks(inputs.q, inputs.k, CONFIG)
     out = block_sparse_attention(inputs.q, inputs.k, inputs.v, blocks, block_q=CONFIG.block_q,
                                  block_k=CONFIG.block_k, sink_size=CONFIG.sink_size,
-                                 window_size=CONFIG.window_size, causal=True, backend="eager")
+                                 recent_size=CONFIG.recent_size, causal=True, backend="eager")
     return out, "eager twin, same mask"
 
 

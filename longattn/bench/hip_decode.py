@@ -89,7 +89,7 @@ def measure(inputs: HipDecodeInputs, outputs: dict) -> dict[str, float]:
         _hip_step(inputs, state)
         times.append(time.perf_counter() - start)
     n = int(inputs.lengths[0])
-    layout = BlockSparseLayout(1, n, 1, CONFIG.block_k, CONFIG.sink_size, CONFIG.window_size, True)
+    layout = BlockSparseLayout(1, n, 1, CONFIG.block_k, CONFIG.sink_size, CONFIG.recent_size, True)
     seen = layout.dense_mask(state.key_blocks[0])[0, :, 0]  # (nheads, n)
     scores = torch.einsum("hd,jhd->hj", inputs.q[0, 0], inputs.k_cache[0, :n]) * HEADDIM ** -0.5
     recall = float((torch.softmax(scores, -1) * seen).sum(-1).mean())

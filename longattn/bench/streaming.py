@@ -1,7 +1,7 @@
 """The ``streaming`` benchmark group: StreamingLLM's sinks + window prefill vs dense.
 
 Causal prefill, batch 1, H=8, D=128, float32, ``Streaming(sink_size=64,
-window_size=1024)`` (the Lambda mask). Methods:
+recent_size=1024)`` (the Lambda mask). Methods:
 
 - ``longattn streaming``: ``attention(..., sparse=Streaming(64, 1024))``
   (on CPU the C++ flash kernel over the sink and window tiles);
@@ -31,7 +31,7 @@ from longattn.kernels.block_sparse.eager import block_sparse_forward_eager
 from longattn.sparse import Streaming
 
 NHEADS, HEADDIM = 8, 128
-CONFIG = Streaming(sink_size=64, window_size=1024)
+CONFIG = Streaming(sink_size=64, recent_size=1024)
 FLEX_MAX_SEQLEN = 32768
 SPEEDUP_VS_SDPA = {32768: 10.0}  # the issue's target
 
@@ -72,7 +72,7 @@ def build_flex(inputs: StreamingInputs) -> Timed:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as exc:
         raise MethodUnavailable(f"this torch has no flex_attention ({exc})") from None
-    sink, window = CONFIG.sink_size, CONFIG.window_size
+    sink, window = CONFIG.sink_size, CONFIG.recent_size
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((kv_idx < sink) | (kv_idx > q_idx - window))
@@ -90,7 +90,7 @@ def build_flex(inputs: StreamingInputs) -> Timed:
 
 def reference(inputs: StreamingInputs, outputs: dict) -> tuple[torch.Tensor, str]:
     seqlen = inputs.q.shape[1]
-    layout = BlockSparseLayout(seqlen, seqlen, 64, 1, CONFIG.sink_size, CONFIG.window_size, True)
+    layout = BlockSparseLayout(seqlen, seqlen, 64, 1, CONFIG.sink_size, CONFIG.recent_size, True)
     none = torch.empty(1, NHEADS, layout.num_q_blocks, 0, dtype=torch.long)
     out, _ = block_sparse_forward_eager(inputs.q, inputs.k, inputs.v, none, layout, scale=HEADDIM ** -0.5,
                                         softcap=0.0)
@@ -114,7 +114,7 @@ def streaming_scenario(seqlen: int) -> Scenario:
         group="streaming",
         size=seqlen,
         params={"seqlen": seqlen, "nheads": NHEADS, "headdim": HEADDIM, "dtype": "float32", "causal": True,
-                "sink_size": CONFIG.sink_size, "window_size": CONFIG.window_size},
+                "sink_size": CONFIG.sink_size, "recent_size": CONFIG.recent_size},
         make_inputs=lambda seed: make_inputs(seqlen, seed),
         methods={m.name: m for m in methods},
         baseline="sdpa",
@@ -126,7 +126,7 @@ def streaming_scenario(seqlen: int) -> Scenario:
 STREAMING = register_group(
     Group(
         name="streaming",
-        description=f"Streaming(sink {CONFIG.sink_size}, window {CONFIG.window_size}) prefill, causal, fp32, "
+        description=f"Streaming(sink {CONFIG.sink_size}, window {CONFIG.recent_size}) prefill, causal, fp32, "
                     f"batch 1, H={NHEADS}, D={HEADDIM}; baseline SDPA",
         size_name="seqlen",
         sizes=(8192, 16384, 32768),

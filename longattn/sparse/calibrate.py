@@ -118,7 +118,7 @@ def passkey_batch(vocab_size: int, seqlen: int, batch: int, gen: torch.Generator
     return tokens
 
 
-def optimise_gates(model: torch.nn.Module, *, vocab_size: int, sink_size: int = 4, window_size: int = 16,
+def optimise_gates(model: torch.nn.Module, *, vocab_size: int, sink_size: int = 4, recent_size: int = 16,
                    seqlen: int = 256, batch: int = 2, steps: int = 100, lr: float = 0.02, penalty: float = 0.05,
                    seed: int = 0, progress: Callable[[int, float], None] | None = None) -> torch.Tensor:
     """DuoAttention's gate optimisation: ``(num_layers, nheads_k)`` gates in [0, 1].
@@ -162,7 +162,7 @@ def optimise_gates(model: torch.nn.Module, *, vocab_size: int, sink_size: int = 
         raise ArgumentError(f"every layer must have the same number of kv heads, got {heads}")
     logits = torch.full((len(heads), heads[0]), 2.0, requires_grad=True)  # sigmoid(2) ~ 0.88: start near full
     optimiser = torch.optim.Adam([logits], lr=lr)
-    stream_mask = lambda_mask(seqlen, seqlen, sink_size, window_size)
+    stream_mask = lambda_mask(seqlen, seqlen, sink_size, recent_size)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -189,10 +189,10 @@ def optimise_gates(model: torch.nn.Module, *, vocab_size: int, sink_size: int = 
 
 
 def calibrate_duo(model: torch.nn.Module, *, vocab_size: int, method: str = "scores", sparsity: float = 0.5,
-                  sink_size: int = 64, window_size: int = 256, seed: int = 0, **kwargs) -> HeadPattern:
+                  sink_size: int = 64, recent_size: int = 256, seed: int = 0, **kwargs) -> HeadPattern:
     """A :class:`HeadPattern` for ``model``: ``method="scores"`` (:func:`score_heads`)
     or ``"optimise"`` (:func:`optimise_gates`, which ``kwargs`` configure; its
-    streaming heads during training use ``sink_size``/``window_size`` capped
+    streaming heads during training use ``sink_size``/``recent_size`` capped
     to fit the calibration sequences)."""
     if method == "scores":
         gates = score_heads(model, vocab_size=vocab_size, seed=seed, **kwargs)
@@ -200,9 +200,9 @@ def calibrate_duo(model: torch.nn.Module, *, vocab_size: int, method: str = "sco
         seqlen = kwargs.pop("seqlen", 256)
         gates = optimise_gates(model, vocab_size=vocab_size, seed=seed, seqlen=seqlen,
                                sink_size=min(sink_size, max(1, seqlen // 16)),
-                               window_size=min(window_size, max(1, seqlen // 8)), **kwargs)
+                               recent_size=min(recent_size, max(1, seqlen // 8)), **kwargs)
     else:
         raise ArgumentError(f"method must be 'scores' or 'optimise', got {method!r}")
     if not math.isfinite(float(gates.sum())):
         raise ArgumentError("calibration produced non-finite gates")
-    return HeadPattern.from_gates(gates, sparsity, sink_size=sink_size, window_size=window_size)
+    return HeadPattern.from_gates(gates, sparsity, sink_size=sink_size, recent_size=recent_size)

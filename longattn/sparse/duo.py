@@ -13,7 +13,7 @@ Pattern files are JSON (:meth:`HeadPattern.save` / :meth:`HeadPattern.load`)::
 
     {"format": "longattn.HeadPattern", "version": 1, "num_layers": 2, "nheads_k": 4,
      "retrieval": [[true, false, false, true], [false, false, true, false]],
-     "gates": [[0.9, 0.1, 0.2, 0.8], [...]] or null, "sink_size": 64, "window_size": 256}
+     "gates": [[0.9, 0.1, 0.2, 0.8], [...]] or null, "sink_size": 64, "recent_size": 256}
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 from longattn.errors import ArgumentError, ShapeError
 from longattn.sparse.streaming import Streaming
 
-FORMAT, VERSION = "longattn.HeadPattern", 1
+# Version 2 renamed "window_size" to "recent_size" (same meaning); version 1 files still load.
+FORMAT, VERSION = "longattn.HeadPattern", 2
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,13 @@ class HeadPattern:
 
     Attributes:
         retrieval: ``num_layers`` tuples of ``nheads_k`` bools.
-        sink_size, window_size: the streaming heads' sinks and window.
+        sink_size, recent_size: the streaming heads' sinks and window.
         gates: the scores the pattern came from (``from_gates``), if any.
     """
 
     retrieval: tuple[tuple[bool, ...], ...]
     sink_size: int = 64
-    window_size: int = 256
+    recent_size: int = 256
     gates: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ class HeadPattern:
         if self.gates is not None:
             if len(self.gates) != len(self.retrieval) or any(len(g) != width for g in self.gates):
                 raise ShapeError(f"HeadPattern gates must be {len(self.retrieval)} x {width}, like retrieval")
-        Streaming(self.sink_size, self.window_size)  # validates both
+        Streaming(self.sink_size, self.recent_size)  # validates both
 
     @property
     def num_layers(self) -> int:
@@ -81,7 +82,7 @@ class HeadPattern:
 
     @classmethod
     def from_gates(cls, gates: torch.Tensor, sparsity: float = 0.5, *, sink_size: int = 64,
-                   window_size: int = 256) -> HeadPattern:
+                   recent_size: int = 256) -> HeadPattern:
         """The lowest ``sparsity`` fraction of ``gates (num_layers, nheads_k)``, over
         all layers, become streaming heads (ties: the earlier head in layer-major
         order is the lower); the rest retrieval heads."""
@@ -99,14 +100,14 @@ class HeadPattern:
         for i in order[:streaming]:
             retrieval[i] = False
         rows, cols = gates.shape
-        return cls(tuple(tuple(retrieval[r * cols:(r + 1) * cols]) for r in range(rows)), sink_size, window_size,
+        return cls(tuple(tuple(retrieval[r * cols:(r + 1) * cols]) for r in range(rows)), sink_size, recent_size,
                    tuple(tuple(float(x) for x in row) for row in gates.detach().to(torch.float64).tolist()))
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "num_layers": self.num_layers, "nheads_k": self.nheads_k,
                 "retrieval": [list(r) for r in self.retrieval],
                 "gates": None if self.gates is None else [list(g) for g in self.gates],
-                "sink_size": self.sink_size, "window_size": self.window_size}
+                "sink_size": self.sink_size, "recent_size": self.recent_size}
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -123,10 +124,12 @@ class HeadPattern:
             raise ArgumentError(f"{path} is not a HeadPattern file (invalid JSON: {exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ArgumentError(f"{path} is not a HeadPattern file (no \"format\": \"{FORMAT}\")")
-        if data.get("version") != VERSION:
-            raise ArgumentError(f"{path} has HeadPattern version {data.get('version')!r}; this longattn reads {VERSION}")
+        if data.get("version") not in (1, VERSION):
+            raise ArgumentError(f"{path} has HeadPattern version {data.get('version')!r}; this longattn reads 1 and {VERSION}")
+        if data.get("version") == 1 and "window_size" in data:
+            data["recent_size"] = data.pop("window_size")
         try:
-            pattern = cls(tuple(tuple(r) for r in data["retrieval"]), data["sink_size"], data["window_size"],
+            pattern = cls(tuple(tuple(r) for r in data["retrieval"]), data["sink_size"], data["recent_size"],
                           None if data.get("gates") is None else tuple(tuple(g) for g in data["gates"]))
         except (KeyError, TypeError) as exc:
             raise ArgumentError(f"{path} is missing or mistypes a HeadPattern field: {exc}") from None
@@ -145,13 +148,13 @@ class Duo:
     """``sparse=`` config for layer ``layer_idx`` of a :class:`HeadPattern`.
 
     Retrieval heads: full causal attention. Streaming heads: sinks + window
-    (``sink_size``/``window_size`` here, defaulting to the pattern's).
+    (``sink_size``/``recent_size`` here, defaulting to the pattern's).
     """
 
     pattern: HeadPattern
     layer_idx: int
     sink_size: int | None = None
-    window_size: int | None = None
+    recent_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, HeadPattern):
@@ -162,7 +165,7 @@ class Duo:
     @property
     def streaming(self) -> Streaming:
         return Streaming(self.pattern.sink_size if self.sink_size is None else self.sink_size,
-                         self.pattern.window_size if self.window_size is None else self.window_size)
+                         self.pattern.recent_size if self.recent_size is None else self.recent_size)
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                 softcap: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,19 +4,19 @@ and the prefill method.
 For every block of ``block_q`` queries HiP searches, by halving branches of
 key blocks (:func:`longattn.sparse.hip_mask.hip_select_blocks`), for the
 ``topk // block_k`` key blocks of highest score, then runs block-sparse
-attention over them plus ``sink_size`` attention sinks and a ``window_size``
+attention over them plus ``sink_size`` attention sinks and a ``recent_size``
 local window (:func:`longattn.kernels.block_sparse.block_sparse_attention`).
 Which keys a query sees, exactly (positions bottom-right aligned, ``p_i = i +
 seqlen_k - seqlen_q``):
 
 - the sinks ``j < sink_size``;
-- the window: causal ``p_i - window_size < j <= p_i``; non-causal
-  ``|j - p_i| < window_size``;
+- the window: causal ``p_i - recent_size < j <= p_i``; non-causal
+  ``|j - p_i| < recent_size``;
 - every other key ``j >= sink_size`` of a selected key block (block ``m``
   holds keys ``[m * block_k, (m + 1) * block_k)``);
 
 and, with ``causal=True``, only keys ``j <= p_i``. When the searchable range
-of a query block (causal: ``[sink_size, p_last - window_size]`` with
+of a query block (causal: ``[sink_size, p_last - recent_size]`` with
 ``p_last`` its last query's position; non-causal: ``[sink_size, seqlen_k)``)
 holds at most ``topk`` keys' worth of blocks, all of it is selected and the
 result is exactly dense attention.
@@ -44,7 +44,7 @@ class HiP:
         query_stride: the search scores a query block with every
             ``query_stride``-th query, counting back from its last one.
         sink_size: leading keys every query sees.
-        window_size: local window every query sees (0: none).
+        recent_size: local window every query sees (0: none).
         refresh_interval: decode steps a selection is reused before it is
             searched again (decode only).
     """
@@ -54,13 +54,13 @@ class HiP:
     block_k: int = 2
     query_stride: int = 2
     sink_size: int = 16
-    window_size: int = 256
+    recent_size: int = 256
     refresh_interval: int = 8
 
     def __post_init__(self) -> None:
         for name in ("topk", "block_q", "block_k", "query_stride", "refresh_interval"):
             check_int(f"HiP {name}", getattr(self, name), minimum=1)
-        for name in ("sink_size", "window_size"):
+        for name in ("sink_size", "recent_size"):
             check_int(f"HiP {name}", getattr(self, name), minimum=0)
         if self.topk % self.block_k:
             raise ArgumentError(
@@ -90,6 +90,6 @@ class HiP:
         with torch.no_grad():
             key_blocks = hip_select_blocks(q, k, self, causal=causal)
         layout = BlockSparseLayout(q.shape[1], k.shape[1], self.block_q, self.block_k, self.sink_size,
-                                   self.window_size, causal)
+                                   self.recent_size, causal)
         return block_sparse_forward(q, k, v, key_blocks, layout, scale=scale, softcap=softcap, backend=backend)
 

@@ -6,8 +6,8 @@ block. On a *refresh* the tree search (:mod:`longattn.sparse.hip_mask`)
 selects ``topk // block_k`` key blocks per head from the cache, in place
 (contiguous or paged); the next ``refresh_interval - 1`` steps reuse that
 selection and only attend: the sinks, the window (which covers the tokens
-added since the refresh, as long as fewer than ``window_size`` were) and the
-stored blocks, restricted as always to ``sink_size <= j <= p - window_size``.
+added since the refresh, as long as fewer than ``recent_size`` were) and the
+stored blocks, restricted as always to ``sink_size <= j <= p - recent_size``.
 Keys that leave the window between refreshes and were not selected are not
 seen until the next refresh: that is HiP's approximation, exactly.
 
@@ -111,7 +111,7 @@ def hip_decode(
     for b, n in enumerate(lengths):
         # One query block holds the step's queries; block_q = seqlen_q keeps
         # the window span to the queries that exist.
-        layout = BlockSparseLayout(seqlen_q, n, seqlen_q, config.block_k, config.sink_size, config.window_size,
+        layout = BlockSparseLayout(seqlen_q, n, seqlen_q, config.block_k, config.sink_size, config.recent_size,
                                    causal)
         out, lse = block_sparse_rows_eager(q[b : b + 1], keys.sequence(b), selection[b], layout, scale=scale,
                                            softcap=softcap)

@@ -3,7 +3,7 @@ query block, vectorised over batch, heads and query blocks (eager PyTorch,
 the CPU path).
 
 For query block ``qb`` (queries ``[qb * block_q, ...)``, last one at position
-``p_last``) the searchable keys are ``[sink_size, p_last - window_size]``
+``p_last``) the searchable keys are ``[sink_size, p_last - recent_size]``
 (causal) or ``[sink_size, seqlen_k)`` (non-causal), i.e. key blocks ``lo ..
 hi`` (block ``m`` = keys ``[m * block_k, (m + 1) * block_k)``), ``n`` of
 them. With ``nb = topk // block_k``:
@@ -44,7 +44,7 @@ def searchable_blocks(layout: BlockSparseLayout, device: torch.device) -> tuple[
     qb = torch.arange(layout.num_q_blocks, device=device)
     p_last = torch.clamp((qb + 1) * layout.block_q, max=layout.seqlen_q) - 1 + layout.offset
     if layout.causal:
-        end = torch.clamp(p_last - layout.window_size, max=layout.seqlen_k - 1)
+        end = torch.clamp(p_last - layout.recent_size, max=layout.seqlen_k - 1)
     else:
         end = torch.full_like(qb, layout.seqlen_k - 1)
     lo = torch.full_like(qb, layout.sink_size // layout.block_k)
@@ -83,7 +83,7 @@ def select_blocks(
     (``seqlen_k`` per sequence): decode searches a KV cache in place."""
     batch, seqlen_q, nheads, headdim = q.shape
     layout = BlockSparseLayout(seqlen_q, seqlen_k, config.block_q, config.block_k, config.sink_size,
-                               config.window_size, causal)
+                               config.recent_size, causal)
     nqb, nb, device = layout.num_q_blocks, config.num_blocks, q.device
     lo, count, end = searchable_blocks(layout, device)
 

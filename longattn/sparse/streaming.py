@@ -2,9 +2,9 @@
 
 Query ``i`` (bottom-right aligned at key position ``p_i = i + seqlen_k -
 seqlen_q``) sees key ``j`` iff ``j <= p_i`` and (``j < sink_size`` or ``j >
-p_i - window_size``): the window counts the token itself, so it holds
-``window_size`` keys ``(p_i - window_size, p_i]``. A query whose position is
-below ``sink_size + window_size`` therefore sees every earlier key: short
+p_i - recent_size``): the window counts the token itself, so it holds
+``recent_size`` keys ``(p_i - recent_size, p_i]``. A query whose position is
+below ``sink_size + recent_size`` therefore sees every earlier key: short
 sequences are dense attention.
 
 Positions: longattn takes already-rotated q and k, so whether cached keys keep
@@ -12,7 +12,7 @@ their original rotary positions (DuoAttention's choice, what these functions
 assume) or are re-rotated into the cache (StreamingLLM's reference) is the
 caller's choice.
 
-Prefill cost is ``seqlen * (sink_size + window_size)`` per head, never a dense
+Prefill cost is ``seqlen * (sink_size + recent_size)`` per head, never a dense
 pass: it is the block-sparse primitive with no listed blocks, which on a CPU
 (``backend="auto"`` or ``"cpp"``) runs the C++ flash kernel with a sink and
 a left window (:mod:`longattn.kernels.dense.cpp`: only the sink and window
@@ -41,20 +41,23 @@ class Streaming:
 
     Attributes:
         sink_size: leading keys every query sees (>= 0).
-        window_size: the latest keys each query sees, itself included (>= 1).
+        recent_size: the latest keys each query sees, itself included (>= 1):
+            ``recent_size=N`` is :func:`longattn.attention`'s ``window_size=(N - 1, 0)``
+            (StreamingLLM's and DuoAttention's word; it was ``window_size``
+            before 0.2, which read like the tuple and was off by one from it).
     """
 
     sink_size: int = 64
-    window_size: int = 1024
+    recent_size: int = 1024
 
     def __post_init__(self) -> None:
         check_int("Streaming sink_size", self.sink_size, minimum=0)
-        check_int("Streaming window_size", self.window_size, minimum=1)
+        check_int("Streaming recent_size", self.recent_size, minimum=1)
 
     @property
     def budget(self) -> int:
-        """Keys one query sees at most, and what a streaming cache holds: ``sink_size + window_size``."""
-        return self.sink_size + self.window_size
+        """Keys one query sees at most, and what a streaming cache holds: ``sink_size + recent_size``."""
+        return self.sink_size + self.recent_size
 
     def prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, softcap: float,
@@ -67,32 +70,32 @@ class Streaming:
             raise ArgumentError("sparse=Streaming(...) is defined for causal attention; pass causal=True")
         from longattn.kernels.block_sparse import cpp_reasons
 
-        layout = BlockSparseLayout(q.shape[1], k.shape[1], QUERY_BLOCK, 1, self.sink_size, self.window_size, True)
+        layout = BlockSparseLayout(q.shape[1], k.shape[1], QUERY_BLOCK, 1, self.sink_size, self.recent_size, True)
         # On a CPU without the C++ kernel, PyTorch's fused kernel per chunk beats the eager block-sparse twin.
         no_cpp = backend == "auto" and bool(cpp_reasons(q, layout))
         if (backend == "eager" or no_cpp) and softcap == 0 and q.device.type == "cpu" and _fused_available():
-            return streaming_prefill_chunked(q, k, v, self.sink_size, self.window_size, scale=scale)
+            return streaming_prefill_chunked(q, k, v, self.sink_size, self.recent_size, scale=scale)
         no_blocks = torch.empty(q.shape[0], q.shape[2], layout.num_q_blocks, 0, dtype=torch.long, device=q.device)
         return block_sparse_forward(q, k, v, no_blocks, layout, scale=scale, softcap=softcap, backend=backend)
 
 
-def lambda_mask(seqlen_q: int, seqlen_k: int, sink_size: int, window_size: int,
+def lambda_mask(seqlen_q: int, seqlen_k: int, sink_size: int, recent_size: int,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """``(seqlen_q, seqlen_k)`` bool: the Lambda rule, for the oracle and tests."""
     p = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
     j = torch.arange(seqlen_k, device=device)[None, :]
-    return (j <= p) & ((j < sink_size) | (j > p - window_size))
+    return (j <= p) & ((j < sink_size) | (j > p - recent_size))
 
 
-def reference_chunk_mask(start: int, n: int, sink_size: int, window_size: int,
+def reference_chunk_mask(start: int, n: int, sink_size: int, recent_size: int,
                          device: torch.device | str = "cpu") -> torch.Tensor:
     """``(n, start + n)`` bool: DuoAttention's reference rule for a chunk of
     ``n`` queries at positions ``start .. start + n - 1`` (``exact_lambda=False``
     of the streaming caches): what the cache held when the chunk began (the
-    sinks and the latest ``window_size`` tokens) plus the chunk causally."""
+    sinks and the latest ``recent_size`` tokens) plus the chunk causally."""
     p = torch.arange(start, start + n, device=device)[:, None]
     j = torch.arange(start + n, device=device)[None, :]
-    return (j <= p) & ((j < sink_size) | (j >= start - window_size))
+    return (j <= p) & ((j < sink_size) | (j >= start - recent_size))
 
 
 # Queries per chunk of the chunked CPU pass: each chunk reads the sinks and
@@ -108,7 +111,7 @@ def _fused_available() -> bool:
 
 
 def streaming_prefill_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_size: int, window_size: int, *, scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_size: int, recent_size: int, *, scale: float,
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Lambda mask on the CPU, chunk by chunk of ``chunk`` queries. A
@@ -138,7 +141,7 @@ def streaming_prefill_chunked(
         if key not in masks:
             qpos = torch.arange(p0, p0 + num_queries)[:, None]
             pos = torch.arange(first_key, first_key + num_keys)[None, :]
-            visible = (pos <= qpos) & ((pos < sink_size) | (pos > qpos - window_size))
+            visible = (pos <= qpos) & ((pos < sink_size) | (pos > qpos - recent_size))
             bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).repeat(group, 1)
             masks[key] = bias, visible.any(dim=-1)
         return masks[key]
@@ -150,7 +153,7 @@ def streaming_prefill_chunked(
         if p1 < 0:
             continue  # every query of the chunk sits before the first key: out 0, lse -inf
         sink_end = min(sink_size, p1 + 1)  # sinks that exist by the chunk's last query
-        lo = max(sink_end, p0 - window_size + 1)  # first key of the window span
+        lo = max(sink_end, p0 - recent_size + 1)  # first key of the window span
         rows = q_grouped[:, :, :, c0:c1].reshape(batch, nheads_k, group * n, headdim)
         if lo > sink_end:  # span past the sinks: span (masked) and sinks (all visible), merged
             bias, seen = span_mask(lo, p1 + 1 - lo, p0, n)

@@ -1,16 +1,16 @@
 """A constant-size KV cache for streaming heads: the sinks and the last window.
 
 :class:`StreamingCache` holds, per sequence and kv head, at most
-``sink_size + window_size`` tokens: slots ``[0, sink_size)`` keep the first
-tokens for good, slots ``[sink_size, sink_size + window_size)`` are a ring
+``sink_size + recent_size`` tokens: slots ``[0, sink_size)`` keep the first
+tokens for good, slots ``[sink_size, sink_size + recent_size)`` are a ring
 where position ``p >= sink_size`` lives at slot ``sink_size + (p - sink_size)
-% window_size`` -- the middle is evicted as the window slides. Memory is
-``2 * batch * nheads_k * headdim * (sink_size + window_size) * element_size``
+% recent_size`` -- the middle is evicted as the window slides. Memory is
+``2 * batch * nheads_k * headdim * (sink_size + recent_size) * element_size``
 bytes whatever the length (:attr:`StreamingCache.memory_bytes`).
 
 A step (:meth:`StreamingCache.step`) attends the step's queries under the
 Lambda rule of :mod:`longattn.sparse.streaming` -- query at position ``p``
-sees ``j < sink_size`` and ``p - window_size < j <= p`` -- over the cache and
+sees ``j < sink_size`` and ``p - recent_size < j <= p`` -- over the cache and
 the step's own new tokens, then stores those tokens. This is exact for any
 number of new tokens per step: the keys a query needs are either still in the
 ring (written before the step) or among the new tokens.
@@ -18,10 +18,10 @@ ring (written before the step) or among the new tokens.
 Chunk semantics: by default (``exact_lambda=True``) a query inside a chunk
 sees exactly its own sinks and window. ``exact_lambda=False`` is the looser
 rule of DuoAttention's reference chunked prefill: every query of the step
-sees all the cache held when the step began (sinks + up to ``window_size``
+sees all the cache held when the step began (sinks + up to ``recent_size``
 latest tokens) plus the step's tokens up to itself -- so a query late in a
-chunk of ``n`` sees up to ``window_size + n`` recent tokens, and a one-token
-step ``window_size + 1``.
+chunk of ``n`` sees up to ``recent_size + n`` recent tokens, and a one-token
+step ``recent_size + 1``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class StreamingCache:
         dtype, device: of the stored keys and values.
 
     Attributes:
-        k, v: ``(batch, sink_size + window_size, nheads_k, headdim)`` storage.
+        k, v: ``(batch, sink_size + recent_size, nheads_k, headdim)`` storage.
         length: tokens seen so far per sequence (positions of the next ones start here).
     """
 
@@ -74,8 +74,8 @@ class StreamingCache:
         return t
 
     def positions(self) -> torch.Tensor:
-        """``(sink_size + window_size,)`` position held by each slot, -1 for an empty slot."""
-        sink, window = self.config.sink_size, self.config.window_size
+        """``(sink_size + recent_size,)`` position held by each slot, -1 for an empty slot."""
+        sink, window = self.config.sink_size, self.config.recent_size
         slot = torch.arange(sink + window, device=self.k.device)
         pos = torch.where(slot < sink, slot, torch.full_like(slot, -1))
         pos = torch.where(slot < min(sink, self.length), pos, torch.full_like(slot, -1))
@@ -91,7 +91,7 @@ class StreamingCache:
         length + n - 1`` (e.g. a prompt after its prefill), evicting what leaves the window."""
         k_new = self._check_new("k_new", k_new, None)
         v_new = self._check_new("v_new", v_new, k_new.shape[1])
-        sink, window = self.config.sink_size, self.config.window_size
+        sink, window = self.config.sink_size, self.config.recent_size
         n = k_new.shape[1]
         if n == 1:  # a decode step: one slot, found without building index tensors
             p = self.length
@@ -129,7 +129,7 @@ class StreamingCache:
                              f"headdim={self.k.shape[3]}), got {tuple(q.shape)}")
         scale = check_softmax_scale(softmax_scale, headdim)
         softcap = check_softcap(softcap)
-        sink, window = self.config.sink_size, self.config.window_size
+        sink, window = self.config.sink_size, self.config.recent_size
         if exact_lambda and n == 1 and q.dtype == self.k.dtype == k_new.dtype == v_new.dtype:
             return self._decode_one(q, k_new, v_new, scale, softcap, return_lse)
         keys = torch.cat([self.k.to(q.dtype), k_new], dim=1).float()  # (batch, slots + n, nheads_k, headdim)
@@ -154,7 +154,7 @@ class StreamingCache:
     def _decode_one(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float, softcap: float,
                     return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One new token: store it first -- it overwrites the one ring slot its
-        query may no longer see (position ``p - window_size``) -- and the filled
+        query may no longer see (position ``p - recent_size``) -- and the filled
         slots are then exactly the keys the query sees, in slots ``[0, filled)``
         (the ring fills in order before it wraps). So the step is plain decode
         over the slots, through the fast decode kernel."""

@@ -51,8 +51,8 @@ def test_matches_oracle_with_the_dense_mask(case, backend):
     k = torch.randn(1, layout.seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
     v = torch.randn(1, layout.seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
     kwargs = dict(block_q=layout.block_q, block_k=layout.block_k, sink_size=layout.sink_size,
-                  window_size=layout.window_size, causal=layout.causal, softcap=softcap, return_lse=True)
-    if backend == "cpp" and (layout.window_size == 0 or flash_unavailable_reason() is not None):
+                  recent_size=layout.recent_size, causal=layout.causal, softcap=softcap, return_lse=True)
+    if backend == "cpp" and (layout.recent_size == 0 or flash_unavailable_reason() is not None):
         with pytest.raises(BackendUnavailableError, match="backend='cpp'"):
             block_sparse_attention(q, k, v, key_blocks, **kwargs, backend=backend)
         return
@@ -91,7 +91,7 @@ def test_bad_key_blocks_are_named(key_blocks, error, match):
         block_sparse_attention(q, k, v, key_blocks, block_q=4, block_k=4)
 
 
-@pytest.mark.parametrize("name,value", [("block_q", 0), ("block_k", -1), ("sink_size", -1), ("window_size", 1.5)])
+@pytest.mark.parametrize("name,value", [("block_q", 0), ("block_k", -1), ("sink_size", -1), ("recent_size", 1.5)])
 def test_bad_sizes_are_named(name, value):
     q, k, v = _args()
     kwargs = {"block_q": 4, "block_k": 4, name: value}
@@ -105,7 +105,7 @@ def test_a_forced_twin_that_cannot_serve_says_why():
 
     q = torch.randn(1, 8, 2, 16)
     no_blocks = torch.full((1, 2, 1, 1), -1)
-    with pytest.raises(BackendUnavailableError, match="cpp: window_size 0"):
+    with pytest.raises(BackendUnavailableError, match="cpp: recent_size 0"):
         block_sparse_attention(q, q, q, no_blocks, block_q=8, block_k=4, backend="cpp")
     if triton_support.machine_reasons() + triton_support.call_reasons(q):  # no GPU, no interpreter
         with pytest.raises(BackendUnavailableError, match="triton:"):

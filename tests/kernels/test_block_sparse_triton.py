@@ -53,7 +53,7 @@ def test_matches_oracle(case):
             for _ in range(nheads * layout.num_q_blocks)]
     key_blocks = torch.stack(rows).reshape(1, nheads, layout.num_q_blocks, listed)
     kwargs = dict(block_q=layout.block_q, block_k=layout.block_k, sink_size=layout.sink_size,
-                  window_size=layout.window_size, causal=layout.causal, softcap=softcap, return_lse=True)
+                  recent_size=layout.recent_size, causal=layout.causal, softcap=softcap, return_lse=True)
     out, lse = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), key_blocks.to(DEVICE),
                                       backend="triton", **kwargs)
     eager_out, eager_lse = block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=d ** -0.5, softcap=softcap)
@@ -67,7 +67,7 @@ def test_hip_prefill_on_the_triton_twin_matches_eager():
 
     torch.manual_seed(5)
     q, k, v = torch.randn(1, 70, 2, 16), torch.randn(1, 70, 1, 16), torch.randn(1, 70, 1, 16)
-    cfg = HiP(topk=8, block_q=16, block_k=2, sink_size=3, window_size=9)
+    cfg = HiP(topk=8, block_q=16, block_k=2, sink_size=3, recent_size=9)
     tri = longattn.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=True, sparse=cfg, backend="triton")
     eager = longattn.attention(q, k, v, causal=True, sparse=cfg, backend="eager")
     assert torch.allclose(tri.cpu(), eager, atol=1e-5, rtol=1e-5)
@@ -79,7 +79,7 @@ def test_triton_search_selects_what_the_eager_search_selects(causal):
 
     torch.manual_seed(6)
     q, k = torch.randn(1, 150, 4, 16), torch.randn(1, 150, 2, 16)
-    cfg = HiP(topk=12, block_q=16, block_k=3, query_stride=3, sink_size=4, window_size=10)
+    cfg = HiP(topk=12, block_q=16, block_k=3, query_stride=3, sink_size=4, recent_size=10)
     eager = hip_select_blocks(q, k, cfg, causal=causal, backend="eager")
     tri = hip_select_blocks(q.to(DEVICE), k.to(DEVICE), cfg, causal=causal, backend="triton")
     assert torch.equal(tri.cpu(), eager)

@@ -66,7 +66,7 @@ def test_gate_optimisation_ranks_the_planted_heads_first():
     model = TinyModel()
     before = [p.detach().clone() for p in model.parameters()]
     losses = []
-    gates = optimise_gates(model, vocab_size=VOCAB, seqlen=128, sink_size=2, window_size=8, steps=40, lr=0.05,
+    gates = optimise_gates(model, vocab_size=VOCAB, seqlen=128, sink_size=2, recent_size=8, steps=40, lr=0.05,
                            seed=2, progress=lambda step, loss: losses.append(loss))
     assert len(losses) == 40 and all(torch.isfinite(torch.tensor(losses)))
     assert _top(gates, len(PLANTED)) == PLANTED
@@ -76,7 +76,7 @@ def test_gate_optimisation_ranks_the_planted_heads_first():
 
 def test_calibrate_duo_writes_a_pattern_with_the_planted_heads_as_retrieval(tmp_path):
     pattern = calibrate_duo(TinyModel(), vocab_size=VOCAB, method="scores", sparsity=0.75, sink_size=4,
-                            window_size=16, seed=1, seqlen=128)
+                            recent_size=16, seed=1, seqlen=128)
     retrieval = {(layer, head) for layer in range(LAYERS) for head in range(HEADS) if pattern.retrieval[layer][head]}
     assert retrieval == PLANTED
     pattern.save(tmp_path / "p.json")

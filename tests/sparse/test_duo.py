@@ -63,7 +63,7 @@ def test_from_gates_takes_the_lowest_fraction_over_all_layers():
 
 
 def test_pattern_files_round_trip_and_bad_files_are_named(tmp_path):
-    pattern = HeadPattern.from_gates(torch.tensor([[0.3, 0.7], [0.6, 0.1]]), 0.5, sink_size=8, window_size=32)
+    pattern = HeadPattern.from_gates(torch.tensor([[0.3, 0.7], [0.6, 0.1]]), 0.5, sink_size=8, recent_size=32)
     path = tmp_path / "pattern.json"
     pattern.save(path)
     assert HeadPattern.load(path, num_layers=2, nheads_k=2) == pattern
@@ -78,7 +78,7 @@ def test_pattern_files_round_trip_and_bad_files_are_named(tmp_path):
     data = json.loads(path.read_text())
     for change, match in (({"format": "other"}, "not a HeadPattern"), ({"version": 9}, "version"),
                           ({"retrieval": [[True, False], [True]]}, "layer 1"), ({"num_layers": 5}, "says 5 layers"),
-                          ({"window_size": 0}, "window_size")):
+                          ({"recent_size": 0}, "recent_size")):
         bad.write_text(json.dumps({**data, **change}))
         with pytest.raises((ArgumentError, ShapeError), match=match):
             HeadPattern.load(bad)

@@ -21,7 +21,7 @@ def hip_cases(draw):
     block_k = draw(st.integers(1, 4))
     config = HiP(
         topk=block_k * draw(st.integers(1, 6)), block_q=draw(st.integers(1, 16)), block_k=block_k,
-        query_stride=1, sink_size=draw(st.integers(0, 8)), window_size=draw(st.integers(0, 24)),
+        query_stride=1, sink_size=draw(st.integers(0, 8)), recent_size=draw(st.integers(0, 24)),
     )
     config = HiP(**{**config.__dict__, "query_stride": draw(st.integers(1, config.block_q))})
     return dict(
@@ -44,7 +44,7 @@ def _inputs(c, headdim=16):
 def _layout(c):
     cfg = c["config"]
     return BlockSparseLayout(c["seqlen_q"], c["seqlen_k"], cfg.block_q, cfg.block_k, cfg.sink_size,
-                             cfg.window_size, c["causal"])
+                             cfg.recent_size, c["causal"])
 
 
 @given(hip_cases())
@@ -96,13 +96,13 @@ def test_planted_high_score_keys_are_found(group):
     # every head.
     torch.manual_seed(1)
     seqlen, nheads_k, headdim = 512, 2, 16
-    cfg = HiP(topk=64, block_q=64, block_k=2, query_stride=2, sink_size=4, window_size=16)
+    cfg = HiP(topk=64, block_q=64, block_k=2, query_stride=2, sink_size=4, recent_size=16)
     u = torch.nn.functional.normalize(torch.randn(headdim), dim=0)
     q = 0.3 * torch.randn(1, seqlen, nheads_k * group, headdim) + u
     k = 0.3 * torch.randn(1, seqlen, nheads_k, headdim)
     k[:, 100:164] = 4 * u
     selected = hip_select_blocks(q, k, cfg, causal=True)
-    layout = BlockSparseLayout(seqlen, seqlen, cfg.block_q, cfg.block_k, cfg.sink_size, cfg.window_size, True)
+    layout = BlockSparseLayout(seqlen, seqlen, cfg.block_q, cfg.block_k, cfg.sink_size, cfg.recent_size, True)
     lo, count, _ = searchable_blocks(layout, torch.device("cpu"))
     checked = 0
     for qb in range(layout.num_q_blocks):
@@ -118,14 +118,14 @@ def test_planted_high_score_keys_are_found(group):
 def test_deterministic():
     torch.manual_seed(2)
     q, k = torch.randn(1, 300, 4, 32), torch.randn(1, 300, 2, 32)
-    cfg = HiP(topk=16, block_q=16, block_k=2, sink_size=4, window_size=8)
+    cfg = HiP(topk=16, block_q=16, block_k=2, sink_size=4, recent_size=8)
     assert torch.equal(hip_select_blocks(q, k, cfg), hip_select_blocks(q, k, cfg))
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"topk": 0}, "topk"), ({"topk": 5, "block_k": 2}, "multiple of block_k"), ({"block_q": True}, "block_q"),
     ({"query_stride": 9, "block_q": 8}, "query_stride"), ({"sink_size": -1}, "sink_size"),
-    ({"window_size": 2.0}, "window_size"), ({"refresh_interval": 0}, "refresh_interval"),
+    ({"recent_size": 2.0}, "recent_size"), ({"refresh_interval": 0}, "refresh_interval"),
 ])
 def test_bad_config_is_named(kwargs, match):
     with pytest.raises(ArgumentError, match=match):
@@ -134,7 +134,7 @@ def test_bad_config_is_named(kwargs, match):
 
 def test_attention_rejects_what_hip_cannot_combine():
     q = k = v = torch.randn(1, 8, 1, 8)
-    with pytest.raises(UnsupportedFeatureError, match="window_size"):
+    with pytest.raises(UnsupportedFeatureError, match="recent_size"):
         longattn.attention(q, k, v, causal=True, window_size=(4, 0), sparse=HiP())
     with pytest.raises(UnsupportedFeatureError, match="backend"):
         longattn.attention(q, k, v, causal=True, sparse=HiP(), backend="sdpa")
@@ -145,7 +145,7 @@ def test_attention_rejects_what_hip_cannot_combine():
 def test_backends_select_the_same_blocks():
     torch.manual_seed(3)
     q, k = torch.randn(1, 700, 4, 64), torch.randn(1, 700, 2, 64)
-    cfg = HiP(topk=32, block_q=32, block_k=2, sink_size=4, window_size=40)
+    cfg = HiP(topk=32, block_q=32, block_k=2, sink_size=4, recent_size=40)
     assert torch.equal(hip_select_blocks(q, k, cfg, backend="eager"), hip_select_blocks(q, k, cfg, backend="cpp"))
     with pytest.raises(ArgumentError, match="backend"):
         hip_select_blocks(q, k, cfg, backend="gpu")
@@ -162,6 +162,6 @@ def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(b
     torch.manual_seed(7)
     q, k = torch.randn(1, 400, 4, 40), torch.randn(1, 400, 2, 40)
     for causal in (True, False):
-        cfg = HiP(topk=24, block_q=16, block_k=3, query_stride=3, sink_size=5, window_size=20)
+        cfg = HiP(topk=24, block_q=16, block_k=3, query_stride=3, sink_size=5, recent_size=20)
         assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpp"),
                            hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))

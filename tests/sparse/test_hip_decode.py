@@ -38,7 +38,7 @@ def decode_runs(draw):
     block_k = draw(st.integers(1, 3))
     cfg = HiP(topk=block_k * draw(st.integers(1, 5)), block_q=draw(st.integers(4, 8)), block_k=block_k,
               query_stride=draw(st.integers(1, 4)), sink_size=draw(st.integers(0, 6)),
-              window_size=draw(st.integers(0, 12)), refresh_interval=draw(st.integers(1, 4)))
+              recent_size=draw(st.integers(0, 12)), refresh_interval=draw(st.integers(1, 4)))
     return dict(
         cfg=cfg, batch=draw(st.integers(1, 3)), start=draw(st.integers(0, 60)), steps=draw(st.integers(1, 6)),
         seqlen_q=draw(st.integers(1, 3)), nheads_k=draw(st.sampled_from([1, 2])),
@@ -76,12 +76,12 @@ def test_steps_equal_the_oracle_restricted_to_the_reused_selection(run):
         for b in range(batch):
             n = int(lens[b]) + sq
             blocks = state.key_blocks[b]
-            layout = BlockSparseLayout(sq, n, sq, cfg.block_k, cfg.sink_size, cfg.window_size, True)
+            layout = BlockSparseLayout(sq, n, sq, cfg.block_k, cfg.sink_size, cfg.recent_size, True)
             # Bitwise equal to the primitive's eager twin (the one decode runs) on
             # the logical keys with the reused selection.
             again = block_sparse_attention(q[b : b + 1], k_all[b : b + 1, :n], v_all[b : b + 1, :n], blocks,
                                            block_q=sq, block_k=cfg.block_k, sink_size=cfg.sink_size,
-                                           window_size=cfg.window_size, return_lse=True, backend="eager")
+                                           recent_size=cfg.recent_size, return_lse=True, backend="eager")
             assert torch.equal(out[b : b + 1], again[0]) and torch.equal(lse[b : b + 1], again[1])
             ref_out, ref_lse = attention_ref(q[b : b + 1], k_all[b : b + 1, :n], v_all[b : b + 1, :n],
                                              mask=layout.dense_mask(blocks))
@@ -114,7 +114,7 @@ def test_dense_when_topk_covers_the_cache():
 def test_state_errors_name_the_problem():
     k, v = torch.randn(1, 64, 1, 16), torch.randn(1, 64, 1, 16)
     q = torch.randn(1, 1, 2, 16)
-    cfg = HiP(topk=8, block_q=4, block_k=2, sink_size=2, window_size=4)
+    cfg = HiP(topk=8, block_q=4, block_k=2, sink_size=2, recent_size=4)
     state = HiPDecodeState()
     longattn.decode_attention(q, k, v, cache_seqlens=torch.tensor([40], dtype=torch.int32), sparse=cfg, state=state)
     with pytest.raises(ArgumentError, match="reset"):  # a shorter sequence: another batch
@@ -130,7 +130,7 @@ def test_state_errors_name_the_problem():
         longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, state={"blocks": 1})
     with pytest.raises(UnsupportedFeatureError, match="block_q"):
         longattn.decode_attention(torch.randn(1, 5, 2, 16), k, v, cache_seqlens=lens, sparse=cfg)
-    with pytest.raises(UnsupportedFeatureError, match="window_size"):
+    with pytest.raises(UnsupportedFeatureError, match="recent_size"):
         longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, window_size=(8, 0))
     with pytest.raises(UnsupportedFeatureError, match="backend"):
         longattn.decode_attention(q, k, v, cache_seqlens=lens, sparse=cfg, backend="cpp")
@@ -153,7 +153,7 @@ def test_search_in_a_cache_selects_what_the_eager_search_selects_on_the_logical_
     k = torch.randn(2, 300, 2, 32, generator=gen)
     k_cache, v_cache, table = _caches(k, k.clone(), 304, page_size, gen)
     keys = KeyRows.dense(k_cache, v_cache) if table is None else KeyRows.paged(k_cache, v_cache, table)
-    cfg = HiP(topk=16, block_q=4, block_k=2, sink_size=3, window_size=12)
+    cfg = HiP(topk=16, block_q=4, block_k=2, sink_size=3, recent_size=12)
     q = torch.randn(2, 1, 4, 32, generator=gen)
     for b, n in enumerate([300, 211]):
         in_place = select_blocks(q[b : b + 1], keys.sequence(b), n, cfg, backend="cpp")

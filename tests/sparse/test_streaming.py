@@ -68,8 +68,8 @@ def test_lambda_mask_counts_the_token_itself_in_the_window():
     assert mask[5].tolist() == [True, False, False, False, True, True]  # sink 0, then 4 and 5 (itself)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"sink_size": -1}, "sink_size"), ({"window_size": 0}, "window_size"),
-                                          ({"window_size": 2.5}, "window_size")])
+@pytest.mark.parametrize("kwargs,match", [({"sink_size": -1}, "sink_size"), ({"recent_size": 0}, "recent_size"),
+                                          ({"recent_size": 2.5}, "recent_size")])
 def test_bad_config_is_named(kwargs, match):
     with pytest.raises(ArgumentError, match=match):
         Streaming(**kwargs)

@@ -7,8 +7,8 @@ seqlen_q``; query block ``i // block_q``, key block ``j // block_k``): query
 ``i`` of head ``h`` sees key ``j`` iff, with ``causal``, ``j <= p_i``, and
 
 - ``j < sink_size`` (a sink), or
-- ``j`` is in the window: causal ``p_i - window_size < j <= p_i``,
-  non-causal ``|j - p_i| < window_size``, or
+- ``j`` is in the window: causal ``p_i - recent_size < j <= p_i``,
+  non-causal ``|j - p_i| < recent_size``, or
 - ``j >= sink_size`` and its key block is listed in
   ``key_blocks[b, h, i // block_q]``.
 
@@ -36,7 +36,7 @@ class BlockSparseLayout:
     block_q: int
     block_k: int
     sink_size: int
-    window_size: int
+    recent_size: int
     causal: bool
 
     @property
@@ -55,8 +55,8 @@ class BlockSparseLayout:
     def in_window(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """Window membership, broadcasting query positions against key positions."""
         if self.causal:
-            return (kpos > qpos - self.window_size) & (kpos <= qpos)
-        return (kpos - qpos).abs() < self.window_size
+            return (kpos > qpos - self.recent_size) & (kpos <= qpos)
+        return (kpos - qpos).abs() < self.recent_size
 
     def selected_mask(self, key_blocks: torch.Tensor) -> torch.Tensor:
         """``(batch, nheads, num_q_blocks, num_k_blocks)`` bool: which key blocks are listed."""
@@ -118,7 +118,7 @@ def block_sparse_attention(
     block_q: int,
     block_k: int,
     sink_size: int = 0,
-    window_size: int = 0,
+    recent_size: int = 0,
     causal: bool = True,
     softmax_scale: float | None = None,
     softcap: float = 0.0,
@@ -133,9 +133,9 @@ def block_sparse_attention(
         key_blocks: ``(batch, nheads, ceil(seqlen_q / block_q), n)`` integer
             key block indices, -1 for "none"; any order, no repeats.
         block_q, block_k: queries per query block, keys per key block (>= 1).
-        sink_size, window_size: >= 0.
+        sink_size, recent_size: >= 0.
         causal, softmax_scale, softcap, return_lse: as in :func:`longattn.attention`.
-        backend: ``"cpp"`` (the C++ flash kernel, CPU, window_size >= 1),
+        backend: ``"cpp"`` (the C++ flash kernel, CPU, recent_size >= 1),
             ``"eager"`` (PyTorch), ``"triton"`` (CUDA, or CPU under
             ``TRITON_INTERPRET=1`` for verification) or ``"auto"`` (Triton
             on CUDA tensors, else cpp where it can serve, else eager).
@@ -148,9 +148,9 @@ def block_sparse_attention(
         q.shape[-1], causal, return_lse, softmax_scale, (-1, -1), softcap
     )
     for name, value, minimum in (("block_q", block_q, 1), ("block_k", block_k, 1), ("sink_size", sink_size, 0),
-                                 ("window_size", window_size, 0)):
+                                 ("recent_size", recent_size, 0)):
         check_int(name, value, minimum)
-    layout = BlockSparseLayout(q.shape[1], k.shape[1], block_q, block_k, sink_size, window_size, causal)
+    layout = BlockSparseLayout(q.shape[1], k.shape[1], block_q, block_k, sink_size, recent_size, causal)
     key_blocks = check_key_blocks(key_blocks, q.shape[0], q.shape[2], layout)
     out, lse = block_sparse_forward(q, k, v, key_blocks, layout, scale=scale, softcap=softcap, backend=backend)
     return (out, lse) if return_lse else out
@@ -164,8 +164,8 @@ def cpp_reasons(q: torch.Tensor, layout: BlockSparseLayout) -> list[str]:
     from longattn.kernels.dense.cpp import flash_unavailable_reason
 
     reasons = [] if q.device.type == "cpu" else [f"CPU only, q is on {q.device.type}"]
-    if layout.window_size < 1:
-        reasons.append("window_size 0 (no window) is served by the eager twin")
+    if layout.recent_size < 1:
+        reasons.append("recent_size 0 (no window) is served by the eager twin")
     if not reasons and (why := flash_unavailable_reason()) is not None:
         reasons.append(why)
     return reasons

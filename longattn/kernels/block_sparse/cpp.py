@@ -1,6 +1,6 @@
 """Block-sparse attention, C++ CPU twin: the dense flash kernel
 (:mod:`longattn.kernels.dense.cpp`) with listed key positions per query block,
-a sink and a window. Serves ``layout.window_size >= 1`` on a CPU where the
+a sink and a window. Serves ``layout.recent_size >= 1`` on a CPU where the
 kernel builds."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from longattn.kernels.dense.cpp import flash_forward_cpu
 def block_sparse_forward_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_blocks: torch.Tensor, layout,
                              *, scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention (:mod:`longattn.kernels.block_sparse`'s rule,
-    validated inputs, ``layout.window_size >= 1``) on the kernel: listed key
+    validated inputs, ``layout.recent_size >= 1``) on the kernel: listed key
     blocks become listed key positions per query block; the window is
     ``(window - 1, 0)`` causal or ``(window - 1, window - 1)`` otherwise."""
-    w = layout.window_size - 1
+    w = layout.recent_size - 1
     listed = None
     if key_blocks.shape[-1]:
         offsets = torch.arange(layout.block_k, device=key_blocks.device)

@@ -30,7 +30,7 @@ def fixed_candidates(layout: BlockSparseLayout, device: torch.device) -> tuple[t
     blocks: ``(positions (num_q_blocks, F), kinds (F,))`` -- the sinks, then the
     window span of the whole block (positions may fall outside ``[0, seqlen_k)``;
     the mask drops them)."""
-    bq, w = layout.block_q, layout.window_size
+    bq, w = layout.block_q, layout.recent_size
     first = torch.arange(layout.num_q_blocks, device=device) * bq + layout.offset  # position of each block's first query
     sinks = torch.arange(min(layout.sink_size, layout.seqlen_k), device=device)
     if w == 0:
@@ -65,7 +65,7 @@ def listed_visibility(layout: BlockSparseLayout, qpos: torch.Tensor, kpos: torch
     counts them), and, causal, at or before the query."""
     inside = (kpos >= max(layout.sink_size, 0)) & (kpos < layout.seqlen_k)
     if layout.causal:  # j <= p - window: neither in the window nor after the query
-        return inside & (kpos <= qpos - layout.window_size)
+        return inside & (kpos <= qpos - layout.recent_size)
     return inside & ~layout.in_window(qpos, kpos)
 
 
@@ -227,7 +227,7 @@ class _ListedMask:
             # so one comparison per (query, key) decides: j <= p - window.
             inside = (kpos >= lay.sink_size) & (kpos < lay.seqlen_k)
             reach = torch.where(inside, kpos, torch.iinfo(kpos.dtype).max)[:, None, :]
-            torch.le(reach, qpos - lay.window_size, out=seen)
+            torch.le(reach, qpos - lay.recent_size, out=seen)
         else:
             seen.copy_(listed_visibility(lay, qpos, kpos[:, None, :]))
         bias = torch.where(seen, self.zero, self.neg_inf, out=self.bias[: seen.numel()].view(seen.shape))

@@ -62,7 +62,7 @@ if triton is not None:
         stride_ob, stride_om, stride_oh, stride_od,
         stride_bb, stride_bh, stride_bq,
         nheads, seqlen_q, seqlen_k, headdim, group, n_listed,
-        block_q, block_k, sink_size, window_size,
+        block_q, block_k, sink_size, recent_size,
         scale, softcap,
         CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
@@ -107,20 +107,20 @@ if triton is not None:
         # 2. the window span of the block (past the sinks)
         p_first = first + (seqlen_k - seqlen_q)
         p_last = tl.minimum(first + block_q, seqlen_q) - 1 + (seqlen_k - seqlen_q)
-        lo = tl.maximum(p_first - window_size + 1, sink_size)
+        lo = tl.maximum(p_first - recent_size + 1, sink_size)
         if CAUSAL:
             hi = tl.minimum(p_last + 1, seqlen_k)
         else:
-            hi = tl.minimum(p_last + window_size, seqlen_k)
-        if window_size > 0:
+            hi = tl.minimum(p_last + recent_size, seqlen_k)
+        if recent_size > 0:
             for start in range(lo, hi, BLOCK_N):
                 cols = start + offs_n
                 ok = (cols < hi) & (cols >= 0)
                 dist = cols[None, :] - qpos[:, None]
                 if CAUSAL:
-                    inside = (dist > -window_size) & (dist <= 0)
+                    inside = (dist > -recent_size) & (dist <= 0)
                 else:
-                    inside = (dist > -window_size) & (dist < window_size)
+                    inside = (dist > -recent_size) & (dist < recent_size)
                 visible = ok[None, :] & inside
                 m_i, l_i, acc = _attend_tile(q, K, V, cols, ok, visible, m_i, l_i, acc, offs_d, d_ok,
                                              stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
@@ -135,9 +135,9 @@ if triton is not None:
             ok = (blk >= 0) & (t < block_k) & (cols < seqlen_k) & (cols >= sink_size)
             dist = cols[None, :] - qpos[:, None]
             if CAUSAL:
-                visible = ok[None, :] & (dist <= -window_size)  # before the window, hence before the query
+                visible = ok[None, :] & (dist <= -recent_size)  # before the window, hence before the query
             else:
-                visible = ok[None, :] & ((dist <= -window_size) | (dist >= window_size))
+                visible = ok[None, :] & ((dist <= -recent_size) | (dist >= recent_size))
             m_i, l_i, acc = _attend_tile(q, K, V, tl.where(ok, cols, 0), ok, visible, m_i, l_i, acc, offs_d,
                                          d_ok, stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
                                          HAS_SOFTCAP)
@@ -203,7 +203,7 @@ def block_sparse_forward_triton(
         q, k, v, out, lse, blocks,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *blocks.stride()[:3],
         nheads, seqlen_q, seqlen_k, headdim, nheads // nheads_k, blocks.shape[3],
-        layout.block_q, layout.block_k, layout.sink_size, layout.window_size,
+        layout.block_q, layout.block_k, layout.sink_size, layout.recent_size,
         float(scale), float(softcap),
         CAUSAL=layout.causal, HAS_SOFTCAP=softcap > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BK=bk_pow2,
