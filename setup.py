@@ -1,7 +1,7 @@
 """Build hook for longattn: ship the C++/CUDA sources of ``csrc/`` inside the package.
 
 Metadata lives in pyproject.toml. The kernels in ``csrc/`` are compiled at
-first use (``longattn/kernels/cpp_build.py`` for the CPU ones, NVRTC through
+first use (``longattn/kernels/support/cpp_build.py`` for the CPU ones, NVRTC through
 cupy for the CUDA ones), never at install: a machine without a compiler or
 CUDA installs the same package and falls back to the PyTorch twins. So the
 only build step here copies ``csrc/`` into ``longattn/_csrc`` of the built

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from longattn.errors import UnsupportedFeatureError
-from longattn.hooks import ATTENTION_HOOK
-from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
-from longattn.validation import check_attention_options, check_qkv
+from longattn.hooks import ATTENTION_HOOK, AttentionCall
+from longattn.kernels.dense import DENSE_BACKENDS, DenseCall, signature_of
+from longattn.validation import check_attention_options, qkv_facts
 
 
 def attention(
@@ -47,7 +47,7 @@ def attention(
             ``None`` means dense attention. A sparse method brings its own
             sinks and window, so ``window_size`` must stay ``(-1, -1)``; its
             attention runs on the block-sparse twin ``backend`` names ("auto",
-            "cpp", "eager" or "triton"). Sparse methods are forward-only (inference):
+            "cpp", "triton", "sdpa" or "eager"). Sparse methods are forward-only (inference):
             inputs that require grad are refused with a clear error.
         backend: ``"auto"`` (fastest twin that can serve), or ``"cpp"``,
             ``"sdpa"``, ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
@@ -66,25 +66,30 @@ def attention(
         k = v = torch.randn(1, 1024, 2, 128)      # GQA, 4 query heads per kv head
         out = longattn.attention(q, k, v, causal=True)
     """
-    q, k, v = check_qkv(q, k, v)
+    # A model calls this once per layer per token: the checks, the twin's
+    # selection (memoised per signature, see longattn.dispatch) and the twin's
+    # own wrapper together cost a few microseconds (`longattn bench overhead`).
+    qs, ks, dtype, device = qkv_facts(q, k, v)
     causal, return_lse, scale, window, softcap = check_attention_options(
-        q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
+        qs[3], causal, return_lse, softmax_scale, window_size, softcap
     )
     # (torch.compile cannot trace ContextVar.get; calibration never runs compiled)
     hook = None if torch.compiler.is_compiling() else ATTENTION_HOOK.get()
     if hook is not None:  # a calibration run observes or replaces this call (longattn.sparse.calibrate)
         if return_lse:
             raise UnsupportedFeatureError("return_lse=True is not available while a Duo calibration runs")
-        return hook(q, k, v, causal=causal, scale=scale, sparse=sparse)
+        return hook(AttentionCall(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sparse=sparse,
+                                  backend=backend))
     if sparse is not None:
         out, lse = _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend)
         return (out, lse) if return_lse else out
-    call = DenseCall(q, k, v, scale, window, softcap, need_lse=return_lse)
-    out, lse = DENSE_BACKENDS.select(call, backend).run(call)
+    call = DenseCall(q, k, v, scale, window, softcap, return_lse)
+    signature = signature_of(qs, ks, dtype, device, window, softcap, return_lse)
+    out, lse = DENSE_BACKENDS.select(call, backend, signature).run(call)
     return (out, lse) if return_lse else out
 
 
-SPARSE_BACKENDS = ("auto", "cpp", "eager", "triton")
+SPARSE_BACKENDS = ("auto", "cpp", "triton", "sdpa", "eager")  # the block-sparse twins
 
 
 def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend):

@@ -104,7 +104,7 @@ def _configure_simulate(parser: argparse.ArgumentParser) -> None:
 
 def _run_simulate(args: argparse.Namespace) -> int:
     from longattn.decode.simulate import get_gpu, run_sweep
-    from longattn.decode.simulate_report import default_out_dir, format_report, write_outputs
+    from longattn.bench.simulate_report import default_out_dir, format_report, write_outputs
     from longattn.errors import ArgumentError
 
     if args.model != "lean":

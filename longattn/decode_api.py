@@ -1,13 +1,44 @@
-"""The public front door for decode: :func:`decode_attention`."""
+"""The public front door for decode: :func:`decode_attention`.
+
+A call runs in four steps, and only the last two touch the cache:
+
+1. checks that read no tensor data (types, shapes, dtypes, devices, options,
+   the plan against the cache's shape, the sparse method);
+2. checks that read data on the host (``cache_seqlens`` once, the used part
+   of ``block_table``): lengths >= 0, overflow, block_table ranges, pages
+   shared with a sequence that writes into them, a reused plan against the
+   lengths; then the backend is selected (a forced backend that cannot serve
+   raises here);
+3. ``k_new, v_new`` are written into the cache in place;
+4. the twin runs.
+
+So a call that raises leaves ``k_cache``, ``v_cache`` and ``cache_seqlens``
+bitwise unchanged. Step 2 runs when ``check`` says so (see
+:func:`decode_attention`): free on a CPU, a host sync on a GPU.
+
+Under ``torch.compile`` steps 2-4 are one ``torch.library`` custom op
+(``longattn::decode_step``, or ``longattn::decode_step_append`` which
+mutates the caches), so a step with a reused plan traces with
+``fullgraph=True``; the op performs the data checks when it runs.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from longattn.kernels.decode.cache import check_cache
-from longattn.kernels.decode.plan import DecodePlan
 from longattn.errors import ArgumentError, UnsupportedFeatureError
-from longattn.kernels.decode import DECODE_BACKENDS, DecodeCall
+from longattn.kernels.decode import CPP, DECODE_BACKENDS, DecodeCall
+from longattn.kernels.decode.cache import (
+    CacheArgs,
+    append_new,
+    attended_seqlens,
+    check_cache_data,
+    check_cache_layout,
+)
+from longattn.kernels.decode.cpp import default_plan_for
+from longattn.kernels.decode.plan import DecodePlan, plan_decode
 from longattn.validation import check_attention_options, check_tensor
 
 
@@ -29,6 +60,7 @@ def decode_attention(
     plan: DecodePlan | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    check: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few new queries over a KV cache; ``flash_attn_with_kvcache`` semantics.
 
@@ -41,9 +73,12 @@ def decode_attention(
         cache_seqlens: ``(batch,)`` int32, tokens already in each sequence's
             cache. Read only: the caller advances it after appending.
         block_table: ``(batch, max_pages)`` int32 page indices (paged cache);
-            any page order, any page_size >= 1.
+            any page order, any page_size >= 1. Sequences may share pages
+            they only read (a common prefix), but a page that receives one
+            sequence's new tokens must appear in no other entry in use.
         k_new, v_new: ``(batch, seqlen_new, nheads_k, headdim)``, written into
-            the cache **in place** at ``cache_seqlens[b] ...`` before attending.
+            the cache **in place** at ``cache_seqlens[b] ...`` before attending
+            (after every check passed: a call that raises writes nothing).
         causal: bottom-right within each sequence: with ``L_b = cache_seqlens[b]
             + seqlen_new``, query ``i`` sits at key position ``L_b - seqlen_q + i``
             and sees keys up to it. seqlen_q=2, L_b=5::
@@ -56,16 +91,35 @@ def decode_attention(
             between steps of one layer: ``sparse=HiP(...)`` with
             ``state=HiPDecodeState()`` (see :mod:`longattn.sparse.hip_decode`;
             ``state=None`` searches every step). Sparse decode runs on the
-            PyTorch twin, takes no ``window_size`` or ``plan``.
+            PyTorch twin, takes no ``window_size`` or ``plan``, and always
+            checks (its search reads the lengths on the host anyway).
         plan: a stream-K :class:`~longattn.decode.DecodePlan` from
             :func:`~longattn.decode.plan_decode` over the lengths ``L_b``, to
-            reuse one schedule across layers; None plans per call.
+            reuse one schedule across layers; None plans per call (on a GPU
+            that reads the lengths on the host). A plan is the caller's
+            promise that its ``seqlens`` are the ``L_b``: the kernels take the
+            lengths from it, so a reused plan makes the step sync-free. Its
+            batch, ``nheads_k`` and longest length against the cache's
+            capacity are always checked (host values); the lengths
+            themselves when ``check`` is on.
         backend: ``"auto"`` or a twin name (``longattn doctor`` lists them).
         return_lse: also return lse ``(batch, nheads, seqlen_q)`` float32.
+        check: the checks that read tensor data (``cache_seqlens >= 0``,
+            overflow, ``block_table`` entries in range and no page written by
+            one sequence and used by another entry, a plan's lengths).
+            ``None`` (default): check when the tensors are on the CPU (where
+            reading them is free), skip on a GPU (where it would be a host
+            sync per call); ``True``: always (a sync on a GPU: use while
+            debugging, or once per batch); ``False``: never (invalid data is
+            then undefined behaviour, as in flash-attn).
 
     Returns:
         ``out`` like q (or ``(out, lse)``). A sequence with no visible key gets
         out 0 and lse -inf.
+
+    Raises:
+        A :class:`~longattn.errors.LongAttnError` subclass naming the argument
+        for any bad input, before anything is written.
 
     Example::
 
@@ -77,29 +131,89 @@ def decode_attention(
     causal, return_lse, scale, window, softcap = check_attention_options(
         q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
     )
+    if check is not None and check is not True and check is not False:
+        raise ArgumentError(f"check must be None, True or False, got {check!r}")
     if sparse is not None:
         _check_sparse_decode(sparse, window, causal, plan, backend)
     elif state is not None:
         raise UnsupportedFeatureError(f"state={state!r}: decode state objects belong to sparse methods; pass None")
-    cache = check_cache(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
     if sparse is not None:
-        from longattn.sparse.hip_decode import hip_decode
-
-        out, lse = hip_decode(q, cache, sparse, state, scale=scale, softcap=softcap, causal=causal)
+        out, lse = _sparse_decode(q, args, sparse, state, scale=scale, softcap=softcap, causal=causal)
         return (out, lse) if return_lse else out
     if plan is not None:
-        if not isinstance(plan, DecodePlan):
-            raise ArgumentError(f"plan must be a DecodePlan from longattn.decode.plan_decode, got {type(plan).__name__}")
-        lengths = tuple(cache.seqlens.tolist())
-        if plan.seqlens != lengths or plan.nheads_k != cache.k_cache.shape[2]:
-            raise ArgumentError(
-                f"plan was made for seqlens {list(plan.seqlens)} and nheads_k {plan.nheads_k}, but this call "
-                f"attends seqlens {list(lengths)} (cache_seqlens + seqlen_new) with nheads_k {cache.k_cache.shape[2]}"
-            )
-    call = DecodeCall(q, cache, scale, window, softcap, plan)
-    out, lse = DECODE_BACKENDS.select(call, backend).run(call)
+        _check_plan_layout(plan, q, args)
+    if type(backend) is not str:
+        raise ArgumentError(f"backend must be 'auto' or one of {DECODE_BACKENDS.names}, got {backend!r}")
+    if torch.compiler.is_compiling():
+        out, lse = _traced_step(q, args, scale, window, softcap, plan, backend, check)
+    else:
+        out, lse = run_decode(q, args, scale=scale, window=window, softcap=softcap, plan=plan, backend=backend,
+                              check=check)
     return (out, lse) if return_lse else out
 
+
+def run_decode(
+    q: torch.Tensor,
+    args: CacheArgs,
+    *,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+    plan: DecodePlan | None,
+    backend: str,
+    check: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-4 of the module docstring over layout-checked ``args``."""
+    if check is None:
+        check = q.device.type == "cpu"
+    seqlen_new = args.seqlen_new
+    lengths = None  # cache_seqlens as host ints, once read
+    if check:
+        lengths = args.cache_seqlens.tolist()
+        check_cache_data(args, lengths)
+        if plan is not None:
+            totals = tuple(n + seqlen_new for n in lengths)
+            if totals != plan.seqlens:
+                raise ArgumentError(
+                    f"plan was made for seqlens {list(plan.seqlens)}, but this call attends seqlens "
+                    f"{list(totals)} (cache_seqlens + seqlen_new {seqlen_new}); plan with the lengths after appending"
+                )
+    # Selection reads q only (device, dtype, headdim): the view's lengths are filled in below.
+    twin = DECODE_BACKENDS.select(DecodeCall(q, args.view(args.cache_seqlens), scale, window, softcap, plan), backend)
+    if plan is None and twin is CPP:
+        # The C++ twin's default plan (cached by lengths), from the lengths
+        # already read (on a CPU, where this twin runs, reading them is free).
+        if lengths is None:
+            lengths = args.cache_seqlens.tolist()
+        plan = default_plan_for(tuple(n + seqlen_new for n in lengths), args.k_cache.shape[2])
+    # A plan carries the lengths (the caller's promise, verified above when
+    # checking): the kernels read them from its cached tensors, no device op.
+    seqlens = plan.as_tensors(q.device)["seqlens"] if plan is not None else attended_seqlens(args, lengths)
+    call = DecodeCall(q, args.view(seqlens), scale, window, softcap, plan)
+    append_new(args, lengths)
+    return twin.run(call)
+
+
+def _check_plan_layout(plan: object, q: torch.Tensor, args: CacheArgs) -> None:
+    """What can be checked of a reused plan from host values alone."""
+    if not isinstance(plan, DecodePlan):
+        raise ArgumentError(f"plan must be a DecodePlan from longattn.decode.plan_decode, got {type(plan).__name__}")
+    batch, nheads_k = q.shape[0], args.k_cache.shape[2]
+    if len(plan.seqlens) != batch or plan.nheads_k != nheads_k:
+        raise ArgumentError(
+            f"plan was made for seqlens {list(plan.seqlens)} (batch {len(plan.seqlens)}) and nheads_k "
+            f"{plan.nheads_k}, but this call has batch {batch} and nheads_k {nheads_k}"
+        )
+    longest = max(plan.seqlens, default=0)
+    if longest > args.capacity:
+        raise ArgumentError(
+            f"plan was made for seqlens {list(plan.seqlens)}, but the cache holds {args.capacity} tokens per "
+            "sequence (cache overflow)"
+        )
+
+
+# --- sparse -------------------------------------------------------------------
 
 def _check_sparse_decode(sparse, window, causal, plan, backend) -> None:
     from longattn.sparse import HiP
@@ -116,3 +230,120 @@ def _check_sparse_decode(sparse, window, causal, plan, backend) -> None:
         raise UnsupportedFeatureError("plan= schedules dense stream-K decode; it does not apply to sparse=HiP")
     if backend not in ("auto", "eager"):
         raise UnsupportedFeatureError(f"backend={backend!r} cannot serve sparse=HiP decode yet; use 'auto' or 'eager'")
+
+
+def _sparse_decode(q, args: CacheArgs, config, state, *, scale: float, softcap: float, causal: bool):
+    """HiP decode: every check hip_decode would make, then the append, then the step."""
+    from longattn.sparse.hip_decode import HiPDecodeState, hip_decode
+
+    if state is not None and not isinstance(state, HiPDecodeState):
+        raise ArgumentError(f"state for sparse=HiP must be a longattn.sparse.HiPDecodeState, got {type(state).__name__}")
+    if q.shape[1] > config.block_q:
+        raise UnsupportedFeatureError(
+            f"HiP decode takes seqlen_q <= block_q ({config.block_q}) queries per step, got {q.shape[1]}; "
+            "run longer chunks through longattn.attention(..., sparse=HiP(...))"
+        )
+    lengths = args.cache_seqlens.tolist()  # the search is host-driven: it reads the lengths anyway
+    check_cache_data(args, lengths)
+    if state is not None:
+        # Raises when the state belongs to another batch or config; reads only.
+        state.refresh_due(config, tuple(n + args.seqlen_new for n in lengths), q.shape[2])
+    seqlens = attended_seqlens(args, lengths)
+    append_new(args, lengths)
+    return hip_decode(q, args.view(seqlens), config, state, scale=scale, softcap=softcap, causal=causal)
+
+
+# --- torch.compile ------------------------------------------------------------
+# Steps 2-4 as custom ops: opaque to the tracer, with known output shapes.
+# The plan crosses the op boundary as ints (the op rebuilds the same plan,
+# cached); check crosses as -1 (None), 0, 1.
+
+def _plan_spec(plan: DecodePlan | None) -> list[int]:
+    if plan is None:
+        return []
+    return [plan.nheads_k, plan.block_n, plan.num_workers, plan.heads_per_tile, *plan.seqlens]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_from_spec(spec: tuple[int, ...]) -> DecodePlan | None:
+    if not spec:
+        return None
+    nheads_k, block_n, num_workers, heads_per_tile, *seqlens = spec
+    return plan_decode(seqlens, nheads_k=nheads_k, num_workers=num_workers, block_n=block_n,
+                       heads_per_tile=heads_per_tile)
+
+
+def _op_impl(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left, window_right,
+             softcap, plan_spec, backend, check):
+    args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    return run_decode(q, args, scale=scale, window=(window_left, window_right), softcap=softcap,
+                      plan=_plan_from_spec(tuple(plan_spec)), backend=backend,
+                      check=None if check < 0 else bool(check))
+
+
+@torch.library.custom_op("longattn::decode_step", mutates_args=())
+def decode_step_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    plan_spec: list[int],
+    backend: str,
+    check: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a decode step without new tokens (the cache is read only)."""
+    return _op_impl(q, k_cache, v_cache, cache_seqlens, block_table, None, None, scale, window_left, window_right,
+                    softcap, plan_spec, backend, check)
+
+
+@torch.library.custom_op("longattn::decode_step_append", mutates_args=("k_cache", "v_cache"))
+def decode_step_append_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    plan_spec: list[int],
+    backend: str,
+    check: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a decode step that first writes ``k_new, v_new`` into the caches."""
+    return _op_impl(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left, window_right,
+                    softcap, plan_spec, backend, check)
+
+
+def _fake_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seqlen_q, nheads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+
+
+@decode_step_op.register_fake
+def _decode_step_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, softcap,
+                      plan_spec, backend, check):
+    return _fake_outputs(q)
+
+
+@decode_step_append_op.register_fake
+def _decode_step_append_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left,
+                             window_right, softcap, plan_spec, backend, check):
+    return _fake_outputs(q)
+
+
+def _traced_step(q, args: CacheArgs, scale, window, softcap, plan, backend, check):
+    check_code = -1 if check is None else int(check)
+    common = (scale, window[0], window[1], softcap, _plan_spec(plan), backend, check_code)
+    if args.seqlen_new:
+        return decode_step_append_op(q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table,
+                                     args.k_new, args.v_new, *common)
+    return decode_step_op(q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table, *common)

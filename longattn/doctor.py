@@ -28,6 +28,8 @@ from longattn.bench.machine import cpu_model
 REGISTRIES = (
     ("longattn.kernels.dense", "DENSE_BACKENDS"),
     ("longattn.kernels.decode", "DECODE_BACKENDS"),
+    ("longattn.kernels.block_sparse", "BLOCK_SPARSE_BACKENDS"),
+    ("longattn.kernels.hip_score", "HIP_SCORE_BACKENDS"),
 )
 
 CXX_COMPILERS = ("c++", "g++", "clang++")
@@ -56,7 +58,23 @@ def collect() -> dict[str, Any]:
         "cxx": next((t for t in (_tool(name) for name in CXX_COMPILERS) if t is not None), None),
         "registries": {name: table for name, table in (_registry(*r) for r in REGISTRIES)},
         "cpu_kernels": _cpu_kernels(),
+        # after the kernels above are loaded, so the thread line can name their OpenMP runtime
+        "cpp_libraries": _cpp_libraries(),
+        "cpp_threads": _cpp_threads(),
     }
+
+
+def _cpp_libraries() -> list[dict[str, Any]]:
+    """Each C++ library's ISA build for this CPU and whether it builds, loads and can run here."""
+    from longattn.kernels.support import cpp_build
+
+    return [cpp_build.library_status(name) for name in cpp_build.sources()]
+
+
+def _cpp_threads() -> str:
+    from longattn.kernels.support.cpp_build import thread_policy
+
+    return thread_policy()
 
 
 def _cpu_kernels() -> dict[str, str | None]:
@@ -158,4 +176,19 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"  {'usable' if reason is None else 'NOT usable'}  {name}")
         if reason is not None:
             lines.append(f"    - {reason}")
+    lines += ["", "C++ CPU libraries (csrc/cpu, built per instruction-set level; "
+                  "cache $LONGATTN_CACHE_DIR or ~/.cache/longattn):"]
+    name_width = max((len(lib["source"]) for lib in info.get("cpp_libraries", [])), default=0)
+    for lib in info.get("cpp_libraries", []):
+        if lib["isa"] is None:
+            build = "no build"
+        else:
+            can_run = ("this CPU can run it" if not lib["missing"]
+                       else f"this CPU CANNOT run it (lacks {', '.join(lib['missing'])})")
+            build = f"{lib['isa']} build ({' '.join(f for f in lib['flags'] if f.startswith('-m'))}), {can_run}"
+        status = "usable" if lib["reason"] is None else "NOT usable"
+        lines.append(f"  {lib['source'].ljust(name_width)}  {status:<10}  {build}")
+        lines.append(f"    - {lib['reason']}" if lib["reason"] is not None else f"    {lib['library']}")
+    if "cpp_threads" in info:
+        lines.append(f"  threads: {info['cpp_threads']}")
     return "\n".join(lines)

@@ -57,6 +57,30 @@ def visible_key_range(
     return lo, hi
 
 
+def block_fully_visible(
+    row_start: int,
+    row_end: int,
+    key_start: int,
+    key_end: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    window: tuple[int, int],
+) -> bool:
+    """True when every query row in ``[row_start, row_end)`` sees every key in
+    ``[key_start, key_end)`` (so no mask is needed). Pure integer arithmetic:
+    kernels decide this without reading a mask back from the device."""
+    left, right = window
+    if row_start >= row_end or key_start >= key_end:
+        return True
+    offset = seqlen_k - seqlen_q
+    # The tightest constraints come from the last row (left edge) and the first row (right edge).
+    if left >= 0 and key_start < row_end - 1 + offset - left:
+        return False
+    if right >= 0 and key_end - 1 > row_start + offset + right:
+        return False
+    return True
+
+
 def visibility_mask(
     rows: torch.Tensor,
     cols: torch.Tensor,

@@ -46,6 +46,39 @@ def check_qkv(
     ``(batch, seqlen_k, nheads_k, headdim)``, ``nheads % nheads_k == 0``, one
     dtype (from ``dtypes``), one device.
     """
+    qkv_facts(q, k, v, dtypes)
+    return q, k, v  # type: ignore[return-value]  (qkv_facts raised unless they are tensors)
+
+
+def qkv_facts(
+    q: object, k: object, v: object, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+) -> tuple[torch.Size, torch.Size, torch.dtype, torch.device]:
+    """:func:`check_qkv`, returning ``(q.shape, k.shape, dtype, device)`` so a
+    caller on a hot path (:func:`longattn.attention`) need not read them again.
+    """
+    # Fast path: a model calls this once per layer per token, so the common
+    # valid case is one chain of cheap comparisons (each shape and device read
+    # once). It accepts exactly what the checks below accept; anything else
+    # (including every invalid input) takes the full path for its message.
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        qs, ks = q.shape, k.shape
+        if (
+            len(qs) == 4 and len(ks) == 4 and v.shape == ks
+            and qs[0] == ks[0] and qs[3] == ks[3] and qs[3] != 0
+            and ks[2] != 0 and qs[2] % ks[2] == 0
+        ):
+            dtype = q.dtype
+            if dtype in dtypes and k.dtype is dtype and v.dtype is dtype:
+                device = q.device
+                if k.device == device and v.device == device:
+                    return qs, ks, dtype, device
+    q, k, v = _check_qkv_full(q, k, v, dtypes)
+    return q.shape, k.shape, q.dtype, q.device
+
+
+def _check_qkv_full(
+    q: object, k: object, v: object, dtypes: tuple[torch.dtype, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q = check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)", dtypes)
     k = check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)", dtypes)
     v = check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)", dtypes)
@@ -136,6 +169,29 @@ def check_attention_options(
     """The options :func:`longattn.attention` and :func:`longattn.decode_attention`
     share: ``(causal, return_lse, scale, window, softcap)`` with the window
     effective (causal folded in, see :func:`longattn.masking.effective_window`)."""
+    # Fast path for the common valid options (bool flags, no or a float scale,
+    # a tuple window of plain ints, a float/int softcap), checked with exact
+    # type tests instead of the numbers-ABC checks below (~10x cheaper per
+    # test); anything else takes the full path, which also makes the errors.
+    if (
+        (causal is True or causal is False)
+        and (return_lse is True or return_lse is False)
+        and type(window_size) is tuple and len(window_size) == 2
+        and type(window_size[0]) is int and type(window_size[1]) is int
+        and (type(softcap) is float or type(softcap) is int)
+    ):
+        left, right = window_size
+        if (
+            left >= -1 and right >= -1 and not (causal and right > 0)
+            and 0 <= softcap < math.inf
+        ):
+            if softmax_scale is None:
+                scale = headdim ** -0.5
+            elif type(softmax_scale) is float and math.isfinite(softmax_scale):
+                scale = softmax_scale
+            else:
+                scale = check_softmax_scale(softmax_scale, headdim)
+            return causal, return_lse, scale, (left, 0 if causal else right), float(softcap)
     causal = check_flag("causal", causal)
     return_lse = check_flag("return_lse", return_lse)
     scale = check_softmax_scale(softmax_scale, headdim)

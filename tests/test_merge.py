@@ -85,22 +85,33 @@ def test_bad_input_names_the_argument():
         longattn.merge_states([good_out], [torch.full((1, 2, 4), float("nan"))])
 
 
-def test_merge_two_in_place_equals_merge_states():
+def test_merge_two_in_place_equals_full_attention():
+    """merge_two_in_place over two key parts (one of them empty for some rows)
+    against the oracle over all keys; lse positions of -inf must line up."""
     from longattn.kernels.merge import merge_two_in_place
 
-    torch.manual_seed(3)
-    o1, o2 = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8)
-    l1, l2 = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
-    l1[0, 0, 0] = float("-inf")  # one part empty for this row
-    l1[1, 1, 1] = l2[1, 1, 1] = float("-inf")  # both empty: out 0, lse -inf
-    o2[1, 1, 1] = 0.0
-    o1[1, 1, 1] = 0.0
-    o1[0, 0, 0] = 0.0
-    want_out, want_lse = longattn.merge_states([o1, o2], [l1, l2])
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, 3, 8, generator=gen)
+    k, v = (torch.randn(2, 12, 3, 8, generator=gen) for _ in range(2))
+    # Causal over 12 keys with 5 queries: query i sees keys <= i + 7. Part one is
+    # keys [0, 9): every row sees some. Part two is keys [9, 12): rows 0, 1 see
+    # none there (their partial state is empty: out 0, lse -inf).
+    mask = torch.ones(5, 12, dtype=torch.bool).tril(7)
+    o1, l1 = attention_ref(q, k[:, :9], v[:, :9], mask=mask[:, :9])
+    o2, l2 = attention_ref(q, k[:, 9:], v[:, 9:], mask=mask[:, 9:])
+    assert torch.isneginf(l2[:, :, :2]).all()
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True)
     # merge_two_in_place takes (..., d) with lse (...): heads before positions, like lse.
-    out, lse = o1.transpose(1, 2).contiguous(), l1.clone()
-    merge_two_in_place(out, lse, o2.transpose(1, 2), l2)
-    assert torch.allclose(out.transpose(1, 2), want_out, atol=1e-6)
-    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
-    finite = ~torch.isinf(want_lse)
-    assert torch.allclose(lse[finite], want_lse[finite], atol=1e-6)
+    for first, second in (((o1, l1), (o2, l2)), ((o2, l2), (o1, l1))):  # the empty part on either side
+        out, lse = first[0].float().transpose(1, 2).contiguous(), first[1].float().clone()
+        merge_two_in_place(out, lse, second[0].float().transpose(1, 2), second[1].float())
+        assert_close_to_oracle(out.transpose(1, 2), ref_out, ref_out)
+        assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
+
+
+def test_merge_two_in_place_of_two_empty_parts_is_empty():
+    from longattn.kernels.merge import merge_two_in_place
+
+    out, lse = torch.zeros(1, 2, 3, 4), torch.full((1, 2, 3), float("-inf"))
+    merge_two_in_place(out, lse, torch.zeros(1, 2, 3, 4), torch.full((1, 2, 3), float("-inf")))
+    assert torch.equal(out, torch.zeros(1, 2, 3, 4)) and torch.isneginf(lse).all()

@@ -11,11 +11,17 @@ from __future__ import annotations
 import torch
 
 # Rounding floor per dtype of the tensor under test, relative to max(1, |oracle|).
+# The oracle is fed the same (already rounded) half-precision inputs, so what
+# is left for a float32-accumulating kernel is rounding its output once: half
+# an ulp, 2**-8 relative for bfloat16 and 2**-11 for float16, plus float32
+# noise. Measured for the eager twin over 400 hypothesis cases (every head dim,
+# GQA, windows, softcap; AMD EPYC): max 3.72e-3 (bf16) and 3.94e-4 (fp16) of
+# max(1, |oracle|). The floors sit ~13% above the half-ulp bounds.
 ROUNDING_FLOOR = {
     torch.float64: 1e-12,
     torch.float32: 2e-6,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
+    torch.float16: 5.5e-4,
+    torch.bfloat16: 4.4e-3,
 }
 
 

@@ -250,12 +250,15 @@ void qk_rows_bf16dot(const uint16_t* q, int D, const void* const* krow, int n, f
 
 void qk_block_bf16dot(const uint16_t* q, int rows, int D, const void* const* krow, int n, float* s, int s_stride,
                       float scale) {
+  // Row r's slices, offsets in size_t (a row index times headdim or a stride).
+  auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };
+  auto sr = [&](int r) { return s + static_cast<size_t>(r) * s_stride; };
   int r = 0;
-  for (; r + 4 <= rows; r += 4) qk_rows_bf16dot<4>(q + r * D, D, krow, n, s + r * s_stride, s_stride, scale);
+  for (; r + 4 <= rows; r += 4) qk_rows_bf16dot<4>(qr(r), D, krow, n, sr(r), s_stride, scale);
   switch (rows - r) {
-    case 3: qk_rows_bf16dot<3>(q + r * D, D, krow, n, s + r * s_stride, s_stride, scale); break;
-    case 2: qk_rows_bf16dot<2>(q + r * D, D, krow, n, s + r * s_stride, s_stride, scale); break;
-    case 1: qk_rows_bf16dot<1>(q + r * D, D, krow, n, s + r * s_stride, s_stride, scale); break;
+    case 3: qk_rows_bf16dot<3>(qr(r), D, krow, n, sr(r), s_stride, scale); break;
+    case 2: qk_rows_bf16dot<2>(qr(r), D, krow, n, sr(r), s_stride, scale); break;
+    case 1: qk_rows_bf16dot<1>(qr(r), D, krow, n, sr(r), s_stride, scale); break;
     default: break;
   }
 }
@@ -263,24 +266,28 @@ void qk_block_bf16dot(const uint16_t* q, int rows, int D, const void* const* kro
 
 template <typename T>
 void qk_block_typed(const float* q, int rows, int D, const void* const* krow, int n, float* s, int s_stride) {
+  auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };  // offsets in size_t, as above
+  auto sr = [&](int r) { return s + static_cast<size_t>(r) * s_stride; };
   int r = 0;
-  for (; r + 4 <= rows; r += 4) qk_rows<4, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride);
+  for (; r + 4 <= rows; r += 4) qk_rows<4, T>(qr(r), D, krow, n, sr(r), s_stride);
   switch (rows - r) {
-    case 3: qk_rows<3, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
-    case 2: qk_rows<2, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
-    case 1: qk_rows<1, T>(q + r * D, D, krow, n, s + r * s_stride, s_stride); break;
+    case 3: qk_rows<3, T>(qr(r), D, krow, n, sr(r), s_stride); break;
+    case 2: qk_rows<2, T>(qr(r), D, krow, n, sr(r), s_stride); break;
+    case 1: qk_rows<1, T>(qr(r), D, krow, n, sr(r), s_stride); break;
     default: break;
   }
 }
 
 template <typename T>
 void pv_block_typed(const float* p, int rows, int p_stride, const void* const* vrow, int n, float* acc, int D) {
+  auto pr = [&](int r) { return p + static_cast<size_t>(r) * p_stride; };  // offsets in size_t, as above
+  auto ar = [&](int r) { return acc + static_cast<size_t>(r) * D; };
   int r = 0;
-  for (; r + 4 <= rows; r += 4) pv_rows<4, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D);
+  for (; r + 4 <= rows; r += 4) pv_rows<4, T>(pr(r), p_stride, vrow, n, ar(r), D);
   switch (rows - r) {
-    case 3: pv_rows<3, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
-    case 2: pv_rows<2, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
-    case 1: pv_rows<1, T>(p + r * p_stride, p_stride, vrow, n, acc + r * D, D); break;
+    case 3: pv_rows<3, T>(pr(r), p_stride, vrow, n, ar(r), D); break;
+    case 2: pv_rows<2, T>(pr(r), p_stride, vrow, n, ar(r), D); break;
+    case 1: pv_rows<1, T>(pr(r), p_stride, vrow, n, ar(r), D); break;
     default: break;
   }
 }
@@ -299,8 +306,8 @@ void qk_block(const float* q, int rows, int D, int dtype, const void* const* kro
       const float* kj = static_cast<const float*>(krow[j]);
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int d = 0; d < D; ++d) dot += q[r * D + d] * kj[d];
-      s[r * s_stride + j] = dot;
+      for (int d = 0; d < D; ++d) dot += q[static_cast<size_t>(r) * D + d] * kj[d];
+      s[static_cast<size_t>(r) * s_stride + j] = dot;
     }
 #endif
 }
@@ -314,10 +321,10 @@ void pv_block(const float* p, int rows, int p_stride, int dtype, const void* con
   (void)dtype;
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < n; ++j) {
-      const float pj = p[r * p_stride + j];
+      const float pj = p[static_cast<size_t>(r) * p_stride + j];
       const float* vj = static_cast<const float*>(vrow[j]);
 #pragma omp simd
-      for (int d = 0; d < D; ++d) acc[r * D + d] += pj * vj[d];
+      for (int d = 0; d < D; ++d) acc[static_cast<size_t>(r) * D + d] += pj * vj[d];
     }
 #endif
 }
@@ -461,11 +468,12 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
       for (int r = r0; r < r0 + head_rows; ++r) {
         float* sr = &w.s[static_cast<size_t>(r) * kChunk];
         const int qpos = L - Sq + (r % Sq);
-        // Visible keys of this row within the chunk: [lo, hi).
-        int lo = p.left >= 0 ? qpos - p.left : 0;
-        int hi = p.right >= 0 ? qpos + p.right + 1 : L;
-        lo = std::max(lo - c0, 0);
-        hi = std::min(hi - c0, n);
+        // Visible keys of this row within the chunk: [lo, hi). In int64: qpos + right
+        // wraps int for a huge window (INT_MAX as "everything").
+        const int64_t lo_pos = p.left >= 0 ? int64_t{qpos} - p.left : 0;
+        const int64_t hi_pos = p.right >= 0 ? int64_t{qpos} + p.right + 1 : L;
+        const int lo = static_cast<int>(std::max<int64_t>(lo_pos - c0, 0));
+        const int hi = static_cast<int>(std::min<int64_t>(hi_pos - c0, n));
         float chunk_max;
         if (lo == 0 && hi == n && p.softcap <= 0.0f) {
           chunk_max = row_max(sr, n);  // the common case: every key visible, nothing to rewrite
@@ -580,7 +588,8 @@ extern "C" int longattn_decode_streamk_cpu(
         const int tile = seg[1], first = seg[2], last = seg[3];
         const int b = tile / tiles_per_seq, hk0 = (tile % tiles_per_seq) * heads_per_tile;
         const int key_begin = first * block_n;
-        const int key_end = std::min(last * block_n, static_cast<int>(seqlens[b]));
+        // last * block_n may pass INT_MAX for a sequence near 2**31 keys: min in int64.
+        const int key_end = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(last) * block_n, seqlens[b]));
         run_segment(p, scratch, b, hk0, key_begin, key_end, seg[4] != 0, seg[5]);
       }
     }

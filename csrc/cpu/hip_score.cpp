@@ -229,6 +229,7 @@ extern "C" int longattn_hip_search(
     int nheads, int nheads_k, int nqb, int num_threads) {
   if (S < 1 || D < 1 || bk < 1 || nb < 1 || rounds < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
   if (block_table != nullptr && page_size < 1) return 1;
+  if (num_threads < 1) return 1;  // num_threads(n) must be positive (OpenMP leaves n < 1 undefined)
   const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
                        block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k, nqb};
 #pragma omp parallel for num_threads(num_threads) schedule(static, 8)

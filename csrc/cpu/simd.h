@@ -1,7 +1,8 @@
 // Vector helpers shared by the CPU kernels of csrc/cpu (header-only).
 //
 // LONGATTN_AVX2 / LONGATTN_AVX512 / LONGATTN_AVX512BF16 say what the compiler
-// may use (the kernels are built with -march=native, so: what this CPU has).
+// may use (longattn/kernels/support/cpp_build.py builds for the highest level
+// this CPU has: x86-64-v4 + avx512bf16, x86-64-v4, x86-64-v3 or portable).
 // `Isa` is the widest float vector available: kernels written over Isa::vec
 // run 16 lanes with AVX-512 and 8 with AVX2; without AVX2 the kernels take
 // their scalar paths.

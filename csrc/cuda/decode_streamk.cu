@@ -119,10 +119,16 @@ __device__ void streamk_partial(
     const int b = tile / tiles_per_seq;
     const int seqlen = seqlens[b];
     const int start = first * block_n;
-    const int end = min(last * block_n, seqlen);
+    // Positions in 64 bits where a sum can pass INT_MAX: last * block_n near 2**31 keys,
+    // seqlen + window_right for a huge window (INT_MAX as "everything").
+    const int end = static_cast<int>(min(static_cast<long long>(last) * block_n, static_cast<long long>(seqlen)));
     // Skip keys no row of the tile can see (rows sit at seqlen - seqlen_q .. seqlen - 1).
-    const int lo = window_left >= 0 ? max(start, seqlen - seqlen_q - window_left) : start;
-    const int hi = window_right >= 0 ? min(end, seqlen + window_right) : end;
+    const int lo = window_left >= 0
+        ? static_cast<int>(max(static_cast<long long>(start), static_cast<long long>(seqlen) - seqlen_q - window_left))
+        : start;
+    const int hi = window_right >= 0
+        ? static_cast<int>(min(static_cast<long long>(end), static_cast<long long>(seqlen) + window_right))
+        : end;
 
     // A tile holds heads_per_tile kv heads (1 in GPU plans; CPU plans fold them all in):
     // one pass over the segment's keys per kv head.
@@ -187,8 +193,8 @@ __device__ void streamk_partial(
           sc *= scale;
           if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
           const bool visible = r < n_rows && key < hi &&
-                               (window_left < 0 || key >= qpos - window_left) &&
-                               (window_right < 0 || key <= qpos + window_right);
+                               (window_left < 0 || key >= static_cast<long long>(qpos) - window_left) &&
+                               (window_right < 0 || key <= static_cast<long long>(qpos) + window_right);
           sc = visible ? sc * kLog2e : neg_inf();
           const float m_new = fmaxf(m[rr], warp_max(sc));
           // No visible key yet: subtract 0 so exp2 gives exact zeros, not NaN.

@@ -5,7 +5,7 @@ recent_size=1024)`` (the Lambda mask). Methods:
 
 - ``longattn streaming``: ``attention(..., sparse=Streaming(64, 1024))``
   (on CPU the C++ flash kernel over the sink and window tiles);
-- ``longattn chunked (PyTorch)``: ``backend="eager"``, PyTorch's fused
+- ``longattn chunked (PyTorch)``: ``backend="sdpa"``, PyTorch's fused
   kernel over each chunk's window span (what runs without a compiler);
 - ``flex (same mask)``: compiled FlexAttention with the sink + window
   mask_mod (up to 32k tokens; its BlockMask build evaluates every
@@ -54,7 +54,7 @@ def run_streaming(inputs: StreamingInputs) -> torch.Tensor:
 
 
 def run_chunked(inputs: StreamingInputs) -> torch.Tensor:
-    return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, sparse=CONFIG, backend="eager")
+    return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, sparse=CONFIG, backend="sdpa")
 
 
 def run_sdpa(inputs: StreamingInputs) -> torch.Tensor:

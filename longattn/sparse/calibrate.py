@@ -21,6 +21,15 @@ become streaming heads). The model is any ``nn.Module`` taking token ids
 ``(batch, seqlen)`` and returning hidden states ``(batch, seqlen, ...)``,
 whose layers each call :func:`longattn.attention` once per forward, in layer
 order, with causal=True: that call order is how layers are counted.
+
+Calibration computes the attention each call asks for, from the call's
+:class:`~longattn.hooks.AttentionCall`: its softmax scale, softcap and
+(effective) window are honoured by the full-attention path and by the
+streaming side of the mix (whose mask is the Lambda mask intersected with the
+call's own window). A call it cannot reproduce is refused with
+:class:`~longattn.errors.UnsupportedFeatureError` naming the option
+(``sparse=`` already set, ``causal=False``) rather than calibrated as some
+other attention.
 """
 
 from __future__ import annotations
@@ -31,15 +40,19 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from longattn.errors import ArgumentError
-from longattn.hooks import ATTENTION_HOOK
+from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.hooks import ATTENTION_HOOK, AttentionCall
+from longattn.masking import dense_mask
 from longattn.sparse.duo import HeadPattern
 from longattn.sparse.streaming import lambda_mask
 
+# Gate logits start here: sigmoid(2) ~ 0.88, near full attention, so the first
+# steps move away from the dense model gradually.
+INITIAL_GATE_LOGIT = 2.0
 
 
 @contextlib.contextmanager
-def _intercept(hook: Callable) -> Iterator[None]:
+def _intercept(hook: Callable[[AttentionCall], torch.Tensor]) -> Iterator[None]:
     token = ATTENTION_HOOK.set(hook)
     try:
         yield
@@ -48,20 +61,69 @@ def _intercept(hook: Callable) -> Iterator[None]:
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable float32 attention with an explicit ``(seqlen_q, seqlen_k)`` mask:
-    ``(out like q, probabilities (batch, nheads, seqlen_q, seqlen_k))``. GQA by
-    repeating k/v. For calibration-sized inputs only (it forms every score)."""
+                     scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable float32 attention with an explicit ``(seqlen_q, seqlen_k)`` bool mask
+    (True = seen): ``(out like q, probabilities (batch, nheads, seqlen_q, seqlen_k))``.
+
+    Scores are ``q . k * scale``, then ``softcap * tanh(scores / softcap)`` if
+    ``softcap > 0`` (as :func:`longattn.attention`). A row that sees no key gets
+    ``out = 0`` and all-zero probabilities (the contract's empty rows), with
+    finite gradients. GQA by repeating k/v. For calibration-sized inputs only
+    (it forms every score).
+    """
     group = q.shape[2] // k.shape[2]
     kf = k.float().repeat_interleave(group, dim=2)
     vf = v.float().repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    # Softmax over a row of -inf is NaN (forward and backward): give empty rows
+    # zeros to work on, then zero their probabilities.
+    empty = ~mask.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
     return torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype), probs
 
 
-def _causal(seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
-    return lambda_mask(seqlen_q, seqlen_k, 0, seqlen_q + seqlen_k + 1, device)
+def check_reproducible(call: AttentionCall) -> None:
+    """Refuse a call calibration cannot reproduce, naming the option.
+
+    Raises:
+        UnsupportedFeatureError: ``sparse=`` is set (the layer already runs a
+            sparse method: calibrating its dense attention would calibrate
+            something else), or ``causal=False`` (Duo's streaming heads use the
+            causal Lambda mask; a non-causal layer has no Duo form).
+    """
+    if call.sparse is not None:
+        raise UnsupportedFeatureError(
+            f"a longattn.attention call passed sparse={type(call.sparse).__name__}(...) during calibration: "
+            "calibration cannot reproduce a layer that already runs a sparse method (it would calibrate dense "
+            "attention instead); calibrate the dense model, with sparse=None"
+        )
+    if not call.causal:
+        raise UnsupportedFeatureError(
+            "a longattn.attention call passed causal=False during calibration: Duo's streaming heads are "
+            "causal (sinks + recent window), so a non-causal layer cannot be calibrated; use causal=True"
+        )
+
+
+def full_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention ``call`` asks for (causal, window, softcap, scale), differentiable:
+    ``(out like call.q, probabilities (batch, nheads, seqlen_q, seqlen_k))``."""
+    check_reproducible(call)
+    mask = dense_mask(call.q.shape[1], call.k.shape[1], call.window, device=call.q.device)
+    return masked_attention(call.q, call.k, call.v, mask, call.scale, call.softcap)
+
+
+def streaming_attention(call: AttentionCall, sink_size: int, recent_size: int) -> torch.Tensor:
+    """What a Duo streaming head computes for ``call``: the Lambda mask (``sink_size``
+    sinks + ``recent_size`` recent keys, bottom-right aligned) intersected with the
+    call's own window, with its scale and softcap. ``out`` like ``call.q``."""
+    check_reproducible(call)
+    seqlen_q, seqlen_k, device = call.q.shape[1], call.k.shape[1], call.q.device
+    mask = lambda_mask(seqlen_q, seqlen_k, sink_size, recent_size, device)
+    mask &= dense_mask(seqlen_q, seqlen_k, call.window, device=device)
+    return masked_attention(call.q, call.k, call.v, mask, call.scale, call.softcap)[0]
 
 
 def _hidden(out: object) -> torch.Tensor:
@@ -91,8 +153,16 @@ def score_heads(model: torch.nn.Module, *, vocab_size: int, seqlen: int = 256, b
     tokens = torch.cat([first, first], dim=1)
     scores: list[torch.Tensor] = []
 
-    def hook(q, k, v, *, causal, scale, **_):
-        out, probs = masked_attention(q, k, v, _causal(q.shape[1], k.shape[1], q.device), scale)
+    def hook(call: AttentionCall) -> torch.Tensor:
+        q, k = call.q, call.k
+        check_reproducible(call)
+        if q.shape[1] != 2 * half or k.shape[1] != 2 * half:
+            # The score reads the attention of query i on key i - half: positions must be the tokens'.
+            raise UnsupportedFeatureError(
+                f"score_heads needs attention over the {2 * half} calibration tokens (seqlen_q = seqlen_k = "
+                f"{2 * half}), got a call with seqlen_q={q.shape[1]}, seqlen_k={k.shape[1]}; use method='optimise'"
+            )
+        out, probs = full_attention(call)
         rows = torch.arange(half, 2 * half)
         echo = probs[:, :, rows, rows - half]
         induction = probs[:, :, rows[:-1], rows[:-1] - half + 1]
@@ -127,32 +197,29 @@ def optimise_gates(model: torch.nn.Module, *, vocab_size: int, sink_size: int = 
     ``progress(step, loss)`` is called after every step.
     """
     gen = torch.Generator().manual_seed(seed)
-    stream_mask = None
     layer = {"i": 0}
     gates_holder: dict[str, torch.Tensor] = {}
 
-    def full_hook(q, k, v, *, causal, scale, **_):
+    def full_hook(call: AttentionCall) -> torch.Tensor:
         layer["i"] += 1
-        out, _ = masked_attention(q, k, v, _causal(q.shape[1], k.shape[1], q.device), scale)
-        return out
+        return full_attention(call)[0]
 
-    def mixed_hook(q, k, v, *, causal, scale, **_):
+    def mixed_hook(call: AttentionCall) -> torch.Tensor:
         i = layer["i"]
         layer["i"] += 1
-        full, _ = masked_attention(q, k, v, _causal(q.shape[1], k.shape[1], q.device), scale)
-        stream, _ = masked_attention(q, k, v, stream_mask, scale)
-        alpha = gates_holder["alpha"][i].repeat_interleave(q.shape[2] // k.shape[2])  # per query head
+        full = full_attention(call)[0]
+        stream = streaming_attention(call, sink_size, recent_size)
+        alpha = gates_holder["alpha"][i].repeat_interleave(call.q.shape[2] // call.k.shape[2])  # per query head
         alpha = alpha.to(full.dtype)[None, None, :, None]
         return alpha * full + (1 - alpha) * stream
 
-    # Count the layers (and check the model calls longattn) with one probe pass.
+    # Count the layers (and check the model calls longattn, reproducibly) with one probe pass.
     probe = passkey_batch(vocab_size, seqlen, 1, torch.Generator().manual_seed(seed))
     heads: list[int] = []
 
-    def count_hook(q, k, v, *, causal, scale, **_):
-        heads.append(k.shape[2])
-        out, _ = masked_attention(q, k, v, _causal(q.shape[1], k.shape[1], q.device), scale)
-        return out
+    def count_hook(call: AttentionCall) -> torch.Tensor:
+        heads.append(call.k.shape[2])
+        return full_attention(call)[0]
 
     with torch.no_grad(), _intercept(count_hook):
         model(probe)
@@ -160,9 +227,8 @@ def optimise_gates(model: torch.nn.Module, *, vocab_size: int, sink_size: int = 
         raise ArgumentError("the model never called longattn.attention; its attention must go through longattn")
     if len(set(heads)) != 1:
         raise ArgumentError(f"every layer must have the same number of kv heads, got {heads}")
-    logits = torch.full((len(heads), heads[0]), 2.0, requires_grad=True)  # sigmoid(2) ~ 0.88: start near full
+    logits = torch.full((len(heads), heads[0]), INITIAL_GATE_LOGIT, requires_grad=True)
     optimiser = torch.optim.Adam([logits], lr=lr)
-    stream_mask = lambda_mask(seqlen, seqlen, sink_size, recent_size)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)

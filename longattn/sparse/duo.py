@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.errors import ArgumentError, ShapeError
+from longattn.errors import ArgumentError, DTypeError, ShapeError
 from longattn.sparse.streaming import Streaming
+from longattn.validation import check_softmax_scale, check_tensor
 
 # Version 2 renamed "window_size" to "recent_size" (same meaning); version 1 files still load.
 FORMAT, VERSION = "longattn.HeadPattern", 2
@@ -178,31 +179,36 @@ class Duo:
         if nheads_k != self.pattern.nheads_k:
             raise ShapeError(f"the pattern has {self.pattern.nheads_k} kv heads per layer, k has {nheads_k}")
         group = nheads // nheads_k
-        full_kv = self.pattern.layer(self.layer_idx).to(q.device)
+        # The pattern is host data: which heads go where is decided on the host
+        # (no device read-back); only gather indices go to q's device.
+        full_kv = self.pattern.layer(self.layer_idx)
         full_q = full_kv.repeat_interleave(group)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], nheads, q.shape[1], dtype=torch.float32, device=q.device)
         if bool(full_kv.any()):
-            hq, hk = head_index(full_q), head_index(full_kv)
+            hq, hk = head_index(full_q, q.device), head_index(full_kv, q.device)
             call = DenseCall(q[:, :, hq], k[:, :, hk], v[:, :, hk], scale, (-1, 0), softcap, need_lse=True)
             o, l_ = DENSE_BACKENDS.select(call, backend).run(call)
             out[:, :, hq], lse[:, hq] = o, l_
         if not bool(full_kv.all()):
-            hq, hk = head_index(~full_q), head_index(~full_kv)
+            hq, hk = head_index(~full_q, q.device), head_index(~full_kv, q.device)
             o, l_ = self.streaming.prefill(q[:, :, hq], k[:, :, hk], v[:, :, hk], causal=True, scale=scale,
                                            softcap=softcap, backend=backend)
             out[:, :, hq], lse[:, hq] = o, l_
         return out, lse
 
 
-def head_index(heads: torch.Tensor) -> slice | torch.Tensor:
-    """Index for the heads marked in the bool vector ``heads``: a slice when
-    they are one contiguous run (a strided view of q/k/v, no gather copy of
-    a long sequence's heads), else the mask itself."""
+def head_index(heads: torch.Tensor, device: torch.device | str | None = None) -> slice | torch.Tensor:
+    """Index for the heads marked in the bool vector ``heads`` (host data, e.g.
+    :meth:`HeadPattern.layer`): a slice when they are one contiguous run (a
+    strided view of q/k/v, no gather copy of a long sequence's heads), else
+    the marked heads' indices as an int64 tensor on ``device`` (default:
+    ``heads``' device) -- indices, not a bool mask, so indexing on a GPU
+    needs no nonzero() and no host sync."""
     marked = torch.nonzero(heads.cpu()).flatten().tolist()
     if marked and marked[-1] - marked[0] + 1 == len(marked):
         return slice(marked[0], marked[-1] + 1)
-    return heads
+    return torch.tensor(marked, dtype=torch.long, device=heads.device if device is None else device)
 
 
 class DuoCache:
@@ -233,8 +239,10 @@ class DuoCache:
         if nheads_k != duo.pattern.nheads_k:
             raise ShapeError(f"the pattern has {duo.pattern.nheads_k} kv heads per layer, nheads_k is {nheads_k}")
         self.duo = duo
-        self.full = duo.pattern.layer(duo.layer_idx).to(device)
-        n_full = int(self.full.sum())
+        full = duo.pattern.layer(duo.layer_idx)  # host copy: head indices are decided from it
+        self._full_host = full
+        self.full = full.to(device)
+        n_full = int(full.sum())
         self.k_full = torch.zeros(batch, capacity, n_full, headdim, dtype=dtype, device=device)
         self.v_full = torch.zeros_like(self.k_full)
         self.stream = (StreamingCache(duo.streaming, batch, nheads_k - n_full, headdim, dtype=dtype, device=device)
@@ -246,8 +254,8 @@ class DuoCache:
     def _heads(self, group: int) -> tuple[slice | torch.Tensor, slice | torch.Tensor]:
         """Indices of the retrieval and the streaming heads among ``nheads_k * group`` heads."""
         if group not in self._index:
-            full = self.full.repeat_interleave(group)
-            self._index[group] = head_index(full), head_index(~full)
+            full = self._full_host.repeat_interleave(group)
+            self._index[group] = head_index(full, self.k_full.device), head_index(~full, self.k_full.device)
         return self._index[group]
 
     @property
@@ -282,16 +290,38 @@ class DuoCache:
             self.stream.append(ks, vs)
         self.length += n
 
+    def _check_step(self, q: object, k_new: object, v_new: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything :meth:`step` needs of its tensors, checked before it writes anything."""
+        q = check_tensor("q", q, 4, "(batch, n, nheads, headdim)")
+        batch, n, nheads, headdim = q.shape
+        want = (batch, n, self.duo.pattern.nheads_k, headdim)
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            t = check_tensor(name, t, 4, "(batch, n, nheads_k, headdim)")
+            if tuple(t.shape) != want:
+                raise ShapeError(f"{name} must have shape (batch, n, nheads_k, headdim) = {want}, got {tuple(t.shape)}")
+        for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+            if t.dtype != self.k_full.dtype or t.device != self.k_full.device:
+                raise DTypeError(f"{name} is {t.dtype} on {t.device}, the cache holds {self.k_full.dtype} on "
+                                 f"{self.k_full.device}")
+        if batch != self.k_full.shape[0] or headdim != self.k_full.shape[3]:
+            raise ShapeError(f"q has batch {batch} and headdim {headdim}; the cache was made for batch "
+                             f"{self.k_full.shape[0]} and headdim {self.k_full.shape[3]}")
+        if nheads % want[2]:
+            raise ShapeError(f"q has {nheads} heads, not a multiple of the cache's nheads_k {want[2]}")
+        return q, k_new, v_new
+
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
              softmax_scale: float | None = None, exact_lambda: bool = True) -> torch.Tensor:
         """Attend ``q (batch, n, nheads, headdim)`` for ``n`` new tokens, store them;
         heads come back in their original order. ``exact_lambda`` chooses the
         streaming heads' rule inside a chunk (class docstring)."""
-        import longattn
+        from longattn.kernels.decode import decode_forward
 
         if not isinstance(exact_lambda, bool):
             raise ArgumentError(f"exact_lambda must be True or False, got {exact_lambda!r}")
+        q, k_new, v_new = self._check_step(q, k_new, v_new)
         batch, n, nheads, headdim = q.shape
+        scale = check_softmax_scale(softmax_scale, headdim)
         group = nheads // k_new.shape[2]
         if self.length + n > self.k_full.shape[1]:
             raise ArgumentError(f"the cache holds {self.k_full.shape[1]} tokens; {self.length} + {n} do not fit")
@@ -301,9 +331,10 @@ class DuoCache:
         vf, vs = self._split(v_new)
         out = torch.empty_like(q)
         if qf.shape[2]:
-            lens = torch.full((batch,), self.length, dtype=torch.int32, device=q.device)
-            out[:, :, full] = longattn.decode_attention(qf, self.k_full, self.v_full, cache_seqlens=lens,
-                                                        k_new=kf, v_new=vf, softmax_scale=softmax_scale)
+            self.k_full[:, self.length : self.length + n] = kf
+            self.v_full[:, self.length : self.length + n] = vf
+            lens = torch.full((batch,), self.length + n, dtype=torch.int32, device=q.device)
+            out[:, :, full], _ = decode_forward(qf, self.k_full, self.v_full, lens, scale=scale)
         if self.stream is not None:
             out[:, :, stream] = self.stream.step(qs, ks, vs, softmax_scale=softmax_scale, exact_lambda=exact_lambda)
         self.length += n

@@ -2,17 +2,28 @@
 
 A decode step's queries (``seqlen_q <= block_q``, bottom-right: query ``i``
 of sequence ``b`` sits at position ``L_b - seqlen_q + i``) form one query
-block. On a *refresh* the tree search (:mod:`longattn.sparse.hip_mask`)
-selects ``topk // block_k`` key blocks per head from the cache, in place
-(contiguous or paged); the next ``refresh_interval - 1`` steps reuse that
-selection and only attend: the sinks, the window (which covers the tokens
-added since the refresh, as long as fewer than ``recent_size`` were) and the
-stored blocks, restricted as always to ``sink_size <= j <= p - recent_size``.
-Keys that leave the window between refreshes and were not selected are not
-seen until the next refresh: that is HiP's approximation, exactly.
+block. On a *refresh* (a cache of ``n`` keys) the tree search
+(:mod:`longattn.sparse.hip_mask`) selects ``topk // block_k`` key blocks per
+head from the cache, in place (contiguous or paged), out of the searchable
+keys ``[sink_size, e]`` with ``e = n - 1 - recent_size`` (causal; ``n - 1``
+non-causal). The next ``refresh_interval - 1`` steps reuse that selection
+and only attend. A query at position ``p`` of any step sees:
+
+- the sinks ``j < sink_size``;
+- the window: causal ``p - recent_size < j <= p``, non-causal ``|j - p| < recent_size``;
+- every other key ``j >= sink_size`` of a *listed* key block, outside the
+  window (causal: ``j <= p - recent_size``). The listed blocks are the
+  stored selection, plus -- on the steps that reuse it -- the *carried*
+  blocks: every key block holding a key after ``e`` (block
+  ``(e + 1) // block_k`` on). Those keys were not searchable at the refresh
+  (they were in its window, or not written yet); without them, the keys
+  that leave the window between two refreshes would be seen by nobody. So
+  the approximation is exactly the search's choice among the keys it saw,
+  and with ``topk`` covering the searchable range every step is dense
+  attention.
 
 The state is explicit: one :class:`HiPDecodeState` per layer, held by the
-caller. ``state=None`` searches on every step.
+caller. ``state=None`` searches on every step (nothing is carried).
 """
 
 from __future__ import annotations
@@ -41,6 +52,12 @@ class HiPDecodeState:
             including the refresh step; a refresh is due when it reaches the
             config's ``refresh_interval``.
         refreshes: how many times the search has run (for inspection).
+        carry_from: per sequence, the first key the last refresh could not
+            search (``e + 1`` in the module docstring): reuse steps also list
+            every key block from ``carry_from // block_k`` on.
+        step_blocks: per sequence, the ``(1, nheads, 1, n)`` key blocks the
+            last step listed (the stored selection plus the carried blocks;
+            -1 = none), for inspection and tests.
     """
 
     key_blocks: list[torch.Tensor] | None = None
@@ -49,11 +66,14 @@ class HiPDecodeState:
     refreshes: int = 0
     config: HiP | None = None
     nheads: int | None = None
+    carry_from: tuple[int, ...] | None = None
+    step_blocks: list[torch.Tensor] | None = None
 
     def reset(self) -> None:
         """Forget the selection: the next step searches (e.g. for a new batch)."""
         self.key_blocks, self.lengths, self.steps_since_refresh = None, None, 0
         self.config, self.nheads = None, None
+        self.carry_from, self.step_blocks = None, None
 
     def refresh_due(self, config: HiP, lengths: tuple[int, ...], nheads: int) -> bool:
         """True when the next step must search; raises if the state belongs to other sequences."""
@@ -95,17 +115,21 @@ def hip_decode(
     lengths = tuple(cache.seqlens.tolist())
     keys = (KeyRows.paged(cache.k_cache, cache.v_cache, cache.block_table) if cache.paged
             else KeyRows.dense(cache.k_cache, cache.v_cache))
-    if state is None or state.refresh_due(config, lengths, nheads):
+    refresh = state is None or state.refresh_due(config, lengths, nheads)
+    if refresh:
         selection = [select_blocks(q[b : b + 1], keys.sequence(b), n, config, causal=causal)
                      for b, n in enumerate(lengths)]
         if state is not None:
             state.key_blocks, state.lengths, state.steps_since_refresh = selection, lengths, 0
             state.config, state.nheads = config, nheads
+            state.carry_from = tuple(searchable_end(n, config, causal) + 1 for n in lengths)
             state.refreshes += 1
     else:
-        selection = state.key_blocks
+        selection = [with_carried(stored, carry, n, config, causal)
+                     for stored, carry, n in zip(state.key_blocks, state.carry_from, lengths)]
     if state is not None:
         state.steps_since_refresh += 1
+        state.step_blocks = selection
 
     outs, lses = [], []
     for b, n in enumerate(lengths):
@@ -118,3 +142,26 @@ def hip_decode(
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
+
+
+def searchable_end(length: int, config: HiP, causal: bool) -> int:
+    """The last key a refresh over ``length`` keys searches (the step's last
+    query sits at ``length - 1``); below ``sink_size`` when it searches none."""
+    return length - 1 - config.recent_size if causal else length - 1
+
+
+def with_carried(stored: torch.Tensor, carry_from: int, length: int, config: HiP, causal: bool) -> torch.Tensor:
+    """The key blocks a reuse step lists: ``stored (1, nheads, 1, nb)`` plus every
+    block from ``carry_from // block_k`` up to the last one a query of this step
+    can list (causal: the block of ``length - 1 - recent_size``). The stored
+    blocks all lie at or before block ``(carry_from - 1) // block_k``, so only
+    the first carried block can repeat one: there it is dropped from the
+    stored part. Built on the selection's device from host integers (no sync)."""
+    bk = config.block_k
+    first = max(0, carry_from) // bk
+    last = searchable_end(length, config, causal) // bk if causal else (length - 1) // bk
+    if last < first:
+        return stored
+    carried = torch.arange(first, last + 1, dtype=stored.dtype, device=stored.device)
+    stored = torch.where(stored == first, torch.full_like(stored, -1), stored)
+    return torch.cat([stored, carried.expand(*stored.shape[:-1], -1)], dim=-1)

@@ -27,13 +27,17 @@ The result lists block indices in ascending order, -1 padding last.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from longattn.errors import ArgumentError
 from longattn.kernels.block_sparse import BlockSparseLayout
 from longattn.kernels.block_sparse.eager import KeyRows
-from longattn.sparse.hip import HiP
+from longattn.kernels.hip_score import scoring_backend
+
+if TYPE_CHECKING:  # hip.py imports this module to run its search
+    from longattn.sparse.hip import HiP
 
 # Elements of the gathered representative keys per chunk of rows: 32 MiB of float32.
 CHUNK_ELEMENTS = 1 << 23
@@ -86,16 +90,19 @@ def select_blocks(
                                config.recent_size, causal)
     nqb, nb, device = layout.num_q_blocks, config.num_blocks, q.device
     lo, count, end = searchable_blocks(layout, device)
+    # The same geometry on the host, for the decisions Python makes (rounds,
+    # masking): reading them back from a GPU would be a host sync.
+    _, count_host, end_host = searchable_blocks(layout, torch.device("cpu"))
 
     g = torch.arange(nb + 1, device=device)
     bounds = lo[:, None] + g[None, :] * count[:, None] // nb  # (nqb, nb + 1)
     starts = bounds[:, :-1].expand(batch, nheads, nqb, nb).reshape(-1, nb).contiguous()
     ends = bounds[:, 1:].expand(batch, nheads, nqb, nb).reshape(-1, nb).contiguous()
-    largest = int(-(-count.max() // nb)) if nqb and seqlen_k else 0
+    largest = int(-(-count_host.max() // nb)) if nqb and seqlen_k else 0
     rounds = math.ceil(math.log2(largest)) if largest > 1 else 0
 
     if rounds:
-        scorer = _BranchScorer(q, keys, layout, config, end, _scoring_backend(backend, q))
+        scorer = _BranchScorer(q, keys, layout, config, end, scoring_backend(q, backend), end_host=end_host)
         if scorer.backend == "cpp":  # every round in one C++ call
             starts, ends = scorer.search(starts, ends, rounds)
         else:
@@ -115,27 +122,15 @@ def select_blocks(
     return ordered.reshape(batch, nheads, nqb, nb)
 
 
-SCORING_BACKENDS = ("auto", "cpp", "triton", "eager")
-
-
-def _scoring_backend(backend: str, q: torch.Tensor) -> str:
-    from longattn.errors import BackendUnavailableError
-    from longattn.kernels.support import triton_support
-    from longattn.kernels.hip_score.cpp import score_unavailable_reason
-
-    if backend not in SCORING_BACKENDS:
-        raise ArgumentError(f"backend must be one of {SCORING_BACKENDS}, got {backend!r}")
-    cpu_reason = "tensors are not on the CPU" if q.device.type != "cpu" else score_unavailable_reason()
-    if backend == "cpp" and cpu_reason is not None:
-        raise BackendUnavailableError(f"backend='cpp' cannot score HiP branches here: {cpu_reason}")
-    triton_reasons = triton_support.machine_reasons() + triton_support.call_reasons(q)
-    if backend == "triton" and triton_reasons:
-        raise BackendUnavailableError("backend='triton' cannot score HiP branches here: " + "; ".join(triton_reasons))
-    if backend == "auto":
-        if q.is_cuda and not triton_reasons:
-            return "triton"
-        return "cpp" if cpu_reason is None else "eager"
-    return backend
+def _strided_queries(layout: BlockSparseLayout, config: HiP, device: torch.device) -> torch.Tensor:
+    """``(num_q_blocks, ceil(block_q / query_stride))`` query indices each query
+    block scores with: every ``query_stride``-th, counting back from its last
+    query; a short last block repeats its last query (the max is unchanged)."""
+    strided = -(-config.block_q // config.query_stride)
+    qb = torch.arange(layout.num_q_blocks, device=device)
+    last = torch.clamp((qb + 1) * config.block_q, max=layout.seqlen_q) - 1
+    qidx = last[:, None] - torch.arange(strided, device=device)[None, :] * config.query_stride
+    return torch.where(qidx >= qb[:, None] * config.block_q, qidx, last[:, None])
 
 
 class _BranchScorer:
@@ -147,20 +142,15 @@ class _BranchScorer:
     """
 
     def __init__(self, q: torch.Tensor, keys: KeyRows, layout: BlockSparseLayout, config: HiP,
-                 end: torch.Tensor, backend: str = "eager") -> None:
+                 end: torch.Tensor, backend: str = "eager", *, end_host: torch.Tensor | None = None) -> None:
         batch, seqlen_q, nheads, headdim = q.shape
         self.layout, self.block_k = layout, config.block_k
         self.nheads, self.nqb = nheads, layout.num_q_blocks
         self.nheads_k, self.seqlen_k = keys.nheads_k, layout.seqlen_k
         self.group = nheads // self.nheads_k
         device, bk, nkb = q.device, config.block_k, layout.num_k_blocks
-        # Strided queries of each block, counting back from its last query; a
-        # short last block repeats its last query (the max is unchanged).
         strided = -(-config.block_q // config.query_stride)
-        qb = torch.arange(self.nqb, device=device)
-        last = torch.clamp((qb + 1) * config.block_q, max=seqlen_q) - 1
-        qidx = last[:, None] - torch.arange(strided, device=device)[None, :] * config.query_stride  # (nqb, s)
-        qidx = torch.where(qidx >= qb[:, None] * config.block_q, qidx, last[:, None])
+        qidx = _strided_queries(layout, config, device)  # (nqb, strided)
         self.qpos = qidx + layout.offset
         self.end = end
         self.backend = backend
@@ -169,7 +159,8 @@ class _BranchScorer:
 
             # C++: a multiple of the vector width; Triton: a power of two >= 16 (tl.dot).
             lanes = -(-strided // LANES) * LANES if backend == "cpp" else max(16, 1 << (strided - 1).bit_length())
-            pad = torch.cat([torch.arange(strided), torch.zeros(lanes - strided, dtype=torch.long)])
+            pad = torch.cat([torch.arange(strided, device=device),
+                             torch.zeros(lanes - strided, dtype=torch.long, device=device)])
             qidx = qidx[:, pad]
             self.padded_query_pos = (qidx + layout.offset).to(torch.int32).contiguous()
             strided = lanes
@@ -194,9 +185,12 @@ class _BranchScorer:
         # range ends, after a strided query when causal) need a mask; with
         # aligned sinks and ranges and a window at least as long as a query
         # block (HiP's defaults) none do, and the mask is skipped.
-        active = (end >= layout.sink_size)
-        ragged_end = bool((((end + 1) % bk != 0) & active).any())
-        early_query = layout.causal and bool(((self.qpos < end[:, None]) & active[:, None]).any())
+        # Decided on host copies of the geometry: no read-back from the device.
+        end_h = end.cpu() if end_host is None else end_host
+        qpos_h = _strided_queries(layout, config, torch.device("cpu")) + layout.offset
+        active = (end_h >= layout.sink_size)
+        ragged_end = bool((((end_h + 1) % bk != 0) & active).any())
+        early_query = layout.causal and bool(((qpos_h < end_h[:, None]) & active[:, None]).any())
         self.needs_mask = layout.sink_size % bk != 0 or ragged_end or early_query
         self.buffers: dict[str, torch.Tensor] = {}
 

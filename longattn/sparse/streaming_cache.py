@@ -100,11 +100,15 @@ class StreamingCache:
             self.v[:, slot] = v_new[:, 0]
             self.length += 1
             return
-        pos = torch.arange(self.length, self.length + n)
-        # Only the sinks and the last `window` new tokens survive: write just those.
-        keep = (pos < sink) | (pos >= self.length + n - window)
-        pos, src = pos[keep], torch.nonzero(keep).flatten()
-        slots = torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, window)).to(self.k.device)
+        # Only the sinks and the last `window` new tokens survive: write just
+        # those. Both runs of new tokens are ranges known on the host, so the
+        # indices are built on the cache's device (no mask read back).
+        device = self.k.device
+        head = max(0, min(n, sink - self.length))  # new tokens that are sinks
+        tail = max(head, n - window)  # first new token still in the window at the end
+        src = torch.cat([torch.arange(head, device=device), torch.arange(tail, n, device=device)])
+        pos = src + self.length
+        slots = torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, window))
         self.k[:, slots] = k_new[:, src.to(k_new.device)].to(self.k.dtype)
         self.v[:, slots] = v_new[:, src.to(v_new.device)].to(self.v.dtype)
         self.length += n
@@ -158,10 +162,10 @@ class StreamingCache:
         slots are then exactly the keys the query sees, in slots ``[0, filled)``
         (the ring fills in order before it wraps). So the step is plain decode
         over the slots, through the fast decode kernel."""
-        from longattn.decode_api import decode_attention
+        from longattn.kernels.decode import decode_forward
 
         self.append(k_new, v_new)
         filled = torch.full((q.shape[0],), min(self.length, self.config.budget), dtype=torch.int32,
                             device=q.device)
-        return decode_attention(q, self.k, self.v, cache_seqlens=filled, softmax_scale=scale, softcap=softcap,
-                                return_lse=return_lse)
+        out, lse = decode_forward(q, self.k, self.v, filled, scale=scale, window=(-1, 0), softcap=softcap)
+        return (out, lse) if return_lse else out

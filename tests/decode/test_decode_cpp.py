@@ -65,7 +65,7 @@ def test_long_context_gqa_8(dtype):
     assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")
 
 
-# The kernel has a vector path per instruction set; -march=native picks one,
+# The kernel has a vector path per instruction set; the build's ISA level picks one,
 # so on an AVX-512 machine the others are built with features switched off.
 VECTOR_PATHS = {
     "native": (),

@@ -99,8 +99,25 @@ def test_bad_plan_arguments():
         plan_decode([4, -1], nheads_k=1, num_workers=2)
     with pytest.raises(ArgumentError, match="block_n must be an int >= 1"):
         plan_decode([4], nheads_k=1, num_workers=2, block_n=0)
-    with pytest.raises(ArgumentError, match="heads_per_tile 3 must divide nheads_k 4"):
-        plan_decode([4], nheads_k=4, num_workers=2, heads_per_tile=3)
+    with pytest.raises(ArgumentError, match="heads_per_tile must be an int >= 1"):
+        plan_decode([4], nheads_k=4, num_workers=2, heads_per_tile=0)
+
+
+@pytest.mark.parametrize("nheads_k,asked,used", [
+    (4, 3, 2), (2, 8, 2), (12, 8, 6), (8, 8, 8), (7, 4, 1), (6, 1, 1), (5, None, 5), (1, None, 1),
+])
+def test_heads_per_tile_is_an_upper_bound_lowered_to_a_divisor(nheads_k, asked, used):
+    """The README's heads_per_tile=8 serves a model with 2 kv heads; None = every kv head."""
+    plan = plan_decode([9, 4], nheads_k=nheads_k, num_workers=3, block_n=4, heads_per_tile=asked)
+    assert plan.heads_per_tile == used and nheads_k % used == 0
+    assert plan.num_tiles == 2 * nheads_k // used
+
+
+def test_host_side_plan_facts_match_its_tensors():
+    plan = plan_decode([5, 3, 0, 17], nheads_k=2, num_workers=3, block_n=2)
+    assert plan.num_partial_slots == int(plan.as_tensors()["tile_first_partial"][-1])
+    assert plan.max_seqlen == 17
+    assert plan.as_tensors("cpu") is plan.as_tensors(torch.device("cpu"))  # one set per device
 
 
 def test_front_door_accepts_a_reused_plan():

@@ -137,7 +137,7 @@ def test_attention_rejects_what_hip_cannot_combine():
     with pytest.raises(UnsupportedFeatureError, match="recent_size"):
         longattn.attention(q, k, v, causal=True, window_size=(4, 0), sparse=HiP())
     with pytest.raises(UnsupportedFeatureError, match="backend"):
-        longattn.attention(q, k, v, causal=True, sparse=HiP(), backend="sdpa")
+        longattn.attention(q, k, v, causal=True, sparse=HiP(), backend="cuda")
     with pytest.raises(UnsupportedFeatureError, match="sparse"):
         longattn.attention(q, k, v, causal=True, sparse="hip")
 

@@ -75,19 +75,48 @@ def test_steps_equal_the_oracle_restricted_to_the_reused_selection(run):
         assert state.refreshes == -(-(step + 1) // cfg.refresh_interval)
         for b in range(batch):
             n = int(lens[b]) + sq
-            blocks = state.key_blocks[b]
+            blocks = state.step_blocks[b]
+            # The listed blocks are the stored selection plus, on reuse steps, the carried ones.
+            expected = _expected_listed(state, b, n, cfg, causal=True)
+            for h in range(nheads):
+                listed = blocks[0, h, 0][blocks[0, h, 0] >= 0].tolist()
+                assert len(listed) == len(set(listed))  # no block twice
+                assert sorted(listed) == expected[0, h, 0][expected[0, h, 0] >= 0].tolist()
             layout = BlockSparseLayout(sq, n, sq, cfg.block_k, cfg.sink_size, cfg.recent_size, True)
             # Bitwise equal to the primitive's eager twin (the one decode runs) on
-            # the logical keys with the reused selection.
+            # the logical keys with the listed blocks.
             again = block_sparse_attention(q[b : b + 1], k_all[b : b + 1, :n], v_all[b : b + 1, :n], blocks,
                                            block_q=sq, block_k=cfg.block_k, sink_size=cfg.sink_size,
                                            recent_size=cfg.recent_size, return_lse=True, backend="eager")
             assert torch.equal(out[b : b + 1], again[0]) and torch.equal(lse[b : b + 1], again[1])
             ref_out, ref_lse = attention_ref(q[b : b + 1], k_all[b : b + 1, :n], v_all[b : b + 1, :n],
-                                             mask=layout.dense_mask(blocks))
+                                             mask=layout.dense_mask(expected))
             assert_close_to_oracle(out[b : b + 1], ref_out, ref_out)
             assert_close_to_oracle(lse[b : b + 1], ref_lse, ref_lse, name="lse")
         lens = lens + sq
+
+
+def _expected_listed(state, b, n, cfg, *, causal):
+    """The listing rule of a step over ``n`` keys of sequence ``b``, written out
+    independently of the implementation: the stored selection; on a step that
+    reused it, also every key block from the first key the refresh (over
+    ``n_s`` keys) could not search -- ``n_s - recent_size`` causal, ``n_s``
+    non-causal -- to the block of the last key a query of this step may list.
+    ``(1, nheads, 1, m)``, each row ascending, -1 padding."""
+    stored = state.key_blocks[b]
+    nheads = stored.shape[1]
+    carried = set()
+    if state.steps_since_refresh > 1:  # a reuse step
+        n_s, bk = state.lengths[b], cfg.block_k
+        first_key = max(0, n_s - cfg.recent_size if causal else n_s)
+        last_key = n - 1 - cfg.recent_size if causal else n - 1
+        if last_key >= 0:
+            carried = set(range(first_key // bk, last_key // bk + 1))
+    rows = [sorted(set(stored[0, h, 0][stored[0, h, 0] >= 0].tolist()) | carried) for h in range(nheads)]
+    out = torch.full((1, nheads, 1, max(1, max(map(len, rows)))), -1, dtype=torch.long)
+    for h, row in enumerate(rows):
+        out[0, h, 0, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 def _write(k_cache, v_cache, table, b, at, k, v, page_size):
@@ -159,3 +188,56 @@ def test_search_in_a_cache_selects_what_the_eager_search_selects_on_the_logical_
         in_place = select_blocks(q[b : b + 1], keys.sequence(b), n, cfg, backend="cpp")
         eager = hip_select_blocks(q[b : b + 1], k[b : b + 1, :n], cfg, backend="eager")
         assert torch.equal(in_place, eager)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+@pytest.mark.parametrize("seqlen_q,causal,dtype", [(1, True, torch.float32), (2, True, torch.bfloat16),
+                                                    (1, False, torch.float32)])
+def test_every_step_is_dense_when_topk_covers_the_context(page_size, seqlen_q, causal, dtype):
+    # Many steps between and across refreshes, ragged batch, GQA: with topk
+    # covering every searchable block, the keys that leave the window between
+    # refreshes are carried, so no step drifts from dense decode.
+    gen = torch.Generator().manual_seed(11 + seqlen_q)
+    batch, nheads_k, group, d, steps = 3, 2, 2, 16, 11
+    cfg = HiP(topk=64, block_q=4, block_k=2, query_stride=1, sink_size=3, recent_size=5, refresh_interval=3)
+    starts = [37, 30, 21]
+    capacity = 64
+    assert max(starts) + steps * seqlen_q <= cfg.topk  # the budget covers every key
+    k_all = torch.randn(batch, capacity, nheads_k, d, generator=gen).to(dtype)
+    v_all = torch.randn(batch, capacity, nheads_k, d, generator=gen).to(dtype)
+    k_cache, v_cache, table = _caches(k_all, v_all, capacity, page_size, gen)
+    state, lens = HiPDecodeState(), torch.tensor(starts, dtype=torch.int32)
+    for step in range(steps):
+        q = torch.randn(batch, seqlen_q, nheads_k * group, d, generator=gen).to(dtype)
+        # The new tokens are already in the cache (written by _caches): attend without appending.
+        lens = lens + seqlen_q
+        out, lse = longattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,
+                                             causal=causal, sparse=cfg, state=state, return_lse=True)
+        base_out, base_lse = longattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,
+                                                       causal=causal, backend="eager", return_lse=True)
+        for b, n in enumerate(lens.tolist()):
+            ref_out, ref_lse = attention_ref(q[b : b + 1], k_all[b : b + 1, :n], v_all[b : b + 1, :n], causal=causal)
+            assert_close_to_oracle(out[b : b + 1], ref_out, base_out[b : b + 1])
+            assert_close_to_oracle(lse[b : b + 1], ref_lse, base_lse[b : b + 1], name="lse")
+    assert state.refreshes == -(-steps // cfg.refresh_interval) >= 3
+
+
+def test_drifted_before_keys_were_carried():
+    # The failure the carried blocks fix, pinned: one refresh, then steps whose
+    # window has moved past keys the search could not see. Listing only the
+    # stored blocks (what a step did before) misses them; the step does not.
+    gen = torch.Generator().manual_seed(3)
+    cfg = HiP(topk=64, block_q=4, block_k=2, query_stride=1, sink_size=2, recent_size=4, refresh_interval=8)
+    k, v = torch.randn(1, 40, 1, 16, generator=gen), torch.randn(1, 40, 1, 16, generator=gen)
+    state = HiPDecodeState()
+    for n in range(20, 27):
+        q = torch.randn(1, 1, 2, 16, generator=gen)
+        out = longattn.decode_attention(q, k, v, cache_seqlens=torch.tensor([n], dtype=torch.int32), sparse=cfg,
+                                        state=state)
+        ref, _ = attention_ref(q, k[:, :n], v[:, :n], causal=True)
+        assert_close_to_oracle(out, ref, ref)
+        stored_only = block_sparse_attention(q, k[:, :n], v[:, :n], state.key_blocks[0], block_q=1, block_k=2,
+                                             sink_size=2, recent_size=4, backend="eager")
+        if n > 20:  # keys 16.. left the window; the stored selection ends at key 15
+            assert not torch.allclose(stored_only, ref.float(), atol=1e-4)
+    assert state.refreshes == 1

@@ -12,6 +12,7 @@ from longattn.errors import ArgumentError, ShapeError
 from longattn.reference import attention_ref
 from longattn.sparse import Streaming, StreamingCache
 from longattn.sparse.streaming import lambda_mask, reference_chunk_mask
+from tests.sparse.cache_bytes import float_storage_bytes
 from tests.tolerance import assert_close_to_oracle
 
 
@@ -42,7 +43,9 @@ def test_prefill_then_steps_equal_one_masked_pass(sink, window, prompt, steps, n
         # Never more than sink + window tokens, whatever the length.
         assert cache.k.shape[1] == sink + window and cache.length == at
         assert int((cache.positions() >= 0).sum()) == min(at, sink + window)
-    assert cache.memory_bytes == 2 * batch * nheads_k * d * (sink + window) * cache.k.element_size()
+    # Counted from the tensors the cache allocated; the same after any number of steps.
+    assert cache.memory_bytes == float_storage_bytes(cache)
+    assert cache.memory_bytes == float_storage_bytes(StreamingCache(cfg, batch, nheads_k, d, dtype=dtype))
 
 
 @given(st.integers(0, 6), st.integers(1, 12), st.integers(0, 30), st.integers(1, 40), st.sampled_from([0.0, 2.5]),

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.dispatch import Backend, Registry
 from longattn.errors import ArgumentError, DTypeError, ShapeError
+from longattn.kernels.support import triton_support
 from longattn.validation import check_attention_options, check_int, check_qkv
 
 
@@ -135,10 +137,12 @@ def block_sparse_attention(
         block_q, block_k: queries per query block, keys per key block (>= 1).
         sink_size, recent_size: >= 0.
         causal, softmax_scale, softcap, return_lse: as in :func:`longattn.attention`.
-        backend: ``"cpp"`` (the C++ flash kernel, CPU, recent_size >= 1),
-            ``"eager"`` (PyTorch), ``"triton"`` (CUDA, or CPU under
-            ``TRITON_INTERPRET=1`` for verification) or ``"auto"`` (Triton
-            on CUDA tensors, else cpp where it can serve, else eager).
+        backend: ``"auto"`` (the first of these that can serve), ``"cpp"`` (the
+            C++ flash kernel, CPU, recent_size >= 1), ``"triton"`` (CUDA, or CPU
+            under ``TRITON_INTERPRET=1`` for verification), ``"sdpa"`` (PyTorch's
+            fused CPU kernel, no softcap) or ``"eager"`` (PyTorch ops, the
+            specification). A forced twin that cannot serve raises
+            :class:`~longattn.errors.BackendUnavailableError` listing every twin's reasons.
 
     Returns:
         ``out`` like q, or ``(out, lse)`` with ``lse (batch, nheads, seqlen_q)`` float32.
@@ -156,46 +160,115 @@ def block_sparse_attention(
     return (out, lse) if return_lse else out
 
 
-BACKENDS = ("auto", "cpp", "eager", "triton")
+@dataclass(frozen=True)
+class BlockSparseCall:
+    """One validated block-sparse request: what every twin takes."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_blocks: torch.Tensor
+    layout: BlockSparseLayout
+    scale: float
+    softcap: float
 
 
-def cpp_reasons(q: torch.Tensor, layout: BlockSparseLayout) -> list[str]:
-    """Why the C++ flash kernel cannot serve this block-sparse call (empty: it can)."""
+def _cpp_machine_reasons() -> list[str]:
     from longattn.kernels.dense.cpp import flash_unavailable_reason
 
-    reasons = [] if q.device.type == "cpu" else [f"CPU only, q is on {q.device.type}"]
-    if layout.recent_size < 1:
+    why = flash_unavailable_reason()
+    return [] if why is None else [why]
+
+
+def _cpp_call_reasons(call: BlockSparseCall) -> list[str]:
+    reasons = [] if call.q.device.type == "cpu" else [f"CPU only, q is on {call.q.device.type}"]
+    if call.layout.recent_size < 1:
         reasons.append("recent_size 0 (no window) is served by the eager twin")
-    if not reasons and (why := flash_unavailable_reason()) is not None:
-        reasons.append(why)
     return reasons
+
+
+def _run_cpp(call: BlockSparseCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.block_sparse.cpp import block_sparse_forward_cpp
+
+    return block_sparse_forward_cpp(call.q, call.k, call.v, call.key_blocks, call.layout, scale=call.scale,
+                                    softcap=call.softcap)
+
+
+def _run_triton(call: BlockSparseCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.block_sparse.triton import block_sparse_forward_triton
+
+    return block_sparse_forward_triton(call.q, call.k, call.v, call.key_blocks, call.layout, scale=call.scale,
+                                       softcap=call.softcap)
+
+
+def _run_eager(call: BlockSparseCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.block_sparse.eager import block_sparse_forward_eager
+
+    return block_sparse_forward_eager(call.q, call.k, call.v, call.key_blocks, call.layout, scale=call.scale,
+                                      softcap=call.softcap)
+
+
+CPP = Backend[BlockSparseCall](
+    name="cpp",
+    description="the C++ CPU flash kernel with listed key positions, sinks and a window (csrc/cpu/flash_cpu.cpp)",
+    run=_run_cpp,
+    machine_reasons=_cpp_machine_reasons,
+    call_reasons=_cpp_call_reasons,
+)
+
+TRITON = Backend[BlockSparseCall](
+    name="triton",
+    description="block-sparse flash forward in Triton (GPU; CPU under TRITON_INTERPRET=1)",
+    run=_run_triton,
+    machine_reasons=triton_support.machine_reasons,
+    call_reasons=lambda call: triton_support.call_reasons(call.q),
+    auto_reasons=lambda call: triton_support.auto_reasons(call.q),
+)
+
+def _sdpa_machine_reasons() -> list[str]:
+    from longattn.kernels.dense.sdpa import lse_op_available
+
+    return [] if lse_op_available() else ["this torch has no lse-returning fused CPU attention op"]
+
+
+def _sdpa_call_reasons(call: BlockSparseCall) -> list[str]:
+    reasons = [] if call.q.device.type == "cpu" else [f"CPU only, q is on {call.q.device.type}"]
+    if call.softcap > 0:
+        reasons.append("softcap is not supported by the fused kernel")
+    return reasons
+
+
+def _run_sdpa(call: BlockSparseCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.block_sparse.sdpa import block_sparse_forward_sdpa
+
+    return block_sparse_forward_sdpa(call.q, call.k, call.v, call.key_blocks, call.layout, scale=call.scale,
+                                     softcap=call.softcap)
+
+
+SDPA = Backend[BlockSparseCall](
+    name="sdpa",
+    description="PyTorch's fused CPU attention over each query block's candidates (a window span per chunk "
+                "for sinks + window)",
+    run=_run_sdpa,
+    machine_reasons=_sdpa_machine_reasons,
+    call_reasons=_sdpa_call_reasons,
+)
+
+EAGER = Backend[BlockSparseCall](
+    name="eager",
+    description="PyTorch over each query block's candidate keys, float32 math; serves every call",
+    run=_run_eager,
+    machine_reasons=lambda: [],
+    call_reasons=lambda call: [],
+)
+
+BLOCK_SPARSE_BACKENDS = Registry[BlockSparseCall]("block-sparse attention", [CPP, TRITON, SDPA, EAGER])
 
 
 def block_sparse_forward(q, k, v, key_blocks, layout: BlockSparseLayout, *, scale: float, softcap: float,
                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The twin ``backend`` names (validated inputs): ``(out, lse)``. ``auto``:
-    Triton on CUDA, the C++ flash kernel on a CPU where it builds, else eager."""
-    from longattn.errors import BackendUnavailableError
-    from longattn.kernels.support import triton_support
-
-    if backend not in BACKENDS:
-        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("auto", "cpp") and not q.is_cuda:
-        reasons = cpp_reasons(q, layout)
-        if backend == "cpp" and reasons:
-            raise BackendUnavailableError("backend='cpp' cannot serve this block-sparse call:", {"cpp": reasons})
-        if not reasons:
-            from longattn.kernels.block_sparse.cpp import block_sparse_forward_cpp
-
-            return block_sparse_forward_cpp(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
-    triton_reasons = triton_support.machine_reasons() + triton_support.call_reasons(q)
-    if backend == "triton" and triton_reasons:
-        raise BackendUnavailableError("backend='triton' cannot serve this block-sparse call:",
-                                      {"triton": triton_reasons})
-    if backend == "triton" or (backend == "auto" and q.is_cuda and not triton_reasons):
-        from longattn.kernels.block_sparse.triton import block_sparse_forward_triton
-
-        return block_sparse_forward_triton(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
-    from longattn.kernels.block_sparse.eager import block_sparse_forward_eager
-
-    return block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap)
+    the C++ flash kernel on a CPU where it builds, Triton on CUDA, the fused
+    CPU kernel (``sdpa``), else eager."""
+    call = BlockSparseCall(q, k, v, key_blocks, layout, scale, softcap)
+    return BLOCK_SPARSE_BACKENDS.select(call, backend).run(call)

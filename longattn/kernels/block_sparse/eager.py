@@ -131,10 +131,12 @@ def block_sparse_forward_eager(
     *,
     scale: float,
     softcap: float,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (batch, seqlen_q, nheads, headdim) in q's dtype, lse (batch, nheads, seqlen_q) float32)``
-    for ``k, v (batch, seqlen_k, nheads_k, headdim)``."""
-    return block_sparse_rows_eager(q, KeyRows.dense(k, v), key_blocks, layout, scale=scale, softcap=softcap)
+    for ``k, v (batch, seqlen_k, nheads_k, headdim)``; ``fused`` as in :func:`block_sparse_rows_eager`."""
+    return block_sparse_rows_eager(q, KeyRows.dense(k, v), key_blocks, layout, scale=scale, softcap=softcap,
+                                   fused=fused)
 
 
 def block_sparse_rows_eager(
@@ -145,13 +147,15 @@ def block_sparse_rows_eager(
     *,
     scale: float,
     softcap: float,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of ``q (batch, seqlen_q, nheads, headdim)`` over the
     keys ``keys`` addresses (``layout.seqlen_k`` of them per sequence).
 
-    Each chunk of rows runs through PyTorch's fused CPU attention kernel with
-    an additive mask (0 / -inf) when it exists and there is no softcap, else
-    through matmul, logsumexp and exp.
+    Each chunk of rows is gathered and attended with an additive mask (0 /
+    -inf) through matmul, logsumexp and exp -- the specification -- or, with
+    ``fused=True`` (the block-sparse ``sdpa`` twin; CPU, no softcap), through
+    PyTorch's fused CPU attention kernel.
     """
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = layout.seqlen_k, keys.nheads_k
@@ -176,7 +180,7 @@ def block_sparse_rows_eager(
     q_blocks[:, :, :seqlen_q] = q.transpose(1, 2)
     q_blocks = q_blocks.reshape(rows, bq, headdim)
 
-    attend = _Attend(keys.k_rows, keys.v_rows, scale, softcap, min(nqb, max(1, CHUNK_ELEMENTS // (
+    attend = _Attend(keys.k_rows, keys.v_rows, scale, softcap, fused, min(nqb, max(1, CHUNK_ELEMENTS // (
         num_candidates * max(headdim, bq)))) * num_candidates)
     step = attend.rows_per_chunk // num_candidates
     # Rows run (batch, head) by (batch, head), query blocks in chunks: a chunk's
@@ -187,7 +191,7 @@ def block_sparse_rows_eager(
     lse = torch.empty(rows, bq, dtype=torch.float32, device=device)
     parts_out = torch.empty(2, step, bq, 1, headdim, dtype=torch.float32, device=device)
     parts_lse = torch.empty(2, step, 1, bq, dtype=torch.float32, device=device)
-    listed = _ListedMask(layout, step, listed_pos.shape[1])
+    listed = _ListedMask(layout, step, listed_pos.shape[1], device)
     for bh in range(batch * nheads):
         b, hk = bh // nheads, bh % nheads // group
         for q0 in range(0, nqb, step):
@@ -199,7 +203,7 @@ def block_sparse_rows_eager(
             attend(q_blocks[r0:r1], keys.index(b, hk, listed_pos[r0:r1].clamp(0, seqlen_k - 1)),
                    parts_out[1, :n, :, 0], parts_lse[1, :n, 0], bias=bias, seen_any=seen_any)
             # merge_states takes (batch, seqlen_q, nheads, headdim) parts: rows as batch, one head.
-            merged_out, merged_lse = merge_states(parts_out[:, :n], parts_lse[:, :n])
+            merged_out, merged_lse = merge_states(parts_out[:, :n], parts_lse[:, :n], check=False)
             out[r0:r1] = merged_out[:, :, 0]
             lse[r0:r1] = merged_lse[:, 0]
     return _unblock(out, lse, batch, nheads, seqlen_q, q.dtype)
@@ -207,20 +211,22 @@ def block_sparse_rows_eager(
 
 class _ListedMask:
     """The 0/-inf mask of a chunk's listed-block candidates, built in buffers
-    reused across chunks (see :func:`listed_visibility` for the rule)."""
+    reused across chunks (see :func:`listed_visibility` for the rule). Every
+    buffer lives on ``device`` (the queries'): the mask meets gathered keys there."""
 
-    def __init__(self, layout: BlockSparseLayout, max_rows: int, listed: int) -> None:
-        self.layout = layout
-        self.seen = torch.empty(max_rows * layout.block_q * listed, dtype=torch.bool)
-        self.bias = torch.empty(max_rows * layout.block_q * listed, dtype=torch.float32)
-        self.zero, self.neg_inf = torch.zeros(()), torch.full((), float("-inf"))
-        self.local = torch.arange(layout.block_q)
+    def __init__(self, layout: BlockSparseLayout, max_rows: int, listed: int, device: torch.device) -> None:
+        self.layout, self.device = layout, device
+        self.seen = torch.empty(max_rows * layout.block_q * listed, dtype=torch.bool, device=device)
+        self.bias = torch.empty(max_rows * layout.block_q * listed, dtype=torch.float32, device=device)
+        self.zero = torch.zeros((), device=device)
+        self.neg_inf = torch.full((), float("-inf"), device=device)
+        self.local = torch.arange(layout.block_q, device=device)
 
     def __call__(self, q0: int, q1: int, kpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``kpos (n, L)`` listed positions of query blocks ``[q0, q1)`` ->
         ``(bias (n, bq, L), seen_any (n, bq))``."""
         lay, n, width = self.layout, q1 - q0, kpos.shape[1]
-        qpos = (torch.arange(q0, q1)[:, None] * lay.block_q + self.local + lay.offset)[:, :, None]
+        qpos = (torch.arange(q0, q1, device=self.device)[:, None] * lay.block_q + self.local + lay.offset)[:, :, None]
         seen = self.seen[: n * lay.block_q * width].view(n, lay.block_q, width)
         if lay.causal:
             # Keys outside [sink, seqlen_k) (and -1 padding) moved out of reach,
@@ -237,18 +243,17 @@ class _ListedMask:
 class _Attend:
     """Attention of query blocks over gathered candidate keys with a 0/-inf
     mask, into buffers allocated once: fresh tensors of tens of MiB per chunk
-    cost more in page faults than the work that fills them. Uses PyTorch's
-    fused CPU attention kernel when there is no softcap."""
+    cost more in page faults than the work that fills them. With ``fused``
+    (CPU, no softcap) PyTorch's fused CPU attention kernel does the work."""
 
-    def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, scale: float, softcap: float,
+    def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, scale: float, softcap: float, fused: bool,
                  rows_per_chunk: int) -> None:
         self.k_rows, self.v_rows, self.scale, self.softcap = k_rows, v_rows, scale, softcap
         self.rows_per_chunk = rows_per_chunk  # candidate rows (queries blocks x candidates) per call
         device, headdim = k_rows.device, k_rows.shape[1]
         self.kbuf = torch.empty(rows_per_chunk, headdim, dtype=k_rows.dtype, device=device)
         self.vbuf = torch.empty_like(self.kbuf)
-        self.fused = softcap == 0 and device.type == "cpu" and hasattr(
-            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        self.fused = fused and softcap == 0 and device.type == "cpu"
 
     def __call__(self, q: torch.Tensor, index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                  bias: torch.Tensor, seen_any: torch.Tensor) -> None:
@@ -267,8 +272,10 @@ class _Attend:
         if kc.dtype != torch.float32:
             kc, vc = kc.float(), vc.float()
         if self.fused:
-            part_out, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q[:, None], kc[:, None], vc[:, None], 0.0, False, attn_mask=bias[:, None], scale=self.scale)
+            from longattn.kernels.dense.sdpa import fused_cpu_attention
+
+            part_out, part_lse = fused_cpu_attention(q[:, None], kc[:, None], vc[:, None], attn_mask=bias[:, None],
+                                                     scale=self.scale)
             out.copy_(part_out[:, 0])
             lse.copy_(part_lse[:, 0])
         else:

@@ -31,27 +31,17 @@ def triton_import_error() -> str | None:
 
 
 if triton is not None:
-    from longattn.kernels.support.triton_tile import softcap_tanh
+    from longattn.kernels.support.triton_tile import online_softmax_finish, online_softmax_step
 
     @triton.jit
     def _attend_tile(q, K, V, cols, load_ok, visible, m_i, l_i, acc, offs_d, d_ok,
                      stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-        """One online-softmax step over key positions ``cols`` (log2 units, as the dense twin)."""
-        kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=load_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision="ieee") * scale
-        if HAS_SOFTCAP:
-            s = softcap_tanh(s, softcap)
-        s = tl.where(visible, s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exact zeros, no NaN
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=load_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        return m_new, l_i, acc
+        """The shared online-softmax step over key positions ``cols``; row offsets in
+        int64 (``key * stride`` passes 2**31 elements for long contexts)."""
+        cols64 = cols.to(tl.int64)
+        return online_softmax_step(q, K + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                                   V + cols64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                                   load_ok, d_ok, visible, m_i, l_i, acc, scale, softcap, HAS_SOFTCAP)
 
     @triton.jit
     def _block_sparse_fwd_kernel(
@@ -84,7 +74,8 @@ if triton is not None:
         row_ok = (rows < first + block_q) & (rows < seqlen_q)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < headdim
-        q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        rows64 = rows.to(tl.int64)  # int64: row * stride passes 2**31 for long contexts
+        q = tl.load(Q + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         qpos = rows + (seqlen_k - seqlen_q)  # bottom-right aligned key position of each query
         offs_n = tl.arange(0, BLOCK_N)
@@ -142,10 +133,8 @@ if triton is not None:
                                          d_ok, stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap,
                                          HAS_SOFTCAP)
 
-        empty = l_i == 0.0
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(Out + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out, lse = online_softmax_finish(m_i, l_i, acc)
+        tl.store(Out + rows64[:, None] * stride_om + offs_d[None, :] * stride_od,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(Lse + rows, lse, mask=row_ok)
 

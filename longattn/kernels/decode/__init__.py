@@ -60,6 +60,7 @@ CPP = Backend[DecodeCall](
     run=lambda call: decode_forward_cpu(*call.args(), **call.kwargs(), plan=call.plan),
     machine_reasons=lambda: [r] if (r := cpu_unavailable_reason()) else [],
     call_reasons=_cpu_call_reasons,
+    pure=True,  # the build probe is made once per process
 )
 
 
@@ -107,6 +108,7 @@ CUDA = Backend[DecodeCall](
     machine_reasons=_cuda_machine_reasons,
     call_reasons=_cuda_call_reasons,
     auto_reasons=lambda call: ["compile-checked with nvcc but not yet verified on a GPU; force backend='cuda' to use it"],
+    pure=True,  # cupy/NVRTC availability is probed once per process
 )
 
 
@@ -118,6 +120,47 @@ EAGER = Backend[DecodeCall](
     run=lambda call: decode_forward_eager(*call.args(), **call.kwargs(), plan=call.plan),
     machine_reasons=lambda: [],
     call_reasons=lambda call: [],
+    pure=True,
 )
 
-DECODE_BACKENDS = Registry[DecodeCall]("decode attention", [CPP, TRITON, CUDA, EAGER])
+
+def call_signature(call: DecodeCall):
+    """What every pure twin's reasons read from ``call`` (the registry's memo
+    key): the device, dtype and headdim of q; None while torch.compile traces
+    (selection then happens when the traced op runs). Keep in step with
+    ``_cpu_call_reasons`` and ``_cuda_call_reasons``."""
+    if torch.compiler.is_compiling():
+        return None
+    q = call.q
+    return (q.device, q.dtype, q.shape[-1])
+
+
+# The Triton twin's reasons read TRITON_INTERPRET at call time, so it is not
+# pure: selections that consult it (forced "triton", or auto walking past it)
+# are never memoised. On a CPU, auto stops at cpp (pure) before reaching it.
+DECODE_BACKENDS = Registry[DecodeCall]("decode attention", [CPP, TRITON, CUDA, EAGER], signature=call_signature)
+
+
+def decode_forward(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    *,
+    scale: float,
+    window: tuple[int, int] = (-1, 0),
+    softcap: float = 0.0,
+    plan: DecodePlan | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode primitive for callers in the methods layer (caches, states)
+    that validated their own inputs and wrote their own new keys:
+    ``q (batch, seqlen_q, nheads, headdim)`` over the first ``seqlens[b]``
+    (int32, on q's device) keys of each sequence of a contiguous
+    ``(batch, capacity, nheads_k, headdim)`` or paged cache; ``window`` is
+    effective (causal folded in, bottom-right: query ``i`` sits at key
+    position ``seqlens[b] - seqlen_q + i``). Returns ``(out, lse)``."""
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    call = DecodeCall(q, CacheView(k_cache, v_cache, block_table, seqlens, capacity), scale, window, softcap, plan)
+    return DECODE_BACKENDS.select(call, backend).run(call)

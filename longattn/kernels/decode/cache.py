@@ -46,6 +46,36 @@ class CacheView:
         return self.k_cache.shape[1] if self.paged else self.capacity
 
 
+@dataclass(frozen=True)
+class CacheArgs:
+    """The cache arguments of one decode call, checked for everything that can
+    be checked without reading tensor data (types, shapes, dtypes, devices):
+    :func:`check_cache_layout`. :func:`check_cache_data` checks the rest from
+    the lengths read on the host. Nothing is written until both passed."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor  # (batch,) integer, not yet read
+    block_table: torch.Tensor | None
+    k_new: torch.Tensor | None
+    v_new: torch.Tensor | None
+    seqlen_new: int
+    capacity: int  # tokens one sequence can hold
+    page_size: int  # paged: tokens per page; contiguous: capacity
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def batch(self) -> int:
+        return self.cache_seqlens.shape[0]
+
+    def view(self, seqlens: torch.Tensor) -> CacheView:
+        """The cache as attended: ``seqlens (batch,)`` int32 keys per sequence."""
+        return CacheView(self.k_cache, self.v_cache, self.block_table, seqlens, self.capacity)
+
+
 def _check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{name} must be an int32 tensor (batch,), got {type(t).__name__}")
@@ -58,7 +88,7 @@ def _check_int_vector(name: str, t: object, length: int, device: torch.device) -
     return t
 
 
-def check_cache(
+def check_cache_layout(
     q: torch.Tensor,
     k_cache: object,
     v_cache: object,
@@ -66,18 +96,63 @@ def check_cache(
     block_table: object,
     k_new: object,
     v_new: object,
-) -> CacheView:
-    """Validate the cache arguments of :func:`longattn.decode_attention` against q."""
+) -> CacheArgs:
+    """Validate the cache arguments of :func:`longattn.decode_attention` against
+    q without reading tensor data (no host sync, traceable by torch.compile)."""
+    fast = _layout_fast(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    if fast is not None:
+        return fast
+    return _check_layout_full(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+
+
+def _layout_fast(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new) -> CacheArgs | None:
+    """The common valid call (contiguous cache, with or without new tokens) in
+    one chain of cheap comparisons: a decode step runs once per layer per
+    token. Accepts only what the full check accepts; None sends everything
+    else (every invalid input included) to the full check."""
+    if block_table is not None or type(k_cache) is not torch.Tensor or type(v_cache) is not torch.Tensor:
+        return None
+    if type(cache_seqlens) is not torch.Tensor:
+        return None
+    qs, ks = q.shape, k_cache.shape
+    dtype, device = q.dtype, q.device
+    if not (
+        len(ks) == 4 and v_cache.shape == ks and ks[0] == qs[0] and ks[3] == qs[3]
+        and ks[2] != 0 and qs[2] % ks[2] == 0
+        and k_cache.dtype is dtype and v_cache.dtype is dtype
+        and cache_seqlens.dtype is torch.int32 and cache_seqlens.shape == (qs[0],)
+        and k_cache.device == device and v_cache.device == device and cache_seqlens.device == device
+    ):
+        return None
+    seqlen_new = 0
+    if k_new is not None:
+        if type(k_new) is not torch.Tensor or type(v_new) is not torch.Tensor:
+            return None
+        ns = k_new.shape
+        if not (
+            len(ns) == 4 and v_new.shape == ns and ns[0] == qs[0] and ns[2] == ks[2] and ns[3] == qs[3]
+            and k_new.dtype is dtype and v_new.dtype is dtype
+            and k_new.device == device and v_new.device == device
+        ):
+            return None
+        seqlen_new = ns[1]
+    elif v_new is not None:
+        return None
+    return CacheArgs(k_cache, v_cache, cache_seqlens, None, k_new, v_new, seqlen_new, ks[1], ks[1])
+
+
+def _check_layout_full(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new) -> CacheArgs:
     batch, _, nheads, headdim = q.shape
     paged = block_table is not None
     layout = "(num_pages, page_size, nheads_k, headdim)" if paged else "(batch, max_seqlen, nheads_k, headdim)"
     k_cache = check_tensor("k_cache", k_cache, 4, layout)
     v_cache = check_tensor("v_cache", v_cache, 4, layout)
+    device = q.device
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise DTypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
-        if t.device != q.device:
-            raise DeviceError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.device != device:
+            raise DeviceError(f"{name} is on {t.device} but q is on {device}")
         if t.shape[3] != headdim:
             raise ShapeError(f"{name} has headdim {t.shape[3]} but q has {headdim}")
     if v_cache.shape != k_cache.shape:
@@ -86,10 +161,7 @@ def check_cache(
     if nheads_k == 0 or nheads % nheads_k:
         raise ShapeError(f"q has {nheads} heads, which is not a multiple of the cache's nheads_k {nheads_k}")
 
-    cache_seqlens = _check_int_vector("cache_seqlens", cache_seqlens, batch, q.device)
-    lengths = cache_seqlens.to(torch.int64)
-    if batch and int(lengths.min()) < 0:
-        raise ArgumentError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
+    cache_seqlens = _check_int_vector("cache_seqlens", cache_seqlens, batch, device)
 
     seqlen_new = 0
     if (k_new is None) != (v_new is None):
@@ -103,18 +175,18 @@ def check_cache(
                 raise ShapeError(f"{name} must have shape (batch, seqlen_new, nheads_k, headdim) = {want}, got {tuple(t.shape)}")
             if t.dtype != q.dtype:
                 raise DTypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
-            if t.device != q.device:
-                raise DeviceError(f"{name} is on {t.device} but q is on {q.device}")
+            if t.device != device:
+                raise DeviceError(f"{name} is on {t.device} but q is on {device}")
         seqlen_new = k_new.shape[1]
 
     if paged:
         if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch:
             got = tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
             raise ShapeError(f"block_table must be an int32 tensor (batch, max_pages) with batch {batch}, got {got}")
-        if block_table.dtype.is_floating_point or block_table.dtype == torch.bool:
+        if block_table.dtype.is_floating_point or block_table.dtype.is_complex or block_table.dtype == torch.bool:
             raise DTypeError(f"block_table must be an integer tensor (int32), got {block_table.dtype}")
-        if block_table.device != q.device:
-            raise DeviceError(f"block_table is on {block_table.device} but q is on {q.device}")
+        if block_table.device != device:
+            raise DeviceError(f"block_table is on {block_table.device} but q is on {device}")
         page_size = k_cache.shape[1]
         if page_size < 1:
             raise ShapeError("k_cache has page_size 0; pages must hold at least one token")
@@ -122,31 +194,161 @@ def check_cache(
     else:
         if k_cache.shape[0] != batch:
             raise ShapeError(f"k_cache has batch {k_cache.shape[0]} but q has {batch} (contiguous cache; pass block_table for a paged one)")
-        capacity = k_cache.shape[1]
+        capacity = page_size = k_cache.shape[1]
+    return CacheArgs(k_cache, v_cache, cache_seqlens, block_table if paged else None, k_new, v_new,
+                     seqlen_new, capacity, page_size)
 
-    total = lengths + seqlen_new
-    if batch and int(total.max()) > capacity:
-        worst = int(total.argmax())
+
+# Paged checks walk the used block_table entries in Python (cheap for the
+# few pages of a short cache); past this many entries one vectorised pass
+# over the table is cheaper. Both raise the same errors.
+PYTHON_TABLE_CHECK_MAX = 1024
+
+
+def check_cache_data(args: CacheArgs, lengths: list[int], *, python_max: int | None = None) -> None:
+    """The checks that read data, from ``lengths`` (``cache_seqlens`` read on the
+    host once): lengths >= 0, no overflow, block_table entries in range, and no
+    page written by one sequence's new tokens that another table entry in use
+    (another sequence's visible or appended range, or another slot of the same
+    row) also maps: two writers or a writer and a reader of one page is a data
+    race that corrupts the cache. Read-only sharing (a common prefix) is fine."""
+    if not lengths:
+        return
+    seqlen_new, capacity = args.seqlen_new, args.capacity
+    if min(lengths) < 0:
+        raise ArgumentError(f"cache_seqlens must be >= 0, got {lengths}")
+    worst = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[worst] + seqlen_new > capacity:
         raise ArgumentError(
-            f"cache overflow: sequence {worst} needs {int(total[worst])} tokens "
-            f"(cache_seqlens {int(lengths[worst])} + seqlen_new {seqlen_new}) but the cache holds {capacity} per sequence"
+            f"cache overflow: sequence {worst} needs {lengths[worst] + seqlen_new} tokens "
+            f"(cache_seqlens {lengths[worst]} + seqlen_new {seqlen_new}) but the cache holds {capacity} per sequence"
         )
-    if paged and batch:
-        num_pages = k_cache.shape[0]
-        used = (total + page_size - 1) // page_size  # pages each sequence touches
-        cols = torch.arange(block_table.shape[1], device=q.device)
-        in_use = cols[None, :] < used[:, None]
-        entries = block_table.to(torch.int64)
-        bad = in_use & ((entries < 0) | (entries >= num_pages))
-        if bool(bad.any()):
-            b, p = (int(i) for i in bad.nonzero()[0])
-            raise ArgumentError(
-                f"block_table[{b}, {p}] = {int(entries[b, p])} is out of range: the cache has {num_pages} pages (0..{num_pages - 1})"
-            )
-    view = CacheView(k_cache, v_cache, block_table if paged else None, total.to(torch.int32), capacity)
-    if k_new is not None and seqlen_new:
-        _append(view, lengths, k_new, v_new)
-    return view
+    if not args.paged:
+        return
+    page_size = args.page_size
+    used = [-(-(n + seqlen_new) // page_size) for n in lengths]  # pages each sequence touches
+    # First page slot that receives new tokens (== used: none).
+    first_written = [n // page_size if seqlen_new else u for n, u in zip(lengths, used)]
+    limit = PYTHON_TABLE_CHECK_MAX if python_max is None else python_max
+    if sum(used) <= limit:
+        _check_table_python(args, used, first_written)
+    else:
+        _check_table_torch(args, used, first_written)
+
+
+def _range_error(b: int, col: int, page: int, num_pages: int) -> ArgumentError:
+    return ArgumentError(
+        f"block_table[{b}, {col}] = {page} is out of range: the cache has {num_pages} pages (0..{num_pages - 1})"
+    )
+
+
+def _shared_error(b: int, col: int, page: int, other_b: int, other_col: int, written_by_other: bool) -> ArgumentError:
+    what = "new tokens" if written_by_other else "visible tokens"
+    return ArgumentError(
+        f"block_table[{b}, {col}] = {page} receives new tokens of sequence {b}, but page {page} is also "
+        f"block_table[{other_b}, {other_col}] (sequence {other_b}'s {what}): a page written by one sequence "
+        "must not be used by any other table entry (two writers, or a writer and a reader, corrupt the cache)"
+    )
+
+
+def _check_table_python(args: CacheArgs, used: list[int], first_written: list[int]) -> None:
+    num_pages, max_used = args.k_cache.shape[0], max(used)
+    rows = args.block_table[:, :max_used].tolist()
+    owners: dict[int, list[tuple[int, int]]] = {}
+    for b, (row, u) in enumerate(zip(rows, used)):
+        for col in range(u):
+            page = row[col]
+            if page < 0 or page >= num_pages:
+                raise _range_error(b, col, page, num_pages)
+            owners.setdefault(page, []).append((b, col))
+    for b, (row, u, w) in enumerate(zip(rows, used, first_written)):
+        for col in range(w, u):
+            entries = owners[row[col]]
+            if len(entries) > 1:
+                other_b, other_col = next(e for e in entries if e != (b, col))
+                raise _shared_error(b, col, row[col], other_b, other_col, other_col >= first_written[other_b])
+
+
+def _check_table_torch(args: CacheArgs, used: list[int], first_written: list[int]) -> None:
+    """Vectorised twin of :func:`_check_table_python` (same errors, same order)."""
+    num_pages, max_used = args.k_cache.shape[0], max(used)
+    table = args.block_table[:, :max_used].to(torch.int64)
+    device = table.device
+    cols = torch.arange(max_used, device=device)[None, :]
+    in_use = cols < torch.tensor(used, device=device)[:, None]
+    bad = in_use & ((table < 0) | (table >= num_pages))
+    if bool(bad.any()):
+        b, col = bad.nonzero()[0].tolist()
+        raise _range_error(b, col, int(table[b, col]), num_pages)
+    written = in_use & (cols >= torch.tensor(first_written, device=device)[:, None])
+    if not bool(written.any()):
+        return
+    counts = torch.bincount(table[in_use], minlength=num_pages)
+    shared = written & (counts[table.clamp(0, num_pages - 1)] > 1)
+    if bool(shared.any()):
+        b, col = shared.nonzero()[0].tolist()
+        page = int(table[b, col])
+        same = (in_use & (table == page)).nonzero().tolist()
+        other_b, other_col = next(e for e in same if e != [b, col])
+        raise _shared_error(b, col, page, other_b, other_col, other_col >= first_written[other_b])
+
+
+def attended_seqlens(args: CacheArgs, lengths: list[int] | None) -> torch.Tensor:
+    """``cache_seqlens + seqlen_new`` as int32 on the cache's device: the keys
+    each sequence attends. From host ``lengths`` when known (a CPU tensor
+    build), else one device op (no sync)."""
+    seqlens = args.cache_seqlens
+    if args.seqlen_new == 0 and seqlens.dtype == torch.int32:
+        return seqlens
+    if lengths is not None and seqlens.device.type == "cpu":
+        return torch.tensor([n + args.seqlen_new for n in lengths], dtype=torch.int32)
+    return (seqlens + args.seqlen_new).to(torch.int32)
+
+
+# Contiguous appends for up to this many sequences are per-sequence slice
+# copies from host lengths (a couple of copy_ calls instead of an index build).
+SLICE_APPEND_MAX_BATCH = 8
+
+
+def append_new(args: CacheArgs, lengths: list[int] | None) -> None:
+    """Write ``k_new, v_new`` into the cache (call only after every check passed).
+    ``lengths``: ``cache_seqlens`` as host ints if already read, else None."""
+    if args.k_new is None or args.seqlen_new == 0 or args.batch == 0:
+        return
+    if lengths is not None and not args.paged:
+        n_new = args.seqlen_new
+        if min(lengths) == max(lengths):  # one slice of every sequence (batch 1, or lockstep)
+            args.k_cache.narrow(1, lengths[0], n_new).copy_(args.k_new)
+            args.v_cache.narrow(1, lengths[0], n_new).copy_(args.v_new)
+            return
+        if len(lengths) <= SLICE_APPEND_MAX_BATCH:
+            for b, start in enumerate(lengths):
+                args.k_cache[b].narrow(0, start, n_new).copy_(args.k_new[b])
+                args.v_cache[b].narrow(0, start, n_new).copy_(args.v_new[b])
+            return
+    view = args.view(args.cache_seqlens)
+    _append(view, args.cache_seqlens.to(torch.int64), args.k_new, args.v_new)
+
+
+def check_cache(
+    q: torch.Tensor,
+    k_cache: object,
+    v_cache: object,
+    cache_seqlens: object,
+    block_table: object,
+    k_new: object,
+    v_new: object,
+) -> CacheView:
+    """Validate everything (reading ``cache_seqlens`` on the host), then append
+    ``k_new, v_new``; returns the cache as attended. For tests and callers that
+    drive a twin directly; :func:`longattn.decode_attention` runs the same
+    steps with backend selection between the checks and the write."""
+    args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    lengths = args.cache_seqlens.tolist()
+    check_cache_data(args, lengths)
+    seqlens = attended_seqlens(args, lengths)
+    append_new(args, lengths)
+    return args.view(seqlens)
 
 
 def _append(view: CacheView, starts: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import functools
 import torch
 
 from longattn.kernels.decode.plan import DecodePlan, plan_decode
-from longattn.kernels.support.cpp_build import load_library, unavailable_reason
+from longattn.kernels.support.cpp_build import kernel_threads, load_library, unavailable_reason
 
 SOURCE = "decode_streamk.cpp"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -58,7 +58,12 @@ def default_plan(seqlens: torch.Tensor, nheads_k: int) -> DecodePlan:
 
     Cached by lengths: the layers of one decode step share their lengths, so
     all but the first reuse the plan (and its tensors) without asking."""
-    return _cached_plan(tuple(seqlens.tolist()), nheads_k, torch.get_num_threads())
+    return default_plan_for(tuple(seqlens.tolist()), nheads_k)
+
+
+def default_plan_for(lengths: tuple[int, ...], nheads_k: int) -> DecodePlan:
+    """:func:`default_plan` from lengths already read on the host (no tensor read)."""
+    return _cached_plan(lengths, nheads_k, torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,33 +104,47 @@ def decode_forward_cpu(
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_k = k_cache.shape[2]
     plan = default_plan(seqlens, nheads_k) if plan is None else plan
-    tensors = plan.as_tensors()
+    tensors = plan.as_tensors("cpu")
     rows = plan.heads_per_tile * (nheads // nheads_k) * seqlen_q
-    num_partials = int(tensors["tile_first_partial"][-1])
+    num_partials = plan.num_partial_slots  # host int: no read of the plan's tensors
     # The kernel wants unit stride along headdim (rows are streamed as vectors).
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
-    if k_cache.stride() != v_cache.stride():
-        v_cache = v_cache.contiguous()
-        k_cache = k_cache.contiguous()
-    out = torch.zeros((batch, seqlen_q, nheads, headdim), dtype=q.dtype)
-    lse = torch.full((batch, nheads, seqlen_q), float("-inf"), dtype=torch.float32)
-    partial_out = torch.empty((num_partials, rows, headdim), dtype=torch.float32)
-    partial_lse = torch.empty((num_partials, rows), dtype=torch.float32)
-    seqlens32 = seqlens.to(torch.int32).contiguous()
-    table = None if block_table is None else block_table.to(torch.int32).contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    k_strides = k_cache.stride()
+    q_strides = q.stride()
+    if plan.min_seqlen > 0:  # every tile has keys: the kernel writes every row of out and lse
+        out = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype)
+        lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    else:  # tiles without keys are never visited: they keep out 0, lse -inf
+        out = torch.zeros((batch, seqlen_q, nheads, headdim), dtype=q.dtype)
+        lse = torch.full((batch, nheads, seqlen_q), float("-inf"), dtype=torch.float32)
+    if num_partials:
+        partial_out = torch.empty((num_partials, rows, headdim), dtype=torch.float32)
+        partial_lse = torch.empty((num_partials, rows), dtype=torch.float32)
+        partial_ptrs = partial_out.data_ptr(), partial_lse.data_ptr()
+    else:  # no merges: the kernel never touches the workspace
+        partial_ptrs = None, None
+    if seqlens.dtype != torch.int32 or not seqlens.is_contiguous():
+        seqlens = seqlens.to(torch.int32).contiguous()
+    if block_table is None:
+        table_ptr, table_stride, page_size = None, 0, 0
+    else:
+        if block_table.dtype != torch.int32 or not block_table.is_contiguous():
+            block_table = block_table.to(torch.int32).contiguous()
+        table_ptr, table_stride, page_size = block_table.data_ptr(), block_table.stride(0), k_cache.shape[1]
     status = _kernel(tuple(build_flags))(
-        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        DTYPE_CODES[q.dtype], seqlens32.data_ptr(),
-        None if table is None else table.data_ptr(), 0 if table is None else table.stride(0),
-        0 if table is None else k_cache.shape[1],
+        q.data_ptr(), q_strides[0], q_strides[1], q_strides[2],
+        k_cache.data_ptr(), v_cache.data_ptr(), k_strides[0], k_strides[1], k_strides[2],
+        DTYPE_CODES[q.dtype], seqlens.data_ptr(), table_ptr, table_stride, page_size,
         seqlen_q, nheads, nheads_k, headdim,
         float(scale), int(window[0]), int(window[1]), float(softcap),
         tensors["segments"].data_ptr(), tensors["worker_first_segment"].data_ptr(),
         tensors["tile_first_partial"].data_ptr(),
         plan.num_workers, plan.num_tiles, plan.block_n, plan.heads_per_tile,
-        partial_out.data_ptr(), partial_lse.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        max(1, min(plan.num_workers, torch.get_num_threads())),
+        *partial_ptrs, out.data_ptr(), lse.data_ptr(),
+        max(1, min(plan.num_workers, kernel_threads())),
     )
     if status != 0:
         raise RuntimeError(f"the C++ decode kernel rejected its arguments (status {status})")

@@ -151,7 +151,7 @@ def decode_forward_streamk_eager(
             )
             partial_outs.append(o[None])  # (1, seqlen_q, heads_per_tile * group, dim)
             partial_lses.append(l[None])  # (1, heads_per_tile * group, seqlen_q)
-        o, l = merge_states(partial_outs, partial_lses) if len(segments) > 1 else (partial_outs[0], partial_lses[0])
+        o, l = merge_states(partial_outs, partial_lses, check=False) if len(segments) > 1 else (partial_outs[0], partial_lses[0])
         out[b, :, heads] = o[0].to(q.dtype)
         lse[b, heads] = l[0]
     return out, lse

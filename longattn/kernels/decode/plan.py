@@ -80,6 +80,25 @@ class DecodePlan:
     def tiles_per_sequence(self) -> int:
         return self.nheads_k // self.heads_per_tile
 
+    @cached_property
+    def max_seqlen(self) -> int:
+        """The longest sequence (0 for an empty batch): host-side, so a call can
+        check a reused plan against the cache's capacity without reading device data."""
+        return max(self.seqlens, default=0)
+
+    @cached_property
+    def min_seqlen(self) -> int:
+        """The shortest sequence (0 for an empty batch). When > 0 every output
+        tile has work, so the kernels write every output row."""
+        return min(self.seqlens, default=0)
+
+    @cached_property
+    def num_partial_slots(self) -> int:
+        """Partial ``(out, lse)`` slots the plan's merges need (segments of
+        tiles with several contributors): the kernels' workspace size, known
+        on the host."""
+        return sum(len(segs) for segs in self.contributors if len(segs) > 1)
+
     @property
     def num_tiles(self) -> int:
         return len(self.tile_starts) - 1
@@ -129,11 +148,18 @@ class DecodePlan:
     def as_tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The plan as int32 tensors on ``device`` (built once per device: a
         plan reused across layers pays for this once). See :meth:`_build_tensors`."""
-        key = str(torch.device(device))
         cache = self.__dict__.setdefault("_tensor_cache", {})  # frozen dataclass: cache outside fields
-        if key not in cache:
-            cache[key] = self._build_tensors(device)
-        return cache[key]
+        # Keyed by what the caller passed first (no torch.device() per call on
+        # the hot path), then by the canonical name, so "cpu" and
+        # torch.device("cpu") share one set of tensors.
+        found = cache.get(device)
+        if found is None:
+            key = str(torch.device(device))
+            found = cache.get(key)
+            if found is None:
+                found = cache[key] = self._build_tensors(device)
+            cache[device] = found
+        return found
 
     def _build_tensors(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """int32 tensors for kernels: ``segments (num_segments, 6)`` rows of
@@ -170,18 +196,27 @@ def plan_decode(
     nheads_k: int,
     num_workers: int,
     block_n: int = 64,
-    heads_per_tile: int = 1,
+    heads_per_tile: int | None = 1,
 ) -> DecodePlan:
     """Plan stream-K decode over sequences of ``seqlens`` keys.
 
     Args:
         seqlens: keys attended per batch entry (``cache_seqlens`` plus any
-            appended tokens): a sequence of ints or an integer tensor ``(batch,)``.
+            appended tokens): a sequence of ints or an integer tensor ``(batch,)``
+            (a tensor is read on the host once: plan outside the hot loop).
         nheads_k: number of kv heads.
         num_workers: ``G`` >= 1 (threads on a CPU, CTAs on a GPU). More
             workers than LeanTiles is allowed: the extra ones get nothing.
         block_n: keys per LeanTile (>= 1).
-        heads_per_tile: kv heads per output tile; must divide nheads_k.
+        heads_per_tile: kv heads per output tile, an upper bound. 1 (the
+            default) suits GPUs, where more, smaller tiles spread better;
+            ``None`` puts every kv head in one tile, the CPU layout (each key
+            position's heads are read together, in address order; what the
+            C++ twin plans for itself). A value that does not divide
+            ``nheads_k`` is lowered to the largest divisor of ``nheads_k`` not
+            above it (``heads_per_tile=8`` with 2 kv heads gives 2, with 12
+            gives 6), so one setting serves every model; the plan's
+            ``heads_per_tile`` attribute holds the value used.
     """
     if isinstance(seqlens, torch.Tensor):
         if seqlens.dim() != 1:
@@ -192,14 +227,22 @@ def plan_decode(
     lengths = tuple(int(s) for s in seqlens)
     if any(s < 0 for s in lengths):
         raise ArgumentError(f"seqlens must be >= 0, got {list(lengths)}")
-    for name, value in (("nheads_k", nheads_k), ("num_workers", num_workers), ("block_n", block_n),
-                        ("heads_per_tile", heads_per_tile)):
+    for name, value in (("nheads_k", nheads_k), ("num_workers", num_workers), ("block_n", block_n)):
         check_int(name, value)
-    if nheads_k % heads_per_tile:
-        raise ArgumentError(f"heads_per_tile {heads_per_tile} must divide nheads_k {nheads_k}")
+    if heads_per_tile is None:
+        heads_per_tile = nheads_k
+    heads_per_tile = tile_heads(nheads_k, check_int("heads_per_tile", heads_per_tile))
     starts = [0]
     for length in lengths:
         blocks = -(-length // block_n)
         for _ in range(nheads_k // heads_per_tile):
             starts.append(starts[-1] + blocks)
     return DecodePlan(lengths, nheads_k, block_n, num_workers, tuple(starts), heads_per_tile)
+
+
+def tile_heads(nheads_k: int, at_most: int) -> int:
+    """The largest divisor of ``nheads_k`` that is ``<= at_most`` (both >= 1)."""
+    for heads in range(min(at_most, nheads_k), 0, -1):
+        if nheads_k % heads == 0:
+            return heads
+    return 1

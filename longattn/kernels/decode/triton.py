@@ -83,7 +83,7 @@ def triton_import_error() -> str | None:
 
 
 if triton is not None:
-    from longattn.kernels.support.triton_tile import softcap_tanh
+    from longattn.kernels.support.triton_tile import online_softmax_finish, online_softmax_step
 
     @triton.jit
     def _streamk_partial_kernel(
@@ -104,6 +104,7 @@ if triton is not None:
         n_rows = group * seqlen_q  # rows of one kv head's query group
         row_ok = rows < n_rows
         qi = rows // group  # query index within the step
+        qi64 = qi.to(tl.int64)  # int64 offsets: index * stride can pass 2**31 elements
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < headdim  # BLOCK_D is headdim rounded up to a power of two
@@ -134,8 +135,10 @@ if triton is not None:
             # all in): one pass over the segment's keys per kv head.
             for j in range(heads_per_tile):
                 hk = (tile % tiles_per_seq) * heads_per_tile + j
+                hk64 = hk.to(tl.int64)  # head-major caches have head strides of seqlen * headdim
                 heads = hk * group + rows % group
-                q = tl.load(Q + b64 * stride_qb + qi[:, None] * stride_qm + heads[:, None] * stride_qh
+                heads64 = heads.to(tl.int64)
+                q = tl.load(Q + b64 * stride_qb + qi64[:, None] * stride_qm + heads64[:, None] * stride_qh
                             + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
                 l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -145,47 +148,33 @@ if triton is not None:
                     col_ok = cols < hi
                     if PAGED:
                         # Any page_size: position p is in page p // page_size, slot p % page_size.
-                        page = tl.load(BlockTable + b64 * stride_btb + (cols // page_size) * stride_btp,
+                        page = tl.load(BlockTable + b64 * stride_btb + (cols // page_size).to(tl.int64) * stride_btp,
                                        mask=col_ok, other=0).to(tl.int64)
-                        k_rows = page * stride_k0 + (cols % page_size) * stride_k1
-                        v_rows = page * stride_v0 + (cols % page_size) * stride_v1
+                        slot_in_page = (cols % page_size).to(tl.int64)
+                        k_rows = page * stride_k0 + slot_in_page * stride_k1
+                        v_rows = page * stride_v0 + slot_in_page * stride_v1
                     else:
                         k_rows = b64 * stride_k0 + cols.to(tl.int64) * stride_k1
                         v_rows = b64 * stride_v0 + cols.to(tl.int64) * stride_v1
-                    kt = tl.load(K + k_rows[None, :] + hk * stride_kh + offs_d[:, None] * stride_kd,
-                                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                    # "ieee": full fp32 products on GPU (no TF32), as the interpreter computes.
-                    sc = tl.dot(q, kt, input_precision="ieee") * scale
-                    if HAS_SOFTCAP:
-                        sc = softcap_tanh(sc, softcap)
                     visible = col_ok[None, :]
                     if HAS_LEFT:
                         visible = visible & (cols[None, :] >= qpos[:, None] - window_left)
                     if HAS_RIGHT:
                         visible = visible & (cols[None, :] <= qpos[:, None] + window_right)
-                    sc = tl.where(visible, sc * 1.4426950408889634, float("-inf"))  # * log2(e)
-                    m_new = tl.maximum(m_i, tl.max(sc, 1))
-                    # Rows with nothing visible yet: subtract 0, so exp2 gives zeros, not NaN.
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    p = tl.math.exp2(sc - m_safe[:, None])
-                    alpha = tl.math.exp2(m_i - m_safe)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    v = tl.load(V + v_rows[:, None] + hk * stride_vh + offs_d[None, :] * stride_vd,
-                                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    # p in v's dtype (fp16 tensor cores), accumulated in fp32, as flash-attn does.
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                    m_i = m_new
+                    m_i, l_i, acc = online_softmax_step(
+                        q, K + k_rows[None, :] + hk64 * stride_kh + offs_d[:, None] * stride_kd,
+                        V + v_rows[:, None] + hk64 * stride_vh + offs_d[None, :] * stride_vd,
+                        col_ok, d_ok, visible, m_i, l_i, acc, scale, softcap, HAS_SOFTCAP)
 
-                empty = l_i == 0.0
-                o = acc / tl.where(empty, 1.0, l_i)[:, None]
-                lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+                o, lse = online_softmax_finish(m_i, l_i, acc)
                 if whole != 0:  # the only contributor: final output
-                    tl.store(Out + b64 * stride_ob + qi[:, None] * stride_om + heads[:, None] * stride_oh
+                    tl.store(Out + b64 * stride_ob + qi64[:, None] * stride_om + heads64[:, None] * stride_oh
                              + offs_d[None, :] * stride_od, o.to(Out.dtype.element_ty),
                              mask=row_ok[:, None] & d_ok[None, :])
                     tl.store(Lse + (b64 * nheads + heads) * seqlen_q + qi, lse, mask=row_ok)
                 else:  # one of several: normalised float32 partial, merged by the second kernel
-                    base = (slot * heads_per_tile + j) * n_rows + rows  # small: int32 is enough
+                    # Workspace row; int64 since row * headdim passes 2**31 for ~16M partial rows.
+                    base = ((slot * heads_per_tile + j) * n_rows + rows).to(tl.int64)
                     tl.store(WsO + base[:, None] * headdim + offs_d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
                     tl.store(WsL + base, lse, mask=row_ok)
 
@@ -208,20 +197,22 @@ if triton is not None:
         offs_d = cb * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = offs_d < headdim
         b64 = (tile // tiles_per_seq).to(tl.int64)
+        qi64 = qi.to(tl.int64)  # int64 offsets: index * stride can pass 2**31 elements
         heads = ((tile % tiles_per_seq) * heads_per_tile + j) * group + rows % group
+        heads64 = heads.to(tl.int64)
         lo = tl.load(TileFirst + tile)
         hi = tl.load(TileFirst + tile + 1)
         # Pass 1: M = max L_i (0 where every part is -inf, so the weights are exact zeros).
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for s in range(lo, hi):
-            base = (s * heads_per_tile + j) * n_rows + rows
+            base = ((s * heads_per_tile + j) * n_rows + rows).to(tl.int64)
             m = tl.maximum(m, tl.load(WsL + base, mask=row_ok, other=float("-inf")))
         m = tl.where(m == float("-inf"), 0.0, m)
         # Pass 2: weights exp(L_i - M), summed in slot (= plan) order.
         den = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for s in range(lo, hi):
-            base = (s * heads_per_tile + j) * n_rows + rows
+            base = ((s * heads_per_tile + j) * n_rows + rows).to(tl.int64)
             w = tl.exp(tl.load(WsL + base, mask=row_ok, other=float("-inf")) - m)
             o = tl.load(WsO + base[:, None] * headdim + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             den += w
@@ -229,7 +220,7 @@ if triton is not None:
         empty = den == 0.0
         out = acc / tl.where(empty, 1.0, den)[:, None]
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den)))
-        tl.store(Out + b64 * stride_ob + qi[:, None] * stride_om + heads[:, None] * stride_oh
+        tl.store(Out + b64 * stride_ob + qi64[:, None] * stride_om + heads64[:, None] * stride_oh
                  + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         # Every column program computed the same lse (same loads, same order); one writes it.
         if cb == 0:
@@ -329,7 +320,10 @@ def decode_forward_triton(
     seqlens_i32 = seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     paged = block_table is not None
     table = block_table if paged else seqlens_i32  # any int32 tensor: PAGED=False never reads it
-    left, right = int(window[0]), int(window[1])
+    # Windows past the cache are unbounded in effect; clamping keeps the kernel's int32
+    # position sums (qpos + right) from wrapping for huge windows.
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    left, right = min(int(window[0]), capacity), min(int(window[1]), seqlen_q)
     block_m, kernel_block_n, block_d, num_warps = launch_config(n_rows, headdim, plan.block_n)
     row_blocks = triton.cdiv(n_rows, block_m)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU

@@ -4,9 +4,10 @@ Twins (priority order for ``backend="auto"``):
 
 - ``cpp``: the C++ CPU flash kernel (``csrc/cpu/flash_cpu.cpp``): every CPU
   call (windows, softcap, GQA, any head dim), float32 math, AVX-512 or AVX2.
-  The fastest CPU path where it builds (causal fp32 1.75x-2.3x faster than
-  SDPA at 1k-32k tokens here), skipped without a compiler or AVX2, and by
-  ``auto`` for fewer than 16 queries where SDPA can serve (faster there).
+  The fastest CPU path for long query runs where it builds, skipped without
+  a compiler or AVX2, and by ``auto`` where SDPA can serve and is measured
+  faster: short query runs, and bfloat16/float16 on CPUs whose oneDNN GEMMs
+  are native in that dtype (the rule is data: :data:`AUTO_PREFER_SDPA`).
 - ``sdpa``: PyTorch's fused kernel, where its semantics can be matched
   exactly (no softcap, no left window; bottom-right causal via a mask when
   ``seqlen_q != seqlen_k``).
@@ -24,8 +25,10 @@ forward twin gets autograd for free. Forward and backward are registered as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -42,11 +45,13 @@ ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 SDPA_MAX_MASK_ELEMENTS = 1 << 24
 
 
-@dataclass(frozen=True)
-class DenseCall:
+class DenseCall(NamedTuple):
     """One validated dense-attention request (shapes in :mod:`longattn.kernels.dense.eager`).
 
     ``window`` is the effective ``(left, right)`` window, causal folded in.
+    (A NamedTuple, not a frozen dataclass: it is built on every call, and a
+    frozen dataclass's ``__init__`` costs ~2 us, as much as SDPA's own call
+    overhead at one token.)
     """
 
     q: torch.Tensor
@@ -64,6 +69,31 @@ class DenseCall:
     @property
     def seqlen_k(self) -> int:
         return self.k.shape[1]
+
+
+def call_signature(call: DenseCall):
+    """What every pure twin's reasons read from ``call`` (the registry's memo
+    key), or None while torch.compile traces (the probe state may still
+    change then, and guards on a memo would be pointless).
+
+    Keep in step with ``_cpp_*_reasons``, ``_sdpa_call_reasons`` and
+    :data:`AUTO_PREFER_SDPA`: tests/test_attention.py checks memoised and
+    fresh selections agree over a grid of calls.
+    """
+    q = call.q
+    return signature_of(q.shape, call.k.shape, q.dtype, q.device, call.window, call.softcap, call.need_lse)
+
+
+def signature_of(qs, ks, dtype, device, window, softcap, need_lse):
+    """:func:`call_signature` from values a caller already holds (``qs``/``ks``:
+    q's and k's shapes)."""
+    if torch.compiler.is_compiling():
+        return None
+    seqlen_q, seqlen_k = qs[1], ks[1]
+    return (
+        device, dtype, qs, seqlen_k == seqlen_q, seqlen_k if seqlen_k <= _AUTO_MAX_SEQLEN_K else -1,
+        seqlen_q * seqlen_k > SDPA_MAX_MASK_ELEMENTS, window, softcap > 0, need_lse,
+    )
 
 
 def _forward_twin(name: str) -> ForwardFn:
@@ -173,15 +203,141 @@ def _cpp_machine_reasons() -> list[str]:
     return [] if reason is None else [reason]
 
 
-# Below this many queries the kernel's 48-row blocks are mostly padding and
-# SDPA is up to 1.5x faster (at 16 they are even here); decode_attention is
-# faster than both for a few queries over a long cache.
-CPP_MIN_SEQLEN_Q = 16
+# --- auto: which of cpp and sdpa is faster, by dtype and CPU -------------------
+
+@dataclass(frozen=True)
+class PreferSdpa:
+    """One row of :data:`AUTO_PREFER_SDPA`: calls on which ``backend="auto"``
+    skips the C++ kernel for SDPA (only when SDPA can serve the call).
+
+    A row matches a call when its dtype is in ``dtypes``, ``min_seqlen_q <=
+    seqlen_q <= max_seqlen_q`` and ``seqlen_k <= max_seqlen_k`` (None: no
+    bound), and the machine has one of ``cpu_flags`` (``/proc/cpuinfo``
+    names; empty: any CPU) and, if ``needs_onednn``, a torch built with oneDNN
+    (whose bf16/fp16 GEMMs are what makes SDPA fast in half precision).
+    ``why`` is the measurement behind the row: the auto reason that errors
+    and ``longattn doctor`` show.
+    """
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    why: str
+    cpu_flags: tuple[str, ...] = ()
+    min_seqlen_q: int = 0
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+    needs_onednn: bool = False
+
+    def applies_here(self) -> bool:
+        """Whether this machine has what the row asks of the CPU and torch."""
+        if self.needs_onednn and not torch.backends.mkldnn.is_available():
+            return False
+        return not self.cpu_flags or any(flag in cpu_flags() for flag in self.cpu_flags)
+
+    def matches(self, dtype: torch.dtype, seqlen_q: int, seqlen_k: int) -> bool:
+        return (
+            dtype in self.dtypes
+            and self.min_seqlen_q <= seqlen_q
+            and (self.max_seqlen_q is None or seqlen_q <= self.max_seqlen_q)
+            and (self.max_seqlen_k is None or seqlen_k <= self.max_seqlen_k)
+            and self.applies_here()
+        )
+
+
+# The C++ kernel computes in float32 whatever the input dtype (half-precision
+# inputs are widened, a copy) in blocks of 48 query rows, so it wins on long
+# query runs and loses on short ones (mostly padding), while SDPA's bf16/fp16
+# speed depends on the CPU: oneDNN's GEMMs are native with AMX (and fp16 with
+# AVX512-FP16/AMX-FP16), emulated or scalar otherwise. Measured (causal,
+# D=128, batch 1, H=32/8 (GQA) and H=8/8, median of interleaved runs, CPU
+# time of one thread so other load on the machine does not skew it; the
+# ratio is cpp time / SDPA time, > 1 means SDPA is faster):
+#
+# AMD EPYC (Zen 4: avx512_bf16, no AMX, no avx512_fp16), torch 2.13:
+#   seqlen_q = seqlen_k     1     4     8    16    32    64    96   128  1024  4096
+#   float32              6.75  3.71  2.28  1.93  1.34  1.09  0.71  0.72  0.73  0.90
+#   bfloat16             4.94  2.19  1.68  1.75  1.45  1.17  1.27  0.79  0.87  0.92
+#   float16              2.22  1.19  0.80  0.67  0.63  0.47     -  0.33  0.61  0.62
+#   one query over 64-4096 keys: float32 3.9 (4k); bfloat16 0.53-0.86 (SDPA's
+#   bf16 single-query path is slow); float16 0.58-0.83. 16-128 queries over
+#   4096 keys: float32 1.48/1.00/0.77, bfloat16 1.63/1.06/0.72 at 16/64/128.
+#   So here: SDPA below ~96 queries in float32/bfloat16, the C++ kernel
+#   above, and for float16 almost always (SDPA's fp16 GEMM is not native).
+#   AVX512-BF16 alone does not make SDPA's bf16 faster than the kernel's
+#   float32 math at 1k-4k (0.87-0.92): no bf16 row for it.
+# Intel Xeon with AMX (amx_bf16), bf16 4k, H=8: SDPA 128-157 ms (oneDNN,
+#   220-270 GFLOP/s), cpp 491-504 ms: SDPA 3-4x faster at every length.
+# float16 with AVX512-FP16/AMX-FP16 (Sapphire/Granite Rapids): not measured
+#   (no such CPU here); oneDNN's fp16 GEMM is native there as bf16's is with
+#   AMX, so the row follows the AMX bf16 evidence.
+AUTO_PREFER_SDPA: tuple[PreferSdpa, ...] = (
+    PreferSdpa(
+        "fp32-short", (torch.float32,), max_seqlen_q=64,
+        why="float32 with at most 64 queries: the kernel's 48-row blocks are mostly padding; "
+        "SDPA measured 1.1-6.8x faster (EPYC, 1-64 queries)",
+    ),
+    PreferSdpa(
+        "bf16-short", (torch.bfloat16,), min_seqlen_q=2, max_seqlen_q=96,
+        why="bfloat16 with 2-96 queries: SDPA measured 1.2-3x faster (EPYC)",
+    ),
+    PreferSdpa(
+        "bf16-tiny", (torch.bfloat16,), max_seqlen_q=96, max_seqlen_k=96,
+        why="bfloat16 with at most 96 queries and keys: SDPA measured 1.2-4.9x faster (EPYC)",
+    ),
+    PreferSdpa(
+        "fp16-tiny", (torch.float16,), max_seqlen_q=4, max_seqlen_k=4,
+        why="float16 with at most 4 queries and keys: SDPA measured 1.2-2.2x faster (EPYC; "
+        "from 8 tokens its non-native fp16 GEMM makes it slower)",
+    ),
+    PreferSdpa(
+        "bf16-amx", (torch.bfloat16,), cpu_flags=("amx_bf16", "amx_tile"), needs_onednn=True,
+        why="bfloat16 on a CPU with AMX: SDPA's oneDNN bf16 GEMMs measured 3-4x faster than the "
+        "kernel's float32 math (Xeon, 4k causal)",
+    ),
+    PreferSdpa(
+        "fp16-native", (torch.float16,), cpu_flags=("amx_fp16", "avx512_fp16"), needs_onednn=True,
+        why="float16 on a CPU with AVX512-FP16/AMX-FP16: SDPA's oneDNN fp16 GEMMs are native "
+        "(not measured; follows the AMX bf16 evidence)",
+    ),
+)
+
+# The largest seqlen_k any row bounds: the memo key keeps seqlen_k exactly up
+# to here (every row's bound is then decided by the key) and lumps longer ones.
+_AUTO_MAX_SEQLEN_K = max(r.max_seqlen_k for r in AUTO_PREFER_SDPA if r.max_seqlen_k is not None)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as ``/proc/cpuinfo`` names them (``avx512_bf16``,
+    ``amx_bf16``...); empty where there is no such file (then no row of
+    :data:`AUTO_PREFER_SDPA` that asks for a flag applies: the C++ kernel stays
+    first). A machine fact, read once."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    flags.update(value.split())
+                    break
+    except OSError:
+        pass
+    amx = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", None)
+    if amx is not None and amx():  # older torch builds say it directly
+        flags.add("amx_tile")
+    return frozenset(flags)
+
+
+def auto_rules_here() -> list[str]:
+    """The :data:`AUTO_PREFER_SDPA` rows that apply on this machine, one line each."""
+    return [f"{rule.name}: {rule.why}" for rule in AUTO_PREFER_SDPA if rule.applies_here()]
 
 
 def _cpp_auto_reasons(call: DenseCall) -> list[str]:
-    if call.seqlen_q < CPP_MIN_SEQLEN_Q and not SDPA.reasons(call):
-        return [f"seqlen_q {call.seqlen_q} < {CPP_MIN_SEQLEN_Q}: SDPA serves short query runs faster"]
+    dtype, seqlen_q, seqlen_k = call.q.dtype, call.q.shape[1], call.k.shape[1]
+    for rule in AUTO_PREFER_SDPA:
+        if rule.matches(dtype, seqlen_q, seqlen_k) and not SDPA.reasons(call):
+            return [f"SDPA preferred (auto rule {rule.name!r}): {rule.why}"]
     return []
 
 
@@ -191,7 +347,8 @@ CPP = Backend[DenseCall](
     run=lambda call: run_twin("cpp", call),
     machine_reasons=_cpp_machine_reasons,
     call_reasons=lambda call: [] if call.q.device.type == "cpu" else [f"CPU only, q is on {call.q.device.type}"],
-    auto_reasons=lambda call: _cpp_auto_reasons(call),
+    auto_reasons=_cpp_auto_reasons,
+    pure=True,  # the build probe is made once; while compiling nothing is memoised
 )
 
 
@@ -200,15 +357,16 @@ CPP = Backend[DenseCall](
 def _sdpa_call_reasons(call: DenseCall) -> list[str]:
     reasons = []
     left, right = call.window
+    seqlen_q, seqlen_k = call.q.shape[1], call.k.shape[1]
     if call.softcap > 0:
         reasons.append("softcap is not supported by SDPA")
     if left >= 0 or right > 0:
         reasons.append(f"window {call.window} is not expressible (SDPA has causal or full only)")
-    if call.q.numel() == 0 or call.seqlen_k == 0:
+    if call.q.numel() == 0 or seqlen_k == 0:
         reasons.append("empty input (a sequence or batch of length 0)")
-    if right == 0 and call.seqlen_q != call.seqlen_k and call.seqlen_q * call.seqlen_k > SDPA_MAX_MASK_ELEMENTS:
+    if right == 0 and 1 != seqlen_q != seqlen_k and seqlen_q * seqlen_k > SDPA_MAX_MASK_ELEMENTS:
         reasons.append(
-            f"causal with seqlen_q {call.seqlen_q} != seqlen_k {call.seqlen_k} needs an explicit mask "
+            f"causal with seqlen_q {seqlen_q} != seqlen_k {seqlen_k} needs an explicit mask "
             f"larger than {SDPA_MAX_MASK_ELEMENTS} elements"
         )
     if call.need_lse:
@@ -233,6 +391,7 @@ SDPA = Backend[DenseCall](
     run=_sdpa_run,
     machine_reasons=lambda: [],
     call_reasons=_sdpa_call_reasons,
+    pure=True,
 )
 
 
@@ -256,6 +415,10 @@ EAGER = Backend[DenseCall](
     run=lambda call: run_twin("eager", call),
     machine_reasons=lambda: [],
     call_reasons=lambda call: [],
+    pure=True,
 )
 
-DENSE_BACKENDS = Registry[DenseCall]("dense attention", [CPP, SDPA, TRITON, EAGER])
+# The Triton twin's reasons read TRITON_INTERPRET at call time, so it is not
+# pure: selections that consult it (forced "triton", or auto walking past it
+# to eager) are never memoised.
+DENSE_BACKENDS = Registry[DenseCall]("dense attention", [CPP, SDPA, TRITON, EAGER], signature=call_signature)

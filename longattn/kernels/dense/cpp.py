@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from longattn.kernels.support.cpp_build import BuildError, load_library
+from longattn.kernels.support.cpp_build import BuildError, kernel_threads, load_library
 
 SOURCE = "flash_cpu.cpp"
 # Head dims are padded to a multiple of this (AVX-512's 16 floats; AVX2's 8 divides it).
@@ -82,6 +82,13 @@ def probed_unavailable_reason() -> str | None:
     return _PROBED.get((), NOT_PROBED)
 
 
+def _c_int_window(window: tuple[int, int], reach: int) -> tuple[int, int]:
+    """The window as C ints: an edge at least ``reach`` (seqlen_q + seqlen_k)
+    keys wide already admits every key, so larger values (2**32, say, which a
+    C int would wrap) are clamped to it; -1 stays unbounded."""
+    return tuple(w if w < 0 else min(w, reach) for w in window)
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -128,9 +135,9 @@ def flash_forward_cpu(
         qf.data_ptr(), *_strides(qf), kf.data_ptr(), *_strides(kf), vf.data_ptr(), *_strides(vf),
         out.data_ptr(), *_strides(out), lse.data_ptr(),
         batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim + pad,
-        window[0], window[1], sink, int(causal), scale, softcap,
+        *_c_int_window(window, seqlen_q + seqlen_k), min(sink, seqlen_k), int(causal), scale, softcap,
         None if listed is None else listed.data_ptr(), 0 if listed is None else listed.shape[-1], block_q,
-        torch.get_num_threads(),
+        kernel_threads(),
     )
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu rejected its arguments (status {status}); this is a bug")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from longattn.masking import visibility_mask, visible_key_range
+from longattn.masking import block_fully_visible, visibility_mask, visible_key_range
 
 # Float32 elements of one chunk's score block (4 Mi = 16 MiB). Large enough
 # for efficient matmuls; small enough to stay near the caches. On the 2-core
@@ -96,14 +96,15 @@ def _scores(
     if softcap > 0:
         capped = scores.div_(softcap).tanh_()
         scores = capped * softcap
-    mask = visibility_mask(
-        torch.arange(r0, r1, device=scores.device),
-        torch.arange(lo, hi, device=scores.device),
-        seqlen_q,
-        seqlen_k,
-        window,
-    )
-    if mask is not None and not bool(mask.all()):
+    # Decided from the geometry, not from the mask's values: no host sync on a GPU.
+    if not block_fully_visible(r0, r1, lo, hi, seqlen_q, seqlen_k, window):
+        mask = visibility_mask(
+            torch.arange(r0, r1, device=scores.device),
+            torch.arange(lo, hi, device=scores.device),
+            seqlen_q,
+            seqlen_k,
+            window,
+        )
         batch, nheads_k, folded, nkeys = scores.shape
         grouped = scores.view(batch, nheads_k, folded // (r1 - r0), r1 - r0, nkeys)
         grouped.masked_fill_(~mask, float("-inf"))
@@ -168,8 +169,12 @@ def dense_backward_eager(
     """Gradients of dense attention, recomputing probabilities from ``lse``.
 
     Any forward twin's ``(out, lse)`` can be differentiated with this, which
-    is why every twin returns lse. ``dlse`` (the gradient flowing into lse, or
-    None) enters as ``dS += P * dlse`` because ``d lse / d S = P``.
+    is why every twin returns lse. ``lse`` must be the forward's own lse over
+    these keys (not a global one over more keys, as a ring step would have):
+    the recomputed rows are renormalised to sum to 1, so they match the
+    forward's probabilities whatever order the forward twin rounded its
+    scores in. ``dlse`` (the gradient flowing into lse, or None) enters as
+    ``dS += P * dlse`` because ``d lse / d S = P``.
     Returns contiguous ``(dq, dk, dv)`` in the dtypes of q, k, v.
     """
     batch, seqlen_q, nheads, dim = q.shape
@@ -199,6 +204,14 @@ def dense_backward_eager(
         )
         fold = (batch, nheads_k, -1, 1)
         probs = scores.sub_(lse_safe[:, :, r0:r1].reshape(fold)).exp_()
+        # Renormalise each row. The forward twin computed its scores in its own
+        # order (the C++ kernel pre-scales q, Triton works in base 2, the sums
+        # run in other orders), so exp(s - lse) here is off by a few ulps of s
+        # -- a row with one visible key would get P = 1 - 2e-6, and fp16 dV one
+        # unit off. The chunk holds every key its rows can see, so the row sum
+        # is the softmax denominator; dividing by it reproduces the forward's
+        # probabilities (exactly 1 for one key). Empty rows sum to 0 and stay 0.
+        probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
         do_rows = _query_rows(dout, r0, r1, nheads_k)
         dv[:, :, lo:hi] += torch.matmul(probs.transpose(-1, -2), do_rows)
         dprobs = torch.matmul(do_rows, v_h[:, :, lo:hi].transpose(-1, -2))

@@ -26,22 +26,45 @@ import torch
 import torch.nn.functional as F
 
 from longattn.errors import UnsupportedFeatureError
-from longattn.masking import dense_mask
 
 
 def lse_op_available() -> bool:
-    """Whether this torch build exposes the fused CPU kernel that returns lse."""
+    """Whether this torch build exposes the fused CPU kernel that returns lse
+    (the one place longattn probes for it; every ``sdpa`` twin asks here)."""
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _causal_args(seqlen_q: int, seqlen_k: int, window: tuple[int, int], device: torch.device) -> dict:
-    """``is_causal`` / ``attn_mask`` arguments realising ``window`` (which must be
+def fused_cpu_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU attention with lse (a private op: the one place longattn
+    calls it). ``q (..., seqlen_q, headdim)`` heads-first like SDPA; ``attn_mask``
+    additive, broadcastable to ``(..., seqlen_q, seqlen_k)``. Returns ``(out, lse)``;
+    lse in the op's own layout and dtype, and 0 (not -inf) for rows that see no key:
+    callers fix those rows."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+
+
+def bottom_right_causal_mask(seqlen_q: int, seqlen_k: int, device: torch.device) -> torch.Tensor:
+    """``(seqlen_q, seqlen_k)`` bool, True where query ``i`` sees key ``j``:
+    ``j <= i + seqlen_k - seqlen_q`` (the same mask as
+    :func:`longattn.masking.dense_mask` for window ``(-1, 0)``, in one
+    allocation and one in-place op instead of two aranges and a compare)."""
+    return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril_(seqlen_k - seqlen_q)
+
+
+def _causal_args(seqlen_q: int, seqlen_k: int, window: tuple[int, int], device: torch.device) -> tuple[bool, torch.Tensor | None]:
+    """``(is_causal, attn_mask)`` realising ``window`` (which must be
     unbounded on the left, right edge -1 or 0)."""
     if window[1] < 0:
-        return {"is_causal": False, "attn_mask": None}
+        return False, None
     if seqlen_q == seqlen_k:
-        return {"is_causal": True, "attn_mask": None}  # top-left == bottom-right
-    return {"is_causal": False, "attn_mask": dense_mask(seqlen_q, seqlen_k, window, device=device)}
+        return True, None  # top-left == bottom-right
+    if seqlen_q == 1:
+        return False, None  # bottom-right: the one query is the last position and sees every key
+    return False, bottom_right_causal_mask(seqlen_q, seqlen_k, device)
 
 
 def sdpa_attention(
@@ -50,15 +73,19 @@ def sdpa_attention(
     """Output only (differentiable through PyTorch's own backward).
 
     Shapes as in :func:`longattn.kernels.dense.eager.dense_forward_eager`.
+    Called once per layer per token by models: kept to the SDPA call itself
+    plus the layout views (no kwargs dicts, each shape read once).
     """
-    args = _causal_args(q.shape[1], k.shape[1], window, q.device)
+    qs, ks = q.shape, k.shape
+    is_causal, mask = _causal_args(qs[1], ks[1], window, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=is_causal,
         scale=scale,
-        enable_gqa=q.shape[2] != k.shape[2],
-        **args,
+        enable_gqa=qs[2] != ks[2],
     )
     return out.transpose(1, 2)
 
@@ -75,19 +102,12 @@ def sdpa_forward_with_lse(
     if group > 1:  # the lse-returning op has no GQA mode: repeat K/V (O(seqlen_k) memory)
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
-    args = _causal_args(q.shape[1], k.shape[1], window, q.device)
-    if args["attn_mask"] is not None:  # this op takes an additive mask in q's dtype
-        args["attn_mask"] = torch.zeros(args["attn_mask"].shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~args["attn_mask"], float("-inf")
-        )
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        0.0,
-        args["is_causal"],
-        attn_mask=args["attn_mask"],
-        scale=scale,
+    is_causal, mask = _causal_args(q.shape[1], k.shape[1], window, q.device)
+    if mask is not None:  # this op takes an additive mask in q's dtype
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out, lse = fused_cpu_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        scale=scale, attn_mask=mask, is_causal=is_causal,
     )
     lse = lse.to(torch.float32).contiguous()  # the op returns it (batch, seqlen, nheads)-strided
     empty_rows = q.shape[1] - k.shape[1]

@@ -46,7 +46,7 @@ def triton_import_error() -> str | None:
 
 
 if triton is not None:
-    from longattn.kernels.support.triton_tile import softcap_tanh
+    from longattn.kernels.support.triton_tile import online_softmax_finish, online_softmax_step
 
     @triton.jit
     def _dense_fwd_kernel(
@@ -63,7 +63,8 @@ if triton is not None:
         start_m = tl.program_id(0)
         off_h = tl.program_id(1)
         off_b = tl.program_id(2)
-        # int64 base offsets: batch * stride can exceed 2**31 for long contexts.
+        # int64 offsets throughout: batch * stride, and also row * stride and key * stride
+        # (q of 32 heads x 128 passes 2**31 elements at 512k tokens, K/V of 8 x 128 at 2M).
         off_b64 = off_b.to(tl.int64)
         off_hk64 = (off_h // group).to(tl.int64)
         Q += off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
@@ -77,7 +78,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < seqlen_q
         d_ok = offs_d < headdim  # BLOCK_D is headdim rounded up to a power of two
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        offs_m64 = offs_m.to(tl.int64)
+        q = tl.load(Q + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
         # Key range [lo, hi) this block of rows can see (masking.visible_key_range).
@@ -98,37 +100,19 @@ if triton is not None:
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen_k
-            kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            # "ieee": full fp32 inputs on GPU (no TF32 rounding), as the interpreter computes.
-            s = tl.dot(q, kt, input_precision="ieee") * scale
-            if HAS_SOFTCAP:
-                s = softcap_tanh(s, softcap)
             visible = col_ok[None, :]
             if HAS_LEFT:
                 visible = visible & (cols[None, :] >= diag[:, None] - window_left)
             if HAS_RIGHT:
                 visible = visible & (cols[None, :] <= diag[:, None] + window_right)
-            s = tl.where(visible, s * 1.4426950408889634, float("-inf"))  # * log2(e): log2 units
+            cols64 = cols.to(tl.int64)
+            m_i, l_i, acc = online_softmax_step(
+                q, K + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                V + cols64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                col_ok, d_ok, visible, m_i, l_i, acc, scale, softcap, HAS_SOFTCAP)
 
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing visible yet has max -inf; subtract 0 there so
-            # exp2 gives exact zeros instead of NaN (-inf - -inf).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)  # rescales the old state to the new max
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            # p in v's dtype (fp16 on the tensor cores), accumulated in fp32, as flash-attn does.
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m_i = m_new
-
-        empty = l_i == 0.0  # rows that saw no key: acc is 0, keep it 0 and lse -inf
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        # Back to natural log: lse = ln(2) * (m + log2(l)).
-        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out, lse = online_softmax_finish(m_i, l_i, acc)  # rows that saw no key: 0 and -inf
+        tl.store(Out + offs_m64[:, None] * stride_om + offs_d[None, :] * stride_od,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(Lse + offs_m, lse, mask=row_ok)
 
@@ -181,7 +165,9 @@ def dense_forward_triton(
                 torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device))
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)  # the kernel writes every element
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    left, right = int(window[0]), int(window[1])
+    # Windows past the sequence are unbounded in effect; clamping keeps the kernel's
+    # int32 position sums (row + offset + right) from wrapping for huge windows.
+    left, right = min(int(window[0]), seqlen_k), min(int(window[1]), seqlen_q)
     block_m, block_n, num_warps, num_stages = _launch_config(headdim, _INTERPRETED)
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # m-blocks first: they share K/V in cache
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU

@@ -17,7 +17,7 @@ import functools
 import torch
 
 from longattn.kernels.block_sparse.eager import KeyRows
-from longattn.kernels.support.cpp_build import load_library, unavailable_reason
+from longattn.kernels.support.cpp_build import kernel_threads, load_library, unavailable_reason
 
 SOURCE = "hip_score.cpp"
 # Query lanes are padded to a multiple of this (the widest vector, AVX-512's 16 floats).
@@ -91,7 +91,7 @@ def search_blocks_cpu(
         key_rows.data_ptr(), batch_stride, head_stride, pos_stride,
         None if table is None else table.data_ptr(), table_stride, page_size,
         starts.data_ptr(), ends.data_ptr(), rows, lanes, headdim, block_k, starts.shape[1], rounds,
-        sink_size, int(causal), nheads, nheads_k, range_end.shape[0], torch.get_num_threads(),
+        sink_size, int(causal), nheads, nheads_k, range_end.shape[0], kernel_threads(),
     )
     if status != 0:
         raise RuntimeError(f"the C++ HiP search rejected its arguments (status {status})")
