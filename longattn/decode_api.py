@@ -37,7 +37,7 @@ from longattn.kernels.decode.cache import (
     check_cache_data,
     check_cache_layout,
 )
-from longattn.kernels.decode.cpp import default_plan_for
+from longattn.kernels.decode.cpp import decode_forward_cpu, default_plan_for
 from longattn.kernels.decode.plan import DecodePlan, plan_decode
 from longattn.validation import check_attention_options, check_tensor
 
@@ -181,12 +181,17 @@ def run_decode(
                 )
     # Selection reads q only (device, dtype, headdim): the view's lengths are filled in below.
     twin = DECODE_BACKENDS.select(DecodeCall(q, args.view(args.cache_seqlens), scale, window, softcap, plan), backend)
-    if plan is None and twin is CPP:
-        # The C++ twin's default plan (cached by lengths), from the lengths
-        # already read (on a CPU, where this twin runs, reading them is free).
-        if lengths is None:
-            lengths = args.cache_seqlens.tolist()
-        plan = default_plan_for(tuple(n + seqlen_new for n in lengths), args.k_cache.shape[2])
+    if twin is CPP:
+        if plan is None:
+            # The C++ twin's default plan (cached by lengths), from the lengths
+            # already read (on a CPU, where this twin runs, reading them is free).
+            if lengths is None:
+                lengths = args.cache_seqlens.tolist()
+            plan = default_plan_for(tuple(n + seqlen_new for n in lengths), args.k_cache.shape[2])
+        append_new(args, lengths)
+        # Called directly (the hot CPU path): no second call object.
+        return decode_forward_cpu(q, args.k_cache, args.v_cache, plan.as_tensors("cpu")["seqlens"], args.block_table,
+                                  scale=scale, window=window, softcap=softcap, plan=plan)
     # A plan carries the lengths (the caller's promise, verified above when
     # checking): the kernels read them from its cached tensors, no device op.
     seqlens = plan.as_tensors(q.device)["seqlens"] if plan is not None else attended_seqlens(args, lengths)
@@ -205,7 +210,7 @@ def _check_plan_layout(plan: object, q: torch.Tensor, args: CacheArgs) -> None:
             f"plan was made for seqlens {list(plan.seqlens)} (batch {len(plan.seqlens)}) and nheads_k "
             f"{plan.nheads_k}, but this call has batch {batch} and nheads_k {nheads_k}"
         )
-    longest = max(plan.seqlens, default=0)
+    longest = max(plan.seqlens) if plan.seqlens else 0  # (no default=: torch.compile traces this)
     if longest > args.capacity:
         raise ArgumentError(
             f"plan was made for seqlens {list(plan.seqlens)}, but the cache holds {args.capacity} tokens per "

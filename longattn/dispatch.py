@@ -63,7 +63,9 @@ class Registry(Generic[Call]):
     every pure twin's reasons for ``call`` (None: do not memoise this call,
     e.g. while torch.compile traces). At most ``max_memo`` selections are
     remembered; past that the memo starts over (shapes that change every call
-    then cost one walk each, as without a memo).
+    then cost one walk each, as without a memo). ``auto_rules()`` lists the
+    measured preferences ``backend="auto"`` applies on this machine beyond the
+    priority order (shown by ``longattn doctor``).
     """
 
     def __init__(
@@ -72,9 +74,13 @@ class Registry(Generic[Call]):
         backends: Sequence[Backend[Call]],
         signature: Callable[[Call], Hashable | None] | None = None,
         max_memo: int = 512,
+        auto_rules: Callable[[], list[str]] | None = None,
     ):
         self.primitive = primitive
         self.backends = list(backends)
+        # the data-driven preferences of backend="auto" that apply on this
+        # machine, one line each (``longattn doctor`` prints them)
+        self.auto_rules: Callable[[], list[str]] = auto_rules or (lambda: [])
         self.signature = signature
         self.max_memo = max_memo
         self._by_name = {b.name: b for b in self.backends}

@@ -132,7 +132,8 @@ def _registry(module: str, attribute: str) -> tuple[str, dict[str, Any]]:
         b.name: {"usable": not reasons[b.name], "reasons": reasons[b.name], "description": b.description}
         for b in registry.backends
     }
-    return registry.primitive, {"source": source, "backends": backends}
+    auto_rules = registry.auto_rules() if hasattr(registry, "auto_rules") else []
+    return registry.primitive, {"source": source, "backends": backends, "auto_rules": auto_rules}
 
 
 def format_report(info: dict[str, Any]) -> str:
@@ -171,6 +172,9 @@ def format_report(info: dict[str, Any]) -> str:
             status = "usable" if b["usable"] else "NOT usable"
             lines.append(f"  {name.ljust(name_width)}  {status:<10}  {b['description']}")
             lines += [f"  {'':{name_width}}  {'':10}  - {why}" for why in b["reasons"]]
+        if table.get("auto_rules"):
+            lines.append("  auto also prefers, on this machine (measured):")
+            lines += [f"    - {rule}" for rule in table["auto_rules"]]
     lines += ["", "other C++ CPU kernels:"]
     for name, reason in info["cpu_kernels"].items():
         lines.append(f"  {'usable' if reason is None else 'NOT usable'}  {name}")

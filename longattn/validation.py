@@ -70,7 +70,8 @@ def qkv_facts(
             dtype = q.dtype
             if dtype in dtypes and k.dtype is dtype and v.dtype is dtype:
                 device = q.device
-                if k.device == device and v.device == device:
+                # (three CPU tensors share the one CPU device: cheaper than comparing devices)
+                if (q.is_cpu and k.is_cpu and v.is_cpu) or (k.device == device and v.device == device):
                     return qs, ks, dtype, device
     q, k, v = _check_qkv_full(q, k, v, dtypes)
     return q.shape, k.shape, q.dtype, q.device

@@ -154,14 +154,16 @@ def test_fast_qkv_checks_reject_what_the_full_checks_reject():
     with pytest.raises(ShapeError, match="v has seqlen_k"):
         longattn.attention(q, k, k[:, :4])
     with pytest.raises(DTypeError, match="k has dtype"):
-        longattn.attention(q, k.double(), k)
+        longattn.attention(q, k.half(), k)
     with pytest.raises(ShapeError, match="not a multiple"):
         longattn.attention(torch.randn(1, 3, 3, 16), k, k)
     with pytest.raises(DTypeError, match="must be a torch.Tensor"):
         longattn.attention(q.numpy(), k, k)
 
 
-@pytest.mark.parametrize("options", [{"softmax_scale": 0.3}, {"softmax_scale": 1}, {"softcap": 2}, {"window_size": [4, 0]}])
+@pytest.mark.parametrize(
+    "options", [{"softmax_scale": 0.3}, {"softmax_scale": 1}, {"softcap": 2}, {"window_size": [4, 0]}]
+)
 def test_options_of_other_accepted_types_still_compute_the_right_answer(options):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 9, 4, 16, generator=gen)
@@ -185,3 +187,15 @@ def test_short_query_runs_on_sdpa_match_the_oracle(seqlen_q, seqlen_k, dtype):
         out = longattn.attention(q, k, v, causal=True, backend=backend)
         assert out.dtype == dtype and out.shape == q.shape
         assert_close_to_oracle(out, ref, eager)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 7), (3, 7), (7, 3), (5, 5)])
+def test_sdpa_lse_with_the_mask_shortcuts_matches_the_oracle(seqlen_q, seqlen_k):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, seqlen_q, 4, 32, generator=gen)
+    k, v = (torch.randn(1, seqlen_k, 2, 32, generator=gen) for _ in range(2))
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True)
+    eager_out, eager_lse = longattn.attention(q, k, v, causal=True, backend="eager", return_lse=True)
+    out, lse = longattn.attention(q, k, v, causal=True, backend="sdpa", return_lse=True)
+    assert_close_to_oracle(out, ref_out, eager_out)
+    assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")  # -inf rows (seqlen_q > seqlen_k) included

@@ -2,6 +2,8 @@
 
 - :mod:`.scenarios`: the registry of groups and scenarios (shared with ``benchmarks/``)
 - :mod:`.dense`: the ``dense`` group (causal prefill vs SDPA and FlexAttention)
+- :mod:`.overhead`: the ``overhead`` group (per-call cost of small calls vs SDPA)
+- :mod:`.auto`: the ``auto`` group (``backend="auto"`` vs every dense twin, per dtype)
 - :mod:`.timing`: interleaved warmup + repeats, median and min
 - :mod:`.runner`: :func:`run_group`, one group end to end
 - :mod:`.report`: table, JSON and plot; :mod:`.progress`: the stderr progress bar
@@ -13,11 +15,13 @@ Example::
 """
 
 # Each group module registers itself on import; a new group is one more line here.
+from longattn.bench import auto as _auto  # noqa: F401
 from longattn.bench import decode as _decode  # noqa: F401
 from longattn.bench import dense as _dense  # noqa: F401
 from longattn.bench import duo as _duo  # noqa: F401
 from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench import hip_decode as _hip_decode  # noqa: F401
+from longattn.bench import overhead as _overhead  # noqa: F401
 from longattn.bench import streaming as _streaming  # noqa: F401
 from longattn.bench.runner import run_group
 from longattn.bench.scenarios import get_group, group_names

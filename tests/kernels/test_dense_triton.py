@@ -9,6 +9,8 @@ no bfloat16, so shapes stay tiny and bfloat16 is tested only on a GPU.
 from __future__ import annotations
 
 
+import textwrap
+
 import pytest
 import torch
 from hypothesis import example, given, strategies as st
@@ -20,7 +22,7 @@ from longattn.kernels.dense.triton import dense_forward_triton, triton_import_er
 from longattn.masking import effective_window
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
-from tests.triton_helpers import HAS_CUDA, load_without_triton, triton_skip_reason
+from tests.triton_helpers import HAS_CUDA, assert_compiles_for_gpu, load_without_triton, triton_skip_reason
 
 
 
@@ -210,3 +212,35 @@ def test_public_front_door_with_gradients(dtype):
     ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
     for name, g, e, r in zip("qkv", grads, eager_grads, ref_grads):
         assert_close_to_oracle(g, r, e, name=f"d{name}")
+
+
+_AOT = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from longattn.kernels.dense import triton as dense
+
+    fn = dense._dense_fwd_kernel
+    # Shared memory per block each architecture offers (opt-in maximum), bytes.
+    limit = {80: 163 * 1024, 90: 227 * 1024}
+    for arch, dt, headdim in ((80, "bf16", 128), (90, "fp16", 64), (80, "fp32", 256), (90, "fp32", 128)):
+        block_m, block_n, num_warps, stages = dense._launch_config(headdim, False)
+        ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, Out="*" + dt, Lse="*fp32")
+        consts = dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                      BLOCK_D=max(16, triton.next_power_of_2(headdim)))
+        sig = {name: ptrs.get(name) or ("constexpr" if name in consts else "fp32" if name in ("scale", "softcap")
+                                        else "i32") for name in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": num_warps, "num_stages": stages})
+        assert k.asm["cubin"], (arch, dt, headdim)
+        assert k.metadata.shared <= limit[arch], (arch, dt, headdim, k.metadata.shared)
+    print("compiled")
+""")
+
+
+def test_kernel_compiles_for_gpu_targets(tmp_path):
+    """Ahead-of-time compile to cubin for sm_80 and sm_90 (the 64-bit offsets and the
+    shared tile step included): what the interpreter accepts the compiler must too."""
+    assert_compiles_for_gpu(_AOT, tmp_path)

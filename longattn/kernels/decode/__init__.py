@@ -31,7 +31,7 @@ from longattn.kernels.decode.cuda import cuda_unavailable_reason, decode_forward
 from longattn.kernels.decode.eager import decode_forward_eager
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: built on every decode call, and a frozen __init__ costs ~1 us more
 class DecodeCall:
     """One validated decode request; ``window`` has causal folded in.
     ``plan`` is the caller's stream-K plan (None: the twin plans for itself)."""

@@ -53,8 +53,10 @@ def _kernel(build_flags: tuple[str, ...] = ()):
 
 
 def default_plan(seqlens: torch.Tensor, nheads_k: int) -> DecodePlan:
-    """One stream-K worker per thread; every kv head of a sequence in one
-    tile, so each key position's heads are read together, in address order.
+    """One stream-K worker per thread (fewer for short caches: at least
+    MIN_ROWS_PER_WORKER (key, kv head) rows each); every kv head of a
+    sequence in one tile, so each key position's heads are read together,
+    in address order.
 
     Cached by lengths: the layers of one decode step share their lengths, so
     all but the first reuse the plan (and its tensors) without asking."""
@@ -66,8 +68,16 @@ def default_plan_for(lengths: tuple[int, ...], nheads_k: int) -> DecodePlan:
     return _cached_plan(lengths, nheads_k, torch.get_num_threads())
 
 
+# A worker (thread) is worth waking for at least this many (key, kv head)
+# rows: below it the fork/join and the merge of split tiles cost more than
+# the second thread saves (measured: 2 threads lose up to ~48 keys x 8 kv
+# heads, win from ~64, fp32 and bf16, headdim 128).
+MIN_ROWS_PER_WORKER = 256
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_plan(lengths: tuple[int, ...], nheads_k: int, num_workers: int) -> DecodePlan:
+    num_workers = max(1, min(num_workers, sum(lengths) * nheads_k // MIN_ROWS_PER_WORKER))
     return plan_decode(
         lengths, nheads_k=nheads_k, num_workers=num_workers, block_n=block_n_for(lengths, num_workers),
         heads_per_tile=nheads_k,
@@ -104,23 +114,34 @@ def decode_forward_cpu(
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_k = k_cache.shape[2]
     plan = default_plan(seqlens, nheads_k) if plan is None else plan
-    tensors = plan.as_tensors("cpu")
-    rows = plan.heads_per_tile * (nheads // nheads_k) * seqlen_q
-    num_partials = plan.num_partial_slots  # host int: no read of the plan's tensors
+    # Per plan, once: the schedule's pointers and sizes (a plan reused across
+    # layers, or the cached default plan, pays for this on its first call).
+    plan_args = plan.__dict__.get("_cpp_args")
+    if plan_args is None:
+        tensors = plan.as_tensors("cpu")  # kept alive by the plan: the pointers stay valid
+        plan_args = plan.__dict__["_cpp_args"] = (
+            tensors["segments"].data_ptr(), tensors["worker_first_segment"].data_ptr(),
+            tensors["tile_first_partial"].data_ptr(), plan.num_workers, plan.num_tiles, plan.block_n,
+            plan.heads_per_tile,
+        )
     # The kernel wants unit stride along headdim (rows are streamed as vectors).
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    k_strides = k_cache.stride()
     q_strides = q.stride()
+    if q_strides[3] != 1:
+        q = q.contiguous()
+        q_strides = q.stride()
+    k_strides = k_cache.stride()
+    if k_strides[3] != 1 or v_cache.stride() != k_strides:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+        k_strides = k_cache.stride()
     if plan.min_seqlen > 0:  # every tile has keys: the kernel writes every row of out and lse
         out = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype)
         lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32)
     else:  # tiles without keys are never visited: they keep out 0, lse -inf
         out = torch.zeros((batch, seqlen_q, nheads, headdim), dtype=q.dtype)
         lse = torch.full((batch, nheads, seqlen_q), float("-inf"), dtype=torch.float32)
+    num_partials = plan.num_partial_slots  # host int: no read of the plan's tensors
     if num_partials:
+        rows = plan.heads_per_tile * (nheads // nheads_k) * seqlen_q
         partial_out = torch.empty((num_partials, rows, headdim), dtype=torch.float32)
         partial_lse = torch.empty((num_partials, rows), dtype=torch.float32)
         partial_ptrs = partial_out.data_ptr(), partial_lse.data_ptr()
@@ -134,17 +155,17 @@ def decode_forward_cpu(
         if block_table.dtype != torch.int32 or not block_table.is_contiguous():
             block_table = block_table.to(torch.int32).contiguous()
         table_ptr, table_stride, page_size = block_table.data_ptr(), block_table.stride(0), k_cache.shape[1]
-    status = _kernel(tuple(build_flags))(
+    kernel = _kernel(build_flags if type(build_flags) is tuple else tuple(build_flags))
+    status = kernel(
         q.data_ptr(), q_strides[0], q_strides[1], q_strides[2],
         k_cache.data_ptr(), v_cache.data_ptr(), k_strides[0], k_strides[1], k_strides[2],
         DTYPE_CODES[q.dtype], seqlens.data_ptr(), table_ptr, table_stride, page_size,
         seqlen_q, nheads, nheads_k, headdim,
         float(scale), int(window[0]), int(window[1]), float(softcap),
-        tensors["segments"].data_ptr(), tensors["worker_first_segment"].data_ptr(),
-        tensors["tile_first_partial"].data_ptr(),
-        plan.num_workers, plan.num_tiles, plan.block_n, plan.heads_per_tile,
-        *partial_ptrs, out.data_ptr(), lse.data_ptr(),
-        max(1, min(plan.num_workers, kernel_threads())),
+        *plan_args, *partial_ptrs, out.data_ptr(), lse.data_ptr(),
+        # Workers past the work get nothing: no thread for them (a short cache runs on one thread,
+        # without waking the pool; the result does not depend on the thread count).
+        max(1, min(plan.num_workers, plan.total_work, kernel_threads())),
     )
     if status != 0:
         raise RuntimeError(f"the C++ decode kernel rejected its arguments (status {status})")

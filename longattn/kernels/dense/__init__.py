@@ -253,7 +253,7 @@ class PreferSdpa:
 # time of one thread so other load on the machine does not skew it; the
 # ratio is cpp time / SDPA time, > 1 means SDPA is faster):
 #
-# AMD EPYC (Zen 4: avx512_bf16, no AMX, no avx512_fp16), torch 2.13:
+# AMD EPYC (flags avx512f, avx512_bf16; no AMX, no avx512_fp16: Zen 4 class), torch 2.13:
 #   seqlen_q = seqlen_k     1     4     8    16    32    64    96   128  1024  4096
 #   float32              6.75  3.71  2.28  1.93  1.34  1.09  0.71  0.72  0.73  0.90
 #   bfloat16             4.94  2.19  1.68  1.75  1.45  1.17  1.27  0.79  0.87  0.92
@@ -261,10 +261,15 @@ class PreferSdpa:
 #   one query over 64-4096 keys: float32 3.9 (4k); bfloat16 0.53-0.86 (SDPA's
 #   bf16 single-query path is slow); float16 0.58-0.83. 16-128 queries over
 #   4096 keys: float32 1.48/1.00/0.77, bfloat16 1.63/1.06/0.72 at 16/64/128.
-#   So here: SDPA below ~96 queries in float32/bfloat16, the C++ kernel
-#   above, and for float16 almost always (SDPA's fp16 GEMM is not native).
+#   So here: SDPA up to 64 queries in float32 and 96 in bfloat16, the C++
+#   kernel above, and for float16 almost always (SDPA's fp16 GEMM is not native).
 #   AVX512-BF16 alone does not make SDPA's bf16 faster than the kernel's
-#   float32 math at 1k-4k (0.87-0.92): no bf16 row for it.
+#   float32 math at 1k-4k (0.87-0.92): no bf16 row for it. (Wall-clock runs
+#   with 2 threads on the then busy 2-core machine showed SDPA ahead in bf16
+#   at 1k, 47 vs 57 ms; that gap is scheduling: each parallel region, e.g.
+#   the kernel's bf16->fp32 widening copies, waited ~4-8 ms for the second
+#   core, against ~0.1 ms with the core free. Their minima agree with the
+#   table: cpp 29 ms, SDPA 40 ms.)
 # Intel Xeon with AMX (amx_bf16), bf16 4k, H=8: SDPA 128-157 ms (oneDNN,
 #   220-270 GFLOP/s), cpp 491-504 ms: SDPA 3-4x faster at every length.
 # float16 with AVX512-FP16/AMX-FP16 (Sapphire/Granite Rapids): not measured
@@ -330,7 +335,7 @@ def cpu_flags() -> frozenset[str]:
 
 def auto_rules_here() -> list[str]:
     """The :data:`AUTO_PREFER_SDPA` rows that apply on this machine, one line each."""
-    return [f"{rule.name}: {rule.why}" for rule in AUTO_PREFER_SDPA if rule.applies_here()]
+    return [f"{rule.name}: SDPA over cpp for {rule.why}" for rule in AUTO_PREFER_SDPA if rule.applies_here()]
 
 
 def _cpp_auto_reasons(call: DenseCall) -> list[str]:
@@ -421,4 +426,6 @@ EAGER = Backend[DenseCall](
 # The Triton twin's reasons read TRITON_INTERPRET at call time, so it is not
 # pure: selections that consult it (forced "triton", or auto walking past it
 # to eager) are never memoised.
-DENSE_BACKENDS = Registry[DenseCall]("dense attention", [CPP, SDPA, TRITON, EAGER], signature=call_signature)
+DENSE_BACKENDS = Registry[DenseCall](
+    "dense attention", [CPP, SDPA, TRITON, EAGER], signature=call_signature, auto_rules=auto_rules_here
+)

@@ -55,7 +55,9 @@ def bottom_right_causal_mask(seqlen_q: int, seqlen_k: int, device: torch.device)
     return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril_(seqlen_k - seqlen_q)
 
 
-def _causal_args(seqlen_q: int, seqlen_k: int, window: tuple[int, int], device: torch.device) -> tuple[bool, torch.Tensor | None]:
+def _causal_args(
+    seqlen_q: int, seqlen_k: int, window: tuple[int, int], device: torch.device
+) -> tuple[bool, torch.Tensor | None]:
     """``(is_causal, attn_mask)`` realising ``window`` (which must be
     unbounded on the left, right edge -1 or 0)."""
     if window[1] < 0:
@@ -77,7 +79,12 @@ def sdpa_attention(
     plus the layout views (no kwargs dicts, each shape read once).
     """
     qs, ks = q.shape, k.shape
-    is_causal, mask = _causal_args(qs[1], ks[1], window, q.device)
+    if window[1] < 0:
+        is_causal, mask = False, None
+    elif qs[1] == ks[1]:
+        is_causal, mask = True, None
+    else:
+        is_causal, mask = _causal_args(qs[1], ks[1], window, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
