@@ -17,6 +17,6 @@ from longattn.errors import LongAttnError
 from longattn.kernels.merge import merge_states
 from longattn import sparse  # longattn.sparse.HiP, Streaming, Duo, ...
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = ["attention", "decode_attention", "merge_states", "sparse", "LongAttnError", "__version__"]

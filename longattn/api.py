@@ -69,12 +69,31 @@ def attention(
     # A model calls this once per layer per token: the checks, the twin's
     # selection (memoised per signature, see longattn.dispatch) and the twin's
     # own wrapper together cost a few microseconds (`longattn bench overhead`).
+    # The commonest call -- dense, no lse, options of exactly the accepted
+    # types -- skips even those when an identical call (same shapes, dtypes,
+    # devices and options) already passed every check and picked a pure twin.
+    compiling = torch.compiler.is_compiling()
+    lane = None
+    if (
+        sparse is None and return_lse is False and not compiling
+        and (causal is True or causal is False) and type(backend) is str
+        and type(softcap) is float and (softmax_scale is None or type(softmax_scale) is float)
+        and type(window_size) is tuple and len(window_size) == 2
+        and type(window_size[0]) is int and type(window_size[1]) is int
+        and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+    ):
+        lane = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                causal, softmax_scale, window_size, softcap, backend)
+        checked = _CHECKED_CALLS.get(lane)
+        if checked is not None and ATTENTION_HOOK.get() is None:
+            scale, window, twin = checked
+            return twin.run(DenseCall(q, k, v, scale, window, softcap, False))[0]
     qs, ks, dtype, device = qkv_facts(q, k, v)
     causal, return_lse, scale, window, softcap = check_attention_options(
         qs[3], causal, return_lse, softmax_scale, window_size, softcap
     )
     # (torch.compile cannot trace ContextVar.get; calibration never runs compiled)
-    hook = None if torch.compiler.is_compiling() else ATTENTION_HOOK.get()
+    hook = None if compiling else ATTENTION_HOOK.get()
     if hook is not None:  # a calibration run observes or replaces this call (longattn.sparse.calibrate)
         if return_lse:
             raise UnsupportedFeatureError("return_lse=True is not available while a Duo calibration runs")
@@ -84,9 +103,22 @@ def attention(
         out, lse = _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend)
         return (out, lse) if return_lse else out
     call = DenseCall(q, k, v, scale, window, softcap, return_lse)
-    signature = signature_of(qs, ks, dtype, device, window, softcap, return_lse)
-    out, lse = DENSE_BACKENDS.select(call, backend, signature).run(call)
+    signature = signature_of(qs, ks, dtype, device, window, softcap, return_lse, compiling)
+    twin = DENSE_BACKENDS.select(call, backend, signature)
+    if lane is not None and DENSE_BACKENDS.memoised(signature, backend) is twin:
+        if len(_CHECKED_CALLS) >= MAX_CHECKED_CALLS:
+            _CHECKED_CALLS.clear()
+        _CHECKED_CALLS[lane] = (scale, window, twin)
+    out, lse = twin.run(call)
     return (out, lse) if return_lse else out
+
+
+# Calls that passed every check, by everything the checks and a pure twin's
+# selection read -> (scale, effective window, twin): a bounded cache of a pure
+# function of its key (see the fast lane in attention()), not state a caller
+# can observe. Keys hold option values of exact types only (True is not 1 here).
+MAX_CHECKED_CALLS = 512
+_CHECKED_CALLS: dict[tuple, tuple] = {}
 
 
 SPARSE_BACKENDS = ("auto", "cpp", "triton", "sdpa", "eager")  # the block-sparse twins

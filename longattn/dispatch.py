@@ -119,6 +119,11 @@ class Registry(Generic[Call]):
             self._memo[key] = chosen
         return chosen
 
+    def memoised(self, signature: Hashable, backend: str) -> Backend[Call] | None:
+        """The twin :meth:`select` remembered for ``(signature, backend)``, if any
+        (only pure selections are remembered)."""
+        return self._memo.get((signature, backend))
+
     def select_uncached(self, call: Call, backend: str) -> Backend[Call]:
         """:meth:`select` without the memo (what the memo must agree with)."""
         return self._walk(call, backend)[0]

@@ -57,7 +57,6 @@ def collect() -> dict[str, Any]:
         "nvcc": _tool("nvcc", "release"),
         "cxx": next((t for t in (_tool(name) for name in CXX_COMPILERS) if t is not None), None),
         "registries": {name: table for name, table in (_registry(*r) for r in REGISTRIES)},
-        "cpu_kernels": _cpu_kernels(),
         # after the kernels above are loaded, so the thread line can name their OpenMP runtime
         "cpp_libraries": _cpp_libraries(),
         "cpp_threads": _cpp_threads(),
@@ -75,18 +74,6 @@ def _cpp_threads() -> str:
     from longattn.kernels.support.cpp_build import thread_policy
 
     return thread_policy()
-
-
-def _cpu_kernels() -> dict[str, str | None]:
-    """Each C++ CPU kernel outside the registries: None when it builds and loads, else why not."""
-    from longattn.kernels.dense.cpp import flash_unavailable_reason
-    from longattn.kernels.hip_score.cpp import score_unavailable_reason
-
-    return {
-        "HiP tree search (csrc/cpu/hip_score.cpp; else the PyTorch search)": score_unavailable_reason(),
-        "Streaming/Duo prefill (csrc/cpu/flash_cpu.cpp; else PyTorch's fused kernel per chunk)":
-            flash_unavailable_reason(),
-    }
 
 
 def _distribution(module: str, dist_prefix: str) -> dict[str, Any]:
@@ -175,11 +162,6 @@ def format_report(info: dict[str, Any]) -> str:
         if table.get("auto_rules"):
             lines.append("  auto also prefers, on this machine (measured):")
             lines += [f"    - {rule}" for rule in table["auto_rules"]]
-    lines += ["", "other C++ CPU kernels:"]
-    for name, reason in info["cpu_kernels"].items():
-        lines.append(f"  {'usable' if reason is None else 'NOT usable'}  {name}")
-        if reason is not None:
-            lines.append(f"    - {reason}")
     lines += ["", "C++ CPU libraries (csrc/cpu, built per instruction-set level; "
                   "cache $LONGATTN_CACHE_DIR or ~/.cache/longattn):"]
     name_width = max((len(lib["source"]) for lib in info.get("cpp_libraries", [])), default=0)

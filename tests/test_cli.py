@@ -26,7 +26,10 @@ def test_doctor_text_report(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "dense attention backends" in out and "eager" in out and "usable" in out
-    assert "HiP tree search" in out and "Streaming/Duo prefill" in out  # C++ kernels outside the registries
+    # every primitive's registry, and every C++ library with its instruction-set build
+    for primitive in ("decode attention", "block-sparse attention", "HiP branch scoring"):
+        assert f"{primitive} backends" in out
+    assert "flash_cpu.cpp" in out and "hip_score.cpp" in out and "decode_streamk.cpp" in out
 
 
 def test_quick_bench_writes_checked_results(tmp_path, capsys):

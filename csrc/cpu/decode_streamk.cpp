@@ -578,7 +578,9 @@ extern "C" int longattn_decode_streamk_cpu(
 
 #pragma omp parallel num_threads(num_threads)
   {
-    Scratch scratch;
+    // Per thread, kept between calls: a model calls this once per layer per
+    // token, and at a few cached tokens fresh buffers cost as much as the work.
+    thread_local Scratch scratch;
     scratch.resize(rows, heads_per_tile, headdim);
     // Static, one worker at a time per thread: workers are equal by construction.
 #pragma omp for schedule(static, 1)
@@ -593,7 +595,7 @@ extern "C" int longattn_decode_streamk_cpu(
         run_segment(p, scratch, b, hk0, key_begin, key_end, seg[4] != 0, seg[5]);
       }
     }
-    std::vector<float> acc;
+    thread_local std::vector<float> acc;
 #pragma omp for schedule(static)
     for (int t = 0; t < num_tiles; ++t) {
       if (tile_first_partial[t + 1] > tile_first_partial[t]) merge_tile(p, t, tile_first_partial[t], tile_first_partial[t + 1], acc);

@@ -280,3 +280,19 @@ def test_windows_wider_than_a_c_int_are_unbounded_on_the_cpu_twins(backend, caus
     assert torch.equal(out, unbounded)
     ref, _ = attention_ref(q, k, v, causal=causal)
     assert_close_to_oracle(out, ref, ref)
+
+
+def test_decode_cpp_window_wider_than_a_c_int_is_unbounded():
+    import longattn
+    from longattn.kernels.decode.cpp import cpu_unavailable_reason
+
+    if cpu_unavailable_reason() is not None:
+        pytest.skip(f"the C++ decode kernel cannot run here: {cpu_unavailable_reason()}")
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 3, 2, 16, generator=g)
+    k_cache, v_cache = (torch.randn(2, 40, 1, 16, generator=g) for _ in range(2))
+    seqlens = torch.tensor([30, 17], dtype=torch.int32)
+    wide = longattn.decode_attention(q, k_cache, v_cache, cache_seqlens=seqlens, causal=False,
+                                     window_size=(2**32, 2**32), backend="cpp")
+    unbounded = longattn.decode_attention(q, k_cache, v_cache, cache_seqlens=seqlens, causal=False, backend="cpp")
+    assert torch.equal(wide, unbounded)

@@ -28,6 +28,10 @@ MIN_BLOCK_N = 16
 TILES_PER_WORKER = 4
 
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+# Windows travel as C ints; any edge this wide already admits every key (the
+# kernel computes positions minus the window in 64 bits).
+_INT_MAX = 2**31 - 1
+
 _ARGTYPES = [
     _PTR, _I64, _I64, _I64,  # q, strides (batch, seqlen, head)
     _PTR, _PTR, _I64, _I64, _I64,  # k_cache, v_cache, strides (dim0, dim1, head)
@@ -161,7 +165,7 @@ def decode_forward_cpu(
         k_cache.data_ptr(), v_cache.data_ptr(), k_strides[0], k_strides[1], k_strides[2],
         DTYPE_CODES[q.dtype], seqlens.data_ptr(), table_ptr, table_stride, page_size,
         seqlen_q, nheads, nheads_k, headdim,
-        float(scale), int(window[0]), int(window[1]), float(softcap),
+        float(scale), min(window[0], _INT_MAX), min(window[1], _INT_MAX), float(softcap),
         *plan_args, *partial_ptrs, out.data_ptr(), lse.data_ptr(),
         # Workers past the work get nothing: no thread for them (a short cache runs on one thread,
         # without waking the pool; the result does not depend on the thread count).

@@ -84,10 +84,11 @@ def call_signature(call: DenseCall):
     return signature_of(q.shape, call.k.shape, q.dtype, q.device, call.window, call.softcap, call.need_lse)
 
 
-def signature_of(qs, ks, dtype, device, window, softcap, need_lse):
+def signature_of(qs, ks, dtype, device, window, softcap, need_lse, compiling=None):
     """:func:`call_signature` from values a caller already holds (``qs``/``ks``:
-    q's and k's shapes)."""
-    if torch.compiler.is_compiling():
+    q's and k's shapes; ``compiling``: ``torch.compiler.is_compiling()`` if
+    the caller asked already)."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return None
     seqlen_q, seqlen_k = qs[1], ks[1]
     return (

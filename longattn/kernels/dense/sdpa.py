@@ -79,7 +79,7 @@ def sdpa_attention(
     plus the layout views (no kwargs dicts, each shape read once).
     """
     qs, ks = q.shape, k.shape
-    if window[1] < 0:
+    if window[1] < 0 or qs[1] == 1:  # (bottom-right, one query sees every key: no causal work)
         is_causal, mask = False, None
     elif qs[1] == ks[1]:
         is_causal, mask = True, None
