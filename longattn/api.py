@@ -6,7 +6,7 @@ import torch
 
 from longattn.errors import UnsupportedFeatureError
 from longattn.hooks import ATTENTION_HOOK, AttentionCall
-from longattn.kernels.dense import DENSE_BACKENDS, DenseCall, signature_of
+from longattn.kernels.dense import DENSE_BACKENDS, DenseCall, bind_out_only, signature_of
 from longattn.validation import check_attention_options, qkv_facts
 
 
@@ -86,7 +86,9 @@ def attention(
                 causal, softmax_scale, window_size, softcap, backend)
         checked = _CHECKED_CALLS.get(lane)
         if checked is not None and ATTENTION_HOOK.get() is None:
-            scale, window, twin = checked
+            scale, window, twin, bound = checked
+            if bound is not None:
+                return bound(q, k, v)
             return twin.run(DenseCall(q, k, v, scale, window, softcap, False))[0]
     qs, ks, dtype, device = qkv_facts(q, k, v)
     causal, return_lse, scale, window, softcap = check_attention_options(
@@ -108,13 +110,14 @@ def attention(
     if lane is not None and DENSE_BACKENDS.memoised(signature, backend) is twin:
         if len(_CHECKED_CALLS) >= MAX_CHECKED_CALLS:
             _CHECKED_CALLS.clear()
-        _CHECKED_CALLS[lane] = (scale, window, twin)
+        _CHECKED_CALLS[lane] = (scale, window, twin, bind_out_only(twin, call))
     out, lse = twin.run(call)
     return (out, lse) if return_lse else out
 
 
 # Calls that passed every check, by everything the checks and a pure twin's
-# selection read -> (scale, effective window, twin): a bounded cache of a pure
+# selection read -> (scale, effective window, twin, the twin's runner bound to
+# the call's settled options, or None): a bounded cache of a pure
 # function of its key (see the fast lane in attention()), not state a caller
 # can observe. Keys hold option values of exact types only (True is not 1 here).
 MAX_CHECKED_CALLS = 512

@@ -576,8 +576,10 @@ extern "C" int longattn_decode_streamk_cpu(
   const int rows = heads_per_tile * (nheads / nheads_k) * seqlen_q;
   const int tiles_per_seq = nheads_k / heads_per_tile;
 
-#pragma omp parallel num_threads(num_threads)
-  {
+  // The whole schedule, run by each thread of a team (the omp for loops split
+  // it); with one thread it runs on the caller's thread without a team: a
+  // small call (a few cached tokens) then pays no OpenMP region at all.
+  auto run = [&]() {
     // Per thread, kept between calls: a model calls this once per layer per
     // token, and at a few cached tokens fresh buffers cost as much as the work.
     thread_local Scratch scratch;
@@ -600,6 +602,12 @@ extern "C" int longattn_decode_streamk_cpu(
     for (int t = 0; t < num_tiles; ++t) {
       if (tile_first_partial[t + 1] > tile_first_partial[t]) merge_tile(p, t, tile_first_partial[t], tile_first_partial[t + 1], acc);
     }
+  };
+  if (num_threads <= 1) {
+    run();
+  } else {
+#pragma omp parallel num_threads(num_threads)
+    run();
   }
   return 0;
 }

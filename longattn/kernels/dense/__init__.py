@@ -36,7 +36,7 @@ from longattn.dispatch import Backend, Registry
 from longattn.kernels.support import triton_support
 from longattn.errors import ArgumentError
 from longattn.kernels.dense.eager import dense_backward_eager, dense_forward_eager
-from longattn.kernels.dense.sdpa import lse_op_available, sdpa_attention, sdpa_forward_with_lse
+from longattn.kernels.dense.sdpa import bind_sdpa, lse_op_available, sdpa_attention, sdpa_forward_with_lse
 
 ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -430,3 +430,15 @@ EAGER = Backend[DenseCall](
 DENSE_BACKENDS = Registry[DenseCall](
     "dense attention", [CPP, SDPA, TRITON, EAGER], signature=call_signature, auto_rules=auto_rules_here
 )
+
+
+def bind_out_only(twin: Backend[DenseCall], call: DenseCall) -> Callable | None:
+    """``fn(q, k, v) -> out`` running ``twin`` for calls like ``call`` (same
+    shapes, dtype, device and options, no lse) with every decision already
+    made, or None where the twin has no such shortcut. SDPA has one: the
+    per-token calls of a model are where its few microseconds of wrapper
+    matter (``longattn bench overhead``)."""
+    if twin is SDPA and not call.need_lse:
+        q, k = call.q, call.k
+        return bind_sdpa(q.shape[1], k.shape[1], q.shape[2] != k.shape[2], scale=call.scale, window=call.window)
+    return None

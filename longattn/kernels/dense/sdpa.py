@@ -97,6 +97,26 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
+def bind_sdpa(seqlen_q: int, seqlen_k: int, gqa: bool, *, scale: float, window: tuple[int, int]):
+    """``fn(q, k, v) -> out``: :func:`sdpa_attention` for calls of these lengths
+    and options with everything but the tensors settled (what a model's
+    per-token calls repeat), or None when the call needs a mask (bottom-right
+    causal with ``seqlen_q`` not 1 or ``seqlen_k``), which is built per call."""
+    if window[1] < 0 or seqlen_q == 1:
+        is_causal = False
+    elif seqlen_q == seqlen_k:
+        is_causal = True
+    else:
+        return None
+    sdpa = F.scaled_dot_product_attention
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal, scale=scale,
+                    enable_gqa=gqa).transpose(1, 2)
+
+    return run
+
+
 def sdpa_forward_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: tuple[int, int], softcap: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
