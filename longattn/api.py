@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from longattn.errors import UnsupportedFeatureError
+from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.hooks import ATTENTION_HOOK, AttentionCall
 from longattn.kernels.dense import DENSE_BACKENDS, DenseCall, bind_out_only, signature_of
-from longattn.validation import check_attention_options, qkv_facts
+from longattn.kernels.dense.varlen import DENSE_VARLEN_BACKENDS, DenseVarlenCall
+from longattn.validation import check_attention_options, check_varlen, qkv_facts
 
 
 def attention(
@@ -22,8 +23,13 @@ def attention(
     sparse: object | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention with flash-attn's conventions; a drop-in for ``flash_attn_func``.
+    """Attention with flash-attn's conventions; a drop-in for ``flash_attn_func``
+    (and, with ``cu_seqlens_*``, for ``flash_attn_varlen_func``).
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, float32/float16/bfloat16.
@@ -54,6 +60,17 @@ def attention(
             :class:`~longattn.errors.BackendUnavailableError` listing every
             backend's reasons (``longattn doctor`` shows them for this machine).
         return_lse: also return ``lse``.
+        cu_seqlens_q, cu_seqlens_k: packed sequences (varlen): q is then
+            ``(total_q, nheads, headdim)`` and k, v ``(total_k, nheads_k,
+            headdim)``, and these int32 ``(batch + 1,)`` prefix sums say
+            where each sequence starts (sequence ``b`` is rows
+            ``cu[b]:cu[b + 1]``; lengths may differ between q and k and may
+            be 0). Each sequence is aligned bottom-right on its own; causal,
+            window and softcap apply per sequence; lse comes back as
+            ``(nheads, total_q)`` (flash-attn's varlen layout). Dense and
+            every sparse method (which select per sequence).
+        max_seqlen_q, max_seqlen_k: the longest sequence of each side
+            (None: read from the prefix sums).
 
     Returns:
         ``out`` with q's shape and dtype, or ``(out, lse)`` with ``lse``
@@ -73,6 +90,13 @@ def attention(
     # types -- skips even those when an identical call (same shapes, dtypes,
     # devices and options) already passed every check and picked a pure twin.
     compiling = torch.compiler.is_compiling()
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                       softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, sparse=sparse,
+                       backend=backend, return_lse=return_lse)
+    if max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ArgumentError("max_seqlen_q / max_seqlen_k describe packed sequences: pass them with cu_seqlens_q "
+                            "and cu_seqlens_k (or leave them None)")
     lane = None
     if (
         sparse is None and return_lse is False and not compiling
@@ -125,6 +149,38 @@ _CHECKED_CALLS: dict[tuple, tuple] = {}
 
 
 SPARSE_BACKENDS = ("auto", "cpp", "triton", "sdpa", "eager")  # the block-sparse twins
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, softmax_scale, window_size,
+            softcap, sparse, backend, return_lse):
+    """Packed sequences: dense through the varlen primitive, sparse methods per sequence."""
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ArgumentError("packed sequences need both cu_seqlens_q and cu_seqlens_k, got only "
+                            + ("cu_seqlens_k" if cu_seqlens_q is None else "cu_seqlens_q"))
+    max_q, max_k = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    causal, return_lse, scale, window, softcap = check_attention_options(
+        q.shape[-1], causal, return_lse, softmax_scale, window_size, softcap
+    )
+    hook = None if torch.compiler.is_compiling() else ATTENTION_HOOK.get()
+    if hook is not None:
+        raise UnsupportedFeatureError("packed sequences (cu_seqlens_q/k) cannot be observed by a Duo calibration "
+                                      "run; calibrate with a (batch, seqlen, ...) model call")
+    cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    if sparse is not None:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+        for b in range(len(bounds_q) - 1):  # a sparse method selects per sequence
+            (q0, q1), (k0, k1) = bounds_q[b : b + 2], bounds_k[b : b + 2]
+            if q1 > q0:
+                o, l = _sparse_prefill(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], sparse, causal, scale, window,
+                                       window_size, softcap, backend)
+                out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+        return (out, lse) if return_lse else out
+    call = DenseVarlenCall(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap)
+    out, lse = DENSE_VARLEN_BACKENDS.select(call, backend).run(call)
+    return (out, lse) if return_lse else out
 
 
 def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend):

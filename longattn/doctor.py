@@ -27,6 +27,7 @@ from longattn.bench.machine import cpu_model
 # adds one line; a module that fails to import is reported, not fatal.
 REGISTRIES = (
     ("longattn.kernels.dense", "DENSE_BACKENDS"),
+    ("longattn.kernels.dense.varlen", "DENSE_VARLEN_BACKENDS"),
     ("longattn.kernels.decode", "DECODE_BACKENDS"),
     ("longattn.kernels.block_sparse", "BLOCK_SPARSE_BACKENDS"),
     ("longattn.kernels.hip_score", "HIP_SCORE_BACKENDS"),

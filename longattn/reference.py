@@ -99,3 +99,30 @@ def attention_ref(
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v64)
     lse = lse_safe.masked_fill(empty, float("-inf"))
     return out, lse
+
+
+def attention_ref_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_ref` over packed sequences, one sequence at a time.
+
+    ``q (total_q, nheads, headdim)``, ``k, v (total_k, nheads_k, headdim)``,
+    ``cu_seqlens_q/k (batch + 1,)`` prefix sums; each sequence is aligned
+    bottom-right on its own; ``options`` are :func:`attention_ref`'s. Returns
+    ``out (total_q, nheads, headdim)`` float64 and ``lse (nheads, total_q)``
+    float64 (flash-attn's varlen layout)."""
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[b : b + 2], bounds_k[b : b + 2]
+        out, lse = attention_ref(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], **options)
+        outs.append(out[0])
+        lses.append(lse[0])
+    if not outs:
+        return q.new_zeros(q.shape, dtype=torch.float64), q.new_zeros((q.shape[1], 0), dtype=torch.float64)
+    return torch.cat(outs, 0), torch.cat(lses, 1)

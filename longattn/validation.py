@@ -198,3 +198,53 @@ def check_attention_options(
     scale = check_softmax_scale(softmax_scale, headdim)
     window = effective_window(causal, check_window(window_size, causal))
     return causal, return_lse, scale, window, check_softcap(softcap)
+
+
+def check_varlen(
+    q: object, k: object, v: object, cu_seqlens_q: object, cu_seqlens_k: object,
+    max_seqlen_q: object, max_seqlen_k: object,
+) -> tuple[int, int]:
+    """Validate a packed (varlen) call; returns ``(max_seqlen_q, max_seqlen_k)``.
+
+    q ``(total_q, nheads, headdim)``, k and v ``(total_k, nheads_k, headdim)``
+    (one dtype, one device, ``nheads % nheads_k == 0``); ``cu_seqlens_q`` and
+    ``cu_seqlens_k`` integer ``(batch + 1,)`` prefix sums on q's device, each
+    starting at 0, non-decreasing, ending at ``total_q`` / ``total_k``;
+    ``max_seqlen_*`` ints at least the longest sequence (None: computed).
+    The prefix sums are read on the host once (they are small; a GPU caller
+    who wants no sync passes the ``max_seqlen_*`` it knows and data it trusts,
+    as with flash-attn)."""
+    for name, t, layout in (("q", q, "(total_q, nheads, headdim)"), ("k", k, "(total_k, nheads_k, headdim)"),
+                            ("v", v, "(total_k, nheads_k, headdim)")):
+        check_tensor(name, t, 3, layout)
+    # the 4-D checks (dtype, device, heads, headdim) on batch-1 views
+    check_qkv(q[None], k[None], v[None])
+    bounds = []
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor):
+            raise DTypeError(f"{name} must be an int32 tensor (batch + 1,), got {type(cu).__name__}")
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise DTypeError(f"{name} must be an int32 tensor (batch + 1,), got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ShapeError(f"{name} must have shape (batch + 1,), got {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise DeviceError(f"{name} is on {cu.device} but q is on {q.device}")
+        values = cu.tolist()
+        if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+            raise ArgumentError(
+                f"{name} must start at 0, never decrease and end at {total} (the packed length), got "
+                f"{values if len(values) <= 12 else values[:6] + ['...'] + values[-6:]}"
+            )
+        bounds.append(values)
+    if len(bounds[0]) != len(bounds[1]):
+        raise ShapeError(f"cu_seqlens_q has {len(bounds[0]) - 1} sequences but cu_seqlens_k has {len(bounds[1]) - 1}")
+    result = []
+    for name, given, values in (("max_seqlen_q", max_seqlen_q, bounds[0]), ("max_seqlen_k", max_seqlen_k, bounds[1])):
+        longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+        if given is None:
+            result.append(longest)
+            continue
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < longest:
+            raise ArgumentError(f"{name} must be an int >= the longest sequence ({longest}), got {given!r}")
+        result.append(int(given))
+    return result[0], result[1]

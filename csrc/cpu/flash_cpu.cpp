@@ -7,7 +7,7 @@
 // a sliding window (StreamingLLM's sinks + window) costs ~seqlen * (sink +
 // window), never a dense pass.
 //
-// Work item: (batch, head, block of BM query rows; with listed keys, pieces
+// Work item: (batch entry or packed sequence, head, block of BM query rows; with listed keys, pieces
 // of at most BM rows of one listing block of block_q). Its queries, pre-scaled,
 // are stored transposed (Qt[d][row]) once, so that
 //   * scores of a tile of keys come out key-major, St[key][row] += K[key][d] *
@@ -34,6 +34,9 @@
 // Layouts (element strides, headdim innermost and contiguous):
 //   q, out (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim)
 //   lse (batch, nheads, seqlen_q) contiguous.
+// Varlen entry (longattn_flash_cpu_varlen, packed sequences as flash-attn's
+// varlen functions): q, out (total_q, nheads, headdim); k, v (total_k, nheads_k,
+// headdim); lse (nheads, total_q); each sequence is aligned on its own.
 // headdim must be a multiple of the vector width (the caller pads).
 
 #include <algorithm>
@@ -64,17 +67,25 @@ inline Isa::vec softcap_vec(Isa::vec x, float cap) {
   return Isa::mul(t, Isa::set1(cap));
 }
 
+// What every work item shares: row and head strides (element strides, 64-bit:
+// rows of a packed tensor pass 2**31 elements), shape and mask options.
 struct Problem {
-  const float *q, *k, *v;
-  int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh;
-  float* out;
-  int64_t o_sb, o_ss, o_sh;
-  float* lse;
-  int seqlen_q, seqlen_k, nheads, nheads_k, headdim, left, right, sink;
+  int64_t q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh;
+  int nheads, nheads_k, headdim, left, right, sink;
   bool causal;
   float scale, softcap;
-  const int32_t* listed;  // (batch, nheads, query blocks, listed_per_block) key positions, -1 = none; or null
   int listed_per_block, block_q;
+};
+
+// One sequence: a batch entry of the dense layout, or one packed sequence of
+// the varlen layout. Pointers are at its row 0 (head 0); strides are the Problem's.
+struct Seq {
+  const float *q, *k, *v;
+  float* out;
+  float* lse;      // lse of (head 0, row 0)
+  int64_t lse_sh;  // lse head stride
+  const int32_t* listed;  // (nheads, query blocks, listed_per_block) key positions, -1 = none; or null
+  int seqlen_q, seqlen_k;
 };
 
 struct Scratch {  // one per thread
@@ -194,33 +205,33 @@ inline bool whole_tile(const Problem& pb, int64_t j0, int64_t jl, int n, int row
   return all_in_window || jl < pb.sink;
 }
 
-void work_item(const Problem& pb, Scratch& s, int b, int h, int query_block, int first_row, int rows) {
+void work_item(const Problem& pb, Scratch& s, const Seq& sq, int h, int query_block, int first_row, int rows) {
   const int headdim = pb.headdim;
   const int rows_padded = (rows + R - 1) / R * R;
   const int kv_head = h / (pb.nheads / pb.nheads_k);
-  const int64_t offset = static_cast<int64_t>(pb.seqlen_k) - pb.seqlen_q;
+  const int64_t offset = static_cast<int64_t>(sq.seqlen_k) - sq.seqlen_q;
   const int64_t p0 = first_row + offset, p1 = p0 + rows - 1;
   float* qt = s.qt.data();
   for (int r = 0; r < BM; ++r) {
-    const float* qrow = pb.q + b * pb.q_sb + static_cast<int64_t>(first_row + std::min(r, rows - 1)) * pb.q_ss +
-                        h * pb.q_sh;
+    const float* qrow = sq.q + static_cast<int64_t>(first_row + std::min(r, rows - 1)) * pb.q_ss +
+                        static_cast<int64_t>(h) * pb.q_sh;
     for (int d = 0; d < headdim; ++d) qt[d * BM + r] = r < rows ? qrow[d] * pb.scale : 0.0f;
   }
   std::fill(s.o.begin(), s.o.end(), 0.0f);
   std::fill(s.m.begin(), s.m.end(), kNegInf);
   std::fill(s.l.begin(), s.l.end(), 0.0f);
-  const float* k_base = pb.k + b * pb.k_sb + kv_head * pb.k_sh;
-  const float* v_base = pb.v + b * pb.v_sb + kv_head * pb.v_sh;
+  const float* k_base = sq.k + static_cast<int64_t>(kv_head) * pb.k_sh;
+  const float* v_base = sq.v + static_cast<int64_t>(kv_head) * pb.v_sh;
   // Keys some row may see: the window span [lo, hi) (causal: up to p1), the
   // sinks [0, sink_end) left and right of it, and listed keys outside both.
-  const int64_t visible_end = pb.causal ? std::min<int64_t>(pb.seqlen_k, p1 + 1) : pb.seqlen_k;
+  const int64_t visible_end = pb.causal ? std::min<int64_t>(sq.seqlen_k, p1 + 1) : sq.seqlen_k;
   const int64_t hi = std::max<int64_t>(0, pb.right < 0 ? visible_end : std::min(visible_end, p1 + pb.right + 1));
   const int64_t lo = std::min(hi, pb.left < 0 ? int64_t{0} : std::max<int64_t>(0, p0 - pb.left));
   const int64_t sink_end = std::min<int64_t>(pb.sink, visible_end);
   const int64_t ranges[3][2] = {{0, std::min(sink_end, lo)}, {lo, hi}, {std::max(hi, lo), sink_end}};
-  const int32_t* listed = pb.listed == nullptr ? nullptr
-      : pb.listed + ((static_cast<int64_t>(b) * pb.nheads + h) * ((pb.seqlen_q + pb.block_q - 1) / pb.block_q) +
-                     query_block) * pb.listed_per_block;
+  const int32_t* listed = sq.listed == nullptr ? nullptr
+      : sq.listed + (static_cast<int64_t>(h) * ((sq.seqlen_q + pb.block_q - 1) / pb.block_q) + query_block) *
+                        pb.listed_per_block;
   s.extra.clear();
   if (listed != nullptr) {
     s.in_list.assign(static_cast<size_t>(hi - lo), 0);
@@ -256,8 +267,8 @@ void work_item(const Problem& pb, Scratch& s, int b, int h, int query_block, int
     key_tile(pb, s, rows_padded, k_base, v_base, keys, kAllListed.data(), n, p0, !whole);
   }
   for (int r = 0; r < rows; ++r) {
-    float* orow = pb.out + b * pb.o_sb + static_cast<int64_t>(first_row + r) * pb.o_ss + h * pb.o_sh;
-    float* lse = pb.lse + (static_cast<int64_t>(b) * pb.nheads + h) * pb.seqlen_q + first_row + r;
+    float* orow = sq.out + static_cast<int64_t>(first_row + r) * pb.o_ss + static_cast<int64_t>(h) * pb.o_sh;
+    float* lse = sq.lse + static_cast<int64_t>(h) * sq.lse_sh + first_row + r;
     const float l = s.l[r];
     if (l > 0) {
       const float inv = 1.0f / l;
@@ -267,6 +278,20 @@ void work_item(const Problem& pb, Scratch& s, int b, int h, int query_block, int
       for (int d = 0; d < headdim; ++d) orow[d] = 0.0f;
       *lse = kNegInf;
     }
+  }
+}
+
+// Runs items [0, items) on num_threads threads; item(it, s) does one. Each
+// item is computed by one thread in a fixed order: results do not depend on
+// the thread count or the schedule.
+template <class Item>
+void run_items(int64_t items, int headdim, int num_threads, const Item& item) {
+#pragma omp parallel num_threads(num_threads)
+  {
+    Scratch s(headdim);
+    // Items differ in cost (causal rows see more keys the later they sit): hand them out dynamically.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) item(it, s);
   }
 }
 
@@ -298,32 +323,88 @@ extern "C" int longattn_flash_cpu(
   // Items never straddle two query blocks of a listing: each block of block_q
   // rows splits into pieces of at most BM rows.
   const int bq = listed == nullptr ? BM : block_q;
-  const Problem pb{q, k, v, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, out, o_sb, o_ss, o_sh, lse,
-                   seqlen_q, seqlen_k, nheads, nheads_k, headdim, window_left, window_right, sink, causal != 0,
-                   scale, softcap, listed, listed_per_block, bq};
+  const Problem pb{q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh, nheads, nheads_k, headdim, window_left,
+                   window_right, sink, causal != 0, scale, softcap, listed_per_block, bq};
   const int blocks = (seqlen_q + bq - 1) / bq, pieces = (bq + BM - 1) / BM;
   const int64_t items = static_cast<int64_t>(batch) * nheads * blocks * pieces;
-#pragma omp parallel num_threads(num_threads)
-  {
-    Scratch s(headdim);
-    // Items differ in cost (causal rows see more keys the later they sit): hand them out dynamically.
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int piece = static_cast<int>(it % pieces);
-      const int block = static_cast<int>((it / pieces) % blocks);
-      const int h = static_cast<int>((it / pieces / blocks) % nheads);
-      const int b = static_cast<int>(it / pieces / blocks / nheads);
-      const int first_row = block * bq + piece * BM;
-      const int rows = std::min({BM, bq - piece * BM, seqlen_q - first_row});
-      if (rows > 0) work_item(pb, s, b, h, block, first_row, rows);
-    }
-  }
+  run_items(items, headdim, num_threads, [&](int64_t it, Scratch& s) {
+    const int piece = static_cast<int>(it % pieces);
+    const int block = static_cast<int>((it / pieces) % blocks);
+    const int h = static_cast<int>((it / pieces / blocks) % nheads);
+    const int64_t b = it / pieces / blocks / nheads;
+    const int first_row = block * bq + piece * BM;
+    const int rows = std::min({BM, bq - piece * BM, seqlen_q - first_row});
+    if (rows <= 0) return;
+    const Seq sq{q + b * q_sb, k + b * k_sb, v + b * v_sb, out + b * o_sb,
+                 lse + b * nheads * seqlen_q, seqlen_q,
+                 listed == nullptr ? nullptr : listed + b * nheads * blocks * listed_per_block,
+                 seqlen_q, seqlen_k};
+    work_item(pb, s, sq, h, block, first_row, rows);
+  });
   return 0;
 #else
   (void)q; (void)q_sb; (void)q_ss; (void)q_sh; (void)k; (void)k_sb; (void)k_ss; (void)k_sh; (void)v; (void)v_sb;
   (void)v_ss; (void)v_sh; (void)out; (void)o_sb; (void)o_ss; (void)o_sh; (void)lse; (void)batch; (void)seqlen_q;
   (void)seqlen_k; (void)nheads; (void)nheads_k; (void)headdim; (void)window_left; (void)window_right; (void)sink;
   (void)causal; (void)scale; (void)softcap; (void)listed; (void)listed_per_block; (void)block_q; (void)num_threads;
+  return 2;
+#endif
+}
+
+// Varlen (packed sequences, flash-attn's flash_attn_varlen_func layout):
+//   q, out (total_q, nheads, headdim); k, v (total_k, nheads_k, headdim); lse (nheads, total_q) contiguous;
+//   cu_seqlens_q, cu_seqlens_k (batch + 1) int32 prefix sums: sequence b's queries are rows
+//   cu_seqlens_q[b] .. cu_seqlens_q[b + 1], its keys rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1],
+//   and its query i sits at key position i + seqlen_k_b - seqlen_q_b (each sequence aligned on its own).
+// Work items are (sequence, head, block of BM query rows), numbered sequence by
+// sequence, each exactly the dense kernel's item on that sequence alone (same
+// bits); no padding to the longest sequence. Sequences of length 0 (either
+// side) are allowed: no queries, no items; no keys, rows out 0 and lse -inf.
+// Returns 0, or 1 for arguments it cannot take (prefix sums included), 2 when built without AVX2.
+extern "C" int longattn_flash_cpu_varlen(
+    const float* q, int64_t q_ss, int64_t q_sh,
+    const float* k, int64_t k_ss, int64_t k_sh,
+    const float* v, int64_t v_ss, int64_t v_sh,
+    float* out, int64_t o_ss, int64_t o_sh, float* lse,
+    const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, int batch, int64_t total_q, int64_t total_k,
+    int nheads, int nheads_k, int headdim, int window_left, int window_right, int sink, int causal, float scale,
+    float softcap, int num_threads) {
+#ifdef LONGATTN_AVX2
+  if (batch < 1 || total_q < 0 || total_k < 0 || nheads < 1 || nheads_k < 1 || nheads % nheads_k ||
+      headdim < W || headdim % W || sink < 0 || num_threads < 1 || cu_seqlens_q == nullptr ||
+      cu_seqlens_k == nullptr || cu_seqlens_q[0] != 0 || cu_seqlens_k[0] != 0 || cu_seqlens_q[batch] != total_q ||
+      cu_seqlens_k[batch] != total_k)
+    return 1;
+  // first_item[b]: the number of the sequence's first item (a prefix sum over
+  // sequences of nheads * its query blocks); an item finds its sequence by bisection.
+  std::vector<int64_t> first_item(static_cast<size_t>(batch) + 1, 0);
+  for (int b = 0; b < batch; ++b) {
+    const int64_t sq = static_cast<int64_t>(cu_seqlens_q[b + 1]) - cu_seqlens_q[b];
+    const int64_t sk = static_cast<int64_t>(cu_seqlens_k[b + 1]) - cu_seqlens_k[b];
+    if (sq < 0 || sk < 0) return 1;
+    first_item[b + 1] = first_item[b] + nheads * ((sq + BM - 1) / BM);
+  }
+  const Problem pb{q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh, nheads, nheads_k, headdim, window_left,
+                   window_right, sink, causal != 0, scale, softcap, 0, BM};
+  run_items(first_item[batch], headdim, num_threads, [&](int64_t it, Scratch& s) {
+    // The last sequence whose first item is <= it (sequences without queries own no items).
+    const int b = static_cast<int>(std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin()) - 1;
+    const int64_t q0 = cu_seqlens_q[b], k0 = cu_seqlens_k[b];
+    const int seqlen_q = cu_seqlens_q[b + 1] - cu_seqlens_q[b], seqlen_k = cu_seqlens_k[b + 1] - cu_seqlens_k[b];
+    const int blocks = (seqlen_q + BM - 1) / BM;
+    const int64_t local = it - first_item[b];
+    const int h = static_cast<int>(local / blocks), block = static_cast<int>(local % blocks);
+    const int first_row = block * BM;
+    const Seq sq{q + q0 * q_ss, k + k0 * k_ss, v + k0 * v_ss, out + q0 * o_ss, lse + q0, total_q, nullptr,
+                 seqlen_q, seqlen_k};
+    work_item(pb, s, sq, h, block, first_row, std::min(BM, seqlen_q - first_row));
+  });
+  return 0;
+#else
+  (void)q; (void)q_ss; (void)q_sh; (void)k; (void)k_ss; (void)k_sh; (void)v; (void)v_ss; (void)v_sh; (void)out;
+  (void)o_ss; (void)o_sh; (void)lse; (void)cu_seqlens_q; (void)cu_seqlens_k; (void)batch; (void)total_q;
+  (void)total_k; (void)nheads; (void)nheads_k; (void)headdim; (void)window_left; (void)window_right; (void)sink;
+  (void)causal; (void)scale; (void)softcap; (void)num_threads;
   return 2;
 #endif
 }

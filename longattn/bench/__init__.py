@@ -4,6 +4,7 @@
 - :mod:`.dense`: the ``dense`` group (causal prefill vs SDPA and FlexAttention)
 - :mod:`.overhead`: the ``overhead`` group (per-call cost of small calls vs SDPA)
 - :mod:`.auto`: the ``auto`` group (``backend="auto"`` vs every dense twin, per dtype)
+- :mod:`.varlen`: the ``varlen`` group (packed sequences vs one dense call and padded SDPA)
 - :mod:`.timing`: interleaved warmup + repeats, median and min
 - :mod:`.runner`: :func:`run_group`, one group end to end
 - :mod:`.report`: table, JSON and plot; :mod:`.progress`: the stderr progress bar
@@ -23,6 +24,7 @@ from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench import hip_decode as _hip_decode  # noqa: F401
 from longattn.bench import overhead as _overhead  # noqa: F401
 from longattn.bench import streaming as _streaming  # noqa: F401
+from longattn.bench import varlen as _varlen  # noqa: F401
 from longattn.bench.runner import run_group
 from longattn.bench.scenarios import get_group, group_names
 

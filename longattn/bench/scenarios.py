@@ -48,6 +48,9 @@ class Method:
     name: str
     build: Callable[[Any], Timed]
     slow_setup: bool = False
+    # False for a method that computes a different output on purpose (a
+    # same-cost yardstick): timed, but not checked against the reference.
+    compare: bool = True
 
 
 def no_setup(fn: Timed) -> Callable[[Any], Timed]:

@@ -225,22 +225,34 @@ _AOT = textwrap.dedent("""
     fn = dense._dense_fwd_kernel
     # Shared memory per block each architecture offers (opt-in maximum), bytes.
     limit = {80: 163 * 1024, 90: 227 * 1024}
-    for arch, dt, headdim in ((80, "bf16", 128), (90, "fp16", 64), (80, "fp32", 256), (90, "fp32", 128)):
+    # The fixed-length kernel (cu_seqlens None: constexpr, as a launch passes them) and
+    # the varlen one (cu_seqlens int32 pointers, per-sequence lengths loaded in-kernel).
+    # A launch specializes int arguments equal to 1 as constexprs: max_seqlen_q 1 (varlen
+    # decode) makes seqlen_q one, which the varlen branch rebinds to the sequence's length.
+    configs = ((80, "bf16", 128, False, {}), (90, "fp16", 64, False, {}), (80, "fp32", 256, False, {}),
+               (90, "fp32", 128, False, {}), (80, "fp16", 128, True, dict(seqlen_q=1)), (90, "bf16", 256, True, {}))
+    for arch, dt, headdim, varlen, ones in configs:
         block_m, block_n, num_warps, stages = dense._launch_config(headdim, False)
         ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, Out="*" + dt, Lse="*fp32")
-        consts = dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_D=max(16, triton.next_power_of_2(headdim)))
+        consts = dict(IS_VARLEN=varlen, HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, BLOCK_M=block_m,
+                      BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(headdim)))
+        if varlen:
+            ptrs.update(Cu_q="*i32", Cu_k="*i32")
+        else:
+            consts.update(Cu_q=None, Cu_k=None)
+        consts.update(ones)
         sig = {name: ptrs.get(name) or ("constexpr" if name in consts else "fp32" if name in ("scale", "softcap")
                                         else "i32") for name in fn.arg_names}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": stages})
-        assert k.asm["cubin"], (arch, dt, headdim)
-        assert k.metadata.shared <= limit[arch], (arch, dt, headdim, k.metadata.shared)
+        assert k.asm["cubin"], (arch, dt, headdim, varlen)
+        assert k.metadata.shared <= limit[arch], (arch, dt, headdim, varlen, k.metadata.shared)
     print("compiled")
 """)
 
 
 def test_kernel_compiles_for_gpu_targets(tmp_path):
-    """Ahead-of-time compile to cubin for sm_80 and sm_90 (the 64-bit offsets and the
-    shared tile step included): what the interpreter accepts the compiler must too."""
+    """Ahead-of-time compile to cubin for sm_80 and sm_90 (the 64-bit offsets, the
+    shared tile step and the varlen variant's early exit included): what the
+    interpreter accepts the compiler must too."""
     assert_compiles_for_gpu(_AOT, tmp_path)

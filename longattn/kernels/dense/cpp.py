@@ -16,6 +16,11 @@ headdim)``, ``k, v (batch, seqlen_k, nheads_k, headdim)``; query ``i`` sits at
 key position ``i + seqlen_k - seqlen_q``. Returns ``out`` like q and lse
 ``(batch, nheads, seqlen_q)`` float32, natural log; rows that see no key get
 0 and -inf.
+
+:func:`flash_varlen_forward_cpu` runs the same kernel on packed sequences
+(flash-attn's varlen layout, ``q (total_q, nheads, headdim)`` with
+``cu_seqlens`` prefix sums): one call, sequences as work items, each
+sequence's rows bitwise those of :func:`flash_forward_cpu` on it alone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from longattn.errors import ShapeError
 from longattn.kernels.support.cpp_build import BuildError, kernel_threads, load_library
 
 SOURCE = "flash_cpu.cpp"
@@ -47,15 +53,36 @@ _ARGTYPES = [
     _INT, _INT, _INT, _INT, _FLOAT, _FLOAT,  # window left/right, sink, causal, scale, softcap
     _PTR, _INT, _INT, _INT,  # listed key positions, their count per query block, block_q, threads
 ]
+_VARLEN_ARGTYPES = [
+    _PTR, _I64, _I64,  # q, strides (token, head)
+    _PTR, _I64, _I64,  # k
+    _PTR, _I64, _I64,  # v
+    _PTR, _I64, _I64, _PTR,  # out, its strides, lse
+    _PTR, _PTR, _INT, _I64, _I64,  # cu_seqlens_q, cu_seqlens_k, batch, total_q, total_k
+    _INT, _INT, _INT,  # nheads, nheads_k, headdim
+    _INT, _INT, _INT, _INT, _FLOAT, _FLOAT, _INT,  # window left/right, sink, causal, scale, softcap, threads
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _library(build_flags: tuple[str, ...] = ()):
+    lib = load_library(SOURCE, build_flags)
+    if lib.longattn_flash_cpu_lanes() == 0:
+        raise BuildError("the C++ flash kernel needs AVX2 and FMA, which this CPU (or build) lacks")
+    return lib
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(build_flags: tuple[str, ...] = ()):
-    lib = load_library(SOURCE, build_flags)
-    if lib.longattn_flash_cpu_lanes() == 0:
-        raise BuildError("the C++ flash kernel needs AVX2 and FMA, which this CPU (or build) lacks")
-    fn = lib.longattn_flash_cpu
+    fn = _library(build_flags).longattn_flash_cpu
     fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_kernel(build_flags: tuple[str, ...] = ()):
+    fn = _library(build_flags).longattn_flash_cpu_varlen
+    fn.argtypes, fn.restype = _VARLEN_ARGTYPES, ctypes.c_int
     return fn
 
 
@@ -141,6 +168,86 @@ def flash_forward_cpu(
     )
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu rejected its arguments (status {status}); this is a bug")
+    if pad:
+        out = out[..., :headdim].contiguous()  # the contract's output is contiguous like q
+    return out.to(q.dtype), lse
+
+
+def _seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int64 lengths ``cu[b + 1] - cu[b]`` of the packed sequences."""
+    return cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+
+
+def flash_varlen_forward_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, *, scale: float, window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0, build_flags: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences (flash-attn's ``flash_attn_varlen_func`` layout): ``(out, lse)``.
+
+    ``q (total_q, nheads, headdim)``, ``k, v (total_k, nheads_k, headdim)``;
+    ``cu_seqlens_q``, ``cu_seqlens_k`` ``(batch + 1,)`` integer prefix sums
+    (``cu[0] = 0``, non-decreasing, ``cu[-1] = total``): sequence ``b``'s
+    queries are rows ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1]`` of q, its keys
+    rows ``cu_seqlens_k[b] .. cu_seqlens_k[b + 1]`` of k and v. Each sequence
+    is aligned on its own: its query ``i`` sits at key position ``i +
+    seqlen_k_b - seqlen_q_b``, and sees key ``j`` iff ``j`` is in ``window``
+    (flash-attn's ``(left, right)``, -1 unbounded, causal folded in as
+    ``right = 0``). Sequences of length 0 on either side are allowed. Inputs
+    already validated (the front door checks the prefix sums against the
+    totals and ``max_seqlen_*``; the kernel re-checks the prefix sums and
+    raises on nonsense rather than reading out of bounds).
+
+    Returns ``out (total_q, nheads, headdim)`` in q's dtype and ``lse
+    (nheads, total_q)`` float32, natural log (flash-attn's varlen layout);
+    rows that see no key get 0 and -inf. One kernel call over work items
+    (sequence, head, block of 48 queries): no padding to the longest
+    sequence, and each sequence's rows are bitwise those of
+    :func:`flash_forward_cpu` on that sequence alone.
+
+    ``max_seqlen_q`` / ``max_seqlen_k`` are accepted for flash-attn's
+    signature; the window clamp and the head-major choice use the lengths
+    read from the prefix sums (the same when the maxima are exact, and safe
+    when they are not).
+    """
+    del max_seqlen_q, max_seqlen_k  # see the docstring: the prefix sums are the truth
+    fn = _varlen_kernel(build_flags)
+    total_q, nheads, headdim = q.shape
+    total_k, nheads_k = k.shape[0], k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape != cu_seqlens_q.shape or cu_seqlens_q.dim() != 1:  # the kernel reads cu_k[batch]
+        raise ShapeError(f"cu_seqlens_q and cu_seqlens_k must both be (batch + 1,), got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    if q.numel() == 0 or total_k == 0 or batch < 1:  # nothing to compute: every row is empty
+        return (torch.zeros(total_q, nheads, headdim, dtype=q.dtype),
+                torch.full((nheads, total_q), float("-inf"), dtype=torch.float32))
+    cu_q = cu_seqlens_q.to(device="cpu", dtype=torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(device="cpu", dtype=torch.int32).contiguous()
+    lens_q, lens_k = _seqlens(cu_q), _seqlens(cu_k)
+    longest_q, longest_k = int(lens_q.max()), int(lens_k.max())
+    pad = -headdim % HEADDIM_MULTIPLE
+    # Every row of q belongs to one sequence (cu_q[-1] = total_q), so the kernel writes all of out and lse.
+    out = torch.empty(total_q, nheads, headdim + pad, dtype=torch.float32)
+    lse = torch.empty(nheads, total_q, dtype=torch.float32)
+    qf, kf, vf = (t.float() for t in (q, k, v))  # half precision: widened once (a copy)
+    if pad:
+        qf, kf, vf = (F.pad(t, (0, pad)) for t in (qf, kf, vf))
+    # headdim innermost and contiguous (the kernel's one requirement on strides)
+    qf, kf, vf = (t if t.stride(2) == 1 else t.contiguous() for t in (qf, kf, vf))
+    # Head-major K/V copies as in flash_forward_cpu (same bits, fewer TLB misses
+    # on long key spans), decided on the longest sequence: its items dominate.
+    long_span = window[0] < 0 or window[0] >= HEAD_MAJOR_MIN_KEYS
+    many_rows = int((lens_q * (lens_k >= HEAD_MAJOR_MIN_KEYS)).max()) * (nheads // nheads_k) >= HEAD_MAJOR_MIN_ROWS
+    if long_span and many_rows and nheads_k > 1 and kf.stride(0) != kf.shape[-1]:
+        kf, vf = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (kf, vf))
+    status = fn(
+        qf.data_ptr(), qf.stride(0), qf.stride(1), kf.data_ptr(), kf.stride(0), kf.stride(1),
+        vf.data_ptr(), vf.stride(0), vf.stride(1), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(),
+        cu_q.data_ptr(), cu_k.data_ptr(), batch, total_q, total_k, nheads, nheads_k, headdim + pad,
+        *_c_int_window(window, longest_q + longest_k), 0, 0, scale, softcap, kernel_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"longattn_flash_cpu_varlen rejected its arguments (status {status}); this is a bug")
     if pad:
         out = out[..., :headdim].contiguous()  # the contract's output is contiguous like q
     return out.to(q.dtype), lse

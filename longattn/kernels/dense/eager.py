@@ -231,3 +231,69 @@ def _finish_grads(dq, dk, dv, q, k, v):
         dk.permute(0, 2, 1, 3).to(k.dtype).contiguous(),
         dv.permute(0, 2, 1, 3).to(v.dtype).contiguous(),
     )
+
+
+def dense_varlen_forward_eager(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen dense attention, the specification: :func:`dense_forward_eager`
+    on each packed sequence. ``q (total_q, nheads, headdim)``, ``k, v
+    (total_k, nheads_k, headdim)``, ``cu_seqlens_q/k (batch + 1,)`` int32;
+    sequence ``b`` is rows ``cu[b]:cu[b + 1]``, aligned bottom-right on its
+    own. Returns ``out (total_q, nheads, headdim)`` in q's dtype and ``lse
+    (nheads, total_q)`` float32. (``max_seqlen_*`` are unused here; every
+    twin takes them.)"""
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    for (q0, q1), (k0, k1) in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0:
+            o, l = dense_forward_eager(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], scale=scale, window=window,
+                                       softcap=softcap)
+            out[q0:q1] = o[0]
+            lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def dense_varlen_backward_eager(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`dense_varlen_forward_eager` (any forward twin's
+    ``out``/``lse``): :func:`dense_backward_eager` on each packed sequence."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for (q0, q1), (k0, k1) in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0 or k1 == k0:
+            continue  # no query or no key: every gradient of the sequence is 0
+        grads = dense_backward_eager(
+            dout[None, q0:q1], None if dlse is None else dlse[None, :, q0:q1], q[None, q0:q1], k[None, k0:k1],
+            v[None, k0:k1], out[None, q0:q1], lse[None, :, q0:q1], scale=scale, window=window, softcap=softcap)
+        for full, part, (lo, hi) in zip((dq, dk, dv), grads, ((q0, q1), (k0, k1), (k0, k1))):
+            full[lo:hi] = part[0]
+    return dq, dk, dv
+
+
+def _sequence_bounds(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """``[((q0, q1), (k0, k1)), ...]`` per packed sequence (one host read of each prefix sum)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [((cq[b], cq[b + 1]), (ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
