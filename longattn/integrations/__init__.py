@@ -1,0 +1,11 @@
+"""Adapters that let existing model code use longattn with one changed line.
+
+- :mod:`longattn.integrations.flash_attn`: flash-attn 2.8.3's Python API
+  (``flash_attn_func``, the packed and varlen variants,
+  ``flash_attn_with_kvcache``) with its exact signatures, on longattn's
+  front doors: ``from longattn.integrations.flash_attn import flash_attn_func``.
+
+This package sits above the front doors (``longattn.attention``,
+``longattn.decode_attention``) in the layer contract: it calls them, nothing
+below imports it.
+"""
