@@ -16,10 +16,19 @@ So a call that raises leaves ``k_cache``, ``v_cache`` and ``cache_seqlens``
 bitwise unchanged. Step 2 runs when ``check`` says so (see
 :func:`decode_attention`): free on a CPU, a host sync on a GPU.
 
+flash-attn's extras map onto the same steps: ``cache_batch_idx`` and
+``cache_leftpad`` become a block table over the same cache memory (whole rows
+as pages, or one token per page with a leftpad; see
+:func:`longattn.kernels.decode.cache.row_view`), checked in steps 1-2 like
+any argument; rotary embedding (:mod:`longattn.kernels.decode.rotary`) makes
+rotated copies of q and ``k_new`` between steps 2 and 3.
+
 Under ``torch.compile`` steps 2-4 are one ``torch.library`` custom op
 (``longattn::decode_step``, or ``longattn::decode_step_append`` which
 mutates the caches), so a step with a reused plan traces with
-``fullgraph=True``; the op performs the data checks when it runs.
+``fullgraph=True``; the op performs the data checks when it runs. (The
+extras are not traceable yet: they raise while tracing, so dynamo runs the
+call eagerly, and ``fullgraph=True`` fails.)
 """
 
 from __future__ import annotations
@@ -36,9 +45,13 @@ from longattn.kernels.decode.cache import (
     attended_seqlens,
     check_cache_data,
     check_cache_layout,
+    check_row_data,
+    check_row_layout,
+    row_view,
 )
 from longattn.kernels.decode.cpp import decode_forward_cpu, default_plan_for
 from longattn.kernels.decode.plan import DecodePlan, plan_decode
+from longattn.kernels.decode.rotary import check_rotary_data, check_rotary_layout, rotate_step
 from longattn.validation import check_attention_options, check_tensor
 
 
@@ -51,6 +64,11 @@ def decode_attention(
     block_table: torch.Tensor | None = None,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
     softmax_scale: float | None = None,
     causal: bool = True,
     window_size: tuple[int, int] = (-1, -1),
@@ -79,8 +97,32 @@ def decode_attention(
         k_new, v_new: ``(batch, seqlen_new, nheads_k, headdim)``, written into
             the cache **in place** at ``cache_seqlens[b] ...`` before attending
             (after every check passed: a call that raises writes nothing).
+        cache_batch_idx: ``(batch,)`` int32, contiguous cache only: sequence
+            ``b`` lives in cache row ``cache_batch_idx[b]`` (k_cache then has
+            any number of rows ``batch_cache``). Rows may repeat only when no
+            new tokens are appended (two writers of one row are refused).
+        cache_leftpad: ``(batch,)`` int32, contiguous cache only: sequence
+            ``b``'s tokens start at slot ``cache_leftpad[b]`` of its row; the
+            slots before it are never read. ``cache_seqlens`` still counts
+            from the row start (flash-attn's rule): the sequence holds slots
+            ``cache_leftpad[b] .. cache_seqlens[b] - 1``, new tokens go to
+            ``cache_seqlens[b] ...``, ``0 <= cache_leftpad[b] <= cache_seqlens[b]``
+            and the attended length is ``L_b = cache_seqlens[b] -
+            cache_leftpad[b] + seqlen_new``. Both map onto the paged kernels
+            through a block table over the same memory (no copy).
+        rotary_cos, rotary_sin: ``(seqlen_ro, rotary_dim / 2)`` (any float
+            dtype, q's device; rotary_dim <= headdim, channels past it are
+            left alone). Rotate ``k_new`` before it is written and q, as
+            flash-attn does: new key ``i`` at position ``cache_seqlens[b] + i``
+            (its slot in the row, leftpad included); query ``i`` at
+            ``cache_seqlens[b] + i`` when the attention is causal or local
+            (``window_size != (-1, -1)``), else every query at
+            ``cache_seqlens[b]``. Needs ``k_new``; math in float32.
+        rotary_interleaved: True (flash-attn's default, GPT-J) rotates channel
+            pairs ``(0, 1), (2, 3), ...``; False (GPT-NeoX, Llama) pairs
+            ``(i, i + rotary_dim / 2)``.
         causal: bottom-right within each sequence: with ``L_b = cache_seqlens[b]
-            + seqlen_new``, query ``i`` sits at key position ``L_b - seqlen_q + i``
+            + seqlen_new`` (minus ``cache_leftpad[b]``), query ``i`` sits at key position ``L_b - seqlen_q + i``
             and sees keys up to it. seqlen_q=2, L_b=5::
 
                 1 1 1 1 0
@@ -137,6 +179,12 @@ def decode_attention(
         _check_sparse_decode(sparse, window, causal, plan, backend)
     elif state is not None:
         raise UnsupportedFeatureError(f"state={state!r}: decode state objects belong to sparse methods; pass None")
+    if (cache_batch_idx is not None or cache_leftpad is not None or rotary_cos is not None
+            or rotary_sin is not None or rotary_interleaved is not True):
+        return _decode_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx,
+                              cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, scale=scale, causal=causal,
+                              window=window, softcap=softcap, sparse=sparse, plan=plan, backend=backend,
+                              return_lse=return_lse, check=check)
     args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
     if sparse is not None:
         out, lse = _sparse_decode(q, args, sparse, state, scale=scale, softcap=softcap, causal=causal)
@@ -173,12 +221,7 @@ def run_decode(
         lengths = args.cache_seqlens.tolist()
         check_cache_data(args, lengths)
         if plan is not None:
-            totals = tuple(n + seqlen_new for n in lengths)
-            if totals != plan.seqlens:
-                raise ArgumentError(
-                    f"plan was made for seqlens {list(plan.seqlens)}, but this call attends seqlens "
-                    f"{list(totals)} (cache_seqlens + seqlen_new {seqlen_new}); plan with the lengths after appending"
-                )
+            _check_plan_lengths(plan, lengths, seqlen_new)
     # Selection reads q only (device, dtype, headdim): the view's lengths are filled in below.
     twin = DECODE_BACKENDS.select(DecodeCall(q, args.view(args.cache_seqlens), scale, window, softcap, plan), backend)
     if twin is CPP:
@@ -198,6 +241,73 @@ def run_decode(
     call = DecodeCall(q, args.view(seqlens), scale, window, softcap, plan)
     append_new(args, lengths)
     return twin.run(call)
+
+
+def _check_plan_lengths(plan: DecodePlan, lengths: list[int], seqlen_new: int) -> None:
+    totals = tuple(n + seqlen_new for n in lengths)
+    if totals != plan.seqlens:
+        raise ArgumentError(
+            f"plan was made for seqlens {list(plan.seqlens)}, but this call attends seqlens "
+            f"{list(totals)} (cache_seqlens + seqlen_new {seqlen_new}); plan with the lengths after appending"
+        )
+
+
+# --- cache_batch_idx, cache_leftpad, rotary -----------------------------------
+
+def _decode_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx, cache_leftpad,
+                   rotary_cos, rotary_sin, rotary_interleaved, *, scale, causal, window, softcap, sparse, plan,
+                   backend, return_lse, check):
+    """flash-attn's extras mapped onto the plain step: every check (layout, then
+    data), then rotary on q and k_new (new tensors), then run_decode over a
+    paged view of the selected rows (same memory). Nothing is written before
+    run_decode's append."""
+    if sparse is not None:
+        raise UnsupportedFeatureError("cache_batch_idx, cache_leftpad and rotary_cos/rotary_sin cannot be combined "
+                                      "with sparse= yet")
+    if torch.compiler.is_compiling():
+        raise UnsupportedFeatureError("cache_batch_idx, cache_leftpad and rotary_cos/rotary_sin are not traceable "
+                                      "by torch.compile yet; call decode_attention outside the compiled region")
+    if type(backend) is not str:
+        raise ArgumentError(f"backend must be 'auto' or one of {DECODE_BACKENDS.names}, got {backend!r}")
+    check_rotary_layout(q, k_new, rotary_cos, rotary_sin, rotary_interleaved)
+    rows = cache_batch_idx is not None or cache_leftpad is not None
+    select = None
+    if rows:
+        select = check_row_layout(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
+        # The rest of the layout (dtypes, devices, heads, k_new) on a stand-in view of row 0..batch-1.
+        probe = check_cache_layout(q, k_cache, v_cache, cache_seqlens, k_cache.new_zeros((q.shape[0], 1),
+                                   dtype=torch.int32), k_new, v_new)
+    else:
+        probe = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    if plan is not None:
+        _check_plan_layout(plan, q, probe)
+    seqlen_new = probe.seqlen_new
+    if check is None:
+        check = q.device.type == "cpu"
+    lengths = None
+    if check:
+        lengths = probe.cache_seqlens.tolist()
+        if rows:
+            check_row_data(k_cache, select, lengths, seqlen_new)
+            if plan is not None:
+                pads = select.leftpad.tolist() if select.leftpad is not None else [0] * len(lengths)
+                _check_plan_lengths(plan, [n - p for n, p in zip(lengths, pads)], seqlen_new)
+        if rotary_cos is not None:
+            check_rotary_data(rotary_cos, lengths, q.shape[1], seqlen_new, window != (-1, -1))
+    if rotary_cos is not None:
+        q, k_new = rotate_step(q, k_new, rotary_cos, rotary_sin, cache_seqlens, per_query=window != (-1, -1),
+                               interleaved=rotary_interleaved)
+    if rows:
+        k_view, v_view, table, view_lens = row_view(k_cache, v_cache, cache_seqlens, select, lengths, seqlen_new)
+        args = check_cache_layout(q, k_view, v_view, view_lens, table, k_new, v_new)
+        # The row checks above cover the view's data checks (the table is in range
+        # and no two sequences write one row by construction): skip the second pass.
+        check = False
+    else:
+        args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    out, lse = run_decode(q, args, scale=scale, window=window, softcap=softcap, plan=plan, backend=backend,
+                          check=check)
+    return (out, lse) if return_lse else out
 
 
 def _check_plan_layout(plan: object, q: torch.Tensor, args: CacheArgs) -> None:

@@ -1,6 +1,6 @@
 """The PyTorch path of :mod:`longattn.integrations.flash_attn`: what longattn's
-kernels have no input for (an ALiBi bias, rotary embedding, keys gathered
-from a cache through ``cache_batch_idx`` / ``cache_leftpad``), in plain
+kernels have no input for (an ALiBi bias, with keys gathered from a cache
+through ``block_table`` / ``cache_batch_idx`` / ``cache_leftpad``), in plain
 float32 PyTorch.
 
 Layouts are flash-attn's: ``q (batch, seqlen_q, nheads, headdim)``, keys and
@@ -11,6 +11,9 @@ head ``h // (nheads // nheads_k)``.
 from __future__ import annotations
 
 import torch
+
+# Rotary lives with the decode primitive (decode_attention applies it); re-exported here for old imports.
+from longattn.kernels.decode.rotary import apply_rotary  # noqa: F401
 
 # Score elements (float32) one query chunk may hold: bounds the memory of the
 # bias path to ~64 MiB of scores whatever the sequence lengths.
@@ -97,28 +100,6 @@ def attention_with_bias(
     if not outs:  # seqlen_q == 0
         return q.new_zeros(q.shape), torch.zeros(batch, nheads, 0, dtype=torch.float32, device=device)
     return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 2)
-
-
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool
-) -> torch.Tensor:
-    """Rotary embedding of the first ``rotary_dim = 2 * cos.shape[1]`` channels.
-
-    ``x (batch, seqlen, nheads, headdim)``, ``cos, sin (seqlen_ro, rotary_dim / 2)``,
-    ``positions (batch, seqlen)`` int64 rows of cos/sin. Interleaved (GPT-J)
-    rotates channel pairs ``(0, 1), (2, 3), ...``; otherwise (GPT-NeoX)
-    ``(i, i + rotary_dim / 2)``. Math in float32, result in x's dtype."""
-    half = cos.shape[1]
-    c = cos[positions].float()[:, :, None, :]  # (batch, seqlen, 1, half)
-    s = sin[positions].float()[:, :, None, :]
-    xr = x[..., : 2 * half].float()
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rotated = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., :half], xr[..., half:]
-        rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
 def key_slots(

@@ -9,7 +9,8 @@ import torch
 
 from longattn.decode_api import decode_attention
 from longattn.errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedFeatureError
-from longattn.integrations.flash_attn_eager import apply_rotary, attention_with_bias, key_slots
+from longattn.integrations.flash_attn_eager import attention_with_bias, key_slots
+from longattn.kernels.decode.rotary import check_rotary_data, check_rotary_layout, rotate_step
 from longattn.integrations.flash_attn_options import CacheOverflowError, alibi_slopes_2d, fa_lse, fa_softcap, fa_window
 from longattn.validation import check_flag, check_int, check_softmax_scale, check_tensor
 
@@ -63,18 +64,16 @@ def flash_attn_with_kvcache(
     How it runs, and what differs from flash-attn:
 
     - plain calls (contiguous or paged, any page size): :func:`longattn.decode_attention`.
-    - ``cache_batch_idx`` / ``cache_leftpad``: decode_attention over a
-      page-size-1 block table laid over the same memory (``k_cache`` viewed as
-      ``(batch_size_cache * seqlen_cache, 1, nheads_k, headdim)``, no copy),
-      when each cache row follows the previous one in memory
-      (``k_cache.stride(0) == seqlen_cache * k_cache.stride(1)``, true of any
-      contiguous cache); otherwise the PyTorch path. A ``cache_batch_idx`` with
+    - ``cache_batch_idx`` / ``cache_leftpad`` / rotary: passed to
+      :func:`longattn.decode_attention`, which maps the rows onto its paged
+      kernels over the same memory (no copy). A ``cache_batch_idx`` with
       repeated rows is refused when ``k, v`` are appended (flash-attn leaves
       which write wins undefined). With a paged cache both are refused, as in
       flash-attn.
     - ``alibi_slopes``: the PyTorch path (float32, chunked; the new tokens are
       written first, then the sequence's keys are gathered).
-    - rotary embedding runs in PyTorch before the kernel (float32 math).
+    - rotary embedding runs in PyTorch before the kernel (float32 math);
+      ``rotary_cos`` needs only as many rows as the positions rotated.
     - ``num_splits`` is accepted and ignored: longattn's stream-K schedule
       decides how the keys are split (the result does not depend on it).
     - the lengths are checked on the host when the tensors are on the CPU, or
@@ -94,7 +93,7 @@ def flash_attn_with_kvcache(
     k_cache = check_tensor("k_cache", k_cache, 4, cache_layout)
     v_cache = check_tensor("v_cache", v_cache, 4, cache_layout)
     causal = check_flag("causal", causal)
-    check_flag("rotary_interleaved", rotary_interleaved)
+    rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
     want_lse = check_flag("return_softmax_lse", return_softmax_lse)
     check_int("num_splits", num_splits, minimum=0)
     batch, seqlen_q, nheads, headdim = q.shape
@@ -137,16 +136,17 @@ def flash_attn_with_kvcache(
     if device.type == "cpu" or special:
         host = _check_lengths(lens, rows, starts, k_cache, seqlen_new, capacity, paged, block_table)
 
-    if rotary_cos is not None or rotary_sin is not None:
-        q, k = _rotary(q, k, rotary_cos, rotary_sin, lens, window, rotary_interleaved, capacity, host)
-
-    if not special:
+    if slopes is None:
+        # decode_attention does rotary, cache_batch_idx and cache_leftpad itself (a block table over the
+        # same memory, no copy); flash-attn's causal is already folded into window.
         result = decode_attention(q, k_cache, v_cache, cache_seqlens=lens, block_table=block_table, k_new=k,
-                                  v_new=v, softmax_scale=scale, causal=False, window_size=window, softcap=softcap,
-                                  return_lse=want_lse)
-    elif slopes is None and _rows_back_to_back(k_cache) and _rows_back_to_back(v_cache):
-        result = _decode_row_view(q, k_cache, v_cache, k, v, lens, rows, starts, scale, window, softcap, want_lse)
+                                  v_new=v, cache_batch_idx=rows, cache_leftpad=starts, rotary_cos=rotary_cos,
+                                  rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                  softmax_scale=scale, causal=False, window_size=window, softcap=softcap,
+                                  return_lse=want_lse, check=True if host is not None else None)
     else:
+        if rotary_cos is not None or rotary_sin is not None:
+            q, k = _rotary(q, k, rotary_cos, rotary_sin, lens, window, rotary_interleaved, host)
         result = _eager_kvcache(q, k_cache, v_cache, k, v, lens, rows, starts, block_table, host, scale, window,
                                 softcap, slopes, want_lse)
     if not want_lse:
@@ -217,54 +217,13 @@ def _check_lengths(lens, rows, starts, k_cache, seqlen_new, capacity, paged, blo
     return lengths
 
 
-def _rotary(q, k, cos, sin, lens, window, interleaved, capacity, host):
-    """Rotate k (and q) as flash-attn's kernel does; returns the rotated ``(q, k)``."""
-    if cos is None or sin is None:
-        raise ArgumentError("rotary_cos and rotary_sin must be given together")
-    if k is None:
-        raise ArgumentError("rotary_cos/rotary_sin rotate the new tokens: they need k and v (as in flash-attn)")
-    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
-        check_tensor(name, t, 2, "(seqlen_ro, rotary_dim / 2)")
-        if t.device != q.device:
-            raise DeviceError(f"{name} is on {t.device} but q is on {q.device}")
-    if sin.shape != cos.shape:
-        raise ShapeError(f"rotary_sin has shape {tuple(sin.shape)} but rotary_cos has {tuple(cos.shape)}")
-    if 2 * cos.shape[1] > q.shape[3]:
-        raise ShapeError(f"rotary_dim = 2 * rotary_cos.shape[1] = {2 * cos.shape[1]} exceeds headdim {q.shape[3]}")
-    seqlen_q, seqlen_new = q.shape[1], k.shape[1]
-    base = lens.to(torch.int64)[:, None]
-    pos_k = base + torch.arange(seqlen_new, device=q.device)
-    # flash-attn: causal or local -> each query at its own position; else all at cache_seqlens
-    pos_q = base + (torch.arange(seqlen_q, device=q.device) if window != (-1, -1)
-                    else torch.zeros(seqlen_q, dtype=torch.int64, device=q.device))
-    if host is not None and host:
-        needed = max(host) + max(seqlen_new, seqlen_q if window != (-1, -1) else 1)
-        if needed > cos.shape[0]:
-            raise ShapeError(f"rotary_cos has {cos.shape[0]} positions but this call rotates positions up to "
-                             f"{needed - 1} (cache_seqlens + seqlen); flash-attn needs seqlen_ro >= {capacity}")
-    return apply_rotary(q, cos, sin, pos_q, interleaved), apply_rotary(k, cos, sin, pos_k, interleaved)
-
-
-def _rows_back_to_back(cache: torch.Tensor) -> bool:
-    return cache.shape[0] <= 1 or cache.stride(0) == cache.shape[1] * cache.stride(1)
-
-
-def _decode_row_view(q, k_cache, v_cache, k, v, lens, rows, starts, scale, window, softcap, want_lse):
-    """cache_batch_idx / cache_leftpad as a page-size-1 block table over the same
-    memory: page ``r * seqlen_cache + s`` is token ``s`` of cache row ``r``."""
-    batch = q.shape[0]
-    rows_c, width = k_cache.shape[:2]
-
-    def as_pages(cache):
-        s = cache.stride()
-        return cache.as_strided((rows_c * width, 1, cache.shape[2], cache.shape[3]), (s[1], s[1], s[2], s[3]))
-
-    first, second = key_slots(rows, starts, None, width, batch, width, q.device)
-    table = (first * width + second).to(torch.int32)
-    view_lens = lens if starts is None else (lens - starts).to(torch.int32)
-    return decode_attention(q, as_pages(k_cache), as_pages(v_cache), cache_seqlens=view_lens, block_table=table,
-                            k_new=k, v_new=v, softmax_scale=scale, causal=False, window_size=window, softcap=softcap,
-                            return_lse=want_lse)
+def _rotary(q, k, cos, sin, lens, window, interleaved, host):
+    """The ALiBi path's rotary (decode_attention's rules and checks); returns the rotated ``(q, k)``."""
+    check_rotary_layout(q, k, cos, sin, interleaved)
+    per_query = window != (-1, -1)  # flash-attn: causal or local -> each query at its own position
+    if host is not None:
+        check_rotary_data(cos, host, q.shape[1], k.shape[1], per_query)
+    return rotate_step(q, k, cos, sin, lens, per_query=per_query, interleaved=interleaved)
 
 
 def _eager_kvcache(q, k_cache, v_cache, k, v, lens, rows, starts, block_table, host, scale, window, softcap, slopes,

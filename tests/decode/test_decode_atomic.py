@@ -65,7 +65,49 @@ def _shared_page_table(kwargs, *, writer_reads_other: bool):
     return table
 
 
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _rotary(rows=16, half=4):
+    angle = torch.rand(rows, half, generator=torch.Generator().manual_seed(9))
+    return {"rotary_cos": angle.cos(), "rotary_sin": angle.sin()}
+
+
+def _rows4():
+    """_contiguous() with a 4-row cache (cache_batch_idx picks two)."""
+    q, k_cache, v_cache, kwargs = _contiguous()
+    return q, torch.cat([k_cache, k_cache.flip(0)]), torch.cat([v_cache, v_cache.flip(0)]), kwargs
+
+
 BAD_CALLS = {
+    # cache_batch_idx / cache_leftpad / rotary (flash-attn's extras)
+    "cache_batch_idx out of range": (_rows4, {"cache_batch_idx": _i32(0, 4)}, ArgumentError),
+    "cache_batch_idx negative": (_rows4, {"cache_batch_idx": _i32(-1, 0)}, ArgumentError),
+    "cache_batch_idx repeated while appending": (_rows4, {"cache_batch_idx": _i32(2, 2)}, ArgumentError),
+    "cache_batch_idx shape": (_rows4, {"cache_batch_idx": _i32(0, 1, 2)}, ShapeError),
+    "cache_batch_idx dtype": (_rows4, {"cache_batch_idx": torch.tensor([0.0, 1.0])}, DTypeError),
+    "cache_batch_idx missing": (_rows4, {}, ShapeError),
+    "cache_batch_idx paged": (_paged, {"cache_batch_idx": _i32(0, 1)}, UnsupportedFeatureError),
+    "cache_batch_idx overflow": (lambda: _with(_rows4(), cache_seqlens=_i32(5, 9)), {"cache_batch_idx": _i32(3, 1)},
+                                 ArgumentError),
+    "cache_leftpad past length": (_contiguous, {"cache_leftpad": _i32(0, 4)}, ArgumentError),
+    "cache_leftpad negative": (_contiguous, {"cache_leftpad": _i32(-1, 0)}, ArgumentError),
+    "cache_leftpad shape": (_contiguous, {"cache_leftpad": _i32(0)}, ShapeError),
+    "cache_leftpad paged": (_paged, {"cache_leftpad": _i32(0, 1)}, UnsupportedFeatureError),
+    "cache_leftpad overflow": (lambda: _with(_contiguous(), cache_seqlens=_i32(5, 9)), {"cache_leftpad": _i32(2, 2)},
+                               ArgumentError),
+    "cache_leftpad with sparse": (_contiguous, {"cache_leftpad": _i32(0, 0), "sparse": HIP}, UnsupportedFeatureError),
+    "rotary_cos alone": (_contiguous, {"rotary_cos": _rotary()["rotary_cos"]}, ArgumentError),
+    "rotary shapes differ": (_contiguous, {**_rotary(), "rotary_sin": torch.zeros(16, 3)}, ShapeError),
+    "rotary_dim > headdim": (_contiguous, _rotary(half=9), ShapeError),
+    "rotary table too short": (_contiguous, _rotary(rows=5), ShapeError),
+    "rotary table dtype": (_contiguous, {**_rotary(), "rotary_cos": torch.zeros(16, 4, dtype=torch.int32)},
+                           DTypeError),
+    "rotary_interleaved type": (_contiguous, {**_rotary(), "rotary_interleaved": "yes"}, ArgumentError),
+    "rotary with bad leftpad": (_contiguous, {**_rotary(), "cache_leftpad": _i32(6, 0)}, ArgumentError),
+    "rotary with overflow": (lambda: _with(_contiguous(), cache_seqlens=_i32(5, 9)), _rotary(rows=32), ArgumentError),
+
     # shapes
     "k_new shape": (lambda: _with(_paged(), k_new=torch.randn(2, 1, 3, 16), v_new=torch.randn(2, 1, 3, 16)),
                     {}, ShapeError),

@@ -19,11 +19,12 @@ advances it by ``seqlen_new`` for the next step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from longattn.errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from longattn.errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedFeatureError
 from longattn.validation import check_tensor
 
 
@@ -193,7 +194,7 @@ def _check_layout_full(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v
         capacity = block_table.shape[1] * page_size
     else:
         if k_cache.shape[0] != batch:
-            raise ShapeError(f"k_cache has batch {k_cache.shape[0]} but q has {batch} (contiguous cache; pass block_table for a paged one)")
+            raise ShapeError(f"k_cache has batch {k_cache.shape[0]} but q has {batch} (contiguous cache; pass cache_batch_idx to pick rows, or block_table for a paged one)")
         capacity = page_size = k_cache.shape[1]
     return CacheArgs(k_cache, v_cache, cache_seqlens, block_table if paged else None, k_new, v_new,
                      seqlen_new, capacity, page_size)
@@ -363,3 +364,138 @@ def _append(view: CacheView, starts: torch.Tensor, k_new: torch.Tensor, v_new: t
         slots = (torch.arange(batch, device=starts.device)[:, None].expand_as(positions), positions)
     view.k_cache[slots] = k_new
     view.v_cache[slots] = v_new
+
+
+# --- cache_batch_idx / cache_leftpad ------------------------------------------
+# flash-attn's row selection and left padding for contiguous caches, mapped
+# onto the paged layout over the same memory (no copy): with cache_batch_idx
+# alone each cache row is one page (page_size = max_seqlen, block_table =
+# cache_batch_idx); with cache_leftpad every token is its own page
+# (page_size 1) so a sequence's block_table row can start mid-row.
+
+
+@dataclass
+class RowSelect:
+    """Checked ``cache_batch_idx`` / ``cache_leftpad`` (either may be None)."""
+
+    rows: torch.Tensor | None  # (batch,) integer, cache row of each sequence
+    leftpad: torch.Tensor | None  # (batch,) integer, first visible slot of each sequence
+
+
+def check_row_layout(
+    q: torch.Tensor,
+    k_cache: object,
+    v_cache: object,
+    block_table: object,
+    cache_batch_idx: object,
+    cache_leftpad: object,
+) -> RowSelect:
+    """Layout checks of ``cache_batch_idx`` / ``cache_leftpad`` (no data read)."""
+    if block_table is not None:
+        name = "cache_batch_idx" if cache_batch_idx is not None else "cache_leftpad"
+        raise UnsupportedFeatureError(f"{name} applies to a contiguous cache; with a paged cache (block_table) "
+                                      "give each sequence its pages through block_table (as in flash-attn)")
+    layout = "(batch_cache, max_seqlen, nheads_k, headdim)"
+    k_cache = check_tensor("k_cache", k_cache, 4, layout)
+    v_cache = check_tensor("v_cache", v_cache, 4, layout)
+    if v_cache.shape != k_cache.shape:
+        raise ShapeError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
+    batch, device = q.shape[0], q.device
+    rows = None if cache_batch_idx is None else _check_int_vector("cache_batch_idx", cache_batch_idx, batch, device)
+    pads = None if cache_leftpad is None else _check_int_vector("cache_leftpad", cache_leftpad, batch, device)
+    if rows is None and k_cache.shape[0] != batch:
+        raise ShapeError(f"k_cache has batch {k_cache.shape[0]} but q has {batch} (pass cache_batch_idx to pick "
+                         "cache rows)")
+    if pads is not None and _token_pages(k_cache) != _token_pages(v_cache):
+        raise ShapeError(f"k_cache strides {k_cache.stride()} and v_cache strides {v_cache.stride()} lay tokens out "
+                         "differently; cache_leftpad needs one token layout for both")
+    return RowSelect(rows, pads)
+
+
+def check_row_data(k_cache: torch.Tensor, select: RowSelect, lengths: list[int], seqlen_new: int) -> None:
+    """Data checks (``lengths`` = cache_seqlens on the host): lengths >= 0, rows in
+    range and not repeated while appending, ``0 <= leftpad <= cache_seqlens``,
+    and ``cache_seqlens + seqlen_new <= max_seqlen`` (positions count from the row start)."""
+    if not lengths:
+        return
+    if min(lengths) < 0:
+        raise ArgumentError(f"cache_seqlens must be >= 0, got {lengths}")
+    if select.rows is not None:
+        idx = select.rows.tolist()
+        n_rows = k_cache.shape[0]
+        if min(idx) < 0 or max(idx) >= n_rows:
+            raise ArgumentError(f"cache_batch_idx entries must be in 0..{n_rows - 1} (k_cache has {n_rows} rows), "
+                                f"got {idx}")
+        if seqlen_new and len(set(idx)) != len(idx):
+            raise ArgumentError(f"cache_batch_idx {idx} repeats a row while k_new, v_new are appended: two "
+                                "sequences would write the same cache row")
+    if select.leftpad is not None:
+        pads = select.leftpad.tolist()
+        bad = [b for b, (p, n) in enumerate(zip(pads, lengths)) if p < 0 or p > n]
+        if bad:
+            b = bad[0]
+            raise ArgumentError(f"cache_leftpad[b] must be in 0..cache_seqlens[b]; sequence {b} has cache_leftpad "
+                                f"{pads[b]} and cache_seqlens {lengths[b]}")
+    worst = max(range(len(lengths)), key=lengths.__getitem__)
+    capacity = k_cache.shape[1]
+    if lengths[worst] + seqlen_new > capacity:
+        raise ArgumentError(
+            f"cache overflow: sequence {worst} needs {lengths[worst] + seqlen_new} tokens (cache_seqlens "
+            f"{lengths[worst]} + seqlen_new {seqlen_new}, counted from the start of its cache row) but the cache "
+            f"holds {capacity} per row"
+        )
+
+
+def _token_pages(cache: torch.Tensor) -> tuple[int, int, int]:
+    """``(unit, row_step, token_step)``: token ``s`` of row ``r`` starts at element
+    ``(r * row_step + s * token_step) * unit`` past the cache's offset. unit is
+    the gcd of the two strides, so page-size-1 pages of ``unit`` elements
+    address every token whatever the strides (a slice of a longer cache too)."""
+    s0 = cache.stride(0) if cache.shape[0] > 1 else 0
+    s1 = cache.stride(1) if cache.shape[1] > 1 else 0
+    unit = math.gcd(s0, s1) or 1
+    return unit, s0 // unit, s1 // unit
+
+
+def _token_view(cache: torch.Tensor) -> torch.Tensor:
+    """``cache (rows, max_seqlen, nheads_k, headdim)`` as page-size-1 pages over the same memory."""
+    rows, width, nheads_k, headdim = cache.shape
+    unit, row_step, token_step = _token_pages(cache)
+    pages = (rows - 1) * row_step + (width - 1) * token_step + 1 if rows and width else 0
+    return cache.as_strided((pages, 1, nheads_k, headdim), (unit, unit, cache.stride(2), cache.stride(3)),
+                            cache.storage_offset())
+
+
+def row_view(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    select: RowSelect,
+    lengths: list[int] | None,
+    seqlen_new: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(k_pages, v_pages, block_table, view_seqlens)``: the selected rows as a
+    paged cache over the same memory, where sequence ``b``'s token ``j`` is
+    slot ``leftpad[b] + j`` of row ``rows[b]`` and ``view_seqlens =
+    cache_seqlens - leftpad``. ``lengths`` (host cache_seqlens, when read)
+    narrows the table to the longest sequence; otherwise it spans the row."""
+    batch = cache_seqlens.shape[0]
+    width = k_cache.shape[1]
+    device = cache_seqlens.device
+    rows = (torch.arange(batch, device=device, dtype=torch.int32) if select.rows is None
+            else select.rows.to(torch.int32))
+    if select.leftpad is None and width > 0:
+        # Each row is one page: no index build at all.
+        return k_cache, v_cache, rows.view(batch, 1), cache_seqlens
+    pads = torch.zeros(batch, dtype=torch.int64, device=device) if select.leftpad is None else select.leftpad.to(torch.int64)
+    if lengths is not None and device.type == "cpu":
+        pad_list = pads.tolist()
+        view_lens = torch.tensor([n - p for n, p in zip(lengths, pad_list)], dtype=torch.int32)
+        span = max([n - p + seqlen_new for n, p in zip(lengths, pad_list)], default=0)
+    else:
+        view_lens = (cache_seqlens.to(torch.int64) - pads).to(torch.int32)
+        span = width
+    _, row_step, token_step = _token_pages(k_cache)
+    slot = (pads[:, None] + torch.arange(span, device=device)[None, :]).clamp(max=max(width - 1, 0))
+    table = (rows.to(torch.int64)[:, None] * row_step + slot * token_step).to(torch.int32)
+    return _token_view(k_cache), _token_view(v_cache), table, view_lens
