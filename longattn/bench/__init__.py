@@ -5,6 +5,7 @@
 - :mod:`.overhead`: the ``overhead`` group (per-call cost of small calls vs SDPA)
 - :mod:`.auto`: the ``auto`` group (``backend="auto"`` vs every dense twin, per dtype)
 - :mod:`.varlen`: the ``varlen`` group (packed sequences vs one dense call and padded SDPA)
+- :mod:`.model`: the ``model`` group (a Llama-shaped transformers model: prefill + decode, sdpa vs longattn)
 - :mod:`.timing`: interleaved warmup + repeats, median and min
 - :mod:`.runner`: :func:`run_group`, one group end to end
 - :mod:`.report`: table, JSON and plot; :mod:`.progress`: the stderr progress bar
@@ -22,6 +23,7 @@ from longattn.bench import dense as _dense  # noqa: F401
 from longattn.bench import duo as _duo  # noqa: F401
 from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench import hip_decode as _hip_decode  # noqa: F401
+from longattn.bench import model as _model  # noqa: F401
 from longattn.bench import overhead as _overhead  # noqa: F401
 from longattn.bench import streaming as _streaming  # noqa: F401
 from longattn.bench import varlen as _varlen  # noqa: F401
