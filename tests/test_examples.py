@@ -20,6 +20,7 @@ CASES = [
     ("flash_attn_drop_in.py", "OK: flash-attn code matches the float64 oracle"),
     ("packed_batch.py", "OK: packed and padded results match"),
     ("microbenchmark.py", "OK: all cases match SDPA"),
+    ("transformers_model.py", "OK: longattn and longattn_duo generate sdpa's tokens"),
 ]
 
 
