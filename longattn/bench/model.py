@@ -147,17 +147,11 @@ def _dynamic_cache(inputs: ModelInputs):
 
 
 def _rewind(cache, length: int) -> None:
-    """Forget every token after the first ``length`` (the prompt)."""
-    from transformers.cache_utils import DynamicCache
-
-    if isinstance(cache, DynamicCache):
-        extra = cache.get_seq_length() - length
-        if extra > 0:
-            cache.crop(-extra)  # negative: remove that many (transformers 5.x; older versions read it the same)
-        return
-    for layer in cache.layers:  # LongAttnCache: later appends overwrite the buffers in place
-        layer.length = length
-        layer.lengths.fill_(length)
+    """Forget every token after the first ``length`` (the prompt): ``crop`` of
+    DynamicCache and LongAttnCache alike (later appends overwrite in place)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)  # negative: remove that many (transformers 5.x; older versions read it the same)
 
 
 def _shared_prefill(inputs: ModelInputs):

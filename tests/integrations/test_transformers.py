@@ -21,6 +21,7 @@ from tests.tolerance import assert_close_to_oracle
 transformers = pytest.importorskip("transformers", minversion="4.51", reason="the transformers integration needs transformers>=4.51")
 
 import longattn.integrations.transformers as lt  # noqa: E402
+import longattn.integrations.transformers_cache as ltc  # noqa: E402
 
 VOCAB, SEQ = 100, 12
 
@@ -291,16 +292,16 @@ def test_longattn_cache_generate_matches_sdpa(name, left_padding, monkeypatch):
     model.set_attn_implementation("sdpa")
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     calls = []
-    real = lt.decode_attention
-    monkeypatch.setattr(lt, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ltc.decode_attention
+    monkeypatch.setattr(ltc, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model.set_attn_implementation("longattn")
     cache = lt.LongAttnCache(model.config, max_cache_len=32)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                          **{_cache_kwarg(model): cache})
     assert torch.equal(out, expected)
     assert cache.get_seq_length() == SEQ + 7 and cache.layers[0].lengths.tolist() == [SEQ + 7] * 2
-    # without padding every decode step of every layer runs through decode_attention
-    assert len(calls) == (0 if left_padding else 7 * 2)
+    # every decode step of every layer runs through decode_attention (left padding as cache_leftpad)
+    assert len(calls) == 7 * 2
 
 
 def test_longattn_cache_decode_step_matches_float64_oracle():

@@ -1,0 +1,231 @@
+"""LongAttnCache: every method's decode steps through longattn's decode paths, on tiny random models.
+
+Oracles: the float64 model with attention by ``longattn.reference`` over the
+whole sequence (a DynamicCache run, i.e. no decode kernel); the baseline for
+the tolerance rule is the same float64 attention in the fp32 model (only the
+rest of the model rounds) or transformers' own fp32 implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from longattn.errors import ArgumentError, UnsupportedFeatureError
+from tests.tolerance import assert_close_to_oracle
+
+transformers = pytest.importorskip("transformers", minversion="4.51", reason="the transformers integration needs transformers>=4.51")
+
+import longattn.integrations.transformers as lt  # noqa: E402
+import longattn.integrations.transformers_cache as ltc  # noqa: E402
+from longattn.sparse import HeadPattern, HiP, Streaming, StreamingCache  # noqa: E402
+from tests.integrations.test_transformers import (  # noqa: E402
+    MODELS,
+    SEQ,
+    VOCAB,
+    _build,
+    _cache_kwarg,
+    _inputs,
+    _oracle_attention,
+    _streaming_oracle,
+)
+
+SINK, RECENT = 2, 4
+PATTERN = HeadPattern(retrieval=((True, False), (False, True)), sink_size=SINK, recent_size=RECENT)
+
+
+def _duo_oracle():
+    streaming = _streaming_oracle(SINK, RECENT)
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # per kv head: retrieval heads dense causal, streaming heads the Lambda mask
+        group = query.shape[1] // key.shape[1]
+        full = PATTERN.layer(module.layer_idx).repeat_interleave(group)
+        dense, _ = _oracle_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        lam, _ = streaming(module, query, key, value, attention_mask, scaling, **kwargs)
+        return torch.where(full[None, None, :, None], dense, lam), None
+
+    return fn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    from transformers.masking_utils import sdpa_mask
+
+    lt.register(hip=HiP(topk=32, block_q=4, block_k=2, sink_size=2, recent_size=4),
+                streaming=Streaming(sink_size=SINK, recent_size=RECENT), duo=PATTERN)
+    for name, fn in (("ref64", _oracle_attention), ("ref64_streaming", _streaming_oracle(SINK, RECENT)),
+                     ("ref64_duo", _duo_oracle())):
+        transformers.AttentionInterface.register(name, fn)
+        transformers.AttentionMaskInterface.register(name, sdpa_mask if name == "ref64" else lt._mask_fn)
+
+
+def _steps(model, impl, ids, extra, mask=None, cache=None):
+    """Last-position logits of prefill(ids) then one step per column of ``extra``."""
+    model.set_attn_implementation(impl)
+    kw = {} if cache is None else {_cache_kwarg(model): cache}
+    outs = []
+    with torch.no_grad():
+        if cache is None:  # the oracle's way: the whole sequence each time
+            for t in range(extra.shape[1] + 1):
+                seq = torch.cat([ids, extra[:, :t]], dim=1)
+                m = None if mask is None else torch.cat([mask, torch.ones_like(extra[:, :t])], dim=1)
+                outs.append(model(seq, attention_mask=m).logits[:, -1])
+        else:
+            outs.append(model(ids, attention_mask=mask, use_cache=True, **kw).logits[:, -1])
+            for t in range(extra.shape[1]):
+                m = None if mask is None else torch.cat([mask, torch.ones_like(extra[:, :t + 1])], dim=1)
+                outs.append(model(extra[:, t:t + 1], attention_mask=m, use_cache=True, **kw).logits[:, -1])
+    return torch.stack(outs, dim=1)
+
+
+def _extra(n=4):
+    return torch.randint(1, VOCAB, (2, n), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("impl, oracle", [("longattn_streaming", "ref64_streaming"), ("longattn_duo", "ref64_duo"),
+                                          ("longattn_hip", "ref64")])
+def test_sparse_cache_steps_match_float64_oracle(impl, oracle, monkeypatch):
+    # 12 prompt tokens + 4 steps: Streaming(2, 4) evicts from the first step on;
+    # HiP's topk 32 covers every key, so its decode equals dense attention.
+    model, _ = _build("llama")
+    ids, _ = _inputs(left_padding=False)
+    extra = _extra()
+    expected = _steps(copy.deepcopy(model).double(), oracle, ids, extra)
+    baseline = _steps(model, oracle, ids, extra)
+    sparse_decodes = []
+    real = ltc.decode_attention
+    monkeypatch.setattr(ltc, "decode_attention",
+                        lambda *a, **k: sparse_decodes.append(k.get("sparse")) or real(*a, **k))
+    cache = lt.LongAttnCache(model.config, max_cache_len=32)
+    ours = _steps(model, impl, ids, extra, cache=cache)
+    assert_close_to_oracle(ours, expected, baseline, name=f"{impl} step logits")
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == SEQ + 4
+    if impl == "longattn_hip":
+        assert len(sparse_decodes) == 4 * 2 and all(isinstance(s, HiP) for s in sparse_decodes)
+        assert layer.hip_state is not None and layer.hip_state.refreshes >= 1
+    else:
+        assert layer.mode == "store" and layer.k_buf is None  # no full buffer: the method's own cache
+        if impl == "longattn_streaming":
+            assert isinstance(layer.store, StreamingCache)
+            assert layer.store.k.shape[1] == SINK + RECENT  # constant memory
+
+
+def test_streaming_cache_memory_is_constant():
+    model, _ = _build("llama")
+    model.set_attn_implementation("longattn_streaming")
+    cache = lt.LongAttnCache(model.config, max_cache_len=64)
+    ids, _ = _inputs(left_padding=False)
+    model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, **{_cache_kwarg(model): cache})
+    before = cache.layers[1].store.memory_bytes
+    model.generate(torch.cat([ids, ids], 1), max_new_tokens=20, do_sample=False, pad_token_id=0,
+                   **{_cache_kwarg(model): lt.LongAttnCache(model.config, max_cache_len=64)})
+    assert cache.layers[1].store.memory_bytes == before == 2 * 2 * 2 * 16 * (SINK + RECENT) * 4
+
+
+@pytest.mark.parametrize("page_size", [None, 5])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dense_cache_generate_matches_transformers(name, page_size):
+    # Left padding decodes through decode_attention(cache_leftpad=...); the
+    # paged variant through the paged kernel; Gemma-2 mixes sliding and full layers.
+    model, baseline = _build(name)
+    ids, mask = _inputs(left_padding=True)
+    model.set_attn_implementation(baseline)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("longattn")
+    cache = lt.LongAttnCache(model.config, max_cache_len=24, page_size=page_size)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         **{_cache_kwarg(model): cache})
+    assert torch.equal(out, expected)
+    layer = cache.layers[0]
+    assert layer.mode == "full" and layer.leftpad.tolist() == [0, 4]
+    assert (layer.block_table is None) == (page_size is None)
+
+
+def test_padded_sparse_batch_falls_back_to_exact_unpadded_steps():
+    # HiP's decode search serves rows of equal length: a left-padded batch
+    # keeps full buffers and unpads each step (HiP's topk covers every key: dense).
+    model, _ = _build("llama")
+    ids, mask = _inputs(left_padding=True)
+    extra = _extra(2)
+    expected = _steps(copy.deepcopy(model).double(), "ref64", ids, extra, mask=mask)
+    baseline = _steps(model, "sdpa", ids, extra, mask=mask)
+    cache = lt.LongAttnCache(model.config, max_cache_len=32)
+    ours = _steps(model, "longattn_hip", ids, extra, mask=mask, cache=cache)
+    assert cache.layers[0].mode == "fallback"
+    assert_close_to_oracle(ours, expected, baseline, name="padded HiP step logits")
+
+
+def test_decoding_after_right_padding_raises():
+    # Appending after right padding leaves pads inside the row: refused, never attended.
+    model, _ = _build("llama")
+    model.set_attn_implementation("longattn")
+    ids, _ = _inputs(left_padding=False)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    cache = lt.LongAttnCache(model.config, max_cache_len=32)
+    kw = _cache_kwarg(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, use_cache=True, **{kw: cache})
+        with pytest.raises(UnsupportedFeatureError, match="padding inside a sequence"):
+            model(_extra(1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                  use_cache=True, **{kw: cache})
+    assert cache.get_seq_length() == SEQ  # nothing was written by the refused step
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_crop_then_step_equals_building_the_shorter_cache(page_size):
+    model, _ = _build("mistral")
+    model.set_attn_implementation("longattn")
+    ids, _ = _inputs(left_padding=False)
+    nxt = _extra(1)
+    kw = _cache_kwarg(model)
+    with torch.no_grad():
+        long_cache = lt.LongAttnCache(model.config, max_cache_len=32, page_size=page_size)
+        model(ids, use_cache=True, **{kw: long_cache})
+        model(nxt, use_cache=True, **{kw: long_cache})  # 13 tokens
+        long_cache.crop(-4)  # transformers 5: remove 4 -> 9 tokens
+        assert long_cache.get_seq_length() == SEQ - 3
+        a = model(nxt, use_cache=True, **{kw: long_cache}).logits
+        short_cache = lt.LongAttnCache(model.config, max_cache_len=32, page_size=page_size)
+        model(ids[:, :SEQ - 3], use_cache=True, **{kw: short_cache})
+        b = model(nxt, use_cache=True, **{kw: short_cache}).logits
+    # the same tokens in the same slots, the same decode call: bitwise equal
+    assert torch.equal(a, b)
+    long_cache.crop(SEQ - 5)  # transformers 4's form: the length to keep
+    assert long_cache.get_seq_length() == SEQ - 5
+    with pytest.raises(ArgumentError, match="removes more"):
+        long_cache.crop(-100)
+
+
+def test_streaming_cache_cannot_crop():
+    model, _ = _build("llama")
+    model.set_attn_implementation("longattn_streaming")
+    cache = lt.LongAttnCache(model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(_inputs(False)[0], use_cache=True, **{_cache_kwarg(model): cache})
+    with pytest.raises(UnsupportedFeatureError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_beam_search_reorders_rows():
+    model, _ = _build("llama")
+    ids, mask = _inputs(left_padding=True)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+    model.set_attn_implementation("sdpa")
+    expected = model.generate(ids, **kwargs)
+    model.set_attn_implementation("longattn")
+    out = model.generate(ids, **kwargs, **{_cache_kwarg(model): lt.LongAttnCache(model.config, max_cache_len=24)})
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_arguments_name_themselves(bad):
+    model, _ = _build("llama")
+    with pytest.raises(ArgumentError, match="max_cache_len"):
+        lt.LongAttnCache(model.config, max_cache_len=bad)
+    with pytest.raises(ArgumentError, match="page_size"):
+        lt.LongAttnCache(model.config, max_cache_len=8, page_size=bad)
