@@ -8,7 +8,7 @@ from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.hooks import ATTENTION_HOOK, AttentionCall
 from longattn.kernels.dense import DENSE_BACKENDS, DenseCall, bind_out_only, signature_of
 from longattn.kernels.dense.varlen import DENSE_VARLEN_BACKENDS, DenseVarlenCall
-from longattn.validation import check_attention_options, check_varlen, qkv_facts
+from longattn.validation import check_attention_options, check_seqused_k, check_varlen, qkv_facts
 
 
 def attention(
@@ -27,6 +27,7 @@ def attention(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention with flash-attn's conventions; a drop-in for ``flash_attn_func``
     (and, with ``cu_seqlens_*``, for ``flash_attn_varlen_func``).
@@ -71,6 +72,12 @@ def attention(
             every sparse method (which select per sequence).
         max_seqlen_q, max_seqlen_k: the longest sequence of each side
             (None: read from the prefix sums).
+        seqused_k: packed sequences only: ``(batch,)`` int32, sequence ``b``
+            uses only its first ``seqused_k[b]`` keys (flash-attn's varlen
+            kernel rule: the rest of its rows of k, v are ignored, get zero
+            gradient, and alignment is bottom-right to ``seqused_k[b]``).
+            The used keys are gathered into one packed copy first (one read
+            of them) and run as ordinary packed sequences.
 
     Returns:
         ``out`` with q's shape and dtype, or ``(out, lse)`` with ``lse``
@@ -93,10 +100,10 @@ def attention(
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                        softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, sparse=sparse,
-                       backend=backend, return_lse=return_lse)
-    if max_seqlen_q is not None or max_seqlen_k is not None:
-        raise ArgumentError("max_seqlen_q / max_seqlen_k describe packed sequences: pass them with cu_seqlens_q "
-                            "and cu_seqlens_k (or leave them None)")
+                       backend=backend, return_lse=return_lse, seqused_k=seqused_k)
+    if max_seqlen_q is not None or max_seqlen_k is not None or seqused_k is not None:
+        raise ArgumentError("max_seqlen_q / max_seqlen_k / seqused_k describe packed sequences: pass them with "
+                            "cu_seqlens_q and cu_seqlens_k (or leave them None)")
     lane = None
     if (
         sparse is None and return_lse is False and not compiling
@@ -152,7 +159,7 @@ SPARSE_BACKENDS = ("auto", "cpp", "triton", "sdpa", "eager")  # the block-sparse
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, softmax_scale, window_size,
-            softcap, sparse, backend, return_lse):
+            softcap, sparse, backend, return_lse, seqused_k=None):
     """Packed sequences: dense through the varlen primitive, sparse methods per sequence."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ArgumentError("packed sequences need both cu_seqlens_q and cu_seqlens_k, got only "
@@ -167,6 +174,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, 
                                       "run; calibrate with a (batch, seqlen, ...) model call")
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    if seqused_k is not None:
+        k, v, cu_k, max_k = _used_keys(k, v, cu_k, check_seqused_k(seqused_k, cu_k, q.device))
     if sparse is not None:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
@@ -181,6 +190,17 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, 
     call = DenseVarlenCall(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap)
     out, lse = DENSE_VARLEN_BACKENDS.select(call, backend).run(call)
     return (out, lse) if return_lse else out
+
+
+def _used_keys(k, v, cu_k, used):
+    """The first ``used[b]`` keys of each packed sequence, repacked: ``(k, v, cu_k, max_k)``.
+    index_select's backward scatters gradients back (zero for unused keys)."""
+    starts = cu_k.tolist()[:-1]
+    index = torch.cat([torch.arange(s, s + n, device=k.device) for s, n in zip(starts, used)]
+                      or [torch.zeros(0, dtype=torch.long, device=k.device)])
+    new_cu = torch.zeros(len(used) + 1, dtype=torch.int32, device=k.device)
+    new_cu[1:] = torch.tensor(used, dtype=torch.int64).cumsum(0).to(new_cu.device, torch.int32)
+    return k.index_select(0, index), v.index_select(0, index), new_cu, max(used, default=0)
 
 
 def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap, backend):

@@ -107,6 +107,7 @@ def attention_ref_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
+    seqused_k: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_ref` over packed sequences, one sequence at a time.
@@ -115,11 +116,15 @@ def attention_ref_varlen(
     ``cu_seqlens_q/k (batch + 1,)`` prefix sums; each sequence is aligned
     bottom-right on its own; ``options`` are :func:`attention_ref`'s. Returns
     ``out (total_q, nheads, headdim)`` float64 and ``lse (nheads, total_q)``
-    float64 (flash-attn's varlen layout)."""
+    float64 (flash-attn's varlen layout). ``seqused_k (batch,)``: sequence
+    ``b`` uses only its first ``seqused_k[b]`` keys."""
     outs, lses = [], []
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    used = None if seqused_k is None else seqused_k.tolist()
     for b in range(len(bounds_q) - 1):
         (q0, q1), (k0, k1) = bounds_q[b : b + 2], bounds_k[b : b + 2]
+        if used is not None:
+            k1 = k0 + used[b]
         out, lse = attention_ref(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], **options)
         outs.append(out[0])
         lses.append(lse[0])

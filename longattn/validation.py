@@ -248,3 +248,24 @@ def check_varlen(
             raise ArgumentError(f"{name} must be an int >= the longest sequence ({longest}), got {given!r}")
         result.append(int(given))
     return result[0], result[1]
+
+
+def check_seqused_k(seqused_k: object, cu_seqlens_k: torch.Tensor, device: torch.device) -> list[int]:
+    """Validate varlen's ``seqused_k``: integer ``(batch,)`` on q's device, ``0 <=
+    seqused_k[b] <= cu_seqlens_k[b + 1] - cu_seqlens_k[b]``; returns it as host ints."""
+    bounds = cu_seqlens_k.tolist()
+    batch = len(bounds) - 1
+    if not isinstance(seqused_k, torch.Tensor):
+        raise DTypeError(f"seqused_k must be an int32 tensor (batch,) = ({batch},), got {type(seqused_k).__name__}")
+    if seqused_k.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(f"seqused_k must be an int32 tensor (batch,), got {seqused_k.dtype}")
+    if tuple(seqused_k.shape) != (batch,):
+        raise ShapeError(f"seqused_k must have shape (batch,) = ({batch},), got {tuple(seqused_k.shape)}")
+    if seqused_k.device != device:
+        raise DeviceError(f"seqused_k is on {seqused_k.device} but q is on {device}")
+    used = seqused_k.tolist()
+    for b, n in enumerate(used):
+        if not 0 <= n <= bounds[b + 1] - bounds[b]:
+            raise ArgumentError(f"seqused_k[{b}] = {n} must be in 0..{bounds[b + 1] - bounds[b]} (sequence {b}'s "
+                                "keys in cu_seqlens_k)")
+    return used

@@ -131,3 +131,64 @@ def test_bad_packed_input_is_named():
         longattn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=2)
     with pytest.raises(LongAttnError):
         longattn.attention(q, k[:, :1], v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+@st.composite
+def seqused_cases(draw):
+    c = draw(cases())
+    c["used"] = [draw(st.integers(0, n)) for n in c["lens_k"]]
+    return c
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+@given(c=seqused_cases())
+@example(c=dict(lens_q=[4, 3, 5], lens_k=[9, 0, 7], used=[2, 0, 7], causal=True, window=(-1, 0), softcap=0.0,
+                group=2, headdim=16, dtype=torch.float32, seed=3))  # fewer used keys than queries: empty rows
+def test_seqused_k_uses_only_each_sequences_first_keys(backend, c):
+    q, k, v, cu_q, cu_k = _packed(c["lens_q"], c["lens_k"], group=c["group"], headdim=c["headdim"],
+                                  dtype=c["dtype"], seed=c["seed"])
+    used = torch.tensor(c["used"], dtype=torch.int32)
+    options = dict(causal=c["causal"], window_size=c["window"], softcap=c["softcap"])
+    out, lse = longattn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used, backend=backend,
+                                  return_lse=True, **options)
+    ref_out, ref_lse = attention_ref_varlen(q, k, v, cu_q, cu_k, seqused_k=used, **options)
+    base_out, base_lse = longattn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used,
+                                            backend="eager", return_lse=True, **options)
+    assert_close_to_oracle(out, ref_out, base_out)
+    assert_close_to_oracle(lse, ref_lse, base_lse, name="lse")
+    # the unused keys are never read: garbage there changes nothing
+    keep = torch.zeros(k.shape[0], dtype=torch.bool)
+    for s, n in zip(cu_k[:-1].tolist(), c["used"]):
+        keep[s:s + n] = True
+    k2 = torch.where(keep[:, None, None], k, torch.full_like(k, float("nan")))
+    again = longattn.attention(q, k2, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used, backend=backend,
+                               **options)
+    assert torch.equal(again, out)
+
+
+def test_seqused_k_gradients_are_zero_on_unused_keys():
+    q, k, v, cu_q, cu_k = _packed([5, 6], [8, 10], seed=6)
+    used = torch.tensor([3, 10], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = longattn.attention(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used, causal=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    (out * dout).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out, _ = attention_ref_varlen(*ref, cu_q, cu_k, seqused_k=used, causal=True)
+    (r_out * dout.double()).sum().backward()
+    for mine, theirs in zip(leaves, ref):
+        assert_close_to_oracle(mine.grad, theirs.grad, theirs.grad.float(), name="grad")
+    assert torch.equal(leaves[1].grad[3:8], torch.zeros_like(leaves[1].grad[3:8]))
+
+
+def test_bad_seqused_k_is_named():
+    q, k, v, cu_q, cu_k = _packed([3, 4], [3, 4])
+    packed = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    with pytest.raises(ArgumentError, match=r"seqused_k\[1\] = 5 must be in 0..4"):
+        longattn.attention(q, k, v, seqused_k=torch.tensor([1, 5], dtype=torch.int32), **packed)
+    with pytest.raises(ShapeError, match="seqused_k must have shape"):
+        longattn.attention(q, k, v, seqused_k=torch.tensor([1], dtype=torch.int32), **packed)
+    with pytest.raises(DTypeError, match="seqused_k"):
+        longattn.attention(q, k, v, seqused_k=torch.tensor([1.0, 2.0]), **packed)
+    with pytest.raises(ArgumentError, match="seqused_k"):
+        longattn.attention(q[None], k[None], v[None], seqused_k=torch.tensor([1], dtype=torch.int32))

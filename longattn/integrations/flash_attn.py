@@ -33,7 +33,9 @@ What differs from flash-attn:
   differentiable; :func:`~longattn.integrations.flash_attn_eager.attention_with_bias`):
   longattn's kernels take no bias. Correct everywhere, not fast.
 - ``flash_attn_varlen_func(block_table=...)`` (paged keys) gathers the pages
-  into packed keys first (a copy of the keys).
+  into packed keys first (a copy of the keys). It also takes ``seqused_k=``
+  (keyword only), which flash-attn's varlen kernel has and its Python
+  function does not expose: sequence ``b`` uses its first ``seqused_k[b]`` keys.
 - ``flash_attn_with_kvcache``: ``num_splits`` is accepted and ignored (longattn's
   stream-K schedule decides the split); rotary embedding is applied in PyTorch
   before the kernel; ``cache_batch_idx`` and ``cache_leftpad`` run as a
@@ -55,7 +57,7 @@ from longattn.integrations.flash_attn_eager import attention_with_bias
 from longattn.integrations.flash_attn_kvcache import flash_attn_with_kvcache
 from longattn.integrations.flash_attn_options import CacheOverflowError, alibi_slopes_2d, check_dropout, fa_lse, \
     fa_softcap, fa_window
-from longattn.validation import check_flag, check_qkv, check_softmax_scale, check_tensor, check_varlen
+from longattn.validation import check_flag, check_qkv, check_seqused_k, check_softmax_scale, check_tensor, check_varlen
 
 __all__ = [
     "CacheOverflowError",
@@ -219,7 +221,7 @@ def _gather_paged(k, v, cu_seqlens_k, block_table):
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None):
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None, seqused_k=None):
     check_dropout(dropout_p)
     causal = check_flag("causal", causal)
     check_flag("deterministic", deterministic)
@@ -231,7 +233,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     if alibi_slopes is None:
         result = attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                            max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale, window_size=window,
-                           softcap=softcap, return_lse=probs)
+                           softcap=softcap, return_lse=probs, seqused_k=seqused_k)
         if not probs:
             return result
         out, lse = result
@@ -239,10 +241,13 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
         check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         scale = check_softmax_scale(softmax_scale, q.shape[-1])
         bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        used = None if seqused_k is None else check_seqused_k(seqused_k, cu_seqlens_k, q.device)
         slopes = alibi_slopes_2d(alibi_slopes, len(bounds_q) - 1, q.shape[1], q.device)
         outs, lses = [], []
         for b in range(len(bounds_q) - 1):  # each sequence aligned bottom-right on its own
             (q0, q1), (k0, k1) = bounds_q[b:b + 2], bounds_k[b:b + 2]
+            if used is not None:
+                k1 = k0 + used[b]
             o, l = attention_with_bias(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], seqlens_k=None, scale=scale,
                                        window=window, softcap=softcap, alibi=slopes[b:b + 1])
             outs.append(o[0])
@@ -271,6 +276,8 @@ def flash_attn_varlen_func(
     deterministic=False,
     return_attn_probs=False,
     block_table=None,
+    *,
+    seqused_k=None,
 ):
     """q ``(total_q, nheads, headdim)``, k, v ``(total_k, nheads_k, headdim)`` (or
     ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table
@@ -283,9 +290,14 @@ def flash_attn_varlen_func(
     Runs on :func:`longattn.attention` with ``cu_seqlens_*``. Differs from
     flash-attn: as :func:`flash_attn_func` (dropout refused, empty ``S_dmask``,
     ALiBi on a PyTorch path, one sequence at a time); ``block_table`` gathers
-    the pages into packed keys first (a copy; any page size)."""
+    the pages into packed keys first (a copy; any page size).
+
+    Extension (keyword only; flash-attn's varlen kernel has it, its Python
+    function does not expose it): ``seqused_k (batch_size,)`` int32 -- sequence
+    ``b`` uses only its first ``seqused_k[b]`` keys (alignment included), as
+    :func:`longattn.attention`'s ``seqused_k``."""
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table)
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, seqused_k)
 
 
 def flash_attn_varlen_qkvpacked_func(

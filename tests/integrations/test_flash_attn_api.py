@@ -55,9 +55,16 @@ def randn(*shape, seed=0):
 
 # --- signatures -----------------------------------------------------------------
 
+EXTENSIONS = {"flash_attn_varlen_func": [("seqused_k", None)]}
+
+
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
 def test_signature_is_flash_attn_2_8_3(name):
     params = list(inspect.signature(getattr(fa, name)).parameters.values())
+    # longattn's extensions come after flash-attn's parameters, keyword-only with a None default
+    extras = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert [(p.name, p.default) for p in extras] == EXTENSIONS.get(name, [])
+    params = [p for p in params if p not in extras]
     got = [(p.name, _ if p.default is inspect.Parameter.empty else p.default) for p in params]
     assert got == SIGNATURES[name]
     assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
@@ -261,6 +268,33 @@ def test_varlen_block_table_gathers_pages():
             v_paged[pages[b, j // page], j % page] = v[k0 + j]
     out = fa.flash_attn_varlen_func(q, k_paged, v_paged, cu_q, cu_k, 3, 7, causal=True, block_table=pages)
     check(out, attention_ref_varlen(q, k, v, cu_q, cu_k, causal=True)[0])
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_varlen_seqused_k_with_pages_and_alibi(alibi):
+    # paged keys (block_table) + seqused_k: each sequence attends its first used keys only
+    q, cu_q = packed([2, 3], 2, 8, 39)
+    k, cu_k = packed([5, 7], 2, 8, 40)
+    v, _c = packed([5, 7], 2, 8, 41)
+    used = torch.tensor([4, 2], dtype=torch.int32)
+    page, pages = 4, torch.tensor([[3, 0], [1, 4]], dtype=torch.int32)
+    k_paged, v_paged = torch.full((5, page, 2, 8), float("nan")), torch.full((5, page, 2, 8), float("nan"))
+    for b, (k0, k1) in enumerate(zip(cu_k.tolist(), cu_k.tolist()[1:])):
+        for j in range(used[b]):  # unused slots stay NaN: never read
+            k_paged[pages[b, j // page], j % page] = k[k0 + j]
+            v_paged[pages[b, j // page], j % page] = v[k0 + j]
+    slopes = torch.rand(2) if alibi else None
+    out, lse, _s = fa.flash_attn_varlen_func(q, k_paged, v_paged, cu_q, cu_k, 3, 7, causal=True, alibi_slopes=slopes,
+                                             return_attn_probs=True, block_table=pages, seqused_k=used)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for b in range(2):
+        qb, kb, vb = q[None, bq[b]:bq[b + 1]], k[None, bk[b]:bk[b] + used[b]], v[None, bk[b]:bk[b] + used[b]]
+        if alibi:
+            ref_out, ref_lse = alibi_ref(qb, kb, vb, slopes[None].expand(1, 2), causal=True)
+        else:
+            ref_out, ref_lse = attention_ref(qb, kb, vb, causal=True)
+        check(out[bq[b]:bq[b + 1]], ref_out[0])
+        check(lse[:, bq[b]:bq[b + 1]], fa_lse(ref_lse[0]).float(), "lse")
 
 
 # --- flash_attn_with_kvcache ------------------------------------------------------------
