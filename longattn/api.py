@@ -55,7 +55,10 @@ def attention(
             sinks and window, so ``window_size`` must stay ``(-1, -1)``; its
             attention runs on the block-sparse twin ``backend`` names ("auto",
             "cpp", "triton", "sdpa" or "eager"). Sparse methods are forward-only (inference):
-            inputs that require grad are refused with a clear error.
+            inputs that require grad are refused with a clear error. Under
+            ``torch.compile`` (``fullgraph=True`` too) a sparse call (not
+            packed) is one custom op, ``longattn::sparse_prefill``
+            (:mod:`longattn.sparse.compile_ops`), giving the eager call's bits.
         backend: ``"auto"`` (fastest twin that can serve), or ``"cpp"``,
             ``"sdpa"``, ``"triton"``, ``"eager"``. A forced backend that cannot serve raises
             :class:`~longattn.errors.BackendUnavailableError` listing every
@@ -226,4 +229,10 @@ def _sparse_prefill(q, k, v, sparse, causal, scale, window, window_size, softcap
         raise UnsupportedFeatureError(
             f"backend={backend!r} cannot serve sparse={type(sparse).__name__} yet; use one of {SPARSE_BACKENDS}"
         )
+    if torch.compiler.is_compiling():
+        # The prefill reads host data (search sizes, head splits, a kernel
+        # loader): traced, it is one opaque custom op running the same prefill.
+        from longattn.sparse.compile_ops import traced_prefill
+
+        return traced_prefill(q, k, v, sparse, causal=causal, scale=scale, softcap=softcap, backend=backend)
     return sparse.prefill(q, k, v, causal=causal, scale=scale, softcap=softcap, backend=backend)

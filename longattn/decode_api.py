@@ -23,17 +23,25 @@ as pages, or one token per page with a leftpad; see
 any argument; rotary embedding (:mod:`longattn.kernels.decode.rotary`) makes
 rotated copies of q and ``k_new`` between steps 2 and 3.
 
-Under ``torch.compile`` steps 2-4 are one ``torch.library`` custom op
-(``longattn::decode_step``, or ``longattn::decode_step_append`` which
-mutates the caches), so a step with a reused plan traces with
-``fullgraph=True``; the op performs the data checks when it runs. (The
-extras are not traceable yet: they raise while tracing, so dynamo runs the
-call eagerly, and ``fullgraph=True`` fails.)
+Under ``torch.compile`` step 1 is traced and steps 2-4 are one
+``torch.library`` custom op, so a step traces with ``fullgraph=True`` (with
+a reused plan or none); the op performs the data checks when it runs, and a
+call that raises there still writes nothing:
+
+- ``longattn::decode_step`` (no new tokens; reads the caches) and
+  ``longattn::decode_step_append`` (mutates ``k_cache``, ``v_cache``);
+- with any of the extras (``cache_batch_idx``, ``cache_leftpad``, rotary):
+  ``longattn::decode_step_extras`` and ``longattn::decode_step_extras_append``,
+  which take them as optional tensors and run the same code as an eager call;
+- ``sparse=HiP(...)``: ``longattn::hip_decode_step``, which also mutates the
+  state, held as tensors (:meth:`~longattn.sparse.HiPDecodeState.as_tensors`:
+  a graph cannot update a Python object from lengths it reads when it runs).
+
+The plan crosses the op boundary as ints
+(:func:`~longattn.kernels.decode.plan.plan_spec`), ``check`` as -1 (None), 0, 1.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -50,7 +58,7 @@ from longattn.kernels.decode.cache import (
     row_view,
 )
 from longattn.kernels.decode.cpp import decode_forward_cpu, default_plan_for
-from longattn.kernels.decode.plan import DecodePlan, plan_decode
+from longattn.kernels.decode.plan import DecodePlan, plan_from_spec, plan_spec
 from longattn.kernels.decode.rotary import check_rotary_data, check_rotary_layout, rotate_step
 from longattn.validation import check_attention_options, check_tensor
 
@@ -133,8 +141,10 @@ def decode_attention(
             between steps of one layer: ``sparse=HiP(...)`` with
             ``state=HiPDecodeState()`` (see :mod:`longattn.sparse.hip_decode`;
             ``state=None`` searches every step). Sparse decode runs on the
-            PyTorch twin, takes no ``window_size`` or ``plan``, and always
-            checks (its search reads the lengths on the host anyway).
+            PyTorch twin, takes no ``window_size`` or ``plan``, always
+            checks (its search reads the lengths on the host anyway). Under
+            ``torch.compile`` the state lives in tensors (see
+            :class:`~longattn.sparse.HiPDecodeState`'s ``compiled``).
         plan: a stream-K :class:`~longattn.decode.DecodePlan` from
             :func:`~longattn.decode.plan_decode` over the lengths ``L_b``, to
             reuse one schedule across layers; None plans per call (on a GPU
@@ -187,7 +197,10 @@ def decode_attention(
                               return_lse=return_lse, check=check)
     args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
     if sparse is not None:
-        out, lse = _sparse_decode(q, args, sparse, state, scale=scale, softcap=softcap, causal=causal)
+        if torch.compiler.is_compiling():
+            out, lse = _traced_hip_step(q, args, sparse, state, scale=scale, softcap=softcap, causal=causal)
+        else:
+            out, lse = _sparse_decode(q, args, sparse, state, scale=scale, softcap=softcap, causal=causal)
         return (out, lse) if return_lse else out
     if plan is not None:
         _check_plan_layout(plan, q, args)
@@ -264,9 +277,6 @@ def _decode_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new
     if sparse is not None:
         raise UnsupportedFeatureError("cache_batch_idx, cache_leftpad and rotary_cos/rotary_sin cannot be combined "
                                       "with sparse= yet")
-    if torch.compiler.is_compiling():
-        raise UnsupportedFeatureError("cache_batch_idx, cache_leftpad and rotary_cos/rotary_sin are not traceable "
-                                      "by torch.compile yet; call decode_attention outside the compiled region")
     if type(backend) is not str:
         raise ArgumentError(f"backend must be 'auto' or one of {DECODE_BACKENDS.names}, got {backend!r}")
     check_rotary_layout(q, k_new, rotary_cos, rotary_sin, rotary_interleaved)
@@ -281,6 +291,14 @@ def _decode_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new
         probe = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
     if plan is not None:
         _check_plan_layout(plan, q, probe)
+    if torch.compiler.is_compiling():
+        # The layout checks above ran while tracing; the rest (data checks,
+        # rotary, the row view, the step) is one custom op that runs this
+        # function again, eagerly.
+        out, lse = _traced_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx,
+                                  cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, scale, window, softcap,
+                                  plan, backend, check)
+        return (out, lse) if return_lse else out
     seqlen_new = probe.seqlen_new
     if check is None:
         check = q.device.type == "cpu"
@@ -353,6 +371,17 @@ def _sparse_decode(q, args: CacheArgs, config, state, *, scale: float, softcap: 
 
     if state is not None and not isinstance(state, HiPDecodeState):
         raise ArgumentError(f"state for sparse=HiP must be a longattn.sparse.HiPDecodeState, got {type(state).__name__}")
+    if state is not None and state.compiled is not None:
+        # Compiled steps left the state in tensors (the truth from then on):
+        # step from them and write the result back, as the op does.
+        tensors, state.compiled = state.compiled, None
+        try:
+            state.load_tensors(*tensors)
+            out, lse = _sparse_decode(q, args, config, state, scale=scale, softcap=softcap, causal=causal)
+            state.store_tensors(*tensors)
+        finally:
+            state.compiled = tensors
+        return out, lse
     if q.shape[1] > config.block_q:
         raise UnsupportedFeatureError(
             f"HiP decode takes seqlen_q <= block_q ({config.block_q}) queries per step, got {q.shape[1]}; "
@@ -370,29 +399,14 @@ def _sparse_decode(q, args: CacheArgs, config, state, *, scale: float, softcap: 
 
 # --- torch.compile ------------------------------------------------------------
 # Steps 2-4 as custom ops: opaque to the tracer, with known output shapes.
-# The plan crosses the op boundary as ints (the op rebuilds the same plan,
-# cached); check crosses as -1 (None), 0, 1.
-
-def _plan_spec(plan: DecodePlan | None) -> list[int]:
-    if plan is None:
-        return []
-    return [plan.nheads_k, plan.block_n, plan.num_workers, plan.heads_per_tile, *plan.seqlens]
-
-
-@functools.lru_cache(maxsize=64)
-def _plan_from_spec(spec: tuple[int, ...]) -> DecodePlan | None:
-    if not spec:
-        return None
-    nheads_k, block_n, num_workers, heads_per_tile, *seqlens = spec
-    return plan_decode(seqlens, nheads_k=nheads_k, num_workers=num_workers, block_n=block_n,
-                       heads_per_tile=heads_per_tile)
-
+# The plan crosses the op boundary as ints (plan_spec; the op rebuilds the same
+# plan, cached); check crosses as -1 (None), 0, 1.
 
 def _op_impl(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left, window_right,
              softcap, plan_spec, backend, check):
     args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
     return run_decode(q, args, scale=scale, window=(window_left, window_right), softcap=softcap,
-                      plan=_plan_from_spec(tuple(plan_spec)), backend=backend,
+                      plan=plan_from_spec(tuple(plan_spec)), backend=backend,
                       check=None if check < 0 else bool(check))
 
 
@@ -457,8 +471,164 @@ def _decode_step_append_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_
 
 def _traced_step(q, args: CacheArgs, scale, window, softcap, plan, backend, check):
     check_code = -1 if check is None else int(check)
-    common = (scale, window[0], window[1], softcap, _plan_spec(plan), backend, check_code)
+    common = (scale, window[0], window[1], softcap, plan_spec(plan), backend, check_code)
     if args.seqlen_new:
         return decode_step_append_op(q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table,
                                      args.k_new, args.v_new, *common)
     return decode_step_op(q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table, *common)
+
+
+# The extras (cache_batch_idx, cache_leftpad, rotary) as their own pair of ops:
+# optional tensors, so the plain step's ops keep their schema.
+
+def _extras_impl(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx, cache_leftpad,
+                 rotary_cos, rotary_sin, rotary_interleaved, scale, window_left, window_right, softcap, plan_spec,
+                 backend, check):
+    out, lse = _decode_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx,
+                              cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, scale=scale, causal=None,
+                              window=(window_left, window_right), softcap=softcap, sparse=None,
+                              plan=plan_from_spec(tuple(plan_spec)), backend=backend, return_lse=True,
+                              check=None if check < 0 else bool(check))
+    return out.contiguous(), lse.contiguous()
+
+
+@torch.library.custom_op("longattn::decode_step_extras", mutates_args=())
+def decode_step_extras_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None,
+    rotary_sin: torch.Tensor | None,
+    rotary_interleaved: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    plan_spec: list[int],
+    backend: str,
+    check: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a decode step with flash-attn's extras and no new tokens
+    (the cache is read only; rotary needs new tokens, so it is refused here as in eager)."""
+    return _extras_impl(q, k_cache, v_cache, cache_seqlens, block_table, None, None, cache_batch_idx, cache_leftpad,
+                        rotary_cos, rotary_sin, rotary_interleaved, scale, window_left, window_right, softcap,
+                        plan_spec, backend, check)
+
+
+@torch.library.custom_op("longattn::decode_step_extras_append", mutates_args=("k_cache", "v_cache"))
+def decode_step_extras_append_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None,
+    rotary_sin: torch.Tensor | None,
+    rotary_interleaved: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    plan_spec: list[int],
+    backend: str,
+    check: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a decode step with flash-attn's extras that first writes
+    ``k_new, v_new`` (rotated, with rotary) into the selected cache rows."""
+    return _extras_impl(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx,
+                        cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, scale, window_left, window_right,
+                        softcap, plan_spec, backend, check)
+
+
+@decode_step_extras_op.register_fake
+def _decode_step_extras_fake(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, cache_leftpad,
+                             rotary_cos, rotary_sin, rotary_interleaved, scale, window_left, window_right, softcap,
+                             plan_spec, backend, check):
+    return _fake_outputs(q)
+
+
+@decode_step_extras_append_op.register_fake
+def _decode_step_extras_append_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx,
+                                    cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved, scale, window_left,
+                                    window_right, softcap, plan_spec, backend, check):
+    return _fake_outputs(q)
+
+
+def _traced_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx, cache_leftpad,
+                   rotary_cos, rotary_sin, rotary_interleaved, scale, window, softcap, plan, backend, check):
+    extras = (cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin, rotary_interleaved)
+    common = (scale, window[0], window[1], softcap, plan_spec(plan), backend, -1 if check is None else int(check))
+    if k_new is not None:
+        return decode_step_extras_append_op(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, *extras,
+                                            *common)
+    return decode_step_extras_op(q, k_cache, v_cache, cache_seqlens, block_table, *extras, *common)
+
+
+# HiP decode with a HiPDecodeState: the state as three tensors the op mutates
+# (HiPDecodeState.as_tensors); the op loads them into a state object, runs
+# the uncompiled step, and writes them back. state=None: fresh tensors (an
+# empty state searches, as None does).
+
+@torch.library.custom_op("longattn::hip_decode_step",
+                         mutates_args=("k_cache", "v_cache", "state_blocks", "state_info", "state_counts"))
+def hip_decode_step_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    state_blocks: torch.Tensor,
+    state_info: torch.Tensor,
+    state_counts: torch.Tensor,
+    config_spec: list[int],
+    scale: float,
+    softcap: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a HiP decode step (``HiP(*config_spec)``) that appends
+    ``k_new, v_new`` (if given) and advances the state held in ``state_*``."""
+    from longattn.sparse.hip import HiP
+    from longattn.sparse.hip_decode import HiPDecodeState
+
+    state = HiPDecodeState()
+    state.load_tensors(state_blocks, state_info, state_counts)
+    args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    out, lse = _sparse_decode(q, args, HiP(*config_spec), state, scale=scale, softcap=softcap, causal=causal)
+    state.store_tensors(state_blocks, state_info, state_counts)  # after the step succeeded
+    return out.contiguous(), lse.contiguous()
+
+
+@hip_decode_step_op.register_fake
+def _hip_decode_step_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, state_blocks, state_info,
+                          state_counts, config_spec, scale, softcap, causal):
+    return _fake_outputs(q)
+
+
+def _traced_hip_step(q, args: CacheArgs, config, state, *, scale, softcap, causal):
+    from longattn.sparse.hip_decode import HiPDecodeState
+
+    if state is not None and not isinstance(state, HiPDecodeState):
+        raise ArgumentError("state for sparse=HiP must be a longattn.sparse.HiPDecodeState, got "
+                            f"{type(state).__name__}")
+    if q.shape[1] > config.block_q:
+        raise UnsupportedFeatureError(
+            f"HiP decode takes seqlen_q <= block_q ({config.block_q}) queries per step, got {q.shape[1]}; "
+            "run longer chunks through longattn.attention(..., sparse=HiP(...))"
+        )
+    batch, nheads = q.shape[0], q.shape[2]
+    holder = HiPDecodeState() if state is None else state
+    blocks, info, counts = holder.as_tensors(batch, nheads, config, q.device)
+    spec = config.as_ints()
+    k_new, v_new = (args.k_new, args.v_new) if args.seqlen_new else (None, None)
+    return hip_decode_step_op(q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table, k_new, v_new,
+                              blocks, info, counts, spec, scale, softcap, causal)

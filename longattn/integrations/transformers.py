@@ -108,11 +108,23 @@ def _check_kwargs(dropout: float, attention_mask: Any, kwargs: dict) -> None:
             "(batch, kv_len); a custom 4D mask cannot be expressed as causal + window + padding")
 
 
-def _packed_by_position_ids(position_ids: torch.Tensor | None, q_len: int, kv_len: int) -> bool:
-    """True if ``position_ids`` restart inside a row (sequences packed with no mask)."""
+_PACKED_MESSAGE = ("position_ids restart inside a row (packed sequences without a mask); pass an attention_mask "
+                   "per sequence instead")
+
+
+def _check_not_packed(position_ids: torch.Tensor | None, q_len: int, kv_len: int) -> None:
+    """Raise if ``position_ids`` restart inside a row (sequences packed with no mask).
+
+    Eagerly a host read and :class:`UnsupportedFeatureError`; under
+    torch.compile an asynchronous assert (no graph break) that raises a
+    ``RuntimeError`` with the same message when the compiled model runs."""
     if position_ids is None or q_len != kv_len or q_len < 2 or position_ids.shape[-1] != q_len:
-        return False
-    return bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any())
+        return
+    restarts = (position_ids[..., 1:] - position_ids[..., :-1] != 1).any()
+    if torch.compiler.is_compiling():
+        torch._assert_async(~restarts, _PACKED_MESSAGE)
+    elif bool(restarts):
+        raise UnsupportedFeatureError(_PACKED_MESSAGE)
 
 
 def _make_attention_fn(sparse_for):
@@ -124,10 +136,8 @@ def _make_attention_fn(sparse_for):
         """query ``(B, H, q_len, D)``, key/value ``(B, Hk, kv_len, D)`` -> ``((B, q_len, H, D), None)``."""
         _check_kwargs(dropout, attention_mask, kwargs)
         q_len, kv_len = query.shape[2], key.shape[2]
-        if attention_mask is None and kwargs.get("cu_seq_lens_q") is None and _packed_by_position_ids(
-                kwargs.get("position_ids"), q_len, kv_len):
-            raise UnsupportedFeatureError("position_ids restart inside a row (packed sequences without a mask); "
-                                          "pass an attention_mask per sequence instead")
+        if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:
+            _check_not_packed(kwargs.get("position_ids"), q_len, kv_len)
         if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
             raise UnsupportedFeatureError("cu_seq_lens_q / cu_seq_lens_k (flash-attn packed kwargs) are not "
                                           "supported by longattn's transformers adapter; pass an attention_mask")

@@ -168,16 +168,20 @@ class Duo:
         return Streaming(self.pattern.sink_size if self.sink_size is None else self.sink_size,
                          self.pattern.recent_size if self.recent_size is None else self.recent_size)
 
+    def check_call(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+        """The checks of :meth:`prefill` that read no tensor data."""
+        if not causal:
+            raise ArgumentError("sparse=Duo(...) is defined for causal attention; pass causal=True")
+        if k.shape[2] != self.pattern.nheads_k:
+            raise ShapeError(f"the pattern has {self.pattern.nheads_k} kv heads per layer, k has {k.shape[2]}")
+
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                 softcap: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """One call: retrieval heads dense, streaming heads Lambda; heads in their original order."""
         from longattn.kernels.dense import DENSE_BACKENDS, DenseCall
 
-        if not causal:
-            raise ArgumentError("sparse=Duo(...) is defined for causal attention; pass causal=True")
+        self.check_call(q, k, causal)
         nheads, nheads_k = q.shape[2], k.shape[2]
-        if nheads_k != self.pattern.nheads_k:
-            raise ShapeError(f"the pattern has {self.pattern.nheads_k} kv heads per layer, k has {nheads_k}")
         group = nheads // nheads_k
         # The pattern is host data: which heads go where is decided on the host
         # (no device read-back); only gather indices go to q's device.
@@ -205,10 +209,16 @@ def head_index(heads: torch.Tensor, device: torch.device | str | None = None) ->
     the marked heads' indices as an int64 tensor on ``device`` (default:
     ``heads``' device) -- indices, not a bool mask, so indexing on a GPU
     needs no nonzero() and no host sync."""
-    marked = torch.nonzero(heads.cpu()).flatten().tolist()
+    return marked_index(heads.cpu().tolist(), heads.device if device is None else device)
+
+
+def marked_index(heads: list[bool], device: torch.device | str) -> slice | torch.Tensor:
+    """:func:`head_index` of host bools: no tensor is read, so torch.compile
+    traces it (the result is a constant of the graph)."""
+    marked = [i for i, x in enumerate(heads) if x]
     if marked and marked[-1] - marked[0] + 1 == len(marked):
         return slice(marked[0], marked[-1] + 1)
-    return torch.tensor(marked, dtype=torch.long, device=heads.device if device is None else device)
+    return torch.tensor(marked, dtype=torch.long, device=device)
 
 
 class DuoCache:
@@ -228,6 +238,11 @@ class DuoCache:
     DuoAttention's reference chunked prefill (the whole streaming cache as it
     was when the chunk began, plus the chunk causally; see
     :mod:`longattn.sparse.streaming_cache`).
+
+    :meth:`step` traces with ``torch.compile(fullgraph=True)``: head indices
+    come from the pattern's host bools, the retrieval heads' attention is the
+    ``longattn::decode_forward`` op while tracing; dynamo guards on the int
+    ``length`` (it may recompile as it grows).
     """
 
     def __init__(self, duo: Duo, batch: int, capacity: int, nheads_k: int, headdim: int, *,
@@ -239,10 +254,9 @@ class DuoCache:
         if nheads_k != duo.pattern.nheads_k:
             raise ShapeError(f"the pattern has {duo.pattern.nheads_k} kv heads per layer, nheads_k is {nheads_k}")
         self.duo = duo
-        full = duo.pattern.layer(duo.layer_idx)  # host copy: head indices are decided from it
-        self._full_host = full
+        full = duo.pattern.layer(duo.layer_idx)
         self.full = full.to(device)
-        n_full = int(full.sum())
+        n_full = sum(duo.pattern.retrieval[duo.layer_idx])
         self.k_full = torch.zeros(batch, capacity, n_full, headdim, dtype=dtype, device=device)
         self.v_full = torch.zeros_like(self.k_full)
         self.stream = (StreamingCache(duo.streaming, batch, nheads_k - n_full, headdim, dtype=dtype, device=device)
@@ -254,8 +268,10 @@ class DuoCache:
     def _heads(self, group: int) -> tuple[slice | torch.Tensor, slice | torch.Tensor]:
         """Indices of the retrieval and the streaming heads among ``nheads_k * group`` heads."""
         if group not in self._index:
-            full = self._full_host.repeat_interleave(group)
-            self._index[group] = head_index(full, self.k_full.device), head_index(~full, self.k_full.device)
+            # From the pattern's host bools (no tensor read: traceable).
+            full = [x for x in self.duo.pattern.retrieval[self.duo.layer_idx] for _ in range(group)]
+            device = self.k_full.device
+            self._index[group] = marked_index(full, device), marked_index([not x for x in full], device)
         return self._index[group]
 
     @property

@@ -76,6 +76,16 @@ class HiP:
         """Key blocks selected per query block and head: ``topk // block_k``."""
         return self.topk // self.block_k
 
+    def as_ints(self) -> list[int]:
+        """The fields in constructor order: ``HiP(*config.as_ints()) == config``
+        (how a config crosses a custom op's boundary under torch.compile)."""
+        return [self.topk, self.block_q, self.block_k, self.query_stride, self.sink_size, self.recent_size,
+                self.refresh_interval]
+
+    def check_call(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+        """The checks of :meth:`prefill` that read no tensor data: none (HiP takes any
+        causal flag and head layout :func:`longattn.attention` accepts)."""
+
     def prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, softcap: float,
         backend: str = "auto",

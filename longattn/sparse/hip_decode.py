@@ -24,11 +24,19 @@ and only attend. A query at position ``p`` of any step sees:
 
 The state is explicit: one :class:`HiPDecodeState` per layer, held by the
 caller. ``state=None`` searches on every step (nothing is carried).
+
+Under ``torch.compile(fullgraph=True)`` a step is the custom op
+``longattn::hip_decode_step`` (in :mod:`longattn.decode_api`), which takes
+the state as three tensors (:meth:`HiPDecodeState.as_tensors`, made on the
+first traced step and kept on the state) and mutates them in place, like the
+caches: the op loads them into a state object, runs the same uncompiled step,
+and writes them back. So compiled and uncompiled steps give the same bits,
+and a compiled state holds no Python value the graph would have to update.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +66,14 @@ class HiPDecodeState:
         step_blocks: per sequence, the ``(1, nheads, 1, n)`` key blocks the
             last step listed (the stored selection plus the carried blocks;
             -1 = none), for inspection and tests.
+        compiled: None, or the state as tensors once a step ran under
+            ``torch.compile`` (see :meth:`as_tensors`). A compiled step
+            updates only these tensors (it cannot set Python attributes from
+            lengths it reads when it runs), so after compiled steps the
+            attributes above are stale: ``state.load_tensors(*state.compiled)``
+            refreshes them. An uncompiled step on such a state continues from
+            the tensors and updates both (``step_blocks`` is set by
+            uncompiled steps only). :meth:`reset` drops them.
     """
 
     key_blocks: list[torch.Tensor] | None = None
@@ -68,12 +84,68 @@ class HiPDecodeState:
     nheads: int | None = None
     carry_from: tuple[int, ...] | None = None
     step_blocks: list[torch.Tensor] | None = None
+    # The same state as tensors (blocks, info, counts; see as_tensors), made by the
+    # first step traced by torch.compile; from then on they are the truth.
+    compiled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False,
+                                                                              compare=False)
 
     def reset(self) -> None:
         """Forget the selection: the next step searches (e.g. for a new batch)."""
         self.key_blocks, self.lengths, self.steps_since_refresh = None, None, 0
         self.config, self.nheads = None, None
         self.carry_from, self.step_blocks = None, None
+        self.compiled = None
+
+    # --- torch.compile ----------------------------------------------------------
+    # A traced step cannot update Python attributes from data it reads when it
+    # runs (the lengths), so a compiled step keeps the state in three tensors it
+    # passes to the longattn::hip_decode_step op, which mutates them in place:
+    #   blocks (batch, nheads, topk // block_k) int64: the stored selection;
+    #   info   (batch, 2) int64: lengths and carry_from of the last refresh;
+    #   counts (4 + 7,) int64: steps_since_refresh, refreshes, filled (0/1),
+    #          nheads, and the filling config's fields (HiP's 7 ints).
+    # The op loads them into a HiPDecodeState, runs the uncompiled step, and
+    # stores the result back (only after the step succeeded).
+
+    def as_tensors(self, batch: int, nheads: int, config: HiP, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The state as ``(blocks, info, counts)`` (made on first use from the
+        attributes; traceable: reads host attributes only)."""
+        if self.compiled is None:
+            filled = self.key_blocks is not None
+            spec = (self.config if filled else config).as_ints()
+            counts = [self.steps_since_refresh, self.refreshes, int(filled), self.nheads if filled else nheads, *spec]
+            if filled:
+                blocks = torch.cat([kb[:, :, 0] for kb in self.key_blocks]).to(torch.int64)
+                info = torch.tensor([[n, c] for n, c in zip(self.lengths, self.carry_from)], dtype=torch.int64,
+                                    device=device)
+            else:
+                blocks = torch.full((batch, nheads, config.num_blocks), -1, dtype=torch.int64, device=device)
+                info = torch.zeros((batch, 2), dtype=torch.int64, device=device)
+            self.compiled = (blocks, info, torch.tensor(counts, dtype=torch.int64, device=device))
+        return self.compiled
+
+    def load_tensors(self, blocks: torch.Tensor, info: torch.Tensor, counts: torch.Tensor) -> None:
+        """Set the attributes from :meth:`as_tensors`' form (reads them on the host)."""
+        c = counts.tolist()
+        self.steps_since_refresh, self.refreshes = c[0], c[1]
+        if not c[2]:
+            self.key_blocks, self.lengths, self.config, self.nheads, self.carry_from = None, None, None, None, None
+            return
+        self.nheads, self.config = c[3], HiP(*c[4:])
+        self.key_blocks = [blocks[b : b + 1, :, None].clone() for b in range(blocks.shape[0])]
+        rows = info.tolist()
+        self.lengths = tuple(r[0] for r in rows)
+        self.carry_from = tuple(r[1] for r in rows)
+
+    def store_tensors(self, blocks: torch.Tensor, info: torch.Tensor, counts: torch.Tensor) -> None:
+        """Write the attributes into :meth:`as_tensors`' form, in place (same shapes)."""
+        filled = self.key_blocks is not None
+        spec = self.config.as_ints() if filled else counts[4:].tolist()
+        counts.copy_(torch.tensor([self.steps_since_refresh, self.refreshes, int(filled),
+                                   self.nheads if filled else int(counts[3]), *spec], dtype=torch.int64))
+        if filled:
+            blocks.copy_(torch.cat([kb[:, :, 0] for kb in self.key_blocks]))
+            info.copy_(torch.tensor([[n, c] for n, c in zip(self.lengths, self.carry_from)], dtype=torch.int64))
 
     def refresh_due(self, config: HiP, lengths: tuple[int, ...], nheads: int) -> bool:
         """True when the next step must search; raises if the state belongs to other sequences."""

@@ -59,6 +59,11 @@ class Streaming:
         """Keys one query sees at most, and what a streaming cache holds: ``sink_size + recent_size``."""
         return self.sink_size + self.recent_size
 
+    def check_call(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+        """The checks of :meth:`prefill` that read no tensor data."""
+        if not causal:
+            raise ArgumentError("sparse=Streaming(...) is defined for causal attention; pass causal=True")
+
     def prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, softcap: float,
         backend: str = "auto",
@@ -66,8 +71,7 @@ class Streaming:
         """``(out, lse)`` under the Lambda mask (inputs validated by :func:`longattn.attention`)."""
         from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_forward
 
-        if not causal:
-            raise ArgumentError("sparse=Streaming(...) is defined for causal attention; pass causal=True")
+        self.check_call(q, k, causal)
         layout = BlockSparseLayout(q.shape[1], k.shape[1], QUERY_BLOCK, 1, self.sink_size, self.recent_size, True)
         no_blocks = torch.empty(q.shape[0], q.shape[2], layout.num_q_blocks, 0, dtype=torch.long, device=q.device)
         return block_sparse_forward(q, k, v, no_blocks, layout, scale=scale, softcap=softcap, backend=backend)

@@ -22,6 +22,12 @@ sees all the cache held when the step began (sinks + up to ``recent_size``
 latest tokens) plus the step's tokens up to itself -- so a query late in a
 chunk of ``n`` sees up to ``recent_size + n`` recent tokens, and a one-token
 step ``recent_size + 1``.
+
+``torch.compile(fullgraph=True)`` traces a step (and :meth:`StreamingCache.append`):
+the writes are plain indexed stores into ``k``/``v`` and the attention is
+plain PyTorch or :func:`longattn.kernels.decode.decode_forward` (a custom op
+while tracing). ``length`` is a Python int, so dynamo guards on it and may
+recompile as it grows; no graph breaks.
 """
 
 from __future__ import annotations

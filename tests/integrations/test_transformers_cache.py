@@ -50,8 +50,8 @@ def _duo_oracle():
     return fn
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _registered():
+def register_methods_and_oracles():
+    """longattn's four names (HiP, Streaming(2, 4), Duo over PATTERN) and their float64 oracles."""
     from transformers.masking_utils import sdpa_mask
 
     lt.register(hip=HiP(topk=32, block_q=4, block_k=2, sink_size=2, recent_size=4),
@@ -60,6 +60,11 @@ def _registered():
                      ("ref64_duo", _duo_oracle())):
         transformers.AttentionInterface.register(name, fn)
         transformers.AttentionMaskInterface.register(name, sdpa_mask if name == "ref64" else lt._mask_fn)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    register_methods_and_oracles()
 
 
 def _steps(model, impl, ids, extra, mask=None, cache=None):

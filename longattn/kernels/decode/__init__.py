@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from longattn.kernels.decode.cache import CacheView
-from longattn.kernels.decode.plan import DecodePlan
+from longattn.kernels.decode.plan import DecodePlan, plan_from_spec, plan_spec
 from longattn.dispatch import Backend, Registry
 from longattn.kernels.support import triton_support
 from longattn.kernels.decode.cpp import cpu_unavailable_reason, decode_forward_cpu
@@ -160,7 +160,43 @@ def decode_forward(
     (int32, on q's device) keys of each sequence of a contiguous
     ``(batch, capacity, nheads_k, headdim)`` or paged cache; ``window`` is
     effective (causal folded in, bottom-right: query ``i`` sits at key
-    position ``seqlens[b] - seqlen_q + i``). Returns ``(out, lse)``."""
+    position ``seqlens[b] - seqlen_q + i``). Returns ``(out, lse)``.
+
+    Traceable by ``torch.compile(fullgraph=True)``: while tracing it is the
+    custom op ``longattn::decode_forward`` (the twins read host data and
+    load kernels), which runs this same function."""
+    if torch.compiler.is_compiling():
+        return decode_forward_op(q, k_cache, v_cache, seqlens, block_table, scale, window[0], window[1], softcap,
+                                 plan_spec(plan), backend)
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     call = DecodeCall(q, CacheView(k_cache, v_cache, block_table, seqlens, capacity), scale, window, softcap, plan)
     return DECODE_BACKENDS.select(call, backend).run(call)
+
+
+@torch.library.custom_op("longattn::decode_forward", mutates_args=())
+def decode_forward_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    plan_spec: list[int],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_forward` as an op (the plan as :func:`~longattn.kernels.decode.plan.plan_spec`
+    ints): ``(out, lse)``, out like q, lse ``(batch, nheads, seqlen_q)`` float32."""
+    out, lse = decode_forward(q, k_cache, v_cache, seqlens, block_table, scale=scale,
+                              window=(window_left, window_right), softcap=softcap,
+                              plan=plan_from_spec(tuple(plan_spec)), backend=backend)
+    return out.contiguous(), lse.contiguous()
+
+
+@decode_forward_op.register_fake
+def _decode_forward_fake(q, k_cache, v_cache, seqlens, block_table, scale, window_left, window_right, softcap,
+                         plan_spec, backend):
+    batch, seqlen_q, nheads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)

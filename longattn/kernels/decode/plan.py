@@ -27,6 +27,7 @@ split): it depends only on the lengths, ``nheads_k``, ``block_n`` and ``G``.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -246,3 +247,24 @@ def tile_heads(nheads_k: int, at_most: int) -> int:
         if nheads_k % heads == 0:
             return heads
     return 1
+
+
+# --- torch.compile ------------------------------------------------------------
+# A plan crosses a custom op's boundary as ints (ops take primitives); the op
+# rebuilds the same plan, cached.
+
+def plan_spec(plan: DecodePlan | None) -> list[int]:
+    """``plan`` as ``[nheads_k, block_n, num_workers, heads_per_tile, *seqlens]`` (``[]`` for None)."""
+    if plan is None:
+        return []
+    return [plan.nheads_k, plan.block_n, plan.num_workers, plan.heads_per_tile, *plan.seqlens]
+
+
+@functools.lru_cache(maxsize=64)
+def plan_from_spec(spec: tuple[int, ...]) -> DecodePlan | None:
+    """The inverse of :func:`plan_spec` (an equal plan; cached, plans are immutable)."""
+    if not spec:
+        return None
+    nheads_k, block_n, num_workers, heads_per_tile, *seqlens = spec
+    return plan_decode(seqlens, nheads_k=nheads_k, num_workers=num_workers, block_n=block_n,
+                       heads_per_tile=heads_per_tile)
