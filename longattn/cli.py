@@ -51,6 +51,9 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="results folder (default: ./longattn-results/<group>-<timestamp>/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; one line per finished case")
+    parser.add_argument("--methods", default=None, metavar="TEXT,...",
+                        help="run only the methods whose names contain one of these (e.g. 'decode' in the model "
+                             "group); the others are listed as not selected")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -63,6 +66,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     results = run_group(
         args.group, sizes=sizes, repeats=args.repeats, quick=args.quick,
         seed=args.seed, out_dir=args.out, quiet=args.quiet,
+        methods=None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()],
     )
     print(format_table(results))
     return 0

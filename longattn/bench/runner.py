@@ -32,6 +32,9 @@ def default_out_dir(group: str) -> str:
     return os.path.join("longattn-results", f"{group}-{stamp}")
 
 
+NOT_SELECTED_REASON = "not selected (--methods)"
+
+
 def run_group(
     group: str,
     *,
@@ -41,6 +44,7 @@ def run_group(
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     quiet: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Benchmark every scenario of ``group``; write JSON and a plot to ``out_dir``.
 
@@ -54,6 +58,10 @@ def run_group(
         seed: seed of every case's inputs.
         out_dir: results folder (default ``./longattn-results/<group>-<timestamp>/``).
         quiet: no live progress bar, only one line per finished case.
+        methods: run only the methods whose names contain one of these
+            substrings (the others are table rows marked not selected; a
+            ratio or target whose baseline was not run is reported as not
+            measured). None runs every method.
 
     Returns:
         The results dict also written to ``out_dir/results.json``.
@@ -63,6 +71,10 @@ def run_group(
     repeats = spec.default_repeats if repeats is None else repeats
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ArgumentError(f"repeats must be a positive integer, got {repeats!r}")
+    if methods is not None:
+        methods = tuple(methods)
+        if not methods or any(not isinstance(m, str) or not m for m in methods):
+            raise ArgumentError(f"methods must be non-empty name substrings, got {methods!r}")
     if sizes is None:
         sizes = spec.quick_sizes if quick else spec.sizes
     sizes = list(sizes)
@@ -70,6 +82,10 @@ def run_group(
         raise ArgumentError(f"sizes must be positive integers, got {sizes!r}")
 
     scenarios = spec.scenarios(sizes)
+    if methods is not None:
+        names = {name for s in scenarios for name in s.methods}
+        if not any(m in name for m in methods for name in names):
+            raise ArgumentError(f"no method of group {group!r} matches {list(methods)}; its methods: {sorted(names)}")
     progress = Progress(len(scenarios), quiet=quiet)
     started = time.perf_counter()
     machine = machine_info()
@@ -80,7 +96,7 @@ def run_group(
         machine["read_bandwidth_gbps"] = bandwidth
     cases = [
         run_case(s, repeats=repeats, budget_s=budget_s, quick=quick, seed=seed, progress=progress,
-                 bandwidth_gbps=bandwidth)
+                 bandwidth_gbps=bandwidth, methods=methods)
         for s in scenarios
     ]
     results: dict[str, Any] = {
@@ -90,7 +106,7 @@ def run_group(
         "settings": {
             "sizes": sizes, "repeats": repeats, "method_budget_s": budget_s,
             "warmup_rounds": WARMUP_ROUNDS,
-            "quick": quick, "seed": seed,
+            "quick": quick, "seed": seed, "methods": None if methods is None else list(methods),
         },
         "machine": machine,
         "wall_s": time.perf_counter() - started,
@@ -109,8 +125,9 @@ def run_case(
     seed: int,
     progress: Progress,
     bandwidth_gbps: float | None = None,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Build, time and check one scenario's methods."""
+    """Build, time and check one scenario's methods (those matching ``methods``, see :func:`run_group`)."""
     rounds = WARMUP_ROUNDS + repeats
     progress.start_case(scenario.name, steps=len(scenario.methods) * (rounds + 1))
     started = time.perf_counter()
@@ -118,6 +135,10 @@ def run_case(
     records: dict[str, dict[str, Any]] = {name: _empty_record() for name in scenario.methods}
     calls = {}
     for name, method in scenario.methods.items():
+        if methods is not None and not any(m in name for m in methods):
+            records[name]["skipped"] = NOT_SELECTED_REASON
+            progress.step(count=rounds + 1)
+            continue
         if quick and method.slow_setup:
             records[name]["skipped"] = QUICK_SKIP_REASON
             progress.step(count=rounds + 1)

@@ -40,6 +40,7 @@ sequences given only through ``position_ids``.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -167,6 +168,19 @@ def _make_attention_fn(sparse_for):
     return longattn_attention
 
 
+# name -> its sparse_for(module) (None for dense), as last registered.
+_SPARSE_FOR: dict[str, Any] = {}
+
+
+def sparse_config(name: str, layer_idx: int) -> object | None:
+    """The ``sparse=`` config registered under ``name`` for layer ``layer_idx`` (None: dense)."""
+    sparse_for = _SPARSE_FOR.get(name)
+    if sparse_for is None:
+        raise UnsupportedFeatureError(f"attn_implementation {name!r} is not registered by "
+                                      "longattn.integrations.transformers.register()")
+    return sparse_for(types.SimpleNamespace(layer_idx=layer_idx))
+
+
 def register(*, hip: object | None = None, streaming: object | None = None, duo: object | None = None) -> tuple[str, ...]:
     """Register longattn with transformers; returns the names registered.
 
@@ -208,6 +222,7 @@ def register(*, hip: object | None = None, streaming: object | None = None, duo:
 
         entries.append(("longattn_duo", duo_for))
     for name, sparse_for in entries:
+        _SPARSE_FOR[name] = sparse_for
         AttentionInterface.register(name, _make_attention_fn(sparse_for))
         AttentionMaskInterface.register(name, _mask_fn)
     return tuple(name for name, _ in entries)

@@ -110,15 +110,20 @@ class LongAttnLayer(CacheLayerMixin):
                 f"LongAttnCache serves attn_implementation='longattn*' only, the model uses {impl!r}: "
                 "its steps attend inside longattn's attention function")
         attn_kwargs = kwargs.get("kwargs")
-        if not isinstance(attn_kwargs, dict):
+        if not isinstance(attn_kwargs, dict):  # tokens stored without attending (e.g. a prompt's K/V loaded)
             k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-            if self.mode is None:
-                self._allocate_full(k, v, "full")
-            if self.mode == "store":
-                raise UnsupportedFeatureError("a Streaming/Duo LongAttnCache layer attends its own steps; "
-                                              "update() needs the attention kwargs")
             self._check_room(k.shape[1])
-            self._write(k, v)
+            if self.mode is None:
+                from longattn.integrations.transformers import sparse_config
+
+                self._hold_prompt(k, v, None, 0.0, sparse_config(impl, self.layer_idx))
+            elif self.mode == "store":
+                self.store.append(k, v)
+                self.length += k.shape[1]
+            else:
+                self._write(k, v)
+            if self.mode == "store":
+                return key_states, value_states  # evicted tokens are gone: only the new ones to return
             return self.keys[:, :, :self.length], self.values[:, :, :self.length]
         self._check_room(key_states.shape[2])
         attn_kwargs[HANDOFF] = self
@@ -253,18 +258,27 @@ class LongAttnLayer(CacheLayerMixin):
         return self._fallback(q, k, v, mask, opts, sparse)
 
     def _prefill(self, q, k, v, mask, opts, sparse):
+        if mask is not None:
+            valid_runs(mask)  # raises on pads inside a row before anything is held
+        self._hold_prompt(k, v, mask, opts["softcap"], sparse)
+        if mask is None:
+            return attention(q, k, v, sparse=sparse, **opts)
+        return unpadded_attention(q, k, v, mask, sparse=sparse, **opts)
+
+    def _hold_prompt(self, k, v, mask, softcap, sparse) -> None:
+        """Choose this layer's storage for ``sparse`` (module docstring) and hold
+        the prompt's ``k, v (batch, n, nheads_k, headdim)``."""
         from longattn.sparse import Duo, DuoCache, HiP, Streaming, StreamingCache
 
-        if mask is None and isinstance(sparse, (Streaming, Duo)) and not (isinstance(sparse, Duo) and opts["softcap"]):
+        if mask is None and (isinstance(sparse, Streaming) or (isinstance(sparse, Duo) and not softcap)):
             b, _, hk, d = k.shape
             if isinstance(sparse, Streaming):
                 store = StreamingCache(sparse, b, hk, d, dtype=k.dtype, device=k.device)
-            else:
+            else:  # DuoCache's step has no softcap: Duo with softcap keeps full buffers
                 store = DuoCache(sparse, b, self.max_cache_len, hk, d, dtype=k.dtype, device=k.device)
-            out = attention(q, k, v, sparse=sparse, **opts)
             store.append(k, v)
             self.store, self.mode, self.length, self.is_initialized = store, "store", k.shape[1], True
-            return out
+            return
         pads = None if mask is None else left_padding(mask)
         # Dense decodes with or without left padding; HiP only unpadded (its
         # search runs per row of equal length); anything else unpads each step.
@@ -275,9 +289,6 @@ class LongAttnLayer(CacheLayerMixin):
         self._allocate_full(k, v, mode)
         self._write(k, v)
         self.leftpad = pads if mode == "full" else None
-        if mask is None:
-            return attention(q, k, v, sparse=sparse, **opts)
-        return unpadded_attention(q, k, v, mask, sparse=sparse, **opts)
 
     def _store_step(self, q, k, v, opts):
         from longattn.sparse import StreamingCache

@@ -234,3 +234,27 @@ def test_bad_arguments_name_themselves(bad):
         lt.LongAttnCache(model.config, max_cache_len=bad)
     with pytest.raises(ArgumentError, match="page_size"):
         lt.LongAttnCache(model.config, max_cache_len=8, page_size=bad)
+
+
+@pytest.mark.parametrize("impl", ["longattn", "longattn_hip", "longattn_streaming", "longattn_duo"])
+def test_prompt_loaded_through_update_decodes_like_a_prefilled_cache(impl):
+    # cache.update(k, v, layer_idx) outside attention (loading a prompt's K/V) picks each method's storage
+    from transformers.cache_utils import DynamicCache
+
+    model, _ = _build("llama")
+    model.set_attn_implementation(impl)
+    ids, _ = _inputs(left_padding=False)
+    nxt = _extra(1)
+    kw = _cache_kwarg(model)
+    with torch.no_grad():
+        dyn = DynamicCache(config=model.config)
+        model(ids, use_cache=True, **{kw: dyn})
+        loaded = lt.LongAttnCache(model.config, max_cache_len=32)
+        for idx, layer in enumerate(dyn.layers):
+            loaded.update(layer.keys, layer.values, idx)
+        prefilled = lt.LongAttnCache(model.config, max_cache_len=32)
+        model(ids, use_cache=True, **{kw: prefilled})
+        a = model(nxt, use_cache=True, **{kw: loaded}).logits
+        b = model(nxt, use_cache=True, **{kw: prefilled}).logits
+    assert loaded.layers[1].mode == prefilled.layers[1].mode
+    assert torch.equal(a, b)
