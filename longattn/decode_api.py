@@ -97,7 +97,9 @@ def decode_attention(
             or paged ``(num_pages, page_size, nheads_k, headdim)`` with
             ``block_table``. Same dtype and device as q.
         cache_seqlens: ``(batch,)`` int32, tokens already in each sequence's
-            cache. Read only: the caller advances it after appending.
+            cache. Read only: the caller advances it after appending. (This
+            is what flash-attn's varlen kernel calls ``seqused_k``: keys past
+            it are never read; varlen calls take ``seqused_k`` by that name.)
         block_table: ``(batch, max_pages)`` int32 page indices (paged cache);
             any page order, any page_size >= 1. Sequences may share pages
             they only read (a common prefix), but a page that receives one

@@ -229,6 +229,14 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     window = fa_window(window_size, causal, None)  # flash-attn's varlen kernel does not clamp the window
     softcap = fa_softcap(softcap)
     if block_table is not None:
+        if cu_seqlens_k is None and seqused_k is not None:
+            # Paged decode as vLLM's flash-attn calls it: the lengths come from
+            # seqused_k alone (sequence b's keys are its first pages).
+            if not isinstance(seqused_k, torch.Tensor) or seqused_k.dim() != 1:
+                raise ShapeError("seqused_k must be an int32 tensor (batch,) when cu_seqlens_k is None")
+            cu_seqlens_k = torch.zeros(seqused_k.shape[0] + 1, dtype=torch.int32, device=seqused_k.device)
+            cu_seqlens_k[1:] = seqused_k.to(torch.int64).cumsum(0).to(torch.int32)
+            seqused_k = None
         k, v, cu_seqlens_k = _gather_paged(k, v, cu_seqlens_k, block_table)
     if alibi_slopes is None:
         result = attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -295,7 +303,9 @@ def flash_attn_varlen_func(
     Extension (keyword only; flash-attn's varlen kernel has it, its Python
     function does not expose it): ``seqused_k (batch_size,)`` int32 -- sequence
     ``b`` uses only its first ``seqused_k[b]`` keys (alignment included), as
-    :func:`longattn.attention`'s ``seqused_k``."""
+    :func:`longattn.attention`'s ``seqused_k``. With ``block_table``,
+    ``cu_seqlens_k=None`` and ``seqused_k`` give each sequence's length on
+    its pages (how vLLM's flash-attn fork runs paged decode)."""
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, seqused_k)
 

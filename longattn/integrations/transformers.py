@@ -40,13 +40,14 @@ sequences given only through ``position_ids``.
 
 from __future__ import annotations
 
-import types
+import os
 from typing import Any
 
 import torch
 
 from longattn.api import attention
 from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.integrations.transformers_names import SPARSE_FOR, sparse_config  # noqa: F401 - re-exported
 from longattn.integrations.transformers_unpad import unpadded_attention
 
 __all__ = ["register", "NAMES", "LongAttnCache"]
@@ -168,27 +169,15 @@ def _make_attention_fn(sparse_for):
     return longattn_attention
 
 
-# name -> its sparse_for(module) (None for dense), as last registered.
-_SPARSE_FOR: dict[str, Any] = {}
-
-
-def sparse_config(name: str, layer_idx: int) -> object | None:
-    """The ``sparse=`` config registered under ``name`` for layer ``layer_idx`` (None: dense)."""
-    sparse_for = _SPARSE_FOR.get(name)
-    if sparse_for is None:
-        raise UnsupportedFeatureError(f"attn_implementation {name!r} is not registered by "
-                                      "longattn.integrations.transformers.register()")
-    return sparse_for(types.SimpleNamespace(layer_idx=layer_idx))
-
-
 def register(*, hip: object | None = None, streaming: object | None = None, duo: object | None = None) -> tuple[str, ...]:
     """Register longattn with transformers; returns the names registered.
 
     Args:
         hip: a :class:`longattn.sparse.HiP` config -> also ``"longattn_hip"``.
         streaming: a :class:`longattn.sparse.Streaming` config -> ``"longattn_streaming"``.
-        duo: a :class:`longattn.sparse.HeadPattern` -> ``"longattn_duo"`` (layer
-            ``module.layer_idx`` uses its row).
+        duo: a :class:`longattn.sparse.HeadPattern`, or the path of a pattern
+            file (``HeadPattern.save``, ``longattn calibrate duo``) ->
+            ``"longattn_duo"`` (layer ``module.layer_idx`` uses its row).
 
     Idempotent: registering again replaces the earlier functions.
     """
@@ -206,8 +195,11 @@ def register(*, hip: object | None = None, streaming: object | None = None, duo:
     if duo is not None:
         from longattn.sparse import Duo, HeadPattern  # noqa: PLC0415 - only needed when Duo is asked for
 
+        if isinstance(duo, (str, os.PathLike)):
+            duo = HeadPattern.load(duo)  # a file written by HeadPattern.save / longattn calibrate duo
         if not isinstance(duo, HeadPattern):
-            raise ArgumentError(f"duo must be a longattn.sparse.HeadPattern, got {type(duo).__name__}")
+            raise ArgumentError(f"duo must be a longattn.sparse.HeadPattern or the path of a pattern file, got "
+                                f"{type(duo).__name__}")
         per_layer: dict[int, Duo] = {}
 
         def duo_for(module, pattern=duo):
@@ -222,7 +214,7 @@ def register(*, hip: object | None = None, streaming: object | None = None, duo:
 
         entries.append(("longattn_duo", duo_for))
     for name, sparse_for in entries:
-        _SPARSE_FOR[name] = sparse_for
+        SPARSE_FOR[name] = sparse_for
         AttentionInterface.register(name, _make_attention_fn(sparse_for))
         AttentionMaskInterface.register(name, _mask_fn)
     return tuple(name for name, _ in entries)

@@ -46,6 +46,7 @@ import torch
 from longattn.api import attention
 from longattn.decode_api import decode_attention
 from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.integrations.transformers_names import sparse_config
 from longattn.integrations.transformers_unpad import left_padding, unpadded_attention, valid_runs
 
 # The key under which LongAttnLayer.update hands a step's new tokens to the
@@ -114,8 +115,6 @@ class LongAttnLayer(CacheLayerMixin):
             k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
             self._check_room(k.shape[1])
             if self.mode is None:
-                from longattn.integrations.transformers import sparse_config
-
                 self._hold_prompt(k, v, None, 0.0, sparse_config(impl, self.layer_idx))
             elif self.mode == "store":
                 self.store.append(k, v)

@@ -297,6 +297,22 @@ def test_varlen_seqused_k_with_pages_and_alibi(alibi):
         check(lse[:, bq[b]:bq[b + 1]], fa_lse(ref_lse[0]).float(), "lse")
 
 
+def test_varlen_paged_decode_with_seqused_k_and_no_cu_seqlens_k():
+    # vLLM's way: one query per sequence, lengths from seqused_k, keys on pages
+    q, cu_q = packed([1, 1, 1], 4, 8, 42)
+    lengths = [5, 1, 8]
+    page, pages = 4, torch.tensor([[2, 0], [5, 1], [3, 4]], dtype=torch.int32)
+    k_paged, v_paged = randn(6, page, 2, 8, seed=43), randn(6, page, 2, 8, seed=44)
+    used = torch.tensor(lengths, dtype=torch.int32)
+    out = fa.flash_attn_varlen_func(q, k_paged, v_paged, cu_q, None, 1, 8, causal=True, block_table=pages,
+                                    seqused_k=used)
+    for b, n in enumerate(lengths):
+        slots = [(int(pages[b, j // page]), j % page) for j in range(n)]
+        kb = torch.stack([k_paged[p, o] for p, o in slots])[None]
+        vb = torch.stack([v_paged[p, o] for p, o in slots])[None]
+        check(out[b:b + 1], attention_ref(q[None, b:b + 1], kb, vb, causal=True)[0][0])
+
+
 # --- flash_attn_with_kvcache ------------------------------------------------------------
 
 def rotary_ref(x, cos, sin, positions, interleaved):

@@ -258,3 +258,13 @@ def test_prompt_loaded_through_update_decodes_like_a_prefilled_cache(impl):
         b = model(nxt, use_cache=True, **{kw: prefilled}).logits
     assert loaded.layers[1].mode == prefilled.layers[1].mode
     assert torch.equal(a, b)
+
+
+def test_duo_pattern_from_a_file(tmp_path):
+    path = tmp_path / "pattern.json"
+    PATTERN.save(path)
+    assert "longattn_duo" in lt.register(duo=str(path))
+    assert lt.sparse_config("longattn_duo", 1).pattern == PATTERN
+    with pytest.raises(ArgumentError, match="HeadPattern or the path"):
+        lt.register(duo=3)
+    register_methods_and_oracles()  # back to this module's registrations
