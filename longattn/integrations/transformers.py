@@ -48,7 +48,7 @@ import torch
 from longattn.api import attention
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.integrations.transformers_names import SPARSE_FOR, sparse_config  # noqa: F401 - re-exported
-from longattn.integrations.transformers_unpad import unpadded_attention
+from longattn.integrations.transformers_unpad import any_unpadded_attention
 
 __all__ = ["register", "NAMES", "LongAttnCache"]
 
@@ -72,7 +72,8 @@ def _mask_fn(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offs
     device = kwargs.get("device", "cpu")
     if attention_mask is not None:
         attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
-        if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        # (compiled, the mask is not read on the host: it is passed on as it is)
+        if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             return None
         if attention_mask.shape[1] < kv_length:  # a static buffer longer than the tokens seen: pad on the right
             pad = torch.zeros(attention_mask.shape[0], kv_length - attention_mask.shape[1], dtype=torch.bool,
@@ -163,7 +164,7 @@ def _make_attention_fn(sparse_for):
         if attention_mask is None:
             out = attention(qt, kt, vt, sparse=sparse, **opts)
         else:
-            out = unpadded_attention(qt, kt, vt, attention_mask, sparse=sparse, **opts)
+            out = any_unpadded_attention(qt, kt, vt, attention_mask, sparse=sparse, **opts)
         return out, None
 
     return longattn_attention

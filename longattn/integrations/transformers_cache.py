@@ -31,6 +31,13 @@ batch under a sparse method (the sparse caches advance all rows together),
 keep full buffers and run each step as append + ``longattn.attention`` over
 the packed valid tokens: exact, but a pass over the cache.
 
+Under ``torch.compile`` the mask is never read on the host (no graph break):
+dense layers take a mask as left padding, the sparse variants as no padding,
+each checked by an asynchronous assert that raises a ``RuntimeError`` when
+the compiled step runs; right padding or padded sparse batches need an
+uncompiled model. (A compiled dense model given an all-ones mask decodes
+through ``cache_leftpad`` of zeros: correct, somewhat slower than no mask.)
+
 Gemma-2 style models that mix sliding and full layers keep every token in
 every layer: the sliding layers' window is applied by the kernel
 (``window_size``), so results are exact; the memory is that of full layers.
@@ -47,7 +54,15 @@ from longattn.api import attention
 from longattn.decode_api import decode_attention
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.integrations.transformers_names import sparse_config
-from longattn.integrations.transformers_unpad import left_padding, unpadded_attention, valid_runs
+from longattn.integrations.transformers_unpad import (
+    any_unpadded_attention,
+    assert_left_padded,
+    first_valid,
+    left_padding,
+    traced_unpadded_attention,
+    unpadded_attention,
+    valid_runs,
+)
 
 # The key under which LongAttnLayer.update hands a step's new tokens to the
 # attention function.
@@ -56,6 +71,11 @@ HANDOFF = "_longattn_pending"
 from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402 - the module needs transformers
 
 __all__ = ["LongAttnCache", "LongAttnLayer", "HANDOFF"]
+
+_COMPILED_DENSE_RULE = ("a padded batch must be left-padded (pads, then valid tokens), with the same padding at "
+                        "every step: the mask is not read on the host while compiled")
+_COMPILED_SPARSE_RULE = ("the sparse variants take no padding while compiled (the mask is not read on the host); "
+                         "run padded batches uncompiled")
 
 
 class LongAttnLayer(CacheLayerMixin):
@@ -239,13 +259,20 @@ class LongAttnLayer(CacheLayerMixin):
         """
         if self.mode is None:
             return self._prefill(q, k, v, mask, opts, sparse)
+        compiling = torch.compiler.is_compiling()
         if self.mode == "store":
             if mask is not None:
-                raise UnsupportedFeatureError("padding appeared after an unpadded prompt in a Streaming/Duo "
-                                              "LongAttnCache; pass the same attention_mask from the first step")
+                if not compiling:
+                    raise UnsupportedFeatureError("padding appeared after an unpadded prompt in a Streaming/Duo "
+                                                  "LongAttnCache; pass the same attention_mask from the first step")
+                assert_left_padded(mask, None, _COMPILED_SPARSE_RULE)
             return self._store_step(q, k, v, opts)
         if self.mode == "full":
             if mask is None:  # no padding, or the prompt's (known) left padding
+                return self._decode(q, k, v, opts, sparse, leftpad=self.leftpad)
+            if compiling:  # the mask is not read on the host: it must continue the prompt's padding
+                assert_left_padded(mask, self.leftpad, _COMPILED_SPARSE_RULE if sparse is not None
+                                   else _COMPILED_DENSE_RULE)
                 return self._decode(q, k, v, opts, sparse, leftpad=self.leftpad)
             if mask is not None and sparse is None:
                 # The step's mask must be the prompt's left padding followed by valid keys.
@@ -257,6 +284,18 @@ class LongAttnLayer(CacheLayerMixin):
         return self._fallback(q, k, v, mask, opts, sparse)
 
     def _prefill(self, q, k, v, mask, opts, sparse):
+        if mask is not None and torch.compiler.is_compiling():
+            # Storage cannot depend on the mask's values (no host read): dense
+            # layers take it as left padding, sparse ones as no padding, each
+            # checked asynchronously.
+            if sparse is None:
+                pads = first_valid(mask)
+                assert_left_padded(mask, pads, _COMPILED_DENSE_RULE)
+                self._hold_prompt(k, v, None, opts["softcap"], sparse)
+                self.leftpad = pads
+                return traced_unpadded_attention(q, k, v, mask, sparse=sparse, **opts)
+            assert_left_padded(mask, None, _COMPILED_SPARSE_RULE)
+            mask = None
         if mask is not None:
             valid_runs(mask)  # raises on pads inside a row before anything is held
         self._hold_prompt(k, v, mask, opts["softcap"], sparse)
@@ -324,13 +363,13 @@ class LongAttnLayer(CacheLayerMixin):
         return out
 
     def _fallback(self, q, k, v, mask, opts, sparse):
-        if mask is not None:
+        if mask is not None and not torch.compiler.is_compiling():
             valid_runs(mask)  # raises on pads inside a row before anything is written
         self._write(k, v)
         kt, vt = self.k_buf[:, :self.length], self.v_buf[:, :self.length]
         if mask is None:
             return attention(q, kt, vt, sparse=sparse, **opts)
-        return unpadded_attention(q, kt, vt, mask, sparse=sparse, **opts)
+        return any_unpadded_attention(q, kt, vt, mask, sparse=sparse, **opts)
 
 
 class LongAttnCache(Cache):

@@ -83,3 +83,73 @@ def unpadded_attention(qt, kt, vt, mask: torch.Tensor, **opts) -> torch.Tensor:
     out = torch.zeros(B * q_len, H, vt.shape[3], dtype=out_p.dtype, device=dev)
     out.index_copy_(0, q_idx, out_p)
     return out.reshape(B, q_len, H, vt.shape[3])
+
+
+# --- torch.compile ------------------------------------------------------------
+# Packing reads the mask on the host (data-dependent sizes): traced, the whole
+# unpadded call is one custom op with a known output shape.
+
+@torch.library.custom_op("longattn::unpadded_attention", mutates_args=())
+def unpadded_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    method: str,
+    spec: list[int],
+) -> torch.Tensor:
+    """:func:`unpadded_attention` with the sparse method (``method`` "" for
+    dense) as :func:`longattn.sparse.compile_ops.method_spec` primitives."""
+    from longattn.sparse.compile_ops import method_from_spec
+
+    sparse = method_from_spec(method, tuple(spec)) if method else None
+    out = unpadded_attention(q, k, v, mask, causal=causal, softmax_scale=scale, window_size=(window_left, window_right),
+                             softcap=softcap, sparse=sparse)
+    return out.contiguous()
+
+
+@unpadded_attention_op.register_fake
+def _unpadded_fake(q, k, v, mask, causal, scale, window_left, window_right, softcap, method, spec):
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+def traced_unpadded_attention(qt, kt, vt, mask, *, causal, softmax_scale, window_size, softcap, sparse=None):
+    """:func:`unpadded_attention` for a caller being traced (same arguments)."""
+    from longattn.sparse.compile_ops import method_spec
+
+    method, spec = ("", []) if sparse is None else method_spec(sparse)
+    scale = qt.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return unpadded_attention_op(qt, kt, vt, mask, causal, scale, int(window_size[0]), int(window_size[1]),
+                                 float(softcap), method, spec)
+
+
+def any_unpadded_attention(qt, kt, vt, mask, **opts) -> torch.Tensor:
+    """:func:`unpadded_attention`, or its custom op while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return traced_unpadded_attention(qt, kt, vt, mask, **opts)
+    return unpadded_attention(qt, kt, vt, mask, **opts)
+
+
+def first_valid(mask: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` int32 index of each row's first valid key (``kv_len`` for an
+    empty row): the row's left padding if it is left-padded. No host read."""
+    kv_len = mask.shape[1]
+    first = mask.to(torch.int8).argmax(dim=1)
+    return torch.where(mask.any(dim=1), first, torch.full_like(first, kv_len)).to(torch.int32)
+
+
+def assert_left_padded(mask: torch.Tensor, pads: torch.Tensor | None, what: str) -> None:
+    """Under torch.compile: an asynchronous check (no host read, no graph break)
+    that ``mask`` is ``pads[b]`` pad slots then valid keys (no padding when
+    ``pads`` is None); a RuntimeError naming ``what`` when the graph runs."""
+    kv_len = mask.shape[1]
+    if pads is None:
+        ok = mask.all()
+    else:
+        ok = (mask == (torch.arange(kv_len, device=mask.device)[None, :] >= pads[:, None])).all()
+    torch._assert_async(ok, f"longattn under torch.compile: {what}")

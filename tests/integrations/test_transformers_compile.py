@@ -68,3 +68,45 @@ def test_compiled_packed_position_ids_still_raise():
     positions = torch.cat([torch.arange(6), torch.arange(6)])[None].expand(2, -1)
     with torch.no_grad(), pytest.raises(RuntimeError, match="position_ids restart inside a row"):
         torch.compile(model, fullgraph=True)(ids, position_ids=positions)
+
+
+def _compiled_steps(model, ids, extra, mask, cache):
+    compiled_model = torch.compile(model, fullgraph=True)
+    kw = {_cache_kwarg(model): cache}
+    outs = []
+    with torch.no_grad():
+        outs.append(compiled_model(ids, attention_mask=mask, use_cache=True, **kw).logits[:, -1])
+        for t in range(extra.shape[1]):
+            m = torch.cat([mask, torch.ones_like(extra[:, :t + 1])], dim=1)
+            outs.append(compiled_model(extra[:, t:t + 1], attention_mask=m, use_cache=True, **kw).logits[:, -1])
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("impl, left_padding", [("longattn", True), ("longattn_streaming", False)])
+def test_compiled_model_with_a_mask(impl, left_padding):
+    # A mask reaches a compiled model (generate always passes one): never read on the
+    # host; dense takes it as left padding (decode via cache_leftpad), sparse as no padding.
+    model, _ = _build("llama")
+    ids, mask = _inputs(left_padding=left_padding)
+    extra = _extra(2)
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(ids, attention_mask=mask)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    oracle_mask = mask if left_padding else None
+    expected = _steps(copy.deepcopy(model).double(), ORACLES[impl], ids, extra, mask=oracle_mask)
+    eager = _steps(model, impl, ids, extra, mask=mask, cache=lt.LongAttnCache(model.config, max_cache_len=32))
+    ours = _compiled_steps(model, ids, extra, mask, lt.LongAttnCache(model.config, max_cache_len=32))
+    # (the last position, whose logits these are, is valid in every row)
+    assert_close_to_oracle(ours, expected, eager, name=f"compiled {impl} logits with a mask")
+
+
+def test_compiled_right_padding_raises_when_the_graph_runs():
+    model, _ = _build("llama")
+    model.set_attn_implementation("longattn")
+    ids, _ = _inputs(left_padding=False)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    with torch.no_grad(), pytest.raises(RuntimeError, match="must be left-padded"):
+        torch.compile(model, fullgraph=True)(ids, attention_mask=mask, use_cache=True,
+                                             **{_cache_kwarg(model): lt.LongAttnCache(model.config, max_cache_len=32)})
