@@ -1,0 +1,174 @@
+"""Gather decode: exact attention of each decode query over its own list of
+cached token positions (the primitive Quest, Double Sparsity and TidalDecode
+run on). Shapes and rules: :mod:`longattn.kernels.gather.eager`.
+
+Entry point :func:`gather_decode` validates (layout always; the index
+ranges when ``check`` says so) and runs the twin the registry selects.
+
+Twins (priority order for ``backend="auto"``):
+
+- ``eager``: PyTorch gather + matmul; serves every call (the specification).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longattn.dispatch import Backend, Registry
+from longattn.errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from longattn.kernels.gather.eager import gather_decode_eager
+from longattn.validation import FLOAT_DTYPES, check_softcap, check_softmax_scale, check_tensor
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass
+class GatherCall:
+    """One validated gather-decode request."""
+
+    q: torch.Tensor  # (batch, nheads, headdim)
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    indices: torch.Tensor  # (batch, nheads_k or nheads, n)
+    block_table: torch.Tensor | None
+    scale: float
+    softcap: float
+
+    @property
+    def per_query_head(self) -> bool:
+        return self.indices.shape[1] == self.q.shape[1] and self.q.shape[1] != self.k_cache.shape[2]
+
+    def args(self) -> tuple:
+        return (self.q, self.k_cache, self.v_cache, self.indices, self.block_table)
+
+    def kwargs(self) -> dict:
+        return {"scale": self.scale, "softcap": self.softcap}
+
+
+EAGER = Backend[GatherCall](
+    name="eager",
+    description="PyTorch gather of the listed rows + matmul, float32 math; serves every call",
+    run=lambda call: gather_decode_eager(*call.args(), **call.kwargs()),
+    machine_reasons=lambda: [],
+    call_reasons=lambda call: [],
+    pure=True,
+)
+
+GATHER_BACKENDS = Registry[GatherCall]("gather decode (attention over listed token positions)", [EAGER])
+
+
+def check_gather_layout(q, k_cache, v_cache, indices, block_table) -> tuple[torch.Tensor, ...]:
+    """Every check that reads no tensor data; returns the tensors."""
+    q = check_tensor("q", q, 3, "(batch, nheads, headdim)")
+    paged = block_table is not None
+    layout = "(num_pages, page_size, nheads_k, headdim)" if paged else "(batch, capacity, nheads_k, headdim)"
+    k_cache = check_tensor("k_cache", k_cache, 4, layout)
+    v_cache = check_tensor("v_cache", v_cache, 4, layout)
+    indices = check_tensor("indices", indices, 3, "(batch, nheads_k or nheads, n)", INDEX_DTYPES)
+    batch, nheads, headdim = q.shape
+    nheads_k = k_cache.shape[2]
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise DTypeError(f"{name} is {t.dtype} but q is {q.dtype}")
+        if t.device != q.device:
+            raise DeviceError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if k_cache.shape[3] != headdim:
+        raise ShapeError(f"k_cache has headdim {k_cache.shape[3]} but q has {headdim}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ShapeError(f"v_cache has shape {tuple(v_cache.shape)}, k_cache {tuple(k_cache.shape)}: they must "
+                         "agree except in the last dimension")
+    if nheads % nheads_k:
+        raise ShapeError(f"q has {nheads} heads, not a multiple of the cache's nheads_k {nheads_k}")
+    if indices.device != q.device:
+        raise DeviceError(f"indices is on {indices.device} but q is on {q.device}")
+    if indices.shape[0] != batch or indices.shape[1] not in (nheads_k, nheads):
+        raise ShapeError(f"indices must be (batch, nheads_k, n) = ({batch}, {nheads_k}, n) or one list per query "
+                         f"head ({batch}, {nheads}, n), got {tuple(indices.shape)}")
+    if paged:
+        block_table = check_tensor("block_table", block_table, 2, "(batch, max_pages)", INDEX_DTYPES)
+        if block_table.shape[0] != batch:
+            raise ShapeError(f"block_table has {block_table.shape[0]} rows, q has batch {batch}")
+        if block_table.device != q.device:
+            raise DeviceError(f"block_table is on {block_table.device} but q is on {q.device}")
+    elif k_cache.shape[0] != batch:
+        raise ShapeError(f"k_cache has batch {k_cache.shape[0]}, q has {batch} (pass block_table for a paged cache)")
+    return q, k_cache, v_cache, indices, block_table
+
+
+def capacity_of(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
+    """Token positions one sequence can address."""
+    return k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+
+
+def check_gather_data(k_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor | None) -> None:
+    """The checks that read data: every index in ``-1 .. capacity - 1`` and
+    every page a listed position falls in inside ``0 .. num_pages - 1``."""
+    capacity = capacity_of(k_cache, block_table)
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < -1 or high >= capacity:
+            raise ArgumentError(f"indices must be token positions in -1 .. {capacity - 1} (-1 = no token), got "
+                                f"values from {low} to {high}")
+        if block_table is not None:
+            used = indices[indices >= 0].to(torch.long)
+            rows = torch.arange(indices.shape[0], device=indices.device)[:, None, None].expand_as(indices)[indices >= 0]
+            pages = block_table.to(torch.long)[rows, used // k_cache.shape[1]]
+            if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
+                raise ArgumentError(f"block_table maps listed positions to pages outside 0 .. {k_cache.shape[0] - 1}")
+
+
+def gather_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    backend: str = "auto",
+    check: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each decode query over the token positions listed for it.
+
+    Args:
+        q: ``(batch, nheads, headdim)``, float32/float16/bfloat16.
+        k_cache, v_cache: contiguous ``(batch, capacity, nheads_k, headdim)``
+            or paged ``(num_pages, page_size, nheads_k, headdim)`` with
+            ``block_table``; same dtype and device as q. Read in place.
+        indices: ``(batch, nheads_k, n)`` (one list per kv head, shared by its
+            query group) or ``(batch, nheads, n)`` (one per query head) int32
+            token positions of each sequence; ``-1`` = no token (lists may be
+            padded with -1 at any place). Positions must be distinct within
+            a list (not checked: a repeat counts twice).
+        block_table: ``(batch, max_pages)`` int32 for a paged cache.
+        softmax_scale: defaults to ``headdim ** -0.5``. softcap: as in
+            :func:`longattn.attention`.
+        backend: ``"auto"`` or a twin name (``GATHER_BACKENDS.names``).
+        check: read ``indices`` (and ``block_table``) to check their ranges:
+            None = on CPU tensors only (free there), True, False.
+
+    Returns:
+        ``(out, lse)``: out like q, lse ``(batch, nheads)`` float32, natural
+        log, over exactly the listed tokens (an empty list: 0 and -inf) --
+        ready for :func:`longattn.kernels.merge.merge_states` with another part.
+    """
+    q, k_cache, v_cache, indices, block_table = check_gather_layout(q, k_cache, v_cache, indices, block_table)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    softcap = check_softcap(softcap)
+    if check is not None and not isinstance(check, bool):
+        raise ArgumentError(f"check must be None, True or False, got {check!r}")
+    if type(backend) is not str:
+        raise ArgumentError(f"backend must be 'auto' or one of {GATHER_BACKENDS.names}, got {backend!r}")
+    if check or (check is None and q.device.type == "cpu"):
+        check_gather_data(k_cache, indices, block_table)
+    call = GatherCall(q, k_cache, v_cache, indices, block_table, scale, softcap)
+    return GATHER_BACKENDS.select(call, backend).run(call)
+
+
+__all__ = ["GATHER_BACKENDS", "GatherCall", "capacity_of", "check_gather_data", "check_gather_layout",
+           "gather_decode", "gather_decode_eager"]
