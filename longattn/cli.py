@@ -1,4 +1,4 @@
-"""The ``longattn`` command: ``longattn bench [GROUP]``, ``doctor``, ``simulate lean``, ``calibrate duo``.
+"""The ``longattn`` command: ``bench [GROUP]``, ``doctor``, ``simulate lean``, ``calibrate duo|double-sparsity``.
 
 Each subcommand is a :class:`Command` (its arguments and its run function);
 adding one (``simulate``, ``calibrate``) is one more entry in ``COMMANDS``.
@@ -125,40 +125,93 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- calibrate --------------------------------------------------------------
+
 def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("method", metavar="METHOD", help="duo: find DuoAttention's retrieval heads")
+    # One sub-parser per method: each method's options (and --help) are its own.
+    methods = parser.add_subparsers(dest="target", metavar="METHOD", help="the method to calibrate (each has --help)")
+    duo = methods.add_parser("duo", help="find DuoAttention's retrieval heads; write a HeadPattern file",
+                             description="find DuoAttention's retrieval heads; write a HeadPattern file")
+    _add_model_options(duo)
+    duo.add_argument("--how", choices=("scores", "optimise"), default="scores",
+                     help="scores: training-free echo/induction scores (default); optimise: DuoAttention's "
+                          "gate optimisation")
+    duo.add_argument("--sparsity", type=float, default=0.5, help="fraction of kv heads made streaming heads")
+    duo.add_argument("--sink-size", type=int, default=64)
+    duo.add_argument("--recent-size", "--window-size", dest="recent_size", type=int, default=256,
+                     help="tokens a streaming head sees, itself included (default: 256; --window-size is its old name)")
+    duo.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (default: 256)")
+    duo.add_argument("--steps", type=int, default=100, help="optimisation steps (optimise only; default: 100)")
+    duo.add_argument("--seed", type=int, default=0)
+    duo.add_argument("--out", required=True, metavar="FILE", help="where to write the HeadPattern JSON")
+
+    ds_help = ("rank each kv head's channels by mean |q*k| (or |q|, |k|) over the queries and keys of the model's "
+               "longattn.attention calls on random tokens; write a ChannelConfig file")
+    ds = methods.add_parser("double-sparsity", help=ds_help, description=ds_help)
+    _add_model_options(ds)
+    ds.add_argument("--r", type=int, required=True, metavar="R",
+                    help="channels kept per kv head by default (the file keeps the full ranking; even with a rotary "
+                         "layout); the paper uses headdim/16 to headdim/4")
+    ds.add_argument("--method", dest="score", choices=("qk", "q", "k"), default="qk",
+                    help="channel score: mean |q_c k_c| (qk, default), |q_c| (q) or |k_c| (k)")
+    ds.add_argument("--rotary", choices=("half", "interleaved", "none"), required=True,
+                    help="the model's rotary layout: half (GPT-NeoX/Llama: channel i pairs with i + headdim/2), "
+                         "interleaved (GPT-J: 2i with 2i+1) or none; rotary pairs are kept whole")
+    ds.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (default: 256)")
+    ds.add_argument("--batch", type=int, default=4, help="calibration sequences (default: 4)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--out", required=True, metavar="FILE", help="where to write the ChannelConfig JSON")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODULE:CALLABLE",
                         help="a callable returning the model (an nn.Module taking token ids (batch, seqlen) whose "
                              "layers call longattn.attention), e.g. mypkg.models:make_model")
     parser.add_argument("--vocab-size", type=int, required=True, help="token ids are drawn from [0, VOCAB_SIZE)")
-    parser.add_argument("--how", choices=("scores", "optimise"), default="scores",
-                        help="scores: training-free echo/induction scores (default); optimise: DuoAttention's "
-                             "gate optimisation")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of kv heads made streaming heads")
-    parser.add_argument("--sink-size", type=int, default=64)
-    parser.add_argument("--recent-size", "--window-size", dest="recent_size", type=int, default=256,
-                        help="tokens a streaming head sees, itself included (default: 256; --window-size is its old name)")
-    parser.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (default: 256)")
-    parser.add_argument("--steps", type=int, default=100, help="optimisation steps (optimise only; default: 100)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, metavar="FILE", help="where to write the HeadPattern JSON")
 
 
-def _run_calibrate(args: argparse.Namespace) -> int:
+def _load_model(spec: str):
     import importlib
 
-    from longattn.bench.progress import Progress
     from longattn.errors import ArgumentError
-    from longattn.sparse.calibrate import calibrate_duo
 
-    if args.method != "duo":
-        raise ArgumentError(f"METHOD must be one of ['duo'], got {args.method!r}")
-    module_name, _, attr = args.model.partition(":")
+    module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ArgumentError(f"--model {args.model!r} does not name an importable MODULE:CALLABLE ({exc})") from None
-    model = factory()
+        raise ArgumentError(f"--model {spec!r} does not name an importable MODULE:CALLABLE ({exc})") from None
+    return factory()
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from longattn.errors import ArgumentError
+
+    if args.target == "duo":
+        return _run_calibrate_duo(args)
+    if args.target == "double-sparsity":
+        return _run_calibrate_double_sparsity(args)
+    raise ArgumentError(f"METHOD must be one of ['duo', 'double-sparsity'], got {args.target!r}")
+
+
+def _check_out_file(path: str) -> None:
+    """Fail before a long calibration run, not after, if ``--out`` cannot be written."""
+    import os
+
+    from longattn.errors import ArgumentError
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ArgumentError(f"--out {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ArgumentError(f"--out {path}: the directory {parent} is not writable")
+
+
+def _run_calibrate_duo(args: argparse.Namespace) -> int:
+    from longattn.bench.progress import Progress
+    from longattn.sparse.calibrate import calibrate_duo
+
+    _check_out_file(args.out)
+    model = _load_model(args.model)
     kwargs = {"seqlen": args.seqlen}
     if args.how == "optimise":
         progress = Progress(1, quiet=False)
@@ -175,6 +228,22 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_calibrate_double_sparsity(args: argparse.Namespace) -> int:
+    from longattn.sparse.channels import calibrate_double_sparsity
+
+    _check_out_file(args.out)
+    model = _load_model(args.model)
+    config = calibrate_double_sparsity(model, vocab_size=args.vocab_size, r=args.r, method=args.score,
+                                       rotary=args.rotary, seqlen=args.seqlen, batch=args.batch, seed=args.seed)
+    config.save(args.out)
+    top = [f"layer {i}: " + " | ".join(" ".join(str(c) for c in row[:config.r]) for row in layer)
+           for i, layer in enumerate(config.ranking)]
+    print("\n".join([f"{config.num_layers} layers x {config.nheads_k} kv heads x headdim {config.headdim}, "
+                      f"top {config.r} channels per kv head (method {config.method}, rotary {config.rotary}):",
+                      *top, f"config: {args.out}"]))
+    return 0
+
+
 COMMANDS = (
     Command("bench", "time attention methods against baselines; write a table, JSON and a plot",
             _configure_bench, _run_bench),
@@ -182,7 +251,8 @@ COMMANDS = (
             _configure_doctor, _run_doctor),
     Command("simulate", "model decode schedules on a GPU (lean: FA2 vs split-K vs stream-K); table, JSON, plot",
             _configure_simulate, _run_simulate),
-    Command("calibrate", "find a model's retrieval and streaming heads (duo); write a HeadPattern file",
+    Command("calibrate", "calibrate a sparse method on a model: duo (retrieval/streaming heads, a HeadPattern "
+                         "file), double-sparsity (outlier channels, a ChannelConfig file)",
             _configure_calibrate, _run_calibrate),
 )
 

@@ -36,6 +36,9 @@ call that raises there still writes nothing:
 - ``sparse=HiP(...)``: ``longattn::hip_decode_step``, which also mutates the
   state, held as tensors (:meth:`~longattn.sparse.HiPDecodeState.as_tensors`:
   a graph cannot update a Python object from lengths it reads when it runs).
+  Quest, DoubleSparsity and TidalDecode do not trace yet (their states are
+  Python objects sized by the lengths): under ``torch.compile`` their step
+  runs eagerly behind a graph break (so ``fullgraph=True`` refuses it).
 
 The plan crosses the op boundary as ints
 (:func:`~longattn.kernels.decode.plan.plan_spec`), ``check`` as -1 (None), 0, 1.
@@ -87,7 +90,8 @@ def decode_attention(
     backend: str = "auto",
     return_lse: bool = False,
     check: bool | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_selection: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Attention of a few new queries over a KV cache; ``flash_attn_with_kvcache`` semantics.
 
     Args:
@@ -140,13 +144,39 @@ def decode_attention(
 
         window_size, softcap, softmax_scale: as in :func:`longattn.attention`.
         sparse, state: a sparse decode method and the state object it keeps
-            between steps of one layer: ``sparse=HiP(...)`` with
-            ``state=HiPDecodeState()`` (see :mod:`longattn.sparse.hip_decode`;
-            ``state=None`` searches every step). Sparse decode runs on the
-            PyTorch twin, takes no ``window_size`` or ``plan``, always
-            checks (its search reads the lengths on the host anyway). Under
-            ``torch.compile`` the state lives in tensors (see
-            :class:`~longattn.sparse.HiPDecodeState`'s ``compiled``).
+            between steps of one layer (the caller holds it):
+
+            - ``sparse=HiP(...)``, ``state=HiPDecodeState()`` (see
+              :mod:`longattn.sparse.hip_decode`; ``state=None`` searches every
+              step). Under ``torch.compile`` the state lives in tensors (see
+              :class:`~longattn.sparse.HiPDecodeState`'s ``compiled``).
+            - ``sparse=Quest(...)``, ``state=QuestState(config)`` (page min/max
+              metadata, :mod:`longattn.sparse.quest`) and
+              ``sparse=DoubleSparsity(channels, ...)``,
+              ``state=DoubleSparsityState(config)`` (label cache,
+              :mod:`longattn.sparse.double_sparsity`): the state is built once
+              by ``state.prefill(k_cache, cache_seqlens, block_table)`` (or by
+              the first step, from the cache) and updated by every step with
+              the keys it appends; it must cover exactly ``cache_seqlens``
+              tokens per sequence (else an ArgumentError, nothing written).
+              ``state=None`` rebuilds it from the whole cache every step.
+            - ``sparse=TidalDecode(...).layer(i)``, ``state=TidalState()``: one
+              state per decode step shared by all layers of the step (see
+              :mod:`longattn.sparse.tidal`); dense and selection layers run
+              dense decode, reuse layers need the state their selection layer
+              filled.
+
+            Quest, DoubleSparsity and TidalDecode take ``seqlen_q == 1``
+            (else UnsupportedFeatureError); per kv head they select token
+            positions (each sequence over its own length; contiguous or
+            paged cache) and attend exactly those through
+            :func:`longattn.kernels.gather.gather_decode`. The order of a
+            call: layout checks, data checks (lengths, block_table, the state
+            against this batch and config), append ``k_new``, update the
+            state, select, attend. Sparse decode takes no ``window_size``
+            or ``plan``, ``backend`` "auto" or "eager", always checks (the
+            selection reads the lengths on the host anyway); only HiP traces
+            under ``torch.compile`` (the others run behind a graph break).
         plan: a stream-K :class:`~longattn.decode.DecodePlan` from
             :func:`~longattn.decode.plan_decode` over the lengths ``L_b``, to
             reuse one schedule across layers; None plans per call (on a GPU
@@ -158,6 +188,11 @@ def decode_attention(
             themselves when ``check`` is on.
         backend: ``"auto"`` or a twin name (``longattn doctor`` lists them).
         return_lse: also return lse ``(batch, nheads, seqlen_q)`` float32.
+        return_selection: (Quest, DoubleSparsity, TidalDecode only) also
+            return the ``(batch, nheads_k, n)`` int32 token positions attended
+            this step, one list per kv head shared by its query group:
+            positions ascending, then ``-1`` padding (n is the longest list of
+            the batch); a dense Tidal layer lists every position.
         check: the checks that read tensor data (``cache_seqlens >= 0``,
             overflow, ``block_table`` entries in range and no page written by
             one sequence and used by another entry, a plan's lengths).
@@ -168,8 +203,10 @@ def decode_attention(
             then undefined behaviour, as in flash-attn).
 
     Returns:
-        ``out`` like q (or ``(out, lse)``). A sequence with no visible key gets
-        out 0 and lse -inf.
+        ``out`` like q, then ``lse`` if ``return_lse``, then ``selection`` if
+        ``return_selection``: ``out``, ``(out, lse)``, ``(out, selection)`` or
+        ``(out, lse, selection)``. A sequence with no visible key gets out 0
+        and lse -inf.
 
     Raises:
         A :class:`~longattn.errors.LongAttnError` subclass naming the argument
@@ -187,10 +224,18 @@ def decode_attention(
     )
     if check is not None and check is not True and check is not False:
         raise ArgumentError(f"check must be None, True or False, got {check!r}")
+    if return_selection is not True and return_selection is not False:
+        raise ArgumentError(f"return_selection must be a bool, got {return_selection!r}")
     if sparse is not None:
         _check_sparse_decode(sparse, window, causal, plan, backend)
     elif state is not None:
         raise UnsupportedFeatureError(f"state={state!r}: decode state objects belong to sparse methods; pass None")
+    token_sparse = sparse is not None and _is_token_sparse(sparse)
+    if return_selection and not token_sparse:
+        raise UnsupportedFeatureError(
+            f"return_selection=True needs sparse=Quest(...), DoubleSparsity(...) or a TidalDecode layer, got "
+            f"sparse={sparse!r}"
+        )
     if (cache_batch_idx is not None or cache_leftpad is not None or rotary_cos is not None
             or rotary_sin is not None or rotary_interleaved is not True):
         return _decode_extras(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx,
@@ -198,6 +243,14 @@ def decode_attention(
                               window=window, softcap=softcap, sparse=sparse, plan=plan, backend=backend,
                               return_lse=return_lse, check=check)
     args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    if token_sparse:
+        # Not traceable (see the module docstring): torch.compile runs it eagerly (a graph break).
+        out, lse, selection = _token_sparse_step(q, args, sparse, state, scale=scale, softcap=softcap,
+                                                 backend=backend, return_selection=return_selection)
+        result = (out, lse) if return_lse else (out,)
+        if return_selection:
+            result = (*result, selection)
+        return result if len(result) > 1 else out
     if sparse is not None:
         if torch.compiler.is_compiling():
             out, lse = _traced_hip_step(q, args, sparse, state, scale=scale, softcap=softcap, causal=causal)
@@ -351,20 +404,115 @@ def _check_plan_layout(plan: object, q: torch.Tensor, args: CacheArgs) -> None:
 # --- sparse -------------------------------------------------------------------
 
 def _check_sparse_decode(sparse, window, causal, plan, backend) -> None:
-    from longattn.sparse import HiP
+    from longattn.sparse import DoubleSparsity, HiP, Quest, TidalLayer
 
-    if not isinstance(sparse, HiP):
+    if isinstance(sparse, HiP):
+        name = "HiP"
+        own = "it has its own sink_size and recent_size"
+    elif isinstance(sparse, (Quest, DoubleSparsity, TidalLayer)):
+        name = type(sparse).__name__
+        own = "it selects its own tokens"
+    else:
+        extra = ""
+        if type(sparse).__name__ == "TidalDecode":
+            extra = "; pass one layer's config, tidal.layer(i)"
         raise UnsupportedFeatureError(
-            f"sparse={sparse!r} is not a sparse decode method this version provides (longattn.sparse.HiP)"
+            f"sparse={sparse!r} is not a sparse decode method this version provides (longattn.sparse.HiP, Quest, "
+            f"DoubleSparsity, TidalDecode(...).layer(i)){extra}"
         )
     if window != (-1, 0 if causal else -1):
-        raise UnsupportedFeatureError(
-            "window_size cannot be combined with sparse=HiP: it has its own sink_size and recent_size"
-        )
+        raise UnsupportedFeatureError(f"window_size cannot be combined with sparse={name}: {own}")
     if plan is not None:
-        raise UnsupportedFeatureError("plan= schedules dense stream-K decode; it does not apply to sparse=HiP")
+        raise UnsupportedFeatureError(f"plan= schedules dense stream-K decode; it does not apply to sparse={name}")
     if backend not in ("auto", "eager"):
-        raise UnsupportedFeatureError(f"backend={backend!r} cannot serve sparse=HiP decode yet; use 'auto' or 'eager'")
+        raise UnsupportedFeatureError(f"backend={backend!r} cannot serve sparse={name} decode yet; use 'auto' or "
+                                      "'eager'")
+
+
+def _is_token_sparse(sparse) -> bool:
+    """Quest, DoubleSparsity or a TidalDecode layer (the gather-decode methods)."""
+    from longattn.sparse import DoubleSparsity, Quest, TidalLayer
+
+    return isinstance(sparse, (Quest, DoubleSparsity, TidalLayer))
+
+
+@torch.compiler.disable
+def _token_sparse_step(q, args: CacheArgs, config, state, *, scale: float, softcap: float, backend: str,
+                       return_selection: bool):
+    """:func:`_token_sparse_decode`, always run eagerly (torch.compile breaks the graph here)."""
+    return _token_sparse_decode(q, args, config, state, scale=scale, softcap=softcap, backend=backend,
+                                return_selection=return_selection)
+
+
+def _token_sparse_decode(q, args: CacheArgs, config, state, *, scale: float, softcap: float, backend: str,
+                         return_selection: bool = True):
+    """Quest / DoubleSparsity / TidalDecode step: ``(out, lse, selection)``
+    (a dense Tidal layer's selection, every position, is made only when
+    ``return_selection``; else None).
+
+    Order (a call that raises changes nothing): layout checks (q's seqlen, the
+    state's type), data checks (lengths, block_table; the state against this
+    batch and config), then the append, the state's update with the appended
+    keys, the selection, and exact attention over it through ``gather_decode``
+    (``backend`` "auto" or "eager" both always serve). Selection scores use
+    ``q * softmax_scale`` (so a negative scale ranks correctly; softcap is
+    monotone and does not change the ranking)."""
+    from longattn.kernels.gather import gather_decode
+    from longattn.sparse import DoubleSparsity, DoubleSparsityState, Quest, QuestState, TidalState
+    from longattn.sparse.tidal import all_positions, select_top_tokens
+
+    name = type(config).__name__
+    if q.shape[1] != 1:
+        raise UnsupportedFeatureError(
+            f"sparse={name} decodes one query per sequence (seqlen_q 1), got seqlen_q {q.shape[1]}; run longer "
+            "chunks densely (sparse=None) or through longattn.attention"
+        )
+    if isinstance(config, Quest):
+        state_type = QuestState
+    elif isinstance(config, DoubleSparsity):
+        state_type = DoubleSparsityState
+        config.check_cache(args.k_cache.shape[2], args.k_cache.shape[3])
+    else:
+        state_type = TidalState
+        if state is None and config.role == "reuse":
+            raise ArgumentError(f"sparse=TidalLayer(role='reuse') for layer {config.index} needs state=, the "
+                                "step's TidalState that its selection layer filled")
+    if state is not None and not isinstance(state, state_type):
+        raise ArgumentError(f"state for sparse={name} must be a longattn.sparse.{state_type.__name__}, got "
+                            f"{type(state).__name__}")
+
+    lengths = args.cache_seqlens.tolist()  # the selection is host-driven: it reads the lengths anyway
+    check_cache_data(args, lengths)
+    totals = [n + args.seqlen_new for n in lengths]
+    nheads_k = args.k_cache.shape[2]
+    q3 = q[:, 0]
+    scaled = q3.float() * scale
+    table = args.block_table
+
+    if state_type is TidalState:
+        if config.role == "reuse":
+            selection = state.check_reuse(config, totals, nheads_k)  # reads only
+            append_new(args, lengths)
+        else:
+            # Dense and selection layers: the engine's exact dense decode (which appends).
+            out, lse = run_decode(q, args, scale=scale, window=(-1, -1), softcap=softcap, plan=None,
+                                  backend=backend, check=False)
+            if config.role == "selection":
+                selection = select_top_tokens(scaled, args.k_cache, table, totals, config.token_budget)
+                if state is not None:
+                    state.record(config.index, selection, totals)
+            else:
+                selection = all_positions(totals, nheads_k, q.device) if return_selection else None
+            return out, lse, selection
+    else:
+        holder = state if state is not None else state_type(config)  # None: a throwaway state per step
+        holder.check_step(config, lengths, args.k_cache)  # reads only
+        append_new(args, lengths)
+        holder.extend(args.k_cache, table, totals)
+        selection = holder.select(scaled, config.token_budget)
+    out, lse = gather_decode(q3, args.k_cache, args.v_cache, selection, block_table=table, softmax_scale=scale,
+                             softcap=softcap, backend=backend, check=False)
+    return out[:, None], lse[..., None], selection
 
 
 def _sparse_decode(q, args: CacheArgs, config, state, *, scale: float, softcap: float, causal: bool):

@@ -125,6 +125,11 @@ def test_cli_writes_a_pattern(tmp_path, capsys, how):
     assert retrieval == PLANTED
     assert "25% retrieval" in capsys.readouterr().out
     assert main(["calibrate", "duo", "--model", "no.such:thing", "--vocab-size", "8", "--out", out]) == 2
+    capsys.readouterr()
+    missing = str(tmp_path / "no-such-dir" / "p.json")
+    assert main(["calibrate", "duo", "--model", "tests.sparse.test_calibrate:make_tiny_model", "--vocab-size",
+                 str(VOCAB), "--out", missing]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 # --- calibration computes the attention the model's calls ask for -------------------------------------------------
