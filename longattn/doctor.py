@@ -31,6 +31,7 @@ REGISTRIES = (
     ("longattn.kernels.decode", "DECODE_BACKENDS"),
     ("longattn.kernels.block_sparse", "BLOCK_SPARSE_BACKENDS"),
     ("longattn.kernels.hip_score", "HIP_SCORE_BACKENDS"),
+    ("longattn.kernels.gather", "GATHER_BACKENDS"),
 )
 
 CXX_COMPILERS = ("c++", "g++", "clang++")

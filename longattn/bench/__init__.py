@@ -25,6 +25,7 @@ from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench import hip_decode as _hip_decode  # noqa: F401
 from longattn.bench import model as _model  # noqa: F401
 from longattn.bench import overhead as _overhead  # noqa: F401
+from longattn.bench import sparse_decode as _sparse_decode  # noqa: F401
 from longattn.bench import streaming as _streaming  # noqa: F401
 from longattn.bench import varlen as _varlen  # noqa: F401
 from longattn.bench.runner import run_group

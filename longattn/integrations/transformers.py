@@ -47,12 +47,14 @@ import torch
 
 from longattn.api import attention
 from longattn.errors import ArgumentError, UnsupportedFeatureError
-from longattn.integrations.transformers_names import SPARSE_FOR, sparse_config  # noqa: F401 - re-exported
+from longattn.decode_api import decode_attention
+from longattn.integrations.transformers_names import SPARSE_FOR, is_decode_time, sparse_config  # noqa: F401
 from longattn.integrations.transformers_unpad import any_unpadded_attention
 
 __all__ = ["register", "NAMES", "LongAttnCache"]
 
-NAMES = ("longattn", "longattn_hip", "longattn_streaming", "longattn_duo")
+NAMES = ("longattn", "longattn_hip", "longattn_streaming", "longattn_duo", "longattn_quest",
+         "longattn_double_sparsity", "longattn_tidal")
 
 # kwargs that would change the scores; longattn has no equivalent, so seeing
 # one (not None) is an error rather than a silent difference.
@@ -130,6 +132,24 @@ def _check_not_packed(position_ids: torch.Tensor | None, q_len: int, kv_len: int
         raise UnsupportedFeatureError(_PACKED_MESSAGE)
 
 
+def _decode_time_without_cache(qt, kt, vt, mask, opts, sparse) -> torch.Tensor:
+    """A decode-time method outside LongAttnCache: the prompt densely; a one-token
+    step selects over the whole cache transformers hands in (``state=None``:
+    rebuilt every step -- LongAttnCache keeps the state instead)."""
+    from longattn.sparse import TidalLayer  # noqa: PLC0415
+
+    if mask is not None:
+        raise UnsupportedFeatureError(f"{type(sparse).__name__} decodes unpadded batches only; drop the padding "
+                                      "(batch size 1, or equal lengths)")
+    if qt.shape[1] == kt.shape[1]:
+        return attention(qt, kt, vt, **opts)  # prefill: dense
+    if isinstance(sparse, TidalLayer):
+        raise UnsupportedFeatureError("TidalDecode carries one selection across the layers of a step: use "
+                                      "LongAttnCache (past_key_values=LongAttnCache(model.config, max_cache_len=N))")
+    lengths = torch.full((qt.shape[0],), kt.shape[1], dtype=torch.int32, device=qt.device)
+    return decode_attention(qt, kt, vt, cache_seqlens=lengths, sparse=sparse, **opts)
+
+
 def _make_attention_fn(sparse_for):
     """The ``AttentionInterface`` function; ``sparse_for(module)`` -> ``sparse=`` config or None."""
 
@@ -161,6 +181,8 @@ def _make_attention_fn(sparse_for):
         layer = kwargs.get(HANDOFF)
         if layer is not None:  # a LongAttnCache step: the layer holds the keys and attends
             return layer.attend(qt, kt, vt, attention_mask, opts, sparse), None
+        if is_decode_time(sparse):
+            return _decode_time_without_cache(qt, kt, vt, attention_mask, opts, sparse), None
         if attention_mask is None:
             out = attention(qt, kt, vt, sparse=sparse, **opts)
         else:
@@ -170,7 +192,40 @@ def _make_attention_fn(sparse_for):
     return longattn_attention
 
 
-def register(*, hip: object | None = None, streaming: object | None = None, duo: object | None = None) -> tuple[str, ...]:
+def _per_layer(what: str, config_of):
+    """``sparse_for(module)`` from ``config_of(layer_idx)``, cached per layer."""
+    per_layer: dict[int, object] = {}
+
+    def sparse_for(module):
+        idx = getattr(module, "layer_idx", None)
+        if idx is None:
+            raise UnsupportedFeatureError(f"longattn's {what} variant needs module.layer_idx on the attention "
+                                          f"module; {type(module).__name__} has none")
+        cfg = per_layer.get(idx)
+        if cfg is None:
+            cfg = per_layer[idx] = config_of(int(idx))
+        return cfg
+
+    return sparse_for
+
+
+def _ds_for_layer(double_sparsity: object):
+    """``layer_idx -> DoubleSparsity`` from a ChannelConfig, its path, or such a callable."""
+    from longattn.sparse import ChannelConfig  # noqa: PLC0415
+
+    if isinstance(double_sparsity, (str, os.PathLike)):
+        double_sparsity = ChannelConfig.load(double_sparsity)
+    if isinstance(double_sparsity, ChannelConfig):
+        return double_sparsity.for_layer
+    if callable(double_sparsity):
+        return double_sparsity
+    raise ArgumentError("double_sparsity must be a longattn.sparse.ChannelConfig, the path of its file, or a "
+                        f"callable layer_idx -> DoubleSparsity; got {type(double_sparsity).__name__}")
+
+
+def register(*, hip: object | None = None, streaming: object | None = None, duo: object | None = None,
+             quest: object | None = None, double_sparsity: object | None = None,
+             tidal: object | None = None) -> tuple[str, ...]:
     """Register longattn with transformers; returns the names registered.
 
     Args:
@@ -179,6 +234,18 @@ def register(*, hip: object | None = None, streaming: object | None = None, duo:
         duo: a :class:`longattn.sparse.HeadPattern`, or the path of a pattern
             file (``HeadPattern.save``, ``longattn calibrate duo``) ->
             ``"longattn_duo"`` (layer ``module.layer_idx`` uses its row).
+        quest: a :class:`longattn.sparse.Quest` -> ``"longattn_quest"``.
+        double_sparsity: a :class:`longattn.sparse.ChannelConfig` (or the path
+            of its file, ``longattn calibrate double-sparsity``; token budget
+            2048), or a callable ``layer_idx -> DoubleSparsity`` ->
+            ``"longattn_double_sparsity"``.
+        tidal: a :class:`longattn.sparse.TidalDecode` schedule (its
+            ``num_layers`` the model's) -> ``"longattn_tidal"``.
+
+    The last three are decode-time methods: prefill is dense attention; each
+    decode step selects tokens (through ``LongAttnCache``, with the layer's
+    state kept there; TidalDecode needs ``LongAttnCache``, whose layers share
+    one selection per step). Padded batches are refused for them.
 
     Idempotent: registering again replaces the earlier functions.
     """
@@ -214,6 +281,20 @@ def register(*, hip: object | None = None, streaming: object | None = None, duo:
             return cfg
 
         entries.append(("longattn_duo", duo_for))
+    if quest is not None:
+        from longattn.sparse import Quest  # noqa: PLC0415
+
+        if not isinstance(quest, Quest):
+            raise ArgumentError(f"quest must be a longattn.sparse.Quest, got {type(quest).__name__}")
+        entries.append(("longattn_quest", lambda module, cfg=quest: cfg))
+    if double_sparsity is not None:
+        entries.append(("longattn_double_sparsity", _per_layer("double_sparsity", _ds_for_layer(double_sparsity))))
+    if tidal is not None:
+        from longattn.sparse import TidalDecode  # noqa: PLC0415
+
+        if not isinstance(tidal, TidalDecode):
+            raise ArgumentError(f"tidal must be a longattn.sparse.TidalDecode, got {type(tidal).__name__}")
+        entries.append(("longattn_tidal", _per_layer("tidal", tidal.layer)))
     for name, sparse_for in entries:
         SPARSE_FOR[name] = sparse_for
         AttentionInterface.register(name, _make_attention_fn(sparse_for))

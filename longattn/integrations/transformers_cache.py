@@ -24,6 +24,11 @@ Streaming                     a :class:`~longattn.sparse.StreamingCache`:
 Duo                           a :class:`~longattn.sparse.DuoCache`: full
                               buffers for retrieval heads, sinks + window for
                               streaming heads; its ``step``
+Quest, Double Sparsity        the dense buffers and the layer's
+                              ``QuestState`` / ``DoubleSparsityState``;
+                              ``decode_attention(sparse=..., state=...)``
+TidalDecode                   the dense buffers; one ``TidalState`` per step
+                              shared by the layers (a new one at layer 0)
 ============================  ================================================
 
 A batch whose mask is not plain left padding (right padding), and a padded
@@ -53,7 +58,7 @@ import torch
 from longattn.api import attention
 from longattn.decode_api import decode_attention
 from longattn.errors import ArgumentError, UnsupportedFeatureError
-from longattn.integrations.transformers_names import sparse_config
+from longattn.integrations.transformers_names import is_decode_time, sparse_config
 from longattn.integrations.transformers_unpad import (
     any_unpadded_attention,
     assert_left_padded,
@@ -96,9 +101,11 @@ class LongAttnLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, layer_idx: int, max_cache_len: int, page_size: int | None, impl_of: Callable[[], Any]):
+    def __init__(self, layer_idx: int, max_cache_len: int, page_size: int | None, impl_of: Callable[[], Any],
+                 shared: dict | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.shared = {} if shared is None else shared  # state shared by a cache's layers (TidalDecode's selection)
         self.max_cache_len = max_cache_len
         self.page_size = page_size
         self._impl_of = impl_of
@@ -108,7 +115,7 @@ class LongAttnLayer(CacheLayerMixin):
         self.length = 0
         self.mode: str | None = None  # "full", "fallback" (full buffers, unpadded passes), "store"
         self.k_buf = self.v_buf = self.k_pages = self.v_pages = self.block_table = None
-        self.lengths = self.leftpad = self.store = self.hip_state = None
+        self.lengths = self.leftpad = self.store = self.hip_state = self.selection_state = None
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -181,6 +188,8 @@ class LongAttnLayer(CacheLayerMixin):
             self.leftpad.clamp_(max=keep)
         if self.hip_state is not None:
             self.hip_state.reset()  # its selection may list dropped keys
+        self.selection_state = None  # rebuilt from the cache at the next step
+        self.shared.pop("tidal", None)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -195,6 +204,9 @@ class LongAttnLayer(CacheLayerMixin):
         k, v = self.k_buf.index_select(0, idx), self.v_buf.index_select(0, idx)
         leftpad = None if self.leftpad is None else self.leftpad.index_select(0, idx)
         length, mode = self.length, self.mode
+        self.selection_state = None
+        if self.hip_state is not None:
+            self.hip_state.reset()
         self._allocate_full(k, v, mode)
         self.k_buf.copy_(k)
         self.v_buf.copy_(v)
@@ -284,6 +296,14 @@ class LongAttnLayer(CacheLayerMixin):
         return self._fallback(q, k, v, mask, opts, sparse)
 
     def _prefill(self, q, k, v, mask, opts, sparse):
+        if is_decode_time(sparse):  # Quest, Double Sparsity, TidalDecode: dense prefill, selection at decode
+            if mask is not None:
+                if not torch.compiler.is_compiling():
+                    raise UnsupportedFeatureError(f"{type(sparse).__name__} decodes unpadded batches only; drop "
+                                                  "the padding (batch size 1, or equal lengths)")
+                assert_left_padded(mask, None, _COMPILED_SPARSE_RULE)
+            self._hold_prompt(k, v, None, opts["softcap"], sparse)
+            return attention(q, k, v, **opts)
         if mask is not None and torch.compiler.is_compiling():
             # Storage cannot depend on the mask's values (no host read): dense
             # layers take it as left padding, sparse ones as no padding, each
@@ -323,7 +343,7 @@ class LongAttnLayer(CacheLayerMixin):
         if sparse is None:
             mode = "full" if mask is None or pads is not None else "fallback"
         else:
-            mode = "full" if mask is None and isinstance(sparse, HiP) else "fallback"
+            mode = "full" if mask is None and (isinstance(sparse, HiP) or is_decode_time(sparse)) else "fallback"
         self._allocate_full(k, v, mode)
         self._write(k, v)
         self.leftpad = pads if mode == "full" else None
@@ -348,6 +368,8 @@ class LongAttnLayer(CacheLayerMixin):
 
                 self.hip_state = HiPDecodeState()
             extra = dict(sparse=sparse, state=self.hip_state)
+        elif is_decode_time(sparse):
+            extra = dict(sparse=sparse, state=self._selection_state(sparse))
         elif sparse is not None:  # pragma: no cover - Streaming/Duo without padding use their stores
             raise AssertionError(f"unexpected sparse method {sparse!r} on a full LongAttnCache layer")
         if leftpad is not None:
@@ -361,6 +383,21 @@ class LongAttnLayer(CacheLayerMixin):
         out = decode_attention(q, kc, vc, cache_seqlens=self.lengths, k_new=k, v_new=v, **extra, **opts)
         self._advance(k.shape[1])
         return out
+
+    def _selection_state(self, sparse):
+        """The state ``sparse`` keeps: this layer's Quest/Double Sparsity state
+        (it fills itself from the cache on its first step), or the TidalDecode
+        selection shared by the layers of one step (a new one at layer 0)."""
+        from longattn.sparse import DoubleSparsityState, QuestState, TidalLayer, TidalState
+
+        if isinstance(sparse, TidalLayer):
+            if self.layer_idx == 0 or "tidal" not in self.shared:
+                self.shared["tidal"] = TidalState()  # layer 0 starts a decode step
+            return self.shared["tidal"]
+        if self.selection_state is None or self.selection_state.config != sparse:
+            kind = QuestState if type(sparse).__name__ == "Quest" else DoubleSparsityState
+            self.selection_state = kind(sparse)
+        return self.selection_state
 
     def _fallback(self, q, k, v, mask, opts, sparse):
         if mask is not None and not torch.compiler.is_compiling():
@@ -401,5 +438,6 @@ class LongAttnCache(Cache):
             raise ArgumentError(f"page_size must be None or a positive int, got {page_size!r}")
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         impl_of = lambda: getattr(cfg, "_attn_implementation", None)  # noqa: E731 - read at each update
-        layers = [LongAttnLayer(i, max_cache_len, page_size, impl_of) for i in range(cfg.num_hidden_layers)]
+        shared: dict = {}
+        layers = [LongAttnLayer(i, max_cache_len, page_size, impl_of, shared) for i in range(cfg.num_hidden_layers)]
         super().__init__(layers=layers)

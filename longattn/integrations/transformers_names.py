@@ -19,3 +19,13 @@ def sparse_config(name: str, layer_idx: int) -> object | None:
         raise UnsupportedFeatureError(f"attn_implementation {name!r} is not registered by "
                                       "longattn.integrations.transformers.register()")
     return sparse_for(types.SimpleNamespace(layer_idx=layer_idx))
+
+
+def is_decode_time(sparse: object | None) -> bool:
+    """True for the methods that only select at decode (Quest, Double Sparsity,
+    TidalDecode): their prefill is dense attention."""
+    if sparse is None:
+        return False
+    from longattn.sparse import DoubleSparsity, Quest, TidalLayer
+
+    return isinstance(sparse, (Quest, DoubleSparsity, TidalLayer))

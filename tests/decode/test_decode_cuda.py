@@ -185,25 +185,32 @@ EMU_LAUNCH(bf16, __nv_bfloat16)
 """
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    """The CUDA source compiled for the CPU emulation, as a ctypes library."""
+def build_emulation(harness: str, source_dir, timeout: int = 120):
+    """Yield the CUDA sources in ``source_dir`` compiled with ``harness`` for the
+    CPU emulation of the CUDA execution model, as a ctypes library (a
+    generator for module fixtures; skips when g++ cannot build it)."""
+    import tempfile
+
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on the PATH (needed to run the CUDA kernels in the CPU emulation)")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in (("cuda_fp16.h", _EMU_FP16), ("cuda_bf16.h", _EMU_BF16), ("prelude.h", _EMU_PRELUDE),
-                           ("harness.cpp", _EMU_HARNESS)):
+                           ("harness.cpp", harness)):
             with open(f"{tmp}/{name}", "w") as f:
                 f.write(text)
-        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{tmp}", f"-I{decode_cuda.SOURCE.parent}",
+        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{tmp}", f"-I{source_dir}",
                "-include", "prelude.h", f"{tmp}/harness.cpp", "-o", f"{tmp}/emu.so"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:  # an old toolchain (no C++20 <barrier>, no _Float16); nvcc checks the source
             pytest.skip(f"g++ cannot build the CUDA emulation: {proc.stderr.strip()[-300:]}")
         yield ctypes.CDLL(f"{tmp}/emu.so")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The CUDA source compiled for the CPU emulation, as a ctypes library."""
+    yield from build_emulation(_EMU_HARNESS, decode_cuda.SOURCE.parent)
 
 
 def _emulate(lib, case: DecodeCase, num_workers: int, block_n: int, heads_per_tile: int = 1):

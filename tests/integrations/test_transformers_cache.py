@@ -268,3 +268,63 @@ def test_duo_pattern_from_a_file(tmp_path):
     with pytest.raises(ArgumentError, match="HeadPattern or the path"):
         lt.register(duo=3)
     register_methods_and_oracles()  # back to this module's registrations
+
+
+# --- decode-time methods: Quest, Double Sparsity, TidalDecode ---------------------------------------------------
+
+def _register_decode_time(budget):
+    from longattn.sparse import ChannelConfig, Quest, TidalDecode
+
+    ranking = tuple(tuple(tuple(range(16)) for _ in range(2)) for _ in range(2))  # 2 layers x 2 kv heads, headdim 16
+    channels = ChannelConfig(ranking=ranking, r=4, rotary="none", method="qk")
+    return lt.register(quest=Quest(token_budget=budget, page_size=4),
+                       double_sparsity=lambda i: channels.for_layer(i, token_budget=budget),
+                       tidal=TidalDecode(2, dense_layers=(), selection_layers=(0,), token_budget=budget))
+
+
+@pytest.mark.parametrize("impl", ["longattn_quest", "longattn_double_sparsity", "longattn_tidal"])
+def test_decode_time_methods_with_budget_covering_the_context_generate_sdpas_tokens(impl, monkeypatch):
+    names = _register_decode_time(budget=64)
+    assert impl in names
+    model, _ = _build("llama")
+    ids, _ = _inputs(left_padding=False)
+    model.set_attn_implementation("sdpa")
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    calls = []
+    real = ltc.decode_attention
+    monkeypatch.setattr(ltc, "decode_attention", lambda *a, **k: calls.append(k.get("sparse")) or real(*a, **k))
+    model.set_attn_implementation(impl)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         **{_cache_kwarg(model): lt.LongAttnCache(model.config, max_cache_len=32)})
+    assert torch.equal(out, expected)
+    assert len(calls) == 5 * 2 and all(c is not None for c in calls)  # every step of every layer selected
+
+
+@pytest.mark.parametrize("impl", ["longattn_quest", "longattn_double_sparsity"])
+def test_decode_time_methods_small_budget_cache_matches_the_stateless_path(impl):
+    # LongAttnCache keeps each layer's state; without it every step rebuilds it from the whole
+    # cache: the same selection, the same exact attention over it.
+    _register_decode_time(budget=8)
+    model, _ = _build("llama")
+    model.set_attn_implementation(impl)
+    ids, _ = _inputs(left_padding=False)
+    extra = _extra(3)
+    ours = _steps(model, impl, ids, extra, cache=lt.LongAttnCache(model.config, max_cache_len=32))
+    stateless = _steps(model, impl, ids, extra, cache=transformers.DynamicCache(config=model.config))
+    dense = _steps(model, "longattn", ids, extra, cache=lt.LongAttnCache(model.config, max_cache_len=32))
+    assert_close_to_oracle(ours, stateless, stateless, name=f"{impl} cached vs stateless")
+    assert (ours - dense).abs().max() > 1e-4  # the budget really drops tokens here
+
+
+def test_decode_time_methods_refuse_padding_and_tidal_needs_the_cache():
+    _register_decode_time(budget=8)
+    model, _ = _build("llama")
+    ids, mask = _inputs(left_padding=True)
+    model.set_attn_implementation("longattn_quest")
+    with torch.no_grad(), pytest.raises(UnsupportedFeatureError, match="unpadded batches only"):
+        model(ids, attention_mask=mask, use_cache=True,
+              **{_cache_kwarg(model): lt.LongAttnCache(model.config, max_cache_len=32)})
+    model.set_attn_implementation("longattn_tidal")
+    with pytest.raises(UnsupportedFeatureError, match="use LongAttnCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    register_methods_and_oracles()

@@ -7,7 +7,17 @@ ranges when ``check`` says so) and runs the twin the registry selects.
 
 Twins (priority order for ``backend="auto"``):
 
+- ``cpp``: C++/OpenMP kernel (``csrc/cpu/gather_decode.cpp``), built on first
+  use; reads the listed rows in place with the decode kernel's micro-kernels.
+- ``triton``: Triton kernel (GPU; on CPU only under ``TRITON_INTERPRET=1``,
+  for verification, never picked by auto there).
+- ``cuda``: CUDA C++ (``csrc/cuda/gather_decode.cu``) compiled at first use
+  with NVRTC through cupy; compile-checked with nvcc and run in a CPU emulation,
+  not yet on a GPU, so auto does not pick it (force ``backend="cuda"``).
 - ``eager``: PyTorch gather + matmul; serves every call (the specification).
+
+Every twin takes the same arguments and returns ``(out, lse)``; the GPU twins
+import lazily (triton and cupy are optional).
 """
 
 from __future__ import annotations
@@ -18,7 +28,11 @@ import torch
 
 from longattn.dispatch import Backend, Registry
 from longattn.errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from longattn.kernels.gather.cpp import cpu_unavailable_reason, gather_decode_cpu
+from longattn.kernels.gather.cuda import MAX_HEADDIM as CUDA_MAX_HEADDIM  # imports no cupy
+from longattn.kernels.gather.cuda import cuda_unavailable_reason
 from longattn.kernels.gather.eager import gather_decode_eager
+from longattn.kernels.support import triton_support
 from longattn.validation import FLOAT_DTYPES, check_softcap, check_softmax_scale, check_tensor
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -47,6 +61,62 @@ class GatherCall:
         return {"scale": self.scale, "softcap": self.softcap}
 
 
+def _cpu_call_reasons(call: GatherCall) -> list[str]:
+    return [] if call.q.device.type == "cpu" else [f"tensors are on {call.q.device.type}; this twin runs on cpu"]
+
+
+CPP = Backend[GatherCall](
+    name="cpp",
+    description="C++/OpenMP kernel (csrc/cpu/gather_decode.cpp): listed rows read in place, fp16/bf16 widened "
+                "to fp32 in registers",
+    run=lambda call: gather_decode_cpu(*call.args(), **call.kwargs()),
+    machine_reasons=lambda: [r] if (r := cpu_unavailable_reason()) else [],
+    call_reasons=_cpu_call_reasons,
+    pure=True,  # the build probe is made once per process
+)
+
+
+def _triton_run(call: GatherCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.gather.triton import gather_decode_triton
+
+    return gather_decode_triton(*call.args(), **call.kwargs())
+
+
+TRITON = Backend[GatherCall](
+    name="triton",
+    description="Triton kernel, one program per (list, split) (GPU; CPU under TRITON_INTERPRET=1)",
+    run=_triton_run,
+    machine_reasons=triton_support.machine_reasons,
+    call_reasons=lambda call: triton_support.call_reasons(call.q),
+    auto_reasons=lambda call: triton_support.auto_reasons(call.q),
+)
+
+
+def _cuda_call_reasons(call: GatherCall) -> list[str]:
+    reasons = []
+    if call.q.device.type != "cuda":
+        reasons.append(f"tensors are on {call.q.device.type}; the CUDA twin needs cuda tensors")
+    if call.q.shape[-1] > CUDA_MAX_HEADDIM:
+        reasons.append(f"headdim {call.q.shape[-1]} > {CUDA_MAX_HEADDIM}")
+    return reasons
+
+
+def _cuda_run(call: GatherCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from longattn.kernels.gather.cuda import gather_decode_cuda
+
+    return gather_decode_cuda(*call.args(), **call.kwargs())
+
+
+CUDA = Backend[GatherCall](
+    name="cuda",
+    description="CUDA C++ kernel (csrc/cuda/gather_decode.cu, NVRTC via cupy)",
+    run=_cuda_run,
+    machine_reasons=lambda: [r] if (r := cuda_unavailable_reason()) else [],
+    call_reasons=_cuda_call_reasons,
+    auto_reasons=lambda call: ["compile-checked with nvcc but not yet verified on a GPU; force backend='cuda' to use it"],
+    pure=True,  # cupy/CUDA availability is probed once per process
+)
+
 EAGER = Backend[GatherCall](
     name="eager",
     description="PyTorch gather of the listed rows + matmul, float32 math; serves every call",
@@ -56,7 +126,21 @@ EAGER = Backend[GatherCall](
     pure=True,
 )
 
-GATHER_BACKENDS = Registry[GatherCall]("gather decode (attention over listed token positions)", [EAGER])
+
+def call_signature(call: GatherCall):
+    """What every pure twin's reasons read from ``call`` (the registry's memo
+    key): q's device, dtype and headdim; None while torch.compile traces.
+    Keep in step with ``_cpu_call_reasons`` and ``_cuda_call_reasons``."""
+    if torch.compiler.is_compiling():
+        return None
+    q = call.q
+    return (q.device, q.dtype, q.shape[-1])
+
+
+# The Triton twin reads TRITON_INTERPRET at call time (not pure): selections that
+# consult it are never memoised. On a CPU, auto stops at cpp before reaching it.
+GATHER_BACKENDS = Registry[GatherCall]("gather decode (attention over listed token positions)",
+                                       [CPP, TRITON, CUDA, EAGER], signature=call_signature)
 
 
 def check_gather_layout(q, k_cache, v_cache, indices, block_table) -> tuple[torch.Tensor, ...]:
@@ -104,21 +188,27 @@ def capacity_of(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
     return k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
 
 
-def check_gather_data(k_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor | None) -> None:
+def check_gather_data(k_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor | None, *,
+                      pages: bool = True) -> None:
     """The checks that read data: every index in ``-1 .. capacity - 1`` and
-    every page a listed position falls in inside ``0 .. num_pages - 1``."""
+    (``pages``) every page a listed position falls in inside ``0 .. num_pages - 1``."""
     capacity = capacity_of(k_cache, block_table)
     if indices.numel():
         low, high = int(indices.min()), int(indices.max())
         if low < -1 or high >= capacity:
             raise ArgumentError(f"indices must be token positions in -1 .. {capacity - 1} (-1 = no token), got "
                                 f"values from {low} to {high}")
-        if block_table is not None:
-            used = indices[indices >= 0].to(torch.long)
-            rows = torch.arange(indices.shape[0], device=indices.device)[:, None, None].expand_as(indices)[indices >= 0]
-            pages = block_table.to(torch.long)[rows, used // k_cache.shape[1]]
-            if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
-                raise ArgumentError(f"block_table maps listed positions to pages outside 0 .. {k_cache.shape[0] - 1}")
+        if pages and block_table is not None:
+            # One gather of each entry's page (no boolean indexing: ~20x faster at 16k
+            # entries); -1 entries look up page 0 of their row and are then ignored.
+            batch = indices.shape[0]
+            listed = (indices >= 0).reshape(batch, -1)
+            slots = (indices.clamp(min=0).to(torch.long) // k_cache.shape[1]).reshape(batch, -1)
+            pages = block_table.to(torch.long).gather(1, slots)
+            low, high = (int(x) for x in torch.aminmax(torch.where(listed, pages, 0)))
+            if low < 0 or high >= k_cache.shape[0]:
+                raise ArgumentError(f"block_table maps listed positions to pages outside 0 .. {k_cache.shape[0] - 1} "
+                                    f"(got pages from {low} to {high})")
 
 
 def gather_decode(
@@ -164,10 +254,13 @@ def gather_decode(
         raise ArgumentError(f"check must be None, True or False, got {check!r}")
     if type(backend) is not str:
         raise ArgumentError(f"backend must be 'auto' or one of {GATHER_BACKENDS.names}, got {backend!r}")
-    if check or (check is None and q.device.type == "cpu"):
-        check_gather_data(k_cache, indices, block_table)
     call = GatherCall(q, k_cache, v_cache, indices, block_table, scale, softcap)
-    return GATHER_BACKENDS.select(call, backend).run(call)
+    twin = GATHER_BACKENDS.select(call, backend)
+    if check or (check is None and q.device.type == "cpu"):
+        # The C++ twin checks every entry's page as it reads it (and then raises
+        # the same error as here), so the page lookup of all entries is left to it.
+        check_gather_data(k_cache, indices, block_table, pages=twin is not CPP)
+    return twin.run(call)
 
 
 __all__ = ["GATHER_BACKENDS", "GatherCall", "capacity_of", "check_gather_data", "check_gather_layout",

@@ -1,0 +1,329 @@
+// Row micro-kernels shared by the CPU decode kernels (header-only): the
+// streaming machinery of decode_streamk.cpp, also used by gather_decode.cpp.
+//
+// A "chunk" is up to n K/V rows given by pointers (krow/vrow), so callers
+// choose the rows: consecutive cache positions (stream-K decode) or listed
+// positions anywhere in a contiguous or paged cache (gather decode). Q rows
+// are float32 (already scaled), scores and the online softmax are float32;
+// with AVX2 the K/V rows are read in their own dtype and fp16/bf16 are
+// widened in registers, without it the caller widens them first.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "simd.h"
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+enum DType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline float bf16_to_f32(uint16_t x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Widen one row of `n` elements to float32.
+inline void load_row(const void* src, int dtype, float* dst, int n) {
+  if (dtype == kF32) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else if (dtype == kBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+#pragma omp simd
+    for (int d = 0; d < n; ++d) dst[d] = bf16_to_f32(s[d]);
+  } else {
+    const _Float16* s = static_cast<const _Float16*>(src);
+#pragma omp simd
+    for (int d = 0; d < n; ++d) dst[d] = static_cast<float>(s[d]);
+  }
+}
+
+inline void store_row(const float* src, int dtype, void* dst, int n) {
+  if (dtype == kF32) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else if (dtype == kBF16) {
+    uint16_t* t = static_cast<uint16_t*>(dst);
+    for (int d = 0; d < n; ++d) t[d] = f32_to_bf16(src[d]);
+  } else {
+    _Float16* t = static_cast<_Float16*>(dst);
+    for (int d = 0; d < n; ++d) t[d] = static_cast<_Float16>(src[d]);
+  }
+}
+
+inline int elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
+
+// ---- micro-kernels: scores = Q K^T over a chunk, acc += P V -----------------
+// Q rows stay in L1 across the chunk; every K/V row is read from memory once
+// and used by all rows of the query group, which is what keeps decode
+// memory-bound rather than compute-bound.
+
+#ifdef LONGATTN_AVX2
+
+template <typename T> inline float scalar_at(const T* p, int d) { return static_cast<float>(p[d]); }
+template <> inline float scalar_at<uint16_t>(const uint16_t* p, int d) { return bf16_to_f32(p[d]); }
+
+// Eight horizontal sums at once: out[i] = sum of the lanes of v[i].
+inline __m256 hsum8(const __m256 v[8]) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// R rows (1..4) x 2 keys per step: 2R independent FMA chains, each K element
+// loaded (and widened) once for all R rows.
+template <int R, typename T>
+void qk_rows(const float* q, int D, const void* const* krow, int n, float* s, int s_stride) {
+  using V = Isa;
+  const int dv = D - D % V::W;
+  int j = 0;
+  for (; j + 1 < n; j += 2) {
+    typename V::vec acc[8];  // acc[2r] key j, acc[2r+1] key j+1
+    for (int i = 0; i < 8; ++i) acc[i] = V::zero();
+    const T* k0 = static_cast<const T*>(krow[j]);
+    const T* k1 = static_cast<const T*>(krow[j + 1]);
+    for (int d = 0; d < dv; d += V::W) {
+      const typename V::vec x0 = V::load(k0 + d), x1 = V::load(k1 + d);
+      for (int r = 0; r < R; ++r) {
+        const typename V::vec qv = V::load(q + r * D + d);
+        acc[2 * r] = V::fma(qv, x0, acc[2 * r]);
+        acc[2 * r + 1] = V::fma(qv, x1, acc[2 * r + 1]);
+      }
+    }
+    __m256 folded[8];
+    for (int i = 0; i < 8; ++i) folded[i] = V::fold8(acc[i]);
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, hsum8(folded));
+    for (int r = 0; r < R; ++r) {
+      float t0 = sums[2 * r], t1 = sums[2 * r + 1];
+      for (int d = dv; d < D; ++d) { t0 += q[r * D + d] * scalar_at(k0, d); t1 += q[r * D + d] * scalar_at(k1, d); }
+      s[r * s_stride + j] = t0;
+      s[r * s_stride + j + 1] = t1;
+    }
+  }
+  for (; j < n; ++j) {
+    const T* kj = static_cast<const T*>(krow[j]);
+    for (int r = 0; r < R; ++r) {
+      typename V::vec a = V::zero();
+      for (int d = 0; d < dv; d += V::W) a = V::fma(V::load(q + r * D + d), V::load(kj + d), a);
+      float t = hsum(V::fold8(a));
+      for (int d = dv; d < D; ++d) t += q[r * D + d] * scalar_at(kj, d);
+      s[r * s_stride + j] = t;
+    }
+  }
+}
+
+// acc[r] += sum_j p[r][j] * v_j for R rows (1..4), 2W columns at a time held in registers.
+template <int R, typename T>
+void pv_rows(const float* p, int p_stride, const void* const* vrow, int n, float* acc, int D) {
+  using V = Isa;
+  int d = 0;
+  for (; d + 2 * V::W <= D; d += 2 * V::W) {
+    typename V::vec a0[R], a1[R];
+    for (int r = 0; r < R; ++r) { a0[r] = V::load(acc + r * D + d); a1[r] = V::load(acc + r * D + d + V::W); }
+    for (int j = 0; j < n; ++j) {
+      const T* vj = static_cast<const T*>(vrow[j]);
+      const typename V::vec v0 = V::load(vj + d), v1 = V::load(vj + d + V::W);
+      for (int r = 0; r < R; ++r) {
+        const typename V::vec pb = V::set1(p[r * p_stride + j]);
+        a0[r] = V::fma(pb, v0, a0[r]);
+        a1[r] = V::fma(pb, v1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) { V::store(acc + r * D + d, a0[r]); V::store(acc + r * D + d + V::W, a1[r]); }
+  }
+  for (; d + V::W <= D; d += V::W) {
+    typename V::vec a0[R];
+    for (int r = 0; r < R; ++r) a0[r] = V::load(acc + r * D + d);
+    for (int j = 0; j < n; ++j) {
+      const typename V::vec v0 = V::load(static_cast<const T*>(vrow[j]) + d);
+      for (int r = 0; r < R; ++r) a0[r] = V::fma(V::set1(p[r * p_stride + j]), v0, a0[r]);
+    }
+    for (int r = 0; r < R; ++r) V::store(acc + r * D + d, a0[r]);
+  }
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r) {
+      float t = acc[r * D + d];
+      for (int j = 0; j < n; ++j) t += p[r * p_stride + j] * scalar_at(static_cast<const T*>(vrow[j]), d);
+      acc[r * D + d] = t;
+    }
+}
+
+#ifdef LONGATTN_AVX512BF16
+// bfloat16 K against the unscaled bfloat16 q: every bf16 x bf16 product is
+// exact in float32, and vdpbf16ps adds pairs of them into float32
+// accumulators, 32 elements per instruction, without widening K first.
+// Scores are scaled after the sum (scaling q would round it).
+template <int R>
+void qk_rows_bf16dot(const uint16_t* q, int D, const void* const* krow, int n, float* s, int s_stride, float scale) {
+  const int dv = D - D % 32;
+  auto dot_tail = [&](int r, const uint16_t* k) {
+    float t = 0.0f;
+    for (int d = dv; d < D; ++d) t += bf16_to_f32(q[r * D + d]) * bf16_to_f32(k[d]);
+    return t;
+  };
+  int j = 0;
+  for (; j + 1 < n; j += 2) {
+    __m512 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+    const uint16_t* k0 = static_cast<const uint16_t*>(krow[j]);
+    const uint16_t* k1 = static_cast<const uint16_t*>(krow[j + 1]);
+    for (int d = 0; d < dv; d += 32) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(k0 + d), x1 = (__m512bh)_mm512_loadu_si512(k1 + d);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + r * D + d);
+        acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], qv, x0);
+        acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], qv, x1);
+      }
+    }
+    __m256 folded[8];
+    for (int i = 0; i < 8; ++i) folded[i] = Avx512::fold8(acc[i]);
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, hsum8(folded));
+    for (int r = 0; r < R; ++r) {
+      s[r * s_stride + j] = (sums[2 * r] + dot_tail(r, k0)) * scale;
+      s[r * s_stride + j + 1] = (sums[2 * r + 1] + dot_tail(r, k1)) * scale;
+    }
+  }
+  for (; j < n; ++j) {
+    const uint16_t* kj = static_cast<const uint16_t*>(krow[j]);
+    for (int r = 0; r < R; ++r) {
+      __m512 a = _mm512_setzero_ps();
+      for (int d = 0; d < dv; d += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + r * D + d), (__m512bh)_mm512_loadu_si512(kj + d));
+      s[r * s_stride + j] = (hsum(Avx512::fold8(a)) + dot_tail(r, kj)) * scale;
+    }
+  }
+}
+
+void qk_block_bf16dot(const uint16_t* q, int rows, int D, const void* const* krow, int n, float* s, int s_stride,
+                      float scale) {
+  // Row r's slices, offsets in size_t (a row index times headdim or a stride).
+  auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };
+  auto sr = [&](int r) { return s + static_cast<size_t>(r) * s_stride; };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk_rows_bf16dot<4>(qr(r), D, krow, n, sr(r), s_stride, scale);
+  switch (rows - r) {
+    case 3: qk_rows_bf16dot<3>(qr(r), D, krow, n, sr(r), s_stride, scale); break;
+    case 2: qk_rows_bf16dot<2>(qr(r), D, krow, n, sr(r), s_stride, scale); break;
+    case 1: qk_rows_bf16dot<1>(qr(r), D, krow, n, sr(r), s_stride, scale); break;
+    default: break;
+  }
+}
+#endif
+
+template <typename T>
+void qk_block_typed(const float* q, int rows, int D, const void* const* krow, int n, float* s, int s_stride) {
+  auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };  // offsets in size_t, as above
+  auto sr = [&](int r) { return s + static_cast<size_t>(r) * s_stride; };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk_rows<4, T>(qr(r), D, krow, n, sr(r), s_stride);
+  switch (rows - r) {
+    case 3: qk_rows<3, T>(qr(r), D, krow, n, sr(r), s_stride); break;
+    case 2: qk_rows<2, T>(qr(r), D, krow, n, sr(r), s_stride); break;
+    case 1: qk_rows<1, T>(qr(r), D, krow, n, sr(r), s_stride); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void pv_block_typed(const float* p, int rows, int p_stride, const void* const* vrow, int n, float* acc, int D) {
+  auto pr = [&](int r) { return p + static_cast<size_t>(r) * p_stride; };  // offsets in size_t, as above
+  auto ar = [&](int r) { return acc + static_cast<size_t>(r) * D; };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv_rows<4, T>(pr(r), p_stride, vrow, n, ar(r), D);
+  switch (rows - r) {
+    case 3: pv_rows<3, T>(pr(r), p_stride, vrow, n, ar(r), D); break;
+    case 2: pv_rows<2, T>(pr(r), p_stride, vrow, n, ar(r), D); break;
+    case 1: pv_rows<1, T>(pr(r), p_stride, vrow, n, ar(r), D); break;
+    default: break;
+  }
+}
+#endif
+
+// scores[r][j] = q_r . k_j; rows are fp32 (widened) unless AVX2 reads them typed.
+void qk_block(const float* q, int rows, int D, int dtype, const void* const* krow, int n, float* s, int s_stride) {
+#ifdef LONGATTN_AVX2
+  if (dtype == kBF16) return qk_block_typed<uint16_t>(q, rows, D, krow, n, s, s_stride);
+  if (dtype == kF16) return qk_block_typed<_Float16>(q, rows, D, krow, n, s, s_stride);
+  return qk_block_typed<float>(q, rows, D, krow, n, s, s_stride);
+#else
+  (void)dtype;
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; ++j) {
+      const float* kj = static_cast<const float*>(krow[j]);
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int d = 0; d < D; ++d) dot += q[static_cast<size_t>(r) * D + d] * kj[d];
+      s[static_cast<size_t>(r) * s_stride + j] = dot;
+    }
+#endif
+}
+
+void pv_block(const float* p, int rows, int p_stride, int dtype, const void* const* vrow, int n, float* acc, int D) {
+#ifdef LONGATTN_AVX2
+  if (dtype == kBF16) return pv_block_typed<uint16_t>(p, rows, p_stride, vrow, n, acc, D);
+  if (dtype == kF16) return pv_block_typed<_Float16>(p, rows, p_stride, vrow, n, acc, D);
+  return pv_block_typed<float>(p, rows, p_stride, vrow, n, acc, D);
+#else
+  (void)dtype;
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; ++j) {
+      const float pj = p[static_cast<size_t>(r) * p_stride + j];
+      const float* vj = static_cast<const float*>(vrow[j]);
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[static_cast<size_t>(r) * D + d] += pj * vj[d];
+    }
+#endif
+}
+
+float row_max(const float* s, int n) {
+  float m = kNegInf;
+  int j = 0;
+#ifdef LONGATTN_AVX2
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(s);
+    for (j = 8; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    for (float x : lanes) m = std::max(m, x);
+  }
+#endif
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// p[j] = exp(s[j] - m) in place; returns the sum.
+float exp_shifted(float* s, int n, float m) {
+  float sum = 0.0f;
+  int j = 0;
+#ifdef LONGATTN_AVX2
+  __m256 total = _mm256_setzero_ps();
+  const __m256 mv = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  sum = hsum(total);
+#endif
+  for (; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+  return sum;
+}
+
+}  // namespace
