@@ -28,24 +28,16 @@ Verified here only by compiling the source with nvcc for sm_80 and sm_90
 from __future__ import annotations
 
 import functools
-import importlib.util
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from longattn.kernels.decode.plan import DecodePlan, plan_decode
 from longattn.errors import ArgumentError, DeviceError, DTypeError, UnsupportedFeatureError
+from longattn.kernels.support.cuda_support import Launch, cuda_source, kernel_pair, to_cupy
+from longattn.kernels.support.cuda_support import cuda_unavailable_reason as unavailable_reason
 
-_PACKAGE = Path(__file__).resolve().parents[2]  # longattn/
-# A wheel carries the sources in longattn/_csrc (setup.py copies them there); a source
-# checkout (editable install) has them in csrc/ beside the package.
-SOURCE = next(
-    (p for p in (_PACKAGE / "_csrc" / "cuda" / "decode_streamk.cu", _PACKAGE.parent / "csrc" / "cuda" / "decode_streamk.cu")
-     if p.is_file()),
-    _PACKAGE.parent / "csrc" / "cuda" / "decode_streamk.cu",
-)
+SOURCE = cuda_source("decode_streamk.cu")
 MAX_HEADDIM = 256  # = kMaxDim in the source
 # Constants of the source: threads per CTA, query rows per CTA, keys per step.
 THREADS, ROWS, BLOCK_N = 128, 16, 32
@@ -57,13 +49,7 @@ _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 def cuda_unavailable_reason() -> str | None:
     """None when the CUDA twin can run here, else a one-line reason. Imports nothing heavy."""
-    if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed (pip install 'longattn[cuda]')"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if not SOURCE.is_file():
-        return f"the CUDA source {SOURCE} is missing (neither longattn/_csrc nor a checkout's csrc/ has it)"
-    return None
+    return unavailable_reason(SOURCE)
 
 
 def streamk_smem_bytes(headdim: int) -> int:
@@ -73,35 +59,9 @@ def streamk_smem_bytes(headdim: int) -> int:
 
 
 @functools.cache
-def _module(device_index: int):
-    """The compiled module for one device (NVRTC compiles for that device's arch;
-    cupy also caches the binary on disk). A compile cache, not state."""
-    import cupy
-
-    with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
-        module.compile()
-        return module
-
-
-@functools.cache
 def _kernels(device_index: int, suffix: str, headdim: int):
-    module = _module(device_index)
-    partial = module.get_function(f"streamk_partial_{suffix}")
-    merge = module.get_function(f"streamk_merge_{suffix}")
-    smem = streamk_smem_bytes(headdim)
-    if smem > 48 * 1024:  # beyond the default limit: opt in (headdim > ~150; H100/A100 allow >= 163 KB)
-        partial.max_dynamic_shared_size_bytes = smem
-    return partial, merge
-
-
-def _cp(t: torch.Tensor):
-    """A cupy view of a torch tensor (DLPack, zero copy; 16-bit floats as int16)."""
-    import cupy
-
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.view(torch.int16)
-    return cupy.from_dlpack(t)
+    return kernel_pair(SOURCE, device_index, f"streamk_partial_{suffix}", f"streamk_merge_{suffix}",
+                       streamk_smem_bytes(headdim))
 
 
 def decode_forward_cuda(
@@ -153,20 +113,9 @@ def decode_forward_cuda(
     with cupy.cuda.Device(q.device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream):
         for launch in launches:
             kernel = partial if launch.name.startswith("streamk_partial") else merge
-            args = tuple(_cp(a) if isinstance(a, torch.Tensor) else a for a in launch.args)
+            args = tuple(to_cupy(a) if isinstance(a, torch.Tensor) else a for a in launch.args)
             kernel(launch.grid, (THREADS,), args, shared_mem=launch.shared_mem)
     return out, lse
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: entry point, grid, arguments in the kernel's parameter
-    order (tensors for pointers; numpy int64/int32/float32 for scalars)."""
-
-    name: str
-    grid: tuple[int, ...]
-    args: tuple
-    shared_mem: int
 
 
 def prepare_launches(

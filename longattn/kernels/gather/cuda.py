@@ -18,21 +18,15 @@ running the kernels in the CPU emulation of tests/decode/test_decode_cuda.py
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from longattn.errors import DeviceError, DTypeError, UnsupportedFeatureError
-from longattn.kernels.decode.cuda import Launch  # one launch record for every CUDA twin
+from longattn.kernels.support.cuda_support import Launch, cuda_source, kernel_pair, to_cupy
+from longattn.kernels.support.cuda_support import cuda_unavailable_reason as unavailable_reason
 
-_PACKAGE = Path(__file__).resolve().parents[2]  # longattn/
-SOURCE = next(
-    (p for p in (_PACKAGE / "_csrc" / "cuda" / "gather_decode.cu", _PACKAGE.parent / "csrc" / "cuda" / "gather_decode.cu")
-     if p.is_file()),
-    _PACKAGE.parent / "csrc" / "cuda" / "gather_decode.cu",
-)
+SOURCE = cuda_source("gather_decode.cu")
 MAX_HEADDIM = 256  # = kMaxDim in the source
 # Constants of the source: threads per CTA, list rows per CTA, entries per step, merge columns.
 THREADS, ROWS, BLOCK_N, MERGE_COLS = 128, 16, 32, 32
@@ -43,13 +37,7 @@ _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 def cuda_unavailable_reason() -> str | None:
     """None when the CUDA twin can run here, else a one-line reason. Imports nothing heavy."""
-    if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed (pip install 'longattn[cuda]')"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if not SOURCE.is_file():
-        return f"the CUDA source {SOURCE} is missing (neither longattn/_csrc nor a checkout's csrc/ has it)"
-    return None
+    return unavailable_reason(SOURCE)
 
 
 def gather_smem_bytes(headdim: int) -> int:
@@ -71,34 +59,9 @@ def split_count(batch: int, nlists: int, n: int, rows: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _module(device_index: int):
-    """The compiled module for one device (a compile cache, not state)."""
-    import cupy
-
-    with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
-        module.compile()
-        return module
-
-
-@functools.cache
 def _kernels(device_index: int, suffix: str, headdim: int):
-    module = _module(device_index)
-    partial = module.get_function(f"gather_partial_{suffix}")
-    merge = module.get_function(f"gather_merge_{suffix}")
-    smem = gather_smem_bytes(headdim)
-    if smem > 48 * 1024:  # beyond the default limit: opt in (headdim > ~150)
-        partial.max_dynamic_shared_size_bytes = smem
-    return partial, merge
-
-
-def _cp(t: torch.Tensor):
-    """A cupy view of a torch tensor (DLPack, zero copy; 16-bit floats as int16)."""
-    import cupy
-
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.view(torch.int16)
-    return cupy.from_dlpack(t)
+    return kernel_pair(SOURCE, device_index, f"gather_partial_{suffix}", f"gather_merge_{suffix}",
+                       gather_smem_bytes(headdim))
 
 
 def prepare_launches(q, k_cache, v_cache, indices, block_table, *, scale, softcap, split_len=None
@@ -169,6 +132,6 @@ def gather_decode_cuda(q, k_cache, v_cache, indices, block_table, *, scale: floa
     with cupy.cuda.Device(q.device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream):
         for launch in launches:
             kernel = partial if launch.name.startswith("gather_partial") else merge
-            args = tuple(_cp(a) if isinstance(a, torch.Tensor) else a for a in launch.args)
+            args = tuple(to_cupy(a) if isinstance(a, torch.Tensor) else a for a in launch.args)
             kernel(launch.grid, (THREADS,), args, shared_mem=launch.shared_mem)
     return out, lse
