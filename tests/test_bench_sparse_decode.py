@@ -33,5 +33,5 @@ def test_bytes_per_step_count_metadata_and_selected_rows():
     figures = step_bytes(w)
     kv_row = 8 * 128 * 4
     assert figures["dense MB read per step"] == 2 * 4096 * kv_row / 1e6
-    assert figures["quest MB read per step (min/max per page + selected K/V)"] == (2 * 256 * kv_row
-                                                                                  + 2 * 512 * kv_row) / 1e6
+    assert figures["quest MB read per step (float32 min/max per page + selected K/V)"] == (
+        2 * 256 * kv_row + 2 * 512 * kv_row) / 1e6

@@ -241,11 +241,13 @@ def step_bytes(w: Workload) -> dict[str, float]:
     kv_row = NHEADS_K * HEADDIM * e  # one token's keys (or values), all kv heads
     selected = 2 * min(w.budget, n) * kv_row
     pages = -(-n // PAGE_SIZE)
+    meta = 4  # the states keep their metadata in float32 whatever the cache dtype
     return {
         "dense MB read per step": 2 * n * kv_row / 1e6,
-        "quest MB read per step (min/max per page + selected K/V)": (2 * pages * kv_row + selected) / 1e6,
-        "double sparsity MB read per step (label cache + selected K/V)":
-            (n * NHEADS_K * CHANNELS * e + selected) / 1e6,
+        "quest MB read per step (float32 min/max per page + selected K/V)":
+            (2 * pages * NHEADS_K * HEADDIM * meta + selected) / 1e6,
+        "double sparsity MB read per step (float32 label cache + selected K/V)":
+            (n * NHEADS_K * CHANNELS * meta + selected) / 1e6,
     }
 
 

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from longattn.errors import ArgumentError, ShapeError
+from longattn.sparse.ds_scores import group_max_scores
 from longattn.sparse.token_select import (
     SCAN_CHUNK,
+    all_inside,
     capacity_of,
     check_prefill_cache,
     check_state_batch,
@@ -134,12 +136,16 @@ class DoubleSparsityState:
     Attributes:
         config: the :class:`DoubleSparsity` it was made for.
         lengths: tokens covered per sequence (None before it is filled).
-        label: ``(batch, capacity, nheads_k, r)`` in the keys' dtype: position
-            ``p``'s key restricted to its kv head's channels (rows past a
-            sequence's length are stale and never read). One block per
-            sequence whatever the KV cache's layout; a view of storage
-            ordered ``(batch, nheads_k, capacity, r)``, so a kv head's labels
-            are one contiguous matrix for the scoring matmul.
+        dtype: the keys' dtype (None before it is filled).
+        label: ``(batch, capacity, nheads_k, r)`` float32 whatever the keys'
+            dtype (fp16 / bf16 values are exact in float32, and a step never
+            converts the whole cache): position ``p``'s key restricted to its
+            kv head's channels (rows past a sequence's length are stale and
+            never read). One block per sequence whatever the KV cache's
+            layout; a view of channel-major storage ``(batch, nheads_k, r,
+            capacity)``: a kv head's ``r`` label channels are ``r``
+            contiguous rows over the positions, so a step scores a run of
+            positions with whole-vector loads and no transposes.
     """
 
     def __init__(self, config: DoubleSparsity) -> None:
@@ -152,12 +158,13 @@ class DoubleSparsityState:
     def reset(self) -> None:
         """Forget everything (the next step, or ``prefill``, fills it again)."""
         self.lengths: tuple[int, ...] | None = None
-        self._label: torch.Tensor | None = None  # (batch, nheads_k, capacity, r)
+        self.dtype: torch.dtype | None = None
+        self._label: torch.Tensor | None = None  # (batch, nheads_k, r, capacity) float32
 
     @property
     def label(self) -> torch.Tensor | None:
         """``(batch, capacity, nheads_k, r)`` (a view; see the class docstring)."""
-        return None if self._label is None else self._label.permute(0, 2, 1, 3)
+        return None if self._label is None else self._label.permute(0, 3, 1, 2)
 
     @property
     def filled(self) -> bool:
@@ -180,7 +187,9 @@ class DoubleSparsityState:
 
     def _fill(self, k_cache: torch.Tensor, block_table: torch.Tensor | None, lengths: list[int]) -> None:
         batch, hk = len(lengths), k_cache.shape[2]
-        self._label = k_cache.new_zeros((batch, hk, capacity_of(k_cache, block_table), self.config.r))
+        self._label = torch.zeros((batch, hk, self.config.r, capacity_of(k_cache, block_table)),
+                                  dtype=torch.float32, device=k_cache.device)
+        self.dtype = k_cache.dtype
         longest = max(lengths, default=0)
         index = self.config.channel_index(k_cache.device)
         for start in range(0, longest, SCAN_CHUNK):
@@ -198,8 +207,8 @@ class DoubleSparsityState:
                                 "state per layer (each layer has its own channels)")
         if not self.filled:
             return
-        if k_cache.dtype != self.label.dtype or k_cache.device != self.label.device:
-            raise ArgumentError(f"state was filled from a {self.label.dtype} cache on {self.label.device}; this "
+        if k_cache.dtype != self.dtype or k_cache.device != self._label.device:
+            raise ArgumentError(f"state was filled from a {self.dtype} cache on {self._label.device}; this "
                                 f"call's cache is {k_cache.dtype} on {k_cache.device}")
         check_state_batch("DoubleSparsityState", self.lengths, lengths)
 
@@ -209,11 +218,11 @@ class DoubleSparsityState:
         if not self.filled:
             self._fill(k_cache, block_table, lengths)
             return
-        need, have = max(lengths, default=0), self._label.shape[2]
+        need, have = max(lengths, default=0), self._label.shape[3]
         if need > have:  # the cache grew since the fill
-            batch, hk, _, r = self._label.shape
-            self._label = torch.cat([self._label, self._label.new_zeros((batch, hk, max(need, 2 * have) - have, r))],
-                                    dim=2)
+            batch, hk, r, _ = self._label.shape
+            self._label = torch.cat([self._label, self._label.new_zeros((batch, hk, r, max(need, 2 * have) - have))],
+                                    dim=3)
         old = list(self.lengths)
         span = max((n - o for n, o in zip(lengths, old)), default=0)
         if span > 0:
@@ -223,38 +232,55 @@ class DoubleSparsityState:
             pos = torch.where(valid, pos, torch.zeros_like(pos))
             labels = _restrict(key_rows(k_cache, block_table, pos), self.config.channel_index(device))
             b = torch.arange(len(lengths), device=device)[:, None].expand_as(pos)
-            self.label[b[valid], pos[valid]] = labels[valid]
+            self.label[b[valid], pos[valid]] = labels[valid].float()
         self.lengths = tuple(lengths)
 
     def approx_scores(self, q: torch.Tensor) -> torch.Tensor:
         """Approximate scores per query head: ``q (batch, nheads, headdim)`` ->
         ``(batch, nheads, n)`` float32 over the positions of the longest
         sequence, ``-inf`` past each sequence's length."""
+        q_sel, n = self._query_channels(q)
+        batch, hk, group, _ = q_sel.shape
+        scores = torch.matmul(q_sel, self._label[..., :n]).reshape(batch, hk * group, n)
+        if not all_inside(self.lengths):
+            inside = length_mask(list(self.lengths), n, q.device)[:, None, :]
+            scores = scores.masked_fill(~inside, float("-inf"))
+        return scores
+
+    def group_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """The max of :meth:`approx_scores` over each kv head's query group:
+        ``q (batch, nheads, headdim)`` -> ``(batch, nheads_k, n)`` float32 over
+        the positions of the longest sequence (entries past a shorter
+        sequence's length are garbage, not ``-inf``: callers mask them). The
+        C++ kernel (:mod:`longattn.sparse.ds_scores`) when it builds here, else
+        the same sum in PyTorch."""
+        q_sel, n = self._query_channels(q)
+        return group_max_scores(q_sel, self._label, n)
+
+    def _query_channels(self, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``q (batch, nheads, headdim)`` -> (its kv heads' channels ``(batch,
+        nheads_k, group, r)`` float32, the longest sequence's length)."""
         if not self.filled:
             raise ArgumentError("DoubleSparsityState.approx_scores needs a filled state (call prefill first)")
         batch, nheads, d = q.shape
-        hk, r = self._label.shape[1], self._label.shape[3]
+        hk, r = self._label.shape[1], self._label.shape[2]
         if batch != len(self.lengths) or nheads % hk:
             raise ShapeError(f"q must be (batch, nheads, headdim) with batch {len(self.lengths)} and nheads a "
                              f"multiple of {hk}, got {tuple(q.shape)}")
-        n = max(self.lengths, default=0)
         index = self.config.channel_index(q.device)  # (hk, r)
-        qg = q.float().view(batch, hk, nheads // hk, d)
+        qg = q.float().reshape(batch, hk, nheads // hk, d)
         q_sel = qg.gather(-1, index[None, :, None, :].expand(batch, hk, nheads // hk, r))
-        scores = torch.matmul(q_sel, self._label[:, :, :n].float().transpose(-1, -2)).reshape(batch, nheads, n)
-        inside = length_mask(list(self.lengths), n, q.device)[:, None, :]
-        return scores.masked_fill(~inside, float("-inf"))
+        return q_sel, max(self.lengths, default=0)
 
     def select(self, q: torch.Tensor, token_budget: int | None = None) -> torch.Tensor:
         """The positions a step attends: ``q (batch, nheads, headdim)`` (scaled by
         the softmax scale) -> ``(batch, nheads_k, min(token_budget, longest))``
         int32, ascending, ``-1`` = none."""
         budget = self.config.token_budget if token_budget is None else token_budget
-        scores = self.approx_scores(q)
-        batch, nheads, n = scores.shape
-        hk = self._label.shape[1]
-        scores = scores.view(batch, hk, nheads // hk, n).amax(dim=2)  # max over the query group
-        valid = length_mask(list(self.lengths), n, q.device)[:, None, :].expand_as(scores)
+        scores = self.group_scores(q)  # max over the query group
+        valid = None  # every position inside: no mask pass over the scores
+        if not all_inside(self.lengths):
+            valid = length_mask(list(self.lengths), scores.shape[-1], q.device)[:, None, :].expand_as(scores)
         return top_positions(scores, valid, budget)
 
 

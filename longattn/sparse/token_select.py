@@ -81,25 +81,33 @@ def clamped_table(block_table: torch.Tensor | None, num_pages: int) -> torch.Ten
     return torch.where((block_table >= 0) & (block_table < num_pages), block_table, torch.zeros_like(block_table))
 
 
-def top_positions(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+def top_positions(scores: torch.Tensor, valid: torch.Tensor | None, k: int) -> torch.Tensor:
     """The ``k`` highest-scoring valid entries along the last axis of ``scores
     (batch, lists, n)``: ``(batch, lists, min(k, n))`` int32 indices, ascending,
     ``-1`` after the last one (rows with fewer than ``k`` valid entries keep all
-    of them). Ties go to whichever entry ``torch.topk`` returns (deterministic
-    for a given device)."""
+    of them). ``valid`` is a bool mask like ``scores`` or None (every entry
+    valid: skips the masking passes over a long score row). Ties go to
+    whichever entry ``torch.topk`` returns (deterministic for a given device)."""
     n = scores.shape[-1]
     k = min(k, n)
     if k == 0:
         return torch.empty((*scores.shape[:-1], 0), dtype=torch.int32, device=scores.device)
-    masked = scores.masked_fill(~valid, float("-inf"))
+    masked = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
     if k == n:
         idx = torch.arange(n, device=scores.device).expand_as(scores)
     else:
         idx = masked.topk(k, dim=-1, sorted=False).indices
+    if valid is None:
+        return idx.sort(dim=-1).values.to(torch.int32)  # ascending: friendlier to the gather kernels' reads
     keep = valid.gather(-1, idx)
     # Ascending positions (friendlier to the gather kernels' memory reads), padding last.
     idx = torch.where(keep, idx, torch.full_like(idx, n)).sort(dim=-1).values
     return torch.where(idx < n, idx, torch.full_like(idx, -1)).to(torch.int32)
+
+
+def all_inside(lengths: list[int] | tuple[int, ...]) -> bool:
+    """Every sequence is as long as the longest (a length mask would be all True)."""
+    return all(n == lengths[0] for n in lengths)
 
 
 def length_mask(lengths: list[int], n: int, device: torch.device, start: int = 0) -> torch.Tensor:

@@ -218,3 +218,33 @@ def test_state_grows_with_the_cache():
         assert_restricted_oracle(out, lse, q, run, lens.tolist(), sets)
     for b, n in enumerate(lens.tolist()):
         assert torch.equal(state.label[b, :n], run.k_all[b, :n].gather(-1, channels[None].expand(n, -1, -1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_label_cache_and_scores_for_any_cache_dtype(dtype):
+    """The label cache is float32 (exact copies of the cache's values); per-head
+    scores are -inf exactly past each sequence's length and their group max is
+    what the selection ranks by; a cache of another dtype is refused."""
+    gen = torch.Generator().manual_seed(4)
+    hk, group, d, r = 2, 4, 16, 3
+    run = Run(batch=2, nheads_k=hk, group=group, headdim=d, starts=[30, 30], steps=1, page_size=None, dtype=dtype,
+              seed=4)
+    channels = random_channels(run, r)
+    cfg = DoubleSparsity(channels, token_budget=5)
+    q = torch.randn(2, 1, hk * group, d, generator=gen)
+    for lengths in ([30, 30], [30, 11]):
+        state = DoubleSparsityState(cfg).prefill(run.k_all, torch.tensor(lengths, dtype=torch.int32))
+        assert state.label.dtype == torch.float32 and state.dtype == dtype
+        scores = state.approx_scores(q[:, 0])
+        assert scores.shape == (2, hk * group, 30) and scores.dtype == torch.float32
+        grouped = state.group_scores(q[:, 0])
+        for b, n in enumerate(lengths):
+            exact = run.k_all[b, :n].float().gather(-1, channels[None].expand(n, -1, -1))
+            assert torch.equal(state.label[b, :n], exact)
+            assert bool(torch.isneginf(scores[b, :, n:]).all())
+            want = approx_scores64(q, run, channels, b, n)  # (hk, n), max over the group
+            got = scores[b, :, :n].view(hk, group, n).amax(1)
+            assert_close_to_oracle(got, want, want, name="approximate scores")
+            assert_close_to_oracle(grouped[b, :, :n], want, got, name="group scores")
+    with pytest.raises(ArgumentError, match=f"filled from a {dtype} cache"):
+        state.check_step(cfg, lengths, run.k_all.to(torch.float16))

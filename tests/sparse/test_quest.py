@@ -3,6 +3,8 @@ pages, and the state across appended steps (contiguous and paged caches)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given
@@ -288,3 +290,47 @@ def test_state_grows_with_the_cache():
         sets = check_quest_selection(selection, q.float() * 0.25, run, lens.tolist(), cfg)
         assert_restricted_oracle(out, lse, q, run, lens.tolist(), sets)
     assert state.key_max.shape[1] >= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_metadata_is_exact_float32_and_page_scores_mask_only_past_each_sequence(dtype):
+    """The page min / max are kept in float32 whatever the cache dtype (exact: they
+    are cache values); a step over a cache of another dtype is refused; bounds are
+    -inf exactly past each sequence's last page (none masked when all are equally long)."""
+    gen = torch.Generator().manual_seed(3)
+    hk, group, d, ps = 2, 4, 16, 4
+    kc = torch.randn(2, 40, hk, d, generator=gen).to(dtype)
+    q = torch.randn(2, hk * group, d, generator=gen)
+    for lengths in ([37, 37], [37, 9]):
+        state = QuestState(Quest(token_budget=8, page_size=ps)).prefill(kc, torch.tensor(lengths, dtype=torch.int32))
+        assert state.key_max.dtype == torch.float32 and state.key_min.dtype == torch.float32 and state.dtype == dtype
+        assert state.key_max.shape[1:] == (10, hk, d)
+        for b, n in enumerate(lengths):
+            for j in range(-(-n // ps)):
+                keys = kc[b, j * ps : min(n, (j + 1) * ps)].float()
+                assert torch.equal(state.key_max[b, j], keys.amax(0))
+                assert torch.equal(state.key_min[b, j], keys.amin(0))
+        bounds = state.page_scores(q)
+        assert bounds.shape == (2, hk * group, 10)
+        for b, n in enumerate(lengths):
+            pages = -(-n // ps)
+            assert bool(torch.isfinite(bounds[b, :, :pages]).all())
+            assert bool(torch.isneginf(bounds[b, :, pages:]).all())
+            keys_run = SimpleNamespace(k_all=kc, nheads_k=hk, group=group, headdim=d)  # what page_bounds64 reads
+            want = page_bounds64(q[:, None], keys_run, b, n, ps)  # (hk, pages), max over the group
+            got = bounds[b, :, :pages].double().view(hk, group, pages).amax(1)
+            assert_close_to_oracle(got.float(), want, want, name="page bounds")
+    other = torch.randn(2, 40, hk, d, generator=gen).to(torch.float64 if dtype != torch.float64 else torch.float32)
+    with pytest.raises(ArgumentError, match=f"dtype {dtype}; this call's cache has .* dtype {other.dtype}"):
+        state.check_step(state.config, [37, 9], other)
+
+
+def test_top_positions_without_a_mask_equals_an_all_true_mask():
+    from longattn.sparse.token_select import top_positions
+
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(2, 3, 500, generator=gen)
+    for k in (1, 17, 499, 500, 600):
+        got = top_positions(scores, None, k)
+        assert torch.equal(got, top_positions(scores, torch.ones_like(scores, dtype=torch.bool), k))
+        assert got.dtype == torch.int32 and got.shape == (2, 3, min(k, 500))
