@@ -51,7 +51,7 @@ from longattn.decode_api import decode_attention
 from longattn.integrations.transformers_names import SPARSE_FOR, is_decode_time, sparse_config  # noqa: F401
 from longattn.integrations.transformers_unpad import any_unpadded_attention
 
-__all__ = ["register", "NAMES", "LongAttnCache"]
+__all__ = ["register", "NAMES", "LongAttnCache", "generate_with_correction", "recompute_recent"]
 
 NAMES = ("longattn", "longattn_hip", "longattn_streaming", "longattn_duo", "longattn_quest",
          "longattn_double_sparsity", "longattn_tidal")
@@ -301,6 +301,8 @@ def register(*, hip: object | None = None, streaming: object | None = None, duo:
         AttentionMaskInterface.register(name, _mask_fn)
     return tuple(name for name, _ in entries)
 
+
+from longattn.integrations.transformers_correction import generate_with_correction, recompute_recent  # noqa: E402,F401
 
 try:  # the cache classes need transformers; the attention functions do not import it at module level
     from longattn.integrations.transformers_cache import HANDOFF, LongAttnCache, LongAttnLayer  # noqa: F401

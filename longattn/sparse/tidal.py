@@ -18,13 +18,16 @@ selection of one layer indexes the caches of the next. The caller holds one
 (reusing one object across steps is fine: each selection layer overwrites
 it, and a reuse layer refuses a selection made for other lengths).
 
-Cache correction (the paper's option of periodically recomputing the KV of
-sparsely decoded tokens with dense attention) is **not provided**: it reruns
-the model's layers over past tokens, which an attention call cannot do.
-``correction_interval`` exists so configs can name it; anything but None
-raises :class:`~longattn.errors.UnsupportedFeatureError`. A caller can get
-the same effect by re-prefilling the tokens decoded since the last
-correction densely (``sparse=None``) and overwriting their cache rows.
+Cache correction (the paper's option: every ``correction_interval`` decoded
+tokens, recompute the KV of the tokens decoded sparsely since the last
+correction with dense attention) reruns the model's layers over those
+tokens, which an attention call cannot do: ``decode_attention`` never
+corrects. The transformers integration does it:
+:func:`longattn.integrations.transformers.recompute_recent` (crop the
+cache by those tokens, rerun them densely) and
+:func:`longattn.integrations.transformers.generate_with_correction` (greedy
+decoding that calls it every ``tidal.correction_interval`` tokens). Off by
+default (``None``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.errors import ArgumentError
 from longattn.sparse.token_select import SCAN_CHUNK, check_state_batch, key_span, length_mask, top_positions
 from longattn.validation import check_int
 
@@ -98,8 +101,9 @@ class TidalDecode:
             is neither dense nor a selection layer reuses the latest selection
             before it, so the first non-dense layer must be a selection layer.
         token_budget: positions kept per kv head.
-        correction_interval: cache correction (not provided: must be None;
-            see the module docstring).
+        correction_interval: None, or every how many decoded tokens the
+            transformers integration's ``generate_with_correction`` recomputes
+            the sparsely decoded tokens' KV densely (module docstring).
     """
 
     num_layers: int
@@ -112,10 +116,7 @@ class TidalDecode:
         n = check_int("TidalDecode num_layers", self.num_layers, minimum=1)
         check_int("TidalDecode token_budget", self.token_budget, minimum=1)
         if self.correction_interval is not None:
-            raise UnsupportedFeatureError(
-                f"TidalDecode correction_interval={self.correction_interval!r}: cache correction (recomputing "
-                "sparsely decoded tokens' KV densely) needs the model's layers and is not provided; pass None"
-            )
+            check_int("TidalDecode correction_interval", self.correction_interval, minimum=1)
         dense = _layer_tuple("dense_layers", self.dense_layers, n)
         if self.selection_layers is None:
             if n < 3:

@@ -328,3 +328,69 @@ def test_decode_time_methods_refuse_padding_and_tidal_needs_the_cache():
     with pytest.raises(UnsupportedFeatureError, match="use LongAttnCache"):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     register_methods_and_oracles()
+
+
+# --- TidalDecode's cache correction ------------------------------------------------------------------------------
+
+def _layer_keys(cache, n):
+    return torch.stack([layer.k_buf[:, :n] for layer in cache.layers])
+
+
+def test_cache_correction_makes_the_kv_dense_again():
+    # Tidal with a 4-token budget: layer 1 reuses layer 0's selection, so layer 1's
+    # keys of decoded tokens come from approximate attention; correcting after every
+    # token recomputes them densely.
+    from longattn.sparse import TidalDecode
+
+    lt.register(tidal=TidalDecode(3, dense_layers=(), selection_layers=(0,), token_budget=4, correction_interval=2))
+    torch.manual_seed(0)  # 3 layers: layer 2's KV comes from layer 1's sparse (reuse) attention
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "q_proj"):
+                mod.q_proj.weight.mul_(8.0)
+    ids, _ = _inputs(left_padding=False)
+    model.set_attn_implementation("longattn_tidal")
+    plain = lt.LongAttnCache(model.config, max_cache_len=32)
+    tokens = lt.generate_with_correction(model, ids, plain, max_new_tokens=5, correction_interval=100)
+    corrected_cache = lt.LongAttnCache(model.config, max_cache_len=32)
+    corrected = lt.generate_with_correction(model, ids, corrected_cache, max_new_tokens=5, correction_interval=1)
+    assert tokens.shape == corrected.shape == (2, SEQ + 5)
+    assert model.config._attn_implementation == "longattn_tidal"  # restored after each correction
+    # The oracle: a dense float64 run over the corrected sequence; the fed tokens are SEQ .. SEQ + 3.
+    n = SEQ + 4
+    model64 = copy.deepcopy(model).double()
+    model64.set_attn_implementation("ref64")
+    dense64 = transformers.DynamicCache(config=model64.config)
+    model.set_attn_implementation("longattn")
+    dense32 = lt.LongAttnCache(model.config, max_cache_len=32)
+    with torch.no_grad():
+        model64(corrected[:, :n], use_cache=True, **{_cache_kwarg(model64): dense64})
+        model(corrected[:, :n], use_cache=True, **{_cache_kwarg(model): dense32})
+    oracle = torch.stack([layer.keys.transpose(1, 2) for layer in dense64.layers])
+    assert_close_to_oracle(_layer_keys(corrected_cache, n), oracle, _layer_keys(dense32, n), name="corrected keys")
+    # without correction layer 2's decoded keys differ from the dense ones
+    uncorrected = _layer_keys(plain, n)
+    plain_oracle64 = transformers.DynamicCache(config=model64.config)
+    with torch.no_grad():
+        model64(tokens[:, :n], use_cache=True, **{_cache_kwarg(model64): plain_oracle64})
+    plain_oracle = torch.stack([layer.keys.transpose(1, 2) for layer in plain_oracle64.layers])
+    assert (uncorrected[2, :, SEQ:] - plain_oracle[2, :, SEQ:].float()).abs().max() > 1e-3
+    register_methods_and_oracles()
+
+
+def test_recompute_recent_bad_input():
+    model, _ = _build("llama")
+    model.set_attn_implementation("longattn")
+    cache = lt.LongAttnCache(model.config, max_cache_len=32)
+    ids, _ = _inputs(left_padding=False)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{_cache_kwarg(model): cache})
+    with pytest.raises(ArgumentError, match="the cache holds 12"):
+        lt.recompute_recent(model, cache, torch.zeros(2, 13, dtype=torch.long))
+    with pytest.raises(ArgumentError, match="cache must be a longattn LongAttnCache"):
+        lt.recompute_recent(model, transformers.DynamicCache(), ids)
+    with pytest.raises(ArgumentError, match="correction_interval"):
+        lt.generate_with_correction(model, ids, cache, max_new_tokens=2, correction_interval=0)

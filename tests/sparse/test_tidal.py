@@ -145,7 +145,7 @@ def test_schedule_roles():
     (dict(num_layers=8, dense_layers=(0,), selection_layers=()), ArgumentError, "layer 1 is the first layer"),
     (dict(num_layers=8, selection_layers=4), ArgumentError, "selection_layers must be a tuple"),
     (dict(num_layers=8, token_budget=0), ArgumentError, "TidalDecode token_budget must be an int >= 1"),
-    (dict(num_layers=8, correction_interval=64), UnsupportedFeatureError, "cache correction .* is not provided"),
+    (dict(num_layers=8, correction_interval=0), ArgumentError, "correction_interval must be an int >= 1"),
 ])
 def test_bad_schedules(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
