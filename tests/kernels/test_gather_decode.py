@@ -451,3 +451,43 @@ def test_cuda_kernels_match_oracle_in_cpu_emulation(emulated, name):
     for _ in range(2):  # twice: bitwise determinism
         _check(case, lambda *a, **kw: results.append(_emulate(emulated, *a, **kw, split_len=split_len)) or results[-1])
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_page_lists_equal_their_token_lists(per_query):
+    # pages_of=P: page p stands for positions p*P .. p*P+P-1, clipped to the sequence's length
+    gen = torch.Generator().manual_seed(11)
+    batch, nheads, nheads_k, d, page = 2, 8, 2, 16, 4
+    q = torch.randn(batch, nheads, d, generator=gen)
+    k = torch.randn(batch, 23, nheads_k, d, generator=gen)
+    v = torch.randn(batch, 23, nheads_k, d, generator=gen)
+    lens = torch.tensor([23, 10], dtype=torch.int32)
+    lists = nheads if per_query else nheads_k
+    pages = torch.full((batch, lists, 3), -1, dtype=torch.int32)
+    pages[0, :, :2] = torch.tensor([5, 1], dtype=torch.int32)  # page 5 = positions 20..22 (length 23)
+    pages[1, :, :3] = torch.tensor([0, 2, 1], dtype=torch.int32)  # page 2 = positions 8, 9 (length 10)
+    tokens = torch.full((batch, lists, 12), -1, dtype=torch.int32)
+    tokens[0, :, :7] = torch.tensor([20, 21, 22, 4, 5, 6, 7], dtype=torch.int32)
+    tokens[1, :, :10] = torch.arange(10, dtype=torch.int32)
+    out_p, lse_p = gather_decode(q, k, v, pages, pages_of=page, seqlens=lens)
+    out_t, lse_t = gather_decode(q, k, v, tokens)
+    # the same token sets (order differs): equal within float32 rounding of a reordered sum
+    keep = torch.zeros(batch, lists, 23, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(lists):
+            keep[b, h, tokens[b, h][tokens[b, h] >= 0].long()] = True
+    mask = keep if per_query else keep.repeat_interleave(nheads // nheads_k, dim=1)
+    ref_out, ref_lse = attention_ref(q[:, None], k, v, mask=mask[:, :, None, :])
+    assert_close_to_oracle(out_p, ref_out[:, 0], out_t)
+    assert_close_to_oracle(lse_p, ref_lse[..., 0], lse_t, name="lse")
+
+
+def test_page_lists_need_seqlens():
+    q, k = torch.randn(1, 2, 8), torch.randn(1, 8, 2, 8)
+    pages = torch.zeros(1, 2, 1, dtype=torch.int32)
+    with pytest.raises(LongAttnError, match="seqlens"):
+        gather_decode(q, k, k, pages, pages_of=4)
+    with pytest.raises(ArgumentError, match="pages_of must be an int >= 1"):
+        gather_decode(q, k, k, pages, pages_of=0, seqlens=torch.tensor([8]))
+    with pytest.raises(ArgumentError, match="pass it with pages_of"):
+        gather_decode(q, k, k, pages, seqlens=torch.tensor([8]))

@@ -33,7 +33,7 @@ from longattn.kernels.gather.cuda import MAX_HEADDIM as CUDA_MAX_HEADDIM  # impo
 from longattn.kernels.gather.cuda import cuda_unavailable_reason
 from longattn.kernels.gather.eager import gather_decode_eager
 from longattn.kernels.support import triton_support
-from longattn.validation import FLOAT_DTYPES, check_softcap, check_softmax_scale, check_tensor
+from longattn.validation import FLOAT_DTYPES, check_int, check_softcap, check_softmax_scale, check_tensor
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -211,6 +211,23 @@ def check_gather_data(k_cache: torch.Tensor, indices: torch.Tensor, block_table:
                                     f"(got pages from {low} to {high})")
 
 
+def expand_pages(pages: torch.Tensor, page_size: int, seqlens: torch.Tensor) -> torch.Tensor:
+    """Logical page lists ``(batch, lists, n)`` (-1 = none) -> token lists
+    ``(batch, lists, n * page_size)`` int32, positions at or past ``seqlens[b]``
+    as -1."""
+    check_int("pages_of", page_size, minimum=1)
+    pages = check_tensor("indices", pages, 3, "(batch, nheads_k or nheads, n) page numbers", INDEX_DTYPES)
+    seqlens = check_tensor("seqlens", seqlens, 1, "(batch,)", INDEX_DTYPES)
+    if seqlens.shape[0] != pages.shape[0] or seqlens.device != pages.device:
+        raise ShapeError(f"seqlens must be ({pages.shape[0]},) on {pages.device}, got {tuple(seqlens.shape)} on "
+                         f"{seqlens.device}")
+    offsets = torch.arange(page_size, device=pages.device)
+    positions = pages.to(torch.long)[..., None] * page_size + offsets  # (batch, lists, n, page_size)
+    inside = (pages[..., None] >= 0) & (positions < seqlens.to(torch.long)[:, None, None, None])
+    positions = torch.where(inside, positions, torch.full_like(positions, -1))
+    return positions.flatten(2).to(torch.int32)
+
+
 def gather_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -222,6 +239,8 @@ def gather_decode(
     softcap: float = 0.0,
     backend: str = "auto",
     check: bool | None = None,
+    pages_of: int | None = None,
+    seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each decode query over the token positions listed for it.
 
@@ -241,12 +260,22 @@ def gather_decode(
         backend: ``"auto"`` or a twin name (``GATHER_BACKENDS.names``).
         check: read ``indices`` (and ``block_table``) to check their ranges:
             None = on CPU tensors only (free there), True, False.
+        pages_of: None (``indices`` are token positions), or a page size P:
+            ``indices`` are then logical page numbers, page ``p`` standing
+            for positions ``p * P .. p * P + P - 1`` (Quest's selection unit;
+            independent of a paged cache's own page size), clipped to each
+            sequence's length ``seqlens (batch,)`` int (required with it).
+            Expanded to the token lists the twins read (``n * P`` entries).
 
     Returns:
         ``(out, lse)``: out like q, lse ``(batch, nheads)`` float32, natural
         log, over exactly the listed tokens (an empty list: 0 and -inf) --
         ready for :func:`longattn.kernels.merge.merge_states` with another part.
     """
+    if pages_of is not None:
+        indices = expand_pages(indices, pages_of, seqlens)
+    elif seqlens is not None:
+        raise ArgumentError("seqlens clips page lists: pass it with pages_of (token lists are exact already)")
     q, k_cache, v_cache, indices, block_table = check_gather_layout(q, k_cache, v_cache, indices, block_table)
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
     softcap = check_softcap(softcap)
@@ -263,5 +292,5 @@ def gather_decode(
     return twin.run(call)
 
 
-__all__ = ["GATHER_BACKENDS", "GatherCall", "capacity_of", "check_gather_data", "check_gather_layout",
+__all__ = ["GATHER_BACKENDS", "GatherCall", "capacity_of", "expand_pages", "check_gather_data", "check_gather_layout",
            "gather_decode", "gather_decode_eager"]
