@@ -36,15 +36,21 @@ call that raises there still writes nothing:
 - ``sparse=HiP(...)``: ``longattn::hip_decode_step``, which also mutates the
   state, held as tensors (:meth:`~longattn.sparse.HiPDecodeState.as_tensors`:
   a graph cannot update a Python object from lengths it reads when it runs).
-  Quest, DoubleSparsity and TidalDecode do not trace yet (their states are
-  Python objects sized by the lengths): under ``torch.compile`` their step
-  runs eagerly behind a graph break (so ``fullgraph=True`` refuses it).
+- Quest, DoubleSparsity and TidalDecode: ``longattn::token_sparse_step``,
+  which mutates the caches and steps the caller's state object found through
+  the integer handle it got at construction (states are Python objects
+  sized by the lengths; the graph holds only the handle, so create states
+  outside the compiled region). With ``return_selection`` the selection is
+  -1 padded to the method's widest (Quest ``(budget // page_size + 1) *
+  page_size``, the others ``token_budget``).
 
 The plan crosses the op boundary as ints
 (:func:`~longattn.kernels.decode.plan.plan_spec`), ``check`` as -1 (None), 0, 1.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -175,8 +181,8 @@ def decode_attention(
             against this batch and config), append ``k_new``, update the
             state, select, attend. Sparse decode takes no ``window_size``
             or ``plan``, ``backend`` "auto" or "eager", always checks (the
-            selection reads the lengths on the host anyway); only HiP traces
-            under ``torch.compile`` (the others run behind a graph break).
+            selection reads the lengths on the host anyway); every method
+            traces under ``torch.compile`` as one custom op (module docstring).
         plan: a stream-K :class:`~longattn.decode.DecodePlan` from
             :func:`~longattn.decode.plan_decode` over the lengths ``L_b``, to
             reuse one schedule across layers; None plans per call (on a GPU
@@ -244,9 +250,12 @@ def decode_attention(
                               return_lse=return_lse, check=check)
     args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
     if token_sparse:
-        # Not traceable (see the module docstring): torch.compile runs it eagerly (a graph break).
-        out, lse, selection = _token_sparse_step(q, args, sparse, state, scale=scale, softcap=softcap,
-                                                 backend=backend, return_selection=return_selection)
+        if torch.compiler.is_compiling():
+            out, lse, selection = _traced_token_step(q, args, sparse, state, scale=scale, softcap=softcap,
+                                                     backend=backend, return_selection=return_selection)
+        else:
+            out, lse, selection = _token_sparse_step(q, args, sparse, state, scale=scale, softcap=softcap,
+                                                     backend=backend, return_selection=return_selection)
         result = (out, lse) if return_lse else (out,)
         if return_selection:
             result = (*result, selection)
@@ -782,3 +791,94 @@ def _traced_hip_step(q, args: CacheArgs, config, state, *, scale, softcap, causa
     k_new, v_new = (args.k_new, args.v_new) if args.seqlen_new else (None, None)
     return hip_decode_step_op(q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table, k_new, v_new,
                               blocks, info, counts, spec, scale, softcap, causal)
+
+
+# --- Quest / Double Sparsity / TidalDecode under torch.compile -------------------
+# The step is host-driven (lengths, growing states): traced, it is one custom op
+# that mutates the caches and steps the caller's state object, found through the
+# integer handle every state gets at construction (token_select.register_state;
+# the graph holds the handle, the state stays a Python object). The config
+# crosses as a method name and ints; the selection comes back -1 padded to the
+# method's widest (a static shape).
+
+_TIDAL_ROLES = ("dense", "selection", "reuse")
+
+
+def _token_method_spec(config) -> tuple[str, list[int], int]:
+    """``(name, ints, selection width)`` of a Quest / DoubleSparsity / TidalLayer config."""
+    from longattn.sparse import DoubleSparsity, Quest
+
+    if isinstance(config, Quest):
+        width = (config.token_budget // config.page_size + 1) * config.page_size
+        return "quest", [config.token_budget, config.page_size], width
+    if isinstance(config, DoubleSparsity):
+        rows = config.channels
+        return "double_sparsity", [config.token_budget, len(rows), len(rows[0]), *[c for r in rows for c in r]], \
+            config.token_budget
+    source = -1 if config.source is None else config.source
+    width = 0 if config.role == "dense" else config.token_budget
+    return "tidal", [config.index, _TIDAL_ROLES.index(config.role), config.token_budget, source], width
+
+
+@functools.lru_cache(maxsize=256)
+def _token_method_from_spec(name: str, spec: tuple[int, ...]):
+    from longattn.sparse import DoubleSparsity, Quest, TidalLayer
+
+    if name == "quest":
+        return Quest(token_budget=spec[0], page_size=spec[1])
+    if name == "double_sparsity":
+        budget, hk, r, *flat = spec
+        return DoubleSparsity(tuple(tuple(flat[h * r:(h + 1) * r]) for h in range(hk)), token_budget=budget)
+    index, role, budget, source = spec
+    return TidalLayer(index, _TIDAL_ROLES[role], budget, None if source < 0 else source)
+
+
+@torch.library.custom_op("longattn::token_sparse_step", mutates_args=("k_cache", "v_cache"))
+def token_sparse_step_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    method: str,
+    spec: list[int],
+    state_handle: int,
+    scale: float,
+    softcap: float,
+    backend: str,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, selection)`` of a Quest / DoubleSparsity / TidalLayer step
+    (the state found by its handle, -1 = none); selection ``(batch, nheads_k,
+    width)`` int32, -1 padded (``width`` 0: not asked for)."""
+    from longattn.sparse.token_select import state_of
+
+    config = _token_method_from_spec(method, tuple(spec))
+    args = check_cache_layout(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    out, lse, selection = _token_sparse_decode(q, args, config, state_of(state_handle), scale=scale,
+                                               softcap=softcap, backend=backend, return_selection=width > 0)
+    padded = torch.full((q.shape[0], k_cache.shape[2], width), -1, dtype=torch.int32, device=q.device)
+    if width and selection is not None:
+        padded[..., :selection.shape[2]] = selection
+    return out.contiguous(), lse.contiguous(), padded
+
+
+@token_sparse_step_op.register_fake
+def _token_sparse_step_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, method, spec,
+                            state_handle, scale, softcap, backend, width):
+    out, lse = _fake_outputs(q)
+    return out, lse, q.new_empty((q.shape[0], k_cache.shape[2], width), dtype=torch.int32)
+
+
+def _traced_token_step(q, args: CacheArgs, config, state, *, scale, softcap, backend, return_selection):
+    name, spec, width = _token_method_spec(config)
+    if return_selection and width == 0:
+        raise UnsupportedFeatureError("return_selection=True on a dense TidalDecode layer (every position) is not "
+                                      "traceable by torch.compile; ask for it on selection or reuse layers")
+    handle = -1 if state is None else state.handle
+    out, lse, selection = token_sparse_step_op(q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table,
+                                               args.k_new, args.v_new, name, spec, handle, scale, softcap, backend,
+                                               width if return_selection else 0)
+    return out, lse, (selection if return_selection else None)

@@ -115,7 +115,13 @@ class LongAttnLayer(CacheLayerMixin):
         self.length = 0
         self.mode: str | None = None  # "full", "fallback" (full buffers, unpadded passes), "store"
         self.k_buf = self.v_buf = self.k_pages = self.v_pages = self.block_table = None
-        self.lengths = self.leftpad = self.store = self.hip_state = self.selection_state = None
+        self.lengths = self.leftpad = self.store = self.hip_state = None
+        # A decode-time method's state outlives a reset (emptied, it refills itself
+        # at its next step): compiled steps hold it by handle.
+        state = getattr(self, "selection_state", None)
+        if state is not None:
+            state.reset()
+        self.selection_state = state
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -188,8 +194,8 @@ class LongAttnLayer(CacheLayerMixin):
             self.leftpad.clamp_(max=keep)
         if self.hip_state is not None:
             self.hip_state.reset()  # its selection may list dropped keys
-        self.selection_state = None  # rebuilt from the cache at the next step
-        self.shared.pop("tidal", None)
+        if self.selection_state is not None:
+            self.selection_state.reset()  # rebuilt from the cache at the next step
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -204,7 +210,8 @@ class LongAttnLayer(CacheLayerMixin):
         k, v = self.k_buf.index_select(0, idx), self.v_buf.index_select(0, idx)
         leftpad = None if self.leftpad is None else self.leftpad.index_select(0, idx)
         length, mode = self.length, self.mode
-        self.selection_state = None
+        if self.selection_state is not None:
+            self.selection_state.reset()
         if self.hip_state is not None:
             self.hip_state.reset()
         self._allocate_full(k, v, mode)
@@ -391,13 +398,29 @@ class LongAttnLayer(CacheLayerMixin):
         from longattn.sparse import DoubleSparsityState, QuestState, TidalLayer, TidalState
 
         if isinstance(sparse, TidalLayer):
-            if self.layer_idx == 0 or "tidal" not in self.shared:
-                self.shared["tidal"] = TidalState()  # layer 0 starts a decode step
+            # One TidalState for every step: each step's selection layer overwrites it
+            # before the layers after it read it.
+            if "tidal" not in self.shared:
+                self.shared["tidal"] = TidalState()
             return self.shared["tidal"]
         if self.selection_state is None or self.selection_state.config != sparse:
             kind = QuestState if type(sparse).__name__ == "Quest" else DoubleSparsityState
             self.selection_state = kind(sparse)
         return self.selection_state
+
+    def make_states(self) -> None:
+        """Create the decode-time method's state now (eagerly), if the model's
+        attention implementation names one: under torch.compile a state must
+        exist before the traced steps (it is stepped through its handle)."""
+        impl = self._impl_of()
+        if not (isinstance(impl, str) and impl.startswith("longattn")):
+            return
+        try:
+            sparse = sparse_config(impl, self.layer_idx)
+        except UnsupportedFeatureError:  # a name registered later: states are made at its first step
+            return
+        if is_decode_time(sparse):
+            self._selection_state(sparse)
 
     def _fallback(self, q, k, v, mask, opts, sparse):
         if mask is not None and not torch.compiler.is_compiling():
@@ -441,3 +464,5 @@ class LongAttnCache(Cache):
         shared: dict = {}
         layers = [LongAttnLayer(i, max_cache_len, page_size, impl_of, shared) for i in range(cfg.num_hidden_layers)]
         super().__init__(layers=layers)
+        for layer in layers:  # (after the layers exist: states of decode-time methods, made eagerly)
+            layer.make_states()

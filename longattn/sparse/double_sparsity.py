@@ -30,7 +30,8 @@ import torch
 
 from longattn.errors import ArgumentError, ShapeError
 from longattn.sparse.ds_scores import group_max_scores
-from longattn.sparse.token_select import (
+from longattn.sparse.token_select import (  # noqa: I001
+    register_state,
     SCAN_CHUNK,
     all_inside,
     capacity_of,
@@ -149,6 +150,7 @@ class DoubleSparsityState:
     """
 
     def __init__(self, config: DoubleSparsity) -> None:
+        self.handle = register_state(self)  # for torch.compile: see token_select.register_state
         if not isinstance(config, DoubleSparsity):
             raise ArgumentError(f"DoubleSparsityState needs a longattn.sparse.DoubleSparsity config, got "
                                 f"{type(config).__name__}")

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from longattn.errors import ArgumentError, ShapeError
-from longattn.sparse.token_select import (
+from longattn.sparse.token_select import (  # noqa: I001
+    register_state,
     SCAN_CHUNK,
     capacity_of,
     check_prefill_cache,
@@ -93,6 +94,7 @@ class QuestState:
     """
 
     def __init__(self, config: Quest) -> None:
+        self.handle = register_state(self)  # for torch.compile: see token_select.register_state
         if not isinstance(config, Quest):
             raise ArgumentError(f"QuestState needs a longattn.sparse.Quest config, got {type(config).__name__}")
         self.config = config

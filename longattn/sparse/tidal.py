@@ -37,7 +37,14 @@ from dataclasses import dataclass
 import torch
 
 from longattn.errors import ArgumentError
-from longattn.sparse.token_select import SCAN_CHUNK, check_state_batch, key_span, length_mask, top_positions
+from longattn.sparse.token_select import (
+    SCAN_CHUNK,
+    check_state_batch,
+    key_span,
+    length_mask,
+    register_state,
+    top_positions,
+)
 from longattn.validation import check_int
 
 ROLES = ("dense", "selection", "reuse")
@@ -166,6 +173,7 @@ class TidalState:
     """
 
     def __init__(self) -> None:
+        self.handle = register_state(self)  # for torch.compile: see token_select.register_state
         self.reset()
 
     def reset(self) -> None:

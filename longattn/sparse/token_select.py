@@ -11,6 +11,9 @@ p // page_size], p % page_size]`` (paged), whatever the cache's page order.
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 
 from longattn.errors import ArgumentError
@@ -125,3 +128,30 @@ def check_state_batch(owner: str, filled_lengths: tuple[int, ...], lengths: list
                             "or call state.reset() / state.prefill(...) for a new batch)")
         raise ArgumentError(f"state ({owner}) covers sequences of lengths {list(filled_lengths)}, but {what} "
                             f"{lengths}: {advice}")
+
+
+# --- states as handles (torch.compile) -------------------------------------------
+# A traced decode step cannot read or update a Python state object; it passes
+# the state's integer handle to a custom op, which looks the live object up and
+# steps it eagerly. Handles are given out at construction (no side effect while
+# tracing); the registry holds the states weakly.
+
+_LIVE_STATES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_NEXT_HANDLE = itertools.count(1)
+
+
+def register_state(state: object) -> int:
+    """A new handle for ``state`` (call from its ``__init__``)."""
+    handle = next(_NEXT_HANDLE)
+    _LIVE_STATES[handle] = state
+    return handle
+
+
+def state_of(handle: int) -> object | None:
+    """The live state behind ``handle`` (None for -1: no state)."""
+    if handle < 0:
+        return None
+    state = _LIVE_STATES.get(handle)
+    if state is None:
+        raise ArgumentError(f"decode state handle {handle} belongs to a state that no longer exists")
+    return state

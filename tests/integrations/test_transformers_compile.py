@@ -37,6 +37,18 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _compiled_unmasked_steps(model, ids, extra, cache):
+    """Last-position logits of a compiled (fullgraph) prefill and one step per column of ``extra``."""
+    compiled_model = torch.compile(model, fullgraph=True)
+    kw = {_cache_kwarg(model): cache}
+    outs = []
+    with torch.no_grad():  # fullgraph=True: any graph break raises here
+        outs.append(compiled_model(ids, use_cache=True, **kw).logits[:, -1])
+        for t in range(extra.shape[1]):
+            outs.append(compiled_model(extra[:, t:t + 1], use_cache=True, **kw).logits[:, -1])
+    return torch.stack(outs, 1)
+
+
 @pytest.mark.parametrize("impl", list(ORACLES))
 def test_compiled_model_prefill_and_cache_steps(impl):
     model, _ = _build("llama")
@@ -48,15 +60,9 @@ def test_compiled_model_prefill_and_cache_steps(impl):
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
     expected = _steps(copy.deepcopy(model).double(), ORACLES[impl], ids, extra)
     eager = _steps(model, impl, ids, extra, cache=lt.LongAttnCache(model.config, max_cache_len=32))
-    compiled_model = torch.compile(model, fullgraph=True)
     cache = lt.LongAttnCache(model.config, max_cache_len=32)
-    kw = {_cache_kwarg(model): cache}
-    outs = []
-    with torch.no_grad():  # fullgraph=True: any graph break raises here
-        outs.append(compiled_model(ids, use_cache=True, **kw).logits[:, -1])
-        for t in range(extra.shape[1]):
-            outs.append(compiled_model(extra[:, t:t + 1], use_cache=True, **kw).logits[:, -1])
-    assert_close_to_oracle(torch.stack(outs, 1), expected, eager, name=f"compiled {impl} logits")
+    ours = _compiled_unmasked_steps(model, ids, extra, cache)
+    assert_close_to_oracle(ours, expected, eager, name=f"compiled {impl} logits")
     assert cache.get_seq_length() == ids.shape[1] + extra.shape[1]
 
 
@@ -110,3 +116,20 @@ def test_compiled_right_padding_raises_when_the_graph_runs():
     with torch.no_grad(), pytest.raises(RuntimeError, match="must be left-padded"):
         torch.compile(model, fullgraph=True)(ids, attention_mask=mask, use_cache=True,
                                              **{_cache_kwarg(model): lt.LongAttnCache(model.config, max_cache_len=32)})
+
+
+@pytest.mark.parametrize("impl", ["longattn_quest", "longattn_double_sparsity", "longattn_tidal"])
+def test_compiled_decode_time_methods(impl):
+    # budgets covering the context: the selected steps equal dense attention (the float64 oracle)
+    from tests.integrations.test_transformers_cache import _register_decode_time
+
+    _register_decode_time(budget=64)
+    model, _ = _build("llama")
+    ids, _ = _inputs(left_padding=False)
+    extra = _extra(3)
+    model.set_attn_implementation(impl)
+    expected = _steps(copy.deepcopy(model).double(), "ref64", ids, extra)
+    eager = _steps(model, impl, ids, extra, cache=lt.LongAttnCache(model.config, max_cache_len=32))
+    ours = _compiled_unmasked_steps(model, ids, extra, lt.LongAttnCache(model.config, max_cache_len=32))
+    assert_close_to_oracle(ours, expected, eager, name=f"compiled {impl} logits")
+    register_methods_and_oracles()
