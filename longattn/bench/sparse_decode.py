@@ -16,8 +16,10 @@ towards each head's query direction, needle spans aligned with it). Cases
    - ``tidal reuse layer``: a TidalDecode layer after a selection layer (the
      gather over the carried selection); ``tidal selection layer``: full
      attention + top-k;
+   - ``quest selection only`` / ``double sparsity selection only``: the
+     state's ``select`` alone (the selection time, reported separately);
    - ``gather 2048 (primitive)``: ``gather_decode`` over Quest's selection:
-     the attention part alone (selection time = step - this);
+     the attention part alone;
    - ``longattn dense``: ``decode_attention`` over the whole cache;
    - ``sdpa``: SDPA decode, the baseline.
 
@@ -204,6 +206,20 @@ def _method_step(name: str):
     return build
 
 
+def _selection_only(name: str):
+    """The selection part of ``name``'s step alone (its state's ``select``), timed on its own."""
+    def build(w: Workload):
+        cfg, state = new_state(name, w, w.budget)
+        scaled = w.q[:, 0].float() * HEADDIM ** -0.5
+
+        def run(w: Workload) -> torch.Tensor:
+            return state.select(scaled, cfg.token_budget)
+
+        return run
+
+    return build
+
+
 def _tidal_selection(w: Workload):
     from longattn.sparse import TidalState
 
@@ -336,6 +352,8 @@ def sparse_decode_scenario(index: int) -> Scenario:
     make = lambda seed, c=case: make_workload(c.context, c.dtype, seed)  # noqa: E731
     if case.kind == "step":
         methods = [Method(name, _method_step(name), compare=False) for name in METHODS]
+        methods += [Method(f"{name} selection only", _selection_only(name), compare=False)
+                    for name in ("quest", "double sparsity")]
         methods += [Method("tidal selection layer", _tidal_selection),
                     Method("gather 2048 (primitive)", _gather_primitive, compare=False),
                     Method("longattn dense", no_setup(run_dense)), Method("sdpa", no_setup(run_sdpa))]
