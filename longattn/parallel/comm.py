@@ -1,0 +1,72 @@
+"""Process-group facts and the ring's point-to-point exchange.
+
+Every function here takes ``group=None`` (the default process group) or any
+subgroup made by ``torch.distributed.new_group``; ranks are group ranks, and
+point-to-point peers are translated to global ranks with
+``torch.distributed.get_global_rank`` because ``P2POp`` wants global ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longattn.errors import ArgumentError
+
+
+@dataclass(frozen=True)
+class GroupFacts:
+    """This process's place in ``group``: ``rank`` and ``world_size`` are group
+    ranks; ``next_global`` / ``prev_global`` are the global ranks of group ranks
+    ``rank + 1`` and ``rank - 1`` (mod ``world_size``), the ring's neighbours."""
+
+    group: object
+    rank: int
+    world_size: int
+    next_global: int
+    prev_global: int
+
+
+def group_facts(group: object = None) -> GroupFacts:
+    """Read rank, world size and ring neighbours of ``group`` (None = default group).
+
+    Raises ArgumentError when torch.distributed is not initialised (running as
+    if alone would silently compute attention over the local shard only) or
+    when this process is not a member of ``group``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ArgumentError(
+            "process_group: torch.distributed is not initialised; call torch.distributed.init_process_group "
+            "(torchrun does the environment part) before sequence-parallel attention"
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ArgumentError(f"process_group: this process (global rank {dist.get_rank()}) is not a member of it")
+    world = dist.get_world_size(group)
+    resolved = dist.group.WORLD if group is None else group
+    nxt = dist.get_global_rank(resolved, (rank + 1) % world)
+    prv = dist.get_global_rank(resolved, (rank - 1) % world)
+    return GroupFacts(resolved, rank, world, nxt, prv)
+
+
+def post_ring_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor) -> list:
+    """Post ``send`` to the next rank and ``recv`` from the previous one; return the works.
+
+    Both operations are posted together in one ``batch_isend_irecv``, so no
+    rank waits for a peer before it has posted its own send: every world size,
+    including 2 (where next and previous are the same peer), is deadlock free.
+    The caller computes on the block in hand, then waits on the works.
+    """
+    ops = [
+        dist.P2POp(dist.isend, send, facts.next_global, facts.group),
+        dist.P2POp(dist.irecv, recv, facts.prev_global, facts.group),
+    ]
+    return dist.batch_isend_irecv(ops)
+
+
+def wait_all(works: list) -> None:
+    """Wait for every work; the group's ``timeout`` bounds each wait."""
+    for work in works:
+        work.wait()
