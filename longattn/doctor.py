@@ -32,6 +32,7 @@ REGISTRIES = (
     ("longattn.kernels.block_sparse", "BLOCK_SPARSE_BACKENDS"),
     ("longattn.kernels.hip_score", "HIP_SCORE_BACKENDS"),
     ("longattn.kernels.gather", "GATHER_BACKENDS"),
+    ("longattn.kernels.block_backward", "BLOCK_BACKWARD_BACKENDS"),
 )
 
 CXX_COMPILERS = ("c++", "g++", "clang++")

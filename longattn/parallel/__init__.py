@@ -5,8 +5,9 @@ Every function takes this rank's local shard in longattn's layout and a
 
 - :func:`shard` / :func:`unshard`: cut a full tensor into this rank's shard
   (``"zigzag"`` or ``"contiguous"``) and gather it back.
-- :func:`ring_attention`: exact attention over the sharded sequence, forward
-  only in this increment.
+- :func:`ring_attention`: exact attention over the sharded sequence, with
+  autograd (dk/dv accumulators travel the ring home; dq accumulates in
+  float32) on both layouts.
 """
 
 from longattn.parallel.layout import LAYOUTS, local_positions, shard, unshard

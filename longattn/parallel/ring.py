@@ -1,4 +1,4 @@
-"""Ring attention over a process group, forward (contiguous and zigzag layouts).
+"""Ring attention over a process group, forward and backward (contiguous and zigzag layouts).
 
 Each of the ``N`` ranks holds its local shard of q, k, v (see
 :mod:`longattn.parallel.layout`). For ``N`` steps every rank computes its
@@ -27,9 +27,11 @@ this rank, ``L`` = half the local length):
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from longattn.api import attention
 from longattn.errors import ShapeError, UnsupportedFeatureError
+from longattn.kernels.block_backward import block_backward
 from longattn.kernels.merge import merge_two_in_place
 from longattn.parallel.checks import DTYPE_CODES, agree
 from longattn.parallel.comm import group_facts, post_ring_exchange, wait_all
@@ -57,7 +59,7 @@ def ring_attention(
     return_lse: bool = False,
     check: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention over a sequence sharded across the ranks of a group (forward only).
+    """Exact attention over a sequence sharded across the ranks of a group, differentiable.
 
     Collective: every rank of ``process_group`` must call it with its own
     shard. Communication is point-to-point around the ring (the KV block in
@@ -91,10 +93,13 @@ def ring_attention(
         attention), or ``(out, lse)``. Each step's partial output comes from
         :func:`longattn.attention` in the input dtype; partials are merged in
         float32. A row that sees no key gets ``out = 0``, ``lse = -inf``.
+        When q, k or v requires grad (and grad mode is on), out and lse are
+        differentiable: ``backward`` runs the ring again (collective: every
+        rank of the group must call it) and gives this rank's shard of dq, dk,
+        dv in the inputs' dtypes, accumulated in float32.
 
     Raises:
-        UnsupportedFeatureError: inputs require grad (the backward lands in a
-            later increment) or a window is asked for.
+        UnsupportedFeatureError: a window is asked for.
         ShapeError / DTypeError / ArgumentError: bad local input, or ranks
             that disagree (with ``check=True``, on every rank).
     """
@@ -104,11 +109,6 @@ def ring_attention(
 
     def local_check() -> list[float]:
         check_qkv(q, k, v)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            raise UnsupportedFeatureError(
-                "ring_attention: q, k or v requires grad, but this is the forward-only increment; the backward "
-                "lands in a later increment (run under torch.no_grad() or detach the inputs)"
-            )
         is_causal, want_lse, scale, _, cap = check_attention_options(
             q.shape[3], causal, return_lse, softmax_scale, window_size, softcap
         )
@@ -134,25 +134,58 @@ def ring_attention(
         agree(facts, "ring_attention", _FIELDS, local_check, device)
     else:
         local_check()
-    out, lse = _ring_forward(q, k, v, facts, settled["causal"], settled["scale"], settled["softcap"],
-                             settled["layout"])
+    options = (facts, settled["causal"], settled["scale"], settled["softcap"], settled["layout"])
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _RingAttention.apply(q, k, v, *options)
+    else:
+        out, lse = _ring_forward(q, k, v, *options)
     return (out, lse) if settled["return_lse"] else out
+
+
+def _pieces(n: int, r: int, src: int, seqlen: int, causal: bool, layout: str) -> list[tuple[slice, slice, bool]]:
+    """The (local query rows, keys of the block in hand, causal) pairs rank ``r``
+    computes against the KV block that came from rank ``src`` (module docstring).
+    The forward and the backward both follow it, so they see the same pairs."""
+    everything, half = slice(0, seqlen), seqlen // 2
+    if not causal:
+        return [(everything, everything, False)]
+    if src == r:
+        return [(everything, everything, True)]
+    if layout == "contiguous":
+        return [(everything, everything, False)] if src < r else []
+    if src < r:  # zigzag: every local query sees the block's first chunk, none its second
+        return [(everything, slice(0, half), False)]
+    return [(slice(half, seqlen), everything, False)]  # zigzag, src > r: the second local chunk sees it all
+
+
+def _post(facts, send: torch.Tensor, recv: torch.Tensor, tag: int) -> list:
+    """:func:`~longattn.parallel.comm.post_ring_exchange` with a tag, so the
+    backward's two flows (K/V and the dk/dv accumulators, posted at different
+    steps) can never match each other's messages."""
+    ops = [
+        dist.P2POp(dist.isend, send, facts.next_global, facts.group, tag),
+        dist.P2POp(dist.irecv, recv, facts.prev_global, facts.group, tag),
+    ]
+    return dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list, facts, step: int, what: str) -> None:
+    try:
+        wait_all(works)
+    except RuntimeError as exc:  # a peer died or stalled past the group's timeout
+        raise RuntimeError(
+            f"ring_attention{what}: group rank {facts.rank}, step {step}: exchange with global ranks "
+            f"{facts.next_global} (send) / {facts.prev_global} (receive) failed: {exc}"
+        ) from exc
 
 
 def _ring_forward(q, k, v, facts, causal: bool, scale: float, softcap: float, layout: str):
     n, r = facts.world_size, facts.rank
     batch, seqlen, nheads, headdim = q.shape
-    half = seqlen // 2
     # float32 accumulators; lse kept (batch, seqlen, nheads) so row slices along dim 1 are views for the merge
     acc_out = torch.zeros(batch, seqlen, nheads, headdim, dtype=torch.float32, device=q.device)
     acc_lse = torch.full((batch, seqlen, nheads), float("-inf"), dtype=torch.float32, device=q.device)
 
-    def block(rows: slice, kb: torch.Tensor, vb: torch.Tensor, block_causal: bool) -> None:
-        o, l = attention(q[:, rows], kb, vb, causal=block_causal, softmax_scale=scale, softcap=softcap,
-                         return_lse=True)
-        merge_two_in_place(acc_out[:, rows], acc_lse[:, rows], o.to(torch.float32), l.transpose(1, 2))
-
-    everything = slice(0, seqlen)
     kv = torch.stack([k, v]).contiguous()  # one message per step: (2, batch, seqlen, nheads_k, headdim)
     for step in range(n):
         src = (r - step) % n
@@ -160,25 +193,82 @@ def _ring_forward(q, k, v, facts, causal: bool, scale: float, softcap: float, la
         if step < n - 1:  # post the next exchange first: communication overlaps the compute below
             incoming = torch.empty_like(kv)
             works = post_ring_exchange(facts, kv, incoming)
-        kb, vb = kv[0], kv[1]
-        if not causal:
-            block(everything, kb, vb, False)
-        elif src == r:
-            block(everything, kb, vb, True)
-        elif layout == "contiguous":
-            if src < r:
-                block(everything, kb, vb, False)
-        elif src < r:  # zigzag: every local query sees the block's first chunk, none its second
-            block(everything, kb[:, :half], vb[:, :half], False)
-        else:  # zigzag, src > r: only the second local chunk sees anything, and it sees the whole block
-            block(slice(half, seqlen), kb, vb, False)
+        for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
+            o, l = attention(q[:, rows], kv[0][:, keys], kv[1][:, keys], causal=block_causal, softmax_scale=scale,
+                             softcap=softcap, return_lse=True)
+            merge_two_in_place(acc_out[:, rows], acc_lse[:, rows], o.to(torch.float32), l.transpose(1, 2))
         if works is not None:
-            try:
-                wait_all(works)
-            except RuntimeError as exc:  # a peer died or stalled past the group's timeout
-                raise RuntimeError(
-                    f"ring_attention: group rank {r}, step {step}: exchange with global ranks "
-                    f"{facts.next_global} (send) / {facts.prev_global} (receive) failed: {exc}"
-                ) from exc
+            _wait(works, facts, step, "")
             kv = incoming
     return acc_out.to(q.dtype), acc_lse.transpose(1, 2).contiguous()
+
+
+_KV_TAG, _GRAD_TAG = 0, 1
+
+
+def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, scale: float, softcap: float, layout: str):
+    """``(dq, dk, dv)`` of this rank's shard, in the dtypes of q, k, v.
+
+    The K/V blocks travel as in the forward; with each goes a float32
+    ``(2, batch, seqlen, nheads_k, headdim)`` dk/dv accumulator that every rank
+    adds its contribution to (:func:`~longattn.kernels.block_backward.block_backward`
+    given the rows' final out and lse). The accumulator leaves after the
+    compute of a step and is awaited after the compute of the next, so its
+    transfer overlaps that compute; after ``N`` hops it is back with the
+    block's owner. dq accumulates locally in float32.
+    """
+    n, r = facts.world_size, facts.rank
+    seqlen = q.shape[1]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv = torch.stack([k, v]).contiguous()
+    acc = None
+    acc_works, acc_in = None, None
+    for step in range(n):
+        src = (r - step) % n
+        kv_works, kv_in = None, None
+        if step < n - 1:
+            kv_in = torch.empty_like(kv)
+            kv_works = _post(facts, kv, kv_in, _KV_TAG)
+        part = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
+            gq, gk, gv = block_backward(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys], out[:, rows],
+                                        lse[:, :, rows], scale=scale, causal=block_causal, softcap=softcap,
+                                        dlse=None if dlse is None else dlse[:, :, rows])
+            dq[:, rows] += gq
+            part[0][:, keys] += gk
+            part[1][:, keys] += gv
+        if acc_works is not None:  # the accumulator of this block, from the previous rank
+            _wait(acc_works, facts, step, " backward (dk/dv)")
+            part += acc_in
+        acc = part
+        if n > 1:  # pass it on; after the last step this hop takes it home
+            acc_in = torch.empty_like(acc)
+            acc_works = _post(facts, acc, acc_in, _GRAD_TAG)
+        if kv_works is not None:
+            _wait(kv_works, facts, step, " backward (k/v)")
+            kv = kv_in
+    if acc_works is not None:
+        _wait(acc_works, facts, n, " backward (dk/dv home)")
+        acc = acc_in
+    return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Autograd around the ring: saves the local q, k, v, out, lse; the backward
+    is collective like the forward (every rank of the group must run it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, facts, causal, scale, softcap, layout):
+        out, lse = _ring_forward(q, k, v, facts, causal, scale, softcap, layout)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (facts, causal, scale, softcap, layout)
+        ctx.set_materialize_grads(False)  # lse's gradient stays None when lse is not used
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, *ctx.options)
+        return dq, dk, dv, None, None, None, None, None

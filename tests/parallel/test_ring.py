@@ -1,4 +1,4 @@
-"""longattn.parallel on real gloo process groups: shard/unshard and ring attention.
+"""longattn.parallel on real gloo process groups: shard/unshard and ring attention (forward and backward).
 
 For each world size (1-4) one group of spawned processes (``python -m
 tests.parallel.worker``, on a free local port) runs every case of

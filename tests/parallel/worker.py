@@ -68,6 +68,36 @@ def _ring_case(layout, causal, nheads, nheads_k, softcap=0.0, scale=None, group_
     return run
 
 
+def _grad_case(layout, causal, nheads, nheads_k, softcap=0.0, with_lse=False, dtype=torch.float32):
+    """dq, dk, dv of this rank's shard equal the slices of the oracle's gradients
+    (autograd through attention_ref on the full sequence, same random dout;
+    with ``with_lse`` a random gradient flows into lse too)."""
+    def run(rank, world):
+        q, k, v = _full_qkv(world, nheads, nheads_k, seed=2000 + 7 * world + nheads_k, dtype=dtype)
+        gen = torch.Generator().manual_seed(77 + world)
+        dout = torch.randn(q.shape, generator=gen).to(dtype)
+        dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen)
+        pos = local_positions(q.shape[1], layout, rank, world)
+        leaves = [shard(t, layout).requires_grad_() for t in (q, k, v)]
+        out, lse = ring_attention(*leaves, causal=causal, softcap=softcap, layout=layout, return_lse=True)
+        loss = (out.float() * dout[:, pos].float()).sum()
+        if with_lse:
+            loss = loss + (lse * dlse[:, :, pos]).sum()
+        loss.backward()  # collective: every rank runs it before any assertion
+        def full_grads(fn, dt):
+            full = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+            o, l = fn(*full)
+            total = (o * dout.to(o.dtype)).sum() + ((l * dlse.to(l.dtype)).sum() if with_lse else 0)
+            return torch.autograd.grad(total, full)
+        opts = dict(causal=causal, softcap=softcap)
+        ref = full_grads(lambda a, b, c: attention_ref(a, b, c, **opts), torch.float64)
+        base = full_grads(lambda a, b, c: attention(a, b, c, backend="eager", return_lse=True, **opts), dtype)
+        for name, leaf, r, b in zip(("dq", "dk", "dv"), leaves, ref, base):
+            assert leaf.grad is not None and leaf.grad.dtype == dtype, f"{name}: {leaf.grad!r}"
+            assert_close_to_oracle(leaf.grad, r[:, pos], b[:, pos], name=name)
+    return run
+
+
 def _roundtrip(layout):
     def run(rank, world):
         gen = torch.Generator().manual_seed(5)
@@ -140,7 +170,13 @@ CASES = {
     "subgroup_zigzag_causal": (3, _ring_case("zigzag", True, 4, 2, group_ranks=[1, 2])),
     "wrong_shape_every_rank_raises": (2, _expect(ShapeError, _last_rank_longer, causal=True)),
     "wrong_ndim_every_rank_raises": (1, _expect(ShapeError, _last_rank_3d, causal=True)),
-    "grad_refused": (1, _expect(UnsupportedFeatureError, _grad)),
+    "grad_zigzag_causal_gqa": (1, _grad_case("zigzag", True, 4, 2)),
+    "grad_zigzag_full_mha": (1, _grad_case("zigzag", False, 2, 2)),
+    "grad_contiguous_causal_gqa": (1, _grad_case("contiguous", True, 4, 1)),
+    "grad_contiguous_full_gqa": (1, _grad_case("contiguous", False, 4, 2)),
+    "grad_zigzag_causal_softcap_lse": (1, _grad_case("zigzag", True, 2, 1, softcap=2.0, with_lse=True)),
+    "grad_contiguous_causal_fp16": (1, _grad_case("contiguous", True, 2, 2, dtype=torch.float16)),
+    "grad_window_refused": (1, _expect(UnsupportedFeatureError, _grad, window_size=(2, 0), causal=True)),
     "window_refused": (1, _expect(UnsupportedFeatureError, _good, window_size=(2, 0), causal=True)),
 }
 

@@ -177,41 +177,57 @@ def dense_backward_eager(
     ``dS += P * dlse`` because ``d lse / d S = P``.
     Returns contiguous ``(dq, dk, dv)`` in the dtypes of q, k, v.
     """
+    lse_safe = lse.masked_fill(torch.isinf(lse), 0.0)  # empty rows: all scores -inf, P = 0
+    dq, dk, dv = attention_grads(dout, q, k, v, out, lse_safe, dlse, scale=scale, window=window, softcap=softcap,
+                                 renormalise=True)
+    return _finish_grads(dq, dk, dv, q, k, v)
+
+
+def attention_grads(dout, q, k, v, out, lse, dlse, *, scale: float, window: tuple[int, int], softcap: float,
+                    renormalise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 ``dq (like q)``, ``dk, dv (batch, nheads_k, seqlen_k, headdim)``
+    recomputing ``P = exp(s - lse)`` chunk by chunk (``lse`` finite where used:
+    0 for rows that see nothing here, +inf for rows that see nothing anywhere).
+
+    ``renormalise``: divide each recomputed row by its sum -- right when
+    ``lse`` is over exactly these keys (a dense backward: it reproduces the
+    forward twin's probabilities whatever order that twin rounded in); wrong
+    for a block of a longer row (a ring step), whose ``lse`` covers keys
+    beyond this block and whose probabilities must not sum to 1 here.
+    """
     batch, seqlen_q, nheads, dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros((batch, nheads_k, seqlen_k, dim), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     if q.numel() == 0 or seqlen_k == 0:
-        return _finish_grads(dq, dk, dv, q, k, v)
+        return dq, dk, dv
     k_h = _heads_major(k)
     k_t = k_h.transpose(-1, -2)
     v_h = _heads_major(v)
     # delta_i = sum_d dout_i * out_i = sum_j P_ij dP_ij: the softmax Jacobian's diagonal term.
     delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1).permute(0, 2, 1)  # (b, h, sq)
     if dlse is not None:
-        delta = delta - dlse.to(torch.float32)
-    lse_safe = lse.masked_fill(torch.isinf(lse), 0.0)  # empty rows: all scores -inf, P = 0
+        delta = delta - dlse.to(torch.float32)  # d lse / d s = P, so dlse enters as dS += P * dlse
+    lse = lse.to(torch.float32)
     step = rows_per_chunk(batch, nheads, seqlen_q, seqlen_k, window)
     for r0 in range(0, seqlen_q, step):
         r1 = min(seqlen_q, r0 + step)
         lo, hi = visible_key_range(r0, r1, seqlen_q, seqlen_k, window)
         if lo >= hi:
-            continue
+            continue  # no row of the chunk sees a key here
         q_rows = _query_rows(q, r0, r1, nheads_k)
-        scores, capped = _scores(
-            q_rows, k_t, (r0, r1), (lo, hi), seqlen_q, seqlen_k, scale, window, softcap
-        )
+        scores, capped = _scores(q_rows, k_t, (r0, r1), (lo, hi), seqlen_q, seqlen_k, scale, window, softcap)
         fold = (batch, nheads_k, -1, 1)
-        probs = scores.sub_(lse_safe[:, :, r0:r1].reshape(fold)).exp_()
-        # Renormalise each row. The forward twin computed its scores in its own
-        # order (the C++ kernel pre-scales q, Triton works in base 2, the sums
-        # run in other orders), so exp(s - lse) here is off by a few ulps of s
-        # -- a row with one visible key would get P = 1 - 2e-6, and fp16 dV one
-        # unit off. The chunk holds every key its rows can see, so the row sum
-        # is the softmax denominator; dividing by it reproduces the forward's
-        # probabilities (exactly 1 for one key). Empty rows sum to 0 and stay 0.
-        probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
+        probs = scores.sub_(lse[:, :, r0:r1].reshape(fold)).exp_()
+        if renormalise:
+            # The forward twin computed its scores in its own order (the C++ kernel
+            # pre-scales q, Triton works in base 2), so exp(s - lse) here is off by a
+            # few ulps of s -- a row with one visible key would get P = 1 - 2e-6, and
+            # fp16 dV one unit off. The chunk holds every key its rows can see, so the
+            # row sum is the softmax denominator; dividing by it reproduces the
+            # forward's probabilities (exactly 1 for one key). Empty rows stay 0.
+            probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
         do_rows = _query_rows(dout, r0, r1, nheads_k)
         dv[:, :, lo:hi] += torch.matmul(probs.transpose(-1, -2), do_rows)
         dprobs = torch.matmul(do_rows, v_h[:, :, lo:hi].transpose(-1, -2))
@@ -221,7 +237,7 @@ def dense_backward_eager(
         dscores.mul_(scale)
         dq[:, r0:r1] = _to_query_layout(torch.matmul(dscores, k_h[:, :, lo:hi]), nheads)
         dk[:, :, lo:hi] += torch.matmul(dscores.transpose(-1, -2), q_rows)
-    return _finish_grads(dq, dk, dv, q, k, v)
+    return dq, dk, dv
 
 
 def _finish_grads(dq, dk, dv, q, k, v):

@@ -1,0 +1,153 @@
+"""block_backward against autograd of the float64 oracle.
+
+Every test splits the attention matrix into block pairs the way a sequence-
+parallel backward does, runs :func:`block_backward` on each pair with the
+FINAL (out, lse) of the rows, adds the pieces up, and compares the sums with
+the oracle's gradients (tolerance rule: baseline = autograd through the eager
+dense twin in the same dtype).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longattn.api import attention
+from longattn.errors import ArgumentError, ShapeError
+from longattn.kernels.block_backward import BLOCK_BACKWARD_BACKENDS, block_backward
+from longattn.reference import attention_ref
+from tests.tolerance import assert_close_to_oracle
+
+
+def _inputs(seqlen_q, seqlen_k, nheads, nheads_k, seed, dtype=torch.float32, headdim=16):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, seqlen_q, nheads, headdim, generator=gen).to(dtype)
+    k = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
+    v = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
+    dout = torch.randn(2, seqlen_q, nheads, headdim, generator=gen).to(dtype)
+    return q, k, v, dout
+
+
+def _grads(fn, q, k, v, dout, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    return out.detach(), lse.detach(), torch.autograd.grad(out, leaves, dout.to(out.dtype))
+
+
+def _oracle_and_baseline(q, k, v, dout, **opts):
+    _, _, ref = _grads(lambda a, b, c: attention_ref(a, b, c, **opts), q, k, v, dout, torch.float64)
+    out, lse, base = _grads(lambda a, b, c: attention(a, b, c, backend="eager", return_lse=True, **opts),
+                            q, k, v, dout)
+    return out, lse, ref, base
+
+
+def _check(sums, ref, base):
+    for name, got, want, baseline in zip(("dq", "dk", "dv"), sums, ref, base):
+        assert got.dtype == torch.float32
+        assert_close_to_oracle(got, want, baseline, name=name)
+
+
+def _split(n, cuts):
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@pytest.mark.parametrize("nheads,nheads_k", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_key_partition_full_attention(nheads, nheads_k, softcap):
+    """Not causal: every query row against uneven key blocks."""
+    q, k, v, dout = _inputs(7, 13, nheads, nheads_k, seed=nheads * 10 + nheads_k)
+    scale = 0.4
+    out, lse, ref, base = _oracle_and_baseline(q, k, v, dout, softmax_scale=scale, softcap=softcap)
+    dq = torch.zeros(q.shape)
+    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    for lo, hi in _split(13, [1, 6, 10]):
+        a, b, c = block_backward(dout, q, k[:, lo:hi], v[:, lo:hi], out, lse, scale=scale, causal=False,
+                                 softcap=softcap)
+        dq += a
+        dk[:, lo:hi] += b
+        dv[:, lo:hi] += c
+    _check((dq, dk, dv), ref, base)
+
+
+@pytest.mark.parametrize("nheads,nheads_k", [(2, 2), (4, 1)])
+@pytest.mark.parametrize("cuts", [[4], [2, 5, 9]])
+def test_causal_square_grid(nheads, nheads_k, cuts):
+    """Causal over one sequence cut into blocks on both axes, as a contiguous
+    ring cuts it: diagonal pairs causal, pairs below it unmasked, above skipped."""
+    n = 11
+    q, k, v, dout = _inputs(n, n, nheads, nheads_k, seed=len(cuts) + nheads)
+    scale = 16 ** -0.5
+    out, lse, ref, base = _oracle_and_baseline(q, k, v, dout, causal=True)
+    dq = torch.zeros(q.shape)
+    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    blocks = _split(n, cuts)
+    for i, (q0, q1) in enumerate(blocks):
+        for j, (k0, k1) in enumerate(blocks):
+            if j > i:
+                continue
+            a, b, c = block_backward(dout[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1],
+                                     lse[:, :, q0:q1], scale=scale, causal=(i == j))
+            dq[:, q0:q1] += a
+            dk[:, k0:k1] += b
+            dv[:, k0:k1] += c
+    _check((dq, dk, dv), ref, base)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(5, 12), (9, 4)])
+def test_causal_bottom_right_one_block(seqlen_q, seqlen_k):
+    """One block holding every key: bottom-right causal with unequal lengths.
+    With seqlen_q > seqlen_k the top rows see no key (lse = -inf): zero gradient."""
+    q, k, v, dout = _inputs(seqlen_q, seqlen_k, 4, 2, seed=seqlen_q)
+    out, lse, ref, base = _oracle_and_baseline(q, k, v, dout, causal=True)
+    got = block_backward(dout, q, k, v, out, lse, scale=0.25, causal=True)
+    _check(got, [torch.nan_to_num(r) for r in ref], base)
+    if seqlen_q > seqlen_k:
+        empty = seqlen_q - seqlen_k
+        assert torch.isneginf(lse[:, :, :empty]).all()
+        assert torch.equal(got[0][:, :empty], torch.zeros_like(got[0][:, :empty]))
+
+
+def test_causal_prefix_then_diagonal_fp16():
+    """seqlen_q < seqlen_k causal: the keys before the diagonal square are seen
+    by every row (unmasked block), the square is causal; fp16 inputs."""
+    q, k, v, dout = _inputs(6, 14, 2, 1, seed=3, dtype=torch.float16)
+    out, lse, ref, base = _oracle_and_baseline(q, k, v, dout, causal=True)
+    pieces = [block_backward(dout, q, k[:, :8], v[:, :8], out, lse, scale=0.25, causal=False),
+              block_backward(dout, q, k[:, 8:], v[:, 8:], out, lse, scale=0.25, causal=True)]
+    dq = pieces[0][0] + pieces[1][0]
+    dk = torch.cat([pieces[0][1], pieces[1][1]], 1)
+    dv = torch.cat([pieces[0][2], pieces[1][2]], 1)
+    _check((dq, dk, dv), ref, base)
+
+
+def test_dlse_enters_as_p_times_dlse():
+    """A gradient into lse as well as out: compare with the oracle's autograd of both."""
+    q, k, v, dout = _inputs(5, 9, 2, 2, seed=11)
+    dlse = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(1))
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ro, rl = attention_ref(*leaves, softmax_scale=0.3)
+    ref = torch.autograd.grad((ro * dout.double()).sum() + (rl * dlse.double()).sum(), leaves)
+    out, lse = attention(q, k, v, softmax_scale=0.3, return_lse=True, backend="eager")
+    got = [torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(v.shape)]
+    for lo, hi in _split(9, [4]):
+        a, b, c = block_backward(dout, q, k[:, lo:hi], v[:, lo:hi], out, lse, scale=0.3, causal=False, dlse=dlse)
+        got[0] += a
+        got[1][:, lo:hi] += b
+        got[2][:, lo:hi] += c
+    for g, r, name in zip(got, ref, ("dq", "dk", "dv")):
+        assert_close_to_oracle(g, r, r, name=name)  # no baseline twin takes dlse here: the floor alone
+
+
+def test_bad_input_names_the_argument():
+    q, k, v, dout = _inputs(4, 4, 2, 2, seed=0)
+    out, lse = attention(q, k, v, return_lse=True)
+    with pytest.raises(ShapeError, match="lse"):
+        block_backward(dout, q, k, v, out, lse[:, :, :3], scale=0.25, causal=False)
+    with pytest.raises(ShapeError, match="dout"):
+        block_backward(dout[:, :3], q, k, v, out, lse, scale=0.25, causal=False)
+    with pytest.raises(ArgumentError, match="scale"):
+        block_backward(dout, q, k, v, out, lse, scale=None, causal=False)
+    with pytest.raises(ArgumentError, match="causal"):
+        block_backward(dout, q, k, v, out, lse, scale=0.25, causal=1)
+    assert BLOCK_BACKWARD_BACKENDS.names == ["eager"]
