@@ -6,11 +6,11 @@ block in hand and add the results up; shapes and math:
 
 Twins (priority order for ``backend="auto"``):
 
+- ``triton``: flash-attention-2's backward kernels (dk/dv per key block over
+  the query group, dq in a second atomics-free pass; deterministic). GPU, or
+  CPU under ``TRITON_INTERPRET=1`` for verification (never picked by auto there).
 - ``eager``: PyTorch, float32 math, chunked over query rows (the
   specification; serves every call).
-
-A Triton twin (flash-attention's backward kernel) is planned; it will slot in
-ahead of eager here.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from longattn.dispatch import Backend, Registry
 from longattn.errors import ArgumentError, DeviceError, ShapeError
 from longattn.kernels.block_backward.eager import block_backward_eager
+from longattn.kernels.support import triton_support
 from longattn.validation import check_flag, check_qkv, check_softcap, check_softmax_scale, check_tensor
 
 
@@ -41,6 +42,24 @@ class BlockBackwardCall:
     softcap: float
 
 
+def _run_triton(c: BlockBackwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Imported on first use: importing triton costs seconds.
+    from longattn.kernels.block_backward.triton import block_backward_triton
+
+    return block_backward_triton(c.dout, c.q, c.k, c.v, c.out, c.lse, scale=c.scale, causal=c.causal,
+                                 softcap=c.softcap, dlse=c.dlse)
+
+
+# Its reasons read TRITON_INTERPRET at call time: not pure (never memoised).
+TRITON = Backend[BlockBackwardCall](
+    name="triton",
+    description="flash-attention-2 backward kernels in Triton, no atomics (GPU; CPU under TRITON_INTERPRET=1)",
+    run=_run_triton,
+    machine_reasons=triton_support.machine_reasons,
+    call_reasons=lambda call: triton_support.call_reasons(call.q),
+    auto_reasons=lambda call: triton_support.auto_reasons(call.q),
+)
+
 EAGER = Backend[BlockBackwardCall](
     name="eager",
     description="PyTorch recompute of the block's probabilities from the final lse, float32 math; serves every call",
@@ -52,7 +71,7 @@ EAGER = Backend[BlockBackwardCall](
 )
 
 BLOCK_BACKWARD_BACKENDS = Registry[BlockBackwardCall](
-    "block backward (attention gradient of one block pair given the final out and lse)", [EAGER],
+    "block backward (attention gradient of one block pair given the final out and lse)", [TRITON, EAGER],
     signature=lambda call: (call.q.device, call.q.dtype),
 )
 
