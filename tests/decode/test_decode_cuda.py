@@ -50,17 +50,19 @@ def test_source_compiles_for_sm80_and_sm90(tmp_path):
     assert (tmp_path / "decode_streamk.o").stat().st_size > 0
 
 
-def _macro_params(name: str) -> list[str]:
-    """Parameter types of ``#define name(T) ...`` in the source, e.g. ``['const T *', 'int', ...]``."""
-    text = decode_cuda.SOURCE.read_text()
+def macro_params(name: str, source=None) -> list[str]:
+    """Parameter types of ``#define name(T) ...`` in a CUDA source (default: the
+    decode kernel's), e.g. ``['const T *', 'int', ...]``."""
+    source = decode_cuda.SOURCE if source is None else source
+    text = source.read_text()
     body = re.search(rf"#define {name}\(T\)(.*?)\n(?=#define)", text, re.S)
-    assert body, f"macro {name} not found in {decode_cuda.SOURCE}"
+    assert body, f"macro {name} not found in {source}"
     params = body.group(1).replace("\\\n", " ").split(",")
     # "const T *q" -> "const T *": drop the trailing parameter name, keep the pointer star.
     return [re.sub(r"\s+", " ", re.sub(r"\w+\s*$", "", p.strip()).replace("*", " *")).strip() for p in params]
 
 
-def _check_args(param_types: list[str], args: tuple, dtype: torch.dtype) -> None:
+def check_launch_args(param_types: list[str], args: tuple, dtype: torch.dtype) -> None:
     assert len(args) == len(param_types), f"{len(args)} arguments for {len(param_types)} parameters"
     pointee = {"T": dtype, "float": torch.float32, "int": torch.int32}
     for i, (ptype, arg) in enumerate(zip(param_types, args)):
@@ -86,8 +88,8 @@ def test_launch_arguments_match_the_kernel_signatures(page_size, dtype, heads_pe
     assert [launch.name.rsplit("_", 1)[0] for launch in launches] == ["streamk_partial", "streamk_merge"]
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
     partial, merge = launches
-    _check_args(_macro_params("LONGATTN_PARTIAL_PARAMS"), partial.args, dtype)
-    _check_args(_macro_params("LONGATTN_MERGE_PARAMS"), merge.args, dtype)
+    check_launch_args(macro_params("LONGATTN_PARTIAL_PARAMS"), partial.args, dtype)
+    check_launch_args(macro_params("LONGATTN_MERGE_PARAMS"), merge.args, dtype)
     # Workspace: one row per (slot, kv head of the tile, query row), float32.
     slots = sum(len(s) for s in plan.contributors if len(s) > 1)
     assert partial.args[6].numel() == slots * heads_per_tile * case.group * case.seqlen_q

@@ -29,6 +29,7 @@ from longattn.kernels.gather import cuda as gather_cuda
 from longattn.kernels.gather.cpp import cpu_unavailable_reason, gather_decode_cpu, split_length
 from longattn.kernels.gather.eager import gather_decode_eager
 from longattn.reference import attention_ref
+from tests.decode.test_decode_cuda import check_launch_args, macro_params
 from tests.tolerance import assert_close_to_oracle
 
 CPP_REASON = cpu_unavailable_reason()
@@ -359,28 +360,6 @@ def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
     assert proc.returncode == 0, f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr}"
 
 
-def _macro_params(name: str) -> list[str]:
-    """Parameter types of ``#define name(T) ...`` in the source, e.g. ``['const T *', 'int', ...]``."""
-    text = gather_cuda.SOURCE.read_text()
-    body = re.search(rf"#define {name}\(T\)(.*?)\n(?=#define)", text, re.S)
-    assert body, f"macro {name} not found in {gather_cuda.SOURCE}"
-    params = body.group(1).replace("\\\n", " ").split(",")
-    return [re.sub(r"\s+", " ", re.sub(r"\w+\s*$", "", p.strip()).replace("*", " *")).strip() for p in params]
-
-
-def _check_args(param_types: list[str], args: tuple, dtype: torch.dtype) -> None:
-    assert len(args) == len(param_types), f"{len(args)} arguments for {len(param_types)} parameters"
-    pointee = {"T": dtype, "float": torch.float32, "int": torch.int32}
-    for i, (ptype, arg) in enumerate(zip(param_types, args)):
-        if ptype.endswith("*"):
-            base = ptype.replace("const", "").replace("*", "").strip()
-            assert isinstance(arg, torch.Tensor), f"parameter {i} ({ptype}) got {type(arg).__name__}"
-            assert arg.dtype == pointee[base], f"parameter {i} ({ptype}) got a {arg.dtype} tensor"
-        else:
-            want = {"long long": np.int64, "int": np.int32, "float": np.float32}[ptype]
-            assert type(arg) is want, f"parameter {i} ({ptype}) got {type(arg).__name__}"
-
-
 @pytest.mark.parametrize("page_size", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_launch_arguments_match_the_kernel_signatures(page_size, dtype):
@@ -390,8 +369,8 @@ def test_cuda_launch_arguments_match_the_kernel_signatures(page_size, dtype):
                                                       split_len=8)
     assert [launch.name.rsplit("_", 1)[0] for launch in launches] == ["gather_partial", "gather_merge"]
     partial, merge = launches
-    _check_args(_macro_params("LONGATTN_GATHER_PARAMS"), partial.args, dtype)
-    _check_args(_macro_params("LONGATTN_GATHER_MERGE_PARAMS"), merge.args, dtype)
+    check_launch_args(macro_params("LONGATTN_GATHER_PARAMS", gather_cuda.SOURCE), partial.args, dtype)
+    check_launch_args(macro_params("LONGATTN_GATHER_MERGE_PARAMS", gather_cuda.SOURCE), merge.args, dtype)
     assert partial.grid == (2 * 2, 3 * 1) and merge.grid == (4, 1)
     src = gather_cuda.SOURCE.read_text()
     for name, value in (("kThreads", None), ("kRows", gather_cuda.ROWS), ("kBlockN", gather_cuda.BLOCK_N),
