@@ -36,6 +36,7 @@ from longattn.kernels.merge import merge_two_in_place
 from longattn.parallel.checks import DTYPE_CODES, agree
 from longattn.parallel.comm import group_facts, post_ring_exchange, wait_all
 from longattn.parallel.layout import check_layout
+from longattn.parallel.stats import compute, sent, waiting
 from longattn.validation import check_attention_options, check_flag, check_qkv, check_window
 
 _FIELDS = (
@@ -171,7 +172,8 @@ def _post(facts, send: torch.Tensor, recv: torch.Tensor, tag: int) -> list:
 
 def _wait(works: list, facts, step: int, what: str) -> None:
     try:
-        wait_all(works)
+        with waiting():
+            wait_all(works)
     except RuntimeError as exc:  # a peer died or stalled past the group's timeout
         raise RuntimeError(
             f"ring_attention{what}: group rank {facts.rank}, step {step}: exchange with global ranks "
@@ -193,10 +195,12 @@ def _ring_forward(q, k, v, facts, causal: bool, scale: float, softcap: float, la
         if step < n - 1:  # post the next exchange first: communication overlaps the compute below
             incoming = torch.empty_like(kv)
             works = post_ring_exchange(facts, kv, incoming)
-        for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
-            o, l = attention(q[:, rows], kv[0][:, keys], kv[1][:, keys], causal=block_causal, softmax_scale=scale,
-                             softcap=softcap, return_lse=True)
-            merge_two_in_place(acc_out[:, rows], acc_lse[:, rows], o.to(torch.float32), l.transpose(1, 2))
+            sent(kv.numel() * kv.element_size())
+        with compute():
+            for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
+                o, l = attention(q[:, rows], kv[0][:, keys], kv[1][:, keys], causal=block_causal,
+                                 softmax_scale=scale, softcap=softcap, return_lse=True)
+                merge_two_in_place(acc_out[:, rows], acc_lse[:, rows], o.to(torch.float32), l.transpose(1, 2))
         if works is not None:
             _wait(works, facts, step, "")
             kv = incoming
@@ -229,14 +233,16 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, scale: fl
         if step < n - 1:
             kv_in = torch.empty_like(kv)
             kv_works = _post(facts, kv, kv_in, _KV_TAG)
+            sent(kv.numel() * kv.element_size())
         part = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-        for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
-            gq, gk, gv = block_backward(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys], out[:, rows],
-                                        lse[:, :, rows], scale=scale, causal=block_causal, softcap=softcap,
-                                        dlse=None if dlse is None else dlse[:, :, rows])
-            dq[:, rows] += gq
-            part[0][:, keys] += gk
-            part[1][:, keys] += gv
+        with compute():
+            for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
+                gq, gk, gv = block_backward(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys],
+                                            out[:, rows], lse[:, :, rows], scale=scale, causal=block_causal,
+                                            softcap=softcap, dlse=None if dlse is None else dlse[:, :, rows])
+                dq[:, rows] += gq
+                part[0][:, keys] += gk
+                part[1][:, keys] += gv
         if acc_works is not None:  # the accumulator of this block, from the previous rank
             _wait(acc_works, facts, step, " backward (dk/dv)")
             part += acc_in
@@ -244,6 +250,7 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, scale: fl
         if n > 1:  # pass it on; after the last step this hop takes it home
             acc_in = torch.empty_like(acc)
             acc_works = _post(facts, acc, acc_in, _GRAD_TAG)
+            sent(acc.numel() * acc.element_size())
         if kv_works is not None:
             _wait(kv_works, facts, step, " backward (k/v)")
             kv = kv_in

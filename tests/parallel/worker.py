@@ -1,16 +1,20 @@
-"""One rank of the gloo process group that tests/parallel/test_ring.py spawns.
+"""One rank of a gloo process group spawned by :mod:`tests.parallel.launch`.
 
-Run as ``python -m tests.parallel.worker RANK WORLD_SIZE PORT``. The rank joins
-one group and runs every case of :data:`CASES` that applies to its world size
-in that one group (process start-up dominates, so one group serves them all),
+Run as ``python -m tests.parallel.worker CASES_MODULE RANK WORLD_SIZE PORT``.
+The rank joins one group and runs every case of ``CASES_MODULE.CASES`` (name ->
+``(minimum world size, run(rank, world))``) that applies to its world size, in
+that one group (process start-up dominates, so one group serves them all),
 then prints one line ``RESULTS <json>`` mapping each case to ``"ok"`` or the
-traceback. A case passes when every rank reports ``"ok"``. Cases that expect
-an error check that THIS rank raised the named class (every rank must).
+traceback. A case passes when every rank reports ``"ok"``.
+
+A case may end the process itself (the dying-rank case does); then that rank
+reports nothing and the launcher says so.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -19,175 +23,17 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from longattn.api import attention
-from longattn.errors import ShapeError, UnsupportedFeatureError
-from longattn.parallel import local_positions, ring_attention, shard, unshard
-from longattn.reference import attention_ref
-from tests.tolerance import assert_close_to_oracle
-
 GROUP_TIMEOUT = datetime.timedelta(seconds=30)
 
 
-def _full_qkv(world, nheads, nheads_k, seed, dtype=torch.float32):
-    """The same full (batch=2, seqlen=6*world, ., headdim=16) q, k, v on every rank."""
-    gen = torch.Generator().manual_seed(seed)
-    seqlen = 2 * world * 3  # divisible by 2N (zigzag) and N (contiguous); 3 tokens per zigzag chunk
-    q = torch.randn(2, seqlen, nheads, 16, generator=gen).to(dtype)
-    k = torch.randn(2, seqlen, nheads_k, 16, generator=gen).to(dtype)
-    v = torch.randn(2, seqlen, nheads_k, 16, generator=gen).to(dtype)
-    return q, k, v
-
-
-def _ring_case(layout, causal, nheads, nheads_k, softcap=0.0, scale=None, group_ranks=None, dtype=torch.float32):
-    def run(rank, world):
-        group, grank, gworld = None, rank, world
-        if group_ranks is not None:  # every rank must take part in new_group, members or not
-            group = dist.new_group(group_ranks)
-            if rank not in group_ranks:
-                return
-            grank, gworld = dist.get_rank(group), dist.get_world_size(group)
-        q, k, v = _full_qkv(gworld, nheads, nheads_k, seed=1000 + 7 * gworld + nheads_k, dtype=dtype)
-        # every collective first, every assertion after: a rank that fails an
-        # assertion must not leave its peers waiting in a collective it skipped
-        ql, kl, vl = (shard(t, layout, group=group) for t in (q, k, v))
-        out, lse = ring_attention(ql, kl, vl, causal=causal, softcap=softcap, softmax_scale=scale, layout=layout,
-                                  process_group=group, return_lse=True)
-        again = ring_attention(ql, kl, vl, causal=causal, softcap=softcap, softmax_scale=scale, layout=layout,
-                               process_group=group, check=False)  # no metadata gather: same bits
-        full = unshard(out, layout, group=group)
-        pos = local_positions(q.shape[1], layout, grank, gworld)
-        assert torch.equal(ql, q[:, pos]), "shard is not the layout's slice"
-        ref_out, ref_lse = attention_ref(q, k, v, causal=causal, softcap=softcap, softmax_scale=scale)
-        base_out, base_lse = attention(q, k, v, causal=causal, softcap=softcap, softmax_scale=scale,
-                                       backend="eager", return_lse=True)
-        assert out.dtype == q.dtype and lse.dtype == torch.float32
-        assert_close_to_oracle(out, ref_out[:, pos], base_out[:, pos], name="out")
-        assert_close_to_oracle(lse, ref_lse[:, :, pos], base_lse[:, :, pos], name="lse")
-        assert torch.equal(again, out), "return_lse or check=False changed the output"
-        assert_close_to_oracle(full, ref_out, base_out, name="unsharded out")
-    return run
-
-
-def _grad_case(layout, causal, nheads, nheads_k, softcap=0.0, with_lse=False, dtype=torch.float32):
-    """dq, dk, dv of this rank's shard equal the slices of the oracle's gradients
-    (autograd through attention_ref on the full sequence, same random dout;
-    with ``with_lse`` a random gradient flows into lse too)."""
-    def run(rank, world):
-        q, k, v = _full_qkv(world, nheads, nheads_k, seed=2000 + 7 * world + nheads_k, dtype=dtype)
-        gen = torch.Generator().manual_seed(77 + world)
-        dout = torch.randn(q.shape, generator=gen).to(dtype)
-        dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen)
-        pos = local_positions(q.shape[1], layout, rank, world)
-        leaves = [shard(t, layout).requires_grad_() for t in (q, k, v)]
-        out, lse = ring_attention(*leaves, causal=causal, softcap=softcap, layout=layout, return_lse=True)
-        loss = (out.float() * dout[:, pos].float()).sum()
-        if with_lse:
-            loss = loss + (lse * dlse[:, :, pos]).sum()
-        loss.backward()  # collective: every rank runs it before any assertion
-        def full_grads(fn, dt):
-            full = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-            o, l = fn(*full)
-            total = (o * dout.to(o.dtype)).sum() + ((l * dlse.to(l.dtype)).sum() if with_lse else 0)
-            return torch.autograd.grad(total, full)
-        opts = dict(causal=causal, softcap=softcap)
-        ref = full_grads(lambda a, b, c: attention_ref(a, b, c, **opts), torch.float64)
-        base = full_grads(lambda a, b, c: attention(a, b, c, backend="eager", return_lse=True, **opts), dtype)
-        for name, leaf, r, b in zip(("dq", "dk", "dv"), leaves, ref, base):
-            assert leaf.grad is not None and leaf.grad.dtype == dtype, f"{name}: {leaf.grad!r}"
-            assert_close_to_oracle(leaf.grad, r[:, pos], b[:, pos], name=name)
-    return run
-
-
-def _roundtrip(layout):
-    def run(rank, world):
-        gen = torch.Generator().manual_seed(5)
-        x = torch.randn(2, 4 * world, 3, 5, generator=gen)
-        lse = torch.randn(2, 3, 4 * world, generator=gen)
-        local = shard(x, layout)  # collectives first (see _ring_case)
-        back, lse_back = unshard(local, layout), unshard(shard(lse, layout, dim=2), layout, dim=2)
-        assert torch.equal(local, x[:, local_positions(x.shape[1], layout, rank, world)])
-        assert torch.equal(back, x), "unshard(shard(x)) != x"
-        assert torch.equal(lse_back, lse)
-        if world * (2 if layout == "zigzag" else 1) == 1:
-            return  # contiguous over one rank: every length divides
-        try:
-            shard(torch.zeros(1, 4 * world + 1, 1, 1), layout)
-        except ShapeError as exc:
-            assert "pad" in str(exc), str(exc)
-        else:
-            raise AssertionError("an indivisible length did not raise ShapeError")
-    return run
-
-
-def _expect(error, make_inputs, **options):
-    """Every rank must raise ``error`` (not hang) when ``make_inputs(rank, world)`` is fed."""
-    def run(rank, world):
-        q, k, v = make_inputs(rank, world)
-        try:
-            ring_attention(q, k, v, **options)
-        except error:
-            pass
-        else:
-            raise AssertionError(f"rank {rank} did not raise {error.__name__}")
-        # the group is still usable afterwards: a collective completes
-        t = torch.ones(1)
-        dist.all_reduce(t)
-        assert t.item() == world
-    return run
-
-
-def _good(rank, world):
-    return torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
-
-
-def _last_rank_longer(rank, world):
-    n = 6 if rank == world - 1 else 4
-    return torch.randn(1, n, 2, 8), torch.randn(1, n, 2, 8), torch.randn(1, n, 2, 8)
-
-
-def _last_rank_3d(rank, world):
-    q, k, v = _good(rank, world)
-    return (q[0] if rank == world - 1 else q), k, v
-
-
-def _grad(rank, world):
-    q, k, v = _good(rank, world)
-    return q.requires_grad_(), k, v
-
-
-# name -> (minimum world size, case)
-CASES = {
-    "roundtrip_zigzag": (1, _roundtrip("zigzag")),
-    "roundtrip_contiguous": (1, _roundtrip("contiguous")),
-    "zigzag_causal_mha": (1, _ring_case("zigzag", True, 4, 4)),
-    "zigzag_causal_gqa": (1, _ring_case("zigzag", True, 4, 2)),
-    "zigzag_full_gqa": (1, _ring_case("zigzag", False, 4, 1, scale=0.3)),
-    "contiguous_causal_gqa": (1, _ring_case("contiguous", True, 4, 2)),
-    "contiguous_full_mha": (1, _ring_case("contiguous", False, 2, 2)),
-    "zigzag_causal_softcap": (1, _ring_case("zigzag", True, 2, 1, softcap=2.0)),
-    "zigzag_causal_fp16": (1, _ring_case("zigzag", True, 4, 2, dtype=torch.float16)),
-    "contiguous_causal_bf16": (1, _ring_case("contiguous", True, 2, 2, dtype=torch.bfloat16)),
-    "subgroup_zigzag_causal": (3, _ring_case("zigzag", True, 4, 2, group_ranks=[1, 2])),
-    "wrong_shape_every_rank_raises": (2, _expect(ShapeError, _last_rank_longer, causal=True)),
-    "wrong_ndim_every_rank_raises": (1, _expect(ShapeError, _last_rank_3d, causal=True)),
-    "grad_zigzag_causal_gqa": (1, _grad_case("zigzag", True, 4, 2)),
-    "grad_zigzag_full_mha": (1, _grad_case("zigzag", False, 2, 2)),
-    "grad_contiguous_causal_gqa": (1, _grad_case("contiguous", True, 4, 1)),
-    "grad_contiguous_full_gqa": (1, _grad_case("contiguous", False, 4, 2)),
-    "grad_zigzag_causal_softcap_lse": (1, _grad_case("zigzag", True, 2, 1, softcap=2.0, with_lse=True)),
-    "grad_contiguous_causal_fp16": (1, _grad_case("contiguous", True, 2, 2, dtype=torch.float16)),
-    "grad_window_refused": (1, _expect(UnsupportedFeatureError, _grad, window_size=(2, 0), causal=True)),
-    "window_refused": (1, _expect(UnsupportedFeatureError, _good, window_size=(2, 0), causal=True)),
-}
-
-
 def main() -> None:
-    rank, world, port = (int(a) for a in sys.argv[1:4])
+    module, (rank, world, port) = sys.argv[1], (int(a) for a in sys.argv[2:5])
+    cases = importlib.import_module(module).CASES
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=GROUP_TIMEOUT)
     results = {}
     try:
-        for name, (min_world, case) in CASES.items():
+        for name, (min_world, case) in cases.items():
             if world < min_world:
                 continue
             try:
