@@ -22,6 +22,9 @@ this rank, ``L`` = half the local length):
   ``s > r``: the SECOND local chunk against the whole block (both of the
   block's chunks precede chunk ``2N-1-r``; neither precedes chunk ``r``).
   Every rank computes the same number of query-key pairs at every step.
+- a sliding window: chunk pair by chunk pair, only the rectangles the window
+  reaches, each with the local window equal to the global one
+  (:mod:`longattn.parallel.pieces`, which holds all of these rules).
 """
 
 from __future__ import annotations
@@ -30,19 +33,20 @@ import torch
 import torch.distributed as dist
 
 from longattn.api import attention
-from longattn.errors import ShapeError, UnsupportedFeatureError
+from longattn.errors import ShapeError
 from longattn.kernels.block_backward import block_backward
 from longattn.kernels.merge import merge_two_in_place
 from longattn.parallel.checks import DTYPE_CODES, agree
 from longattn.parallel.comm import group_facts, post_ring_exchange, wait_all
 from longattn.parallel.layout import check_layout
+from longattn.parallel.pieces import block_pieces, forward_steps
 from longattn.parallel.stats import compute, sent, waiting
-from longattn.validation import check_attention_options, check_flag, check_qkv, check_window
+from longattn.validation import check_attention_options, check_flag, check_qkv
 
 _FIELDS = (
     "q batch", "q local seqlen", "q nheads", "q headdim", "k local seqlen", "k nheads_k",
     "dtype (1=float32, 2=float16, 3=bfloat16)", "layout (0=zigzag, 1=contiguous)", "causal",
-    "softmax_scale", "softcap",
+    "softmax_scale", "softcap", "window_size left", "window_size right",
 )
 
 
@@ -76,8 +80,14 @@ def ring_attention(
             assigns them); local lengths of q and k are equal, so alignment is
             the ordinary top-left = bottom-right one.
         softmax_scale: defaults to ``headdim ** -0.5``.
-        window_size: only ``(-1, -1)`` (no window) in this increment; others
-            raise :class:`~longattn.errors.UnsupportedFeatureError`.
+        window_size: ``(left, right)`` sliding window over GLOBAL positions,
+            flash-attn's semantics (-1 = unbounded; with causal, right is -1 or
+            0). Each step computes only the (rows, keys) rectangles the window
+            reaches, each with the local window that reproduces the global one
+            (:mod:`longattn.parallel.pieces`). On the contiguous layout a
+            causal window ends the forward ring early: a block travels only as
+            far as the window reaches (``1 + ceil(left / local_seqlen)``
+            steps); the backward always runs all ``N`` steps (dk/dv must get home).
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         layout: ``"zigzag"`` (default, balanced under causal; local length
             even) or ``"contiguous"``. Must match how the shards were cut.
@@ -100,7 +110,6 @@ def ring_attention(
         dv in the inputs' dtypes, accumulated in float32.
 
     Raises:
-        UnsupportedFeatureError: a window is asked for.
         ShapeError / DTypeError / ArgumentError: bad local input, or ranks
             that disagree (with ``check=True``, on every rank).
     """
@@ -110,14 +119,9 @@ def ring_attention(
 
     def local_check() -> list[float]:
         check_qkv(q, k, v)
-        is_causal, want_lse, scale, _, cap = check_attention_options(
+        is_causal, want_lse, scale, window, cap = check_attention_options(
             q.shape[3], causal, return_lse, softmax_scale, window_size, softcap
         )
-        if check_window(window_size, is_causal) not in ((-1, -1), (-1, 0) if is_causal else (-1, -1)):
-            raise UnsupportedFeatureError(
-                f"ring_attention: window_size must be (-1, -1) in this increment (sliding windows are not "
-                f"supported yet), got {window_size!r}"
-            )
         lay = check_layout(layout)
         if k.shape[1] != q.shape[1]:
             raise ShapeError(f"ring_attention: k has local seqlen {k.shape[1]} but q has {q.shape[1]}; "
@@ -126,16 +130,16 @@ def ring_attention(
             raise ShapeError(f"ring_attention: q has local seqlen {q.shape[1]}, which layout 'zigzag' needs to be "
                              "even (two equal chunks per rank); pad the full sequence to a multiple of "
                              "2 x world_size (see longattn.parallel.shard)")
-        settled.update(causal=is_causal, return_lse=want_lse, scale=scale, softcap=cap, layout=lay)
+        settled.update(causal=is_causal, return_lse=want_lse, scale=scale, softcap=cap, layout=lay, window=window)
         return [q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2], DTYPE_CODES[q.dtype],
-                0 if lay == "zigzag" else 1, float(is_causal), scale, cap]
+                0 if lay == "zigzag" else 1, float(is_causal), scale, cap, window[0], window[1]]
 
     if check:
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         agree(facts, "ring_attention", _FIELDS, local_check, device)
     else:
         local_check()
-    options = (facts, settled["causal"], settled["scale"], settled["softcap"], settled["layout"])
+    options = (facts, settled["causal"], settled["window"], settled["scale"], settled["softcap"], settled["layout"])
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _RingAttention.apply(q, k, v, *options)
     else:
@@ -145,8 +149,9 @@ def ring_attention(
 
 def _pieces(n: int, r: int, src: int, seqlen: int, causal: bool, layout: str) -> list[tuple[slice, slice, bool]]:
     """The (local query rows, keys of the block in hand, causal) pairs rank ``r``
-    computes against the KV block that came from rank ``src`` (module docstring).
-    The forward and the backward both follow it, so they see the same pairs."""
+    computes against the KV block that came from rank ``src``, without a window
+    (module docstring): :func:`longattn.parallel.pieces.block_pieces` with the
+    mask as a flag. Kept for the token ring until it takes windows."""
     everything, half = slice(0, seqlen), seqlen // 2
     if not causal:
         return [(everything, everything, False)]
@@ -181,7 +186,8 @@ def _wait(works: list, facts, step: int, what: str) -> None:
         ) from exc
 
 
-def _ring_forward(q, k, v, facts, causal: bool, scale: float, softcap: float, layout: str):
+def _ring_forward(q, k, v, facts, causal: bool, window: tuple[int, int], scale: float, softcap: float,
+                  layout: str):
     n, r = facts.world_size, facts.rank
     batch, seqlen, nheads, headdim = q.shape
     # float32 accumulators; lse kept (batch, seqlen, nheads) so row slices along dim 1 are views for the merge
@@ -189,16 +195,17 @@ def _ring_forward(q, k, v, facts, causal: bool, scale: float, softcap: float, la
     acc_lse = torch.full((batch, seqlen, nheads), float("-inf"), dtype=torch.float32, device=q.device)
 
     kv = torch.stack([k, v]).contiguous()  # one message per step: (2, batch, seqlen, nheads_k, headdim)
-    for step in range(n):
+    steps = forward_steps(n, seqlen, causal, window, layout)  # same on every rank
+    for step in range(steps):
         src = (r - step) % n
         works, incoming = None, None
-        if step < n - 1:  # post the next exchange first: communication overlaps the compute below
+        if step < steps - 1:  # post the next exchange first: communication overlaps the compute below
             incoming = torch.empty_like(kv)
             works = post_ring_exchange(facts, kv, incoming)
             sent(kv.numel() * kv.element_size())
         with compute():
-            for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
-                o, l = attention(q[:, rows], kv[0][:, keys], kv[1][:, keys], causal=block_causal,
+            for rows, keys, piece_window in block_pieces(n, r, src, seqlen, causal, window, layout):
+                o, l = attention(q[:, rows], kv[0][:, keys], kv[1][:, keys], window_size=piece_window,
                                  softmax_scale=scale, softcap=softcap, return_lse=True)
                 merge_two_in_place(acc_out[:, rows], acc_lse[:, rows], o.to(torch.float32), l.transpose(1, 2))
         if works is not None:
@@ -210,7 +217,8 @@ def _ring_forward(q, k, v, facts, causal: bool, scale: float, softcap: float, la
 _KV_TAG, _GRAD_TAG = 0, 1
 
 
-def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, scale: float, softcap: float, layout: str):
+def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, window: tuple[int, int], scale: float,
+                   softcap: float, layout: str):
     """``(dq, dk, dv)`` of this rank's shard, in the dtypes of q, k, v.
 
     The K/V blocks travel as in the forward; with each goes a float32
@@ -236,10 +244,11 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, scale: fl
             sent(kv.numel() * kv.element_size())
         part = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         with compute():
-            for rows, keys, block_causal in _pieces(n, r, src, seqlen, causal, layout):
+            for rows, keys, piece_window in block_pieces(n, r, src, seqlen, causal, window, layout):
                 gq, gk, gv = block_backward(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys],
-                                            out[:, rows], lse[:, :, rows], scale=scale, causal=block_causal,
-                                            softcap=softcap, dlse=None if dlse is None else dlse[:, :, rows])
+                                            out[:, rows], lse[:, :, rows], scale=scale, causal=False,
+                                            window_size=piece_window, softcap=softcap,
+                                            dlse=None if dlse is None else dlse[:, :, rows])
                 dq[:, rows] += gq
                 part[0][:, keys] += gk
                 part[1][:, keys] += gv
@@ -265,10 +274,10 @@ class _RingAttention(torch.autograd.Function):
     is collective like the forward (every rank of the group must run it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, facts, causal, scale, softcap, layout):
-        out, lse = _ring_forward(q, k, v, facts, causal, scale, softcap, layout)
+    def forward(ctx, q, k, v, facts, causal, window, scale, softcap, layout):
+        out, lse = _ring_forward(q, k, v, facts, causal, window, scale, softcap, layout)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (facts, causal, scale, softcap, layout)
+        ctx.options = (facts, causal, window, scale, softcap, layout)
         ctx.set_materialize_grads(False)  # lse's gradient stays None when lse is not used
         return out, lse
 
@@ -278,4 +287,4 @@ class _RingAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None

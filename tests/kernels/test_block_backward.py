@@ -111,6 +111,34 @@ def test_causal_square_grid(nheads, nheads_k, cuts, backend):
     _check((dq, dk, dv), ref, base)
 
 
+@pytest.mark.parametrize("causal,window", [(True, (3, 0)), (False, (2, 4)), (False, (-1, 1)), (True, (0, 0))])
+def test_sliding_window_grid(causal, window):
+    """A sliding window over one sequence cut into uneven blocks on both axes:
+    each pair gets the bottom-right window that reproduces the global one
+    (longattn.parallel.pieces.band_piece, as the ring uses it); the sums equal
+    the windowed gradient. The Triton twin has no window: auto serves it eagerly."""
+    from longattn.parallel.pieces import band_piece
+
+    n = 12
+    q, k, v, dout = _inputs(n, n, 4, 2, seed=31 + window[0])
+    scale = 16 ** -0.5
+    out, lse, ref, base = _oracle_and_baseline(q, k, v, dout, causal=causal, window_size=window)
+    dq = torch.zeros(q.shape)
+    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    for q0, q1 in _split(n, [3, 8]):
+        for k0, k1 in _split(n, [2, 5, 9]):
+            piece = band_piece(q0, q0, q1 - q0, k0, k0, k1 - k0, (window[0], 0 if causal else window[1]))
+            if piece is None:
+                continue
+            rows, keys, w = piece
+            a, b, c = block_backward(dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows],
+                                     lse[:, :, rows], scale=scale, causal=False, window_size=w)
+            dq[:, rows] += a
+            dk[:, keys] += b
+            dv[:, keys] += c
+    _check((dq, dk, dv), ref, base)
+
+
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(5, 12), (9, 4)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_bottom_right_one_block(seqlen_q, seqlen_k, backend):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from longattn.api import attention
-from longattn.errors import ShapeError, UnsupportedFeatureError
+from longattn.errors import ArgumentError, ShapeError
 from longattn.parallel import local_positions, ring_attention, shard, unshard
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
@@ -27,7 +27,8 @@ def _full_qkv(world, nheads, nheads_k, seed, dtype=torch.float32):
     return q, k, v
 
 
-def _ring_case(layout, causal, nheads, nheads_k, softcap=0.0, scale=None, group_ranks=None, dtype=torch.float32):
+def _ring_case(layout, causal, nheads, nheads_k, softcap=0.0, scale=None, group_ranks=None, dtype=torch.float32,
+               window=(-1, -1)):
     def run(rank, world):
         group, grank, gworld = None, rank, world
         if group_ranks is not None:  # every rank must take part in new_group, members or not
@@ -40,15 +41,16 @@ def _ring_case(layout, causal, nheads, nheads_k, softcap=0.0, scale=None, group_
         # assertion must not leave its peers waiting in a collective it skipped
         ql, kl, vl = (shard(t, layout, group=group) for t in (q, k, v))
         out, lse = ring_attention(ql, kl, vl, causal=causal, softcap=softcap, softmax_scale=scale, layout=layout,
-                                  process_group=group, return_lse=True)
+                                  process_group=group, return_lse=True, window_size=window)
         again = ring_attention(ql, kl, vl, causal=causal, softcap=softcap, softmax_scale=scale, layout=layout,
-                               process_group=group, check=False)  # no metadata gather: same bits
+                               process_group=group, check=False, window_size=window)  # no metadata gather: same bits
         full = unshard(out, layout, group=group)
         pos = local_positions(q.shape[1], layout, grank, gworld)
         assert torch.equal(ql, q[:, pos]), "shard is not the layout's slice"
-        ref_out, ref_lse = attention_ref(q, k, v, causal=causal, softcap=softcap, softmax_scale=scale)
+        ref_out, ref_lse = attention_ref(q, k, v, causal=causal, softcap=softcap, softmax_scale=scale,
+                                         window_size=window)
         base_out, base_lse = attention(q, k, v, causal=causal, softcap=softcap, softmax_scale=scale,
-                                       backend="eager", return_lse=True)
+                                       backend="eager", return_lse=True, window_size=window)
         assert out.dtype == q.dtype and lse.dtype == torch.float32
         assert_close_to_oracle(out, ref_out[:, pos], base_out[:, pos], name="out")
         assert_close_to_oracle(lse, ref_lse[:, :, pos], base_lse[:, :, pos], name="lse")
@@ -57,7 +59,7 @@ def _ring_case(layout, causal, nheads, nheads_k, softcap=0.0, scale=None, group_
     return run
 
 
-def _grad_case(layout, causal, nheads, nheads_k, softcap=0.0, with_lse=False, dtype=torch.float32):
+def _grad_case(layout, causal, nheads, nheads_k, softcap=0.0, with_lse=False, dtype=torch.float32, window=(-1, -1)):
     """dq, dk, dv of this rank's shard equal the slices of the oracle's gradients
     (autograd through attention_ref on the full sequence, same random dout;
     with ``with_lse`` a random gradient flows into lse too)."""
@@ -68,7 +70,8 @@ def _grad_case(layout, causal, nheads, nheads_k, softcap=0.0, with_lse=False, dt
         dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen)
         pos = local_positions(q.shape[1], layout, rank, world)
         leaves = [shard(t, layout).requires_grad_() for t in (q, k, v)]
-        out, lse = ring_attention(*leaves, causal=causal, softcap=softcap, layout=layout, return_lse=True)
+        out, lse = ring_attention(*leaves, causal=causal, softcap=softcap, layout=layout, return_lse=True,
+                                  window_size=window)
         loss = (out.float() * dout[:, pos].float()).sum()
         if with_lse:
             loss = loss + (lse * dlse[:, :, pos]).sum()
@@ -78,7 +81,7 @@ def _grad_case(layout, causal, nheads, nheads_k, softcap=0.0, with_lse=False, dt
             o, l = fn(*full)
             total = (o * dout.to(o.dtype)).sum() + ((l * dlse.to(l.dtype)).sum() if with_lse else 0)
             return torch.autograd.grad(total, full)
-        opts = dict(causal=causal, softcap=softcap)
+        opts = dict(causal=causal, softcap=softcap, window_size=window)
         ref = full_grads(lambda a, b, c: attention_ref(a, b, c, **opts), torch.float64)
         base = full_grads(lambda a, b, c: attention(a, b, c, backend="eager", return_lse=True, **opts), dtype)
         for name, leaf, r, b in zip(("dq", "dk", "dv"), leaves, ref, base):
@@ -112,8 +115,9 @@ def _expect(error, make_inputs, **options):
     """Every rank must raise ``error`` (not hang) when ``make_inputs(rank, world)`` is fed."""
     def run(rank, world):
         q, k, v = make_inputs(rank, world)
+        mine = {key: (val.on(rank, world) if isinstance(val, _by_rank) else val) for key, val in options.items()}
         try:
-            ring_attention(q, k, v, **options)
+            ring_attention(q, k, v, **mine)
         except error:
             pass
         else:
@@ -139,9 +143,14 @@ def _last_rank_3d(rank, world):
     return (q[0] if rank == world - 1 else q), k, v
 
 
-def _grad(rank, world):
-    q, k, v = _good(rank, world)
-    return q.requires_grad_(), k, v
+class _by_rank:
+    """An option whose value differs on the last rank (resolved by _expect)."""
+
+    def __init__(self, value, last_rank_value):
+        self.value, self.last = value, last_rank_value
+
+    def on(self, rank, world):
+        return self.last if rank == world - 1 else self.value
 
 
 # name -> (minimum world size, case)
@@ -165,6 +174,16 @@ CASES = {
     "grad_contiguous_full_gqa": (1, _grad_case("contiguous", False, 4, 2)),
     "grad_zigzag_causal_softcap_lse": (1, _grad_case("zigzag", True, 2, 1, softcap=2.0, with_lse=True)),
     "grad_contiguous_causal_fp16": (1, _grad_case("contiguous", True, 2, 2, dtype=torch.float16)),
-    "grad_window_refused": (1, _expect(UnsupportedFeatureError, _grad, window_size=(2, 0), causal=True)),
-    "window_refused": (1, _expect(UnsupportedFeatureError, _good, window_size=(2, 0), causal=True)),
+    # windows: 3 tokens per zigzag chunk, 6 per rank: (4, 0) reaches one or two chunks back, (7, 5) both ways
+    "zigzag_causal_window": (1, _ring_case("zigzag", True, 4, 2, window=(4, 0))),
+    "contiguous_causal_window_early_stop": (1, _ring_case("contiguous", True, 4, 2, window=(5, 0))),
+    "contiguous_causal_window_one_block": (1, _ring_case("contiguous", True, 2, 1, window=(0, 0))),
+    "zigzag_full_window": (1, _ring_case("zigzag", False, 4, 2, window=(7, 5))),
+    "contiguous_full_window_right_only": (1, _ring_case("contiguous", False, 2, 2, window=(-1, 2))),
+    "grad_zigzag_causal_window": (1, _grad_case("zigzag", True, 4, 2, window=(4, 0))),
+    "grad_contiguous_causal_window": (1, _grad_case("contiguous", True, 2, 1, window=(5, 0), with_lse=True)),
+    "grad_zigzag_full_window_softcap": (1, _grad_case("zigzag", False, 2, 2, softcap=2.0, window=(3, 8))),
+    "causal_right_window_refused": (1, _expect(ArgumentError, _good, window_size=(2, 1), causal=True)),
+    "ranks_disagree_on_window": (2, _expect(ArgumentError, _good, window_size=_by_rank((2, 0), (3, 0)),
+                                            causal=True)),
 }

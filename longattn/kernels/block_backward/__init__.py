@@ -23,7 +23,14 @@ from longattn.dispatch import Backend, Registry
 from longattn.errors import ArgumentError, DeviceError, ShapeError
 from longattn.kernels.block_backward.eager import block_backward_eager
 from longattn.kernels.support import triton_support
-from longattn.validation import check_flag, check_qkv, check_softcap, check_softmax_scale, check_tensor
+from longattn.validation import (
+    check_flag,
+    check_qkv,
+    check_softcap,
+    check_softmax_scale,
+    check_tensor,
+    check_window,
+)
 
 
 @dataclass
@@ -40,6 +47,7 @@ class BlockBackwardCall:
     scale: float
     causal: bool
     softcap: float
+    window: tuple[int, int] = (-1, -1)  # as validated: causal folded in by the kernels
 
 
 def _run_triton(c: BlockBackwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,13 +58,19 @@ def _run_triton(c: BlockBackwardCall) -> tuple[torch.Tensor, torch.Tensor, torch
                                  softcap=c.softcap, dlse=c.dlse)
 
 
+def _window_reasons(call: BlockBackwardCall) -> list[str]:
+    if call.window != (-1, -1):
+        return [f"no sliding window in the Triton twin (window_size={call.window})"]
+    return []
+
+
 # Its reasons read TRITON_INTERPRET at call time: not pure (never memoised).
 TRITON = Backend[BlockBackwardCall](
     name="triton",
     description="flash-attention-2 backward kernels in Triton, no atomics (GPU; CPU under TRITON_INTERPRET=1)",
     run=_run_triton,
     machine_reasons=triton_support.machine_reasons,
-    call_reasons=lambda call: triton_support.call_reasons(call.q),
+    call_reasons=lambda call: triton_support.call_reasons(call.q) + _window_reasons(call),
     auto_reasons=lambda call: triton_support.auto_reasons(call.q),
 )
 
@@ -64,7 +78,7 @@ EAGER = Backend[BlockBackwardCall](
     name="eager",
     description="PyTorch recompute of the block's probabilities from the final lse, float32 math; serves every call",
     run=lambda c: block_backward_eager(c.dout, c.q, c.k, c.v, c.out, c.lse, scale=c.scale, causal=c.causal,
-                                       softcap=c.softcap, dlse=c.dlse),
+                                       softcap=c.softcap, dlse=c.dlse, window_size=c.window),
     machine_reasons=lambda: [],
     call_reasons=lambda call: [],
     pure=True,
@@ -88,6 +102,7 @@ def block_backward(
     causal: bool,
     softcap: float = 0.0,
     dlse: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient contribution of the key block ``k, v`` to the rows ``q``.
@@ -105,6 +120,9 @@ def block_backward(
             iff ``j <= i + seqlen_k - seqlen_q``), as :func:`longattn.attention`.
         softcap: > 0 soft-caps scores to ``softcap * tanh(s / softcap)``.
         dlse: optional ``(batch, nheads, seqlen_q)`` gradient flowing into lse.
+        window_size: ``(left, right)`` sliding window within the pair, -1 =
+            unbounded, bottom-right aligned like ``causal`` (which it combines
+            with: causal sets right = 0); the Triton twin has none (eager serves it).
         backend: ``"auto"`` or a twin name (``BLOCK_BACKWARD_BACKENDS.names``).
 
     Returns:
@@ -132,8 +150,9 @@ def block_backward(
             raise DeviceError(f"{name} is on {t.device} but q is on {q.device}")
     if scale is None or isinstance(scale, torch.Tensor):  # None would silently mean headdim ** -0.5 below
         raise ArgumentError(f"scale must be a finite number, got {type(scale).__name__}")
-    call = BlockBackwardCall(dout, q, k, v, out, lse, dlse, check_softmax_scale(scale, q.shape[3]),
-                             check_flag("causal", causal), check_softcap(softcap))
+    is_causal = check_flag("causal", causal)
+    call = BlockBackwardCall(dout, q, k, v, out, lse, dlse, check_softmax_scale(scale, q.shape[3]), is_causal,
+                             check_softcap(softcap), check_window(window_size, is_causal))
     return BLOCK_BACKWARD_BACKENDS.select(call, backend).run(call)
 
 

@@ -45,10 +45,11 @@ def block_backward_eager(
     causal: bool,
     softcap: float = 0.0,
     dlse: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` float32 of one block pair (module docstring); causal is
-    bottom-right aligned within the pair, as :func:`longattn.attention`."""
-    window = effective_window(causal, (-1, -1))
+    """``(dq, dk, dv)`` float32 of one block pair (module docstring); causal and
+    ``window_size`` are bottom-right aligned within the pair, as :func:`longattn.attention`."""
+    window = effective_window(causal, window_size)
     # lse = -inf marks a row that saw no key in the whole sequence: +inf there
     # makes exp(s - lse) exactly 0 for every s (finite or -inf). No
     # renormalisation: lse covers keys beyond this block.
