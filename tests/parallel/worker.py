@@ -1,7 +1,8 @@
 """One rank of a gloo process group spawned by :mod:`tests.parallel.launch`.
 
-Run as ``python -m tests.parallel.worker CASES_MODULE RANK WORLD_SIZE PORT``.
-The rank joins one group and runs every case of ``CASES_MODULE.CASES`` (name ->
+Run as ``python -m tests.parallel.worker CASES_MODULE[:TABLE] RANK WORLD_SIZE PORT``.
+The rank joins one group and runs every case of ``CASES_MODULE.TABLE`` (default
+``CASES``; name ->
 ``(minimum world size, run(rank, world))``) that applies to its world size, in
 that one group (process start-up dominates, so one group serves them all),
 then prints one line ``RESULTS <json>`` mapping each case to ``"ok"`` or the
@@ -27,8 +28,9 @@ GROUP_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def main() -> None:
-    module, (rank, world, port) = sys.argv[1], (int(a) for a in sys.argv[2:5])
-    cases = importlib.import_module(module).CASES
+    module, _, table = sys.argv[1].partition(":")
+    rank, world, port = (int(a) for a in sys.argv[2:5])
+    cases = getattr(importlib.import_module(module), table or "CASES")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=GROUP_TIMEOUT)
     results = {}
