@@ -1,4 +1,5 @@
-"""The ``longattn`` command: ``bench [GROUP]``, ``doctor``, ``simulate lean``, ``calibrate duo|double-sparsity``.
+"""The ``longattn`` command: ``bench [GROUP]``, ``doctor``, ``simulate lean|parallel``,
+``calibrate duo|double-sparsity``.
 
 Each subcommand is a :class:`Command` (its arguments and its run function);
 adding one (``simulate``, ``calibrate``) is one more entry in ``COMMANDS``.
@@ -89,8 +90,10 @@ def _run_doctor(args: argparse.Namespace) -> int:
 # --- simulate ---------------------------------------------------------------
 
 def _configure_simulate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="what to simulate; one of: lean (stream-K decode)")
-    parser.add_argument("--gpu", default="h100", help="GPU preset: h100 or h200 (default: h100)")
+    parser.add_argument("model", metavar="MODEL",
+                        help="what to simulate; one of: lean (stream-K decode), parallel (sequence-parallel "
+                             "ring/zigzag/Ulysses/TokenRing/APB step times)")
+    parser.add_argument("--gpu", default="h100", help="lean: GPU preset: h100 or h200 (default: h100)")
     parser.add_argument("--sms", type=int, default=None, metavar="N", help="SM count (default: the preset's, 132)")
     parser.add_argument("--workers-per-sm", type=int, default=None, metavar="N",
                         help="stream-K workers per SM (default: 2, as Microsoft's CUDA LeanAttention)")
@@ -99,11 +102,27 @@ def _configure_simulate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--separate-merge", action="store_true",
                         help="merge stream-K partials in a second kernel (as the Triton twin) instead of in-kernel")
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller sweep (batch 1/4/16/64, context 1k/16k/256k/1M)")
+                        help="a smaller sweep (lean: batch 1/4/16/64, context 1k/16k/256k/1M; parallel: N 2-16, "
+                             "T 128k/1M, and a short --fit)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the ragged batches' lengths (default: 0)")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="results folder (default: ./longattn-results/simulate-lean-<timestamp>/)")
+                        help="results folder (default: ./longattn-results/simulate-<MODEL>-<timestamp>/)")
     parser.add_argument("--quiet", action="store_true", help="no per-shape table; assumptions and summary only")
+    par = parser.add_argument_group("parallel", "options of MODEL parallel")
+    source = par.add_mutually_exclusive_group()
+    source.add_argument("--fit", action="store_true",
+                        help="measure this machine first (gloo ping-pong between 2 spawned ranks, one-thread "
+                             "attention fit; under a minute) and write OUT/profile.json")
+    source.add_argument("--profile", default=None, metavar="FILE", help="a profile JSON written by --fit")
+    source.add_argument("--preset", default=None, metavar="NAME",
+                        help="a GPU profile from published figures: h100-nvlink or h100-ib (the default)")
+    par.add_argument("--nheads", type=int, default=32, help="query heads (default: 32)")
+    par.add_argument("--nheads-k", type=int, default=8, help="kv heads (default: 8)")
+    par.add_argument("--headdim", type=int, default=128, help="head size (default: 128)")
+    par.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="element type of the messages (default: the profile's)")
+    par.add_argument("--ranks-per-host", type=int, default=None, metavar="N",
+                     help="ranks sharing one host's cores in the sweep (default: the profile's cores)")
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -111,8 +130,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from longattn.bench.simulate_report import default_out_dir, format_report, write_outputs
     from longattn.errors import ArgumentError
 
+    if args.model == "parallel":
+        return _run_simulate_parallel(args)
     if args.model != "lean":
-        raise ArgumentError(f"MODEL must be one of ['lean'], got {args.model!r}")
+        raise ArgumentError(f"MODEL must be one of ['lean', 'parallel'], got {args.model!r}")
     for option, value in (("--sms", args.sms), ("--workers-per-sm", args.workers_per_sm)):
         if value is not None and value < 1:
             raise ArgumentError(f"{option} must be a positive integer, got {value}")
@@ -122,6 +143,34 @@ def _run_simulate(args: argparse.Namespace) -> int:
     results = run_sweep(gpu, quick=args.quick, seed=args.seed, separate_merge=args.separate_merge)
     write_outputs(results, args.out if args.out is not None else default_out_dir())
     print(format_report(results, table=not args.quiet))
+    return 0
+
+
+def _run_simulate_parallel(args: argparse.Namespace) -> int:
+    from longattn.bench import report as bench_report
+    from longattn.parallel import cost_model
+    from longattn.parallel import simulate as parallel_simulate
+
+    out_dir = args.out if args.out is not None else parallel_simulate.default_out_dir()
+    profile_path = None
+    if args.fit:
+        print("fitting this machine's profile (gloo ping-pong, one-thread attention)...", file=sys.stderr, flush=True)
+        profile = cost_model.fit_profile(quick=args.quick)
+        os.makedirs(out_dir, exist_ok=True)
+        profile_path = os.path.join(out_dir, "profile.json")
+        cost_model.save_profile(profile, profile_path)
+    elif args.profile is not None:
+        profile = cost_model.load_profile(args.profile)
+    else:
+        profile = cost_model.get_preset(args.preset or "h100-ib")
+    results = parallel_simulate.run_sweep(
+        profile, quick=args.quick, nheads=args.nheads, nheads_k=args.nheads_k, headdim=args.headdim,
+        dtype=args.dtype, ranks_per_host=args.ranks_per_host,
+    )
+    results["profile_file"] = profile_path if profile_path is not None else args.profile
+    bench_report.write_outputs(results, out_dir, plot=parallel_simulate.write_plot,
+                               plot_name=parallel_simulate.PLOT_NAME)
+    print(parallel_simulate.format_report(results, table=not args.quiet))
     return 0
 
 
@@ -249,7 +298,8 @@ COMMANDS = (
             _configure_bench, _run_bench),
     Command("doctor", "show this machine's libraries, compilers and usable backends",
             _configure_doctor, _run_doctor),
-    Command("simulate", "model decode schedules on a GPU (lean: FA2 vs split-K vs stream-K); table, JSON, plot",
+    Command("simulate", "model decode schedules on a GPU (lean: FA2 vs split-K vs stream-K) or sequence-parallel "
+                        "step times (parallel); table, JSON, plot",
             _configure_simulate, _run_simulate),
     Command("calibrate", "calibrate a sparse method on a model: duo (retrieval/streaming heads, a HeadPattern "
                          "file), double-sparsity (outlier channels, a ChannelConfig file)",

@@ -76,3 +76,25 @@ def test_python_dash_m_runs_the_cli():
     )
     assert run.returncode == 0, run.stderr
     assert "dense attention" in json.loads(run.stdout)["registries"]
+
+
+def test_simulate_parallel_quick_preset(tmp_path, capsys):
+    assert main(["simulate", "parallel", "--quick", "--preset", "h100-nvlink", "--out", tmp_path]) == 0
+    out = capsys.readouterr().out
+    assert "profile 'h100-nvlink'" in out and "published figures" in out and "winner" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["ranks"] == [2, 4, 8, 16] and len(results["cells"]) == 8
+    for cell in results["cells"]:
+        times = {m: v["time_s"] for m, v in cell["methods"].items() if v["time_s"] is not None}
+        assert cell["winner"] == min(times, key=times.get)
+    plot = results["files"]["plot"]
+    assert plot is not None or any("matplotlib" in n for n in results["notes"])
+
+
+def test_simulate_parallel_bad_profile_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps({"format": "longattn-parallel-profile", "version": 1}))
+    assert main(["simulate", "parallel", "--profile", bad, "--out", tmp_path]) == 2
+    assert "error: profile field 'attention' must be a JSON object" in capsys.readouterr().err
+    assert main(["simulate", "parallel", "--preset", "tpu"]) == 2
+    assert "preset must be one of" in capsys.readouterr().err

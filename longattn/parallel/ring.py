@@ -33,22 +33,13 @@ import torch
 import torch.distributed as dist
 
 from longattn.api import attention
-from longattn.errors import ShapeError
 from longattn.kernels.block_backward import block_backward
 from longattn.kernels.merge import merge_two_in_place
-from longattn.parallel.checks import DTYPE_CODES, agree
+from longattn.parallel.autograd import ShardedAttention
+from longattn.parallel.checks import settle_sharded
 from longattn.parallel.comm import group_facts, post_ring_exchange, wait_all
-from longattn.parallel.layout import check_layout
 from longattn.parallel.pieces import block_pieces, forward_steps
 from longattn.parallel.stats import compute, sent, waiting
-from longattn.validation import check_attention_options, check_flag, check_qkv
-
-_FIELDS = (
-    "q batch", "q local seqlen", "q nheads", "q headdim", "k local seqlen", "k nheads_k",
-    "dtype (1=float32, 2=float16, 3=bfloat16)", "layout (0=zigzag, 1=contiguous)", "causal",
-    "softmax_scale", "softcap", "window_size left", "window_size right",
-)
-
 
 def ring_attention(
     q: torch.Tensor,
@@ -113,55 +104,16 @@ def ring_attention(
         ShapeError / DTypeError / ArgumentError: bad local input, or ranks
             that disagree (with ``check=True``, on every rank).
     """
-    check = check_flag("check", check)
     facts = group_facts(process_group)
-    settled: dict = {}
-
-    def local_check() -> list[float]:
-        check_qkv(q, k, v)
-        is_causal, want_lse, scale, window, cap = check_attention_options(
-            q.shape[3], causal, return_lse, softmax_scale, window_size, softcap
-        )
-        lay = check_layout(layout)
-        if k.shape[1] != q.shape[1]:
-            raise ShapeError(f"ring_attention: k has local seqlen {k.shape[1]} but q has {q.shape[1]}; "
-                             "ring attention shards q, k and v of one sequence alike")
-        if lay == "zigzag" and q.shape[1] % 2:
-            raise ShapeError(f"ring_attention: q has local seqlen {q.shape[1]}, which layout 'zigzag' needs to be "
-                             "even (two equal chunks per rank); pad the full sequence to a multiple of "
-                             "2 x world_size (see longattn.parallel.shard)")
-        settled.update(causal=is_causal, return_lse=want_lse, scale=scale, softcap=cap, layout=lay, window=window)
-        return [q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2], DTYPE_CODES[q.dtype],
-                0 if lay == "zigzag" else 1, float(is_causal), scale, cap, window[0], window[1]]
-
-    if check:
-        device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-        agree(facts, "ring_attention", _FIELDS, local_check, device)
-    else:
-        local_check()
-    options = (facts, settled["causal"], settled["window"], settled["scale"], settled["softcap"], settled["layout"])
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _RingAttention.apply(q, k, v, *options)
+    o = settle_sharded("ring_attention", facts, q, k, v, causal=causal, return_lse=return_lse,
+                       softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, layout=layout,
+                       check=check)
+    options = (facts, o.causal, o.window, o.scale, o.softcap, o.layout)
+    if o.grad:
+        out, lse = ShardedAttention.apply(q, k, v, _ring_forward, _ring_backward, options)
     else:
         out, lse = _ring_forward(q, k, v, *options)
-    return (out, lse) if settled["return_lse"] else out
-
-
-def _pieces(n: int, r: int, src: int, seqlen: int, causal: bool, layout: str) -> list[tuple[slice, slice, bool]]:
-    """The (local query rows, keys of the block in hand, causal) pairs rank ``r``
-    computes against the KV block that came from rank ``src``, without a window
-    (module docstring): :func:`longattn.parallel.pieces.block_pieces` with the
-    mask as a flag. Kept for the token ring until it takes windows."""
-    everything, half = slice(0, seqlen), seqlen // 2
-    if not causal:
-        return [(everything, everything, False)]
-    if src == r:
-        return [(everything, everything, True)]
-    if layout == "contiguous":
-        return [(everything, everything, False)] if src < r else []
-    if src < r:  # zigzag: every local query sees the block's first chunk, none its second
-        return [(everything, slice(0, half), False)]
-    return [(slice(half, seqlen), everything, False)]  # zigzag, src > r: the second local chunk sees it all
+    return (out, lse) if o.return_lse else out
 
 
 def _post(facts, send: torch.Tensor, recv: torch.Tensor, tag: int) -> list:
@@ -267,24 +219,3 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, window: t
         _wait(acc_works, facts, n, " backward (dk/dv home)")
         acc = acc_in
     return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
-
-
-class _RingAttention(torch.autograd.Function):
-    """Autograd around the ring: saves the local q, k, v, out, lse; the backward
-    is collective like the forward (every rank of the group must run it)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, facts, causal, window, scale, softcap, layout):
-        out, lse = _ring_forward(q, k, v, facts, causal, window, scale, softcap, layout)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (facts, causal, window, scale, softcap, layout)
-        ctx.set_materialize_grads(False)  # lse's gradient stays None when lse is not used
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None, None

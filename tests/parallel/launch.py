@@ -1,8 +1,11 @@
-"""Launch a gloo group of spawned ranks that run one module's cases; collect each rank's results.
+"""Launch a gloo group of spawned ranks that run cases modules; collect each rank's results.
 
 A test file names its cases module (``tests.parallel.cases_<method>``, whose
 ``CASES`` maps a name to ``(minimum world size, run(rank, world))``) and gets
-one group per world size, started once and shared by every case::
+its cases' results. Process start-up dominates (seconds per rank on 2 busy
+cores), so ONE group per world size runs the cases of every module in
+:data:`SHARED_MODULES` (started by the first test that needs that world
+size, cached for the session)::
 
     from tests.parallel.launch import case_params, world_runner
     run_world = world_runner("tests.parallel.cases_ring")
@@ -14,8 +17,9 @@ one group per world size, started once and shared by every case::
         assert_every_rank_ok(run_world(world), world, case)
 
 Every wait is bounded: the group's timeout (30 s, :mod:`tests.parallel.worker`)
-inside, the subprocess timeout here, pytest-timeout on each test; the
-processes are killed on any failure, so none are left behind.
+inside, the subprocess timeout here, pytest-timeout on each test
+(:data:`TEST_TIMEOUT`: the first test of a world size waits for the whole
+launch); the processes are killed on any failure, so none are left behind.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD_SIZES = (1, 2, 3, 4)
-LAUNCH_TIMEOUT = 100  # seconds for one whole group (start-up + every case)
+LAUNCH_TIMEOUT = 240  # seconds for one whole group (start-up + every case of every shared module)
+TEST_TIMEOUT = LAUNCH_TIMEOUT + 60
+SHARED_MODULES = (
+    "tests.parallel.cases_ring",
+    "tests.parallel.cases_token_ring",
+    "tests.parallel.cases_ulysses",
+    "tests.parallel.cases_apb",
+)
 
 
 def free_port() -> int:
@@ -40,15 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module: str, world: int, timeout: float = LAUNCH_TIMEOUT) -> dict[str, list[str]]:
-    """Run ``module``'s cases on one group of ``world`` ranks; return case ->
-    each reporting rank's result (``"ok"`` or a traceback), rank order. A rank
+def launch(specs: str | tuple[str, ...], world: int, timeout: float = LAUNCH_TIMEOUT) -> dict[str, list[str]]:
+    """Run the cases of ``specs`` (``"module[:TABLE]"``, one or several) on one
+    group of ``world`` ranks; return ``"SPEC NAME"`` -> each reporting rank's
+    result (``"ok"`` or a traceback), rank order. A rank
     that ended without reporting (the dying-rank case) is left out; a rank that
     reports nothing in other runs fails the launch with its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     port = free_port()
+    joined = specs if isinstance(specs, str) else ",".join(specs)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tests.parallel.worker", module, str(r), str(world), str(port)],
+        subprocess.Popen([sys.executable, "-m", "tests.parallel.worker", joined, str(r), str(world), str(port)],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r in range(world)
     ]
@@ -72,19 +85,23 @@ def launch(module: str, world: int, timeout: float = LAUNCH_TIMEOUT) -> dict[str
     return results
 
 
-def world_runner(module: str):
-    """A module-scoped pytest fixture ``run_world(world)`` launching ``module``'s
-    group for each world size once."""
-    runs: dict[int, dict[str, list[str]]] = {}
+_SHARED_RUNS: dict[int, dict[str, list[str]]] = {}
 
-    @pytest.fixture(scope="module")
+
+def world_runner(module: str):
+    """A pytest fixture ``run_world(world)`` -> case name -> each rank's result
+    for ``module`` (one of :data:`SHARED_MODULES`), from the shared launch of
+    that world size."""
+    assert module in SHARED_MODULES, f"{module} is not in SHARED_MODULES"
+
+    @pytest.fixture
     def run_world():
         def get(world: int) -> dict[str, list[str]]:
-            if world not in runs:
-                runs[world] = launch(module, world)
-            return runs[world]
-        yield get
-        runs.clear()
+            if world not in _SHARED_RUNS:
+                _SHARED_RUNS[world] = launch(SHARED_MODULES, world)
+            prefix = module + " "
+            return {key[len(prefix):]: res for key, res in _SHARED_RUNS[world].items() if key.startswith(prefix)}
+        return get
 
     return run_world
 

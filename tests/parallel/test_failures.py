@@ -22,5 +22,6 @@ SCENARIOS = [
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("table,case,dies,world", SCENARIOS, ids=[f"{s[1]}-world{s[3]}" for s in SCENARIOS])
 def test_every_survivor_raises(table, case, dies, world):
-    results = launch(f"tests.parallel.cases_failures:{table}", world, timeout=90)
-    assert_every_rank_ok(results, world, case, ranks=world - 1 if dies else world)
+    spec = f"tests.parallel.cases_failures:{table}"
+    results = launch(spec, world, timeout=90)
+    assert_every_rank_ok(results, world, f"{spec} {case}", ranks=world - 1 if dies else world)

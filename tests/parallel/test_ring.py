@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 
 from tests.parallel.cases_ring import CASES
-from tests.parallel.launch import assert_every_rank_ok, case_params, world_runner
+from tests.parallel.launch import TEST_TIMEOUT, assert_every_rank_ok, case_params, world_runner
 
 run_world = world_runner("tests.parallel.cases_ring")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("world,case", case_params(CASES))
 def test_case_on_every_rank(run_world, world, case):
     assert_every_rank_ok(run_world(world), world, case)

@@ -1,12 +1,12 @@
 """One rank of a gloo process group spawned by :mod:`tests.parallel.launch`.
 
-Run as ``python -m tests.parallel.worker CASES_MODULE[:TABLE] RANK WORLD_SIZE PORT``.
-The rank joins one group and runs every case of ``CASES_MODULE.TABLE`` (default
-``CASES``; name ->
+Run as ``python -m tests.parallel.worker SPEC[,SPEC...] RANK WORLD_SIZE PORT``
+where a SPEC is ``CASES_MODULE[:TABLE]``. The rank joins one group and runs,
+spec after spec, every case of ``CASES_MODULE.TABLE`` (default ``CASES``; name ->
 ``(minimum world size, run(rank, world))``) that applies to its world size, in
 that one group (process start-up dominates, so one group serves them all),
-then prints one line ``RESULTS <json>`` mapping each case to ``"ok"`` or the
-traceback. A case passes when every rank reports ``"ok"``.
+then prints one line ``RESULTS <json>`` mapping ``"SPEC NAME"`` of each case
+to ``"ok"`` or the traceback. A case passes when every rank reports ``"ok"``.
 
 A case may end the process itself (the dying-rank case does); then that rank
 reports nothing and the launcher says so.
@@ -28,9 +28,13 @@ GROUP_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def main() -> None:
-    module, _, table = sys.argv[1].partition(":")
+    specs = sys.argv[1].split(",")
     rank, world, port = (int(a) for a in sys.argv[2:5])
-    cases = getattr(importlib.import_module(module), table or "CASES")
+    cases = {}
+    for spec in specs:
+        module, _, table = spec.partition(":")
+        for name, case in getattr(importlib.import_module(module), table or "CASES").items():
+            cases[f"{spec} {name}"] = case
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=GROUP_TIMEOUT)
     results = {}
