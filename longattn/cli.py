@@ -36,10 +36,11 @@ class Command:
 def _configure_bench(parser: argparse.ArgumentParser) -> None:
     from longattn.bench.scenarios import group_names
 
-    groups = group_names()
+    groups = [*group_names(), "parallel"]
     parser.add_argument(
         "group", nargs="?", default="dense", metavar="GROUP",
-        help=f"benchmark group, one of: {', '.join(groups)} (default: dense)",
+        help=f"benchmark group, one of: {', '.join(groups)} (default: dense); parallel launches its own gloo "
+             "ranks (also: torchrun --nproc-per-node N -m longattn.parallel.bench)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, skip slow compiles (a smoke run)")
     parser.add_argument(
@@ -55,6 +56,11 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=None, metavar="TEXT,...",
                         help="run only the methods whose names contain one of these (e.g. 'decode' in the model "
                              "group); the others are listed as not selected")
+    parser.add_argument("--world", default=None, metavar="N,N,...",
+                        help="parallel: world sizes to launch (default: 2,4)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="parallel: a profile from `longattn simulate parallel --fit`; predicted step times "
+                             "are shown next to the measured ones")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -62,6 +68,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     from longattn.bench.runner import run_group
     from longattn.bench.scenarios import get_group, parse_sizes
 
+    if args.group == "parallel":
+        return _run_bench_parallel(args)
+    for option in ("world", "profile"):
+        if getattr(args, option) is not None:
+            raise LongAttnError(f"--{option} applies to the parallel group only, not {args.group!r}")
     get_group(args.group)  # fail on a bad name before anything slow
     sizes = None if args.sizes is None else parse_sizes(args.sizes, "--sizes")
     results = run_group(
@@ -70,6 +81,20 @@ def _run_bench(args: argparse.Namespace) -> int:
         methods=None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()],
     )
     print(format_table(results))
+    return 0
+
+
+def _run_bench_parallel(args: argparse.Namespace) -> int:
+    from longattn.bench.parallel import DEFAULT_WORLDS, run
+    from longattn.bench.scenarios import parse_sizes
+
+    sizes = None if args.sizes is None else parse_sizes(args.sizes, "--sizes")
+    if sizes is not None and len(sizes) != 1:
+        raise LongAttnError(f"--sizes: the parallel group takes one sequence length, got {args.sizes!r}")
+    worlds = DEFAULT_WORLDS if args.world is None else parse_sizes(args.world, "--world")
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    print(run(worlds=worlds, tokens=None if sizes is None else sizes[0], quick=args.quick, repeats=args.repeats,
+              methods=methods, seed=args.seed, out_dir=args.out, profile=args.profile))
     return 0
 
 
