@@ -21,6 +21,7 @@ import pytest
 from longattn.bench.parallel import METHODS, run
 from longattn.cli import main
 from longattn.errors import ArgumentError
+from longattn.parallel.cost_model import get_preset, save_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +42,17 @@ def _check_world(res: dict, world: int, tokens: int) -> None:
 
 @pytest.mark.timeout(300)
 def test_launcher_runs_every_method_and_counts_bytes_exactly(tmp_path, capsys):
-    report = run(worlds=(1, 2), tokens=256, out_dir=str(tmp_path))
+    profile = tmp_path / "profile.json"
+    save_profile(get_preset("h100-nvlink"), profile)  # any valid profile: the plumbing of predictions
+    report = run(worlds=(1, 2), tokens=256, out_dir=str(tmp_path), profile=str(profile))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["world"] for r in summary] == [1, 2]
     for res in summary:
         _check_world(res, res["world"], 256)
     world2 = summary[1]
     assert any("APB >= 1.1x" in t["what"] for t in world2["targets"])
+    assert any("simulator within 25%" in t["what"] for t in world2["targets"])
+    assert all(row["predicted_s"] > 0 for row in world2["methods"].values())
     assert "world 2" in report and "target:" in report and str(tmp_path) in report
 
 

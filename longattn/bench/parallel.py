@@ -62,6 +62,7 @@ NHEADS, HEADDIM = 8, 128
 GROUP_TIMEOUT = datetime.timedelta(minutes=20)
 TARGET_APB = {2: (1.1, "wall"), 4: (1.6, "compute_cpu")}  # world -> (speed-up over zigzag, measured by)
 BALANCE_TARGET = 0.10
+PREDICTION_TARGET = 0.25  # |predicted - measured| / measured step time, every method
 METRICS = ("wall", "compute", "compute_cpu", "wait", "bytes", "messages")
 
 
@@ -327,6 +328,7 @@ def _add_analysis(res: dict, profile) -> None:
                         anchor=res["anchor"], passing=res["passing"])
             row["predicted_s"] = p.time_s
             row["predicted_compute_cpu_s"] = p.compute_cpu_s
+            row["prediction_error"] = None if p.time_s is None else (p.time_s - row["step_wall_s"]) / row["step_wall_s"]
     targets = []
     zz, apb = res["methods"].get("zigzag"), res["methods"].get("apb")
     if zz is not None:
@@ -343,6 +345,12 @@ def _add_analysis(res: dict, profile) -> None:
                 else "slowest rank's compute CPU time"
         targets.append({"what": f"APB >= {want}x faster than zigzag at world {n} ({how})", "value": ratio,
                         "met": ratio >= want})
+    errors = {m: row["prediction_error"] for m, row in res["methods"].items() if row.get("prediction_error") is not None}
+    if errors:
+        worst = max(errors, key=lambda m: abs(errors[m]))
+        targets.append({"what": f"simulator within {PREDICTION_TARGET:.0%} of the measured step time, every method "
+                                f"(worst: {worst}, {errors[worst]:+.1%})",
+                        "value": abs(errors[worst]), "met": abs(errors[worst]) <= PREDICTION_TARGET})
     res["targets"] = targets
 
 
@@ -354,18 +362,18 @@ def format_report(results: list[dict], out: Path) -> str:
         lines.append(f"world {n}: T={res['tokens']}, H={res['nheads']}, D={res['headdim']}, fp32, causal, one "
                      f"thread per rank{share}; APB anchor {res['anchor']}, passing {res['passing']}; {res['cpu']}")
         header = ["method", "step s", "max cpu s", "compute s/rank", "wait s/rank", "MB sent/rank (analytical)",
-                  "overlap", "max |diff| vs zigzag", "predicted s"]
+                  "overlap", "max |diff| vs zigzag", "predicted s (error)"]
         rows = []
         for m, row in res["methods"].items():
             mb = "/".join(f"{b / 2**20:.1f}" for b in row["bytes"])
             mba = "/".join(f"{b / 2**20:.1f}" for b in row["bytes_analytical"])
             ov = "/".join("-" if o is None else f"{o:.2f}" for o in row["overlap"])
             diff = row.get("max_abs_diff_vs_zigzag")
-            pred = row.get("predicted_s")
+            pred, perr = row.get("predicted_s"), row.get("prediction_error")
             rows.append([m, f"{row['step_wall_s']:.2f}", f"{row['max_compute_cpu_s']:.2f}",
                          "/".join(f"{c:.2f}" for c in row["compute"]), "/".join(f"{w:.2f}" for w in row["wait"]),
                          f"{mb} ({mba})", ov, "-" if diff is None else f"{diff:.1e}",
-                         "-" if pred is None else f"{pred:.2f}"])
+                         "-" if pred is None else f"{pred:.2f} ({perr:+.0%})"])
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)))
