@@ -205,7 +205,7 @@ def test_cli_table_and_overrides(tmp_path, capsys):
         (["simulate", "lean", "--gpu", "a100"], "gpu must be one of ['h100', 'h200'], got 'a100'"),
         (["simulate", "lean", "--sms", "0"], "--sms must be a positive integer, got 0"),
         (["simulate", "lean", "--bandwidth", "-1"], "--bandwidth must be > 0 GB/s"),
-        (["simulate", "fast"], "MODEL must be one of ['lean'], got 'fast'"),
+        (["simulate", "fast"], "MODEL must be one of ['lean', 'parallel'], got 'fast'"),
     ],
 )
 def test_cli_bad_arguments_are_clear_errors(argv, message, capsys):
