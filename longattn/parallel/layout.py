@@ -13,9 +13,9 @@ Length rule (no implicit padding): the sequence length must be divisible by
 :class:`~longattn.errors.ShapeError` saying the multiple to pad to. Pad at the
 END of the sequence: under ``causal=True`` trailing padding keys come after
 every real query, so the real rows are unchanged (drop the padded rows of the
-output afterwards). Without causal the padded keys would be attended; this
-increment has no key mask, so non-causal attention needs a length that
-divides exactly.
+output afterwards). Without causal the padded keys would be attended, and
+the sequence-parallel functions take no key-padding mask: non-causal
+attention needs a length that divides exactly.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from longattn.api import attention
 from longattn.errors import ArgumentError, ShapeError
 from longattn.parallel import local_positions, ring_attention, shard, unshard
 from longattn.parallel.pieces import forward_steps
+from longattn.reference import attention_ref
 from tests.parallel.common import (
     by_rank,
     deterministic_grad_case,
@@ -24,6 +26,7 @@ from tests.parallel.common import (
     last_rank_grad,
     last_rank_longer,
 )
+from tests.tolerance import assert_close_to_oracle
 
 
 def _kv_bytes(layout, causal, window):
@@ -69,10 +72,30 @@ def _roundtrip(layout):
 
 
 
+def _padded_odd_length(layout):
+    """The documented rule for lengths that do not divide: pad at the end,
+    run causal, drop the padded rows; the real rows equal the oracle's on the
+    unpadded sequence (odd length, GQA)."""
+    def run(rank, world):
+        parts = world * (2 if layout == "zigzag" else 1)
+        real = 3 * parts - 1  # never divisible by parts >= 2; odd whenever parts is even
+        gen = torch.Generator().manual_seed(400 + world)
+        q, k, v = (torch.randn(1, real, h, 8, generator=gen) for h in (4, 2, 2))
+        pad = -real % parts or parts  # at least one padded token, the multiple shard's error names
+        padded = [torch.cat([t, torch.zeros(1, pad, t.shape[2], 8)], 1) for t in (q, k, v)]
+        out = unshard(ring_attention(*(shard(t, layout) for t in padded), causal=True, layout=layout), layout)
+        ref, _ = attention_ref(q, k, v, causal=True)
+        base = attention(q, k, v, causal=True, backend="eager")
+        assert_close_to_oracle(out[:, :real], ref, base, name="real rows")
+    return run
+
+
 # name -> (minimum world size, case)
 CASES = {
     "roundtrip_zigzag": (1, _roundtrip("zigzag")),
     "roundtrip_contiguous": (1, _roundtrip("contiguous")),
+    "padded_odd_length_zigzag": (1, _padded_odd_length("zigzag")),
+    "padded_odd_length_contiguous": (2, _padded_odd_length("contiguous")),
     "zigzag_causal_mha": (1, _case("zigzag", True, 4, 4)),
     "zigzag_causal_gqa": (1, _case("zigzag", True, 4, 2)),
     "zigzag_full_gqa": (1, _case("zigzag", False, 4, 1, scale=0.3)),
