@@ -57,6 +57,7 @@ def collect() -> dict[str, Any]:
         "triton": _distribution("triton", "triton"),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "cupy": _distribution("cupy", "cupy"),
+        "distributed_backends": _distributed_backends(),
         "nvcc": _tool("nvcc", "release"),
         "cxx": next((t for t in (_tool(name) for name in CXX_COMPILERS) if t is not None), None),
         "registries": {name: table for name, table in (_registry(*r) for r in REGISTRIES)},
@@ -64,6 +65,16 @@ def collect() -> dict[str, Any]:
         "cpp_libraries": _cpp_libraries(),
         "cpp_threads": _cpp_threads(),
     }
+
+
+def _distributed_backends() -> list[str]:
+    """torch.distributed backends this torch build has (longattn.parallel runs on any of them)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return []
+    checks = (("gloo", dist.is_gloo_available), ("nccl", dist.is_nccl_available), ("mpi", dist.is_mpi_available))
+    return [name for name, available in checks if available()]
 
 
 def _cpp_libraries() -> list[dict[str, Any]]:
@@ -147,6 +158,7 @@ def format_report(info: dict[str, Any]) -> str:
         ("triton", installed(info["triton"])),
         ("TRITON_INTERPRET", info["TRITON_INTERPRET"] if info["TRITON_INTERPRET"] is not None else "unset"),
         ("cupy", installed(info["cupy"])),
+        ("torch.distributed", ", ".join(info["distributed_backends"]) or "not available in this torch build"),
         ("nvcc", tool(info["nvcc"], "not on PATH")),
         ("C++ compiler", tool(info["cxx"], f"none of {', '.join(CXX_COMPILERS)} on PATH")),
     ]

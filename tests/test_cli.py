@@ -20,6 +20,8 @@ def test_doctor_json_lists_backends_and_reasons(capsys):
     for backend in dense.values():  # unusable always comes with a reason
         assert backend["usable"] == (not backend["reasons"])
     assert info["torch"] and info["python"]
+    import torch.distributed as dist
+    assert ("gloo" in info["distributed_backends"]) == (dist.is_available() and dist.is_gloo_available())
 
 
 def test_doctor_text_report(capsys):
