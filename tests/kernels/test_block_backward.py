@@ -18,6 +18,7 @@ import torch
 from longattn.api import attention
 from longattn.errors import ArgumentError, ShapeError
 from longattn.kernels.block_backward import BLOCK_BACKWARD_BACKENDS, block_backward
+from longattn.kernels.block_backward.sdpa import op_available
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
 from tests.triton_helpers import HAS_CUDA, assert_compiles_for_gpu, triton_skip_reason
@@ -199,7 +200,7 @@ def test_bad_input_names_the_argument():
         block_backward(dout, q, k, v, out, lse, scale=None, causal=False)
     with pytest.raises(ArgumentError, match="causal"):
         block_backward(dout, q, k, v, out, lse, scale=0.25, causal=1)
-    assert BLOCK_BACKWARD_BACKENDS.names == ["triton", "eager"]
+    assert BLOCK_BACKWARD_BACKENDS.names == ["triton", "sdpa", "eager"]
 
 
 @requires_triton
@@ -236,8 +237,8 @@ def test_triton_empty_block_and_selection():
     from longattn.kernels.block_backward import BlockBackwardCall
 
     call = BlockBackwardCall(dout, q, k, v, out, lse, None, 0.25, False, 0.0)
-    if not HAS_CUDA:
-        assert BLOCK_BACKWARD_BACKENDS.select(call, "auto").name == "eager"
+    if not HAS_CUDA:  # float32 on a CPU: the fused backward when this torch has it
+        assert BLOCK_BACKWARD_BACKENDS.select(call, "auto").name == ("sdpa" if op_available() else "eager")
     bf = [t.to(torch.bfloat16) for t in (dout, q, k, v, out)]
     bcall = BlockBackwardCall(*bf, lse, None, 0.25, False, 0.0)
     triton_twin = next(b for b in BLOCK_BACKWARD_BACKENDS.backends if b.name == "triton")
@@ -274,3 +275,70 @@ def test_triton_kernels_compile_for_gpu_targets(tmp_path):
     """Ahead-of-time compile both kernels to cubin (sm_80 / sm_90; causal + softcap):
     what the interpreter accepts the compiler must too."""
     assert_compiles_for_gpu(_AOT, tmp_path)
+
+
+# --- the sdpa twin: PyTorch's fused CPU backward, where it serves ------------------------------------------
+
+requires_fused = pytest.mark.skipif(not op_available(), reason="this torch has no fused CPU flash-attention backward")
+
+
+@requires_fused
+@pytest.mark.parametrize("nheads,nheads_k", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_twin_square_grid(nheads, nheads_k, causal):
+    """The rings' pieces without a window: a square grid of blocks, diagonal
+    pairs causal (square), pairs below it unmasked (above skipped when causal),
+    float32; the sums equal the oracle's gradients, and auto picks the twin."""
+    from longattn.kernels.block_backward import BlockBackwardCall
+
+    n = 12
+    q, k, v, dout = _inputs(n, n, nheads, nheads_k, seed=7 * nheads + nheads_k + causal)
+    scale = 16 ** -0.5
+    out, lse, ref, base = _oracle_and_baseline(q, k, v, dout, causal=causal)
+    dq = torch.zeros(q.shape)
+    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    blocks = _split(n, [4, 8])
+    for i, (q0, q1) in enumerate(blocks):
+        for j, (k0, k1) in enumerate(blocks):
+            if causal and j > i:
+                continue
+            pair_causal = causal and i == j
+            call = BlockBackwardCall(dout[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1],
+                                     lse[:, :, q0:q1], None, scale, pair_causal, 0.0)
+            assert BLOCK_BACKWARD_BACKENDS.select(call, "auto").name == "sdpa"
+            a, b, c = block_backward(dout[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1],
+                                     lse[:, :, q0:q1], scale=scale, causal=pair_causal, backend="sdpa")
+            dq[:, q0:q1] += a
+            dk[:, k0:k1] += b
+            dv[:, k0:k1] += c
+    _check((dq, dk, dv), ref, base)
+
+
+@requires_fused
+def test_sdpa_twin_rows_that_see_nothing_get_zero():
+    """lse = -inf rows (no key anywhere) contribute exactly zero, as in the eager twin."""
+    q, k, v, dout = _inputs(6, 6, 2, 2, seed=5)
+    out, lse = attention(q, k, v, causal=True, return_lse=True, backend="eager")
+    lse = lse.clone()
+    lse[:, :, :2] = float("-inf")
+    out = out.clone()
+    out[:, :2] = 0
+    got = block_backward(dout, q, k, v, out, lse, scale=0.25, causal=True, backend="sdpa")
+    want = block_backward(dout, q, k, v, out, lse, scale=0.25, causal=True, backend="eager")
+    assert all(torch.isfinite(g).all() for g in got)
+    assert torch.equal(got[0][:, :2], torch.zeros_like(got[0][:, :2]))
+    for g, w, name in zip(got, want, ("dq", "dk", "dv")):
+        assert_close_to_oracle(g, w.double(), w, name=name)
+
+
+@pytest.mark.parametrize("case", ["fp16", "softcap", "window", "dlse", "rectangular causal"])
+def test_auto_leaves_what_the_sdpa_twin_cannot_express_to_eager(case):
+    from longattn.kernels.block_backward import BlockBackwardCall
+
+    lq = 4 if case == "rectangular causal" else 6
+    q, k, v, dout = _inputs(lq, 6, 2, 2, seed=2, dtype=torch.float16 if case == "fp16" else torch.float32)
+    out, lse = attention(q, k, v, causal=True, return_lse=True, backend="eager")
+    dlse = torch.zeros_like(lse) if case == "dlse" else None
+    call = BlockBackwardCall(dout, q, k, v, out, lse, dlse, 0.25, True, 2.0 if case == "softcap" else 0.0,
+                             (3, 0) if case == "window" else (-1, -1))
+    assert BLOCK_BACKWARD_BACKENDS.select(call, "auto").name == "eager"
