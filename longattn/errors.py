@@ -47,3 +47,19 @@ class BackendUnavailableError(UnsupportedFeatureError):
         for name, why in reasons.items():
             lines.append(f"  {name}: " + ("; ".join(why) if why else "can serve"))
         super().__init__("\n".join(lines))
+
+
+class CorruptKVError(LongAttnError, OSError):
+    """A KV page or file on disk failed its checksum, is truncated or is not a
+    longattn file; the message names the file and the page. Never used silently."""
+
+
+class OffloadIOError(LongAttnError, OSError):
+    """A KV offload file could not be written or read (disk full, permission
+    denied, file removed, locked by another process); the message names the
+    file. What was committed before stays intact and readable."""
+
+
+class OffloadCapacityError(LongAttnError, MemoryError):
+    """A tiered KV cache has no room left: its byte budgets are full and it has
+    no disk tier (or the page cannot move down)."""
