@@ -36,7 +36,7 @@ class Command:
 def _configure_bench(parser: argparse.ArgumentParser) -> None:
     from longattn.bench.scenarios import group_names
 
-    groups = [*group_names(), "parallel"]
+    groups = [*group_names(), "parallel", "offload"]
     parser.add_argument(
         "group", nargs="?", default="dense", metavar="GROUP",
         help=f"benchmark group, one of: {', '.join(groups)} (default: dense); parallel launches its own gloo "
@@ -70,6 +70,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.group == "parallel":
         return _run_bench_parallel(args)
+    if args.group == "offload":
+        return _run_bench_offload(args)
     for option in ("world", "profile"):
         if getattr(args, option) is not None:
             raise LongAttnError(f"--{option} applies to the parallel group only, not {args.group!r}")
@@ -95,6 +97,21 @@ def _run_bench_parallel(args: argparse.Namespace) -> int:
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     print(run(worlds=worlds, tokens=None if sizes is None else sizes[0], quick=args.quick, repeats=args.repeats,
               methods=methods, seed=args.seed, out_dir=args.out, profile=args.profile))
+    return 0
+
+
+def _run_bench_offload(args: argparse.Namespace) -> int:
+    from longattn.bench.offload import run
+    from longattn.bench.scenarios import parse_sizes
+
+    for option in ("world", "profile", "methods"):
+        if getattr(args, option) is not None:
+            raise LongAttnError(f"--{option} does not apply to the offload group")
+    sizes = None if args.sizes is None else parse_sizes(args.sizes, "--sizes")
+    if sizes is not None and len(sizes) != 1:
+        raise LongAttnError(f"--sizes: the offload group takes one context length, got {args.sizes!r}")
+    print(run(tokens=None if sizes is None else sizes[0], quick=args.quick, repeats=args.repeats, seed=args.seed,
+              out_dir=args.out))
     return 0
 
 

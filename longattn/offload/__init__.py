@@ -1,4 +1,18 @@
 """KV offload: a paged KV cache over three tiers (device, host memory, disk) with attention where the KV lives.
 
-Work in progress (issue 14): see the modules for what exists.
+- :class:`TieredKVCache` (:mod:`longattn.offload.cache`): ``append`` /
+  ``attend`` (``decode_attention``'s semantics) / ``drop`` / ``flush`` /
+  ``close`` / ``open``; pages placed by :mod:`longattn.offload.policy` under
+  byte budgets, each tier attended in place, partials merged by lse.
+- :class:`PageStore` (:mod:`longattn.offload.disk`): the crash-safe on-disk
+  page store (file format in :mod:`longattn.offload.format`; lock in
+  :mod:`longattn.offload.locking`).
+
+Not yet (issue 14's next increment): sparse page fetch (Quest / Double
+Sparsity metadata resident, only selected pages read, a layer ahead).
 """
+
+from longattn.offload.cache import TieredKVCache
+from longattn.offload.disk import PageStore
+
+__all__ = ["PageStore", "TieredKVCache"]
