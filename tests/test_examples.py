@@ -21,6 +21,7 @@ CASES = [
     ("packed_batch.py", "OK: packed and padded results match"),
     ("microbenchmark.py", "OK: all cases match SDPA"),
     ("transformers_model.py", "OK: longattn and longattn_duo generate sdpa's tokens"),
+    ("sequence_parallel.py", "OK: ring and Ulysses match single-process attention"),
 ]
 
 
