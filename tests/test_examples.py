@@ -22,6 +22,7 @@ CASES = [
     ("microbenchmark.py", "OK: all cases match SDPA"),
     ("transformers_model.py", "OK: longattn and longattn_duo generate sdpa's tokens"),
     ("sequence_parallel.py", "OK: ring and Ulysses match single-process attention"),
+    ("offload_decode.py", "OK: tiered decode matches in-memory decode, also after reopening"),
 ]
 
 
