@@ -22,9 +22,30 @@ is a real :class:`longattn.offload.disk.PageStore` under the results folder
 
 Every output is compared with ``decode_attention`` over the in-memory cache
 (max abs difference reported). The checksum's share of the disk read time
-comes from the store's own counters. Sparse page fetch (Quest / Double
-Sparsity at budget 1/16, the issue's bytes-read and step targets) lands with
-the next increment and is listed as not run.
+comes from the store's own counters.
+
+Sparse page fetch rows (Quest and Double Sparsity at token budget 1/16 of the
+context; :func:`sparse_rows`): the structured workload of the sparse-decode
+bench (:func:`longattn.bench.sparse_decode.make_workload`: noise keys, needle
+spans and a recent drift along each kv head's query direction), one per layer
+(2 layers, so the read-ahead has a next layer), in a cache of
+``SPARSE_PAGE_SIZE``-token pages with ``selection=`` set; Double Sparsity's
+16 channels per kv head are calibrated on the workload
+(``calibrate_channels``, method "qk", through ``sparse_decode.top_channels``).
+``SPARSE_STEPS`` decode steps, each query the workload's plus fresh noise
+(std ``STEP_NOISE``: consecutive queries correlated, selections overlapping
+partly); no tokens appended between steps. Rows:
+
+- ``<method>, all on disk (cold)``: every page on disk, the page cache
+  dropped before each step; per layer-step: the bytes read (first step:
+  nothing held; later steps: only pages not held from the last step or read
+  ahead), against dense (the whole layer's KV: target <= 1/8), the time
+  against the dense-from-disk row (target >= 5x faster), the I/O
+  amplification (bytes read / bytes of the selected tokens' K and V, per kv
+  head), the read-ahead counters and the overlap;
+- ``<method>, all in host memory``: every page on the host, against
+  ``decode_attention(sparse=...)`` with a prefilled state on an in-memory
+  contiguous cache (target <= 10% overhead); selections compared for equality.
 """
 
 from __future__ import annotations
@@ -48,6 +69,11 @@ APPEND_CHUNK = 16384
 READ_CHUNK = 8 << 20
 TARGET_DISK_FRACTION = 0.60
 TARGET_HOST_OVERHEAD = 1.10
+# Sparse rows: cache pages of 16 tokens (64 KiB at Hkv=8, D=128, bf16) = Quest's logical page: a selected
+# logical page costs one 64 KiB read and nothing else (larger pages read more unselected tokens; smaller
+# ones are not allowed for Quest at P=16 and would make DS's scattered tokens cost more, smaller reads).
+SPARSE_PAGE_SIZE, SPARSE_LAYERS, SPARSE_STEPS, STEP_NOISE = 16, 2, 4, 0.5
+TARGET_SPARSE_BYTES, TARGET_SPARSE_SPEEDUP = 1 / 8, 5.0
 
 
 def default_out_dir() -> Path:
@@ -193,15 +219,27 @@ def run(*, tokens: int | None = None, quick: bool = False, repeats: int | None =
             cache.close()
 
     disk_row, host_row = rows["dense, all on disk (cold)"], rows["dense, all in host memory"]
+    sparse = sparse_rows(tokens, seed, out, disk_row["seconds"])
+    rows.update(sparse)
     targets = [
         {"what": f"dense from disk (cold) >= {TARGET_DISK_FRACTION:.0%} of the cold sequential read bandwidth",
          "value": disk_row["fraction_of_cold_read"], "met": disk_row["fraction_of_cold_read"] >= TARGET_DISK_FRACTION},
         {"what": f"all in host memory within {TARGET_HOST_OVERHEAD - 1:.0%} of decode_attention in memory",
          "value": host_row["overhead_vs_in_memory"], "met": host_row["overhead_vs_in_memory"] <= TARGET_HOST_OVERHEAD},
-        {"what": "sparse page fetch (Quest / Double Sparsity at budget 1/16): bytes read <= 1/8 of dense, "
-                 "step >= 5x faster than dense from disk", "value": None, "met": None,
-         "note": "not run: sparse page fetch lands with the next increment of issue 14"},
     ]
+    for method in ("quest", "double sparsity"):
+        d_row, h_row = sparse[f"{method}, all on disk (cold)"], sparse[f"{method}, all in host memory"]
+        targets += [
+            {"what": f"{method} at budget 1/16 from disk: bytes read per step <= {TARGET_SPARSE_BYTES:.3g} of dense "
+                     "(first step, nothing held)", "value": d_row["bytes_fraction_first_step"],
+             "met": d_row["bytes_fraction_first_step"] <= TARGET_SPARSE_BYTES},
+            {"what": f"{method} at budget 1/16 from disk: step >= {TARGET_SPARSE_SPEEDUP:g}x faster than dense from "
+                     "disk (median layer-step)", "value": d_row["speedup_vs_dense_disk"],
+             "met": d_row["speedup_vs_dense_disk"] >= TARGET_SPARSE_SPEEDUP},
+            {"what": f"{method} all in host memory within {TARGET_HOST_OVERHEAD - 1:.0%} of decode_attention(sparse=) "
+                     "in memory", "value": h_row["overhead_vs_in_memory"],
+             "met": h_row["overhead_vs_in_memory"] <= TARGET_HOST_OVERHEAD},
+        ]
     from longattn.parallel.cost_model import cpu_facts
 
     model, isa = cpu_facts()
@@ -210,6 +248,129 @@ def run(*, tokens: int | None = None, quick: bool = False, repeats: int | None =
               "cpu": f"{model} ({', '.join(isa)})", "kv_bytes": kv_bytes, "rows": rows, "targets": targets}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return format_report(result, out)
+
+
+def _sparse_configs(method: str, workloads, budget: int):
+    """One config per layer (DS: channels calibrated on that layer's workload)."""
+    from longattn.bench.sparse_decode import PAGE_SIZE as QUEST_PAGE, top_channels
+    from longattn.sparse import DoubleSparsity, Quest
+
+    if method == "quest":
+        return [Quest(token_budget=budget, page_size=QUEST_PAGE)] * len(workloads)
+    return [DoubleSparsity(top_channels(w), token_budget=budget) for w in workloads]
+
+
+def _in_memory_sparse(w, cfg):
+    """(step function, its state) of decode_attention(sparse=cfg) on the workload's contiguous cache."""
+    from longattn.decode_api import decode_attention
+    from longattn.sparse import DoubleSparsityState, Quest, QuestState
+
+    state = (QuestState if isinstance(cfg, Quest) else DoubleSparsityState)(cfg)
+    state.prefill(w.k, w.lengths)
+
+    def step(q):
+        return decode_attention(q, w.k, w.v, cache_seqlens=w.lengths, sparse=cfg, state=state,
+                                return_selection=True)
+
+    return step
+
+
+def sparse_rows(tokens: int, seed: int, out: Path, t_dense_disk: float) -> dict[str, dict]:
+    """The sparse page fetch rows (module docstring)."""
+    from longattn.bench.sparse_decode import make_workload
+    from longattn.offload.cache import TieredKVCache
+    from longattn.offload.disk import PageStore
+
+    budget = tokens // 16
+    if budget < 16:
+        raise ArgumentError(f"tokens must be >= 256 for the sparse rows (budget tokens // 16 >= 16), got {tokens}")
+    workloads = [make_workload(tokens, DTYPE, seed + 10 * layer, budget=budget) for layer in range(SPARSE_LAYERS)]
+    gen = torch.Generator().manual_seed(seed + 99)
+    queries = [[(w.q.float() + STEP_NOISE * torch.randn(w.q.shape, generator=gen)).to(DTYPE) for w in workloads]
+               for _ in range(SPARSE_STEPS)]
+    layer_bytes = 2 * tokens * NHEADS_K * HEADDIM * 2
+    rows: dict[str, dict] = {}
+    for method in ("quest", "double sparsity"):
+        cfgs = _sparse_configs(method, workloads, budget)
+        refs = [_in_memory_sparse(w, cfg) for w, cfg in zip(workloads, cfgs)]
+        expected = [[refs[layer](queries[s][layer]) for layer in range(SPARSE_LAYERS)] for s in range(SPARSE_STEPS)]
+
+        def fill(cache):
+            for layer, w in enumerate(workloads):
+                for start in range(0, tokens, APPEND_CHUNK):
+                    cache.append(layer, 0, w.k[0, start:start + APPEND_CHUNK], w.v[0, start:start + APPEND_CHUNK])
+
+        def run_steps(cache, drop=None):
+            """Per step: (seconds per layer-step, stats before, stats after); plus max |diff| and selections equal."""
+            per_step, diff, same = [], 0.0, True
+            for s in range(SPARSE_STEPS):
+                if drop is not None:
+                    drop()
+                before = cache.stats()
+                start = time.perf_counter()
+                results = [cache.attend(layer, 0, queries[s][layer], sparse=cfgs[layer], return_selection=True)
+                           for layer in range(SPARSE_LAYERS)]
+                per_step.append(((time.perf_counter() - start) / SPARSE_LAYERS, before, cache.stats()))
+                for (got, sel), (ref, ref_sel) in zip(results, expected[s]):
+                    diff = max(diff, float((got.float() - ref.float()).abs().max()))
+                    same = same and torch.equal(sel, ref_sel)
+            return per_step, diff, same
+
+        name = method
+        print(f"offload: {name} rows, writing {SPARSE_LAYERS} layers ...", file=sys.stderr, flush=True)
+        store_dir = out / f"store-{method.replace(' ', '-')}"
+        cache = TieredKVCache(SPARSE_LAYERS, NHEADS_K, HEADDIM, DTYPE, SPARSE_PAGE_SIZE, 0, 0, disk_dir=store_dir,
+                              selection=cfgs)
+        try:
+            fill(cache)
+            cache.flush()
+            per_step, diff, same = run_steps(cache, drop=lambda: PageStore.drop_os_cache(store_dir))
+        finally:
+            cache.close()
+
+        def delta(before, after, key):
+            return after[key] - before[key]
+
+        read_bytes = [(delta(b, a, "sparse_bytes_read") + delta(b, a, "prefetch_bytes")) / SPARSE_LAYERS
+                      for _, b, a in per_step]
+        selected = [delta(b, a, "selected_token_bytes") / SPARSE_LAYERS for _, b, a in per_step]
+        times = [t for t, _, _ in per_step]
+        last = per_step[-1][2]
+        first = per_step[0]
+        wait = delta(first[1], last, "sparse_wait_seconds")
+        reads = delta(first[1], last, "sparse_read_seconds") + delta(first[1], last, "prefetch_read_seconds")
+        rows[f"{method}, all on disk (cold)"] = {
+            "seconds": statistics.median(times), "first_step_s": times[0], "step_s": times,
+            "bytes_read_per_step": read_bytes, "bytes_fraction_first_step": read_bytes[0] / layer_bytes,
+            "bytes_fraction_later_steps": statistics.mean(read_bytes[1:]) / layer_bytes if len(read_bytes) > 1 else None,
+            "io_amplification_first_step": read_bytes[0] / selected[0],
+            "speedup_vs_dense_disk": t_dense_disk / statistics.median(times),
+            "first_step_speedup_vs_dense_disk": t_dense_disk / times[0],
+            "prefetch_pages": last["prefetch_pages"], "prefetch_hits": last["prefetch_hits"],
+            "prefetch_unused": last["prefetch_unused"], "fetched_reused": last["fetched_reused"],
+            "wait_s": wait, "read_s": reads, "overlap": 1 - wait / reads if reads > 0 else None,
+            "selections_equal": same, "max_abs_diff": diff, "page_size": SPARSE_PAGE_SIZE, "token_budget": budget,
+        }
+
+        host = TieredKVCache(SPARSE_LAYERS, NHEADS_K, HEADDIM, DTYPE, SPARSE_PAGE_SIZE, 0, 2 * SPARSE_LAYERS
+                             * layer_bytes, selection=cfgs)
+        try:
+            fill(host)
+            run_steps(host)  # warm-up
+            per_step, diff, same = run_steps(host)
+        finally:
+            host.close()
+        ref_times = []
+        for s in range(SPARSE_STEPS):
+            start = time.perf_counter()
+            for layer in range(SPARSE_LAYERS):
+                refs[layer](queries[s][layer])
+            ref_times.append((time.perf_counter() - start) / SPARSE_LAYERS)
+        t_host, t_ref = statistics.median(t for t, _, _ in per_step), statistics.median(ref_times)
+        rows[f"{method}, all in host memory"] = {
+            "seconds": t_host, "in_memory_s": t_ref, "overhead_vs_in_memory": t_host / t_ref,
+            "selections_equal": same, "max_abs_diff": diff}
+    return rows
 
 
 def format_report(result: dict, out: Path) -> str:
@@ -226,6 +387,17 @@ def format_report(result: dict, out: Path) -> str:
             extra.append(f"median of rounds {row['median_s'] * 1e3:.0f} ms")
         if row.get("checksum_share_of_read") is not None:
             extra.append(f"checksum {row['checksum_share_of_read']:.1%} of read time")
+        if "bytes_fraction_first_step" in row:
+            later = row["bytes_fraction_later_steps"]
+            extra.append(f"read {row['bytes_fraction_first_step']:.3f} of dense (first step)"
+                         + (f", {later:.3f} later steps" if later is not None else ""))
+            extra.append(f"I/O amplification {row['io_amplification_first_step']:.1f}")
+            extra.append(f"{row['speedup_vs_dense_disk']:.1f}x dense from disk "
+                         f"(first step {row['first_step_speedup_vs_dense_disk']:.1f}x)")
+            extra.append(f"read-ahead {row['prefetch_hits']}/{row['prefetch_pages']} pages hit, overlap "
+                         + ("n/a" if row["overlap"] is None else f"{row['overlap']:.0%}"))
+        if "selections_equal" in row:
+            extra.append("selections equal" if row["selections_equal"] else "SELECTIONS DIFFER")
         if "overhead_vs_in_memory" in row:
             extra.append(f"{row['overhead_vs_in_memory']:.3f}x in-memory decode")
         if row.get("max_abs_diff"):

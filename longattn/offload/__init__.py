@@ -8,8 +8,10 @@
   page store (file format in :mod:`longattn.offload.format`; lock in
   :mod:`longattn.offload.locking`).
 
-Not yet (issue 14's next increment): sparse page fetch (Quest / Double
-Sparsity metadata resident, only selected pages read, a layer ahead).
+Sparse page fetch: ``TieredKVCache(..., selection=Quest(...) | DoubleSparsity(...))``
+keeps the method's metadata per (layer, sequence) on the device, updated at
+append time; ``attend(..., sparse=config)`` selects with it and reads only the
+disk pages holding selected positions (:mod:`longattn.offload.selection`).
 """
 
 from longattn.offload.cache import TieredKVCache

@@ -65,6 +65,44 @@ the whole part and the call is a plain non-causal one, and the newest part
 (``p1 = L``) is plain causal. So any tier split is exact, whatever tiers
 hold the last ``seqlen_q - 1`` positions.
 
+Sparse page fetch (``selection=`` and ``attend(..., sparse=cfg)``, seqlen_q 1):
+
+- Metadata: with ``selection=Quest(...)`` / ``DoubleSparsity(...)`` (or one
+  per layer) the cache keeps, per (layer, sequence), a batch-1
+  ``QuestState`` / ``DoubleSparsityState`` on ``device``
+  (:class:`longattn.offload.selection.SelectionMeta`), extended by every
+  ``append`` from the affected pages' keys while they are in memory (the
+  partial last page included: Quest's logical page size must divide
+  ``page_size``, so a logical page lies in one cache page). Selection never
+  touches disk; the metadata does not move with the pages.
+- A step: the state's ``select`` with ``q * softmax_scale`` and the step's
+  ``token_budget`` (the positions ``decode_attention(sparse=cfg,
+  state=...)`` selects on an in-memory cache of the same tokens), then
+  ``gather_decode`` per tier over only the selected positions: device and
+  host pages in place through a block table over the pool; disk pages: only
+  the cache pages holding a selected position (union over kv heads) not
+  already in the pair's fetched-pages buffer
+  (:class:`~longattn.offload.selection.FetchedPages`) are read into it, the
+  others are reused; pages not selected this step are evicted. Parts merged
+  by lse, disk then host then device; one part is bitwise
+  ``decode_attention``'s result.
+- Read-ahead: after layer ``l`` has read its own pages, the pages that layer
+  ``l + 1``'s (wrapping to 0: the next step) last query selects over its
+  current metadata, and that its buffer does not hold, are read on the
+  reader thread while layer ``l`` computes; ``attend(l + 1)`` waits for that
+  read and uses the pages (``prefetch_hits``). While a read-ahead is in
+  flight its pair's buffer belongs to the reader thread; ``append`` calls
+  that move pages, ``drop`` and ``close`` wait for every read-ahead first.
+- Reopen: ``open(..., selection=...)`` rebuilds the metadata from the keys
+  (disk pages read once, counted in ``metadata_rebuild_pages_read``).
+- ``stats()``: ``sparse_pages_read`` / ``sparse_bytes_read`` (read by steps
+  themselves), ``prefetch_pages`` / ``prefetch_bytes`` / ``prefetch_hits`` /
+  ``prefetch_unused``, ``fetched_reused`` (held from the last step),
+  ``sparse_wait_seconds`` (steps waiting for reads: their own plus
+  read-aheads not yet done), ``sparse_overlap = 1 - wait / read time``,
+  ``selected_token_bytes`` (the selected tokens' K and V per kv head: the
+  I/O amplification's denominator).
+
 Precision: the parts come back from ``decode_attention`` in the cache's
 dtype, so in float16/bfloat16 a merged result carries the rounding of each
 part plus the final one (within the tolerance rule of the tests; a single
@@ -94,6 +132,13 @@ from longattn.errors import (
 from longattn.kernels.merge import merge_states
 from longattn.offload import policy
 from longattn.offload.policy import DEVICE, DISK, HOST
+from longattn.offload.selection import (
+    FetchedPages,
+    SelectionMeta,
+    SparseFetchMixin,
+    check_selection,
+    check_step_config,
+)
 from longattn.validation import FLOAT_DTYPES, check_attention_options, check_tensor
 
 _TIER_NAMES = {DEVICE: "device", HOST: "host", DISK: "disk"}
@@ -178,7 +223,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-class TieredKVCache:
+class TieredKVCache(SparseFetchMixin):
     """A paged KV cache over device, host and disk; see the module docstring.
 
     Args:
@@ -193,6 +238,12 @@ class TieredKVCache:
         device: where the device tier lives ("cpu" on this machine).
         disk_chunk_bytes: size of the reusable buffer disk pages are read
             into, per chunk (two chunks are held for read-ahead).
+        selection: None, or a :class:`~longattn.sparse.Quest` /
+            :class:`~longattn.sparse.DoubleSparsity` config (or a list of one
+            per layer: DS channels are per layer) whose metadata the cache
+            maintains at append time for ``attend(..., sparse=...)``
+            (module docstring, "Sparse page fetch"). Quest's page_size must
+            divide ``page_size``.
 
     Example::
 
@@ -204,7 +255,7 @@ class TieredKVCache:
     def __init__(self, num_layers: int, nheads_k: int, headdim: int, dtype: torch.dtype, page_size: int,
                  device_budget_bytes: int, host_budget_bytes: int, disk_dir: str | Path | None = None,
                  device: str | torch.device = "cpu", *, disk_chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES,
-                 _store=None):
+                 selection: object | None = None, _store=None):
         _check_int("num_layers", num_layers, 1)
         _check_int("nheads_k", nheads_k, 1)
         _check_int("headdim", headdim, 1)
@@ -224,7 +275,8 @@ class TieredKVCache:
         self.page_size, self.device = page_size, device
         self.device_budget_bytes, self.host_budget_bytes = device_budget_bytes, host_budget_bytes
         self.page_shape = (2, page_size, nheads_k, headdim)
-        self.page_bytes = 2 * page_size * nheads_k * headdim * torch.empty((), dtype=dtype).element_size()
+        self._itemsize = torch.empty((), dtype=dtype).element_size()
+        self.page_bytes = 2 * page_size * nheads_k * headdim * self._itemsize
         self.cap_device = device_budget_bytes // self.page_bytes
         self.cap_host = host_budget_bytes // self.page_bytes
         pin = device.type == "cuda"
@@ -238,6 +290,17 @@ class TieredKVCache:
         self._reader: ThreadPoolExecutor | None = None
         self._io = {"bytes_read": 0, "bytes_written": 0, "read_seconds": 0.0, "write_seconds": 0.0,
                     "read_wait_seconds": 0.0, "pages_read": 0, "pages_written": 0}
+        # Sparse page fetch (module docstring, "Sparse page fetch"): per (layer, seq_id) the
+        # selection metadata, the host cache of fetched disk pages and the last scaled query.
+        self._selection = check_selection(selection, num_layers, nheads_k, headdim, page_size)
+        self._meta: dict[tuple[int, int], SelectionMeta] = {}
+        self._fetched: dict[tuple[int, int], FetchedPages] = {}
+        self._last_q: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+        self._sparse_io = {"sparse_steps": 0, "sparse_pages_read": 0, "sparse_bytes_read": 0,
+                           "sparse_read_seconds": 0.0, "selected_token_bytes": 0, "fetched_reused": 0,
+                           "prefetch_pages": 0, "prefetch_bytes": 0, "prefetch_read_seconds": 0.0,
+                           "prefetch_hits": 0, "prefetch_unused": 0, "sparse_wait_seconds": 0.0,
+                           "metadata_rebuild_pages_read": 0}
         self._closed = False
         if _store is not None:
             self._store = _store
@@ -251,19 +314,27 @@ class TieredKVCache:
 
     @classmethod
     def open(cls, disk_dir: str | Path, *, device_budget_bytes: int, host_budget_bytes: int,
-             device: str | torch.device = "cpu", disk_chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES) -> TieredKVCache:
+             device: str | torch.device = "cpu", disk_chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES,
+             selection: object | None = None) -> TieredKVCache:
         """Reopen a cache flushed (or closed) under ``disk_dir``: every
         sequence comes back from the store, its most recent pages promoted
         into the budgets (module docstring), the rest left on disk. Takes the
-        store's writer lock (a live writer elsewhere: OffloadIOError)."""
+        store's writer lock (a live writer elsewhere: OffloadIOError).
+
+        ``selection`` (as in the constructor; not stored on disk): the
+        metadata is rebuilt from the keys, which reads every disk-resident
+        page of the layers that have a selection config once, chunk by chunk
+        (counted in ``stats()["metadata_rebuild_pages_read"]``); the pages
+        promoted into memory are read anyway."""
         if not isinstance(disk_dir, (str, Path)):
             raise ArgumentError(f"disk_dir must be a path (str or pathlib.Path), got {disk_dir!r}")
         store = _disk_store_class().open(disk_dir)
         try:
             cache = cls(store.num_layers, store.nheads_k, store.headdim, store.dtype, store.page_size,
                         device_budget_bytes, host_budget_bytes, device=device, disk_chunk_bytes=disk_chunk_bytes,
-                        _store=store)
+                        selection=selection, _store=store)
             cache._load_from_store()
+            cache._rebuild_metadata()
         except BaseException:
             store.close()
             raise
@@ -306,6 +377,30 @@ class TieredKVCache:
                     data[slot].copy_(buf[i - ndisk])
                     seq.slots[i] = slot
             seq.ndisk, seq.nhost, seq.ndevice = ndisk, nhost, ndevice
+
+    def _rebuild_metadata(self) -> None:
+        """Selection metadata of every (layer, seq) from its keys, in page order:
+        memory pages from their pools, disk pages read chunk by chunk."""
+        if self._selection is None:
+            return
+        for layer, seqs in enumerate(self._layers):
+            for seq_id, seq in sorted(seqs.items()):
+                if not seq.length:
+                    continue
+                meta = self._meta_for(layer, seq_id)
+                for start in range(0, seq.npages, self._chunk_pages):
+                    stop = min(seq.npages, start + self._chunk_pages)
+                    keys = torch.empty((stop - start, *self.page_shape[1:]), dtype=self.dtype)
+                    disk = [p for p in range(start, stop) if seq.tier_of(p) == DISK]
+                    if disk:
+                        buf = torch.empty((len(disk), *self.page_shape), dtype=self.dtype)
+                        self._read(layer, [(seq_id, p) for p in disk], buf)
+                        self._sparse_io["metadata_rebuild_pages_read"] += len(disk)
+                        keys[disk[0] - start:disk[-1] + 1 - start] = buf[:, 0]
+                    for p in range(start, stop):
+                        if seq.tier_of(p) != DISK:
+                            keys[p - start] = self._pools[layer][seq.tier_of(p)].data[seq.slots[p], 0].to("cpu")
+                    meta.extend(keys, start, min(seq.length, stop * self.page_size))
 
     # --- validation ---------------------------------------------------------
 
@@ -370,7 +465,10 @@ class TieredKVCache:
             old.length += n_new
             if old.copy[first] == _CLEAN:
                 old.copy[first] = _STALE
+            self._extend_meta(layer, seq_id, page[0][None], first, old.length)
             return
+        # Pages move or change: no read-ahead may be in flight (it reads pages and tier ranges).
+        self._settle_all()
         npages = -(-(old.length + n_new) // ps)
         n_affected = npages - first
 
@@ -490,6 +588,10 @@ class TieredKVCache:
             new_seq.copy[first] = _STALE if not promoted_from_disk else _NO_COPY
         self._layers[layer][seq_id] = new_seq
         self._seq_ids.add(seq_id)
+        fetched = self._fetched.get(key)
+        if fetched is not None:  # pages from `first` on changed: their fetched copies are stale
+            fetched.evict([p for p in fetched.rows if p >= first])
+        self._extend_meta(layer, seq_id, block[:, 0], first, new_seq.length)
         if promoted_from_disk:
             # Its disk slot is freed (one commit). The move above is already
             # done: if the store refuses, the page keeps a stale copy there,
@@ -498,6 +600,18 @@ class TieredKVCache:
                 self._store.free_pages(layer, promoted_from_disk)
             except OSError:
                 new_seq.copy[first] = _STALE
+
+    def _meta_for(self, layer: int, seq_id: int) -> SelectionMeta:
+        meta = self._meta.get((layer, seq_id))
+        if meta is None:
+            meta = self._meta[(layer, seq_id)] = SelectionMeta(self._selection[layer], self.device)
+        return meta
+
+    def _extend_meta(self, layer: int, seq_id: int, k_pages: torch.Tensor, first: int, length: int) -> None:
+        """The selection metadata of (layer, seq_id) covers ``length`` tokens:
+        ``k_pages`` are the keys of cache pages ``first ..`` (module docstring)."""
+        if self._selection is not None:
+            self._meta_for(layer, seq_id).extend(k_pages, first, length)
 
     def _ntokens(self, seq: _Seq, page: int) -> int:
         return min(self.page_size, seq.length - page * self.page_size)
@@ -528,20 +642,37 @@ class TieredKVCache:
 
     def attend(self, layer: int, seq_id: int, q: torch.Tensor, *, softmax_scale: float | None = None,
                softcap: float = 0.0, return_lse: bool = False, sparse: object | None = None,
-               state: object | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               state: object | None = None, return_selection: bool = False):
         """Causal attention of ``q (1, seqlen_q, nheads, headdim)`` over the
         sequence's tokens in ``layer``, ``decode_attention``'s semantics
         (bottom-right: query ``i`` sees positions ``0 .. L - seqlen_q + i``).
 
-        Returns ``out`` like q (on the cache's device), and ``lse (1, nheads,
-        seqlen_q)`` float32 with ``return_lse``. A query that sees no key gets
-        out 0, lse -inf."""
+        ``sparse=Quest(...)`` / ``DoubleSparsity(...)`` (seqlen_q 1; the cache
+        must have been made with a matching ``selection=``, whose metadata it
+        holds: ``state`` must stay None): attention over the positions the
+        method selects, read where they live (module docstring, "Sparse page
+        fetch"); ``return_selection`` then also returns them, ``(1, nheads_k,
+        n)`` int32 (-1 = none), as ``decode_attention`` does.
+
+        Returns ``out`` like q (on the cache's device), then ``lse (1, nheads,
+        seqlen_q)`` float32 with ``return_lse``, then the selection with
+        ``return_selection``. A query that sees no key gets out 0, lse -inf."""
         self._check_open()
         layer, seq_id = self._check_layer(layer), self._check_seq_id(seq_id)
-        if sparse is not None or state is not None:
-            raise UnsupportedFeatureError(
-                f"sparse={sparse!r}, state={state!r}: sparse page fetch (Quest / DoubleSparsity) over a "
-                "TieredKVCache is not supported yet; pass sparse=None, state=None")
+        if state is not None:
+            raise ArgumentError(f"state must be None for a TieredKVCache: the cache holds the selection state "
+                                f"(metadata kept at append time), got {type(state).__name__}")
+        if return_selection is not True and return_selection is not False:
+            raise ArgumentError(f"return_selection must be a bool, got {return_selection!r}")
+        if sparse is None and return_selection:
+            raise ArgumentError("return_selection=True needs sparse=Quest(...) or DoubleSparsity(...)")
+        if sparse is not None:
+            from longattn.sparse import DoubleSparsity, Quest
+
+            if not isinstance(sparse, (Quest, DoubleSparsity)):
+                raise UnsupportedFeatureError(f"sparse= over a TieredKVCache must be a Quest or DoubleSparsity "
+                                              f"config, got {type(sparse).__name__}")
+            check_step_config(None if self._selection is None else self._selection[layer], sparse, layer)
         q = check_tensor("q", q, 4, "(1, seqlen_q, nheads, headdim)")
         if q.shape[0] != 1:
             raise ShapeError(f"q must have batch 1 (one sequence per call), got shape {tuple(q.shape)}")
@@ -561,6 +692,14 @@ class TieredKVCache:
         seq = self._layers[layer].get(seq_id)
         length = seq.length if seq is not None else 0
         seqlen_q = q.shape[1]
+        if sparse is not None:
+            if seqlen_q != 1:
+                raise UnsupportedFeatureError(
+                    f"sparse={type(sparse).__name__} decodes one query per call (seqlen_q 1), got seqlen_q "
+                    f"{seqlen_q}; run longer chunks densely (sparse=None)")
+            out, lse, selection = self._attend_sparse(layer, seq_id, seq, q, sparse, scale, softcap)
+            result = (out,) + ((lse,) if return_lse else ()) + ((selection,) if return_selection else ())
+            return result if len(result) > 1 else out
         outs, lses = [], []
 
         def attend_part(pool: torch.Tensor, slots: list[int], p0: int, p1: int, q_part: torch.Tensor):
@@ -644,8 +783,12 @@ class TieredKVCache:
         seq_id = self._check_seq_id(seq_id)
         if seq_id not in self._seq_ids:
             raise ArgumentError(f"seq_id {seq_id} is not in the cache")
+        self._settle_all()
         if self._store is not None:
             self._store.drop_sequence(seq_id)  # first: if it fails, nothing changed
+        for table in (self._meta, self._fetched, self._last_q):
+            for key in [key for key in table if key[1] == seq_id]:
+                del table[key]
         for layer, seqs in enumerate(self._layers):
             seq = seqs.pop(seq_id, None)
             if seq is None:
@@ -687,6 +830,11 @@ class TieredKVCache:
                 self.flush()
         finally:
             self._closed = True
+            try:
+                self._settle_all()
+            except Exception:
+                pass
+            self._meta, self._fetched, self._last_q = {}, {}, {}
             if self._reader is not None:
                 self._reader.shutdown(wait=True)
                 self._reader = None
@@ -735,5 +883,8 @@ class TieredKVCache:
         out["disk_copies"] = copies
         out["page_bytes"] = self.page_bytes
         out.update(self._io)
+        out.update(self._sparse_io)
+        read_s = self._sparse_io["sparse_read_seconds"] + self._sparse_io["prefetch_read_seconds"]
+        out["sparse_overlap"] = 1.0 - self._sparse_io["sparse_wait_seconds"] / read_s if read_s > 0 else None
         out["store"] = self._store.stats() if self._store is not None and not self._closed else None
         return out

@@ -426,7 +426,7 @@ def test_validation_errors(tmp_path):
         cache.attend(0, 0, q.half())
     with pytest.raises(UnsupportedFeatureError, match="sparse"):
         cache.attend(0, 0, q, sparse=object())
-    with pytest.raises(UnsupportedFeatureError, match="state"):
+    with pytest.raises(ArgumentError, match="state must be None"):  # the cache holds the selection state
         cache.attend(0, 0, q, state=object())
     with pytest.raises(ArgumentError, match="softcap"):
         cache.attend(0, 0, q, softcap=-1.0)
