@@ -36,8 +36,10 @@ spans and a recent drift along each kv head's query direction), one per layer
 (std ``STEP_NOISE``: consecutive queries correlated, selections overlapping
 partly); no tokens appended between steps. Rows:
 
-- ``<method>, all on disk (cold)``: every page on disk, the page cache
-  dropped before each step; per layer-step: the bytes read (first step:
+- ``<method>, all on disk (cold)``: every page on disk (head-major: each
+  kv head of a page is its own store page, read only if that head selected
+  a position in it), the page cache dropped before each step; per
+  layer-step: the preadv runs issued and the bytes read (first step:
   nothing held; later steps: only pages not held from the last step or read
   ahead), against dense (the whole layer's KV: target <= 1/8), the time
   against the dense-from-disk row (target >= 5x faster), the I/O
@@ -69,9 +71,10 @@ APPEND_CHUNK = 16384
 READ_CHUNK = 8 << 20
 TARGET_DISK_FRACTION = 0.60
 TARGET_HOST_OVERHEAD = 1.10
-# Sparse rows: cache pages of 16 tokens (64 KiB at Hkv=8, D=128, bf16) = Quest's logical page: a selected
-# logical page costs one 64 KiB read and nothing else (larger pages read more unselected tokens; smaller
-# ones are not allowed for Quest at P=16 and would make DS's scattered tokens cost more, smaller reads).
+# Sparse rows: cache pages of 16 tokens = Quest's logical page. The disk tier is head-major (one store page
+# per (cache page, kv head): 8 KiB at D=128, bf16), so a head's selected logical page costs one 8 KiB read of
+# that head only (amplification 1 for Quest). Granules of 32/64 tokens were measured too (fewer, larger reads,
+# more amplification); see the README's offload section / the issue 14 notes for the table.
 SPARSE_PAGE_SIZE, SPARSE_LAYERS, SPARSE_STEPS, STEP_NOISE = 16, 2, 4, 0.5
 TARGET_SPARSE_BYTES, TARGET_SPARSE_SPEEDUP = 1 / 8, 5.0
 
@@ -275,8 +278,11 @@ def _in_memory_sparse(w, cfg):
     return step
 
 
-def sparse_rows(tokens: int, seed: int, out: Path, t_dense_disk: float) -> dict[str, dict]:
-    """The sparse page fetch rows (module docstring)."""
+def sparse_rows(tokens: int, seed: int, out: Path, t_dense_disk: float, *, page_size: int = SPARSE_PAGE_SIZE,
+                methods: tuple[str, ...] = ("quest", "double sparsity")) -> dict[str, dict]:
+    """The sparse page fetch rows (module docstring); ``page_size`` is the cache page (the
+    read granule: one kv head of one page per store page), ``methods`` a subset (the
+    granule sweep)."""
     from longattn.bench.sparse_decode import make_workload
     from longattn.offload.cache import TieredKVCache
     from longattn.offload.disk import PageStore
@@ -290,7 +296,7 @@ def sparse_rows(tokens: int, seed: int, out: Path, t_dense_disk: float) -> dict[
                for _ in range(SPARSE_STEPS)]
     layer_bytes = 2 * tokens * NHEADS_K * HEADDIM * 2
     rows: dict[str, dict] = {}
-    for method in ("quest", "double sparsity"):
+    for method in methods:
         cfgs = _sparse_configs(method, workloads, budget)
         refs = [_in_memory_sparse(w, cfg) for w, cfg in zip(workloads, cfgs)]
         expected = [[refs[layer](queries[s][layer]) for layer in range(SPARSE_LAYERS)] for s in range(SPARSE_STEPS)]
@@ -319,7 +325,7 @@ def sparse_rows(tokens: int, seed: int, out: Path, t_dense_disk: float) -> dict[
         name = method
         print(f"offload: {name} rows, writing {SPARSE_LAYERS} layers ...", file=sys.stderr, flush=True)
         store_dir = out / f"store-{method.replace(' ', '-')}"
-        cache = TieredKVCache(SPARSE_LAYERS, NHEADS_K, HEADDIM, DTYPE, SPARSE_PAGE_SIZE, 0, 0, disk_dir=store_dir,
+        cache = TieredKVCache(SPARSE_LAYERS, NHEADS_K, HEADDIM, DTYPE, page_size, 0, 0, disk_dir=store_dir,
                               selection=cfgs)
         try:
             fill(cache)
@@ -349,10 +355,12 @@ def sparse_rows(tokens: int, seed: int, out: Path, t_dense_disk: float) -> dict[
             "prefetch_pages": last["prefetch_pages"], "prefetch_hits": last["prefetch_hits"],
             "prefetch_unused": last["prefetch_unused"], "fetched_reused": last["fetched_reused"],
             "wait_s": wait, "read_s": reads, "overlap": 1 - wait / reads if reads > 0 else None,
-            "selections_equal": same, "max_abs_diff": diff, "page_size": SPARSE_PAGE_SIZE, "token_budget": budget,
+            "selections_equal": same, "max_abs_diff": diff, "page_size": page_size, "token_budget": budget,
+            "preadv_runs_per_step": [(a["store"]["read_runs"] - b["store"]["read_runs"]) / SPARSE_LAYERS
+                                     for _, b, a in per_step],
         }
 
-        host = TieredKVCache(SPARSE_LAYERS, NHEADS_K, HEADDIM, DTYPE, SPARSE_PAGE_SIZE, 0, 2 * SPARSE_LAYERS
+        host = TieredKVCache(SPARSE_LAYERS, NHEADS_K, HEADDIM, DTYPE, page_size, 0, 2 * SPARSE_LAYERS
                              * layer_bytes, selection=cfgs)
         try:
             fill(host)

@@ -9,10 +9,29 @@ page lives in exactly one tier:
 - **host**: the same pool in host memory (pinned when ``device`` is a GPU),
   attended in place with the CPU kernel (the C++ twin; q is copied to the
   host, never the KV to the device);
-- **disk**: a :class:`longattn.offload.disk.PageStore` under ``disk_dir``;
-  pages are read with ``read_pages`` into a reusable host buffer, chunk by
-  chunk (the next chunk is read by a background thread while this one is
-  attended: reads release the GIL), and attended there.
+- **disk**: a :class:`longattn.offload.disk.PageStore` under ``disk_dir``,
+  stored HEAD-MAJOR (below); pages are read with ``read_pages`` into a
+  reusable host buffer, chunk by chunk (the next chunk is read by a
+  background thread while this one is attended: reads release the GIL), and
+  attended there, the kv heads as the batch of one kernel call.
+
+Head-major disk layout (why: Quest and Double Sparsity select per kv head, so
+a sparse step must be able to read one head's part of a page alone). The
+store holds ``nheads_k=1`` pages: cache page ``page_no`` of sequence
+``seq_id`` is the ``nheads_k`` store pages keyed ``(seq_id, page_no *
+nheads_k + h)`` for kv heads ``h = 0 .. nheads_k - 1``, each ``(2,
+page_size, 1, headdim)`` (K then V of that head) with the page's ntokens;
+the ``nheads_k`` store pages of a cache page are always written (and freed)
+in the same commit. Within one write batch the store pages are given to
+``write_pages`` ordered by ``(seq_id, h, page_no)``, so they take adjacent
+slots head by head: a prefill's pages of one head are one contiguous file
+region (a sparse head's span of pages is one read), and the whole batch is
+still one region (a dense read of consecutive pages stays a few large
+coalesced ``preadv`` runs). The cache's ``nheads_k`` and layout are kept in
+``<disk_dir>/tiered_kv.json`` (written by temp file + fsync + rename when
+the cache is made; :meth:`TieredKVCache.open` needs it). Checksums are per
+(page, head). ``stats()`` counts ``pages_read`` / ``pages_written`` and the
+sparse page counters in store pages (one kv head of one cache page).
 
 ``attend`` merges the partial ``(out, lse)`` of every part with
 :func:`longattn.kernels.merge.merge_states` (disk chunks oldest first, then
@@ -80,7 +99,7 @@ Sparse page fetch (``selection=`` and ``attend(..., sparse=cfg)``, seqlen_q 1):
   state=...)`` selects on an in-memory cache of the same tokens), then
   ``gather_decode`` per tier over only the selected positions: device and
   host pages in place through a block table over the pool; disk pages: only
-  the cache pages holding a selected position (union over kv heads) not
+  the (page, kv head) store pages holding a position that head selected, not
   already in the pair's fetched-pages buffer
   (:class:`~longattn.offload.selection.FetchedPages`) are read into it, the
   others are reused; pages not selected this step are evicted. Parts merged
@@ -112,7 +131,9 @@ part is bitwise the kernel's result).
 from __future__ import annotations
 
 import heapq
+import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -148,6 +169,10 @@ _TIER_NAMES = {DEVICE: "device", HOST: "host", DISK: "disk"}
 _NO_COPY, _CLEAN, _STALE = 0, 1, 2
 
 DEFAULT_DISK_CHUNK_BYTES = 64 << 20
+
+# The disk tier's side file (module docstring, "Head-major disk layout").
+LAYOUT_FILE = "tiered_kv.json"
+LAYOUT_MAGIC, LAYOUT_VERSION = "longattn-tiered-kv", 1
 
 
 def _disk_store_class():
@@ -286,7 +311,10 @@ class TieredKVCache(SparseFetchMixin):
         self._layers: list[dict[int, _Seq]] = [{} for _ in range(num_layers)]
         self._seq_ids: set[int] = set()
         self._chunk_pages = max(1, disk_chunk_bytes // self.page_bytes)
-        self._disk_buffer = torch.empty((0, *self.page_shape), dtype=dtype)  # grown when needed, reused
+        # Disk tier: store pages of one kv head (module docstring, "Head-major disk layout").
+        self.unit_shape = (2, page_size, 1, headdim)
+        self.unit_bytes = self.page_bytes // nheads_k
+        self._disk_buffer = torch.empty((0, *self.unit_shape), dtype=dtype)  # grown when needed, reused
         self._reader: ThreadPoolExecutor | None = None
         self._io = {"bytes_read": 0, "bytes_written": 0, "read_seconds": 0.0, "write_seconds": 0.0,
                     "read_wait_seconds": 0.0, "pages_read": 0, "pages_written": 0}
@@ -305,8 +333,13 @@ class TieredKVCache(SparseFetchMixin):
         if _store is not None:
             self._store = _store
         elif disk_dir is not None:
-            self._store = _disk_store_class().create(disk_dir, num_layers=num_layers, nheads_k=nheads_k,
+            self._store = _disk_store_class().create(disk_dir, num_layers=num_layers, nheads_k=1,
                                                      headdim=headdim, dtype=dtype, page_size=page_size)
+            try:
+                _write_layout(Path(disk_dir), nheads_k)
+            except BaseException:
+                self._store.close()
+                raise
         else:
             self._store = None
 
@@ -330,7 +363,8 @@ class TieredKVCache(SparseFetchMixin):
             raise ArgumentError(f"disk_dir must be a path (str or pathlib.Path), got {disk_dir!r}")
         store = _disk_store_class().open(disk_dir)
         try:
-            cache = cls(store.num_layers, store.nheads_k, store.headdim, store.dtype, store.page_size,
+            nheads_k = _read_layout(Path(disk_dir), store)
+            cache = cls(store.num_layers, nheads_k, store.headdim, store.dtype, store.page_size,
                         device_budget_bytes, host_budget_bytes, device=device, disk_chunk_bytes=disk_chunk_bytes,
                         selection=selection, _store=store)
             cache._load_from_store()
@@ -342,10 +376,19 @@ class TieredKVCache(SparseFetchMixin):
 
     def _load_from_store(self) -> None:
         store, ps = self._store, self.page_size
+        hk = self.nheads_k
         for layer in range(self.num_layers):
+            heads: dict[tuple[int, int], dict[int, int]] = {}  # (seq_id, page_no) -> {head: ntokens}
+            for (seq_id, unit), ntokens in store.pages(layer).items():
+                heads.setdefault((seq_id, unit // hk), {})[unit % hk] = ntokens
             by_seq: dict[int, dict[int, int]] = {}
-            for (seq_id, page_no), ntokens in store.pages(layer).items():
-                by_seq.setdefault(seq_id, {})[page_no] = ntokens
+            broken = []  # a cache page is all of its heads with one ntokens (one commit wrote them)
+            for (seq_id, page_no), nt in heads.items():
+                if len(nt) == hk and len(set(nt.values())) == 1:
+                    by_seq.setdefault(seq_id, {})[page_no] = nt[0]
+                else:
+                    broken += [(seq_id, page_no * hk + h) for h in nt]
+                    by_seq.setdefault(seq_id, {})
             orphans = []
             for seq_id, pages in sorted(by_seq.items()):
                 n, length = 0, 0
@@ -354,12 +397,12 @@ class TieredKVCache(SparseFetchMixin):
                     n += 1
                     if pages[n - 1] < ps:
                         break
-                orphans += [(seq_id, p) for p in pages if p >= n]
+                orphans += [(seq_id, p * hk + h) for p in pages if p >= n for h in range(hk)]
                 self._seq_ids.add(seq_id)
                 if n:
                     self._layers[layer][seq_id] = _Seq(length, n, 0, 0, [None] * n, [_CLEAN] * n)
-            if orphans:
-                store.free_pages(layer, sorted(orphans))
+            if orphans or broken:
+                store.free_pages(layer, sorted(orphans + broken))
         # Promote the most recent pages into the memory budgets.
         split = policy.initial_split({(layer, sid): s.npages for layer, seqs in enumerate(self._layers)
                                       for sid, s in seqs.items()}, self.cap_device, self.cap_host)
@@ -590,14 +633,15 @@ class TieredKVCache(SparseFetchMixin):
         self._seq_ids.add(seq_id)
         fetched = self._fetched.get(key)
         if fetched is not None:  # pages from `first` on changed: their fetched copies are stale
-            fetched.evict([p for p in fetched.rows if p >= first])
+            fetched.evict([u for u in fetched.rows if u >= first * self.nheads_k])  # keyed page * hk + h
         self._extend_meta(layer, seq_id, block[:, 0], first, new_seq.length)
         if promoted_from_disk:
             # Its disk slot is freed (one commit). The move above is already
             # done: if the store refuses, the page keeps a stale copy there,
             # harmless (replaced by the next write of that page).
             try:
-                self._store.free_pages(layer, promoted_from_disk)
+                self._store.free_pages(layer, [k_ for sid, p in promoted_from_disk
+                                               for k_ in self._store_keys(sid, [p])])
             except OSError:
                 new_seq.copy[first] = _STALE
 
@@ -624,19 +668,46 @@ class TieredKVCache(SparseFetchMixin):
             return buf[0]
         return self._pools[layer][tier].data[seq.slots[page]]
 
-    def _read(self, layer: int, keys: list, out: torch.Tensor) -> None:
+    def _store_keys(self, seq_id: int, pages) -> list[tuple[int, int]]:
+        """Store keys of ``pages`` (cache page numbers), page by page, heads inner."""
+        hk = self.nheads_k
+        return [(seq_id, p * hk + h) for p in pages for h in range(hk)]
+
+    def _read_units(self, layer: int, keys: list, out: torch.Tensor, rows: list[int] | None = None) -> float:
+        """Store pages ``keys`` into ``out (nrows, 2, page_size, 1, headdim)``; returns the seconds."""
         t0 = time.perf_counter()
-        self._store.read_pages(layer, keys, out)
-        self._io["read_seconds"] += time.perf_counter() - t0
-        self._io["bytes_read"] += len(keys) * self.page_bytes
+        self._store.read_pages(layer, keys, out, rows)
+        seconds = time.perf_counter() - t0
+        self._io["read_seconds"] += seconds
+        self._io["bytes_read"] += len(keys) * self.unit_bytes
         self._io["pages_read"] += len(keys)
+        return seconds
+
+    def _read(self, layer: int, pairs: list, out: torch.Tensor) -> None:
+        """Whole cache pages ``pairs [(seq_id, page_no)]`` into ``out (n, 2, page_size,
+        nheads_k, headdim)`` (page moves and metadata rebuilds, not attention: the heads
+        are read head-major and put back into the page layout, one copy)."""
+        hk = self.nheads_k
+        units = torch.empty((len(pairs) * hk, *self.unit_shape), dtype=self.dtype)
+        self._read_units(layer, [(sid, p * hk + h) for sid, p in pairs for h in range(hk)], units)
+        # (n * hk, 2, ps, 1, d) -> (n, 2, ps, hk, d)
+        out.copy_(units.view(len(pairs), hk, 2, self.page_size, self.headdim).permute(0, 2, 3, 1, 4))
 
     def _write(self, layer: int, items: list) -> None:
+        """Cache pages ``items [(seq_id, page_no, kv (2, page_size, nheads_k, headdim) CPU, ntokens)]``
+        as one commit of their per-head store pages, ordered (seq_id, head, page_no): adjacent slots
+        head by head (module docstring, "Head-major disk layout")."""
+        hk = self.nheads_k
+        units = []
+        for sid, page, kv, ntok in items:
+            for h in range(hk):
+                units.append(((sid, h, page), (sid, page * hk + h, kv[:, :, h:h + 1].contiguous(), ntok)))
+        units.sort(key=lambda u: u[0])
         t0 = time.perf_counter()
-        self._store.write_pages(layer, items)
+        self._store.write_pages(layer, [u for _, u in units])
         self._io["write_seconds"] += time.perf_counter() - t0
-        self._io["bytes_written"] += len(items) * self.page_bytes
-        self._io["pages_written"] += len(items)
+        self._io["bytes_written"] += len(units) * self.unit_bytes
+        self._io["pages_written"] += len(units)
 
     # --- attend -------------------------------------------------------------
 
@@ -702,15 +773,31 @@ class TieredKVCache(SparseFetchMixin):
             return result if len(result) > 1 else out
         outs, lses = [], []
 
-        def attend_part(pool: torch.Tensor, slots: list[int], p0: int, p1: int, q_part: torch.Tensor):
+        def attend_part(pool: torch.Tensor, slots: list[int], p0: int, p1: int, q_part: torch.Tensor,
+                        head_major: bool = False):
             # Positions [p0, p1) of the sequence in `pool`'s pages `slots` (module docstring's alignment).
+            # head_major: `pool` holds store pages (n * nheads_k, 2, ps, 1, d), page i's head h in row
+            # slots[i] * nheads_k + h; the kv heads become the batch (each its own block table row and
+            # its query group), so the pages are attended where they were read, without a copy.
             right = length - p1
             causal, window = (True, (-1, -1)) if right == 0 else (False, (-1, right if right < seqlen_q - 1 else -1))
-            table = torch.tensor([slots], dtype=torch.int32, device=pool.device)
-            lens = torch.tensor([p1 - p0], dtype=torch.int32, device=pool.device)
-            out, lse = decode_attention(q_part, pool[:, 0], pool[:, 1], cache_seqlens=lens, block_table=table,
+            if head_major:
+                hk = self.nheads_k
+                base = torch.tensor(slots, dtype=torch.int32, device=pool.device) * hk
+                table = base[None] + torch.arange(hk, dtype=torch.int32, device=pool.device)[:, None]
+                lens = torch.full((hk,), p1 - p0, dtype=torch.int32, device=pool.device)
+                nh = q_part.shape[2]
+                q_b = q_part[0].view(seqlen_q, hk, nh // hk, self.headdim).transpose(0, 1)  # (hk, sq, group, d)
+            else:
+                table = torch.tensor([slots], dtype=torch.int32, device=pool.device)
+                lens = torch.tensor([p1 - p0], dtype=torch.int32, device=pool.device)
+                q_b = q_part
+            out, lse = decode_attention(q_b, pool[:, 0], pool[:, 1], cache_seqlens=lens, block_table=table,
                                         softmax_scale=scale, softcap=softcap, causal=causal, window_size=window,
                                         return_lse=True)
+            if head_major:  # (hk, sq, group, d) -> (1, sq, nheads, d); lse (hk, group, sq) -> (1, nheads, sq)
+                out = out.transpose(0, 1).reshape(1, seqlen_q, -1, self.headdim)
+                lse = lse.reshape(1, -1, seqlen_q)
             outs.append(out.to(self.device))
             lses.append(lse.to(self.device))
 
@@ -737,24 +824,24 @@ class TieredKVCache(SparseFetchMixin):
         """Disk pages chunk by chunk through the reusable buffer; with more
         than one chunk, the next one is read by a background thread while
         this one is attended (two halves of the buffer)."""
-        ps, chunk = self.page_size, self._chunk_pages
+        ps, chunk, hk = self.page_size, self._chunk_pages, self.nheads_k
         npages = seq.ndisk
         starts = list(range(0, npages, chunk))
-        width = min(chunk, npages)
+        width = min(chunk, npages) * hk  # store pages per chunk
         halves = 2 if len(starts) > 1 else 1
         if self._disk_buffer.shape[0] < halves * width:
-            self._disk_buffer = torch.empty((halves * width, *self.page_shape), dtype=self.dtype)
+            self._disk_buffer = torch.empty((halves * width, *self.unit_shape), dtype=self.dtype)
         bufs = [self._disk_buffer[h * width:(h + 1) * width] for h in range(halves)]
 
         def read(i: int):
             start = starts[i]
             n = min(chunk, npages - start)
-            self._read(layer, [(seq_id, p) for p in range(start, start + n)], bufs[i % halves][:n])
+            self._read_units(layer, self._store_keys(seq_id, range(start, start + n)), bufs[i % halves][:n * hk])
             return n
 
         if halves == 1:
             read(0)
-            attend_part(bufs[0], list(range(npages)), 0, min(npages * ps, seq.length), q_host)
+            attend_part(bufs[0], list(range(npages)), 0, min(npages * ps, seq.length), q_host, True)
             return
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longattn-kv-read")
@@ -769,7 +856,7 @@ class TieredKVCache(SparseFetchMixin):
                     pending = self._reader.submit(read, i + 1)
                 # attend_part is done with bufs[i % 2] before read(i + 2) (next iteration) refills it.
                 attend_part(bufs[i % halves], list(range(n)), start * ps, min((start + n) * ps, seq.length),
-                            q_host)
+                            q_host, True)
         finally:
             if pending is not None:  # an error while attending: never leave a read filling the buffer
                 pending.exception()
@@ -888,3 +975,54 @@ class TieredKVCache(SparseFetchMixin):
         out["sparse_overlap"] = 1.0 - self._sparse_io["sparse_wait_seconds"] / read_s if read_s > 0 else None
         out["store"] = self._store.stats() if self._store is not None and not self._closed else None
         return out
+
+
+def _write_layout(directory: Path, nheads_k: int) -> None:
+    """``<directory>/tiered_kv.json``: the cache's kv heads and the store key mapping
+    (module docstring), by temp file + fsync + rename + fsync(directory)."""
+    from longattn.errors import OffloadIOError
+
+    data = json.dumps({"magic": LAYOUT_MAGIC, "version": LAYOUT_VERSION, "nheads_k": nheads_k,
+                       "layout": "head-major", "store_key": "(seq_id, page_no * nheads_k + head)"}).encode()
+    tmp, final = directory / (LAYOUT_FILE + ".tmp"), directory / LAYOUT_FILE
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise OffloadIOError(f"{final}: writing the cache layout file failed: {e.strerror or e}") from e
+
+
+def _read_layout(directory: Path, store) -> int:
+    """The cache's nheads_k from ``<directory>/tiered_kv.json`` (checked against the store)."""
+    from longattn.errors import CorruptKVError, OffloadIOError
+
+    path = directory / LAYOUT_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise OffloadIOError(f"{path}: missing: {directory} holds a PageStore but not a TieredKVCache "
+                             "(the layout file is written when the cache is made)") from None
+    except OSError as e:
+        raise OffloadIOError(f"{path}: reading failed: {e.strerror or e}") from e
+    try:
+        meta = json.loads(raw)
+        ok = (meta.get("magic") == LAYOUT_MAGIC and meta.get("version") == LAYOUT_VERSION
+              and meta.get("layout") == "head-major" and type(meta.get("nheads_k")) is int and meta["nheads_k"] >= 1)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise CorruptKVError(f"{path}: not a longattn TieredKVCache layout file (version {LAYOUT_VERSION})")
+    if store.nheads_k != 1:
+        raise CorruptKVError(f"{path}: the store holds pages of {store.nheads_k} kv heads; a TieredKVCache "
+                             "stores one kv head per store page (head-major)")
+    return meta["nheads_k"]

@@ -22,9 +22,12 @@ Guarantees:
   OffloadIOError naming the file; the failed batch is not committed and the store stays
   usable.
 
-Thread safety: one lock serializes the store's operations; ``read_pages`` does its I/O
-with ``os.preadv``, which releases the GIL, so a background thread reading pages
-overlaps with compute in another thread.
+Thread safety: one lock serializes the store's bookkeeping and its writes/commits;
+``read_pages`` holds it only to look slots up and does its I/O outside it with
+``os.preadv`` (explicit offsets on shared fds: concurrent reads are safe; the GIL is
+released), from a small thread pool when a call has several runs. A slot freed while
+a read is in flight is reused only after every read in flight has ended, so a read
+never sees a slot rewritten under it; ``close`` waits for reads in flight.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -111,6 +115,12 @@ class PageStore:
     # entries (instance attributes may override them; tests do, to compact often).
     compact_factor = 4
     compact_min_entries = 4096
+    # Reads: independent runs of one read_pages call go to up to read_threads threads (small
+    # random reads are latency-bound: several in flight overlap it); runs of at most
+    # random_run_bytes are read through a second fd advised POSIX_FADV_RANDOM (no readahead:
+    # it would inflate small random reads), larger ones through the normal fd (readahead on).
+    read_threads = 4
+    random_run_bytes = 256 << 10
 
     # ---------------------------------------------------------------- construction
     def __init__(self):  # use create() / open()
@@ -174,6 +184,7 @@ class PageStore:
             self._index = [dict() for _ in range(num_layers)]
             self._free = [[] for _ in range(num_layers)]
             self._nslots = [0] * num_layers
+            self._open_random_fds()
             self._closed = False
         except BaseException:
             self._lock.release()
@@ -216,6 +227,7 @@ class PageStore:
             self._data_fds = fds[1:]
             self._replay(jbuf, jhdr)
             fds = []  # owned by the store now
+            self._open_random_fds()
             self._closed = False
         except BaseException:
             for fd in fds:
@@ -238,12 +250,17 @@ class PageStore:
         self._journal_path = directory / JOURNAL
         self._data_paths = [directory / _layer_name(i) for i in range(hdr.num_layers)]
         self._mutex = threading.RLock()
+        self._idle = threading.Condition(self._mutex)  # notified when a read ends
+        self._readers = 0  # read_pages calls doing I/O outside the lock
+        self._deferred: list[list[int]] = [[] for _ in range(hdr.num_layers)]  # freed during reads
+        self._pool: ThreadPoolExecutor | None = None
+        self._random_fds: list[int] = []
         self._crash_counts: dict[str, int] = {}
         self._broken: str | None = None
         self._pad = bytes(self.slot_bytes - self.page_bytes)
         self._scratch = bytearray(max(1, self.slot_bytes - self.page_bytes))
         self._stats = dict(bytes_read=0, bytes_written=0, read_seconds=0.0, write_seconds=0.0,
-                           checksum_seconds=0.0, commits=0, compactions=0)
+                           checksum_seconds=0.0, commits=0, compactions=0, read_calls=0, read_runs=0)
 
     # ---------------------------------------------------------------- small helpers
     def _header(self, kind: int, layer: int, generation: int) -> bytes:
@@ -339,6 +356,24 @@ class PageStore:
                                      "nothing more can be committed (earlier pages stay readable)")
         except OSError as e:
             raise _io_error(path, "fstat", e) from e
+
+    def _open_random_fds(self) -> None:
+        """Second read-only fds on the data files, advised POSIX_FADV_RANDOM (advice is per
+        open file, so the normal fds keep readahead for large runs). Best effort: without
+        them (no posix_fadvise, an error) every read uses the normal fds."""
+        if not hasattr(os, "posix_fadvise") or self.random_run_bytes <= 0:
+            return
+        fds = []
+        try:
+            for path in self._data_paths:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fds.append(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return
+        self._random_fds = fds
 
     def _slot_offset(self, slot: int) -> int:
         return fmt.HEADER_SIZE + slot * self.slot_bytes
@@ -487,7 +522,10 @@ class PageStore:
             key = (seq, page_no)
             old = self._index[layer].pop(key, None)
             if old is not None:
-                heapq.heappush(self._free[layer], old[0])
+                if self._readers:  # a read in flight may still be reading this slot
+                    self._deferred[layer].append(old[0])
+                else:
+                    heapq.heappush(self._free[layer], old[0])
             if op == fmt.OP_PUT:
                 self._index[layer][key] = (slot, ntokens, csum)
         self._maybe_compact()
@@ -636,63 +674,135 @@ class PageStore:
                 _write_all(fd, b"".join(bytes(memoryview(b)) for b in iov)[n:], offset + n, path,
                            "writing page slots")
 
-    def read_pages(self, layer: int, keys: list[tuple[int, int]], out: torch.Tensor) -> list[int]:
+    def read_pages(self, layer: int, keys: list[tuple[int, int]], out: torch.Tensor,
+                   rows: list[int] | None = None) -> list[int]:
         """Read committed pages into ``out`` in place; returns ntokens per page.
 
-        out: contiguous CPU tensor ``(len(keys), 2, page_size, nheads_k, headdim)`` of the
-        store's dtype; ``out[i]`` receives page ``keys[i]``. Adjacent slots are read by one
-        ``os.preadv`` (GIL released); every page's xxh3_64 is verified on the same buffer.
-        A missing key -> ArgumentError; bad or missing bytes -> CorruptKVError."""
+        out: contiguous CPU tensor ``(nrows, 2, page_size, nheads_k, headdim)`` of the
+        store's dtype; page ``keys[i]`` goes to ``out[rows[i]]`` (``rows`` distinct, in
+        ``[0, nrows)``; default ``rows = range(len(keys))`` with ``nrows == len(keys)``).
+        Pages in adjacent slots are read by one ``os.preadv`` whatever their rows
+        (scatter), runs of at most ``_RUN_BYTES``; independent runs are issued from up to
+        ``read_threads`` threads at once (reads release the GIL: small random reads are
+        latency-bound, several in flight overlap their latency). Every page's xxh3_64 is
+        verified on the same buffer. A missing key -> ArgumentError; bad or missing bytes
+        -> CorruptKVError.
+
+        Concurrency: the store's lock is held only to look the slots up; the reads run
+        outside it, so reads from several threads, and commits in another thread, proceed
+        at once. A slot read here is not reused while the read lasts (slots freed by a
+        commit during reads are handed out only once no read is in flight)."""
         with self._mutex:
             self._check_open()
             layer = self._check_layer(layer)
             if not isinstance(keys, (list, tuple)):
                 raise ArgumentError(f"keys must be a list of (seq_id, page_no), got {type(keys).__name__}")
-            want = (len(keys), 2, self.page_size, self.nheads_k, self.headdim)
-            self._check_pages_tensor("out", out, want, "(len(keys), 2, page_size, nheads_k, headdim)")
+            page_shape = (2, self.page_size, self.nheads_k, self.headdim)
+            if rows is None:
+                want = (len(keys), *page_shape)
+                self._check_pages_tensor("out", out, want, "(len(keys), 2, page_size, nheads_k, headdim)")
+                rows = range(len(keys))
+            else:
+                if not isinstance(rows, (list, tuple, range)) or len(rows) != len(keys):
+                    raise ArgumentError(f"rows must be a list of len(keys)={len(keys)} row indices, got {rows!r:.80}")
+                nrows = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() >= 1 else 0
+                self._check_pages_tensor("out", out, (nrows, *page_shape), "(nrows, 2, page_size, nheads_k, headdim)")
+                if any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < nrows for r in rows) \
+                        or len(set(rows)) != len(rows):
+                    raise ArgumentError(f"rows must be distinct ints in [0, {nrows}) (out's first dimension), "
+                                        f"got {list(rows)!r:.80}")
             if not out.is_contiguous():
                 raise DeviceError("out must be a contiguous CPU tensor (pages are read into its memory)")
             index = self._index[layer]
-            found = []
+            found, ntokens = [], []
             for i, key in enumerate(keys):
                 key = self._check_key(f"keys[{i}]", key)
                 ent = index.get(key)
                 if ent is None:
                     raise ArgumentError(f"keys[{i}]: page {key} of layer {layer} is not in the store")
-                found.append((ent[0], i, key, ent))
+                found.append((ent[0], rows[i], key, ent[2]))
+                ntokens.append(ent[1])
             if not keys:
                 return []
-            rows = out.view(len(keys), -1).view(torch.uint8).numpy()  # (n, page_bytes) over out's memory
-            path, fd = self._data_paths[layer], self._data_fds[layer]
-            found.sort()
-            t_read = t_sum = 0.0
-            for i, j, nbytes in self._slot_runs([f[0] for f in found]):
-                run = found[i:j]
-                iov = []
-                for k, (_, row, _, _) in enumerate(run):
-                    iov.append(rows[row])
-                    if self._pad and k + 1 < len(run):
-                        iov.append(self._scratch)
-                t0 = time.perf_counter()
-                try:
-                    n = os.preadv(fd, iov, self._slot_offset(run[0][0]))
-                except OSError as e:
-                    raise _io_error(path, "reading page slots", e) from e
-                t1 = time.perf_counter()
-                t_read += t1 - t0
-                if n < nbytes:
-                    self._read_short_run(layer, fd, path, run, rows)
-                t1 = time.perf_counter()
-                for slot, row, key, (_, _, csum) in run:
-                    if fmt.checksum(rows[row]) != csum:
-                        raise CorruptKVError(
-                            f"{path}: checksum mismatch in layer {layer} seq {key[0]} page {key[1]} "
-                            f"(slot {slot} at byte {self._slot_offset(slot)}); the page is corrupt")
-                t_sum += time.perf_counter() - t1
-            self._stats["bytes_read"] += len(keys) * self.page_bytes
+            self._readers += 1  # from here until the reads end, freed slots are not reused
+        nruns = 0
+        try:
+            t_read, t_sum, nruns = self._read_found(layer, found, out)
+        finally:
+            with self._mutex:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._release_deferred()
+                self._stats["bytes_read"] += len(found) * self.page_bytes
+                self._stats["read_calls"] += 1
+                self._stats["read_runs"] += nruns
+                self._idle.notify_all()
+        with self._mutex:
             self._stats["read_seconds"] += t_read
             self._stats["checksum_seconds"] += t_sum
-            return [ent[1] for ent in (index[k] for k in keys)]
+        return ntokens
+
+    def _read_found(self, layer: int, found: list, out: torch.Tensor) -> tuple[float, float, int]:
+        """The reads of :meth:`read_pages` (outside the lock): ``found`` holds
+        ``(slot, row, key, checksum)``; returns (seconds in preadv, seconds verifying)
+        summed over the runs (with several threads, more than the wall time), and the
+        number of runs (preadv calls, short reads aside)."""
+        rows = out.view(out.shape[0], -1).view(torch.uint8).numpy()  # (nrows, page_bytes) over out's memory
+        path = self._data_paths[layer]
+        found.sort()
+        runs = [found[i:j] for i, j, _ in self._slot_runs([f[0] for f in found])]
+        if len(runs) == 1 or self.read_threads <= 1:
+            totals = [self._read_run(layer, path, run, rows) for run in runs]
+        else:
+            pool = self._read_pool()
+            futures = [pool.submit(self._read_run, layer, path, run, rows) for run in runs]
+            totals, error = [], None
+            for f in futures:  # every run settles before we return: none may still write into `out`
+                try:
+                    totals.append(f.result())
+                except BaseException as e:  # noqa: B036 - re-raised below, the first one in slot order
+                    error = error or e
+            if error is not None:
+                raise error
+        return sum(t for t, _ in totals), sum(c for _, c in totals), len(runs)
+
+    def _read_pool(self) -> ThreadPoolExecutor:
+        with self._mutex:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="longattn-store-read")
+            return self._pool
+
+    def _read_run(self, layer: int, path, run: list, rows) -> tuple[float, float]:
+        """One run of adjacent slots: one preadv (small runs through the fd with random-access
+        advice, no readahead), then the checksums."""
+        iov = []
+        for k, (_, row, _, _) in enumerate(run):
+            iov.append(rows[row])
+            if self._pad and k + 1 < len(run):
+                iov.append(bytearray(len(self._pad)))  # per call: runs may be read concurrently
+        nbytes = len(run) * self.page_bytes + (len(run) - 1) * len(self._pad)
+        fd = self._random_fds[layer] if nbytes <= self.random_run_bytes and self._random_fds else self._data_fds[layer]
+        t0 = time.perf_counter()
+        try:
+            n = os.preadv(fd, iov, self._slot_offset(run[0][0]))
+        except OSError as e:
+            raise _io_error(path, "reading page slots", e) from e
+        if n < nbytes:
+            self._read_short_run(layer, fd, path, run, rows)
+        t1 = time.perf_counter()
+        for slot, row, key, csum in run:
+            if fmt.checksum(rows[row]) != csum:
+                raise CorruptKVError(
+                    f"{path}: checksum mismatch in layer {layer} seq {key[0]} page {key[1]} "
+                    f"(slot {slot} at byte {self._slot_offset(slot)}); the page is corrupt")
+        return t1 - t0, time.perf_counter() - t1
+
+    def _release_deferred(self) -> None:
+        """No read in flight: slots freed meanwhile become reusable."""
+        for layer, slots in enumerate(self._deferred):
+            for s in slots:
+                heapq.heappush(self._free[layer], s)
+            slots.clear()
 
     def _read_short_run(self, layer, fd, path, run, rows) -> None:
         """A preadv came back short: read page by page; a page past EOF is a truncated file."""
@@ -762,7 +872,9 @@ class PageStore:
             self._check_open()
 
     def stats(self) -> dict:
-        """bytes_read / bytes_written (page bytes), read_seconds (preadv time only),
+        """bytes_read / bytes_written (page bytes), read_calls (read_pages calls), read_runs
+        (their preadv runs of adjacent slots),
+        read_seconds (preadv time only, summed over reader threads),
         checksum_seconds (verifying pages on read), write_seconds (slot writes, fsyncs,
         journal), commits, compactions, pages_per_layer (list of live page counts)."""
         with self._mutex:
@@ -778,13 +890,19 @@ class PageStore:
                 lock.release()
             return
         with self._mutex:
-            self._closed = True
-            for fd in [self._journal_fd, *self._data_fds]:
+            self._closed = True  # no new read starts; reads in flight finish on open fds
+            while self._readers:
+                self._idle.wait()
+            pool, self._pool = self._pool, None
+            for fd in [self._journal_fd, *self._data_fds, *self._random_fds]:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+            self._random_fds = []
             self._lock.release()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def __enter__(self) -> PageStore:
         return self

@@ -15,9 +15,19 @@ resident selection metadata and the host cache of fetched disk pages.
 - :class:`SparseFetchMixin`: the cache's sparse step, fetch and read-ahead
   methods (mixed into ``TieredKVCache``; they use its pools, store and
   counters).
-- :class:`FetchedPages`: one (layer, sequence)'s host buffer of disk pages
-  read by the last step (or read ahead for the next one), keyed by cache
-  page number; rows are reused, the buffer only grows.
+- :class:`FetchedPages`: one (layer, sequence)'s host buffer of disk store
+  pages (one kv head of one cache page each: the disk tier is head-major,
+  see the cache module) read by the last step (or read ahead for the next
+  one), keyed by store page number ``page_no * nheads_k + h``; rows are
+  reused, the buffer only grows.
+
+A step reads, per kv head, only the pages holding positions THAT head
+selected (heads select independently: the union over heads of a page would
+cover most of the context), in one ``read_pages`` call (the store coalesces
+adjacent slots and issues independent runs from several threads), and
+attends all heads in one ``gather_decode`` call with the kv heads as the
+batch (each head its own block table row into the head-major buffer and its
+query group): the same per-head arithmetic as the in-memory call, bitwise.
 
 Why Quest's logical page size must divide the cache's ``page_size``: a
 logical page ``j`` (positions ``j * P .. (j + 1) * P - 1``) then lies inside
@@ -122,9 +132,9 @@ class SelectionMeta:
 
 
 class FetchedPages:
-    """Disk pages of one (layer, sequence) held in host memory between steps:
-    ``rows[page] = row`` of ``buffer (capacity, 2, page_size, nheads_k,
-    headdim)``. A read-ahead reserves rows and fills them from the reader
+    """Disk store pages of one (layer, sequence) held in host memory between
+    steps: ``rows[unit] = row`` of ``buffer (capacity, 2, page_size, 1,
+    headdim)``, ``unit = page_no * nheads_k + h``. A read-ahead reserves rows and fills them from the reader
     thread (``pending`` holds its future); everything else runs on the
     caller's thread after the pending read is settled."""
 
@@ -136,10 +146,10 @@ class FetchedPages:
         self.prefetched: set[int] = set()  # pages read ahead and not yet used by a step
         self.pending = None  # (future, pages) of a read-ahead in flight
 
-    def reserve(self, pages: list[int]) -> list[tuple[int, int, list[int]]]:
-        """Rows for ``pages`` (none held yet), lowest free rows first, growing the
-        buffer (1.5x) when needed; returns runs ``(row0, row1, pages)`` of
-        consecutive rows (each run is one contiguous ``read_pages`` target)."""
+    def reserve(self, pages: list[int]) -> list[int]:
+        """Rows for ``pages`` (store page numbers, none held yet), lowest free rows
+        first, growing the buffer (1.5x) when needed; returns the row of each page (in
+        the order of ``pages``: one ``read_pages(..., rows=)`` target)."""
         if len(self.free) < len(pages):
             cap = self.buffer.shape[0]
             new_cap = max(cap + len(pages) - len(self.free), cap + cap // 2)
@@ -148,15 +158,11 @@ class FetchedPages:
             self.buffer = buf
             for r in range(cap, new_cap):
                 heapq.heappush(self.free, r)
-        got = sorted((heapq.heappop(self.free), p) for p in sorted(pages))
-        runs: list[tuple[int, int, list[int]]] = []
-        for row, page in got:
-            self.rows[page] = row
-            if runs and runs[-1][1] == row:
-                runs[-1] = (runs[-1][0], row + 1, runs[-1][2] + [page])
-            else:
-                runs.append((row, row + 1, [page]))
-        return runs
+        out = []
+        for page in pages:
+            row = self.rows[page] = heapq.heappop(self.free)
+            out.append(row)
+        return out
 
     def evict(self, pages) -> None:
         for p in pages:
@@ -202,11 +208,14 @@ class SparseFetchMixin:
 
         if seq.ndisk:
             in_disk = listed & (pages < seq.ndisk)
-            needed = torch.unique(pages[in_disk]).tolist() if bool(in_disk.any()) else []
+            needed = self._units(pages, in_disk)
             if needed:
                 fetched = self._fetch(layer, seq_id, needed)
-                table = torch.zeros((1, seq.npages), dtype=torch.int32)
-                table[0, needed] = torch.tensor([fetched.rows[p] for p in needed], dtype=torch.int32)
+                # kv heads as the batch: head h's block table row maps its pages to its rows
+                hk = self.nheads_k
+                table = torch.zeros((hk, seq.npages), dtype=torch.int32)
+                units = torch.tensor(needed, dtype=torch.long)
+                table[units % hk, units // hk] = torch.tensor([fetched.rows[u] for u in needed], dtype=torch.int32)
                 parts.append((torch.where(in_disk, selection, -1).cpu(), fetched.buffer, table))
         # The next layer's pages, read while this layer computes.
         self._prefetch_next(layer, seq_id)
@@ -225,8 +234,15 @@ class SparseFetchMixin:
         outs, lses = [], []
         for indices, pool, table in parts:
             q_part = q3.to(pool.device)
-            out, lse = gather_decode(q_part, pool[:, 0], pool[:, 1], indices, block_table=table,
-                                     softmax_scale=scale, softcap=softcap, check=False)
+            if table.shape[0] > 1 or pool.shape[3] != self.nheads_k:  # head-major disk part: heads as batch
+                hk = self.nheads_k
+                out, lse = gather_decode(q_part[0].view(hk, nheads // hk, self.headdim), pool[:, 0], pool[:, 1],
+                                         indices[0][:, None], block_table=table, softmax_scale=scale,
+                                         softcap=softcap, check=False)
+                out, lse = out.reshape(1, nheads, self.headdim), lse.reshape(1, nheads)
+            else:
+                out, lse = gather_decode(q_part, pool[:, 0], pool[:, 1], indices, block_table=table,
+                                         softmax_scale=scale, softcap=softcap, check=False)
             outs.append(out[:, None].to(self.device))
             lses.append(lse[..., None].to(self.device))
         if len(outs) == 1:
@@ -235,14 +251,23 @@ class SparseFetchMixin:
             out, lse = merge_states(outs, lses, check=False)
         return out, lse, selection
 
+    def _units(self, pages: torch.Tensor, mask: torch.Tensor) -> list[int]:
+        """Store pages ``page * nheads_k + h`` (ascending) holding a position kv head ``h``
+        selected: ``pages (1, nheads_k, n)`` cache page of each position, ``mask`` which count."""
+        if not bool(mask.any()):
+            return []
+        heads = torch.arange(self.nheads_k, device=pages.device).view(1, -1, 1).expand_as(pages)
+        return torch.unique(pages[mask].long() * self.nheads_k + heads[mask]).tolist()
+
     def _fetch(self, layer: int, seq_id: int, needed: list[int]) -> FetchedPages:
-        """Disk pages ``needed`` (ascending) of (layer, seq_id) in its fetched-pages
-        buffer: pages held from the last step or read ahead are used as they are,
-        the others read now; pages not needed are evicted."""
+        """Disk store pages ``needed`` (ascending ``page * nheads_k + h``) of (layer,
+        seq_id) in its fetched-pages buffer: those held from the last step or read
+        ahead are used as they are, the others read now (one ``read_pages`` call);
+        those not needed are evicted."""
         key = (layer, seq_id)
         fetched = self._fetched.get(key)
         if fetched is None:
-            fetched = self._fetched[key] = FetchedPages(self.page_shape, self.dtype)
+            fetched = self._fetched[key] = FetchedPages(self.unit_shape, self.dtype)
         io = self._sparse_io
         want = set(needed)
         io["prefetch_hits"] += len(fetched.prefetched & want)
@@ -252,11 +277,12 @@ class SparseFetchMixin:
         fetched.prefetched.clear()
         missing = [p for p in needed if p not in fetched.rows]
         t0 = time.perf_counter()
-        for row0, row1, run in fetched.reserve(missing):
-            self._read(layer, [(seq_id, p) for p in run], fetched.buffer[row0:row1])
+        if missing:
+            rows = fetched.reserve(missing)
+            self._read_units(layer, [(seq_id, u) for u in missing], fetched.buffer, rows)
         waited = time.perf_counter() - t0
         io["sparse_pages_read"] += len(missing)
-        io["sparse_bytes_read"] += len(missing) * self.page_bytes
+        io["sparse_bytes_read"] += len(missing) * self.unit_bytes
         io["sparse_read_seconds"] += waited
         io["sparse_wait_seconds"] += waited
         return fetched
@@ -277,28 +303,26 @@ class SparseFetchMixin:
         selection = self._meta[key].select(scaled, budget)
         listed = selection >= 0
         pages = torch.div(selection, self.page_size, rounding_mode="floor")
-        in_disk = listed & (pages < seq.ndisk)
-        if not bool(in_disk.any()):
+        units = self._units(pages, listed & (pages < seq.ndisk))
+        if not units:
             return
         if fetched is None:
-            fetched = self._fetched[key] = FetchedPages(self.page_shape, self.dtype)
-        missing = [p for p in torch.unique(pages[in_disk]).tolist() if p not in fetched.rows]
+            fetched = self._fetched[key] = FetchedPages(self.unit_shape, self.dtype)
+        missing = [u for u in units if u not in fetched.rows]
         if not missing:
             return
-        runs = fetched.reserve(missing)
+        rows = fetched.reserve(missing)
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longattn-kv-read")
-        fetched.pending = (self._reader.submit(self._read_runs, nxt, seq_id, fetched.buffer, runs), missing)
+        fetched.pending = (self._reader.submit(self._read_ahead, nxt, seq_id, fetched.buffer, missing, rows),
+                           missing)
 
-    def _read_runs(self, layer: int, seq_id: int, buffer: torch.Tensor, runs) -> float:
-        """Reader thread: the read-ahead's runs into ``buffer`` rows; returns the
-        seconds spent in reads (the caller's thread does the bookkeeping)."""
-        t = 0.0
-        for row0, row1, run in runs:
-            t0 = time.perf_counter()
-            self._store.read_pages(layer, [(seq_id, p) for p in run], buffer[row0:row1])
-            t += time.perf_counter() - t0
-        return t
+    def _read_ahead(self, layer: int, seq_id: int, buffer: torch.Tensor, units: list[int], rows: list[int]) -> float:
+        """Reader thread: the read-ahead's store pages into ``buffer`` rows; returns the
+        seconds spent reading (the caller's thread does the bookkeeping)."""
+        t0 = time.perf_counter()
+        self._store.read_pages(layer, [(seq_id, u) for u in units], buffer, rows)
+        return time.perf_counter() - t0
 
     def _settle(self, key: tuple[int, int]) -> None:
         """Wait for (layer, seq_id)'s read-ahead, if one is in flight (the wait
@@ -321,9 +345,9 @@ class SparseFetchMixin:
         fetched.prefetched.update(pages)
         n = len(pages)
         self._sparse_io["prefetch_pages"] += n
-        self._sparse_io["prefetch_bytes"] += n * self.page_bytes
+        self._sparse_io["prefetch_bytes"] += n * self.unit_bytes
         self._sparse_io["prefetch_read_seconds"] += seconds
-        self._io["bytes_read"] += n * self.page_bytes
+        self._io["bytes_read"] += n * self.unit_bytes
         self._io["pages_read"] += n
         self._io["read_seconds"] += seconds
 

@@ -263,6 +263,85 @@ def test_reads_batch_adjacent_slots_into_one_preadv(tmp_path, monkeypatch):
         assert st["bytes_read"] == 8 * s.page_bytes and st["commits"] == 1
 
 
+def test_read_into_rows_scatters_and_checks_rows(tmp_path):
+    """rows=: page keys[i] lands in out[rows[i]] (one preadv for adjacent slots whatever the rows);
+    bad rows -> ArgumentError naming rows."""
+    with PageStore.create(tmp_path / "s", num_layers=1, nheads_k=1, headdim=64, dtype=torch.float32,
+                          page_size=16) as s:
+        pages = [rand_page(p, (2, 16, 1, 64), torch.float32) for p in range(4)]
+        s.write_pages(0, [(0, p, pages[p], 16) for p in range(4)])
+        out = torch.zeros((6, 2, 16, 1, 64))
+        assert s.read_pages(0, [(0, 0), (0, 1), (0, 3)], out, rows=[5, 0, 2]) == [16, 16, 16]
+        assert torch.equal(out[5], pages[0]) and torch.equal(out[0], pages[1]) and torch.equal(out[2], pages[3])
+        assert torch.all(out[1] == 0) and torch.all(out[3] == 0)
+        for rows in ([0, 0], [0, 6], [0], [True, 1]):
+            with pytest.raises(ArgumentError, match="rows"):
+                s.read_pages(0, [(0, 0), (0, 1)], out, rows=rows)
+
+
+def test_concurrent_reads_while_another_thread_commits(tmp_path):
+    """4 threads read (several runs per call, so the store's read threads run too) while a
+    writer frees, rewrites and writes pages: every read returns exactly a version of the page
+    it asked for (a slot freed during a read is not reused until the read ends; checksums pass)."""
+    import threading
+
+    shape = (2, 16, 1, 64)  # 8 KiB pages: slot-aligned, no padding
+    nkeys = 24
+
+    def content(key, version):
+        return torch.full(shape, float(key * 1000 + version))
+
+    with PageStore.create(tmp_path / "s", num_layers=1, nheads_k=1, headdim=64, dtype=torch.float32,
+                          page_size=16) as s:
+        s.read_threads = 3
+        s.write_pages(0, [(0, k, content(k, 0), 16) for k in range(nkeys)])
+        stop = threading.Event()
+        errors = []
+        live = set(range(nkeys))  # keys the writer never frees: readers may always ask for them
+        stable = set(range(0, nkeys, 2))
+
+        def reader(seed):
+            rng = random.Random(seed)
+            out = torch.empty((8, *shape))
+            try:
+                while not stop.is_set():
+                    keys = rng.sample(sorted(stable), 4) + rng.sample(sorted(live - stable), 4)
+                    s.read_pages(0, [(0, k) for k in keys], out)
+                    for i, k in enumerate(keys):
+                        v = out[i].flatten()
+                        assert torch.all(v == v[0]) and int(v[0]) // 1000 == k, (k, v[0])
+            except BaseException as e:  # noqa: B036 - reported by the main thread
+                errors.append(e)
+
+        def writer():
+            try:
+                for version in range(1, 60):
+                    churn = [k for k in range(1, nkeys, 2)]
+                    s.write_pages(0, [(0, k, content(k, version), 16) for k in churn])  # copy-on-write
+                    extra = [(0, 100 + version * 10 + i) for i in range(3)]
+                    s.write_pages(0, [(0, key[1], content(key[1], 0), 16) for key in extra])
+                    s.free_pages(0, extra)  # freed slots go back to the free list (or wait for readers)
+            except BaseException as e:  # noqa: B036
+                errors.append(e)
+            finally:
+                stop.set()
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)] + [threading.Thread(target=writer)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors[0]
+        st = s.stats()
+        assert st["read_calls"] > 0 and st["commits"] == 1 + 59 * 3
+        out = torch.empty((nkeys, *shape))
+        s.read_pages(0, [(0, k) for k in range(nkeys)], out)
+        for k in range(nkeys):
+            assert torch.equal(out[k], content(k, 59 if k % 2 else 0))
+    with PageStore.open(tmp_path / "s", readonly=True) as again:  # and the index on disk agrees
+        assert sorted(again.pages(0)) == [(0, k) for k in range(nkeys)]
+
+
 def test_bad_arguments(tmp_path):
     d = new_store(tmp_path)
     with PageStore.open(d) as s:

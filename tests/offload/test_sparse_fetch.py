@@ -50,10 +50,16 @@ def _restricted_oracle(q, k, v, selection):
 
 
 def _disk_pages_of(cache, layer, seq_id, selection):
-    """Cache pages on disk that hold a selected position (union over kv heads)."""
+    """Disk store pages (one kv head of one cache page: ``page * nheads_k + h``, the
+    head-major disk layout) holding a position that head selected."""
     seq = cache._layers[layer][seq_id]
-    sel = selection[selection >= 0].long()
-    return {int(p) for p in torch.unique(sel // cache.page_size) if p < seq.ndisk}
+    hk = cache.nheads_k
+    units = set()
+    for h in range(hk):
+        sel = selection[0, h]
+        sel = sel[sel >= 0].long()
+        units |= {int(p) * hk + h for p in torch.unique(sel // cache.page_size) if p < seq.ndisk}
+    return units
 
 
 def _parts(cache, layer, seq_id, selection):
@@ -75,8 +81,8 @@ def _check_step(cache, layer, seq_id, q, k, v, cfg):
         eager_out, eager_lse, _ = _in_memory(q, k, v, cfg, backend="eager")
         assert_close_to_oracle(out, oracle_out, eager_out)
         assert_close_to_oracle(lse, oracle_lse, eager_lse, name="lse")
-    # Only cache pages holding selected positions were read (those not held already; the
-    # next layer's read-ahead is counted apart, under prefetch_*).
+    # Only the (page, kv head) store pages holding positions that head selected were read
+    # (those not held already; the next layer's read-ahead is counted apart, under prefetch_*).
     if before["store"] is not None:
         read = cache.stats()["sparse_pages_read"] - before["sparse_pages_read"]
         assert read <= len(_disk_pages_of(cache, layer, seq_id, sel))
@@ -163,7 +169,7 @@ def test_consecutive_steps_reuse_fetched_pages(tmp_path):
         s0 = cache.stats()["store"]["bytes_read"]
         sel = _check_step(cache, 0, 0, q, *kv[0], cfg)
         pages = _disk_pages_of(cache, 0, 0, sel)
-        assert cache.stats()["store"]["bytes_read"] - s0 == len(pages) * cache.page_bytes
+        assert cache.stats()["store"]["bytes_read"] - s0 == len(pages) * cache.unit_bytes
         assert cache.stats()["sparse_pages_read"] == len(pages)
         s1 = cache.stats()["store"]["bytes_read"]
         _check_step(cache, 0, 0, q, *kv[0], cfg)
@@ -258,3 +264,53 @@ def test_sparse_argument_errors(tmp_path):
     assert sel.shape[-1] == 8
     out, lse = cache.attend(1, 0, q, sparse=ds, return_lse=True)
     assert torch.all(out == 0) and torch.all(lse == -torch.inf)
+
+
+def test_sparse_step_reads_exactly_the_selected_page_heads(tmp_path):
+    """Head-major disk tier: a cold sparse step reads exactly the store pages (cache page,
+    kv head) holding a position THAT head selected, in one read_pages call, keyed
+    ``(seq_id, page * nheads_k + h)``; not the union over heads."""
+    hk, ps = 4, 4
+    for cfg in (Quest(token_budget=16, page_size=4),
+                DoubleSparsity([[0, 3], [1, 2], [5, 7], [4, 9]], token_budget=12)):
+        d = tmp_path / type(cfg).__name__
+        cache, kv = _filled(d, cfg, layers=1, tokens=96, ps=ps, hk=hk, seed=11)
+        with cache:
+            calls = []
+            real = cache._store.read_pages
+            cache._store.read_pages = lambda layer, keys, out, rows=None: calls.append(list(keys)) or real(
+                layer, keys, out, rows)
+            q = torch.randn(1, 1, 2 * hk, 16, generator=torch.Generator().manual_seed(2))
+            sel = _check_step(cache, 0, 0, q, *kv[0], cfg)
+            want = _disk_pages_of(cache, 0, 0, sel)
+            assert len(calls) == 1 and sorted(calls[0]) == sorted((0, u) for u in want)
+            union = {u // hk for u in want}
+            assert len(want) < len(union) * hk  # heads chose differently: fewer bytes than whole pages
+            assert cache.stats()["sparse_bytes_read"] == len(want) * cache.unit_bytes == len(want) * cache.page_bytes // hk
+
+
+def test_dense_read_of_consecutive_pages_is_coalesced(tmp_path, monkeypatch):
+    """Pages written in one batch take adjacent slots head by head, so a dense attend
+    of them is one preadv (up to the store's run size), all heads included."""
+    import os
+
+    hk, ps, d = 4, 16, 64  # store pages of one head: 2 * 16 * 64 * 4 B = 8 KiB, slot-aligned
+    cache = TieredKVCache(1, hk, d, torch.float32, ps, 0, 0, disk_dir=tmp_path / "kv")
+    with cache:
+        gen = torch.Generator().manual_seed(0)
+        k, v = torch.randn(20 * ps, hk, d, generator=gen), torch.randn(20 * ps, hk, d, generator=gen)
+        cache.append(0, 0, k, v)  # 20 pages x 4 heads = 80 store pages (640 KiB), one commit
+        assert cache._layers[0][0].ndisk == 20 and cache.stats()["store"]["commits"] == 1
+        calls = []
+        real = os.preadv
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
+        q = torch.randn(1, 1, 2 * hk, d, generator=gen)
+        out, lse = cache.attend(0, 0, q, return_lse=True)
+        monkeypatch.undo()
+        assert calls == [80]  # one call, one buffer per store page (no padding)
+        oracle_out, oracle_lse = attention_ref(q, k[None], v[None], causal=True)
+        eager_out, eager_lse = longattn.decode_attention(q, k[None], v[None],
+                                                         cache_seqlens=torch.tensor([k.shape[0]], dtype=torch.int32),
+                                                         return_lse=True, backend="eager")
+        assert_close_to_oracle(out, oracle_out, eager_out)
+        assert_close_to_oracle(lse, oracle_lse, eager_lse, name="lse")
