@@ -25,8 +25,11 @@ def test_offload_bench_rows_and_targets(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     rows = res["rows"]
     sparse = {f"{m}, all {where}" for m in ("quest", "double sparsity") for where in ("on disk (cold)", "in host memory")}
+    known = {f"{m}, all on disk (cold), next layer's query known" for m in ("quest", "double sparsity")}
     assert set(rows) == {"decode_attention, in-memory paged cache", "cold sequential read (yardstick)",
-                         "dense, all on disk (cold)", "dense, all in host memory", "dense, all on device"} | sparse
+                         "dense, all on disk (cold)", "dense, all in host memory", "dense, all on device"} | sparse | known
+    for name in known:  # the exact next query: every page read ahead is used
+        assert rows[name]["prefetch_hits"] == rows[name]["prefetch_pages"], rows[name]
     for name in ("dense, all on disk (cold)", "dense, all in host memory", "dense, all on device"):
         assert rows[name]["max_abs_diff"] < 2e-2, (name, rows[name]["max_abs_diff"])  # bf16 parts merged
     assert rows["dense, all on disk (cold)"]["bytes_read_per_step"] == res["kv_bytes"]

@@ -711,6 +711,49 @@ class TieredKVCache(SparseFetchMixin):
 
     # --- attend -------------------------------------------------------------
 
+    def _check_query(self, q: object) -> torch.Tensor:
+        q = check_tensor("q", q, 4, "(1, seqlen_q, nheads, headdim)")
+        if q.shape[0] != 1:
+            raise ShapeError(f"q must have batch 1 (one sequence per call), got shape {tuple(q.shape)}")
+        if q.shape[3] != self.headdim:
+            raise ShapeError(f"q has headdim {q.shape[3]} but the cache has {self.headdim}")
+        if q.shape[2] == 0 or q.shape[2] % self.nheads_k:
+            raise ShapeError(f"q has {q.shape[2]} heads, which is not a multiple of the cache's nheads_k "
+                             f"{self.nheads_k}")
+        if q.dtype != self.dtype:
+            raise DTypeError(f"q has dtype {q.dtype} but the cache holds {self.dtype}")
+        if q.device != self.device:
+            raise DeviceError(f"q is on {q.device} but the cache's device tier is on {self.device}")
+        return q
+
+    def prefetch(self, layer: int, seq_id: int, q: torch.Tensor, *, sparse: object,
+                 softmax_scale: float | None = None) -> int:
+        """Start reading, in the background, the disk pages that ``q (1, 1,
+        nheads, headdim)`` would select in ``layer`` with ``sparse`` (the same
+        config ``attend`` will get): a caller that can predict the next layer's
+        query (e.g. the current hidden state through the next layer's query
+        projection, as InfiniGen does) overlaps that layer's reads with this
+        layer's compute. The next ``attend(layer, seq_id, ...)`` waits for the
+        read and uses the pages its own selection shares with the prediction
+        (``stats()``: prefetch hits / unused). Returns the number of store pages
+        it started reading (0 when everything is held already or a read-ahead
+        for that layer is in flight). Without it, ``attend`` reads ahead the
+        next layer's pages by that layer's previous query."""
+        self._check_open()
+        layer, seq_id = self._check_layer(layer), self._check_seq_id(seq_id)
+        from longattn.sparse import DoubleSparsity, Quest
+
+        if not isinstance(sparse, (Quest, DoubleSparsity)):
+            raise ArgumentError(f"sparse must be a Quest or DoubleSparsity config, got {type(sparse).__name__}")
+        check_step_config(None if self._selection is None else self._selection[layer], sparse, layer)
+        q = self._check_query(q)
+        if q.shape[1] != 1:
+            raise ShapeError(f"prefetch takes one query (seqlen_q 1), got seqlen_q {q.shape[1]}")
+        _, _, scale, _, _ = check_attention_options(self.headdim, True, False, softmax_scale, (-1, -1), 0.0)
+        if seq_id not in self._seq_ids:
+            raise ArgumentError(f"seq_id {seq_id} is not in the cache (append to create it)")
+        return self._start_read_ahead(layer, seq_id, q[:, 0].float() * scale, sparse.token_budget)
+
     def attend(self, layer: int, seq_id: int, q: torch.Tensor, *, softmax_scale: float | None = None,
                softcap: float = 0.0, return_lse: bool = False, sparse: object | None = None,
                state: object | None = None, return_selection: bool = False):
@@ -744,18 +787,7 @@ class TieredKVCache(SparseFetchMixin):
                 raise UnsupportedFeatureError(f"sparse= over a TieredKVCache must be a Quest or DoubleSparsity "
                                               f"config, got {type(sparse).__name__}")
             check_step_config(None if self._selection is None else self._selection[layer], sparse, layer)
-        q = check_tensor("q", q, 4, "(1, seqlen_q, nheads, headdim)")
-        if q.shape[0] != 1:
-            raise ShapeError(f"q must have batch 1 (one sequence per call), got shape {tuple(q.shape)}")
-        if q.shape[3] != self.headdim:
-            raise ShapeError(f"q has headdim {q.shape[3]} but the cache has {self.headdim}")
-        if q.shape[2] == 0 or q.shape[2] % self.nheads_k:
-            raise ShapeError(f"q has {q.shape[2]} heads, which is not a multiple of the cache's nheads_k "
-                             f"{self.nheads_k}")
-        if q.dtype != self.dtype:
-            raise DTypeError(f"q has dtype {q.dtype} but the cache holds {self.dtype}")
-        if q.device != self.device:
-            raise DeviceError(f"q is on {q.device} but the cache's device tier is on {self.device}")
+        q = self._check_query(q)
         _, return_lse, scale, _, softcap = check_attention_options(self.headdim, True, return_lse, softmax_scale,
                                                                    (-1, -1), softcap)
         if seq_id not in self._seq_ids:
@@ -950,6 +982,14 @@ class TieredKVCache(SparseFetchMixin):
     @property
     def seq_ids(self) -> list[int]:
         return sorted(self._seq_ids)
+
+    def release_fetched(self) -> None:
+        """Forget the disk pages held in host memory for sparse steps (fetched by
+        the last steps or read ahead; their buffers are freed): the next sparse
+        step reads what it selects from disk again. Waits for read-aheads in flight."""
+        self._check_open()
+        self._settle_all()
+        self._fetched.clear()
 
     def stats(self) -> dict:
         """Pages and bytes per tier (a page counts in its home tier only;

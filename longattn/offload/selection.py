@@ -293,29 +293,39 @@ class SparseFetchMixin:
         metadata and that its fetched-pages buffer does not hold."""
         nxt = (layer + 1) % self.num_layers
         key = (nxt, seq_id)
-        if nxt == layer or key not in self._last_q or key not in self._meta:
+        if nxt == layer or key not in self._last_q:
             return  # one layer: the next step's pages are this step's, held already
-        seq = self._layers[nxt].get(seq_id)
-        fetched = self._fetched.get(key)
-        if seq is None or not seq.ndisk or (fetched is not None and fetched.pending is not None):
-            return
         scaled, budget = self._last_q[key]
+        self._start_read_ahead(nxt, seq_id, scaled, budget)
+
+    def _start_read_ahead(self, layer: int, seq_id: int, scaled: torch.Tensor, budget: int) -> int:
+        """Start reading, on the reader thread, the disk pages of (layer, seq_id)
+        that the scaled query ``scaled (1, nheads, headdim)`` selects and its
+        fetched-pages buffer does not hold; returns how many store pages it reads
+        (0: nothing to read, or a read-ahead is already in flight)."""
+        key = (layer, seq_id)
+        seq = self._layers[layer].get(seq_id)
+        fetched = self._fetched.get(key)
+        if (key not in self._meta or seq is None or not seq.ndisk
+                or (fetched is not None and fetched.pending is not None)):
+            return 0
         selection = self._meta[key].select(scaled, budget)
         listed = selection >= 0
         pages = torch.div(selection, self.page_size, rounding_mode="floor")
         units = self._units(pages, listed & (pages < seq.ndisk))
         if not units:
-            return
+            return 0
         if fetched is None:
             fetched = self._fetched[key] = FetchedPages(self.unit_shape, self.dtype)
         missing = [u for u in units if u not in fetched.rows]
         if not missing:
-            return
+            return 0
         rows = fetched.reserve(missing)
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longattn-kv-read")
-        fetched.pending = (self._reader.submit(self._read_ahead, nxt, seq_id, fetched.buffer, missing, rows),
+        fetched.pending = (self._reader.submit(self._read_ahead, layer, seq_id, fetched.buffer, missing, rows),
                            missing)
+        return len(missing)
 
     def _read_ahead(self, layer: int, seq_id: int, buffer: torch.Tensor, units: list[int], rows: list[int]) -> float:
         """Reader thread: the read-ahead's store pages into ``buffer`` rows; returns the

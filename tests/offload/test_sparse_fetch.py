@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import longattn
-from longattn.errors import ArgumentError, UnsupportedFeatureError
+from longattn.errors import ArgumentError, ShapeError, UnsupportedFeatureError
 from longattn.offload.cache import TieredKVCache
 from longattn.reference import attention_ref
 from longattn.sparse import DoubleSparsity, DoubleSparsityState, Quest, QuestState
@@ -205,6 +205,36 @@ def test_read_ahead_fetches_next_layer(tmp_path):
         assert wanted and after["prefetch_hits"] - before["prefetch_hits"] == len(wanted)
         assert after["sparse_pages_read"] == before["sparse_pages_read"]  # attend(1) read nothing itself
         assert after["prefetch_pages"] == len(wanted) and 0 <= after["sparse_overlap"] <= 1
+
+
+def test_prefetch_with_the_next_query_makes_attend_read_nothing(tmp_path):
+    """A caller that knows (or predicts) layer 1's query calls prefetch(1, q)
+    before attend(0): layer 1's selected disk pages are read in the background,
+    attend(1) finds all of them (hits) and reads nothing itself; the output is
+    unchanged. A wrong prediction only costs unused pages; bad calls are named."""
+    cfg = Quest(token_budget=32, page_size=4)
+    cache, kv = _filled(tmp_path / "kv", cfg, tokens=160)  # every page on disk
+    gen = torch.Generator().manual_seed(4)
+    with cache:
+        q0, q1, wrong = (torch.randn(1, 1, 4, 16, generator=gen) for _ in range(3))
+        started = cache.prefetch(1, 0, q1, sparse=cfg)
+        assert started > 0
+        _check_step(cache, 0, 0, q0, *kv[0], cfg)
+        before = cache.stats()
+        sel = _check_step(cache, 1, 0, q1, *kv[1], cfg)
+        after = cache.stats()
+        wanted = _disk_pages_of(cache, 1, 0, sel)
+        assert len(wanted) == started and after["prefetch_hits"] - before["prefetch_hits"] == started
+        assert after["sparse_pages_read"] == before["sparse_pages_read"]
+        assert cache.prefetch(1, 0, q1, sparse=cfg) == 0  # everything held already
+        assert cache.prefetch(0, 0, wrong, sparse=cfg) >= 0
+        _check_step(cache, 0, 0, q0, *kv[0], cfg)  # a wrong prediction: still the right output
+        with pytest.raises(ArgumentError, match="sparse"):
+            cache.prefetch(0, 0, q0, sparse=None)
+        with pytest.raises(ShapeError, match="seqlen_q"):
+            cache.prefetch(0, 0, torch.zeros(1, 2, 4, 16), sparse=cfg)
+        with pytest.raises(ArgumentError, match="seq_id"):
+            cache.prefetch(0, 7, q0, sparse=cfg)
 
 
 def test_metadata_survives_demotion_and_reopen(tmp_path):
