@@ -330,6 +330,7 @@ class TieredKVCache(SparseFetchMixin):
                            "prefetch_hits": 0, "prefetch_unused": 0, "sparse_wait_seconds": 0.0,
                            "metadata_rebuild_pages_read": 0}
         self._closed = False
+        self.readonly = False  # set by open(readonly=True)
         if _store is not None:
             self._store = _store
         elif disk_dir is not None:
@@ -348,11 +349,17 @@ class TieredKVCache(SparseFetchMixin):
     @classmethod
     def open(cls, disk_dir: str | Path, *, device_budget_bytes: int, host_budget_bytes: int,
              device: str | torch.device = "cpu", disk_chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES,
-             selection: object | None = None) -> TieredKVCache:
+             selection: object | None = None, readonly: bool = False) -> TieredKVCache:
         """Reopen a cache flushed (or closed) under ``disk_dir``: every
         sequence comes back from the store, its most recent pages promoted
         into the budgets (module docstring), the rest left on disk. Takes the
         store's writer lock (a live writer elsewhere: OffloadIOError).
+
+        ``readonly=True`` takes a shared lock instead: any number of processes
+        can open a closed cache read-only at once (a live writer still refuses
+        them), ``attend``/``prefetch`` work, and ``append``, ``drop`` and
+        ``flush`` raise ArgumentError; nothing on disk changes (pages a crash
+        left past a sequence's committed prefix are ignored, not freed).
 
         ``selection`` (as in the constructor; not stored on disk): the
         metadata is rebuilt from the keys, which reads every disk-resident
@@ -361,12 +368,15 @@ class TieredKVCache(SparseFetchMixin):
         promoted into memory are read anyway."""
         if not isinstance(disk_dir, (str, Path)):
             raise ArgumentError(f"disk_dir must be a path (str or pathlib.Path), got {disk_dir!r}")
-        store = _disk_store_class().open(disk_dir)
+        if readonly is not True and readonly is not False:
+            raise ArgumentError(f"readonly must be a bool, got {readonly!r}")
+        store = _disk_store_class().open(disk_dir, readonly=readonly)
         try:
             nheads_k = _read_layout(Path(disk_dir), store)
             cache = cls(store.num_layers, nheads_k, store.headdim, store.dtype, store.page_size,
                         device_budget_bytes, host_budget_bytes, device=device, disk_chunk_bytes=disk_chunk_bytes,
                         selection=selection, _store=store)
+            cache.readonly = readonly
             cache._load_from_store()
             cache._rebuild_metadata()
         except BaseException:
@@ -401,7 +411,7 @@ class TieredKVCache(SparseFetchMixin):
                 self._seq_ids.add(seq_id)
                 if n:
                     self._layers[layer][seq_id] = _Seq(length, n, 0, 0, [None] * n, [_CLEAN] * n)
-            if orphans or broken:
+            if (orphans or broken) and not self.readonly:
                 store.free_pages(layer, sorted(orphans + broken))
         # Promote the most recent pages into the memory budgets.
         split = policy.initial_split({(layer, sid): s.npages for layer, seqs in enumerate(self._layers)
@@ -451,6 +461,12 @@ class TieredKVCache(SparseFetchMixin):
         if self._closed:
             raise ArgumentError("this TieredKVCache is closed; reopen it with TieredKVCache.open(disk_dir, ...)")
 
+    def _check_writable(self, what: str) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ArgumentError(f"{what}: this TieredKVCache was opened read-only (TieredKVCache.open(..., "
+                                "readonly=True)); reopen it without readonly to change it")
+
     def _check_layer(self, layer: object) -> int:
         if type(layer) is not int or not 0 <= layer < self.num_layers:
             raise ArgumentError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
@@ -482,7 +498,7 @@ class TieredKVCache(SparseFetchMixin):
         batch dimension of 1) to sequence ``seq_id`` of ``layer`` (created by
         its first append), then demote pages until the budgets hold. All or
         nothing: a call that raises leaves the cache as it was."""
-        self._check_open()
+        self._check_writable("append")
         layer, seq_id = self._check_layer(layer), self._check_seq_id(seq_id)
         k, v = self._check_kv("k", k), self._check_kv("v", v)
         if v.shape != k.shape:
@@ -898,7 +914,7 @@ class TieredKVCache(SparseFetchMixin):
     def drop(self, seq_id: int) -> None:
         """Free every page of ``seq_id`` in every layer and tier (the store:
         one commit). Unknown ``seq_id``: ArgumentError."""
-        self._check_open()
+        self._check_writable("drop")
         seq_id = self._check_seq_id(seq_id)
         if seq_id not in self._seq_ids:
             raise ArgumentError(f"seq_id {seq_id} is not in the cache")
@@ -921,7 +937,7 @@ class TieredKVCache(SparseFetchMixin):
         """Make the cache durable: every page without a current copy in the
         store is written there as a checkpoint copy (one commit per layer),
         then the store syncs. Needs a disk tier."""
-        self._check_open()
+        self._check_writable("flush")
         if self._store is None:
             raise UnsupportedFeatureError("flush() needs a disk tier; this cache was made with disk_dir=None")
         for layer, seqs in enumerate(self._layers):
@@ -945,7 +961,7 @@ class TieredKVCache(SparseFetchMixin):
         if self._closed:
             return
         try:
-            if self._store is not None:
+            if self._store is not None and not self.readonly:
                 self.flush()
         finally:
             self._closed = True

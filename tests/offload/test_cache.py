@@ -461,3 +461,60 @@ def test_demotions_of_several_sequences_are_one_commit(tmp_path):
     assert sorted(cache._store.pages(0)) == [(0, 0), (1, 0)]
     assert [cache._layers[0][sid].counts() for sid in (0, 1, 2)] == [[1, 2, 0], [1, 2, 0], [0, 2, 0]]
     cache.close()
+
+
+_READER = r"""
+import sys, torch
+from longattn.errors import OffloadIOError
+from longattn.offload.cache import TieredKVCache
+disk, q_path = sys.argv[1], sys.argv[2]
+try:
+    with TieredKVCache.open(disk, device_budget_bytes=0, host_budget_bytes=0, readonly=True) as cache:
+        torch.save(cache.attend(0, 3, torch.load(q_path)), q_path + ".out")
+    print("READ OK")
+except OffloadIOError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def _reader_process(disk, q_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _READER, str(disk), str(q_path)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_readonly_opens_share_a_closed_cache_and_a_live_writer_refuses_them(tmp_path):
+    """Another process opens a closed cache read-only while this one has it
+    open read-only (both attend: same bits); a writer is refused meanwhile; a
+    read-only cache refuses changes and writes nothing on close; once a writer
+    holds the cache, a read-only open from another process is refused by name."""
+    hk, d, ps, dtype = 2, 16, 4, torch.float32
+    gen = torch.Generator().manual_seed(8)
+    disk = tmp_path / "kv"
+    k, v = _tokens(gen, 30, hk, d, dtype)
+    with TieredKVCache(1, hk, d, dtype, ps, 0, 0, disk_dir=disk) as cache:
+        cache.append(0, 3, k, v)
+    q = torch.randn(1, 1, 4, d, generator=gen)
+    torch.save(q, tmp_path / "q.pt")
+    journal = (disk / "journal").read_bytes()
+    reader = TieredKVCache.open(disk, device_budget_bytes=0, host_budget_bytes=0, readonly=True)
+    assert reader.readonly
+    assert _reader_process(disk, tmp_path / "q.pt") == "READ OK"  # a second reader, another process
+    mine = reader.attend(0, 3, q)
+    assert torch.equal(mine, torch.load(str(tmp_path / "q.pt") + ".out"))
+    assert torch.equal(mine, _contiguous(q, k, v)[0])
+    with pytest.raises(OffloadIOError, match="lock"):
+        TieredKVCache.open(disk, device_budget_bytes=0, host_budget_bytes=0)
+    for change in (lambda: reader.append(0, 3, k[:1], v[:1]), lambda: reader.drop(3), reader.flush):
+        with pytest.raises(ArgumentError, match="read-only"):
+            change()
+    reader.close()
+    assert (disk / "journal").read_bytes() == journal  # nothing written by the readers
+    with TieredKVCache.open(disk, device_budget_bytes=0, host_budget_bytes=0) as writer:
+        verdict = _reader_process(disk, tmp_path / "q.pt")
+        assert verdict.startswith("REFUSED") and "lock" in verdict, verdict
+        writer.append(0, 3, k[:2], v[:2])
+    with pytest.raises(ArgumentError, match="readonly"):
+        TieredKVCache.open(disk, device_budget_bytes=0, host_budget_bytes=0, readonly="yes")
