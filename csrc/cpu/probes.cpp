@@ -1,0 +1,183 @@
+// Machine-limit probes: the yardsticks the benchmarks divide by.
+//
+// longattn_fma_peak_gflops: the fp32 FMA peak of `threads` cores, a loop that keeps
+//   every FMA pipe busy from registers alone (no loads, no stores).
+// longattn_stream_read_gbs / longattn_stream_read_sum: the read bandwidth of a
+//   multi-threaded streaming pass over a buffer (each thread one contiguous
+//   slice), the fair limit for memory-bound kernels such as decode.
+//
+// Built like the other kernels (longattn/kernels/support/cpp_build.py) for
+// the highest ISA level this CPU has; the loops use the widest vectors that
+// build allows (simd.h's Isa: 16 lanes with AVX-512, 8 with AVX2+FMA), else
+// plain scalar multiply-adds. longattn_probes_lanes says which.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+
+#include "simd.h"
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Independent FMA chains per thread. An FMA has a latency of ~4 cycles and
+// cores issue up to 2 per cycle, so at least 8 chains are needed to keep the
+// pipes full; 12 leave headroom and fit AVX2's 16 registers with the two
+// constants.
+constexpr int kChains = 12;
+// FMAs per chain between clock reads: long enough that the clock costs
+// nothing, short enough (~1 ms) to stop close to the requested time.
+constexpr int64_t kInner = 1 << 16;
+
+#ifdef LONGATTN_AVX2
+// One thread's register-only loop; returns the FMAs it ran. acc = acc * a + b
+// with |a| < 1 converges to b / (1 - a): finite for any run length. The
+// result is folded into *sink so the compiler must keep every chain.
+int64_t fma_loop(double seconds, volatile float* sink) {
+  using V = Isa;
+  typename V::vec acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = V::set1(0.001f * static_cast<float>(c));
+  const typename V::vec a = V::set1(0.999999f), b = V::set1(1e-7f);
+  int64_t fmas = 0;
+  const double stop = now_s() + seconds;
+  do {
+    for (int64_t i = 0; i < kInner; ++i) {
+      // Fully unrolled by the compiler (kChains is a constant): kChains
+      // independent FMAs per iteration, all operands in registers.
+      for (int c = 0; c < kChains; ++c) acc[c] = V::fma(acc[c], a, b);
+    }
+    fmas += kInner * kChains * V::W;
+  } while (now_s() < stop);
+  typename V::vec total = acc[0];
+  for (int c = 1; c < kChains; ++c) total = V::add(total, acc[c]);
+  *sink = hsum(V::fold8(total));
+  return fmas;
+}
+#else
+int64_t fma_loop(double seconds, volatile float* sink) {
+  float acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = 0.001f * static_cast<float>(c);
+  const float a = 0.999999f, b = 1e-7f;
+  int64_t fmas = 0;
+  const double stop = now_s() + seconds;
+  do {
+    for (int64_t i = 0; i < kInner; ++i) {
+      for (int c = 0; c < kChains; ++c) acc[c] = acc[c] * a + b;
+    }
+    fmas += kInner * kChains;
+  } while (now_s() < stop);
+  float total = 0.0f;
+  for (int c = 0; c < kChains; ++c) total += acc[c];
+  *sink = total;
+  return fmas;
+}
+#endif
+
+// Floats summed in float accumulators before the partial goes into a double
+// (64 KiB): keeps the sum accurate over GiBs at no measurable cost.
+constexpr int64_t kBlock = 16384;
+
+// Sum of data[begin, end) read once, front to back.
+double read_slice(const float* data, int64_t begin, int64_t end) {
+  double sum = 0.0;
+  int64_t i = begin;
+#ifdef LONGATTN_AVX2
+  using V = Isa;
+  constexpr int U = 4;  // independent accumulators: the adds never wait on each other
+  while (end - i >= U * V::W) {
+    const int64_t block_end = std::min(end, i + kBlock);
+    typename V::vec acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = V::zero();
+    for (; block_end - i >= U * V::W; i += U * V::W) {
+      for (int u = 0; u < U; ++u) acc[u] = V::add(acc[u], V::load(data + i + u * V::W));
+    }
+    sum += static_cast<double>(hsum(V::fold8(V::add(V::add(acc[0], acc[1]), V::add(acc[2], acc[3])))));
+  }
+#endif
+  float tail = 0.0f;
+  for (; i < end; ++i) tail += data[i];
+  return sum + tail;
+}
+
+// One timed pass (seconds) over data[0, n) by `threads` threads; *sum gets its sum.
+double read_pass(const float* data, int64_t n, int threads, double* sum) {
+  double total = 0.0;
+  const double start = now_s();
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
+    // Contiguous slices, boundaries on 64-byte (16-float) lines so no cache
+    // line is split between two threads.
+    const int64_t per = (n / team + 15) / 16 * 16;
+    const int64_t begin = std::min(n, t * per), end = t + 1 == team ? n : std::min(n, begin + per);
+    total += read_slice(data, begin, end);
+  }
+  const double elapsed = now_s() - start;
+  *sum = total;
+  return elapsed;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Vector lanes the probes use: 16 (AVX-512), 8 (AVX2+FMA) or 1 (scalar).
+int longattn_probes_lanes() {
+#ifdef LONGATTN_AVX2
+  return Isa::W;
+#else
+  return 1;
+#endif
+}
+
+// fp32 FMA peak in GFLOP/s (2 flops per lane per FMA) of `threads` threads,
+// each running the register-only loop for about `seconds`. Returns -1 for
+// threads < 1 or seconds not in (0, 3600].
+double longattn_fma_peak_gflops(int threads, double seconds) {
+  if (threads < 1 || !(seconds > 0.0 && seconds <= 3600.0)) return -1.0;
+  int64_t fmas = 0;
+  volatile float sink = 0.0f;
+  const double start = now_s();
+#pragma omp parallel num_threads(threads) reduction(+ : fmas)
+  {
+    volatile float mine = 0.0f;
+    fmas += fma_loop(seconds, &mine);
+#pragma omp atomic
+    sink += mine;  // the chains' value escapes: nothing can be dropped
+  }
+  const double elapsed = now_s() - start;  // wall time of the team, the slowest thread included
+  return 2.0 * static_cast<double>(fmas) / elapsed * 1e-9;
+}
+
+// Read bandwidth in GB/s (1e9 bytes/s): the best of `repeats` passes over
+// data[0, n) (float32, any alignment) by `threads` threads, each reading a
+// contiguous slice. *sum (if not null) gets the data's sum (double-accumulated
+// per 64 KiB block): proof that every element was read. Returns -1 for
+// n < 1, threads < 1 or repeats < 1.
+double longattn_stream_read_sum(const float* data, long long n, int threads, int repeats, double* sum) {
+  if (data == nullptr || n < 1 || threads < 1 || repeats < 1) return -1.0;
+  double best = 0.0, total = 0.0;
+  for (int r = 0; r < repeats; ++r) {
+    const double elapsed = read_pass(data, n, threads, &total);
+    // The best pass is the limit: a slower one was disturbed (other processes
+    // on the shared cores, page-table warm-up), never faster than memory.
+    best = std::max(best, static_cast<double>(n) * sizeof(float) / std::max(elapsed, 1e-9) * 1e-9);
+  }
+  if (sum != nullptr) *sum = total;
+  return best;
+}
+
+double longattn_stream_read_gbs(const float* data, long long n, int threads, int repeats) {
+  double sum = 0.0;
+  const double gbs = longattn_stream_read_sum(data, n, threads, repeats, &sum);
+  volatile double keep = sum;  // the sum escapes: the reads cannot be optimized away
+  (void)keep;
+  return gbs;
+}
+
+}  // extern "C"

@@ -1,0 +1,117 @@
+"""The machine-limit probes (csrc/cpu/probes.cpp): sane figures, data really
+read, bad arguments named, and no compiler reported rather than raised."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longattn.errors import ArgumentError, DTypeError, ShapeError
+from longattn.kernels.support import cpp_build, probes
+
+REASON = cpp_build.unavailable_reason(probes.SOURCE)
+needs_library = pytest.mark.skipif(REASON is not None, reason=f"probes.cpp does not build here: {REASON}")
+ISAS = {"avx512", "avx2", "scalar"}
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_fma_peak_is_a_sane_positive_figure(threads):
+    probe = probes.fma_peak_gflops(threads=threads, seconds=0.02)
+    assert probe.reason is None and probe.isa in ISAS
+    assert probe.threads == (cpp_build.kernel_threads() if threads is None else threads)
+    # >= 1 GFLOP/s even scalar on a loaded core; no CPU core reaches 1 TFLOP/s fp32 by itself.
+    assert math.isfinite(probe.value) and 1.0 <= probe.value <= 1000.0 * probe.threads
+
+
+@needs_library
+def test_fma_peak_uses_the_builds_widest_vectors():
+    features = cpp_build.build_plan(probes.SOURCE).features
+    expected = "avx512" if "avx512f" in features else "avx2" if {"avx2", "fma"} <= features else "scalar"
+    assert probes.fma_peak_gflops(threads=1, seconds=0.01).isa == expected
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_stream_read_is_a_sane_positive_figure(threads):
+    probe = probes.stream_read_gbs(gib=1 / 64, threads=threads, repeats=2)
+    assert probe.reason is None and probe.isa in ISAS
+    assert math.isfinite(probe.value) and 1.0 <= probe.value <= 10_000.0
+
+
+@needs_library
+@pytest.mark.parametrize("n", [1, 7, 63, 64, 65, 1000, 16384 * 3 + 5])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_stream_read_sums_every_element(n, threads):
+    # Small integers: every partial sum is exact in float32, so the sum is
+    # exactly the float64 one -- whatever the slicing, vector width and tail.
+    data = torch.randint(-8, 9, (n,)).float()
+    _, total = probes.read_tensor(data, threads=threads)
+    assert total == data.double().sum().item()
+
+
+@needs_library
+def test_stream_read_sum_matches_on_random_data():
+    data = torch.rand(1_000_003, generator=torch.Generator().manual_seed(0))
+    _, total = probes.read_tensor(data, threads=2, repeats=2)
+    assert total == pytest.approx(data.double().sum().item(), rel=1e-6)
+
+
+@needs_library
+@pytest.mark.parametrize("where", [0, 123_457, 500_016, 1_000_002])
+def test_a_planted_nan_shows_up_wherever_it_is(where):
+    # Each position is in another part of the pass (first slice, mid slice,
+    # second thread's slice, the scalar tail): a skipped read would miss it.
+    data = torch.ones(1_000_003)
+    data[where] = float("nan")
+    _, total = probes.read_tensor(data, threads=2)
+    assert math.isnan(total)
+
+
+@pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
+def test_bad_threads_are_named(threads):
+    for call in (lambda: probes.fma_peak_gflops(threads=threads), lambda: probes.stream_read_gbs(threads=threads)):
+        with pytest.raises(ArgumentError, match="threads"):
+            call()
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0, float("nan"), float("inf"), 1e6, None, "0.1", True])
+def test_bad_seconds_are_named(seconds):
+    with pytest.raises(ArgumentError, match="seconds"):
+        probes.fma_peak_gflops(seconds=seconds)
+
+
+@pytest.mark.parametrize("gib", [0, -0.5, float("nan"), float("inf"), 1e4, None, False])
+def test_bad_gib_is_named(gib):
+    with pytest.raises(ArgumentError, match="gib"):
+        probes.stream_read_gbs(gib=gib)
+
+
+@pytest.mark.parametrize("repeats", [0, -3, 2.0, None, True])
+def test_bad_repeats_are_named(repeats):
+    with pytest.raises(ArgumentError, match="repeats"):
+        probes.stream_read_gbs(gib=1 / 1024, repeats=repeats)
+
+
+@pytest.mark.parametrize("data, error", [
+    (torch.ones(8, dtype=torch.float64), DTypeError),
+    (torch.ones(2, 8), ShapeError),
+    (torch.ones(16)[::2], ShapeError),
+    (torch.ones(0), ShapeError),
+    ([1.0, 2.0], ArgumentError),
+])
+def test_bad_data_is_named(data, error):
+    with pytest.raises(error, match="data"):
+        probes.read_tensor(data)
+
+
+def test_no_compiler_gives_a_reason_not_an_error(monkeypatch):
+    def unavailable():
+        raise cpp_build.BuildError("no C++ compiler on PATH (test)")
+
+    monkeypatch.setattr(probes, "_library", unavailable)
+    for probe in (probes.fma_peak_gflops(threads=1, seconds=0.01), probes.stream_read_gbs(gib=1 / 1024, threads=1)):
+        assert probe.value is None and probe.isa is None and probe.threads == 1
+        assert probe.reason == "no C++ compiler on PATH (test)"
