@@ -8,6 +8,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from longattn.cli import main
 
 
@@ -50,6 +52,13 @@ def test_quick_bench_writes_checked_results(tmp_path, capsys):
             timed += 1
             assert record["times_s"] and all(t > 0 for t in record["times_s"]), name
             assert math.isfinite(record["max_error"]) and record["max_error"] <= 1e-4, (name, record["max_error"])
+            # GFLOP/s is exactly the causal FLOP count over the median time, and a fraction of the measured peak
+            seqlen, d, h = case["params"]["seqlen_q"], case["params"]["headdim"], case["params"]["nheads"]
+            assert case["flops"] == 4.0 * d * h * seqlen * (seqlen + 1) / 2
+            assert record["gflops"] == pytest.approx(case["flops"] / (record["median_ms"] * 1e-3) / 1e9)
+            peak = results["machine"]["fma_peak"]
+            if peak.get("gflops"):
+                assert record["peak_fraction"] == pytest.approx(record["gflops"] / peak["gflops"])
     assert timed >= 3 * len(results["cases"])  # longattn, eager twin, sdpa at least
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "times.png").stat().st_size > 0

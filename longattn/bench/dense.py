@@ -127,7 +127,15 @@ def dense_scenario(seqlen: int) -> Scenario:
         baseline="sdpa",
         reference=dense_reference,
         targets=(TARGET,) if seqlen == TARGET_SEQLEN else (),
+        flops=lambda inputs: causal_flops(BATCH, NHEADS, seqlen, HEADDIM),
     )
+
+
+def causal_flops(batch: int, nheads: int, seqlen: int, headdim: int) -> float:
+    """FLOPs of exact causal attention: per visible (query, key) pair and head,
+    a ``headdim``-long dot product (QK^T) and axpy (PV), 2 FLOPs per element each."""
+    pairs = seqlen * (seqlen + 1) / 2
+    return 4.0 * headdim * pairs * nheads * batch
 
 
 DENSE = register_group(

@@ -59,3 +59,17 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
         data.sum()
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
+
+
+def measure_fma_peak(seconds: float = 0.3) -> dict[str, object]:
+    """The machine's fp32 FMA peak over the kernels' threads (a register-only
+    loop in the C++ probes library, :mod:`longattn.kernels.support.probes`):
+    ``{"gflops", "isa", "threads"}``, or ``{"gflops": None, "reason"}`` when the
+    library cannot be built here. Compute-bound cases report their GFLOP/s as a
+    fraction of it."""
+    from longattn.kernels.support.probes import fma_peak_gflops
+
+    probe = fma_peak_gflops(seconds=seconds)
+    if probe.value is None:
+        return {"gflops": None, "reason": probe.reason}
+    return {"gflops": probe.value, "isa": probe.isa, "threads": probe.threads}

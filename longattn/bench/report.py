@@ -85,8 +85,10 @@ def write_plot(results: dict[str, Any], path: str) -> None:
 def format_table(results: dict[str, Any]) -> str:
     """The results as an aligned text table, then targets and files."""
     memory_bound = any(case.get("bytes_read") for case in results["cases"])
+    compute_bound = any(case.get("flops") for case in results["cases"])
     header = ["scenario", "method", "median ms", "min ms", "runs", "ratio"]
     header += ["GB/s", "% of bw"] if memory_bound else []
+    header += ["GFLOP/s", "% of peak"] if compute_bound else []
     header += ["max error", "error vs", "note"]
     rows = []
     for case in results["cases"]:
@@ -104,6 +106,11 @@ def format_table(results: dict[str, Any]) -> str:
                 row += [
                     "" if rec.get("gbps") is None else f"{rec['gbps']:.1f}",
                     "" if rec.get("bandwidth_fraction") is None else f"{100 * rec['bandwidth_fraction']:.0f}%",
+                ]
+            if compute_bound:
+                row += [
+                    "" if rec.get("gflops") is None else f"{rec['gflops']:.0f}",
+                    "" if rec.get("peak_fraction") is None else f"{100 * rec['peak_fraction']:.0f}%",
                 ]
             row += [
                 "" if rec["max_error"] is None else f"{rec['max_error']:.1e}",
@@ -127,6 +134,13 @@ def format_table(results: dict[str, Any]) -> str:
         f"{machine['cpu_model']}, torch {machine['torch']}, {machine['torch_threads']} threads; "
         f"{_rounds(settings)}; ratio = median / baseline's median",
     ]
+    peak = machine.get("fma_peak")
+    if peak:
+        out.append(
+            f"fp32 FMA peak measured in this run (register-only loop, {peak.get('threads')} threads, "
+            f"{peak.get('isa')}): {peak['gflops']:.0f} GFLOP/s; GFLOP/s = 4 x D x visible pairs x heads / median time"
+            if peak.get("gflops") else f"fp32 FMA peak not measured: {peak.get('reason')}"
+        )
     if machine.get("read_bandwidth_gbps"):
         out.append(
             f"memory read bandwidth measured in this run (torch.sum over 1 GiB): "

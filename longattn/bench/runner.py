@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from longattn.bench.machine import machine_info, measure_read_bandwidth
+from longattn.bench.machine import machine_info, measure_fma_peak, measure_read_bandwidth
 from longattn.bench.progress import Progress
 from longattn.bench.report import PLOT_NAME, write_outputs
 from longattn.bench.scenarios import Scenario, get_group, max_abs_error
@@ -94,9 +94,15 @@ def run_group(
         progress.status("measuring memory read bandwidth")
         bandwidth = measure_read_bandwidth()
         machine["read_bandwidth_gbps"] = bandwidth
+    peak = None
+    if any(s.flops for s in scenarios):
+        progress.status("measuring the FMA peak")
+        peak = measure_fma_peak()
+        machine["fma_peak"] = peak
+    peak_gflops = None if peak is None else peak.get("gflops")
     cases = [
         run_case(s, repeats=repeats, budget_s=budget_s, quick=quick, seed=seed, progress=progress,
-                 bandwidth_gbps=bandwidth, methods=methods)
+                 bandwidth_gbps=bandwidth, methods=methods, peak_gflops=peak_gflops)
         for s in scenarios
     ]
     results: dict[str, Any] = {
@@ -126,6 +132,7 @@ def run_case(
     progress: Progress,
     bandwidth_gbps: float | None = None,
     methods: Sequence[str] | None = None,
+    peak_gflops: float | None = None,
 ) -> dict[str, Any]:
     """Build, time and check one scenario's methods (those matching ``methods``, see :func:`run_group`)."""
     rounds = WARMUP_ROUNDS + repeats
@@ -190,6 +197,7 @@ def run_case(
     del first_outputs
 
     bytes_read = scenario.bytes_read(inputs) if scenario.bytes_read else None
+    flops = scenario.flops(inputs) if scenario.flops else None
     base = records[scenario.baseline].get("median_ms")
     for record in records.values():
         if base and record.get("median_ms") is not None:
@@ -198,6 +206,10 @@ def run_case(
             record["gbps"] = bytes_read / (record["median_ms"] * 1e-3) / 1e9
             if bandwidth_gbps:
                 record["bandwidth_fraction"] = record["gbps"] / bandwidth_gbps
+        if flops and record.get("median_ms"):
+            record["gflops"] = flops / (record["median_ms"] * 1e-3) / 1e9
+            if peak_gflops:
+                record["peak_fraction"] = record["gflops"] / peak_gflops
 
     case = {
         "scenario": scenario.name,
@@ -206,6 +218,7 @@ def run_case(
         "baseline": scenario.baseline,
         "error_reference": reference_name,
         "bytes_read": bytes_read,
+        "flops": flops,
         "methods": records,
         "targets": [_target_verdict(scenario, t, records) for t in scenario.targets],
         "measurements": measurements,
@@ -219,6 +232,7 @@ def _empty_record() -> dict[str, Any]:
     return {
         "skipped": None, "setup_s": None, "times_s": [], "median_ms": None,
         "min_ms": None, "ratio": None, "max_error": None, "gbps": None, "bandwidth_fraction": None,
+        "gflops": None, "peak_fraction": None,
     }
 
 

@@ -94,6 +94,9 @@ class Scenario:
     # bytes_read(inputs): bytes every method must read at least (the KV cache
     # for decode); gives GB/s and the fraction of the machine's read bandwidth.
     bytes_read: Callable[[Any], int] | None = None
+    # flops(inputs): floating-point operations of the exact computation (compute-bound
+    # cases); gives GFLOP/s and the fraction of the machine's FMA peak measured in the run.
+    flops: Callable[[Any], float] | None = None
     # measure(inputs, outputs) -> {name: value}: figures other than speed taken
     # once per case after timing (a sparse method's recall, a time split);
     # printed under the table and stored with the case.
