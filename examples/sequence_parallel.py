@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 
 import torch
@@ -28,6 +27,7 @@ import torch.distributed as dist
 
 import longattn
 from longattn.parallel import apb_attention, ring_attention, shard, ulysses_attention, unshard
+from longattn.parallel.comm import free_port
 
 
 def rank_main(tokens: int, nheads: int, headdim: int) -> bool:
@@ -89,9 +89,7 @@ def main() -> int:
         finally:
             dist.destroy_process_group()
         return 0 if ok else 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(_spawned, args=(2, port, tokens, nheads, headdim), nprocs=2, join=True)
     return 0
 

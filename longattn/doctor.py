@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from longattn.bench.machine import cpu_model
+from longattn.kernels.support.cpp_build import cpu_model
 
 # Every primitive's backend registry, as (module, attribute). A new primitive
 # adds one line; a module that fails to import is reported, not fatal.

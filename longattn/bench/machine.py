@@ -13,18 +13,15 @@ import sys
 
 import torch
 
+from longattn.kernels.support.cpp_build import cpu_model
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform says."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+
+def cpu_description() -> str:
+    """``"<model> (<ISA flags of interest>)"``: which CPU a figure came from."""
+    from longattn.parallel.cost_model import cpu_facts
+
+    model, isa = cpu_facts()
+    return f"{model} ({', '.join(isa) or 'no AVX2'})"
 
 
 def machine_info() -> dict[str, object]:

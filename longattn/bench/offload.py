@@ -248,12 +248,11 @@ def run(*, tokens: int | None = None, quick: bool = False, repeats: int | None =
                      "in memory", "value": h_row["overhead_vs_in_memory"],
              "met": h_row["overhead_vs_in_memory"] <= TARGET_HOST_OVERHEAD},
         ]
-    from longattn.parallel.cost_model import cpu_facts
+    from longattn.bench.machine import cpu_description
 
-    model, isa = cpu_facts()
     result = {"tokens": tokens, "nheads": NHEADS, "nheads_k": NHEADS_K, "headdim": HEADDIM, "dtype": "bfloat16",
               "page_size": PAGE_SIZE, "repeats": repeats, "threads": torch.get_num_threads(),
-              "cpu": f"{model} ({', '.join(isa)})", "kv_bytes": kv_bytes, "rows": rows, "targets": targets}
+              "cpu": cpu_description(), "kv_bytes": kv_bytes, "rows": rows, "targets": targets}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return format_report(result, out)
 

@@ -43,7 +43,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -131,6 +130,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from longattn.bench.hip import make_hip_inputs
+    from longattn.bench.machine import cpu_description
     from longattn.parallel import local_positions, shard, unshard
     from longattn.parallel.stats import record
 
@@ -194,7 +194,7 @@ def rank_main(argv: list[str] | None = None) -> int:
         result = {
             "world": world, "tokens": args.tokens, "nheads": NHEADS, "headdim": HEADDIM, "dtype": "float32",
             "repeats": args.repeats, "anchor": anchor, "passing": passing, "threads_per_rank": 1,
-            "cores": os.cpu_count(), "cpu": _cpu_name(), **table,
+            "cores": os.cpu_count(), "cpu": cpu_description(), **table,
         }
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"world{world}.json").write_text(json.dumps(result, indent=2))
@@ -228,26 +228,15 @@ def _gather_table(rows, methods, diffs, apb_error, link, world) -> dict:
     return out
 
 
-def _cpu_name() -> str:
-    from longattn.parallel.cost_model import cpu_facts
-
-    model, isa = cpu_facts()
-    return f"{model} ({', '.join(isa) or 'no AVX2'})"
-
-
 # --- the launcher ---------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch_world(world: int, tokens: int, repeats: int, methods: tuple[str, ...], seed: int, out_dir: Path,
                  timeout: float = 3600.0) -> dict:
     """Start ``world`` ranks of ``python -m longattn.parallel.bench`` as torchrun
     would; return rank 0's results. Any rank failing kills the others."""
-    port = _free_port()
+    from longattn.parallel.comm import free_port
+
+    port = free_port()
     cmd = [sys.executable, "-m", "longattn.parallel.bench", "--tokens", str(tokens), "--repeats", str(repeats),
            "--methods", ",".join(methods), "--seed", str(seed), "--out", str(out_dir)]
     procs = []

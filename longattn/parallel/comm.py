@@ -8,12 +8,14 @@ point-to-point peers are translated to global ranks with
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from longattn.errors import ArgumentError
+from longattn.parallel.stats import waiting
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,10 @@ def group_facts(group: object = None) -> GroupFacts:
     return GroupFacts(resolved, rank, world, nxt, prv)
 
 
-def post_ring_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor) -> list:
+def post_ring_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor, tag: int = 0) -> list:
     """Post ``send`` to the next rank and ``recv`` from the previous one; return the works.
+    ``tag`` keeps flows posted at different steps (say K/V and gradient
+    accumulators) from ever matching each other's messages.
 
     Both operations are posted together in one ``batch_isend_irecv``, so no
     rank waits for a peer before it has posted its own send: every world size,
@@ -60,8 +64,8 @@ def post_ring_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor
     The caller computes on the block in hand, then waits on the works.
     """
     ops = [
-        dist.P2POp(dist.isend, send, facts.next_global, facts.group),
-        dist.P2POp(dist.irecv, recv, facts.prev_global, facts.group),
+        dist.P2POp(dist.isend, send, facts.next_global, facts.group, tag),
+        dist.P2POp(dist.irecv, recv, facts.prev_global, facts.group, tag),
     ]
     return dist.batch_isend_irecv(ops)
 
@@ -70,3 +74,30 @@ def wait_all(works: list) -> None:
     """Wait for every work; the group's ``timeout`` bounds each wait."""
     for work in works:
         work.wait()
+
+
+def ring_peers(facts: GroupFacts) -> str:
+    """The ring neighbours as an error message names them."""
+    return f"{facts.next_global} (send) / {facts.prev_global} (receive)"
+
+
+def wait_for_peers(works: list | None, what: str) -> None:
+    """Wait for ``works`` (None: nothing was posted), counted as waiting in
+    :mod:`longattn.parallel.stats`. A failed wait (a peer died, or stalled past
+    the group's timeout) is re-raised as ``RuntimeError(f"{what} failed: ...")``:
+    ``what`` names the operation, this rank, the step and the peers."""
+    if works is None:
+        return
+    try:
+        with waiting():
+            wait_all(works)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{what} failed: {exc}") from exc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a process group launched locally
+    (``init_method=f"tcp://{host}:{port}"`` or ``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

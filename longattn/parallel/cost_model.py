@@ -348,12 +348,11 @@ def measure_link(quick: bool = False, repeats: int | None = None,
     """Ping-pong sweep between 2 spawned gloo ranks on 127.0.0.1 (one thread
     each): ``[(bytes, one-way s, exchange s)]``, medians of ``repeats``."""
     import multiprocessing
-    import socket
+
+    from longattn.parallel.comm import free_port
 
     repeats = (3 if quick else 5) if repeats is None else repeats
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     env_before = os.environ.get("OMP_NUM_THREADS")
@@ -436,26 +435,11 @@ def measure_attention(quick: bool = False, repeats: int | None = None, nheads: i
 
 
 def cpu_facts() -> tuple[str, tuple[str, ...]]:
-    """``(model name, ISA flags of interest)`` from /proc/cpuinfo (Linux; else
-    what :mod:`platform` says and no flags). Read here, not through
-    ``longattn.bench.machine``: the bench layer sits above this one."""
-    import platform
+    """``(model name, ISA flags of interest)`` of this CPU."""
+    from longattn.kernels.support.cpp_build import cpu_features, cpu_model
 
-    model, flags = "", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-                if model and flags:
-                    break
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine() or "unknown", tuple(f for f in ISA_FLAGS if f in flags)
+    flags = cpu_features()
+    return cpu_model(), tuple(f for f in ISA_FLAGS if f in flags)
 
 
 def fit_profile(quick: bool = False) -> Profile:

@@ -30,16 +30,15 @@ this rank, ``L`` = half the local length):
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from longattn.api import attention
 from longattn.kernels.block_backward import block_backward
 from longattn.kernels.merge import merge_two_in_place
 from longattn.parallel.autograd import ShardedAttention
 from longattn.parallel.checks import settle_sharded
-from longattn.parallel.comm import group_facts, post_ring_exchange, wait_all
+from longattn.parallel.comm import group_facts, post_ring_exchange, ring_peers, wait_for_peers
 from longattn.parallel.pieces import block_pieces, forward_steps
-from longattn.parallel.stats import compute, sent, waiting
+from longattn.parallel.stats import compute, sent
 
 def ring_attention(
     q: torch.Tensor,
@@ -116,26 +115,9 @@ def ring_attention(
     return (out, lse) if o.return_lse else out
 
 
-def _post(facts, send: torch.Tensor, recv: torch.Tensor, tag: int) -> list:
-    """:func:`~longattn.parallel.comm.post_ring_exchange` with a tag, so the
-    backward's two flows (K/V and the dk/dv accumulators, posted at different
-    steps) can never match each other's messages."""
-    ops = [
-        dist.P2POp(dist.isend, send, facts.next_global, facts.group, tag),
-        dist.P2POp(dist.irecv, recv, facts.prev_global, facts.group, tag),
-    ]
-    return dist.batch_isend_irecv(ops)
-
-
-def _wait(works: list, facts, step: int, what: str) -> None:
-    try:
-        with waiting():
-            wait_all(works)
-    except RuntimeError as exc:  # a peer died or stalled past the group's timeout
-        raise RuntimeError(
-            f"ring_attention{what}: group rank {facts.rank}, step {step}: exchange with global ranks "
-            f"{facts.next_global} (send) / {facts.prev_global} (receive) failed: {exc}"
-        ) from exc
+def _wait(works: list | None, facts, step: int, what: str) -> None:
+    wait_for_peers(works, f"ring_attention{what}: group rank {facts.rank}, step {step}: exchange with global "
+                          f"ranks {ring_peers(facts)}")
 
 
 def _ring_forward(q, k, v, facts, causal: bool, window: tuple[int, int], scale: float, softcap: float,
@@ -192,7 +174,7 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, window: t
         kv_works, kv_in = None, None
         if step < n - 1:
             kv_in = torch.empty_like(kv)
-            kv_works = _post(facts, kv, kv_in, _KV_TAG)
+            kv_works = post_ring_exchange(facts, kv, kv_in, _KV_TAG)
             sent(kv.numel() * kv.element_size())
         part = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         with compute():
@@ -210,7 +192,7 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, window: t
         acc = part
         if n > 1:  # pass it on; after the last step this hop takes it home
             acc_in = torch.empty_like(acc)
-            acc_works = _post(facts, acc, acc_in, _GRAD_TAG)
+            acc_works = post_ring_exchange(facts, acc, acc_in, _GRAD_TAG)
             sent(acc.numel() * acc.element_size())
         if kv_works is not None:
             _wait(kv_works, facts, step, " backward (k/v)")

@@ -77,9 +77,9 @@ from longattn.kernels.block_backward import block_backward
 from longattn.kernels.merge import merge_two_in_place
 from longattn.parallel.autograd import ShardedAttention
 from longattn.parallel.checks import settle_sharded
-from longattn.parallel.comm import GroupFacts, group_facts, wait_all
+from longattn.parallel.comm import GroupFacts, group_facts, post_ring_exchange, ring_peers, wait_for_peers
 from longattn.parallel.pieces import block_pieces
-from longattn.parallel.stats import compute, sent, waiting
+from longattn.parallel.stats import compute, sent
 
 _Q_TAG, _OUT_TAG, _DQ_TAG = 0, 1, 2
 
@@ -194,27 +194,12 @@ def _post(ops: list) -> list | None:
 
 
 def _wait(works: list | None, facts: GroupFacts, step: int, what: str, peers: str) -> None:
-    if works is None:
-        return
-    try:
-        with waiting():
-            wait_all(works)
-    except RuntimeError as exc:  # a peer died or stalled past the group's timeout
-        raise RuntimeError(
-            f"token_ring_attention{what}: group rank {facts.rank}, step {step}: exchange with global ranks "
-            f"{peers} failed: {exc}"
-        ) from exc
+    wait_for_peers(works, f"token_ring_attention{what}: group rank {facts.rank}, step {step}: exchange with "
+                          f"global ranks {peers}")
 
 
 def _global(facts: GroupFacts, group_rank: int) -> int:
     return dist.get_global_rank(facts.group, group_rank % facts.world_size)
-
-
-def _q_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor) -> list:
-    return dist.batch_isend_irecv([
-        dist.P2POp(dist.isend, send, facts.next_global, facts.group, _Q_TAG),
-        dist.P2POp(dist.irecv, recv, facts.prev_global, facts.group, _Q_TAG),
-    ])
 
 
 def _home_exchange(facts, step: int, send: torch.Tensor | None, recv: torch.Tensor | None, tag: int):
@@ -265,7 +250,7 @@ def _token_ring_forward(q, k, v, facts: GroupFacts, causal: bool, window: tuple[
         q_works, q_next = None, None
         if step < n - 1:  # post the next q exchange first: it overlaps the compute below
             q_next = torch.empty_like(q_in_hand)
-            q_works = _q_exchange(facts, q_in_hand, q_next)
+            q_works = post_ring_exchange(facts, q_in_hand, q_next, _Q_TAG)
             sent(q_in_hand.numel() * q_in_hand.element_size())
         # what owner's rows need from this rank's KV
         mine = block_pieces(n, owner, r, seqlen, causal, window, layout)
@@ -288,7 +273,7 @@ def _token_ring_forward(q, k, v, facts: GroupFacts, causal: bool, window: tuple[
                 _merge_pending(pending, facts, merge, unpack_all)
             pending = (works, theirs, incoming, step)
         if q_works is not None:
-            _wait(q_works, facts, step, " (q)", f"{facts.next_global} (send) / {facts.prev_global} (receive)")
+            _wait(q_works, facts, step, " (q)", ring_peers(facts))
             q_in_hand = q_next
     if pending is not None:
         _merge_pending(pending, facts, merge, unpack_all)
@@ -356,7 +341,7 @@ def _token_ring_backward(dout, dlse, q, k, v, out, lse, facts: GroupFacts, causa
         works, block_next = None, None
         if step < n - 1:
             block_next = torch.empty_like(block)
-            works = _q_exchange(facts, block, block_next)
+            works = post_ring_exchange(facts, block, block_next, _Q_TAG)
             sent(block.numel() * block.element_size())
         mine = block_pieces(n, owner, r, seqlen, causal, window, layout)
         with compute():
@@ -382,8 +367,7 @@ def _token_ring_backward(dout, dlse, q, k, v, out, lse, facts: GroupFacts, causa
                 settle(pending)
             pending = (home, theirs, incoming, step)
         if works is not None:
-            _wait(works, facts, step, " backward (q block)", f"{facts.next_global} (send) / "
-                  f"{facts.prev_global} (receive)")
+            _wait(works, facts, step, " backward (q block)", ring_peers(facts))
             block = block_next
     if pending is not None:
         settle(pending)

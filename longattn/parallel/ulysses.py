@@ -33,8 +33,8 @@ import torch.distributed as dist
 from longattn.api import attention
 from longattn.errors import ShapeError
 from longattn.parallel.checks import ShardedOptions, settle_sharded
-from longattn.parallel.comm import GroupFacts, group_facts
-from longattn.parallel.stats import compute, sent, waiting
+from longattn.parallel.comm import GroupFacts, group_facts, wait_for_peers
+from longattn.parallel.stats import compute, sent
 
 
 
@@ -258,13 +258,9 @@ def _exchange(facts: GroupFacts, stage: str, blocks) -> tuple:
     # this rank's payload that leaves it: the N-1 blocks for its peers
     sent(buffer[0].numel() * (n - 1), messages=n - 1)
     work = dist.all_to_all_single(received, buffer, group=facts.group, async_op=True)
-    try:
-        with waiting():
-            work.wait()
-    except RuntimeError as exc:  # a peer died or stalled past the group's timeout
-        peers = [dist.get_global_rank(facts.group, r) for r in range(n) if r != facts.rank]
-        raise RuntimeError(f"ulysses_attention: group rank {facts.rank}: all-to-all of {stage} with global ranks "
-                           f"{peers} failed: {exc}") from exc
+    peers = [dist.get_global_rank(facts.group, r) for r in range(n) if r != facts.rank]
+    wait_for_peers([work], f"ulysses_attention: group rank {facts.rank}: all-to-all of {stage} with global ranks "
+                           f"{peers}")
     return _unpack(received, like)
 
 

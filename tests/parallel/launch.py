@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from longattn.parallel.comm import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD_SIZES = (1, 2, 3, 4)
@@ -43,12 +44,6 @@ SHARED_MODULES = (
     "tests.parallel.cases_ulysses",
     "tests.parallel.cases_apb",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(specs: str | tuple[str, ...], world: int, timeout: float = LAUNCH_TIMEOUT) -> dict[str, list[str]]:

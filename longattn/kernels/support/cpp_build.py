@@ -172,6 +172,20 @@ def cpu_features() -> frozenset[str]:
         return frozenset()
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def isa_level(features: frozenset[str] | None = None) -> IsaLevel:
     """The highest of :data:`LEVELS` whose features ``features`` (default:
     :func:`cpu_features`) has; :data:`GENERIC` off x86."""
