@@ -94,16 +94,21 @@ def test_auto_reason_names_the_rule_and_its_measurement():
 
 
 @pytest.mark.parametrize(
-    "flags, dtype, expected",
+    "flags, dtype, seqlen, expected",
     [
-        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.bfloat16, "sdpa"),  # Xeon with AMX
-        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.float32, "cpp"),
-        (frozenset({"avx512_bf16", "avx512f"}), torch.bfloat16, "cpp"),  # Zen 4: measured slower
-        (frozenset({"avx512_fp16", "amx_bf16"}), torch.float16, "sdpa"),
-        (frozenset({"avx2"}), torch.float16, "cpp"),
+        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.bfloat16, 4096, "sdpa"),  # Xeon with AMX
+        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.float32, 4096, "cpp"),
+        (frozenset({"avx512_bf16", "avx512f"}), torch.bfloat16, 4096, "cpp"),  # Zen 4: bf16 dot engine
+        (frozenset({"avx512_fp16", "amx_bf16"}), torch.float16, 4096, "sdpa"),
+        (frozenset({"avx2"}), torch.float16, 4096, "cpp"),
+        # bfloat16 short runs: the threshold follows the kernel's bf16 engine
+        (frozenset({"avx512f", "avx512_bf16"}), torch.bfloat16, 32, "cpp"),  # bf16 dot: wins from 32 queries
+        (frozenset({"avx512f", "avx512_bf16"}), torch.bfloat16, 16, "sdpa"),
+        (frozenset({"avx2"}), torch.bfloat16, 32, "sdpa"),  # float32 math: SDPA up to 96 queries
+        (frozenset({"avx2"}), torch.bfloat16, 128, "cpp"),
     ],
 )
-def test_auto_prefill_twin_follows_the_cpu_features(monkeypatch, flags, dtype, expected):
+def test_auto_prefill_twin_follows_the_cpu_features(monkeypatch, flags, dtype, seqlen, expected):
     from longattn.kernels.dense.cpp import flash_unavailable_reason
 
     if flash_unavailable_reason() is not None:
@@ -111,7 +116,7 @@ def test_auto_prefill_twin_follows_the_cpu_features(monkeypatch, flags, dtype, e
     monkeypatch.setattr(dense, "cpu_flags", lambda: flags)
     DENSE_BACKENDS.clear_memo()
     try:
-        q = torch.empty(1, 4096, 8, 128, dtype=dtype)
+        q = torch.empty(1, seqlen, 8, 128, dtype=dtype)
         assert DENSE_BACKENDS.select(DenseCall(q, q, q, 0.1, (-1, 0), 0.0, False), "auto").name == expected
     finally:
         DENSE_BACKENDS.clear_memo()  # selections made under the fake flags must not outlive the test

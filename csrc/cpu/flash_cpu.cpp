@@ -1,35 +1,29 @@
-// Flash-attention forward on the CPU: float32, windows, attention sinks, softcap, GQA.
+// Flash-attention forward on the CPU: windows, attention sinks, softcap, GQA,
+// listed (block-sparse) keys, packed (varlen) sequences; float32 or native
+// bfloat16 arithmetic.
 //
 // Why our own: PyTorch's fused CPU kernel runs its block products through a
-// BLAS that reaches ~186 GFLOP/s on this AMD machine's two cores (a large
-// torch.mm; about the 256-bit FMA rate) against a 455 GFLOP/s AVX-512 FMA
-// peak (a register-only loop); these AVX-512 micro-kernels reach ~260-330. And it visits only the key tiles a query block can see, so
-// a sliding window (StreamingLLM's sinks + window) costs ~seqlen * (sink +
-// window), never a dense pass.
+// BLAS that reaches ~150-186 GFLOP/s on the AMD machines' two cores, about
+// the 256-bit FMA rate, while these AVX-512 micro-kernels keep the FMA units
+// fuller (~180 GFLOP/s = 78% of the 234 GFLOP/s peak on a Zen 4 EPYC whose
+// 512-bit FMAs issue at half rate; 260-330 on an EPYC with full-rate ones).
+// And it visits only the key tiles a query block can see, so a sliding
+// window (StreamingLLM's sinks + window) costs ~seqlen * (sink + window),
+// never a dense pass.
 //
-// Work item: (batch entry or packed sequence, head, block of BM query rows; with listed keys, pieces
-// of at most BM rows of one listing block of block_q). Its queries, pre-scaled,
-// are stored transposed (Qt[d][row]) once, so that
-//   * scores of a tile of keys come out key-major, St[key][row] += K[key][d] *
-//     Qt[d][row]: each K element is broadcast straight from its row in memory
-//     (no packing of K), each Qt vector serves KR keys;
-//   * the online softmax is vectorised over rows (max, exp, sum per key row);
-//   * P V accumulates O[row][d] from V rows read in place, R rows x NV vectors.
-// Key tiles cover the window span of the block's rows, the sinks outside it,
-// and listed keys outside both (gathered through row pointers, no copies);
-// only tiles some row sees partially are masked element by element.
-//
-// Visibility: query row i sits at key position p = i + seqlen_k - seqlen_q
-// and sees key j iff (not causal or j <= p) and
-//   * j is in the window: (left < 0 or j >= p - left) and (right < 0 or j <= p + right)
-//     (flash-attn's convention; dense attention passes causal folded into right = 0), or
-//   * j < sink (a sink), or
-//   * j is listed for the row's query block (block-sparse attention: the
-//     caller passes, per (batch, head, block of block_q rows), key positions
-//     or -1).
-// Rows that see nothing get out = 0, lse = -inf. lse is natural-log. Each
-// work item is computed by one thread in a fixed order: results do not
-// depend on the thread count or schedule.
+// Structure: flash_tiles.h walks each work item's visible key tiles (the
+// visibility rule, sinks, listed keys, masks); an engine does the arithmetic
+// of a tile (scores, online softmax, P V):
+//   * F32Engine: float32 inputs and FMAs (every CPU with AVX2; half-precision
+//     inputs are widened by the caller);
+//   * Bf16DotEngine: bfloat16 inputs read in place, vdpbf16ps dot products
+//     with float32 accumulation (CPUs with AVX512-BF16), about twice the FMA
+//     path's arithmetic per instruction;
+//   * AmxEngine (flash_amx.h): bfloat16 through AMX tiles, where built.
+// The caller chooses with `math`; longattn_flash_cpu_maths() says which this
+// build has. Rows that see nothing get out = 0, lse = -inf. lse is
+// natural-log. Each work item is computed by one thread in a fixed order:
+// results do not depend on the thread count or schedule.
 //
 // Layouts (element strides, headdim innermost and contiguous):
 //   q, out (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim)
@@ -40,62 +34,17 @@
 // headdim must be a multiple of the vector width (the caller pads).
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
-#include <limits>
+#include <cstring>
 #include <vector>
 
-#include "simd.h"
+#include "flash_tiles.h"  // the tile walk, Problem/Seq, the online softmax (and simd.h)
 
 #ifdef LONGATTN_AVX2
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int W = Isa::W;
-constexpr int NQ = 3;        // query vectors per work item
-constexpr int BM = NQ * W;   // query rows per work item: 48 with AVX-512, 24 with AVX2
-constexpr int KR = 8;        // keys per score micro-step (KR x NQ accumulators)
-constexpr int BN = 64;       // keys per tile (a multiple of KR)
-constexpr int R = 6;         // rows per P V micro-step (R x NV accumulators)
-constexpr int NV = 4;        // headdim vectors per P V micro-step
-
-// cap * tanh(x / cap), with tanh(y) = 1 - 2 / (exp(2y) + 1) (saturates to +-1, no overflow).
-inline Isa::vec softcap_vec(Isa::vec x, float cap) {
-  const Isa::vec e = Isa::exp(Isa::mul(x, Isa::set1(2.0f / cap)));
-  const Isa::vec t = Isa::sub(Isa::set1(1.0f), Isa::div(Isa::set1(2.0f), Isa::add(e, Isa::set1(1.0f))));
-  return Isa::mul(t, Isa::set1(cap));
-}
-
-// What every work item shares: row and head strides (element strides, 64-bit:
-// rows of a packed tensor pass 2**31 elements), shape and mask options.
-struct Problem {
-  int64_t q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh;
-  int nheads, nheads_k, headdim, left, right, sink;
-  bool causal;
-  float scale, softcap;
-  int listed_per_block, block_q;
-};
-
-// One sequence: a batch entry of the dense layout, or one packed sequence of
-// the varlen layout. Pointers are at its row 0 (head 0); strides are the Problem's.
-struct Seq {
-  const float *q, *k, *v;
-  float* out;
-  float* lse;      // lse of (head 0, row 0)
-  int64_t lse_sh;  // lse head stride
-  const int32_t* listed;  // (nheads, query blocks, listed_per_block) key positions, -1 = none; or null
-  int seqlen_q, seqlen_k;
-};
-
-struct Scratch {  // one per thread
-  std::vector<float> qt, st, o, m, l, alpha;
-  std::vector<uint8_t> in_list;  // listed flags over the window span
-  std::vector<int64_t> keys, extra;  // a tile's key positions; listed keys outside the span
-  explicit Scratch(int headdim)
-      : qt(static_cast<size_t>(headdim) * BM), st(BN * BM), o(static_cast<size_t>(BM) * headdim), m(BM), l(BM),
-        alpha(BM), keys(BN) {}
-};
+// ---- float32 math ------------------------------------------------------------
 
 // St[j][0..BM) = sum_d K[j][d] Qt[d][0..BM) for KR keys.
 inline void score_keys(const float* qt, int headdim, const float* const* krow, float* st) {
@@ -145,153 +94,200 @@ void accumulate_chunk(int nvd, const float* pt, const float* alpha, const float*
   }
 }
 
-inline bool visible(const Problem& pb, int64_t j, int64_t p, bool listed) {
-  if (pb.causal && j > p) return false;
-  const bool in_window = (pb.left < 0 || j >= p - pb.left) && (pb.right < 0 || j <= p + pb.right);
-  return in_window || j < pb.sink || listed;
+// float32 inputs, float32 FMAs. The item's queries, pre-scaled, are stored
+// transposed (Qt[d][row]) once, so that
+//   * scores of a tile come out key-major, St[key][row] += K[key][d] * Qt[d][row]:
+//     each K element is broadcast straight from its row in memory (no packing
+//     of K), each Qt vector serves KR keys;
+//   * the online softmax is vectorised over rows;
+//   * P V accumulates O[row][d] from V rows read in place, R rows x NV vectors.
+struct F32Engine : RowState {
+  std::vector<float> qt;  // (headdim, BM) scaled queries, transposed
+  explicit F32Engine(int headdim) : RowState(headdim), qt(static_cast<size_t>(headdim) * BM) {}
+
+  void begin(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
+    for (int r = 0; r < BM; ++r) {
+      const float* qrow = query_row<float>(pb, sq, h, first_row, r, rows);
+      for (int d = 0; d < pb.headdim; ++d) qt[d * BM + r] = r < rows ? qrow[d] * pb.scale : 0.0f;
+    }
+    reset();
+  }
+
+  void tile(const Problem& pb, const Seq& sq, int kv_head, const int64_t* keys, const uint8_t* listed, int n,
+            int rows, int64_t p0, bool needs_mask) {
+    const int headdim = pb.headdim;
+    const float* k_base = head_rows<float>(sq.k, pb.k_sh, kv_head);
+    const float* v_base = head_rows<float>(sq.v, pb.v_sh, kv_head);
+    const float* krow[BN];
+    const float* vrow[BN];
+    for (int j = 0; j < BN; ++j) {  // keys past n repeat the last one (masked out)
+      const int64_t pos = keys[std::min(j, n - 1)];
+      krow[j] = k_base + pos * pb.k_ss;
+      vrow[j] = v_base + pos * pb.v_ss;
+    }
+    const int n_scored = (n + KR - 1) / KR * KR;
+    for (int j = 0; j < n_scored; j += KR) score_keys(qt.data(), headdim, krow + j, st.data() + j * BM);
+    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data());
+    const int rows_padded = (rows + R - 1) / R * R;
+    for (int r = 0; r < rows_padded; r += R)
+      for (int d = 0; d < headdim; d += NV * W)
+        accumulate_chunk(std::min(NV, (headdim - d) / W), st.data() + r, alpha.data() + r, vrow, d, n,
+                         o.data() + static_cast<size_t>(r) * headdim, headdim);
+  }
+};
+
+#ifdef LONGATTN_AVX512BF16
+// ---- bfloat16 dot products (AVX512-BF16) -------------------------------------
+//
+// vdpbf16ps multiplies pairs of bf16 and adds both products into a float32
+// lane: acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1], 32 products per instruction
+// (twice an fp32 FMA's work). A product of two bf16 is exact in float32, so
+// the scores Q K^T lose nothing but the float32 sums'; q is kept unscaled
+// (scaling it would round it) and the scores are scaled after the sum. For
+// P V the probabilities are rounded to bf16 (relative error <= 2^-9 per
+// weight, independent across keys; flash-attention rounds P to the input
+// type on GPUs too) while the row sums l use the float32 P; V stays exact.
+// Pairs run along the reduction: head-dim pairs for scores (a K row's two
+// consecutive bf16 are one 32-bit word, broadcast straight from memory;
+// Qt2 holds (q[r][2t], q[r][2t+1]) words), key pairs for P V (V rows 2t and
+// 2t+1 interleaved per tile into Vp[t][d] = (v[2t][d], v[2t+1][d]), and P
+// words (p[2t][r], p[2t+1][r])).
+
+inline uint32_t load_word(const uint16_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
 }
 
-// One tile of n <= BN keys at positions keys[0..n), for rows at positions
-// p0 .. p0 + BM - 1; listed[j] (or null: none) marks listed keys.
-void key_tile(const Problem& pb, Scratch& s, int rows_padded, const float* k_base, const float* v_base,
-              const int64_t* keys, const uint8_t* listed, int n, int64_t p0, bool needs_mask) {
-  const int headdim = pb.headdim;
-  const float* krow[BN];
-  const float* vrow[BN];
-  for (int j = 0; j < BN; ++j) {  // keys past n repeat the last one (masked out below)
-    const int64_t pos = keys[std::min(j, n - 1)];
-    krow[j] = k_base + pos * pb.k_ss;
-    vrow[j] = v_base + pos * pb.v_ss;
-  }
-  const int n_scored = (n + KR - 1) / KR * KR;
-  float* st = s.st.data();
-  for (int j = 0; j < n_scored; j += KR) score_keys(s.qt.data(), headdim, krow + j, st + j * BM);
-  if (pb.softcap > 0)
-    for (int j = 0; j < n_scored; ++j)
-      for (int c = 0; c < NQ; ++c)
-        Isa::store(st + j * BM + c * W, softcap_vec(Isa::load(st + j * BM + c * W), pb.softcap));
-  if (needs_mask)
-    for (int j = 0; j < n_scored; ++j)
-      for (int r = 0; r < BM; ++r)
-        if (j >= n || !visible(pb, keys[j], p0 + r, listed != nullptr && listed[j])) st[j * BM + r] = kNegInf;
-  // Online softmax over the tile, BM rows at a time per vector.
-  for (int c = 0; c < NQ; ++c) {
-    Isa::vec tile_max = Isa::set1(kNegInf);
-    for (int j = 0; j < n_scored; ++j) tile_max = Isa::max(tile_max, Isa::load(st + j * BM + c * W));
-    const Isa::vec m_old = Isa::load(s.m.data() + c * W);
-    const Isa::vec m_new = Isa::max(m_old, tile_max);
-    const Isa::vec m_sub = Isa::finite_or_zero(m_new);
-    const Isa::vec alpha = Isa::exp(Isa::sub(m_old, m_sub));
-    Isa::vec sum = Isa::zero();
-    for (int j = 0; j < n_scored; ++j) {
-      const Isa::vec p = Isa::exp(Isa::sub(Isa::load(st + j * BM + c * W), m_sub));
-      Isa::store(st + j * BM + c * W, p);
-      sum = Isa::add(sum, p);
-    }
-    Isa::store(s.m.data() + c * W, m_new);
-    Isa::store(s.l.data() + c * W, Isa::fma(alpha, Isa::load(s.l.data() + c * W), sum));
-    Isa::store(s.alpha.data() + c * W, alpha);
-  }
-  for (int r = 0; r < rows_padded; r += R)
-    for (int d = 0; d < headdim; d += NV * W)
-      accumulate_chunk(std::min(NV, (headdim - d) / W), st + r, s.alpha.data() + r, vrow, d, n,
-                       s.o.data() + static_cast<size_t>(r) * headdim, headdim);
+// 16 words whose low halves are a's 16 bf16 and high halves b's.
+inline __m512i interleave_bf16(__m256i a, __m256i b) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
-// Every row of the item sees every key of [j0, jl] (no mask needed).
-inline bool whole_tile(const Problem& pb, int64_t j0, int64_t jl, int n, int rows, int64_t p0, int64_t p1) {
-  if (n != BN || rows != BM || (pb.causal && jl > p0)) return false;
-  const bool all_in_window = (pb.left < 0 || j0 >= p1 - pb.left) && (pb.right < 0 || jl <= p0 + pb.right);
-  return all_in_window || jl < pb.sink;
+// St[j][0..BM) = scale * sum_d K[j][d] Q[0..BM)[d] for KR keys.
+inline void score_keys_bf16(const uint32_t* qt2, int headdim, const uint16_t* const* krow, float scale, float* st) {
+  __m512 acc[KR][NQ];
+  for (int j = 0; j < KR; ++j)
+    for (int c = 0; c < NQ; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int t = 0; t < headdim / 2; ++t) {
+    __m512bh qv[NQ];
+    for (int c = 0; c < NQ; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qt2 + t * BM + c * W);
+    for (int j = 0; j < KR; ++j) {
+      const __m512bh kv = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_word(krow[j] + 2 * t)));
+      for (int c = 0; c < NQ; ++c) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], kv, qv[c]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int j = 0; j < KR; ++j)
+    for (int c = 0; c < NQ; ++c) _mm512_storeu_ps(st + j * BM + c * W, _mm512_mul_ps(acc[j][c], s));
 }
 
-void work_item(const Problem& pb, Scratch& s, const Seq& sq, int h, int query_block, int first_row, int rows) {
-  const int headdim = pb.headdim;
-  const int rows_padded = (rows + R - 1) / R * R;
-  const int kv_head = h / (pb.nheads / pb.nheads_k);
-  const int64_t offset = static_cast<int64_t>(sq.seqlen_k) - sq.seqlen_q;
-  const int64_t p0 = first_row + offset, p1 = p0 + rows - 1;
-  float* qt = s.qt.data();
-  for (int r = 0; r < BM; ++r) {
-    const float* qrow = sq.q + static_cast<int64_t>(first_row + std::min(r, rows - 1)) * pb.q_ss +
-                        static_cast<int64_t>(h) * pb.q_sh;
-    for (int d = 0; d < headdim; ++d) qt[d * BM + r] = r < rows ? qrow[d] * pb.scale : 0.0f;
+// O[r][d0..d0+NVD*W) = alpha[r] O[r][..] + sum_{t<pairs} P-pair[t][r] . V-pair[t][d0..] for R rows.
+template <int NVD>
+inline void accumulate_values_bf16(const uint32_t* pw, const float* alpha, const uint32_t* vp, int d0, int pairs,
+                                   float* o, int headdim) {
+  __m512 acc[R][NVD];
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < NVD; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * headdim + d0 + c * W));
   }
-  std::fill(s.o.begin(), s.o.end(), 0.0f);
-  std::fill(s.m.begin(), s.m.end(), kNegInf);
-  std::fill(s.l.begin(), s.l.end(), 0.0f);
-  const float* k_base = sq.k + static_cast<int64_t>(kv_head) * pb.k_sh;
-  const float* v_base = sq.v + static_cast<int64_t>(kv_head) * pb.v_sh;
-  // Keys some row may see: the window span [lo, hi) (causal: up to p1), the
-  // sinks [0, sink_end) left and right of it, and listed keys outside both.
-  const int64_t visible_end = pb.causal ? std::min<int64_t>(sq.seqlen_k, p1 + 1) : sq.seqlen_k;
-  const int64_t hi = std::max<int64_t>(0, pb.right < 0 ? visible_end : std::min(visible_end, p1 + pb.right + 1));
-  const int64_t lo = std::min(hi, pb.left < 0 ? int64_t{0} : std::max<int64_t>(0, p0 - pb.left));
-  const int64_t sink_end = std::min<int64_t>(pb.sink, visible_end);
-  const int64_t ranges[3][2] = {{0, std::min(sink_end, lo)}, {lo, hi}, {std::max(hi, lo), sink_end}};
-  const int32_t* listed = sq.listed == nullptr ? nullptr
-      : sq.listed + (static_cast<int64_t>(h) * ((sq.seqlen_q + pb.block_q - 1) / pb.block_q) + query_block) *
-                        pb.listed_per_block;
-  s.extra.clear();
-  if (listed != nullptr) {
-    s.in_list.assign(static_cast<size_t>(hi - lo), 0);
-    for (int t = 0; t < pb.listed_per_block; ++t) {
-      const int64_t j = listed[t];
-      if (j < 0 || j >= visible_end || j < sink_end) continue;  // none, never visible, or a sink anyway
-      if (j >= lo && j < hi) s.in_list[j - lo] = 1;
-      else s.extra.push_back(j);
+  for (int t = 0; t < pairs; ++t) {
+    __m512bh vv[NVD];
+    for (int c = 0; c < NVD; ++c)
+      vv[c] = (__m512bh)_mm512_loadu_si512(vp + static_cast<size_t>(t) * headdim + d0 + c * W);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[t * BM + r]));
+      for (int c = 0; c < NVD; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, vv[c]);
     }
   }
-  int64_t* keys = s.keys.data();
-  for (int t = 0; t < 3; ++t) {
-    const uint8_t* flags = (t == 1 && listed != nullptr) ? s.in_list.data() : nullptr;
-    for (int64_t j0 = ranges[t][0]; j0 < ranges[t][1]; j0 += BN) {
-      const int n = static_cast<int>(std::min<int64_t>(BN, ranges[t][1] - j0));
-      for (int j = 0; j < n; ++j) keys[j] = j0 + j;
-      const bool whole = whole_tile(pb, j0, j0 + n - 1, n, rows, p0, p1);
-      key_tile(pb, s, rows_padded, k_base, v_base, keys, flags == nullptr ? nullptr : flags + (j0 - lo), n, p0,
-               !whole);
-    }
-  }
-  static const std::array<uint8_t, BN> kAllListed = [] {
-    std::array<uint8_t, BN> flags{};
-    flags.fill(1);
-    return flags;
-  }();
-  for (size_t e0 = 0; e0 < s.extra.size(); e0 += BN) {
-    const int n = static_cast<int>(std::min<size_t>(BN, s.extra.size() - e0));
-    int64_t last = 0;
-    for (int j = 0; j < n; ++j) last = std::max(last, keys[j] = s.extra[e0 + j]);
-    // listed keys are seen by every row, up to causality
-    const bool whole = n == BN && rows == BM && (!pb.causal || last <= p0);
-    key_tile(pb, s, rows_padded, k_base, v_base, keys, kAllListed.data(), n, p0, !whole);
-  }
-  for (int r = 0; r < rows; ++r) {
-    float* orow = sq.out + static_cast<int64_t>(first_row + r) * pb.o_ss + static_cast<int64_t>(h) * pb.o_sh;
-    float* lse = sq.lse + static_cast<int64_t>(h) * sq.lse_sh + first_row + r;
-    const float l = s.l[r];
-    if (l > 0) {
-      const float inv = 1.0f / l;
-      for (int d = 0; d < headdim; ++d) orow[d] = s.o[static_cast<size_t>(r) * headdim + d] * inv;
-      *lse = s.m[r] + std::log(l);
-    } else {
-      for (int d = 0; d < headdim; ++d) orow[d] = 0.0f;
-      *lse = kNegInf;
-    }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NVD; ++c) _mm512_storeu_ps(o + r * headdim + d0 + c * W, acc[r][c]);
+}
+
+void accumulate_chunk_bf16(int nvd, const uint32_t* pw, const float* alpha, const uint32_t* vp, int d0, int pairs,
+                           float* o, int headdim) {
+  switch (nvd) {
+    case 4: accumulate_values_bf16<4>(pw, alpha, vp, d0, pairs, o, headdim); break;
+    case 3: accumulate_values_bf16<3>(pw, alpha, vp, d0, pairs, o, headdim); break;
+    case 2: accumulate_values_bf16<2>(pw, alpha, vp, d0, pairs, o, headdim); break;
+    default: accumulate_values_bf16<1>(pw, alpha, vp, d0, pairs, o, headdim); break;
   }
 }
 
-// Runs items [0, items) on num_threads threads; item(it, s) does one. Each
-// item is computed by one thread in a fixed order: results do not depend on
-// the thread count or the schedule.
+// bf16 inputs (uint16_t bits), bf16 dot products, float32 softmax and accumulators.
+struct Bf16DotEngine : RowState {
+  std::vector<uint32_t> qt2, pw, vp;  // (headdim/2, BM) q words; (BN/2, BM) P words; (BN/2, headdim) V words
+  std::vector<uint16_t> zero_row;     // the partner of an odd tile's last V row
+  explicit Bf16DotEngine(int headdim)
+      : RowState(headdim), qt2(static_cast<size_t>(headdim / 2) * BM), pw(BN / 2 * BM),
+        vp(static_cast<size_t>(BN / 2) * headdim), zero_row(headdim, 0) {}
+
+  void begin(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
+    for (int r = 0; r < BM; ++r) {
+      const uint16_t* qrow = query_row<uint16_t>(pb, sq, h, first_row, r, rows);
+      for (int t = 0; t < pb.headdim / 2; ++t) qt2[t * BM + r] = r < rows ? load_word(qrow + 2 * t) : 0u;
+    }
+    reset();
+  }
+
+  void tile(const Problem& pb, const Seq& sq, int kv_head, const int64_t* keys, const uint8_t* listed, int n,
+            int rows, int64_t p0, bool needs_mask) {
+    const int headdim = pb.headdim;
+    const uint16_t* k_base = head_rows<uint16_t>(sq.k, pb.k_sh, kv_head);
+    const uint16_t* v_base = head_rows<uint16_t>(sq.v, pb.v_sh, kv_head);
+    const uint16_t* krow[BN];
+    for (int j = 0; j < BN; ++j) krow[j] = k_base + keys[std::min(j, n - 1)] * pb.k_ss;  // past n: masked
+    const int n_scored = (n + KR - 1) / KR * KR;
+    for (int j = 0; j < n_scored; j += KR) score_keys_bf16(qt2.data(), headdim, krow + j, pb.scale, st.data() + j * BM);
+    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data());
+    // Key pairs: V rows interleaved, P rounded to bf16 and interleaved (keys past n have P = 0).
+    const int pairs = (n + 1) / 2;
+    for (int t = 0; t < pairs; ++t) {
+      const uint16_t* v0 = v_base + keys[2 * t] * pb.v_ss;
+      const uint16_t* v1 = 2 * t + 1 < n ? v_base + keys[2 * t + 1] * pb.v_ss : zero_row.data();
+      uint32_t* dst = vp.data() + static_cast<size_t>(t) * headdim;
+      for (int d = 0; d < headdim; d += W)
+        _mm512_storeu_si512(dst + d, interleave_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)),
+                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))));
+      for (int c = 0; c < NQ; ++c) {
+        const __m256i p_even = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + 2 * t * BM + c * W));
+        const __m256i p_odd = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + (2 * t + 1) * BM + c * W));
+        _mm512_storeu_si512(pw.data() + t * BM + c * W, interleave_bf16(p_even, p_odd));
+      }
+    }
+    const int rows_padded = (rows + R - 1) / R * R;
+    for (int r = 0; r < rows_padded; r += R)
+      for (int d = 0; d < headdim; d += NV * W)
+        accumulate_chunk_bf16(std::min(NV, (headdim - d) / W), pw.data() + r, alpha.data() + r, vp.data(), d, pairs,
+                              o.data() + static_cast<size_t>(r) * headdim, headdim);
+  }
+};
+#endif  // LONGATTN_AVX512BF16
+
+// Which arithmetic a call asks for (the `math` argument of the entry points).
+enum Math { kMathF32 = 0, kMathBf16Dot = 1, kMathAmx = 2 };
+
+constexpr int kMathsBuilt = (1 << kMathF32)
+#ifdef LONGATTN_AVX512BF16
+                            | (1 << kMathBf16Dot)
+#endif
+#ifdef LONGATTN_AMX
+                            | (1 << kMathAmx)
+#endif
+    ;
+
+// Runs items with the engine `math` names; false when this build lacks it.
 template <class Item>
-void run_items(int64_t items, int headdim, int num_threads, const Item& item) {
-#pragma omp parallel num_threads(num_threads)
-  {
-    Scratch s(headdim);
-    // Items differ in cost (causal rows see more keys the later they sit): hand them out dynamically.
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) item(it, s);
+bool run_with_math(int math, int64_t items, int headdim, int num_threads, const Item& item) {
+  switch (math) {
+    case kMathF32: run_items<F32Engine>(items, headdim, num_threads, item); return true;
+#ifdef LONGATTN_AVX512BF16
+    case kMathBf16Dot: run_items<Bf16DotEngine>(items, headdim, num_threads, item); return true;
+#endif
+#ifdef LONGATTN_AMX
+    case kMathAmx: run_items<AmxEngine>(items, headdim, num_threads, item); return true;
+#endif
+    default: return false;
   }
 }
 
@@ -307,19 +303,32 @@ extern "C" int longattn_flash_cpu_lanes() {
 #endif
 }
 
-// Returns 0, or 1 for arguments it cannot take, 2 when built without AVX2.
+// Bit m set: this build has math m (0 float32 FMAs, 1 bf16 dot products, 2 AMX tiles); 0 without AVX2.
+extern "C" int longattn_flash_cpu_maths() {
+#ifdef LONGATTN_AVX2
+  return kMathsBuilt;
+#else
+  return 0;
+#endif
+}
+
+// q, k, v are float32 for math 0 and bfloat16 bits for maths 1 and 2; out
+// is float32 either way. Returns 0, or 1 for arguments it cannot take, 2
+// when built without AVX2, 3 when built without the math asked for.
 extern "C" int longattn_flash_cpu(
-    const float* q, int64_t q_sb, int64_t q_ss, int64_t q_sh,
-    const float* k, int64_t k_sb, int64_t k_ss, int64_t k_sh,
-    const float* v, int64_t v_sb, int64_t v_ss, int64_t v_sh,
+    const void* q, int64_t q_sb, int64_t q_ss, int64_t q_sh,
+    const void* k, int64_t k_sb, int64_t k_ss, int64_t k_sh,
+    const void* v, int64_t v_sb, int64_t v_ss, int64_t v_sh,
     float* out, int64_t o_sb, int64_t o_ss, int64_t o_sh, float* lse,
     int batch, int seqlen_q, int seqlen_k, int nheads, int nheads_k, int headdim,
     int window_left, int window_right, int sink, int causal, float scale, float softcap,
-    const int32_t* listed, int listed_per_block, int block_q, int num_threads) {
+    const int32_t* listed, int listed_per_block, int block_q, int math, int num_threads) {
 #ifdef LONGATTN_AVX2
   if (batch < 1 || seqlen_q < 1 || seqlen_k < 0 || nheads_k < 1 || nheads % nheads_k || headdim < W ||
       headdim % W || sink < 0 || num_threads < 1 || (listed != nullptr && (block_q < 1 || listed_per_block < 0)))
     return 1;
+  if (math < 0 || math > 30 || !((kMathsBuilt >> math) & 1)) return 3;
+  const int es = math == kMathF32 ? 4 : 2;  // bytes per input element
   // Items never straddle two query blocks of a listing: each block of block_q
   // rows splits into pieces of at most BM rows.
   const int bq = listed == nullptr ? BM : block_q;
@@ -327,7 +336,8 @@ extern "C" int longattn_flash_cpu(
                    window_right, sink, causal != 0, scale, softcap, listed_per_block, bq};
   const int blocks = (seqlen_q + bq - 1) / bq, pieces = (bq + BM - 1) / BM;
   const int64_t items = static_cast<int64_t>(batch) * nheads * blocks * pieces;
-  run_items(items, headdim, num_threads, [&](int64_t it, Scratch& s) {
+  const char *qb = static_cast<const char*>(q), *kb = static_cast<const char*>(k), *vb = static_cast<const char*>(v);
+  run_with_math(math, items, headdim, num_threads, [&](int64_t it, auto& engine, KeyLists& kl) {
     const int piece = static_cast<int>(it % pieces);
     const int block = static_cast<int>((it / pieces) % blocks);
     const int h = static_cast<int>((it / pieces / blocks) % nheads);
@@ -335,18 +345,19 @@ extern "C" int longattn_flash_cpu(
     const int first_row = block * bq + piece * BM;
     const int rows = std::min({BM, bq - piece * BM, seqlen_q - first_row});
     if (rows <= 0) return;
-    const Seq sq{q + b * q_sb, k + b * k_sb, v + b * v_sb, out + b * o_sb,
+    const Seq sq{qb + b * q_sb * es, kb + b * k_sb * es, vb + b * v_sb * es, out + b * o_sb,
                  lse + b * nheads * seqlen_q, seqlen_q,
                  listed == nullptr ? nullptr : listed + b * nheads * blocks * listed_per_block,
                  seqlen_q, seqlen_k};
-    work_item(pb, s, sq, h, block, first_row, rows);
+    work_item(pb, engine, kl, sq, h, block, first_row, rows);
   });
   return 0;
 #else
   (void)q; (void)q_sb; (void)q_ss; (void)q_sh; (void)k; (void)k_sb; (void)k_ss; (void)k_sh; (void)v; (void)v_sb;
   (void)v_ss; (void)v_sh; (void)out; (void)o_sb; (void)o_ss; (void)o_sh; (void)lse; (void)batch; (void)seqlen_q;
   (void)seqlen_k; (void)nheads; (void)nheads_k; (void)headdim; (void)window_left; (void)window_right; (void)sink;
-  (void)causal; (void)scale; (void)softcap; (void)listed; (void)listed_per_block; (void)block_q; (void)num_threads;
+  (void)causal; (void)scale; (void)softcap; (void)listed; (void)listed_per_block; (void)block_q; (void)math;
+  (void)num_threads;
   return 2;
 #endif
 }
@@ -360,21 +371,24 @@ extern "C" int longattn_flash_cpu(
 // sequence, each exactly the dense kernel's item on that sequence alone (same
 // bits); no padding to the longest sequence. Sequences of length 0 (either
 // side) are allowed: no queries, no items; no keys, rows out 0 and lse -inf.
-// Returns 0, or 1 for arguments it cannot take (prefix sums included), 2 when built without AVX2.
+// Input types and `math` as longattn_flash_cpu. Returns 0, or 1 for arguments
+// it cannot take (prefix sums included), 2 when built without AVX2, 3 without the math.
 extern "C" int longattn_flash_cpu_varlen(
-    const float* q, int64_t q_ss, int64_t q_sh,
-    const float* k, int64_t k_ss, int64_t k_sh,
-    const float* v, int64_t v_ss, int64_t v_sh,
+    const void* q, int64_t q_ss, int64_t q_sh,
+    const void* k, int64_t k_ss, int64_t k_sh,
+    const void* v, int64_t v_ss, int64_t v_sh,
     float* out, int64_t o_ss, int64_t o_sh, float* lse,
     const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, int batch, int64_t total_q, int64_t total_k,
     int nheads, int nheads_k, int headdim, int window_left, int window_right, int sink, int causal, float scale,
-    float softcap, int num_threads) {
+    float softcap, int math, int num_threads) {
 #ifdef LONGATTN_AVX2
   if (batch < 1 || total_q < 0 || total_k < 0 || nheads < 1 || nheads_k < 1 || nheads % nheads_k ||
       headdim < W || headdim % W || sink < 0 || num_threads < 1 || cu_seqlens_q == nullptr ||
       cu_seqlens_k == nullptr || cu_seqlens_q[0] != 0 || cu_seqlens_k[0] != 0 || cu_seqlens_q[batch] != total_q ||
       cu_seqlens_k[batch] != total_k)
     return 1;
+  if (math < 0 || math > 30 || !((kMathsBuilt >> math) & 1)) return 3;
+  const int es = math == kMathF32 ? 4 : 2;
   // first_item[b]: the number of the sequence's first item (a prefix sum over
   // sequences of nheads * its query blocks); an item finds its sequence by bisection.
   std::vector<int64_t> first_item(static_cast<size_t>(batch) + 1, 0);
@@ -386,7 +400,8 @@ extern "C" int longattn_flash_cpu_varlen(
   }
   const Problem pb{q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh, nheads, nheads_k, headdim, window_left,
                    window_right, sink, causal != 0, scale, softcap, 0, BM};
-  run_items(first_item[batch], headdim, num_threads, [&](int64_t it, Scratch& s) {
+  const char *qb = static_cast<const char*>(q), *kb = static_cast<const char*>(k), *vb = static_cast<const char*>(v);
+  run_with_math(math, first_item[batch], headdim, num_threads, [&](int64_t it, auto& engine, KeyLists& kl) {
     // The last sequence whose first item is <= it (sequences without queries own no items).
     const int b = static_cast<int>(std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin()) - 1;
     const int64_t q0 = cu_seqlens_q[b], k0 = cu_seqlens_k[b];
@@ -395,16 +410,16 @@ extern "C" int longattn_flash_cpu_varlen(
     const int64_t local = it - first_item[b];
     const int h = static_cast<int>(local / blocks), block = static_cast<int>(local % blocks);
     const int first_row = block * BM;
-    const Seq sq{q + q0 * q_ss, k + k0 * k_ss, v + k0 * v_ss, out + q0 * o_ss, lse + q0, total_q, nullptr,
-                 seqlen_q, seqlen_k};
-    work_item(pb, s, sq, h, block, first_row, std::min(BM, seqlen_q - first_row));
+    const Seq sq{qb + q0 * q_ss * es, kb + k0 * k_ss * es, vb + k0 * v_ss * es, out + q0 * o_ss, lse + q0, total_q,
+                 nullptr, seqlen_q, seqlen_k};
+    work_item(pb, engine, kl, sq, h, block, first_row, std::min(BM, seqlen_q - first_row));
   });
   return 0;
 #else
   (void)q; (void)q_ss; (void)q_sh; (void)k; (void)k_ss; (void)k_sh; (void)v; (void)v_ss; (void)v_sh; (void)out;
   (void)o_ss; (void)o_sh; (void)lse; (void)cu_seqlens_q; (void)cu_seqlens_k; (void)batch; (void)total_q;
   (void)total_k; (void)nheads; (void)nheads_k; (void)headdim; (void)window_left; (void)window_right; (void)sink;
-  (void)causal; (void)scale; (void)softcap; (void)num_threads;
+  (void)causal; (void)scale; (void)softcap; (void)math; (void)num_threads;
   return 2;
 #endif
 }

@@ -1,8 +1,9 @@
-"""The C++ CPU flash kernel against the float64 oracle, in every vector build this machine runs.
+"""The C++ CPU flash kernel against the float64 oracle, in every vector build and math engine this machine runs.
 
 The dense twin ``cpp`` is also run through tests/test_attention.py; here the
 kernel's own features (attention sinks with a left window, both vector
-widths, thread-count independence) and its availability reporting.
+widths, the float32 and native bfloat16 engines, thread-count independence)
+and its availability reporting.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longattn.kernels.dense.cpp import flash_forward_cpu, flash_unavailable_reason
+from longattn.kernels.dense.cpp import choose_math, flash_forward_cpu, flash_unavailable_reason, maths_built
+from longattn.kernels.support.cpp_build import cpu_features
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
 
 # The AVX-512 build (where the CPU has it) and the AVX2 build.
 BUILDS = [(), ("-mno-avx512f",)]
+# (build flags, math) pairs covering every engine: the default build's own
+# choice (bf16 dot products or AMX for bfloat16 where the CPU has them), its
+# float32 engine on the same inputs, AVX-512 without the bf16 dot, and AVX2.
+ENGINES = {
+    "default": ((), "auto"),
+    "default-fp32": ((), "fp32"),
+    "avx512-without-bf16-dot": (("-mno-avx512bf16",), "auto"),
+    "avx2": (("-mno-avx512f",), "auto"),
+}
 
 
 def _skip_reason(flags: tuple[str, ...]) -> str | None:
@@ -42,14 +53,15 @@ def _mask(seqlen_q, seqlen_k, left, right, sink, causal, listed=None, block_q=1)
     return mask
 
 
-@pytest.mark.parametrize("flags", BUILDS)
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 130), st.integers(0, 130), st.sampled_from([(1, 1), (2, 1), (4, 2)]),
        st.sampled_from([8, 16, 40, 64, 128]), st.integers(-1, 50), st.sampled_from([-1, 0, 3]), st.integers(0, 9),
        st.booleans(), st.sampled_from([0.0, 4.0]), st.sampled_from([torch.float32, torch.bfloat16]),
        st.integers(0, 2**16))
-def test_matches_the_oracle(flags, seqlen_q, seqlen_k, heads, headdim, left, right, sink, causal, softcap, dtype,
+def test_matches_the_oracle(engine, seqlen_q, seqlen_k, heads, headdim, left, right, sink, causal, softcap, dtype,
                             seed):
+    flags, math = engine
     if (why := _skip_reason(flags)) is not None:
         pytest.skip(why)
     nheads, nheads_k = heads
@@ -58,7 +70,7 @@ def test_matches_the_oracle(flags, seqlen_q, seqlen_k, heads, headdim, left, rig
     k = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
     v = torch.randn(2, seqlen_k, nheads_k, headdim, generator=gen).to(dtype)
     out, lse = flash_forward_cpu(q, k, v, scale=headdim ** -0.5, window=(left, right), softcap=softcap, sink=sink,
-                                 causal=causal, build_flags=flags)
+                                 causal=causal, build_flags=flags, math=math)
     mask = _mask(seqlen_q, seqlen_k, left, right, sink, causal)
     ref_out, ref_lse = attention_ref(q, k, v, softcap=softcap, mask=mask)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
@@ -66,37 +78,42 @@ def test_matches_the_oracle(flags, seqlen_q, seqlen_k, heads, headdim, left, rig
     assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
 
 
-@pytest.mark.parametrize("flags", BUILDS)
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 200), st.integers(1, 200), st.sampled_from([(1, 1), (2, 1)]), st.sampled_from([1, 7, 48, 64]),
-       st.integers(0, 40), st.integers(-1, 30), st.integers(0, 5), st.booleans(), st.integers(0, 2**16))
-def test_listed_keys_match_the_oracle(flags, seqlen_q, seqlen_k, heads, block_q, n_listed, left, sink, causal, seed):
+       st.integers(0, 40), st.integers(-1, 30), st.integers(0, 5), st.booleans(),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+def test_listed_keys_match_the_oracle(engine, seqlen_q, seqlen_k, heads, block_q, n_listed, left, sink, causal,
+                                      dtype, seed):
     """Block-sparse mode: per block of block_q query rows, listed key
-    positions (-1 padding, in any order) seen besides the window and sinks."""
+    positions (-1 padding, in any order, so tiles of gathered keys pair
+    arbitrary rows for the bf16 engines) seen besides the window and sinks."""
+    flags, math = engine
     if (why := _skip_reason(flags)) is not None:
         pytest.skip(why)
     nheads, nheads_k = heads
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, seqlen_q, nheads, 32, generator=gen)
-    k = torch.randn(1, seqlen_k, nheads_k, 32, generator=gen)
-    v = torch.randn(1, seqlen_k, nheads_k, 32, generator=gen)
+    q = torch.randn(1, seqlen_q, nheads, 32, generator=gen).to(dtype)
+    k = torch.randn(1, seqlen_k, nheads_k, 32, generator=gen).to(dtype)
+    v = torch.randn(1, seqlen_k, nheads_k, 32, generator=gen).to(dtype)
     blocks = -(-seqlen_q // block_q)
     listed = torch.stack([torch.randperm(seqlen_k + 5, generator=gen)[:n_listed] for _ in range(nheads * blocks)])
     listed = torch.where(listed >= seqlen_k, -1, listed).reshape(1, nheads, blocks, -1).to(torch.int32)
     right = 0 if causal else left
     out, lse = flash_forward_cpu(q, k, v, scale=0.2, window=(left, right), sink=sink, causal=causal, listed=listed,
-                                 block_q=block_q, build_flags=flags)
+                                 block_q=block_q, build_flags=flags, math=math)
     mask = _mask(seqlen_q, seqlen_k, left, right, sink, causal, listed, block_q)
     ref_out, ref_lse = attention_ref(q, k, v, softmax_scale=0.2, mask=mask)
     assert_close_to_oracle(out, ref_out, ref_out)
     assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
 
 
-def test_result_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_result_does_not_depend_on_the_thread_count(dtype):
     if (why := _skip_reason(())) is not None:
         pytest.skip(why)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 300, 4, 64, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 300, 4, 64, generator=gen).to(dtype) for _ in range(3))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -106,6 +123,45 @@ def test_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_the_bf16_dot_engine_is_built_where_the_cpu_has_avx512_bf16():
+    """The default build has the native bf16 engine exactly when the CPU does,
+    and auto sends bfloat16 there; float32 and float16 stay on float32 math."""
+    if (why := _skip_reason(())) is not None:
+        pytest.skip(why)
+    has = {"avx512f", "avx512_bf16"} <= cpu_features()
+    assert ("bf16-dot" in maths_built()) == has
+    assert choose_math(torch.bfloat16) in (("amx", "bf16-dot") if has else ("fp32", "amx"))
+    assert choose_math(torch.float32) == choose_math(torch.float16) == "fp32"
+    assert "bf16-dot" not in maths_built(("-mno-avx512bf16",))
+
+
+def test_math_errors_name_the_engine():
+    if (why := _skip_reason(())) is not None:
+        pytest.skip(why)
+    with pytest.raises(ValueError, match="math must be"):
+        choose_math(torch.bfloat16, "tensor-cores")
+    if "bf16-dot" in maths_built():
+        with pytest.raises(ValueError, match="takes bfloat16"):
+            choose_math(torch.float32, "bf16-dot")
+    with pytest.raises(Exception, match="not in this build"):
+        choose_math(torch.bfloat16, "bf16-dot", ("-mno-avx512bf16",))
+
+
+def test_bf16_engine_error_stays_within_the_rule_on_long_rows():
+    """The bf16 engines round P to bfloat16 for P V (relative error <= 2**-9
+    per weight, independent across keys): over 4k keys the output error must
+    still be within the tolerance rule, i.e. dominated by the output's own rounding."""
+    if (why := _skip_reason(())) is not None:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4096, 1, 64, generator=gen).to(torch.bfloat16) for _ in range(3))
+    q = q[:, -64:]  # the last 64 queries, each over ~4k keys
+    out, lse = flash_forward_cpu(q, k, v, scale=0.125, window=(-1, 0))
+    ref_out, ref_lse = attention_ref(q, k, v, softmax_scale=0.125, causal=True)
+    assert_close_to_oracle(out, ref_out, ref_out)
+    assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
 
 
 def test_a_build_without_avx2_reports_itself_unavailable():

@@ -214,7 +214,9 @@ class PreferSdpa:
     A row matches a call when its dtype is in ``dtypes``, ``min_seqlen_q <=
     seqlen_q <= max_seqlen_q`` and ``seqlen_k <= max_seqlen_k`` (None: no
     bound), and the machine has one of ``cpu_flags`` (``/proc/cpuinfo``
-    names; empty: any CPU) and, if ``needs_onednn``, a torch built with oneDNN
+    names; empty: any CPU) and none of ``unless_cpu_flags`` (which name the
+    features that give the kernel a faster engine than the row measured),
+    and, if ``needs_onednn``, a torch built with oneDNN
     (whose bf16/fp16 GEMMs are what makes SDPA fast in half precision).
     ``why`` is the measurement behind the row: the auto reason that errors
     and ``longattn doctor`` show.
@@ -224,6 +226,7 @@ class PreferSdpa:
     dtypes: tuple[torch.dtype, ...]
     why: str
     cpu_flags: tuple[str, ...] = ()
+    unless_cpu_flags: tuple[str, ...] = ()
     min_seqlen_q: int = 0
     max_seqlen_q: int | None = None
     max_seqlen_k: int | None = None
@@ -233,7 +236,10 @@ class PreferSdpa:
         """Whether this machine has what the row asks of the CPU and torch."""
         if self.needs_onednn and not torch.backends.mkldnn.is_available():
             return False
-        return not self.cpu_flags or any(flag in cpu_flags() for flag in self.cpu_flags)
+        have = cpu_flags()
+        if any(flag in have for flag in self.unless_cpu_flags):
+            return False
+        return not self.cpu_flags or any(flag in have for flag in self.cpu_flags)
 
     def matches(self, dtype: torch.dtype, seqlen_q: int, seqlen_k: int) -> bool:
         return (
@@ -245,34 +251,36 @@ class PreferSdpa:
         )
 
 
-# The C++ kernel computes in float32 whatever the input dtype (half-precision
-# inputs are widened, a copy) in blocks of 48 query rows, so it wins on long
-# query runs and loses on short ones (mostly padding), while SDPA's bf16/fp16
-# speed depends on the CPU: oneDNN's GEMMs are native with AMX (and fp16 with
-# AVX512-FP16/AMX-FP16), emulated or scalar otherwise. Measured (causal,
-# D=128, batch 1, H=32/8 (GQA) and H=8/8, median of interleaved runs, CPU
-# time of one thread so other load on the machine does not skew it; the
-# ratio is cpp time / SDPA time, > 1 means SDPA is faster):
+# The C++ kernel runs blocks of 48 query rows, so it wins on long query runs
+# and loses on short ones (mostly padding). Its arithmetic depends on the
+# CPU: bfloat16 runs natively with AVX512-BF16 dot products (the "bf16-dot"
+# engine, csrc/cpu/flash_cpu.cpp), everything else in float32 (half-precision
+# inputs widened, a copy). SDPA's bf16/fp16 speed depends on the CPU too:
+# oneDNN's GEMMs are native with AMX (and fp16 with AVX512-FP16/AMX-FP16),
+# emulated or scalar otherwise. Measured (causal, D=128, batch 1, H=32/8
+# (GQA) and H=8/8, best of 7 with one thread, so other load on the machine
+# does not skew it; the ratio is cpp time / SDPA time, > 1 means SDPA is faster):
 #
-# AMD EPYC (flags avx512f, avx512_bf16; no AMX, no avx512_fp16: Zen 4 class), torch 2.13:
+# AMD EPYC Zen 4 (flags avx512f, avx512_bf16; no AMX, no avx512_fp16), torch 2.13:
 #   seqlen_q = seqlen_k     1     4     8    16    32    64    96   128  1024  4096
 #   float32              6.75  3.71  2.28  1.93  1.34  1.09  0.71  0.72  0.73  0.90
-#   bfloat16             4.94  2.19  1.68  1.75  1.45  1.17  1.27  0.79  0.87  0.92
+#   bfloat16 (bf16-dot)  5.4   1.9   1.5   1.3   0.92  0.74  0.52  0.49  0.42     -
+#   bfloat16 (fp32 math) 4.94  2.19  1.68  1.75  1.45  1.17  1.27  0.79  0.87  0.92
 #   float16              2.22  1.19  0.80  0.67  0.63  0.47     -  0.33  0.61  0.62
-#   one query over 64-4096 keys: float32 3.9 (4k); bfloat16 0.53-0.86 (SDPA's
-#   bf16 single-query path is slow); float16 0.58-0.83. 16-128 queries over
-#   4096 keys: float32 1.48/1.00/0.77, bfloat16 1.63/1.06/0.72 at 16/64/128.
-#   So here: SDPA up to 64 queries in float32 and 96 in bfloat16, the C++
-#   kernel above, and for float16 almost always (SDPA's fp16 GEMM is not native).
-#   AVX512-BF16 alone does not make SDPA's bf16 faster than the kernel's
-#   float32 math at 1k-4k (0.87-0.92): no bf16 row for it. (Wall-clock runs
-#   with 2 threads on the then busy 2-core machine showed SDPA ahead in bf16
-#   at 1k, 47 vs 57 ms; that gap is scheduling: each parallel region, e.g.
-#   the kernel's bf16->fp32 widening copies, waited ~4-8 ms for the second
-#   core, against ~0.1 ms with the core free. Their minima agree with the
-#   table: cpp 29 ms, SDPA 40 ms.)
+#   (H=8/8 alike: bf16-dot 5.1 2.1 1.75 1.57 1.09 0.81 0.54 0.52 0.43.)
+#   Queries over 4096 keys (1/16/64/128): float32 3.9/1.48/1.00/0.77;
+#   bfloat16 bf16-dot 0.34/0.99/0.63/0.50 (fp32 math 0.53-0.86/1.63/1.06/0.72);
+#   float16 0.58-0.83 at one query.
+#   So here: SDPA up to 64 queries in float32; in bfloat16 up to 16 queries
+#   (32 with fp32 math: 96), the C++ kernel above; float16 almost always the
+#   kernel (SDPA's fp16 GEMM is not native). (Wall-clock runs with 2 threads
+#   on a busy 2-core machine can show SDPA ahead: each parallel region waits
+#   for the second core; minima agree with the table.)
 # Intel Xeon with AMX (amx_bf16), bf16 4k, H=8: SDPA 128-157 ms (oneDNN,
-#   220-270 GFLOP/s), cpp 491-504 ms: SDPA 3-4x faster at every length.
+#   220-270 GFLOP/s), cpp with float32 math 491-504 ms: SDPA 3-4x faster at
+#   every length. The kernel's bf16 engines (bf16 dot products, AMX tiles)
+#   are not yet measured on that CPU (no such machine here): until they are,
+#   auto keeps SDPA there; backend="cpp" runs them.
 # float16 with AVX512-FP16/AMX-FP16 (Sapphire/Granite Rapids): not measured
 #   (no such CPU here); oneDNN's fp16 GEMM is native there as bf16's is with
 #   AMX, so the row follows the AMX bf16 evidence.
@@ -283,22 +291,29 @@ AUTO_PREFER_SDPA: tuple[PreferSdpa, ...] = (
         "SDPA measured 1.1-6.8x faster (EPYC, 1-64 queries)",
     ),
     PreferSdpa(
-        "bf16-short", (torch.bfloat16,), min_seqlen_q=2, max_seqlen_q=96,
-        why="bfloat16 with 2-96 queries: SDPA measured 1.2-3x faster (EPYC)",
+        "bf16-short", (torch.bfloat16,), min_seqlen_q=2, max_seqlen_q=96, unless_cpu_flags=("avx512_bf16",),
+        why="bfloat16 with 2-96 queries and the kernel in float32 math (no AVX512-BF16): "
+        "SDPA measured 1.2-3x faster (EPYC)",
     ),
     PreferSdpa(
-        "bf16-tiny", (torch.bfloat16,), max_seqlen_q=96, max_seqlen_k=96,
-        why="bfloat16 with at most 96 queries and keys: SDPA measured 1.2-4.9x faster (EPYC)",
+        "bf16-tiny", (torch.bfloat16,), max_seqlen_q=96, max_seqlen_k=96, unless_cpu_flags=("avx512_bf16",),
+        why="bfloat16 with at most 96 queries and keys and the kernel in float32 math (no AVX512-BF16): "
+        "SDPA measured 1.2-4.9x faster (EPYC)",
     ),
     PreferSdpa(
-        "fp16-tiny", (torch.float16,), max_seqlen_q=4, max_seqlen_k=4,
-        why="float16 with at most 4 queries and keys: SDPA measured 1.2-2.2x faster (EPYC; "
-        "from 8 tokens its non-native fp16 GEMM makes it slower)",
+        "bf16-dot-short", (torch.bfloat16,), min_seqlen_q=2, max_seqlen_q=16, cpu_flags=("avx512_bf16",),
+        why="bfloat16 with 2-16 queries (the kernel's bf16 dot-product engine): SDPA measured 1.3-2.1x faster "
+        "on short squares, even at 16 queries over 4k keys (Zen 4 EPYC)",
+    ),
+    PreferSdpa(
+        "bf16-dot-tiny", (torch.bfloat16,), max_seqlen_q=16, max_seqlen_k=16, cpu_flags=("avx512_bf16",),
+        why="bfloat16 with at most 16 queries and keys (the kernel's bf16 dot-product engine): "
+        "SDPA measured 1.3-5.4x faster (Zen 4 EPYC)",
     ),
     PreferSdpa(
         "bf16-amx", (torch.bfloat16,), cpu_flags=("amx_bf16", "amx_tile"), needs_onednn=True,
         why="bfloat16 on a CPU with AMX: SDPA's oneDNN bf16 GEMMs measured 3-4x faster than the "
-        "kernel's float32 math (Xeon, 4k causal)",
+        "kernel's float32 math (Xeon, 4k causal); its bf16 engines are not measured there yet",
     ),
     PreferSdpa(
         "fp16-native", (torch.float16,), cpu_flags=("amx_fp16", "avx512_fp16"), needs_onednn=True,

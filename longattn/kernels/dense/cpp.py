@@ -51,7 +51,7 @@ _ARGTYPES = [
     _PTR, _I64, _I64, _I64, _PTR,  # out, its strides, lse
     _INT, _INT, _INT, _INT, _INT, _INT,  # batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim
     _INT, _INT, _INT, _INT, _FLOAT, _FLOAT,  # window left/right, sink, causal, scale, softcap
-    _PTR, _INT, _INT, _INT,  # listed key positions, their count per query block, block_q, threads
+    _PTR, _INT, _INT, _INT, _INT,  # listed key positions, their count per query block, block_q, math, threads
 ]
 _VARLEN_ARGTYPES = [
     _PTR, _I64, _I64,  # q, strides (token, head)
@@ -60,8 +60,14 @@ _VARLEN_ARGTYPES = [
     _PTR, _I64, _I64, _PTR,  # out, its strides, lse
     _PTR, _PTR, _INT, _I64, _I64,  # cu_seqlens_q, cu_seqlens_k, batch, total_q, total_k
     _INT, _INT, _INT,  # nheads, nheads_k, headdim
-    _INT, _INT, _INT, _INT, _FLOAT, _FLOAT, _INT,  # window left/right, sink, causal, scale, softcap, threads
+    _INT, _INT, _INT, _INT, _FLOAT, _FLOAT, _INT, _INT,  # window left/right, sink, causal, scale, softcap, math, threads
 ]
+
+# The kernel's arithmetic engines (the ``math`` argument of the C entry points):
+# "fp32" float32 FMAs (every AVX2 build; fp16/bf16 inputs widened first),
+# "bf16-dot" bfloat16 inputs read in place with AVX512-BF16 dot products,
+# "amx" bfloat16 through AMX tiles. Float32 accumulation and softmax in all.
+MATHS = {"fp32": 0, "bf16-dot": 1, "amx": 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +76,44 @@ def _library(build_flags: tuple[str, ...] = ()):
     if lib.longattn_flash_cpu_lanes() == 0:
         raise BuildError("the C++ flash kernel needs AVX2 and FMA, which this CPU (or build) lacks")
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def maths_built(build_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The :data:`MATHS` this build of the kernel has (builds on first use;
+    raises :class:`BuildError` when it cannot be built here)."""
+    mask = _library(build_flags).longattn_flash_cpu_maths()
+    return tuple(name for name, bit in MATHS.items() if mask >> bit & 1)
+
+
+def choose_math(dtype: torch.dtype, math: str = "auto", build_flags: tuple[str, ...] = ()) -> str:
+    """The engine a call on ``dtype`` inputs runs: ``math`` itself, checked
+    against the build, or for ``"auto"`` the fastest the build has for the
+    dtype (bfloat16: AMX tiles, else bf16 dot products, else float32;
+    float32 and float16: float32)."""
+    built = maths_built(build_flags)
+    if math == "auto":
+        if dtype == torch.bfloat16:
+            return next((m for m in ("amx", "bf16-dot") if m in built), "fp32")
+        return "fp32"
+    if math not in MATHS:
+        raise ValueError(f"math must be 'auto' or one of {sorted(MATHS)}, got {math!r}")
+    if math not in built:
+        raise BuildError(f"math={math!r} is not in this build of the C++ flash kernel (it has {list(built)}: "
+                         "the CPU or the build flags lack the instructions)")
+    if math != "fp32" and dtype != torch.bfloat16:
+        raise ValueError(f"math={math!r} takes bfloat16 inputs, got {dtype}")
+    return math
+
+
+def _kernel_inputs(tensors, math: str, pad: int):
+    """q, k, v as the engine reads them: float32 (widened once, a copy) for
+    "fp32", bfloat16 in place otherwise; head dims zero-padded by ``pad``."""
+    if math == "fp32":
+        tensors = tuple(t.float() for t in tensors)
+    if pad:
+        tensors = tuple(F.pad(t, (0, pad)) for t in tensors)
+    return tensors
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,9 +167,12 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def flash_forward_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0, sink: int = 0, causal: bool = False, listed: torch.Tensor | None = None,
-    block_q: int = 1, build_flags: tuple[str, ...] = (),
+    block_q: int = 1, build_flags: tuple[str, ...] = (), math: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``; inputs already validated (:func:`longattn.attention`).
+
+    ``math`` picks the arithmetic (:func:`choose_math`; ``"auto"``: bfloat16
+    inputs run natively where the CPU can, everything else in float32).
 
     Query ``i`` (at key position ``p = i + seqlen_k - seqlen_q``) sees key
     ``j`` iff (not ``causal`` or ``j <= p``) and (``j`` is in the window
@@ -135,6 +182,7 @@ def flash_forward_cpu(
     positions seen by the rows of each query block of ``block_q`` rows, -1
     for none (block-sparse attention), or None."""
     fn = _kernel(build_flags)
+    math = choose_math(q.dtype, math, build_flags)
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     out = torch.empty(batch, seqlen_q, nheads, headdim, dtype=torch.float32)
@@ -142,9 +190,8 @@ def flash_forward_cpu(
     if q.numel() == 0 or seqlen_k == 0:
         return out.zero_().to(q.dtype), lse
     pad = -headdim % HEADDIM_MULTIPLE
-    qf, kf, vf = (t.float() for t in (q, k, v))
+    qf, kf, vf = _kernel_inputs((q, k, v), math, pad)
     if pad:
-        qf, kf, vf = (F.pad(t, (0, pad)) for t in (qf, kf, vf))
         out = torch.empty(batch, seqlen_q, nheads, headdim + pad, dtype=torch.float32)
     # headdim innermost and contiguous (the kernel's one requirement on strides)
     qf, kf, vf = (t if t.stride(3) == 1 else t.contiguous() for t in (qf, kf, vf))
@@ -164,7 +211,7 @@ def flash_forward_cpu(
         batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim + pad,
         *_c_int_window(window, seqlen_q + seqlen_k), min(sink, seqlen_k), int(causal), scale, softcap,
         None if listed is None else listed.data_ptr(), 0 if listed is None else listed.shape[-1], block_q,
-        kernel_threads(),
+        MATHS[math], kernel_threads(),
     )
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu rejected its arguments (status {status}); this is a bug")
@@ -181,7 +228,7 @@ def _seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
 def flash_varlen_forward_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, *, scale: float, window: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0, build_flags: tuple[str, ...] = (),
+    softcap: float = 0.0, build_flags: tuple[str, ...] = (), math: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed sequences (flash-attn's ``flash_attn_varlen_func`` layout): ``(out, lse)``.
 
@@ -212,6 +259,7 @@ def flash_varlen_forward_cpu(
     """
     del max_seqlen_q, max_seqlen_k  # see the docstring: the prefix sums are the truth
     fn = _varlen_kernel(build_flags)
+    math = choose_math(q.dtype, math, build_flags)
     total_q, nheads, headdim = q.shape
     total_k, nheads_k = k.shape[0], k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
@@ -229,9 +277,7 @@ def flash_varlen_forward_cpu(
     # Every row of q belongs to one sequence (cu_q[-1] = total_q), so the kernel writes all of out and lse.
     out = torch.empty(total_q, nheads, headdim + pad, dtype=torch.float32)
     lse = torch.empty(nheads, total_q, dtype=torch.float32)
-    qf, kf, vf = (t.float() for t in (q, k, v))  # half precision: widened once (a copy)
-    if pad:
-        qf, kf, vf = (F.pad(t, (0, pad)) for t in (qf, kf, vf))
+    qf, kf, vf = _kernel_inputs((q, k, v), math, pad)
     # headdim innermost and contiguous (the kernel's one requirement on strides)
     qf, kf, vf = (t if t.stride(2) == 1 else t.contiguous() for t in (qf, kf, vf))
     # Head-major K/V copies as in flash_forward_cpu (same bits, fewer TLB misses
@@ -244,7 +290,7 @@ def flash_varlen_forward_cpu(
         qf.data_ptr(), qf.stride(0), qf.stride(1), kf.data_ptr(), kf.stride(0), kf.stride(1),
         vf.data_ptr(), vf.stride(0), vf.stride(1), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(),
         cu_q.data_ptr(), cu_k.data_ptr(), batch, total_q, total_k, nheads, nheads_k, headdim + pad,
-        *_c_int_window(window, longest_q + longest_k), 0, 0, scale, softcap, kernel_threads(),
+        *_c_int_window(window, longest_q + longest_k), 0, 0, scale, softcap, MATHS[math], kernel_threads(),
     )
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu_varlen rejected its arguments (status {status}); this is a bug")

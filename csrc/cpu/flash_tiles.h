@@ -1,0 +1,254 @@
+// The flash kernel's tile walk, shared by its math engines (header-only).
+//
+// A work item is (sequence, head, block of BM query rows; with listed keys,
+// a piece of at most BM rows of one listing block of block_q). work_item()
+// decides which keys the item's rows may see -- the window span [lo, hi)
+// (causal: up to the last row), the sinks left and right of it, and listed
+// keys outside both -- cuts them into tiles of at most BN keys, and says per
+// tile whether every row sees every key (no mask needed). What happens to a
+// tile is the engine's: it scores the keys, folds them into the online
+// softmax and accumulates P V, in its own arithmetic (flash_cpu.cpp: float32
+// FMAs, bf16 dot products; flash_amx.h: AMX tiles). So every engine sees the
+// same keys in the same order and the visibility rule lives here once.
+//
+// Visibility: query row i sits at key position p = i + seqlen_k - seqlen_q
+// and sees key j iff (not causal or j <= p) and
+//   * j is in the window: (left < 0 or j >= p - left) and (right < 0 or j <= p + right)
+//     (flash-attn's convention; dense attention passes causal folded into right = 0), or
+//   * j < sink (a sink), or
+//   * j is listed for the row's query block (block-sparse attention: the
+//     caller passes, per (batch, head, block of block_q rows), key positions or -1).
+//
+// An engine provides
+//   explicit Engine(int headdim);                      // per-thread scratch
+//   void begin(const Problem&, const Seq&, int h, int first_row, int rows);
+//   void tile(const Problem&, const Seq&, int kv_head, const int64_t* keys, const uint8_t* listed,
+//             int n, int rows, int64_t p0, bool needs_mask);
+//   void finish(const Problem&, const Seq&, int h, int first_row, int rows);
+// keys[0..n) are the tile's key positions (n <= BN); listed (or null) flags
+// listed keys; rows at positions p0 .. p0 + rows - 1.
+
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+#ifdef LONGATTN_AVX2
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int W = Isa::W;
+constexpr int NQ = 3;        // query vectors per work item
+constexpr int BM = NQ * W;   // query rows per work item: 48 with AVX-512, 24 with AVX2
+constexpr int KR = 8;        // keys per score micro-step (KR x NQ accumulators)
+constexpr int BN = 64;       // keys per tile (a multiple of KR)
+constexpr int R = 6;         // rows per P V micro-step (R x NV accumulators)
+constexpr int NV = 4;        // headdim vectors per P V micro-step
+
+// What every work item shares: row and head strides (element strides, 64-bit:
+// rows of a packed tensor pass 2**31 elements), shape and mask options.
+struct Problem {
+  int64_t q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh;
+  int nheads, nheads_k, headdim, left, right, sink;
+  bool causal;
+  float scale, softcap;
+  int listed_per_block, block_q;
+};
+
+// One sequence: a batch entry of the dense layout, or one packed sequence of
+// the varlen layout. Pointers are at its row 0 (head 0), q/k/v in the
+// engine's input type (float, or bf16 bits as uint16_t); strides are the Problem's.
+struct Seq {
+  const void *q, *k, *v;
+  float* out;
+  float* lse;      // lse of (head 0, row 0)
+  int64_t lse_sh;  // lse head stride
+  const int32_t* listed;  // (nheads, query blocks, listed_per_block) key positions, -1 = none; or null
+  int seqlen_q, seqlen_k;
+};
+
+// A tile's key positions and the listed-key bookkeeping; one per thread.
+struct KeyLists {
+  std::vector<uint8_t> in_list;      // listed flags over the window span
+  std::vector<int64_t> keys, extra;  // a tile's key positions; listed keys outside the span
+  KeyLists() : keys(BN) {}
+};
+
+inline bool visible(const Problem& pb, int64_t j, int64_t p, bool listed) {
+  if (pb.causal && j > p) return false;
+  const bool in_window = (pb.left < 0 || j >= p - pb.left) && (pb.right < 0 || j <= p + pb.right);
+  return in_window || j < pb.sink || listed;
+}
+
+// Every row of the item sees every key of [j0, jl] (no mask needed).
+inline bool whole_tile(const Problem& pb, int64_t j0, int64_t jl, int n, int rows, int64_t p0, int64_t p1) {
+  if (n != BN || rows != BM || (pb.causal && jl > p0)) return false;
+  const bool all_in_window = (pb.left < 0 || j0 >= p1 - pb.left) && (pb.right < 0 || jl <= p0 + pb.right);
+  return all_in_window || jl < pb.sink;
+}
+
+// cap * tanh(x / cap), with tanh(y) = 1 - 2 / (exp(2y) + 1) (saturates to +-1, no overflow).
+inline Isa::vec softcap_vec(Isa::vec x, float cap) {
+  const Isa::vec e = Isa::exp(Isa::mul(x, Isa::set1(2.0f / cap)));
+  const Isa::vec t = Isa::sub(Isa::set1(1.0f), Isa::div(Isa::set1(2.0f), Isa::add(e, Isa::set1(1.0f))));
+  return Isa::mul(t, Isa::set1(cap));
+}
+
+// Key-major scores st[j * BM + r] (j < n_scored, a multiple of KR) of one
+// tile -> probabilities, folding the tile into the running max m, sum l of
+// each row; alpha[r] = exp(m_old - m_new) is what the row's accumulated
+// output must be scaled by. Applies softcap, then the mask (keys j >= n and
+// invisible ones become -inf) when needs_mask.
+inline void online_softmax(const Problem& pb, float* st, const int64_t* keys, const uint8_t* listed, int n,
+                           int n_scored, int64_t p0, bool needs_mask, float* m, float* l, float* alpha) {
+  if (pb.softcap > 0)
+    for (int j = 0; j < n_scored; ++j)
+      for (int c = 0; c < NQ; ++c)
+        Isa::store(st + j * BM + c * W, softcap_vec(Isa::load(st + j * BM + c * W), pb.softcap));
+  if (needs_mask)
+    for (int j = 0; j < n_scored; ++j)
+      for (int r = 0; r < BM; ++r)
+        if (j >= n || !visible(pb, keys[j], p0 + r, listed != nullptr && listed[j])) st[j * BM + r] = kNegInf;
+  for (int c = 0; c < NQ; ++c) {
+    Isa::vec tile_max = Isa::set1(kNegInf);
+    for (int j = 0; j < n_scored; ++j) tile_max = Isa::max(tile_max, Isa::load(st + j * BM + c * W));
+    const Isa::vec m_old = Isa::load(m + c * W);
+    const Isa::vec m_new = Isa::max(m_old, tile_max);
+    const Isa::vec m_sub = Isa::finite_or_zero(m_new);
+    const Isa::vec a = Isa::exp(Isa::sub(m_old, m_sub));
+    Isa::vec sum = Isa::zero();
+    for (int j = 0; j < n_scored; ++j) {
+      const Isa::vec p = Isa::exp(Isa::sub(Isa::load(st + j * BM + c * W), m_sub));
+      Isa::store(st + j * BM + c * W, p);
+      sum = Isa::add(sum, p);
+    }
+    Isa::store(m + c * W, m_new);
+    Isa::store(l + c * W, Isa::fma(a, Isa::load(l + c * W), sum));
+    Isa::store(alpha + c * W, a);
+  }
+}
+
+// out rows = o / l, lse = m + log(l); rows that saw nothing: 0 and -inf.
+inline void write_rows(const Problem& pb, const Seq& sq, int h, int first_row, int rows, const float* o,
+                       const float* m, const float* l) {
+  const int headdim = pb.headdim;
+  for (int r = 0; r < rows; ++r) {
+    float* orow = sq.out + static_cast<int64_t>(first_row + r) * pb.o_ss + static_cast<int64_t>(h) * pb.o_sh;
+    float* lse = sq.lse + static_cast<int64_t>(h) * sq.lse_sh + first_row + r;
+    if (l[r] > 0) {
+      const float inv = 1.0f / l[r];
+      for (int d = 0; d < headdim; ++d) orow[d] = o[static_cast<size_t>(r) * headdim + d] * inv;
+      *lse = m[r] + std::log(l[r]);
+    } else {
+      for (int d = 0; d < headdim; ++d) orow[d] = 0.0f;
+      *lse = kNegInf;
+    }
+  }
+}
+
+// Row r's query (rows past the item's last repeat it: they are padding).
+template <class T>
+inline const T* query_row(const Problem& pb, const Seq& sq, int h, int first_row, int r, int rows) {
+  return static_cast<const T*>(sq.q) + static_cast<int64_t>(first_row + std::min(r, rows - 1)) * pb.q_ss +
+         static_cast<int64_t>(h) * pb.q_sh;
+}
+
+// Key or value rows of one kv head: base + kv_head * head_stride.
+template <class T>
+inline const T* head_rows(const void* base, int64_t head_stride, int kv_head) {
+  return static_cast<const T*>(base) + static_cast<int64_t>(kv_head) * head_stride;
+}
+
+// The float32 state of an item's rows that engines with key-major scores
+// share: the tile's scores st (BN x BM), the output accumulator o (BM x
+// headdim), running max m, sum l and the last tile's rescale alpha.
+struct RowState {
+  std::vector<float> st, o, m, l, alpha;
+  explicit RowState(int headdim)
+      : st(BN * BM), o(static_cast<size_t>(BM) * headdim), m(BM), l(BM), alpha(BM) {}
+  void reset() {
+    std::fill(o.begin(), o.end(), 0.0f);
+    std::fill(m.begin(), m.end(), kNegInf);
+    std::fill(l.begin(), l.end(), 0.0f);
+  }
+  void finish(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
+    write_rows(pb, sq, h, first_row, rows, o.data(), m.data(), l.data());
+  }
+};
+
+template <class Engine>
+void work_item(const Problem& pb, Engine& e, KeyLists& kl, const Seq& sq, int h, int query_block, int first_row,
+               int rows) {
+  const int kv_head = h / (pb.nheads / pb.nheads_k);
+  const int64_t offset = static_cast<int64_t>(sq.seqlen_k) - sq.seqlen_q;
+  const int64_t p0 = first_row + offset, p1 = p0 + rows - 1;
+  e.begin(pb, sq, h, first_row, rows);
+  // Keys some row may see: the window span [lo, hi) (causal: up to p1), the
+  // sinks [0, sink_end) left and right of it, and listed keys outside both.
+  const int64_t visible_end = pb.causal ? std::min<int64_t>(sq.seqlen_k, p1 + 1) : sq.seqlen_k;
+  const int64_t hi = std::max<int64_t>(0, pb.right < 0 ? visible_end : std::min(visible_end, p1 + pb.right + 1));
+  const int64_t lo = std::min(hi, pb.left < 0 ? int64_t{0} : std::max<int64_t>(0, p0 - pb.left));
+  const int64_t sink_end = std::min<int64_t>(pb.sink, visible_end);
+  const int64_t ranges[3][2] = {{0, std::min(sink_end, lo)}, {lo, hi}, {std::max(hi, lo), sink_end}};
+  const int32_t* listed = sq.listed == nullptr ? nullptr
+      : sq.listed + (static_cast<int64_t>(h) * ((sq.seqlen_q + pb.block_q - 1) / pb.block_q) + query_block) *
+                        pb.listed_per_block;
+  kl.extra.clear();
+  if (listed != nullptr) {
+    kl.in_list.assign(static_cast<size_t>(hi - lo), 0);
+    for (int t = 0; t < pb.listed_per_block; ++t) {
+      const int64_t j = listed[t];
+      if (j < 0 || j >= visible_end || j < sink_end) continue;  // none, never visible, or a sink anyway
+      if (j >= lo && j < hi) kl.in_list[j - lo] = 1;
+      else kl.extra.push_back(j);
+    }
+  }
+  int64_t* keys = kl.keys.data();
+  for (int t = 0; t < 3; ++t) {
+    const uint8_t* flags = (t == 1 && listed != nullptr) ? kl.in_list.data() : nullptr;
+    for (int64_t j0 = ranges[t][0]; j0 < ranges[t][1]; j0 += BN) {
+      const int n = static_cast<int>(std::min<int64_t>(BN, ranges[t][1] - j0));
+      for (int j = 0; j < n; ++j) keys[j] = j0 + j;
+      const bool whole = whole_tile(pb, j0, j0 + n - 1, n, rows, p0, p1);
+      e.tile(pb, sq, kv_head, keys, flags == nullptr ? nullptr : flags + (j0 - lo), n, rows, p0, !whole);
+    }
+  }
+  static const std::array<uint8_t, BN> kAllListed = [] {
+    std::array<uint8_t, BN> flags{};
+    flags.fill(1);
+    return flags;
+  }();
+  for (size_t e0 = 0; e0 < kl.extra.size(); e0 += BN) {
+    const int n = static_cast<int>(std::min<size_t>(BN, kl.extra.size() - e0));
+    int64_t last = 0;
+    for (int j = 0; j < n; ++j) last = std::max(last, keys[j] = kl.extra[e0 + j]);
+    // listed keys are seen by every row, up to causality
+    const bool whole = n == BN && rows == BM && (!pb.causal || last <= p0);
+    e.tile(pb, sq, kv_head, keys, kAllListed.data(), n, rows, p0, !whole);
+  }
+  e.finish(pb, sq, h, first_row, rows);
+}
+
+// Runs items [0, items) on num_threads threads; item(it, engine, key_lists)
+// does one. Each item is computed by one thread in a fixed order: results do
+// not depend on the thread count or the schedule.
+template <class Engine, class Item>
+void run_items(int64_t items, int headdim, int num_threads, const Item& item) {
+#pragma omp parallel num_threads(num_threads)
+  {
+    Engine e(headdim);
+    KeyLists kl;
+    // Items differ in cost (causal rows see more keys the later they sit): hand them out dynamically.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) item(it, e, kl);
+  }
+}
+
+}  // namespace
+#endif  // LONGATTN_AVX2
