@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from longattn.cli import main
 
@@ -62,6 +63,26 @@ def test_quick_bench_writes_checked_results(tmp_path, capsys):
     assert timed >= 3 * len(results["cases"])  # longattn, eager twin, sdpa at least
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "times.png").stat().st_size > 0
+
+
+def test_quick_bf16_bench_names_the_engine_and_keeps_targets_to_their_sizes(tmp_path, capsys):
+    from longattn.kernels.dense.cpp import choose_math, flash_unavailable_reason
+
+    assert main(["bench", "dense-bf16", "--quick", "--out", tmp_path, "--quiet"]) == 0
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["group"] == "dense-bf16" and results["cases"]
+    for case in results["cases"]:
+        assert case["params"]["dtype"] == "bfloat16"
+        assert case["targets"] == []  # the targets are for 8k and 32k only
+        cpp = case["methods"]["longattn cpp"]
+        if flash_unavailable_reason() is None:
+            engine = f"engine: {choose_math(torch.bfloat16)}"
+            assert cpp["note"] == engine and engine in table
+            # against SDPA's bf16 output: both round the output to bf16 once
+            assert cpp["max_error"] <= 0.05
+        else:
+            assert cpp["skipped"]
 
 
 def test_unknown_group_is_a_clear_error(capsys):

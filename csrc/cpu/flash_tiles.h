@@ -80,10 +80,19 @@ struct KeyLists {
   KeyLists() : keys(BN) {}
 };
 
-inline bool visible(const Problem& pb, int64_t j, int64_t p, bool listed) {
-  if (pb.causal && j > p) return false;
-  const bool in_window = (pb.left < 0 || j >= p - pb.left) && (pb.right < 0 || j <= p + pb.right);
-  return in_window || j < pb.sink || listed;
+// The rows r (at positions p0 + r) that see key j form one interval [lo, hi]
+// (the window's edges and causality each bound r from one side; a sink or a
+// listed key drops the window's bounds), clamped to [-1, BM]: empty when lo > hi.
+// This is the visibility rule of the header comment, solved for r.
+inline void visible_rows(const Problem& pb, int64_t j, int64_t p0, bool listed, int* lo, int* hi) {
+  const int64_t rel = j - p0;  // row r sees j only if (causal) r >= rel
+  int64_t first = pb.causal ? rel : std::numeric_limits<int64_t>::min() / 2, last = BM - 1;
+  if (!(j < pb.sink || listed)) {
+    if (pb.right >= 0) first = std::max(first, rel - pb.right);  // j <= p + right
+    if (pb.left >= 0) last = std::min(last, rel + pb.left);      // j >= p - left
+  }
+  *lo = static_cast<int>(std::clamp<int64_t>(first, -1, BM));
+  *hi = static_cast<int>(std::clamp<int64_t>(last, -1, BM));
 }
 
 // Every row of the item sees every key of [j0, jl] (no mask needed).
@@ -112,9 +121,13 @@ inline void online_softmax(const Problem& pb, float* st, const int64_t* keys, co
       for (int c = 0; c < NQ; ++c)
         Isa::store(st + j * BM + c * W, softcap_vec(Isa::load(st + j * BM + c * W), pb.softcap));
   if (needs_mask)
-    for (int j = 0; j < n_scored; ++j)
-      for (int r = 0; r < BM; ++r)
-        if (j >= n || !visible(pb, keys[j], p0 + r, listed != nullptr && listed[j])) st[j * BM + r] = kNegInf;
+    for (int j = 0; j < n_scored; ++j) {
+      int lo = BM, hi = -1;  // nothing visible (keys past n)
+      if (j < n) visible_rows(pb, keys[j], p0, listed != nullptr && listed[j], &lo, &hi);
+      if (lo <= 0 && hi >= BM - 1) continue;
+      for (int c = 0; c < NQ; ++c)
+        Isa::store(st + j * BM + c * W, Isa::keep_lanes_between(Isa::load(st + j * BM + c * W), c * W, lo, hi));
+    }
   for (int c = 0; c < NQ; ++c) {
     Isa::vec tile_max = Isa::set1(kNegInf);
     for (int j = 0; j < n_scored; ++j) tile_max = Isa::max(tile_max, Isa::load(st + j * BM + c * W));

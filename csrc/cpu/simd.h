@@ -113,6 +113,13 @@ struct Avx2 {
     const __m256i over = _mm256_cmpgt_epi32(_mm256_set1_epi32(pos), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(limit)));
     return _mm256_blendv_ps(x, _mm256_set1_ps(-__builtin_inff()), _mm256_castsi256_ps(over));
   }
+  // Lane i (at index first + i) keeps x when lo <= first + i <= hi, else becomes -inf.
+  static vec keep_lanes_between(vec x, int first, int lo, int hi) {
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), idx),
+                                        _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(hi)));
+    return _mm256_blendv_ps(x, _mm256_set1_ps(-__builtin_inff()), _mm256_castsi256_ps(out));
+  }
 };
 
 #ifdef LONGATTN_AVX512
@@ -146,6 +153,13 @@ struct Avx512 {
   static vec drop_after(vec x, const int32_t* limit, int32_t pos) {
     const __mmask16 over = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(pos), _mm512_loadu_si512(limit));
     return _mm512_mask_blend_ps(over, x, _mm512_set1_ps(-__builtin_inff()));
+  }
+  static vec keep_lanes_between(vec x, int first, int lo, int hi) {
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(first),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __mmask16 keep = _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(lo)) &
+                           _mm512_cmple_epi32_mask(idx, _mm512_set1_epi32(hi));
+    return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), x);
   }
 };
 using Isa = Avx512;

@@ -2,6 +2,7 @@
 
 - :mod:`.scenarios`: the registry of groups and scenarios (shared with ``benchmarks/``)
 - :mod:`.dense`: the ``dense`` group (causal prefill vs SDPA and FlexAttention)
+- :mod:`.dense_bf16`: the ``dense-bf16`` group (bfloat16 causal prefill vs SDPA bf16, per machine kind)
 - :mod:`.overhead`: the ``overhead`` group (per-call cost of small calls vs SDPA)
 - :mod:`.auto`: the ``auto`` group (``backend="auto"`` vs every dense twin, per dtype)
 - :mod:`.varlen`: the ``varlen`` group (packed sequences vs one dense call and padded SDPA)
@@ -20,6 +21,7 @@ Example::
 from longattn.bench import auto as _auto  # noqa: F401
 from longattn.bench import decode as _decode  # noqa: F401
 from longattn.bench import dense as _dense  # noqa: F401
+from longattn.bench import dense_bf16 as _dense_bf16  # noqa: F401
 from longattn.bench import duo as _duo  # noqa: F401
 from longattn.bench import hip as _hip  # noqa: F401
 from longattn.bench import hip_decode as _hip_decode  # noqa: F401

@@ -12,7 +12,10 @@ is drawn to, and noise. Methods:
 - ``flex (same mask)``: compiled FlexAttention with a mask_mod that encodes
   the same selection + sinks + window (up to :data:`FLEX_MAX_SEQLEN`; above
   it building the BlockMask alone takes minutes here);
-- ``sdpa``: dense causal SDPA, the baseline.
+- ``sdpa``: dense causal SDPA, the baseline;
+- ``longattn hip bf16`` / ``sdpa bf16``: the same two on bfloat16 copies of
+  the inputs (the kernel's native bf16 engine where the CPU has one); the
+  bf16 target compares them with each other.
 
 The error column compares every output with the block-sparse primitive's
 (same mask): for ``longattn hip`` and flex it checks they attend over the
@@ -33,14 +36,16 @@ import torch
 import torch.nn.functional as F
 
 import longattn
-from longattn.bench.scenarios import Group, Method, MethodUnavailable, Scenario, Target, Timed, no_setup, register_group
+from longattn.bench.scenarios import (
+    Group, Method, MethodUnavailable, Scenario, Target, Timed, in_bfloat16, no_setup, register_group,
+)
 from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_attention
 from longattn.sparse import HiP, hip_select_blocks
 
 NHEADS, HEADDIM = 8, 128
 CONFIG = HiP()
 FLEX_MAX_SEQLEN = 16384
-SPEEDUP_VS_SDPA = {32768: 4.0, 65536: 6.0}  # the issue's targets
+SPEEDUP_VS_SDPA = {32768: 4.0, 65536: 10.0}  # issue 12's at 32k; issue 15's at 64k (fp32 and bf16)
 NEEDLES = 4  # needle spans per head
 SAMPLED_QUERIES = 64
 
@@ -210,11 +215,15 @@ def hip_scenario(seqlen: int, nheads: int = NHEADS, nheads_k: int = NHEADS, grou
         Method("block-sparse (given mask)", build_block_sparse),
         Method("flex (same mask)", build_flex, slow_setup=True),
         Method("sdpa", no_setup(run_sdpa)),
+        Method("longattn hip bf16", in_bfloat16(run_hip)),
+        Method("sdpa bf16", in_bfloat16(run_sdpa)),
     ]
     targets = []
     if seqlen in SPEEDUP_VS_SDPA:
         x = SPEEDUP_VS_SDPA[seqlen]
         targets.append(Target("longattn hip", 1 / x, f"issue target: >= {x:g}x faster than SDPA at {seqlen // 1024}k"))
+        targets.append(Target("longattn hip bf16", 1 / x, f"issue target: >= {x:g}x faster than SDPA bf16 at "
+                              f"{seqlen // 1024}k", baseline="sdpa bf16"))
     if seqlen >= 4096 and flex_runs(seqlen, nheads):
         targets.append(Target("block-sparse (given mask)", 1.0, "issue target: at least as fast as FlexAttention "
                               "on the same mask", baseline="flex (same mask)"))

@@ -195,6 +195,8 @@ def _note(name: str, rec: dict[str, Any], case: dict[str, Any]) -> str:
         notes.append("baseline")
     if rec["setup_s"] is not None and rec["setup_s"] >= 0.05:  # compiles; not instant builds
         notes.append(f"setup/compile {rec['setup_s']:.1f} s, not timed")
+    if rec.get("note"):
+        notes.append(rec["note"])
     return "; ".join(notes)
 
 

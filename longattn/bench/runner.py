@@ -159,6 +159,7 @@ def run_case(
             progress.step(count=rounds + 1)
             continue
         records[name]["setup_s"] = time.perf_counter() - t0
+        records[name]["note"] = getattr(fn, "note", None)  # e.g. which engine a method runs
         calls[name] = (lambda fn=fn: fn(inputs))
         progress.step(f"built {name}")
 
@@ -232,7 +233,7 @@ def _empty_record() -> dict[str, Any]:
     return {
         "skipped": None, "setup_s": None, "times_s": [], "median_ms": None,
         "min_ms": None, "ratio": None, "max_error": None, "gbps": None, "bandwidth_fraction": None,
-        "gflops": None, "peak_fraction": None,
+        "gflops": None, "peak_fraction": None, "note": None,
     }
 
 

@@ -17,6 +17,8 @@ in a module that :mod:`longattn.bench` imports.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +41,8 @@ class Method:
     """One way to compute a scenario's output.
 
     ``build(inputs)`` does the one-off work that must not be timed (compiling,
-    building masks) and returns the callable to time, ``fn(inputs) -> out``.
+    building masks) and returns the callable to time, ``fn(inputs) -> out``;
+    a ``note`` attribute on it (e.g. which engine runs) goes to the report.
     It raises :class:`MethodUnavailable` (or anything else) to be skipped with
     a reason. ``slow_setup`` marks builds that take tens of seconds
     (``torch.compile``), which ``--quick`` skips.
@@ -56,6 +59,19 @@ class Method:
 def no_setup(fn: Timed) -> Callable[[Any], Timed]:
     """A ``build`` for methods that need no preparation."""
     return lambda inputs: fn
+
+
+def in_bfloat16(fn: Timed, fields: tuple[str, ...] = ("q", "k", "v")) -> Callable[[Any], Timed]:
+    """A ``build`` that runs ``fn`` on a bfloat16 copy of the inputs'
+    ``fields`` (a dataclass; the copy is made once, not timed): the same case
+    in the dtype models run in. Its error is then measured against the
+    scenario's float32 reference, so it includes bf16's own rounding."""
+
+    def build(inputs: Any) -> Timed:
+        half = dataclasses.replace(inputs, **{f: getattr(inputs, f).to(torch.bfloat16) for f in fields})
+        return lambda _inputs: fn(half)
+
+    return build
 
 
 @dataclass(frozen=True)
