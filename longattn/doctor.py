@@ -64,6 +64,7 @@ def collect() -> dict[str, Any]:
         # after the kernels above are loaded, so the thread line can name their OpenMP runtime
         "cpp_libraries": _cpp_libraries(),
         "cpp_threads": _cpp_threads(),
+        "flash_engines": _flash_engines(),
     }
 
 
@@ -82,6 +83,18 @@ def _cpp_libraries() -> list[dict[str, Any]]:
     from longattn.kernels.support import cpp_build
 
     return [cpp_build.library_status(name) for name in cpp_build.sources()]
+
+
+def _flash_engines() -> dict[str, str]:
+    """The C++ flash kernel's arithmetic per input dtype here (fp32, bf16-dot, amx); empty without the kernel."""
+    import torch
+
+    from longattn.kernels.dense import cpp as flash_cpu
+
+    if flash_cpu.flash_unavailable_reason() is not None:
+        return {}
+    return {str(dtype).removeprefix("torch."): flash_cpu.choose_math(dtype)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def _cpp_threads() -> str:
@@ -190,6 +203,9 @@ def format_report(info: dict[str, Any]) -> str:
         status = "usable" if lib["reason"] is None else "NOT usable"
         lines.append(f"  {lib['source'].ljust(name_width)}  {status:<10}  {build}")
         lines.append(f"    - {lib['reason']}" if lib["reason"] is not None else f"    {lib['library']}")
+    if info.get("flash_engines"):
+        engines = ", ".join(f"{dtype} -> {math}" for dtype, math in info["flash_engines"].items())
+        lines.append(f"  flash_cpu.cpp arithmetic per input dtype: {engines} (fp32 = float32 FMAs on widened inputs)")
     if "cpp_threads" in info:
         lines.append(f"  threads: {info['cpp_threads']}")
     return "\n".join(lines)

@@ -35,6 +35,10 @@ def test_doctor_text_report(capsys):
     for primitive in ("decode attention", "block-sparse attention", "HiP branch scoring"):
         assert f"{primitive} backends" in out
     assert "flash_cpu.cpp" in out and "hip_score.cpp" in out and "decode_streamk.cpp" in out
+    from longattn.kernels.dense.cpp import choose_math, flash_unavailable_reason
+
+    if flash_unavailable_reason() is None:  # which arithmetic each dtype runs
+        assert f"bfloat16 -> {choose_math(torch.bfloat16)}" in out and "float32 -> fp32" in out
 
 
 def test_quick_bench_writes_checked_results(tmp_path, capsys):

@@ -101,6 +101,7 @@ def test_auto_reason_names_the_rule_and_its_measurement():
         (frozenset({"avx512_bf16", "avx512f"}), torch.bfloat16, 4096, "cpp"),  # Zen 4: bf16 dot engine
         (frozenset({"avx512_fp16", "amx_bf16"}), torch.float16, 4096, "sdpa"),
         (frozenset({"avx2"}), torch.float16, 4096, "cpp"),
+        (frozenset({"avx2"}), torch.float16, 4, "sdpa"),  # fp16-tiny
         # bfloat16 short runs: the threshold follows the kernel's bf16 engine
         (frozenset({"avx512f", "avx512_bf16"}), torch.bfloat16, 32, "cpp"),  # bf16 dot: wins from 32 queries
         (frozenset({"avx512f", "avx512_bf16"}), torch.bfloat16, 16, "sdpa"),
