@@ -214,6 +214,22 @@ void accumulate_chunk_bf16(int nvd, const uint32_t* pw, const float* alpha, cons
   }
 }
 
+// V rows of a tile's key pairs interleaved: vp[t * headdim + d] = (v[keys[2t]][d], v[keys[2t+1]][d]) words for
+// t < (n + 1) / 2, an odd n's last key paired with zero_row; returns that number of pairs (shared with flash_amx.h).
+inline int interleave_value_pairs(const uint16_t* v_base, int64_t v_ss, const int64_t* keys, int n, int headdim,
+                                  const uint16_t* zero_row, uint32_t* vp) {
+  const int pairs = (n + 1) / 2;
+  for (int t = 0; t < pairs; ++t) {
+    const uint16_t* v0 = v_base + keys[2 * t] * v_ss;
+    const uint16_t* v1 = 2 * t + 1 < n ? v_base + keys[2 * t + 1] * v_ss : zero_row;
+    uint32_t* dst = vp + static_cast<size_t>(t) * headdim;
+    for (int d = 0; d < headdim; d += W)
+      _mm512_storeu_si512(dst + d, interleave_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)),
+                                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))));
+  }
+  return pairs;
+}
+
 // bf16 inputs (uint16_t bits), bf16 dot products, float32 softmax and accumulators.
 struct Bf16DotEngine : RowState {
   std::vector<uint32_t> qt2, pw, vp;  // (headdim/2, BM) q words; (BN/2, BM) P words; (BN/2, headdim) V words
@@ -241,14 +257,8 @@ struct Bf16DotEngine : RowState {
     for (int j = 0; j < n_scored; j += KR) score_keys_bf16(qt2.data(), headdim, krow + j, pb.scale, st.data() + j * BM);
     online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data());
     // Key pairs: V rows interleaved, P rounded to bf16 and interleaved (keys past n have P = 0).
-    const int pairs = (n + 1) / 2;
+    const int pairs = interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp.data());
     for (int t = 0; t < pairs; ++t) {
-      const uint16_t* v0 = v_base + keys[2 * t] * pb.v_ss;
-      const uint16_t* v1 = 2 * t + 1 < n ? v_base + keys[2 * t + 1] * pb.v_ss : zero_row.data();
-      uint32_t* dst = vp.data() + static_cast<size_t>(t) * headdim;
-      for (int d = 0; d < headdim; d += W)
-        _mm512_storeu_si512(dst + d, interleave_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)),
-                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))));
       for (int c = 0; c < NQ; ++c) {
         const __m256i p_even = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + 2 * t * BM + c * W));
         const __m256i p_odd = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + (2 * t + 1) * BM + c * W));
@@ -263,6 +273,16 @@ struct Bf16DotEngine : RowState {
   }
 };
 #endif  // LONGATTN_AVX512BF16
+
+// The AMX engine: real tiles where the compiler targets AMX, or their software
+// emulation (-DLONGATTN_AMX_EMULATE) on any AVX512-BF16 build. flash_amx.h
+// includes system headers, so it is included at file scope.
+#if defined(LONGATTN_AVX512BF16) && ((defined(__AMX_TILE__) && defined(__AMX_BF16__)) || defined(LONGATTN_AMX_EMULATE))
+#define LONGATTN_AMX 1
+}  // namespace
+#include "flash_amx.h"
+namespace {
+#endif
 
 // Which arithmetic a call asks for (the `math` argument of the entry points).
 enum Math { kMathF32 = 0, kMathBf16Dot = 1, kMathAmx = 2 };

@@ -45,7 +45,8 @@ def load(name, extra_flags=()):
 
 
 def test_isa_labels():
-    assert cb.isa_label(frozenset(cb.LEVELS[0].requires)) == "avx512bf16"
+    for level in cb.LEVELS:  # amx, avx512bf16, ...: each level's features are labelled with its name
+        assert cb.isa_label(frozenset(level.requires)) == (level.name if level.requires else "generic")
     assert cb.isa_label(frozenset(AVX512_CPU)) == "avx512"
     assert cb.isa_label(frozenset(AVX2_CPU)) == "avx2"
     assert cb.isa_label(frozenset(AVX2_CPU - {"fma"})) == "avx"

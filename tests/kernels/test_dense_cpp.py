@@ -13,7 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longattn.kernels.dense.cpp import choose_math, flash_forward_cpu, flash_unavailable_reason, maths_built
+from longattn.kernels.dense.cpp import (
+    amx_unavailable_reason, choose_math, flash_forward_cpu, flash_unavailable_reason, maths_built,
+)
 from longattn.kernels.support.cpp_build import cpu_features
 from longattn.reference import attention_ref
 from tests.tolerance import assert_close_to_oracle
@@ -28,12 +30,21 @@ ENGINES = {
     "default-fp32": ((), "fp32"),
     "avx512-without-bf16-dot": (("-mno-avx512bf16",), "auto"),
     "avx2": (("-mno-avx512f",), "auto"),
+    # the AMX engine on emulated tiles (any AVX512-BF16 CPU; tests/kernels/test_dense_amx.py runs the real ones)
+    "amx-emulated": (("-DLONGATTN_AMX_EMULATE",), "amx"),
 }
 
 
-def _skip_reason(flags: tuple[str, ...]) -> str | None:
+def _skip_reason(flags: tuple[str, ...], math: str = "auto") -> str | None:
     reason = flash_unavailable_reason(flags)
+    if reason is None and math == "amx":
+        reason = amx_unavailable_reason(flags)
     return None if reason is None else f"the flash kernel cannot run with build flags {flags}: {reason}"
+
+
+def _dtypes(math: str) -> list[torch.dtype]:
+    """The input dtypes an engine takes: the native bf16 engines only bfloat16."""
+    return [torch.float32, torch.bfloat16] if math in ("auto", "fp32") else [torch.bfloat16]
 
 
 def _mask(seqlen_q, seqlen_k, left, right, sink, causal, listed=None, block_q=1):
@@ -62,8 +73,9 @@ def _mask(seqlen_q, seqlen_k, left, right, sink, causal, listed=None, block_q=1)
 def test_matches_the_oracle(engine, seqlen_q, seqlen_k, heads, headdim, left, right, sink, causal, softcap, dtype,
                             seed):
     flags, math = engine
-    if (why := _skip_reason(flags)) is not None:
+    if (why := _skip_reason(flags, math)) is not None:
         pytest.skip(why)
+    dtype = dtype if dtype in _dtypes(math) else torch.bfloat16
     nheads, nheads_k = heads
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, seqlen_q, nheads, headdim, generator=gen).to(dtype)
@@ -89,8 +101,9 @@ def test_listed_keys_match_the_oracle(engine, seqlen_q, seqlen_k, heads, block_q
     positions (-1 padding, in any order, so tiles of gathered keys pair
     arbitrary rows for the bf16 engines) seen besides the window and sinks."""
     flags, math = engine
-    if (why := _skip_reason(flags)) is not None:
+    if (why := _skip_reason(flags, math)) is not None:
         pytest.skip(why)
+    dtype = dtype if dtype in _dtypes(math) else torch.bfloat16
     nheads, nheads_k = heads
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, seqlen_q, nheads, 32, generator=gen).to(dtype)

@@ -8,14 +8,37 @@ so a window costs ``seqlen * (sink + window)``. Built on first use like the
 other C++ kernels; :func:`flash_unavailable_reason` says why it cannot run
 (no compiler, no AVX2), and the callers then use PyTorch.
 
-Inputs of any float dtype are computed in float32 (half-precision inputs are
-widened once, a copy); head dims that are not a multiple of 16 are
+Inputs of any float dtype are computed in float32 unless a native bfloat16
+engine takes them (below; half-precision inputs are otherwise widened once, a
+copy); head dims that are not a multiple of 16 are
 zero-padded (exact: zeros add nothing to q.k, and padded value columns are
 dropped). Shapes as :func:`longattn.attention`: ``q (batch, seqlen_q, nheads,
 headdim)``, ``k, v (batch, seqlen_k, nheads_k, headdim)``; query ``i`` sits at
 key position ``i + seqlen_k - seqlen_q``. Returns ``out`` like q and lse
 ``(batch, nheads, seqlen_q)`` float32, natural log; rows that see no key get
 0 and -inf.
+
+Native bfloat16 (``math``, :func:`choose_math`; ``"auto"`` takes the fastest
+the build has for bfloat16). The ``"bf16-dot"`` engine (CPUs with
+AVX512-BF16) reads bfloat16 q, k, v in place and multiplies pairs with
+``vdpbf16ps``. The ``"amx"`` engine (``csrc/cpu/flash_amx.h``; Intel CPUs with
+AMX-TILE + AMX-BF16, built by the ``amx`` ISA level) runs both products on
+AMX tiles: per key tile, 16 keys x 16 query rows of scores per
+``_tile_dpbf16ps`` (K rows against the q pair words, key-major as the online
+softmax wants them) and 16 rows x 16 head dims of ``O += P V`` (P transposed
+to row-major bf16, V rows interleaved into key pairs), float32 accumulation
+and softmax; Linux must first grant the process AMX state, and "amx" is
+offered only when it did (:func:`amx_unavailable_reason`). Built with
+``build_flags=AMX_EMULATE`` the same engine runs on a scalar emulation of the
+tile instructions that checks every shape the hardware would fault on (the
+tests' way to run it on CPUs without AMX). Error of both bf16 engines: the
+products of bf16 inputs are exact in float32, so Q K^T loses only the
+float32 sums' rounding; for P V the probabilities are rounded to bfloat16
+(relative error <= 2**-9 per weight, independent across keys: the
+output's error is at most ~2**-9 of its scale when one key dominates and
+shrinks like 1 / sqrt(keys) as the weight spreads, within the bfloat16
+output's own rounding) while the row sums use the float32 P --
+flash-attention's choice on GPUs too.
 
 :func:`flash_varlen_forward_cpu` runs the same kernel on packed sequences
 (flash-attn's varlen layout, ``q (total_q, nheads, headdim)`` with
@@ -32,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from longattn.errors import ShapeError
-from longattn.kernels.support.cpp_build import BuildError, kernel_threads, load_library
+from longattn.kernels.support.cpp_build import BuildError, cpu_features, kernel_threads, load_library
 
 SOURCE = "flash_cpu.cpp"
 # Head dims are padded to a multiple of this (AVX-512's 16 floats; AVX2's 8 divides it).
@@ -78,12 +101,38 @@ def _library(build_flags: tuple[str, ...] = ()):
     return lib
 
 
+AMX_EMULATE = ("-DLONGATTN_AMX_EMULATE",)  # build flags of the AMX engine on emulated tiles (any AVX512-BF16 CPU)
+
+
+@functools.lru_cache(maxsize=None)
+def amx_unavailable_reason(build_flags: tuple[str, ...] = ()) -> str | None:
+    """None when this build's AMX engine can run here, else why not: the
+    build has no AMX engine (the CPU or the flags lack AMX-TILE/AMX-BF16),
+    or Linux refused the process AMX state. Builds on first use; raises
+    :class:`BuildError` when the kernel cannot be built at all."""
+    lib = _library(build_flags)
+    if not lib.longattn_flash_cpu_maths() >> MATHS["amx"] & 1:
+        missing = sorted({"amx_tile", "amx_bf16", "avx512_bf16"} - cpu_features())
+        why = (f"this CPU lacks {', '.join(missing)}" if missing
+               else f"the build flags {' '.join(build_flags) or '(default)'} do not enable AMX-TILE and AMX-BF16")
+        return (f"this build of the C++ flash kernel has no AMX engine: {why} "
+                f"(build_flags={AMX_EMULATE!r} emulates the tiles in software on any AVX512-BF16 CPU)")
+    if not lib.longattn_flash_cpu_amx_ready():
+        return ("Linux refused this process the AMX tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) "
+                "failed: a kernel older than 5.16, or a sandbox that forbids it)")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def maths_built(build_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The :data:`MATHS` this build of the kernel has (builds on first use;
-    raises :class:`BuildError` when it cannot be built here)."""
+    """The :data:`MATHS` this build of the kernel has and this process can run
+    (builds on first use; raises :class:`BuildError` when it cannot be built
+    here). "amx" only when :func:`amx_unavailable_reason` is None."""
     mask = _library(build_flags).longattn_flash_cpu_maths()
-    return tuple(name for name, bit in MATHS.items() if mask >> bit & 1)
+    built = tuple(name for name, bit in MATHS.items() if mask >> bit & 1)
+    if "amx" in built and amx_unavailable_reason(build_flags) is not None:
+        built = tuple(m for m in built if m != "amx")
+    return built
 
 
 def choose_math(dtype: torch.dtype, math: str = "auto", build_flags: tuple[str, ...] = ()) -> str:
@@ -98,6 +147,9 @@ def choose_math(dtype: torch.dtype, math: str = "auto", build_flags: tuple[str, 
         return "fp32"
     if math not in MATHS:
         raise ValueError(f"math must be 'auto' or one of {sorted(MATHS)}, got {math!r}")
+    if math == "amx" and math not in built:
+        why = amx_unavailable_reason(build_flags)
+        raise BuildError(f"math='amx' cannot run here (this build has {list(built)}): {why}")
     if math not in built:
         raise BuildError(f"math={math!r} is not in this build of the C++ flash kernel (it has {list(built)}: "
                          "the CPU or the build flags lack the instructions)")

@@ -7,11 +7,14 @@ Instruction sets. A kernel is never built with ``-march=native``: that bakes
 in whatever the building CPU has, and the library then dies with SIGILL on a
 CPU that lacks it (a home directory shared between an AVX-512 and an
 AVX2-only machine, a VM that hides AVX-512). Instead :func:`isa_level` picks
-the highest of a few explicit levels (:data:`LEVELS`: ``avx512bf16`` =
+the highest of a few explicit levels (:data:`LEVELS`: ``amx`` =
+``-march=x86-64-v4 -mavx512bf16 -mamx-tile -mamx-bf16``, ``avx512bf16`` =
 ``-march=x86-64-v4 -mavx512bf16``, ``avx512`` = ``x86-64-v4``, ``avx2`` =
 ``x86-64-v3``, ``x86-64``; spelled ``-mavx2 -mfma ...`` for compilers that
-predate those names) whose features this CPU has (``/proc/cpuinfo``'s
-flags, which the kernel clears for what the OS does not enable), and tunes
+predate those names; a compiler that knows neither spelling of a level, e.g.
+one without ``-mamx-tile``, builds the next level down) whose features this
+CPU has (``/proc/cpuinfo``'s flags, which the kernel clears for what the OS
+does not enable), and tunes
 for this CPU (``-mtune=``, resolved from ``native``; tuning never adds
 instructions). The compiler is then asked which ISA macros those flags -- plus
 the caller's ``extra_flags``, e.g. ``("-mno-avx512f",)`` -- define
@@ -102,9 +105,13 @@ class IsaLevel:
 _V3_FLAGS = ("-march=x86-64", "-msse3", "-mssse3", "-msse4.1", "-msse4.2", "-mpopcnt", "-mcx16", "-msahf",
              "-mavx", "-mavx2", "-mbmi", "-mbmi2", "-mf16c", "-mfma", "-mlzcnt", "-mmovbe", "-mxsave")
 _V4_FLAGS = (*_V3_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl")
+_AMX = _V4 | {"avx512_bf16", "amx_tile", "amx_bf16"}
+_AMX_FLAGS = ("-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 # Highest first. The kernels' vector paths (csrc/cpu/simd.h) key on AVX2+FMA,
-# AVX512F and AVX512BF16, so these are the levels worth a build of their own.
+# AVX512F and AVX512BF16, and the flash kernel's AMX engine (flash_amx.h) on
+# AMX-TILE + AMX-BF16, so these are the levels worth a build of their own.
 LEVELS = (
+    IsaLevel("amx", ("-march=x86-64-v4", *_AMX_FLAGS), _AMX, (*_V4_FLAGS, *_AMX_FLAGS)),
     IsaLevel("avx512bf16", ("-march=x86-64-v4", "-mavx512bf16"), _V4 | {"avx512_bf16"}, (*_V4_FLAGS, "-mavx512bf16")),
     IsaLevel("avx512", ("-march=x86-64-v4",), _V4, _V4_FLAGS),
     IsaLevel("avx2", ("-march=x86-64-v3",), _V3, _V3_FLAGS),
@@ -115,7 +122,7 @@ GENERIC = IsaLevel("generic", (), frozenset())
 # Readable names of what a build actually enables (extra flags can lower a
 # level, e.g. -mno-avx512f): the first whose features the build has.
 _LABELS = (
-    ("avx512bf16", _V4 | {"avx512_bf16"}), ("avx512", _V4), ("avx2", _V3),
+    ("amx", _AMX), ("avx512bf16", _V4 | {"avx512_bf16"}), ("avx512", _V4), ("avx2", _V3),
     ("avx", _V2 | {"avx"}), ("sse4.2", _V2),
 )
 
@@ -302,15 +309,7 @@ def build_plan(name: str, extra_flags: tuple[str, ...] = ()) -> BuildPlan:
     compiler = find_compiler()
     if compiler is None:
         raise BuildError(f"no C++ compiler on PATH (looked for $CXX, {', '.join(COMPILERS)})")
-    level = isa_level()
-    flags = (FLAGS[0], *level.flags, *native_tune(compiler), *FLAGS[1:], *extra_flags)
-    try:
-        features = build_features(compiler, flags)
-    except BuildError:
-        if not level.portable_flags:
-            raise
-        flags = (FLAGS[0], *level.portable_flags, *native_tune(compiler), *FLAGS[1:], *extra_flags)
-        features = build_features(compiler, flags)
+    flags, features = _level_flags(compiler, isa_level(), extra_flags)
     key = hashlib.sha256("\0".join([
         source.read_text(), *_headers(source), _compiler_version(compiler), " ".join(flags), " ".join(sorted(features)),
     ]).encode()).hexdigest()[:16]
@@ -318,6 +317,26 @@ def build_plan(name: str, extra_flags: tuple[str, ...] = ()) -> BuildPlan:
     library = cache_dir() / f"{source.stem}-{isa}-{key}.so"
     return BuildPlan(source, compiler, flags, features, features - cpu_features(), isa, library,
                      library.with_suffix(".json"))
+
+
+def _level_flags(
+    compiler: str, level: IsaLevel, extra_flags: tuple[str, ...],
+) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The build flags for ``level`` (its own spelling, else feature by
+    feature) and the features they enable. A compiler that rejects both (a gcc
+    older than 11 has no ``-mamx-tile``, say) gets the next lower level, so a
+    newer CPU never leaves the kernels unbuilt; the lowest level's error is raised."""
+    error = None
+    for spelling in (level.flags, level.portable_flags) if level.portable_flags else (level.flags,):
+        flags = (FLAGS[0], *spelling, *native_tune(compiler), *FLAGS[1:], *extra_flags)
+        try:
+            return flags, build_features(compiler, flags)
+        except BuildError as exc:
+            error = exc
+    lower = LEVELS[LEVELS.index(level) + 1:] if level in LEVELS else ()
+    if not lower:
+        raise error
+    return _level_flags(compiler, lower[0], extra_flags)
 
 
 def _missing_reason(what: str, missing: frozenset[str]) -> str:
@@ -340,8 +359,9 @@ def load_library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile (if not cached) and load ``csrc/cpu/<name>``; raises :class:`BuildError`.
 
     ``extra_flags`` are appended to the flags (and so to the cache key), e.g.
-    ``("-mno-avx512f",)`` to build the AVX2 path on an AVX-512 machine: the
-    tests use it to check every vector path this machine can run. A library
+    ``("-mno-avx512f",)`` to build the AVX2 path on an AVX-512 machine, or a
+    macro such as ``("-DLONGATTN_AMX_EMULATE",)``: the tests use them to
+    check every vector path this machine can run. A library
     is loaded only when this CPU has every feature its sidecar records;
     otherwise it is rebuilt, or refused when the flags ask for what this CPU
     lacks."""

@@ -1,0 +1,307 @@
+// The flash kernel's AMX engine: bfloat16 Q K^T and P V through AMX tiles
+// (TDPBF16PS), float32 softmax and accumulators. Included by flash_cpu.cpp
+// (at file scope, after its bf16 helpers) when LONGATTN_AMX is defined: the
+// compiler targets AMX-TILE + AMX-BF16, or -DLONGATTN_AMX_EMULATE asks for
+// the scalar emulation of amx_emulate.h (any AVX512-BF16 build), which runs
+// the same sequence of tile operations and checks each one.
+//
+// The engine (interface: flash_tiles.h) keeps the bf16-dot engine's layouts,
+// which are exactly what the tiles want, so nothing is transposed but P:
+//   * scores, key-major as online_softmax wants them: C[key][row] (16 keys x
+//     16 rows fp32) += A (16 K rows x 32 head dims, bf16, from a contiguous
+//     per-thread copy of the tile's K rows: listed keys have no common stride)
+//     x B (q pair words qt2[(d/2) * BM + row], 16 pairs x 16 rows: AMX's
+//     pair-interleaved B layout as it stands, stride BM words). q stays
+//     unscaled (exact bf16); the float32 scores are scaled after the sum.
+//   * P V: C = O rows (16 rows x 16 head dims fp32, read and written in place
+//     at o + row * headdim + d, after a vector pass rescales o by alpha) += A
+//     (P rounded to bf16, row-major: 16 rows x 32 keys, keys past n zero) x B
+//     (V key-pair words vp[t * headdim + d] = (v[2t][d], v[2t+1][d]), 16 pairs x
+//     16 head dims, built by interleave_value_pairs as for the bf16-dot engine).
+// Head dims are padded to 32 for the scores (zeros in q and K add exactly
+// nothing); P V needs only the caller's multiple of 16. Every tile is 16 rows
+// x 64 bytes, so one configuration (palette 1) serves the whole engine: it is
+// loaded when the engine is made (once per thread and parallel region) and
+// released when it goes.
+//
+// Error: as the bf16-dot engine, P is rounded to bf16 (relative error <= 2^-9
+// per weight, independent across keys) while the row sums l use the float32
+// P; products of bf16 inputs are exact in float32, so Q K^T loses only the
+// float32 sums' rounding.
+//
+// Linux gives a process AMX state only on request (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, kernel 5.16+); without it the
+// first tile instruction dies with SIGILL. amx_ready() asks once per process;
+// longattn_flash_cpu_amx_ready() tells Python, which offers "amx" only when it is 1.
+
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "flash_tiles.h"
+
+#ifdef LONGATTN_AMX_EMULATE
+#include "amx_emulate.h"
+#else
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+// ---- a thin layer over the tile instructions: real or emulated -------------------------------
+//
+// The intrinsics take tile numbers as literal constants (gcc pastes them into
+// the instruction text), so the real layer is spelled out per tile register.
+namespace amx {
+
+// LDTILECFG's 64-byte operand (palette 1: tiles 0..7).
+struct alignas(64) Config {
+  uint8_t palette = 1, start_row = 0, reserved0[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(Config) == 64, "LDTILECFG reads 64 bytes");
+
+#ifdef LONGATTN_AMX_EMULATE
+inline void configure(const Config& c) { amx_emu::tile_loadconfig(&c); }
+inline void release() { amx_emu::tile_release(); }
+template <int T> inline void zero() { amx_emu::tile_zero(T); }
+template <int T> inline void load(const void* p, int64_t stride_bytes) { amx_emu::tile_loadd(T, p, stride_bytes); }
+template <int T> inline void store(void* p, int64_t stride_bytes) { amx_emu::tile_stored(T, p, stride_bytes); }
+template <int C, int A, int B> inline void dp_bf16() { amx_emu::tile_dpbf16ps(C, A, B); }
+#else
+inline void configure(const Config& c) { _tile_loadconfig(&c); }
+inline void release() { _tile_release(); }
+
+template <int T> struct Tile;
+#define LONGATTN_AMX_TILE(i)                                                                \
+  template <> struct Tile<i> {                                                              \
+    static void zero() { _tile_zero(i); }                                                   \
+    static void load(const void* p, int64_t stride) { _tile_loadd(i, p, stride); }          \
+    static void store(void* p, int64_t stride) { _tile_stored(i, p, stride); }              \
+  };
+LONGATTN_AMX_TILE(0) LONGATTN_AMX_TILE(1) LONGATTN_AMX_TILE(2) LONGATTN_AMX_TILE(3)
+LONGATTN_AMX_TILE(4) LONGATTN_AMX_TILE(5) LONGATTN_AMX_TILE(6) LONGATTN_AMX_TILE(7)
+#undef LONGATTN_AMX_TILE
+template <int T> inline void zero() { Tile<T>::zero(); }
+template <int T> inline void load(const void* p, int64_t stride_bytes) { Tile<T>::load(p, stride_bytes); }
+template <int T> inline void store(void* p, int64_t stride_bytes) { Tile<T>::store(p, stride_bytes); }
+
+// The (C, A, B) register triples the engine uses; any other fails to compile.
+template <int C, int A, int B> struct Dp;
+#define LONGATTN_AMX_DP(c, a, b) \
+  template <> struct Dp<c, a, b> { static void run() { _tile_dpbf16ps(c, a, b); } };
+LONGATTN_AMX_DP(0, 3, 4) LONGATTN_AMX_DP(1, 3, 5) LONGATTN_AMX_DP(2, 3, 6)
+LONGATTN_AMX_DP(0, 1, 3) LONGATTN_AMX_DP(0, 2, 4)
+#undef LONGATTN_AMX_DP
+template <int C, int A, int B> inline void dp_bf16() { Dp<C, A, B>::run(); }
+#endif
+
+}  // namespace amx
+
+// True once this process may use AMX state (asked once; the emulation needs no permission).
+inline bool amx_ready() {
+#ifdef LONGATTN_AMX_EMULATE
+  return true;
+#else
+  static const bool ready = [] {
+    constexpr long kArchReqXcompPerm = 0x1023;  // <asm/prctl.h> ARCH_REQ_XCOMP_PERM
+    constexpr long kXfeatureXtiledata = 18;     // the AMX tile data state component
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+#endif
+}
+
+constexpr int kTileRows = 16;  // rows of every tile: 16 fp32 or 32 bf16 (64 bytes) each
+constexpr int kRowGroups = BM / kTileRows;
+static_assert(BM % kTileRows == 0 && BN % 32 == 0, "the tiles cut BM rows and BN keys evenly");
+
+// bf16 inputs (uint16_t bits), AMX tile products, float32 softmax and accumulators.
+struct AmxEngine : RowState {
+  int headdim, d32;            // head dim; padded to 32 for the scores' k steps
+  std::vector<uint32_t> qt2;   // (d32/2, BM) q words (head-dim pairs), zero past headdim
+  std::vector<uint16_t> kt;    // (BN, d32) the tile's K rows, contiguous, zero past n and headdim
+  std::vector<uint16_t> prow;  // (BM, BN) P rounded to bf16, row-major, zero past n
+  std::vector<uint32_t> vp;    // (BN/2, headdim) V key-pair words, zero past the tile's pairs
+  std::vector<uint16_t> zero_row;
+
+  explicit AmxEngine(int hd)
+      : RowState(hd), headdim(hd), d32((hd + 31) / 32 * 32), qt2(static_cast<size_t>(d32 / 2) * BM, 0u),
+        kt(static_cast<size_t>(BN) * d32, 0), prow(static_cast<size_t>(BM) * BN, 0),
+        vp(static_cast<size_t>(BN / 2) * hd, 0u), zero_row(hd, 0) {
+    if (!amx_ready()) {  // Python never asks for AMX then (longattn_flash_cpu_amx_ready): a bug if reached
+      std::fprintf(stderr, "longattn: the AMX engine ran without the OS's permission for AMX state\n");
+      std::abort();
+    }
+    amx::Config config;
+    for (int t = 0; t < 8; ++t) {
+      config.rows[t] = kTileRows;
+      config.colsb[t] = 64;
+    }
+    amx::configure(config);
+  }
+  ~AmxEngine() { amx::release(); }
+  AmxEngine(const AmxEngine&) = delete;
+  AmxEngine& operator=(const AmxEngine&) = delete;
+
+  void begin(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
+    for (int r = 0; r < BM; ++r) {
+      const uint16_t* qrow = query_row<uint16_t>(pb, sq, h, first_row, r, rows);
+      for (int t = 0; t < headdim / 2; ++t) qt2[t * BM + r] = r < rows ? load_word(qrow + 2 * t) : 0u;
+    }
+    reset();
+  }
+
+  void tile(const Problem& pb, const Seq& sq, int kv_head, const int64_t* keys, const uint8_t* listed, int n,
+            int rows, int64_t p0, bool needs_mask) {
+    (void)rows;  // padding rows are computed (finite, never written out), as in the other engines
+    const uint16_t* k_base = head_rows<uint16_t>(sq.k, pb.k_sh, kv_head);
+    const uint16_t* v_base = head_rows<uint16_t>(sq.v, pb.v_sh, kv_head);
+    const int n_scored = (n + kTileRows - 1) / kTileRows * kTileRows;  // whole key groups of 16
+
+    // Scores: per key group, C tiles 0..2 = the three row groups; A = tile 3 (K); B = tiles 4..6 (q).
+    for (int j = 0; j < n_scored; ++j) {
+      uint16_t* dst = kt.data() + static_cast<size_t>(j) * d32;
+      if (j < n) std::memcpy(dst, k_base + keys[j] * pb.k_ss, sizeof(uint16_t) * headdim);
+      else std::memset(dst, 0, sizeof(uint16_t) * headdim);  // masked out below; zero keeps it finite
+    }
+    const int64_t q_stride = BM * sizeof(uint32_t), k_stride = d32 * sizeof(uint16_t);
+    for (int g = 0; g < n_scored / kTileRows; ++g) {
+      amx::zero<0>();
+      amx::zero<1>();
+      amx::zero<2>();
+      for (int s = 0; s < d32 / 32; ++s) {
+        amx::load<3>(kt.data() + static_cast<size_t>(g * kTileRows) * d32 + s * 32, k_stride);
+        const uint32_t* qs = qt2.data() + static_cast<size_t>(s * 16) * BM;
+        amx::load<4>(qs, q_stride);
+        amx::load<5>(qs + kTileRows, q_stride);
+        amx::load<6>(qs + 2 * kTileRows, q_stride);
+        amx::dp_bf16<0, 3, 4>();
+        amx::dp_bf16<1, 3, 5>();
+        amx::dp_bf16<2, 3, 6>();
+      }
+      float* sg = st.data() + static_cast<size_t>(g * kTileRows) * BM;
+      amx::store<0>(sg, q_stride);
+      amx::store<1>(sg + kTileRows, q_stride);
+      amx::store<2>(sg + 2 * kTileRows, q_stride);
+    }
+    const __m512 scale = _mm512_set1_ps(pb.scale);
+    for (int i = 0; i < n_scored * BM; i += W)
+      _mm512_storeu_ps(st.data() + i, _mm512_mul_ps(_mm512_loadu_ps(st.data() + i), scale));
+    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data());
+
+    // P V in k steps of 32 keys (16 pairs): C = tile 0 (O), A = tiles 1, 2 (P of steps 0, 1), B = tiles 3, 4 (V).
+    const int steps = (n + 31) / 32;
+    const int pairs = interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp.data());
+    std::memset(vp.data() + static_cast<size_t>(pairs) * headdim, 0,
+                sizeof(uint32_t) * static_cast<size_t>(steps * 16 - pairs) * headdim);
+    // P row-major: row r's keys are st[key * BM + r], a stride-BM gather; keys past n read as 0.
+    const __m512i key_offsets = _mm512_set_epi32(15 * BM, 14 * BM, 13 * BM, 12 * BM, 11 * BM, 10 * BM, 9 * BM, 8 * BM,
+                                                 7 * BM, 6 * BM, 5 * BM, 4 * BM, 3 * BM, 2 * BM, BM, 0);
+    const auto first_keys = [](int count) {  // lanes of the first `count` of 16 keys
+      return static_cast<__mmask16>(count >= 16 ? 0xffffu : count <= 0 ? 0u : (1u << count) - 1);
+    };
+    for (int r = 0; r < BM; ++r)
+      for (int s = 0; s < steps; ++s) {
+        const int j0 = s * 32;
+        const __m512 lo = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_keys(n - j0), key_offsets,
+                                                   st.data() + j0 * BM + r, 4);
+        const __m512 hi = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_keys(n - j0 - 16), key_offsets,
+                                                   st.data() + (j0 + 16) * BM + r, 4);
+        _mm512_storeu_si512(prow.data() + static_cast<size_t>(r) * BN + j0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    for (int r = 0; r < BM; ++r) {  // o *= alpha, before the tiles add this tile's P V
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+      float* orow = o.data() + static_cast<size_t>(r) * headdim;
+      for (int d = 0; d < headdim; d += W) _mm512_storeu_ps(orow + d, _mm512_mul_ps(a, _mm512_loadu_ps(orow + d)));
+    }
+    const int64_t p_stride = BN * sizeof(uint16_t), o_stride = headdim * sizeof(float);
+    const int64_t v_stride = headdim * sizeof(uint32_t);
+    for (int g = 0; g < kRowGroups; ++g) {
+      const uint16_t* pg = prow.data() + static_cast<size_t>(g * kTileRows) * BN;
+      amx::load<1>(pg, p_stride);
+      if (steps > 1) amx::load<2>(pg + 32, p_stride);
+      for (int d = 0; d < headdim; d += 16) {
+        float* og = o.data() + static_cast<size_t>(g * kTileRows) * headdim + d;
+        amx::load<0>(og, o_stride);
+        amx::load<3>(vp.data() + d, v_stride);
+        amx::dp_bf16<0, 1, 3>();
+        if (steps > 1) {
+          amx::load<4>(vp.data() + static_cast<size_t>(16) * headdim + d, v_stride);
+          amx::dp_bf16<0, 2, 4>();
+        }
+        amx::store<0>(og, o_stride);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+// 1 when this build has the AMX engine and the OS granted this process AMX
+// state (always, for the emulation), else 0: Python offers math "amx" only then.
+extern "C" int longattn_flash_cpu_amx_ready() { return amx_ready() ? 1 : 0; }
+
+#ifdef LONGATTN_AMX_EMULATE
+// For the tests: one use of the emulated tiles. Case 0 is correct use: a
+// 2 x 3 (x 2 pairs) product whose expected values, worked out by hand from
+// the spec, need the even/odd lanes, DAZ of a bf16 denormal input and FTZ of
+// a denormal product; returns 0 when the emulation matches, else the number
+// of the failed check. Cases 1..9 are misuses the hardware faults on: each
+// must abort the process with a message naming it.
+extern "C" int longattn_amx_emulate_check(int which) {
+  amx::Config c;
+  c.rows[0] = 2; c.colsb[0] = 12;  // C: 2 x 3 fp32
+  c.rows[1] = 2; c.colsb[1] = 8;   // A: 2 rows x 2 bf16 pairs
+  c.rows[2] = 2; c.colsb[2] = 12;  // B: 2 pair rows x 3 columns
+  switch (which) {
+    case 1: c.colsb[1] = 12; break;     // A.colsb / 4 != B.rows
+    case 2: c.rows[3] = 17; c.colsb[3] = 64; break;  // more than 16 rows
+    case 3: c.rows[3] = 16; c.colsb[3] = 68; break;  // more than 64 bytes per row
+    case 6: c.colsb[2] = 16; break;     // B.colsb != C.colsb
+    case 7: c.rows[0] = 3; break;       // A.rows != C.rows
+    case 8: c.reserved0[3] = 1; break;  // a reserved byte set
+    default: break;                     // 4: load before LDTILECFG; 5: one tile twice; 9: use after release
+  }
+  constexpr uint16_t k1 = 0x3f80, k2 = 0x4000, k3 = 0x4040, kBig = 0x7180 /* 2^100 */, kTiny = 0x0d80 /* 2^-100 */,
+                     kSmall = 0x3080 /* 2^-30 */, kDenormal = 0x0001;
+  const uint16_t a[2][4] = {{k1, k2, k3, k1}, {kDenormal, 0, kTiny, 0}};   // row m: pairs k = 0, 1
+  const uint16_t b[2][6] = {{kBig, k1, k1, k1, k2, k1}, {k1, k2, kSmall, k2, k1, k2}};  // pair row k: columns n = 0..2
+  const float cin[2][3] = {{1, 2, 3}, {0, 0, 0}};
+  // Row 0: even lane 1*B[0][2n] + 3*B[1][2n], odd lane 2*B[0][2n+1] + 1*B[1][2n+1] = 4, then + C.
+  //   n=0: 2^100; n=1: even 1 + 3*2^-30 rounds to 1, so 1 + 4 + 2 = 7; n=2: 5 + 4 + 3 = 12.
+  // Row 1: the denormal reads as 0 (DAZ); n=1's 2^-100 * 2^-30 = 2^-130 is flushed (FTZ); n=0, 2: 2^-100.
+  const float want[2][3] = {{0x1p100f, 7.0f, 12.0f}, {0x1p-100f, 0.0f, 0x1p-100f}};
+  float cout[4][4];
+  std::memset(cout, 0xff, sizeof cout);
+  if (which == 4) amx::load<0>(cin, sizeof cin[0]);
+  amx::configure(c);
+  if (which == 9) {
+    amx::release();
+    amx::zero<0>();
+  }
+  amx::load<0>(cin, sizeof cin[0]);
+  amx::load<1>(a, sizeof a[0]);
+  amx::load<2>(b, sizeof b[0]);
+  if (which == 5) amx::dp_bf16<0, 1, 1>();
+  amx::dp_bf16<0, 1, 2>();
+  amx::store<0>(cout, sizeof cout[0]);
+  amx::release();
+  for (int m = 0; m < 2; ++m)
+    for (int n = 0; n < 3; ++n)
+      if (std::memcmp(&cout[m][n], &want[m][n], sizeof(float)) != 0) return 1 + m * 3 + n;
+  uint32_t untouched;  // TILESTORED writes rows x colsb bytes and nothing past them
+  std::memcpy(&untouched, &cout[0][3], sizeof untouched);
+  if (untouched != 0xffffffffu) return 10;
+  std::memcpy(&untouched, &cout[2][0], sizeof untouched);
+  if (untouched != 0xffffffffu) return 11;
+  return which == 0 ? 0 : 100 + which;  // a misuse that did not abort
+}
+#endif
