@@ -8,7 +8,11 @@
 //
 // Layouts (contiguous):
 //   queries_t   (rows, D, S) float32: row r's strided queries, transposed;
-//               S a multiple of the vector width (callers pad by repeating a query)
+//               S a multiple of the vector width (callers pad by repeating a query).
+//               bfloat16 entry (longattn_hip_search_bf16, AVX512-BF16 builds):
+//               (rows, D / 2, S) 32-bit words, each a pair of bf16 (q[2t], q[2t+1])
+//               of one query, D even; keys bfloat16 rows of D, scored with
+//               vdpbf16ps (bf16 products exact in float32, float32 sums).
 //   query_pos   (nqb, S) int32: key position of each strided query of query block qb
 //   range_end   (nqb,)  int64: last searchable key of query block qb
 //   keys        float32 rows of D; key (b, pos, hk) is row
@@ -26,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -36,18 +41,20 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct ScoreProblem {
-  const float* queries_t; const int32_t* query_pos; const int64_t* range_end;
-  const float* keys; int64_t batch_stride, head_stride, pos_stride;
+  const void* queries_t; const int32_t* query_pos; const int64_t* range_end;
+  const void* keys; int64_t batch_stride, head_stride, pos_stride;
   const int64_t* block_table; int64_t bt_stride; int page_size;
   int64_t rows; int S, D, bk, sink, causal, nheads, nheads_k, nqb;
+  bool bf16;  // queries as bf16 pair words, keys bf16 (the _bf16 entry)
 };
 
-// Key `pos` of batch b, kv head hk.
-inline const float* key_at(const ScoreProblem& p, int64_t b, int hk, int64_t pos) {
+// Key `pos` of batch b, kv head hk; T is the keys' element type (float, or bf16 bits as uint16_t).
+template <class T = float>
+inline const T* key_at(const ScoreProblem& p, int64_t b, int hk, int64_t pos) {
   const int64_t row = p.block_table == nullptr
       ? b * p.batch_stride + pos * p.pos_stride
       : (p.block_table[b * p.bt_stride + pos / p.page_size] * p.page_size + pos % p.page_size) * p.pos_stride;
-  return p.keys + (row + hk * p.head_stride) * p.D;
+  return static_cast<const T*>(p.keys) + (row + hk * p.head_stride) * p.D;
 }
 
 float score_block_scalar(const ScoreProblem& p, const float* qt, const int32_t* qpos, int64_t end,
@@ -132,36 +139,109 @@ float tile_score(const ScoreProblem& p, const float* qt, const int32_t* qpos, in
 }
 #endif
 
+#ifdef LONGATTN_AVX512BF16
+// max_over_tile for bf16: queries as pair words qt2[t * S + lane], keys bf16;
+// per key, two accumulators per vector (even and odd head-dim pairs) keep
+// 4 * NV dot-product chains in flight (vdpbf16ps has a latency of several cycles).
+template <int NV>
+void max_over_tile_bf16(const ScoreProblem& p, const uint32_t* qt2, const int32_t* qpos, int s0, int64_t b, int hk,
+                        int64_t first_pos, int64_t end, __m512 best[NV]) {
+  const int pairs = p.D / 2, S = p.S;
+  for (int t = 0; t < p.bk; ++t) {
+    const int64_t pos = first_pos + t;
+    if (pos < p.sink || pos > end) continue;
+    const uint16_t* k = key_at<uint16_t>(p, b, hk, pos);
+    __m512 a[NV][2];
+    for (int v = 0; v < NV; ++v) a[v][0] = a[v][1] = _mm512_setzero_ps();
+    int u = 0;
+    for (; u + 1 < pairs; u += 2) {
+      uint32_t w0, w1;
+      std::memcpy(&w0, k + 2 * u, 4);
+      std::memcpy(&w1, k + 2 * u + 2, 4);
+      const __m512bh k0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(w0));
+      const __m512bh k1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(w1));
+      for (int v = 0; v < NV; ++v) {
+        a[v][0] = _mm512_dpbf16_ps(a[v][0], k0, (__m512bh)_mm512_loadu_si512(qt2 + u * S + s0 + v * 16));
+        a[v][1] = _mm512_dpbf16_ps(a[v][1], k1, (__m512bh)_mm512_loadu_si512(qt2 + (u + 1) * S + s0 + v * 16));
+      }
+    }
+    if (u < pairs) {  // an odd number of pairs
+      uint32_t w0;
+      std::memcpy(&w0, k + 2 * u, 4);
+      const __m512bh k0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(w0));
+      for (int v = 0; v < NV; ++v)
+        a[v][0] = _mm512_dpbf16_ps(a[v][0], k0, (__m512bh)_mm512_loadu_si512(qt2 + u * S + s0 + v * 16));
+    }
+    for (int v = 0; v < NV; ++v) {
+      __m512 sum = _mm512_add_ps(a[v][0], a[v][1]);
+      if (p.causal) sum = Avx512::drop_after(sum, qpos + s0 + v * 16, static_cast<int32_t>(pos));
+      best[v] = _mm512_max_ps(best[v], sum);
+    }
+  }
+}
+
+template <int NV>
+float tile_score_bf16(const ScoreProblem& p, const uint32_t* qt2, const int32_t* qpos, int s0, int64_t b, int hk,
+                      int64_t block, int64_t end) {
+  __m512 best[NV];
+  for (int v = 0; v < NV; ++v) best[v] = _mm512_set1_ps(kNegInf);
+  max_over_tile_bf16<NV>(p, qt2, qpos, s0, b, hk, block * p.bk, end, best);
+  __m512 m = best[0];
+  for (int v = 1; v < NV; ++v) m = _mm512_max_ps(m, best[v]);
+  return _mm512_reduce_max_ps(m);
+}
+#endif
+
 // One (batch, head, query block) row: its transposed strided queries and where its keys are.
 struct RowContext {
-  const float* qt; const int32_t* qpos; int64_t b; int hk; int64_t end;
+  const void* qt; const int32_t* qpos; int64_t b; int hk; int64_t end;  // qt: float rows, or bf16 pair words
 };
 
 RowContext row_context(const ScoreProblem& p, int64_t r) {
   const int64_t b = r / (static_cast<int64_t>(p.nheads) * p.nqb);
   const int h = static_cast<int>((r / p.nqb) % p.nheads), qb = static_cast<int>(r % p.nqb);
-  return {p.queries_t + r * static_cast<int64_t>(p.D) * p.S, p.query_pos + static_cast<int64_t>(qb) * p.S, b,
-          h / (p.nheads / p.nheads_k), p.range_end[qb]};
+  const void* qt = p.bf16 ? static_cast<const void*>(static_cast<const uint32_t*>(p.queries_t) +
+                                                     r * static_cast<int64_t>(p.D / 2) * p.S)
+                          : static_cast<const void*>(static_cast<const float*>(p.queries_t) +
+                                                     r * static_cast<int64_t>(p.D) * p.S);
+  return {qt, p.query_pos + static_cast<int64_t>(qb) * p.S, b, h / (p.nheads / p.nheads_k), p.range_end[qb]};
 }
 
 // The row's score of key block `block`: max over its strided queries and the block's searchable keys.
 float block_score(const ScoreProblem& p, const RowContext& row, int64_t block) {
-#ifdef LONGATTN_AVX2
-  if (p.S % Isa::W == 0) {
+#ifdef LONGATTN_AVX512BF16
+  if (p.bf16) {  // the entry checked S % 16 == 0
+    const uint32_t* qt2 = static_cast<const uint32_t*>(row.qt);
     float best = kNegInf;
     int s0 = 0;
-    for (; s0 + 4 * Isa::W <= p.S; s0 += 4 * Isa::W)
-      best = std::max(best, tile_score<4>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end));
-    switch ((p.S - s0) / Isa::W) {
-      case 3: best = std::max(best, tile_score<3>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      case 2: best = std::max(best, tile_score<2>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      case 1: best = std::max(best, tile_score<1>(p, row.qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+    for (; s0 + 64 <= p.S; s0 += 64)
+      best = std::max(best, tile_score_bf16<4>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end));
+    switch ((p.S - s0) / 16) {
+      case 3: best = std::max(best, tile_score_bf16<3>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+      case 2: best = std::max(best, tile_score_bf16<2>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+      case 1: best = std::max(best, tile_score_bf16<1>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end)); break;
       default: break;
     }
     return best;
   }
 #endif
-  return score_block_scalar(p, row.qt, row.qpos, row.end, row.b, row.hk, block * p.bk);
+  const float* qt = static_cast<const float*>(row.qt);
+#ifdef LONGATTN_AVX2
+  if (p.S % Isa::W == 0) {
+    float best = kNegInf;
+    int s0 = 0;
+    for (; s0 + 4 * Isa::W <= p.S; s0 += 4 * Isa::W)
+      best = std::max(best, tile_score<4>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end));
+    switch ((p.S - s0) / Isa::W) {
+      case 3: best = std::max(best, tile_score<3>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+      case 2: best = std::max(best, tile_score<2>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+      case 1: best = std::max(best, tile_score<1>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
+      default: break;
+    }
+    return best;
+  }
+#endif
+  return score_block_scalar(p, qt, row.qpos, row.end, row.b, row.hk, block * p.bk);
 }
 
 constexpr int kPrefetchAhead = 2;  // blocks scored before a prefetched one is needed
@@ -171,8 +251,10 @@ void prefetch_block(const ScoreProblem& p, const RowContext& row, int64_t block)
   for (int t = 0; t < p.bk; ++t) {
     const int64_t pos = block * p.bk + t;
     if (pos < p.sink || pos > row.end) continue;
-    const char* k = reinterpret_cast<const char*>(key_at(p, row.b, row.hk, pos));
-    for (int off = 0; off < p.D * static_cast<int>(sizeof(float)); off += 64) _mm_prefetch(k + off, _MM_HINT_T0);
+    const char* k = p.bf16 ? reinterpret_cast<const char*>(key_at<uint16_t>(p, row.b, row.hk, pos))
+                           : reinterpret_cast<const char*>(key_at(p, row.b, row.hk, pos));
+    const int bytes = p.D * (p.bf16 ? 2 : 4);
+    for (int off = 0; off < bytes; off += 64) _mm_prefetch(k + off, _MM_HINT_T0);
   }
 #else
   (void)p; (void)row; (void)block;
@@ -217,6 +299,21 @@ void search_row(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends
   }
 }
 
+int run_search(const void* queries_t, const int32_t* query_pos, const int64_t* range_end, const void* keys,
+               int64_t batch_stride, int64_t head_stride, int64_t pos_stride, const int64_t* block_table,
+               int64_t bt_stride, int page_size, int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk,
+               int nb, int rounds, int sink, int causal, int nheads, int nheads_k, int nqb, int num_threads,
+               bool bf16) {
+  if (S < 1 || D < 1 || bk < 1 || nb < 1 || rounds < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
+  if (block_table != nullptr && page_size < 1) return 1;
+  if (num_threads < 1) return 1;  // num_threads(n) must be positive (OpenMP leaves n < 1 undefined)
+  if (bf16 && (D % 2 || S % 16)) return 1;
+  const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
+                       block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k, nqb, bf16};
+#pragma omp parallel for num_threads(num_threads) schedule(static, 8)
+  for (int64_t r = 0; r < rows; ++r) search_row(p, r, starts, ends, nb, rounds);
+  return 0;
+}
 }  // namespace
 
 // The full search for every row: starts/ends (rows, nb) hold the initial
@@ -227,12 +324,37 @@ extern "C" int longattn_hip_search(
     const int64_t* block_table, int64_t bt_stride, int page_size,
     int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk, int nb, int rounds, int sink, int causal,
     int nheads, int nheads_k, int nqb, int num_threads) {
-  if (S < 1 || D < 1 || bk < 1 || nb < 1 || rounds < 0 || nheads_k < 1 || nheads % nheads_k || nqb < 1) return 1;
-  if (block_table != nullptr && page_size < 1) return 1;
-  if (num_threads < 1) return 1;  // num_threads(n) must be positive (OpenMP leaves n < 1 undefined)
-  const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
-                       block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k, nqb};
-#pragma omp parallel for num_threads(num_threads) schedule(static, 8)
-  for (int64_t r = 0; r < rows; ++r) search_row(p, r, starts, ends, nb, rounds);
+  return run_search(queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride, block_table,
+                    bt_stride, page_size, starts, ends, rows, S, D, bk, nb, rounds, sink, causal, nheads, nheads_k,
+                    nqb, num_threads, false);
+}
+
+// 1 when this build has the bfloat16 search (AVX512-BF16), else 0.
+extern "C" int longattn_hip_search_has_bf16() {
+#ifdef LONGATTN_AVX512BF16
+  return 1;
+#else
   return 0;
+#endif
+}
+
+// The same search on bfloat16: queries_t (rows, D / 2, S) pair words, keys
+// bf16 rows; D even, S a multiple of 16. Returns 2 when built without AVX512-BF16.
+extern "C" int longattn_hip_search_bf16(
+    const uint32_t* queries_t, const int32_t* query_pos, const int64_t* range_end,
+    const uint16_t* keys, int64_t batch_stride, int64_t head_stride, int64_t pos_stride,
+    const int64_t* block_table, int64_t bt_stride, int page_size,
+    int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk, int nb, int rounds, int sink, int causal,
+    int nheads, int nheads_k, int nqb, int num_threads) {
+#ifdef LONGATTN_AVX512BF16
+  return run_search(queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride, block_table,
+                    bt_stride, page_size, starts, ends, rows, S, D, bk, nb, rounds, sink, causal, nheads, nheads_k,
+                    nqb, num_threads, true);
+#else
+  (void)queries_t; (void)query_pos; (void)range_end; (void)keys; (void)batch_stride; (void)head_stride;
+  (void)pos_stride; (void)block_table; (void)bt_stride; (void)page_size; (void)starts; (void)ends; (void)rows;
+  (void)S; (void)D; (void)bk; (void)nb; (void)rounds; (void)sink; (void)causal; (void)nheads; (void)nheads_k;
+  (void)nqb; (void)num_threads;
+  return 2;
+#endif
 }

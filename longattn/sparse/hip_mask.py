@@ -164,8 +164,22 @@ class _BranchScorer:
             qidx = qidx[:, pad]
             self.padded_query_pos = (qidx + layout.offset).to(torch.int32).contiguous()
             strided = lanes
-        # (rows, headdim, strided)
-        self.queries_t = q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim).transpose(1, 2).contiguous()
+        # bfloat16 on a CPU with AVX512-BF16: the C++ search scores bf16 pairs
+        # natively (half the float32 work; scores equal up to summation order).
+        self.bf16 = False
+        if backend == "cpp" and q.dtype == torch.bfloat16 and keys.k_rows.dtype == torch.bfloat16:
+            from longattn.kernels.hip_score.cpp import has_bf16_search
+
+            self.bf16 = has_bf16_search()
+        if self.bf16:
+            from longattn.kernels.hip_score.cpp import pair_words
+
+            # (rows, ceil(headdim / 2), strided) words of two bf16
+            self.queries_t = pair_words(q.transpose(1, 2)[:, :, qidx].reshape(-1, strided, headdim)).transpose(1, 2)
+            self.queries_t = self.queries_t.contiguous()
+        else:  # (rows, headdim, strided)
+            self.queries_t = (q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim)
+                              .transpose(1, 2).contiguous())
         # Keys by (batch, kv head, block), zero-padded: the blocks a row scores are
         # scattered, so each one's keys should at least be adjacent. Copying the
         # keys once costs less than reading them strided round after round --
@@ -175,11 +189,14 @@ class _BranchScorer:
         self.in_place = (backend == "cpp" and keys.k_rows.dtype == torch.float32
                          and rows * 2 * config.num_blocks < self.seqlen_k * self.nheads_k)
         if not self.in_place:
-            blocks = torch.empty(batch, self.nheads_k, nkb * bk, headdim, dtype=torch.float32, device=device)
+            width = headdim + (headdim % 2 if self.bf16 else 0)  # the bf16 search pairs head dims (zero-padded)
+            dtype = torch.bfloat16 if self.bf16 else torch.float32
+            blocks = torch.empty(batch, self.nheads_k, nkb * bk, width, dtype=dtype, device=device)
             blocks[:, :, self.seqlen_k :] = 0
-            blocks[:, :, : self.seqlen_k] = keys.logical(batch, self.seqlen_k).transpose(1, 2)
-            self.key_positions = blocks  # (batch, nheads_k, nkb * bk, headdim)
-            self.key_blocks = blocks.reshape(batch * self.nheads_k * nkb, bk * headdim)
+            blocks[..., headdim:] = 0
+            blocks[:, :, : self.seqlen_k, :headdim] = keys.logical(batch, self.seqlen_k).transpose(1, 2)
+            self.key_positions = blocks  # (batch, nheads_k, nkb * bk, width)
+            self.key_blocks = blocks.reshape(batch * self.nheads_k * nkb, bk * width)
         self.keys = keys
         # Keys outside a block's searchable part (before the sinks end, after the
         # range ends, after a strided query when causal) need a mask; with

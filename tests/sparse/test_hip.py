@@ -153,15 +153,30 @@ def test_backends_select_the_same_blocks():
 
 @pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
                     reason="the C++ HiP scorer does not build here")
-@pytest.mark.parametrize("build_flags", [(), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
-def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(build_flags, monkeypatch):
+@pytest.mark.parametrize("build_flags", [(), ("-mno-avx512bf16",), ("-mno-avx512f",),
+                                         ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
+@pytest.mark.parametrize("dtype, headdim", [(torch.float32, 40), (torch.bfloat16, 40), (torch.bfloat16, 41)])
+def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(build_flags, dtype, headdim,
+                                                                                monkeypatch):
+    """bfloat16 runs the bf16 dot-product search where the build has it (the
+    default build on an AVX512-BF16 CPU), float32 scoring of the same values elsewhere."""
     import longattn.kernels.hip_score.cpp as hsc
 
     real = hsc.search_blocks_cpu
     monkeypatch.setattr(hsc, "search_blocks_cpu", lambda *a, **kw: real(*a, **kw, build_flags=build_flags))
     torch.manual_seed(7)
-    q, k = torch.randn(1, 400, 4, 40), torch.randn(1, 400, 2, 40)
+    q, k = torch.randn(1, 400, 4, headdim).to(dtype), torch.randn(1, 400, 2, headdim).to(dtype)
     for causal in (True, False):
         cfg = HiP(topk=24, block_q=16, block_k=3, query_stride=3, sink_size=5, recent_size=20)
         assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpp"),
                            hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))
+
+
+def test_the_bf16_search_is_built_where_the_cpu_has_avx512_bf16():
+    from longattn.kernels.hip_score.cpp import has_bf16_search, score_unavailable_reason
+    from longattn.kernels.support.cpp_build import cpu_features
+
+    if score_unavailable_reason() is not None:
+        pytest.skip(f"the C++ HiP search does not build here: {score_unavailable_reason()}")
+    assert has_bf16_search() == ({"avx512f", "avx512_bf16"} <= cpu_features())
+    assert not has_bf16_search(("-mno-avx512bf16",))

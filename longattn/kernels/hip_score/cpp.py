@@ -5,8 +5,10 @@ Selects what the PyTorch search in :mod:`longattn.sparse.hip_mask` selects
 score each half by the max of ``q . k`` over the row's strided queries and
 its centre block's searchable keys, keep the best. It reads keys in place
 (no gather, no temporaries), which is what HiP's mask estimation spends its
-time on. Built on first use like the decode kernel; without a compiler the
-PyTorch search serves.
+time on. bfloat16 inputs are scored with AVX512-BF16 dot products where the
+CPU has them (:func:`has_bf16_search`; about half the float32 search's time),
+else in float32. Built on first use like the decode kernel; without a
+compiler the PyTorch search serves.
 """
 
 from __future__ import annotations
@@ -41,10 +43,32 @@ _SEARCH_ARGTYPES = [
 
 
 @functools.lru_cache(maxsize=None)
-def _search_kernel(build_flags: tuple[str, ...] = ()):
-    fn = load_library(SOURCE, build_flags).longattn_hip_search
+def _search_kernel(build_flags: tuple[str, ...] = (), bf16: bool = False):
+    lib = load_library(SOURCE, build_flags)
+    fn = lib.longattn_hip_search_bf16 if bf16 else lib.longattn_hip_search
     fn.argtypes, fn.restype = _SEARCH_ARGTYPES, ctypes.c_int
     return fn
+
+
+@functools.lru_cache(maxsize=None)
+def has_bf16_search(build_flags: tuple[str, ...] = ()) -> bool:
+    """Whether this build scores bfloat16 natively (AVX512-BF16 dot products);
+    False where the search cannot be built at all."""
+    if unavailable_reason(SOURCE) is not None and not build_flags:
+        return False
+    try:
+        return bool(load_library(SOURCE, build_flags).longattn_hip_search_has_bf16())
+    except Exception:  # no compiler, or a build this CPU cannot run: the float32 search decides
+        return False
+
+
+def pair_words(t: torch.Tensor) -> torch.Tensor:
+    """bfloat16 ``(..., headdim)`` -> int32 ``(..., ceil(headdim / 2))``: each
+    word two consecutive bf16 (an odd head dim padded with a zero, which adds
+    nothing to a dot product)."""
+    if t.shape[-1] % 2:
+        t = torch.nn.functional.pad(t, (0, 1))
+    return t.contiguous().view(torch.int32)
 
 
 def search_blocks_cpu(
@@ -67,8 +91,23 @@ def search_blocks_cpu(
     ``(batch, nheads_k, positions, headdim)`` float32 copy (adjacent block
     keys), or float32 keys read in place where a
     :class:`~longattn.kernels.block_sparse.eager.KeyRows` says (a decode cache).
-    Ties keep the earlier branch."""
+    Ties keep the earlier branch.
+
+    bfloat16 (where :func:`has_bf16_search`): ``queries_t`` int32 ``(rows,
+    headdim / 2, lanes)`` of :func:`pair_words` and ``keys`` the bfloat16
+    copy with an even head dim; scored with bf16 dot products (products
+    exact in float32, float32 sums: scores equal the float32 search's up to
+    summation order)."""
+    bf16 = queries_t.dtype == torch.int32
+    if bf16 and (isinstance(keys, KeyRows) or keys.dtype != torch.bfloat16
+                 or keys.shape[-1] != 2 * queries_t.shape[1]):
+        raise ValueError("the bf16 search takes a bfloat16 key copy whose head dim matches the query words")
+    if bf16 and not has_bf16_search(build_flags):  # this build has no bf16 dot products: score in float32
+        queries_t = queries_t.transpose(1, 2).contiguous().view(torch.bfloat16).float().transpose(1, 2).contiguous()
+        keys, bf16 = keys.float(), False
     rows, headdim, lanes = queries_t.shape
+    if bf16:
+        headdim *= 2  # pair words
     table, table_stride, page_size = None, 0, 0
     if isinstance(keys, KeyRows):
         if keys.k_rows.dtype != torch.float32:
@@ -86,7 +125,7 @@ def search_blocks_cpu(
         batch_stride, head_stride, pos_stride, key_rows = nheads_k * positions, positions, 1, keys.contiguous()
     starts, ends = starts.contiguous().clone(), ends.contiguous().clone()
     tensors = [t.contiguous() for t in (queries_t, query_pos, range_end)]
-    status = _search_kernel(tuple(build_flags))(
+    status = _search_kernel(tuple(build_flags), bf16)(
         tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
         key_rows.data_ptr(), batch_stride, head_stride, pos_stride,
         None if table is None else table.data_ptr(), table_stride, page_size,
