@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -207,39 +208,38 @@ RowContext row_context(const ScoreProblem& p, int64_t r) {
   return {qt, p.query_pos + static_cast<int64_t>(qb) * p.S, b, h / (p.nheads / p.nheads_k), p.range_end[qb]};
 }
 
+// max over s0 = 0, 4L, 8L, ... of tile(nv, s0), nv = the vectors of L lanes
+// left (4 at a time, then 3, 2 or 1): S query lanes, a multiple of L.
+template <int L, class Tile>
+float max_over_vectors(int S, const Tile& tile) {
+  float best = kNegInf;
+  int s0 = 0;
+  for (; s0 + 4 * L <= S; s0 += 4 * L) best = std::max(best, tile(std::integral_constant<int, 4>{}, s0));
+  switch ((S - s0) / L) {
+    case 3: best = std::max(best, tile(std::integral_constant<int, 3>{}, s0)); break;
+    case 2: best = std::max(best, tile(std::integral_constant<int, 2>{}, s0)); break;
+    case 1: best = std::max(best, tile(std::integral_constant<int, 1>{}, s0)); break;
+    default: break;
+  }
+  return best;
+}
+
 // The row's score of key block `block`: max over its strided queries and the block's searchable keys.
 float block_score(const ScoreProblem& p, const RowContext& row, int64_t block) {
 #ifdef LONGATTN_AVX512BF16
   if (p.bf16) {  // the entry checked S % 16 == 0
     const uint32_t* qt2 = static_cast<const uint32_t*>(row.qt);
-    float best = kNegInf;
-    int s0 = 0;
-    for (; s0 + 64 <= p.S; s0 += 64)
-      best = std::max(best, tile_score_bf16<4>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end));
-    switch ((p.S - s0) / 16) {
-      case 3: best = std::max(best, tile_score_bf16<3>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      case 2: best = std::max(best, tile_score_bf16<2>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      case 1: best = std::max(best, tile_score_bf16<1>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      default: break;
-    }
-    return best;
+    return max_over_vectors<16>(p.S, [&](auto nv, int s0) {
+      return tile_score_bf16<decltype(nv)::value>(p, qt2, row.qpos, s0, row.b, row.hk, block, row.end);
+    });
   }
 #endif
   const float* qt = static_cast<const float*>(row.qt);
 #ifdef LONGATTN_AVX2
-  if (p.S % Isa::W == 0) {
-    float best = kNegInf;
-    int s0 = 0;
-    for (; s0 + 4 * Isa::W <= p.S; s0 += 4 * Isa::W)
-      best = std::max(best, tile_score<4>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end));
-    switch ((p.S - s0) / Isa::W) {
-      case 3: best = std::max(best, tile_score<3>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      case 2: best = std::max(best, tile_score<2>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      case 1: best = std::max(best, tile_score<1>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end)); break;
-      default: break;
-    }
-    return best;
-  }
+  if (p.S % Isa::W == 0)
+    return max_over_vectors<Isa::W>(p.S, [&](auto nv, int s0) {
+      return tile_score<decltype(nv)::value>(p, qt, row.qpos, s0, row.b, row.hk, block, row.end);
+    });
 #endif
   return score_block_scalar(p, qt, row.qpos, row.end, row.b, row.hk, block * p.bk);
 }
