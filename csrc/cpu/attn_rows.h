@@ -7,6 +7,10 @@
 // are float32 (already scaled), scores and the online softmax are float32;
 // with AVX2 the K/V rows are read in their own dtype and fp16/bf16 are
 // widened in registers, without it the caller widens them first.
+//
+// With AVX-512 there are also 16-key micro-kernels (qk16, qk16_bf16dot,
+// pv16_block, pv16_bf16dot_block, Prefetcher): one key per vector lane, used
+// by the stream-K decode kernel's fast path (decode_streamk.cpp).
 
 #pragma once
 
@@ -291,6 +295,278 @@ void pv_block(const float* p, int rows, int p_stride, int dtype, const void* con
     }
 #endif
 }
+
+#ifdef LONGATTN_AVX512
+// ---- 16-key micro-kernels (AVX-512): the stream-K decode kernel's fast path --
+// A chunk is 16 keys, one per lane: a row's 16 scores are one zmm, so the
+// online softmax (max, exp, sum) runs on whole vectors once per 16 keys, and
+// the dot products need no horizontal sum per key (Reduce16 folds 16
+// accumulators into one vector of 16 sums with 15 adds).
+constexpr int kWide = 16;
+
+// Sums of 16 vectors in steps, so the 16 accumulators need not be live at once: fold
+// adds the sums of 4 keys at a time (as they are computed, 4 independent
+// FMA chains), finish combines the 8 folded vectors. The order of the
+// additions is fixed (deterministic).
+struct Reduce16 {
+  __m512 w[8];  // per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums
+  // Keys 4g .. 4g+3.
+  void fold(int g, __m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    w[2 * g] = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    w[2 * g + 1] = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  }
+  // Lane j = the sum of the 16 lanes of key j's accumulator.
+  __m512 finish() const {
+    __m512 x[4];  // per 128-bit lane L: [v4i, v4i+1, v4i+2, v4i+3] summed over L's 4 lanes
+    for (int i = 0; i < 4; ++i)
+      x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 y[2];  // [x2i (L0+L1), x2i (L2+L3), x2i+1 (L0+L1), x2i+1 (L2+L3)]
+    for (int i = 0; i < 2; ++i)
+      y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+};
+
+// Software prefetch spread over the compute: a cursor over the K and V rows
+// of a later chunk that issues `quota` groups of 4 line pairs (K and V) per
+// step(). Many small batches keep misses in flight all the time; one burst
+// per chunk would fill the core's miss buffers and stall the compute behind
+// it. A key's rows over the tile's heads are `lines` (a multiple of 4) lines.
+struct Prefetcher {
+  const char* k[kWide];
+  const char* v[kWide];
+  int nkeys = 0, lines = 0, quota = 0;  // keys, 64-byte lines per key, groups per step
+  int key = 0, line = 0;                // the cursor
+  inline void step() {
+    for (int u = 0; u < quota && key < nkeys; ++u) {
+      const char* kp = k[key] + 64 * line;
+      const char* vp = v[key] + 64 * line;
+      _mm_prefetch(kp, _MM_HINT_T1);
+      _mm_prefetch(vp, _MM_HINT_T1);
+      _mm_prefetch(kp + 64, _MM_HINT_T1);
+      _mm_prefetch(vp + 64, _MM_HINT_T1);
+      _mm_prefetch(kp + 128, _MM_HINT_T1);
+      _mm_prefetch(vp + 128, _MM_HINT_T1);
+      _mm_prefetch(kp + 192, _MM_HINT_T1);
+      _mm_prefetch(vp + 192, _MM_HINT_T1);
+      line += 4;
+      if (line >= lines) { line = 0; ++key; }
+    }
+  }
+};
+
+// Scores of one (scaled, fp32) q row against 16 K rows of type T (float,
+// _Float16 or bf16 as uint16_t, widened in registers); D % 16 == 0. ND =
+// D / 16 when known at compile time (q then stays in registers), else 0.
+// pf steps once per 4 keys.
+template <int ND, typename T>
+inline __m512 qk16(const float* q, int D, const char* const* krow, Prefetcher& pf) {
+  Reduce16 red;
+  if constexpr (ND > 0) {
+    __m512 qv[ND];
+#pragma GCC unroll 16
+    for (int i = 0; i < ND; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const T* k0 = reinterpret_cast<const T*>(krow[4 * g]);
+      const T* k1 = reinterpret_cast<const T*>(krow[4 * g + 1]);
+      const T* k2 = reinterpret_cast<const T*>(krow[4 * g + 2]);
+      const T* k3 = reinterpret_cast<const T*>(krow[4 * g + 3]);
+      __m512 a0 = _mm512_mul_ps(qv[0], Avx512::load(k0)), a1 = _mm512_mul_ps(qv[0], Avx512::load(k1));
+      __m512 a2 = _mm512_mul_ps(qv[0], Avx512::load(k2)), a3 = _mm512_mul_ps(qv[0], Avx512::load(k3));
+#pragma GCC unroll 16
+      for (int i = 1; i < ND; ++i) {
+        a0 = _mm512_fmadd_ps(qv[i], Avx512::load(k0 + 16 * i), a0);
+        a1 = _mm512_fmadd_ps(qv[i], Avx512::load(k1 + 16 * i), a1);
+        a2 = _mm512_fmadd_ps(qv[i], Avx512::load(k2 + 16 * i), a2);
+        a3 = _mm512_fmadd_ps(qv[i], Avx512::load(k3 + 16 * i), a3);
+      }
+      red.fold(g, a0, a1, a2, a3);
+      pf.step();
+    }
+  } else {
+    for (int g = 0; g < 4; ++g) {
+      const T* k0 = reinterpret_cast<const T*>(krow[4 * g]);
+      const T* k1 = reinterpret_cast<const T*>(krow[4 * g + 1]);
+      const T* k2 = reinterpret_cast<const T*>(krow[4 * g + 2]);
+      const T* k3 = reinterpret_cast<const T*>(krow[4 * g + 3]);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + d);
+        a0 = _mm512_fmadd_ps(qv, Avx512::load(k0 + d), a0);
+        a1 = _mm512_fmadd_ps(qv, Avx512::load(k1 + d), a1);
+        a2 = _mm512_fmadd_ps(qv, Avx512::load(k2 + d), a2);
+        a3 = _mm512_fmadd_ps(qv, Avx512::load(k3 + d), a3);
+      }
+      red.fold(g, a0, a1, a2, a3);
+      pf.step();
+    }
+  }
+  return red.finish();
+}
+
+// acc[r][d] += sum_j p[r][j] v_j[d] for R rows (1..4) and NV (1..4) vectors
+// of 16 columns from d0: up to 16 accumulators stay in registers over the chunk.
+template <int R, int NV, typename T>
+inline void pv16_rows(const float* p, int p_stride, const char* const* vrow, int n, float* acc, int D, int d0,
+                      Prefetcher& pf) {
+  __m512 a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) a[r][v] = _mm512_loadu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v);
+  for (int j = 0; j < n; ++j) {
+    const T* vj = reinterpret_cast<const T*>(vrow[j]) + d0;
+    __m512 x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = Avx512::load(vj + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm512_fmadd_ps(pb, x[v], a[r][v]);
+    }
+    pf.step();
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v, a[r][v]);
+}
+
+template <int R, typename T>
+inline void pv16_rows_all(const float* p, int p_stride, const char* const* vrow, int n, float* acc, int D,
+                          Prefetcher& pf) {
+  int d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pv16_rows<R, 4, T>(p, p_stride, vrow, n, acc, D, d0, pf);
+  switch ((D - d0) / 16) {
+    case 3: pv16_rows<R, 3, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
+    case 2: pv16_rows<R, 2, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
+    case 1: pv16_rows<R, 1, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
+    default: break;
+  }
+}
+
+// acc (rows x D) += P V over the chunk's n keys; P rows have stride p_stride;
+// D % 16 == 0. pf steps once per key and 64 columns.
+template <typename T>
+void pv16_block(const float* p, int rows, int p_stride, const char* const* vrow, int n, float* acc, int D,
+                Prefetcher& pf) {
+  auto pr = [&](int r) { return p + static_cast<size_t>(r) * p_stride; };
+  auto ar = [&](int r) { return acc + static_cast<size_t>(r) * D; };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv16_rows_all<4, T>(pr(r), p_stride, vrow, n, ar(r), D, pf);
+  switch (rows - r) {
+    case 3: pv16_rows_all<3, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
+    case 2: pv16_rows_all<2, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
+    case 1: pv16_rows_all<1, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
+    default: break;
+  }
+}
+
+#ifdef LONGATTN_AVX512BF16
+// Scores of one unscaled bf16 q row against 16 bf16 K rows with vdpbf16ps
+// (bf16 x bf16 products are exact in fp32, summed in fp32), scaled after
+// the sum; D % 32 == 0, NB = D / 32 when known at compile time, else 0.
+template <int NB>
+inline __m512 qk16_bf16dot(const uint16_t* q, int D, const char* const* krow, float scale, Prefetcher& pf) {
+  Reduce16 red;
+  auto kload = [&](int j, int d) { return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(krow[j]) + d); };
+  if constexpr (NB > 0) {
+    __m512bh qv[NB];
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(q + 32 * i);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#pragma GCC unroll 8
+      for (int i = 0; i < NB; ++i) {
+        a0 = _mm512_dpbf16_ps(a0, qv[i], kload(4 * g, 32 * i));
+        a1 = _mm512_dpbf16_ps(a1, qv[i], kload(4 * g + 1, 32 * i));
+        a2 = _mm512_dpbf16_ps(a2, qv[i], kload(4 * g + 2, 32 * i));
+        a3 = _mm512_dpbf16_ps(a3, qv[i], kload(4 * g + 3, 32 * i));
+      }
+      red.fold(g, a0, a1, a2, a3);
+      pf.step();
+    }
+  } else {
+    for (int g = 0; g < 4; ++g) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
+        a0 = _mm512_dpbf16_ps(a0, qv, kload(4 * g, d));
+        a1 = _mm512_dpbf16_ps(a1, qv, kload(4 * g + 1, d));
+        a2 = _mm512_dpbf16_ps(a2, qv, kload(4 * g + 2, d));
+        a3 = _mm512_dpbf16_ps(a3, qv, kload(4 * g + 3, d));
+      }
+      red.fold(g, a0, a1, a2, a3);
+      pf.step();
+    }
+  }
+  return _mm512_mul_ps(red.finish(), _mm512_set1_ps(scale));
+}
+
+// P V with vdpbf16ps: P is rounded to bf16 (as flash-attention does on GPUs)
+// and two keys are done per instruction. pp[r][i] holds the bf16 pair
+// (p[r][2i], p[r][2i+1]) as one 32-bit word; V rows 2i and 2i+1 are
+// interleaved in registers (unpacklo/hi_epi16), so a broadcast pair times an
+// interleaved vector gives p_2i v_2i[d] + p_2i+1 v_2i+1[d] per fp32 lane.
+// The interleave works inside 128-bit lanes, so the accumulator holds each
+// 32-column block permuted: positions [0, 16) are columns 8*(l/4) + l%4
+// (unpacklo), [16, 32) the same + 4 (unpackhi); see bf16dot_column.
+// n odd: the last pair's second row is row n-1 again, with p = 0.
+template <int R, int NB>
+inline void pv16_bf16dot_rows(const uint32_t* pp, int pp_stride, const char* const* vrow, int n, float* acc, int D,
+                              int d0, Prefetcher& pf) {
+  __m512 a[R][2 * NB];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2 * NB; ++v) a[r][v] = _mm512_loadu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v);
+  for (int j = 0; j < n; j += 2) {
+    const uint16_t* v0 = reinterpret_cast<const uint16_t*>(vrow[j]) + d0;
+    const uint16_t* v1 = reinterpret_cast<const uint16_t*>(vrow[j + 1 < n ? j + 1 : j]) + d0;
+    __m512bh x[2 * NB];
+    for (int b = 0; b < NB; ++b) {
+      const __m512i x0 = _mm512_loadu_si512(v0 + 32 * b), x1 = _mm512_loadu_si512(v1 + 32 * b);
+      x[2 * b] = (__m512bh)_mm512_unpacklo_epi16(x0, x1);
+      x[2 * b + 1] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[r * pp_stride + j / 2]));
+      for (int v = 0; v < 2 * NB; ++v) a[r][v] = _mm512_dpbf16_ps(a[r][v], pb, x[v]);
+    }
+    pf.step();
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2 * NB; ++v) _mm512_storeu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v, a[r][v]);
+}
+
+template <int R>
+inline void pv16_bf16dot_rows_all(const uint32_t* pp, int pp_stride, const char* const* vrow, int n, float* acc,
+                                  int D, Prefetcher& pf) {
+  int d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) pv16_bf16dot_rows<R, 2>(pp, pp_stride, vrow, n, acc, D, d0, pf);
+  if (d0 < D) pv16_bf16dot_rows<R, 1>(pp, pp_stride, vrow, n, acc, D, d0, pf);
+}
+
+// acc (rows x D, permuted blocks) += P V; pp rows have stride pp_stride words;
+// D % 32 == 0. pf steps once per key pair and 64 columns.
+inline void pv16_bf16dot_block(const uint32_t* pp, int rows, int pp_stride, const char* const* vrow, int n,
+                               float* acc, int D, Prefetcher& pf) {
+  auto pr = [&](int r) { return pp + static_cast<size_t>(r) * pp_stride; };
+  auto ar = [&](int r) { return acc + static_cast<size_t>(r) * D; };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) pv16_bf16dot_rows_all<4>(pr(r), pp_stride, vrow, n, ar(r), D, pf);
+  switch (rows - r) {
+    case 3: pv16_bf16dot_rows_all<3>(pr(r), pp_stride, vrow, n, ar(r), D, pf); break;
+    case 2: pv16_bf16dot_rows_all<2>(pr(r), pp_stride, vrow, n, ar(r), D, pf); break;
+    case 1: pv16_bf16dot_rows_all<1>(pr(r), pp_stride, vrow, n, ar(r), D, pf); break;
+    default: break;
+  }
+}
+
+// The column that accumulator position `pos` of pv16_bf16dot_block holds.
+inline int bf16dot_column(int pos) {
+  const int block = pos & ~31, l = pos & 15, hi = (pos >> 4) & 1;
+  return block + 8 * (l >> 2) + 4 * hi + (l & 3);
+}
+#endif  // LONGATTN_AVX512BF16
+#endif  // LONGATTN_AVX512
 
 float row_max(const float* s, int n) {
   float m = kNegInf;

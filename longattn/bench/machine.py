@@ -58,6 +58,22 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     return data.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
 
 
+def measure_stream_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, object]:
+    """The fair read-bandwidth limit for memory-bound kernels: the C++
+    multi-threaded streaming read (:func:`longattn.kernels.support.probes.stream_read_gbs`,
+    every kernel thread reading one contiguous slice of a fresh ``gib`` GiB
+    float32 buffer, best of ``repeats`` passes). ``{"gbps", "gib", "threads",
+    "isa"}``, or ``{"gbps": None, "reason"}`` when the probes library cannot
+    be built here (no compiler): the caller then falls back to
+    :func:`measure_read_bandwidth` and says so."""
+    from longattn.kernels.support.probes import stream_read_gbs
+
+    probe = stream_read_gbs(gib=gib, repeats=repeats)
+    if probe.value is None:
+        return {"gbps": None, "reason": probe.reason}
+    return {"gbps": probe.value, "gib": gib, "threads": probe.threads, "isa": probe.isa}
+
+
 def measure_fma_peak(seconds: float = 0.3) -> dict[str, object]:
     """The machine's fp32 FMA peak over the kernels' threads (a register-only
     loop in the C++ probes library, :mod:`longattn.kernels.support.probes`):

@@ -142,10 +142,7 @@ def format_table(results: dict[str, Any]) -> str:
             if peak.get("gflops") else f"fp32 FMA peak not measured: {peak.get('reason')}"
         )
     if machine.get("read_bandwidth_gbps"):
-        out.append(
-            f"memory read bandwidth measured in this run (torch.sum over 1 GiB): "
-            f"{machine['read_bandwidth_gbps']:.1f} GB/s; GB/s = cache bytes read / median time"
-        )
+        out += _bandwidth_lines(machine)
     out += [
         "",
         line(header),
@@ -158,6 +155,7 @@ def format_table(results: dict[str, Any]) -> str:
             figures = ", ".join(f"{k} {_figure(v)}" for k, v in case["measurements"].items())
             out.append(f"measured at {case['scenario']}: {figures}")
     out += [_target_line(case, t) for case in results["cases"] for t in case.get("targets", [])]
+    out += [_check_line(c) for c in results.get("checks", [])]
     out += [f"note: {n}" for n in results.get("notes", [])]
     files = results.get("files", {})
     if files.get("json"):
@@ -165,6 +163,34 @@ def format_table(results: dict[str, Any]) -> str:
     if files.get("plot"):
         out.append(f"plot:    {files['plot']}")
     return "\n".join(out)
+
+
+def _bandwidth_lines(machine: dict[str, Any]) -> list[str]:
+    """The read-bandwidth probes of the run and which one "% of bw" divides by."""
+    stream = machine.get("read_bandwidth_stream") or {}
+    torch_sum = machine.get("read_bandwidth_torch_sum_gbps")
+    if "read_bandwidth_probe" not in machine:  # results from before the C++ probe: torch.sum only
+        return [f"memory read bandwidth measured in this run (torch.sum over 1 GiB): "
+                f"{machine['read_bandwidth_gbps']:.1f} GB/s; GB/s = cache bytes read / median time"]
+    lines = []
+    if stream.get("gbps"):
+        lines.append(
+            f"memory read bandwidth measured in this run: C++ streaming read ({stream.get('threads')} threads, "
+            f"{stream.get('gib'):g} GiB, {stream.get('isa')}) {stream['gbps']:.1f} GB/s; "
+            f"torch.sum over the same size {torch_sum:.1f} GB/s"
+        )
+    else:
+        lines.append(f"memory read bandwidth measured in this run: torch.sum {torch_sum:.1f} GB/s "
+                     f"(C++ streaming read unavailable: {stream.get('reason')})")
+    lines.append(f"% of bw = GB/s / {machine['read_bandwidth_probe']} figure; GB/s = cache bytes read / median time")
+    return lines
+
+
+def _check_line(check: dict[str, Any]) -> str:
+    if check.get("met") is None:
+        return f"target: {check['what']}: not measured"
+    verdict = "MET" if check["met"] else "NOT MET"
+    return f"target: {check['what']}: {check['value']:.3g} (limit {check['limit']:g}) -> {verdict}  ({check['note']})"
 
 
 def _rounds(settings: dict[str, Any]) -> str:

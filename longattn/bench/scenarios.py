@@ -139,6 +139,10 @@ class Group:
     default_repeats: int = 5
     method_budget_s: float | None = 5.0
     plot: bool = True  # False when the sizes are case numbers, not a sweep
+    # cross_checks(cases) -> [{"what", "value", "limit", "met", "note"}]: targets
+    # that compare cases with each other (decode: paged vs contiguous), stored
+    # as results["checks"] and printed as target lines.
+    cross_checks: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
     def scenarios(self, sizes: Sequence[int] | None = None) -> list[Scenario]:
         return [self.make_scenario(size) for size in (self.sizes if sizes is None else sizes)]
