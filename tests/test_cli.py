@@ -134,3 +134,22 @@ def test_simulate_parallel_bad_profile_is_a_clear_error(tmp_path, capsys):
     assert "error: profile field 'attention' must be a JSON object" in capsys.readouterr().err
     assert main(["simulate", "parallel", "--preset", "tpu"]) == 2
     assert "preset must be one of" in capsys.readouterr().err
+
+
+def test_peak_fraction_targets_are_judged_and_printed():
+    """A Target with min_peak_fraction is met exactly when the method's
+    GFLOP/s reach that fraction of the FMA peak measured in the run."""
+    from longattn.bench.dense import PEAK_TARGET, dense_scenario
+    from longattn.bench.report import _target_line
+    from longattn.bench.runner import _target_verdict
+
+    scenario = dense_scenario(8192)
+    assert PEAK_TARGET in scenario.targets
+    for fraction, met in ((0.71, True), (0.69, False), (None, None)):
+        records = {"longattn.attention": {"median_ms": 1.0, "peak_fraction": fraction}, "sdpa": {"median_ms": 1.0}}
+        verdict = _target_verdict(scenario, PEAK_TARGET, records)
+        assert verdict["met"] is met
+        line = _target_line({"scenario": scenario.name}, verdict)
+        assert ">= 70% of the FMA peak" in line
+        if met is not None:
+            assert f"{100 * fraction:.0f}% of the FMA peak" in line and ("NOT MET" in line) == (not met)

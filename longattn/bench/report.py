@@ -236,6 +236,8 @@ def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
         wants.append(f"<= {t['max_ratio']:g}x {t['baseline']}")
     if t.get("min_bandwidth_fraction") is not None:
         wants.append(f">= {100 * t['min_bandwidth_fraction']:.0f}% of read bandwidth")
+    if t.get("min_peak_fraction") is not None:
+        wants.append(f">= {100 * t['min_peak_fraction']:.0f}% of the FMA peak")
     where = f"{t['method']} {' and '.join(wants)} at {case['scenario']}"
     if t["met"] is None:
         return f"target: {where}: not measured ({t['method']} or {t['baseline']} skipped)"
@@ -244,6 +246,8 @@ def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
         got.append(f"{t['ratio']:.3g}x")
     if t.get("bandwidth_fraction") is not None and t.get("min_bandwidth_fraction") is not None:
         got.append(f"{100 * t['bandwidth_fraction']:.0f}% of bandwidth")
+    if t.get("peak_fraction") is not None and t.get("min_peak_fraction") is not None:
+        got.append(f"{100 * t['peak_fraction']:.0f}% of the FMA peak")
     verdict = "MET" if t["met"] else "NOT MET"
     return f"target: {where}: {', '.join(got)} -> {verdict}  ({t['note']})"
 

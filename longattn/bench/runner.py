@@ -267,6 +267,9 @@ def _target_verdict(scenario: Scenario, target, records: dict[str, dict[str, Any
         checks.append(None if ratio is None else ratio <= target.max_ratio)
     if target.min_bandwidth_fraction is not None:
         checks.append(None if fraction is None else fraction >= target.min_bandwidth_fraction)
+    peak = record.get("peak_fraction")
+    if target.min_peak_fraction is not None:
+        checks.append(None if peak is None else peak >= target.min_peak_fraction)
     return {
         "method": target.method,
         "baseline": baseline,
@@ -274,6 +277,8 @@ def _target_verdict(scenario: Scenario, target, records: dict[str, dict[str, Any
         "ratio": ratio,
         "min_bandwidth_fraction": target.min_bandwidth_fraction,
         "bandwidth_fraction": fraction,
+        "min_peak_fraction": target.min_peak_fraction,
+        "peak_fraction": peak,
         "met": None if None in checks else all(checks),
         "note": target.note,
     }

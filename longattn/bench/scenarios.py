@@ -79,13 +79,16 @@ class Target:
     """A speed target for ``method``: its median time within ``max_ratio`` x the
     median of ``baseline`` (default: the scenario's baseline), and/or at least
     ``min_bandwidth_fraction`` of the memory read bandwidth measured in the
-    same run (memory-bound scenarios)."""
+    same run (memory-bound scenarios), and/or at least ``min_peak_fraction``
+    of the fp32 FMA peak measured in the same run (compute-bound scenarios
+    with a FLOP count)."""
 
     method: str
     max_ratio: float | None
     note: str
     min_bandwidth_fraction: float | None = None
     baseline: str | None = None
+    min_peak_fraction: float | None = None
 
 
 # reference(inputs, outputs) -> (expected output, what it is). ``outputs``
