@@ -8,9 +8,10 @@
 // with AVX2 the K/V rows are read in their own dtype and fp16/bf16 are
 // widened in registers, without it the caller widens them first.
 //
-// With AVX-512 there are also 16-key micro-kernels (qk16, qk16_bf16dot,
-// pv16_block, pv16_bf16dot_block, Prefetcher): one key per vector lane, used
-// by the stream-K decode kernel's fast path (decode_streamk.cpp).
+// With AVX-512 there are also 16-key micro-kernels (qk4_block,
+// qk4_block_bf16dot, pv16_block, pv16_bf16dot_block, Reduce16, Prefetcher):
+// one key per vector lane, used by the stream-K decode kernel's fast path
+// (decode_streamk.cpp), which walks each chunk in the cache's address order.
 
 #pragma once
 
@@ -304,23 +305,26 @@ void pv_block(const float* p, int rows, int p_stride, int dtype, const void* con
 // accumulators into one vector of 16 sums with 15 adds).
 constexpr int kWide = 16;
 
-// Sums of 16 vectors in steps, so the 16 accumulators need not be live at once: fold
-// adds the sums of 4 keys at a time (as they are computed, 4 independent
-// FMA chains), finish combines the 8 folded vectors. The order of the
+// The sum of each of 16 accumulators (one per key) into lane j of one vector,
+// in steps so the accumulators need not be live at once: group_store folds
+// the 4 accumulators of keys 4g .. 4g+3 (as they are computed, 4 independent
+// FMA chains) into one vector kept in memory (kReduce16Floats floats per q
+// row: the row's groups may be computed far apart in time, between other
+// heads' work), finish_stored combines the 4 stored vectors. The order of the
 // additions is fixed (deterministic).
 struct Reduce16 {
-  __m512 w[8];  // per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums
-  // Keys 4g .. 4g+3.
-  void fold(int g, __m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    w[2 * g] = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    w[2 * g + 1] = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  // Lanes of 128-bit lane L: keys 4g .. 4g+3, each summed over L's 4 lanes; at w + 16 g.
+  static void group_store(float* w, int g, __m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    // per 128-bit lane: keys 4g, 4g+1 (w0) and 4g+2, 4g+3 (w1) in pairs of lanes, then all 4 keys
+    const __m512 w0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 w1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    _mm512_storeu_ps(w + 16 * g, _mm512_add_ps(_mm512_shuffle_ps(w0, w1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                               _mm512_shuffle_ps(w0, w1, _MM_SHUFFLE(3, 2, 3, 2))));
   }
   // Lane j = the sum of the 16 lanes of key j's accumulator.
-  __m512 finish() const {
-    __m512 x[4];  // per 128-bit lane L: [v4i, v4i+1, v4i+2, v4i+3] summed over L's 4 lanes
-    for (int i = 0; i < 4; ++i)
-      x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                           _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  static __m512 finish_stored(const float* w) {
+    __m512 x[4];
+    for (int i = 0; i < 4; ++i) x[i] = _mm512_loadu_ps(w + 16 * i);
     __m512 y[2];  // [x2i (L0+L1), x2i (L2+L3), x2i+1 (L0+L1), x2i+1 (L2+L3)]
     for (int i = 0; i < 2; ++i)
       y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
@@ -329,12 +333,14 @@ struct Reduce16 {
                          _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
   }
 };
+constexpr int kReduce16Floats = 4 * 16;
 
 // Software prefetch spread over the compute: a cursor over the K and V rows
 // of a later chunk that issues `quota` groups of 4 line pairs (K and V) per
 // step(). Many small batches keep misses in flight all the time; one burst
 // per chunk would fill the core's miss buffers and stall the compute behind
 // it. A key's rows over the tile's heads are `lines` (a multiple of 4) lines.
+// Into L2 (T1): measured on Zen 4, T0 (L1) was 1.5x slower, T2 the same as T1.
 struct Prefetcher {
   const char* k[kWide];
   const char* v[kWide];
@@ -358,54 +364,54 @@ struct Prefetcher {
   }
 };
 
-// Scores of one (scaled, fp32) q row against 16 K rows of type T (float,
-// _Float16 or bf16 as uint16_t, widened in registers); D % 16 == 0. ND =
-// D / 16 when known at compile time (q then stays in registers), else 0.
-// pf steps once per 4 keys.
-template <int ND, typename T>
-inline __m512 qk16(const float* q, int D, const char* const* krow, Prefetcher& pf) {
-  Reduce16 red;
-  if constexpr (ND > 0) {
-    __m512 qv[ND];
-#pragma GCC unroll 16
-    for (int i = 0; i < ND; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-      const T* k0 = reinterpret_cast<const T*>(krow[4 * g]);
-      const T* k1 = reinterpret_cast<const T*>(krow[4 * g + 1]);
-      const T* k2 = reinterpret_cast<const T*>(krow[4 * g + 2]);
-      const T* k3 = reinterpret_cast<const T*>(krow[4 * g + 3]);
-      __m512 a0 = _mm512_mul_ps(qv[0], Avx512::load(k0)), a1 = _mm512_mul_ps(qv[0], Avx512::load(k1));
-      __m512 a2 = _mm512_mul_ps(qv[0], Avx512::load(k2)), a3 = _mm512_mul_ps(qv[0], Avx512::load(k3));
-#pragma GCC unroll 16
-      for (int i = 1; i < ND; ++i) {
-        a0 = _mm512_fmadd_ps(qv[i], Avx512::load(k0 + 16 * i), a0);
-        a1 = _mm512_fmadd_ps(qv[i], Avx512::load(k1 + 16 * i), a1);
-        a2 = _mm512_fmadd_ps(qv[i], Avx512::load(k2 + 16 * i), a2);
-        a3 = _mm512_fmadd_ps(qv[i], Avx512::load(k3 + 16 * i), a3);
-      }
-      red.fold(g, a0, a1, a2, a3);
-      pf.step();
-    }
-  } else {
-    for (int g = 0; g < 4; ++g) {
-      const T* k0 = reinterpret_cast<const T*>(krow[4 * g]);
-      const T* k1 = reinterpret_cast<const T*>(krow[4 * g + 1]);
-      const T* k2 = reinterpret_cast<const T*>(krow[4 * g + 2]);
-      const T* k3 = reinterpret_cast<const T*>(krow[4 * g + 3]);
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int d = 0; d < D; d += 16) {
-        const __m512 qv = _mm512_loadu_ps(q + d);
-        a0 = _mm512_fmadd_ps(qv, Avx512::load(k0 + d), a0);
-        a1 = _mm512_fmadd_ps(qv, Avx512::load(k1 + d), a1);
-        a2 = _mm512_fmadd_ps(qv, Avx512::load(k2 + d), a2);
-        a3 = _mm512_fmadd_ps(qv, Avx512::load(k3 + d), a3);
-      }
-      red.fold(g, a0, a1, a2, a3);
-      pf.step();
+// Scores of R (1..4) scaled fp32 q rows (stride D) against 4 K rows k4[0..3]
+// of type T (float, _Float16 or bf16 as uint16_t, widened in registers; one
+// kv head), keys 4g .. 4g+3 of the chunk, folded into each row's stored
+// Reduce16 state (red + r * kReduce16Floats). Each K vector is loaded once
+// for the R rows. D % 16 == 0; ND = D / 16 when known at compile time (the
+// loop is unrolled), else 0. The caller walks a chunk 4 keys at a time over
+// all heads, i.e. in the cache's address order. pf steps once.
+template <int R, int ND, typename T>
+inline void qk4_rows(const float* q, int D, const char* const* k4, float* red, int g, Prefetcher& pf) {
+  const int nd = ND > 0 ? ND : D / 16;
+  const T* k[4];
+  for (int u = 0; u < 4; ++u) k[u] = reinterpret_cast<const T*>(k4[u]);
+  __m512 a[R][4];
+  {
+    __m512 x[4];
+    for (int u = 0; u < 4; ++u) x[u] = Avx512::load(k[u]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qv = _mm512_loadu_ps(q + static_cast<size_t>(r) * D);
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_mul_ps(qv, x[u]);
     }
   }
-  return red.finish();
+#pragma GCC unroll 16
+  for (int i = 1; i < nd; ++i) {
+    __m512 x[4];
+    for (int u = 0; u < 4; ++u) x[u] = Avx512::load(k[u] + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qv = _mm512_loadu_ps(q + static_cast<size_t>(r) * D + 16 * i);
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_fmadd_ps(qv, x[u], a[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    Reduce16::group_store(red + static_cast<size_t>(r) * kReduce16Floats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
+  pf.step();
+}
+
+// qk4_rows over `rows` rows (blocks of 4, then the rest).
+template <int ND, typename T>
+inline void qk4_block(const float* q, int rows, int D, const char* const* k4, float* red, int g, Prefetcher& pf) {
+  auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };
+  auto wr = [&](int r) { return red + static_cast<size_t>(r) * kReduce16Floats; };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk4_rows<4, ND, T>(qr(r), D, k4, wr(r), g, pf);
+  switch (rows - r) {
+    case 3: qk4_rows<3, ND, T>(qr(r), D, k4, wr(r), g, pf); break;
+    case 2: qk4_rows<2, ND, T>(qr(r), D, k4, wr(r), g, pf); break;
+    case 1: qk4_rows<1, ND, T>(qr(r), D, k4, wr(r), g, pf); break;
+    default: break;
+  }
 }
 
 // acc[r][d] += sum_j p[r][j] v_j[d] for R rows (1..4) and NV (1..4) vectors
@@ -461,45 +467,45 @@ void pv16_block(const float* p, int rows, int p_stride, const char* const* vrow,
 }
 
 #ifdef LONGATTN_AVX512BF16
-// Scores of one unscaled bf16 q row against 16 bf16 K rows with vdpbf16ps
-// (bf16 x bf16 products are exact in fp32, summed in fp32), scaled after
-// the sum; D % 32 == 0, NB = D / 32 when known at compile time, else 0.
-template <int NB>
-inline __m512 qk16_bf16dot(const uint16_t* q, int D, const char* const* krow, float scale, Prefetcher& pf) {
-  Reduce16 red;
-  auto kload = [&](int j, int d) { return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(krow[j]) + d); };
-  if constexpr (NB > 0) {
-    __m512bh qv[NB];
+// qk4_rows for bf16 K against R (1..4) unscaled bf16 q rows with vdpbf16ps
+// (bf16 x bf16 products are exact in fp32, summed in fp32); the caller
+// scales the finished sums (scaling q would round it). D % 32 == 0, NB = D /
+// 32 when known at compile time, else 0.
+template <int R, int NB>
+inline void qk4_rows_bf16dot(const uint16_t* q, int D, const char* const* k4, float* red, int g, Prefetcher& pf) {
+  const int nb = NB > 0 ? NB : D / 32;
+  const uint16_t* k[4];
+  for (int u = 0; u < 4; ++u) k[u] = reinterpret_cast<const uint16_t*>(k4[u]);
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 4; ++u) a[r][u] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int i = 0; i < NB; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(q + 32 * i);
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#pragma GCC unroll 8
-      for (int i = 0; i < NB; ++i) {
-        a0 = _mm512_dpbf16_ps(a0, qv[i], kload(4 * g, 32 * i));
-        a1 = _mm512_dpbf16_ps(a1, qv[i], kload(4 * g + 1, 32 * i));
-        a2 = _mm512_dpbf16_ps(a2, qv[i], kload(4 * g + 2, 32 * i));
-        a3 = _mm512_dpbf16_ps(a3, qv[i], kload(4 * g + 3, 32 * i));
-      }
-      red.fold(g, a0, a1, a2, a3);
-      pf.step();
-    }
-  } else {
-    for (int g = 0; g < 4; ++g) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int d = 0; d < D; d += 32) {
-        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
-        a0 = _mm512_dpbf16_ps(a0, qv, kload(4 * g, d));
-        a1 = _mm512_dpbf16_ps(a1, qv, kload(4 * g + 1, d));
-        a2 = _mm512_dpbf16_ps(a2, qv, kload(4 * g + 2, d));
-        a3 = _mm512_dpbf16_ps(a3, qv, kload(4 * g + 3, d));
-      }
-      red.fold(g, a0, a1, a2, a3);
-      pf.step();
+  for (int i = 0; i < nb; ++i) {
+    __m512bh x[4];
+    for (int u = 0; u < 4; ++u) x[u] = (__m512bh)_mm512_loadu_si512(k[u] + 32 * i);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + static_cast<size_t>(r) * D + 32 * i);
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_dpbf16_ps(a[r][u], qv, x[u]);
     }
   }
-  return _mm512_mul_ps(red.finish(), _mm512_set1_ps(scale));
+  for (int r = 0; r < R; ++r)
+    Reduce16::group_store(red + static_cast<size_t>(r) * kReduce16Floats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
+  pf.step();
+}
+
+template <int NB>
+inline void qk4_block_bf16dot(const uint16_t* q, int rows, int D, const char* const* k4, float* red, int g,
+                              Prefetcher& pf) {
+  auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };
+  auto wr = [&](int r) { return red + static_cast<size_t>(r) * kReduce16Floats; };
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) qk4_rows_bf16dot<4, NB>(qr(r), D, k4, wr(r), g, pf);
+  switch (rows - r) {
+    case 3: qk4_rows_bf16dot<3, NB>(qr(r), D, k4, wr(r), g, pf); break;
+    case 2: qk4_rows_bf16dot<2, NB>(qr(r), D, k4, wr(r), g, pf); break;
+    case 1: qk4_rows_bf16dot<1, NB>(qr(r), D, k4, wr(r), g, pf); break;
+    default: break;
+  }
 }
 
 // P V with vdpbf16ps: P is rounded to bf16 (as flash-attention does on GPUs)

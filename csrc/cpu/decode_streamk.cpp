@@ -18,11 +18,13 @@
 //   without a horizontal sum per key (Reduce16); bf16 through vdpbf16ps for
 //   QK and PV when the build has AVX512-BF16 (P rounded to bf16 for PV, as
 //   flash-attention does on GPUs; the softmax denominator and lse use the
-//   fp32 P); the K/V rows of a chunk 2 chunks ahead prefetched a few lines
-//   at a time between the dot products (a head's rows sit a whole key
-//   position apart, a new page per row for fp32, which the hardware
-//   prefetchers do not follow). Measured on a Zen 4 EPYC at 128k keys, batch
-//   1, two threads, same process: 1.6x (fp32) and 2.0x (bf16) the 8-key path.
+//   fp32 P); each chunk's K, then its V, walked in the cache's address order
+//   (4 key positions at a time over every kv head of the tile, not one
+//   head's keys a whole key position apart); the K/V rows of a chunk 2
+//   chunks ahead prefetched a few lines at a time between the dot products.
+//   Measured on a Zen 4 EPYC at 128k keys, batch 1, two threads, same
+//   process: 1.6x (fp32) and 2.0x (bf16) the 8-key path with the head-by-head
+//   walk, and the address-order walk 1.2-1.3x faster than that.
 // - run_segment (AVX2 and portable builds, other head dims): 8 keys per
 //   chunk through the row micro-kernels of attn_rows.h (shared with
 //   gather_decode.cpp).
@@ -85,12 +87,14 @@ struct Scratch {
   // or bf16 pairs for vdpbf16ps) and 16 lanes of the softmax denominator.
   std::vector<float> p16, l16;
   std::vector<uint32_t> pp16;
+  std::vector<float> red16;  // per row the chunk's stored Reduce16 state (kReduce16Floats)
 #endif
   void resize(int rows, int heads, int headdim) {
 #ifdef LONGATTN_AVX512
     p16.resize(static_cast<size_t>(rows) * kWide);
     l16.resize(static_cast<size_t>(rows) * kWide);
     pp16.resize(static_cast<size_t>(rows) * kWide / 2);
+    red16.resize(static_cast<size_t>(rows) * kReduce16Floats);
 #endif
     q.resize(static_cast<size_t>(rows) * headdim);
     q_bf16.resize(static_cast<size_t>(rows) * headdim);
@@ -263,23 +267,37 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
 }
 
 #ifdef LONGATTN_AVX512
-// Keys ahead of the chunk being computed that are prefetched (into L2): the
-// chunk's K/V rows of all heads of a key position are adjacent, but one head
-// walks them at a stride of a whole key position (4 KiB at 8 heads x 128
-// fp32), a new page per row, which the hardware prefetchers do not follow.
+// Keys ahead of the chunk being computed that are prefetched (into L2), a
+// whole key position (every head of the tile) at a time, in address order.
+// Still needed with the address-order walk (without it: 1.5-2x slower at
+// 128k keys on Zen 4); 16 to 96 keys ahead measured the same.
 constexpr int kPrefetchKeys = 2 * kWide;
 
 // The 16-key fast path (AVX-512, headdim % 16 == 0), the same contract as
 // run_segment. T is the cache's element type (float, _Float16, bf16 as
 // uint16_t; half types widened in registers), kDot: bf16 with vdpbf16ps for
 // QK and PV (P rounded to bf16), ND = headdim / 16 when fixed at compile time
-// (q rows then stay in registers), else 0.
+// (the dot product loops unrolled), else 0.
 //
-// Per kv head and 16-key chunk: every row's 16 scores are one vector; the
-// running max only moves (and the accumulator is rescaled) when a score
-// exceeds it, which after the first chunks is rare, so the common chunk costs
-// one compare, one vector exp and one add on top of the dot products; the
-// denominator is kept as 16 lanes per row and summed at the end.
+// Per 16-key chunk, three passes:
+// - QK in the cache's address order: 4 key positions at a time, every kv
+//   head of them (with the tile folding every kv head of a sequence, 4 x
+//   nheads_k x headdim contiguous elements; paged caches are contiguous
+//   within a page), each K vector loaded once for a head's query rows and the
+//   16 keys' sums kept per row as stored Reduce16 state. Walking one head's
+//   16 keys at a time instead (rows a whole key position apart, 4 KiB in
+//   fp32 at 8 heads of 128) took 1.2-1.3x as long at 128k keys on Zen 4.
+// - the online softmax per row: the row's 16 scores are one vector; the
+//   running max only moves (and the accumulator is rescaled) when a score
+//   exceeds it, which after the first chunks is rare, so the common chunk
+//   costs one compare, one vector exp and one add; the denominator is kept as
+//   16 lanes per row and summed at the end.
+// - PV in address order too, 4 key positions (2 bf16 pairs) at a time over
+//   every head: each head's accumulators go through L1 once per 4 keys
+//   (more L1 traffic than once per chunk, but 8 or 16 keys per group measured
+//   slower from memory).
+// Per (row, key) the arithmetic and its order are those of a head-by-head
+// walk: the address order changes no bit of the result.
 template <typename T, bool kDot, int ND>
 __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, int b, int hk0, int key_begin, int key_end,
                       bool whole_tile, int slot) {
@@ -295,19 +313,23 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   // Bytes of one key position over the tile's heads (adjacent in both cache layouts).
   const int64_t key_bytes = (p.heads_per_tile - 1) * head_bytes + static_cast<int64_t>(D) * es;
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
-  // Plain pointers and local row tables in the hot loop: the scratch is
-  // thread_local, and its address must not be looked up again per use.
+  // Plain pointers in the hot loop: the scratch is thread_local, and its
+  // address must not be looked up again per use.
   float* const acc = w.acc.data();
   float* const m_run = w.m.data();
   float* const l16 = w.l16.data();
-  float* const p16 = w.p16.data();
+  float* const red = w.red16.data();
+  [[maybe_unused]] float* const p16 = w.p16.data();      // fp32 PV only
   [[maybe_unused]] uint32_t* const pp16 = w.pp16.data();  // bf16 dot path only
-  const float* const q32 = w.q.data();
+  [[maybe_unused]] const float* const q32 = w.q.data();
   [[maybe_unused]] const uint16_t* const q16 = w.q_bf16.data();
+  // Steps of the prefetch cursor per chunk: one per (4 keys, head, 4-row
+  // block) in QK; per 4-row block and 64 columns, one per key (fp32 PV) or
+  // key pair (bf16 PV).
+  const int row_blocks = p.heads_per_tile * ((head_rows + 3) / 4);
+  const int steps = (kWide / 4) * row_blocks + row_blocks * ((D + 63) / 64) * (kDot ? kWide / 2 : kWide);
   const char* kbase[kWide];
   const char* vbase[kWide];
-  const char* krow[kWide];
-  const char* vrow[kWide];
 
   for (int c0 = key_begin; c0 < key_end; c0 += kWide) {
     const int n = std::min(kWide, key_end - c0);
@@ -327,73 +349,85 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
       pf.k[j] = p.k + off;
       pf.v[j] = p.v + off;
     }
-    // Steps per chunk: 4 per row in QK; per 4-row block and 64 columns, one
-    // per key (fp32 PV) or key pair (bf16 PV).
-    const int steps = rows * (kWide / 4) + p.heads_per_tile * ((head_rows + 3) / 4) * ((D + 63) / 64) *
-                                               (kDot ? kWide / 2 : kWide);
     pf.quota = (pf.nkeys * pf.lines / 4 + steps - 1) / steps;
-    for (int hl = 0; hl < p.heads_per_tile; ++hl) {
-      for (int j = 0; j < kWide; ++j) {
-        krow[j] = kbase[j] + hl * head_bytes;
-        vrow[j] = vbase[j] + hl * head_bytes;
-      }
-      const int r0 = hl * head_rows;
-      for (int r = r0; r < r0 + head_rows; ++r) {
-        __m512 s;
+
+    // QK, 4 key positions at a time over every head (address order).
+    for (int g = 0; g < kWide / 4; ++g) {
+      for (int hl = 0; hl < p.heads_per_tile; ++hl) {
+        const char* k4[4];
+        for (int u = 0; u < 4; ++u) k4[u] = kbase[4 * g + u] + hl * head_bytes;
+        const int r0 = hl * head_rows;
+        float* red_head = red + static_cast<size_t>(r0) * kReduce16Floats;
         if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
-          s = qk16_bf16dot<ND / 2>(q16 + static_cast<size_t>(r) * D, D, krow, p.scale, pf);
+          qk4_block_bf16dot<ND / 2>(q16 + static_cast<size_t>(r0) * D, head_rows, D, k4, red_head, g, pf);
 #endif
         } else {
-          s = qk16<ND, T>(q32 + static_cast<size_t>(r) * D, D, krow, pf);
-        }
-        // Visible keys of this row within the chunk: [lo, hi) (in int64, as run_segment).
-        const int qpos = L - Sq + (r % Sq);
-        const int64_t lo_pos = p.left >= 0 ? int64_t{qpos} - p.left : 0;
-        const int64_t hi_pos = p.right >= 0 ? int64_t{qpos} + p.right + 1 : L;
-        const int lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(lo_pos - c0, 0), kWide));
-        const int hi = static_cast<int>(std::max<int64_t>(std::min<int64_t>(hi_pos - c0, n), 0));
-        const __mmask16 visible = lo < hi ? static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u)) : 0;
-        if (p.softcap > 0.0f) {
-          alignas(64) float t[kWide];
-          _mm512_store_ps(t, s);
-          for (int j = 0; j < kWide; ++j) t[j] = p.softcap * std::tanh(t[j] / p.softcap);
-          s = _mm512_load_ps(t);
-        }
-        s = _mm512_mask_blend_ps(visible, neg_inf, s);
-        float m = m_run[r];
-        float* lr = l16 + static_cast<size_t>(r) * kWide;
-        if (_mm512_cmp_ps_mask(s, _mm512_set1_ps(m), _CMP_GT_OQ) != 0) {  // a new running max
-          const float m_new = _mm512_reduce_max_ps(s);
-          if (m != kNegInf) {  // rows that saw nothing yet have acc = 0, l = 0: nothing to rescale
-            const float alpha = std::exp(m - m_new);
-            float* ar = acc + static_cast<size_t>(r) * D;
-            const __m512 av = _mm512_set1_ps(alpha);
-            for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ar + d, _mm512_mul_ps(_mm512_loadu_ps(ar + d), av));
-            _mm512_storeu_ps(lr, _mm512_mul_ps(_mm512_loadu_ps(lr), av));
-          }
-          m = m_run[r] = m_new;
-        }
-        // exp(-inf - m) = 0 for hidden lanes; a row with no visible key so far (m = -inf) adds nothing.
-        const __m512 pv = m == kNegInf ? _mm512_setzero_ps() : exp512(_mm512_sub_ps(s, _mm512_set1_ps(m)));
-        _mm512_storeu_ps(lr, _mm512_add_ps(_mm512_loadu_ps(lr), pv));  // the denominator from unrounded p
-        if constexpr (kDot) {
-#ifdef LONGATTN_AVX512BF16
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp16 + static_cast<size_t>(r) * (kWide / 2)),
-                              (__m256i)_mm512_cvtneps_pbh(pv));
-#endif
-        } else {
-          _mm512_storeu_ps(p16 + static_cast<size_t>(r) * kWide, pv);
+          qk4_block<ND, T>(q32 + static_cast<size_t>(r0) * D, head_rows, D, k4, red_head, g, pf);
         }
       }
-      float* acc_head = acc + static_cast<size_t>(r0) * D;
+    }
+
+    // The online softmax, row by row.
+    for (int r = 0; r < rows; ++r) {
+      __m512 s = Reduce16::finish_stored(red + static_cast<size_t>(r) * kReduce16Floats);
+      if constexpr (kDot) s = _mm512_mul_ps(s, _mm512_set1_ps(p.scale));  // bf16 q is unscaled
+      // Visible keys of this row within the chunk: [lo, hi) (in int64, as run_segment).
+      const int qpos = L - Sq + (r % Sq);
+      const int64_t lo_pos = p.left >= 0 ? int64_t{qpos} - p.left : 0;
+      const int64_t hi_pos = p.right >= 0 ? int64_t{qpos} + p.right + 1 : L;
+      const int lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(lo_pos - c0, 0), kWide));
+      const int hi = static_cast<int>(std::max<int64_t>(std::min<int64_t>(hi_pos - c0, n), 0));
+      const __mmask16 visible = lo < hi ? static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u)) : 0;
+      if (p.softcap > 0.0f) {
+        alignas(64) float t[kWide];
+        _mm512_store_ps(t, s);
+        for (int j = 0; j < kWide; ++j) t[j] = p.softcap * std::tanh(t[j] / p.softcap);
+        s = _mm512_load_ps(t);
+      }
+      s = _mm512_mask_blend_ps(visible, neg_inf, s);
+      float m = m_run[r];
+      float* lr = l16 + static_cast<size_t>(r) * kWide;
+      if (_mm512_cmp_ps_mask(s, _mm512_set1_ps(m), _CMP_GT_OQ) != 0) {  // a new running max
+        const float m_new = _mm512_reduce_max_ps(s);
+        if (m != kNegInf) {  // rows that saw nothing yet have acc = 0, l = 0: nothing to rescale
+          const float alpha = std::exp(m - m_new);
+          float* ar = acc + static_cast<size_t>(r) * D;
+          const __m512 av = _mm512_set1_ps(alpha);
+          for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ar + d, _mm512_mul_ps(_mm512_loadu_ps(ar + d), av));
+          _mm512_storeu_ps(lr, _mm512_mul_ps(_mm512_loadu_ps(lr), av));
+        }
+        m = m_run[r] = m_new;
+      }
+      // exp(-inf - m) = 0 for hidden lanes; a row with no visible key so far (m = -inf) adds nothing.
+      const __m512 pv = m == kNegInf ? _mm512_setzero_ps() : exp512(_mm512_sub_ps(s, _mm512_set1_ps(m)));
+      _mm512_storeu_ps(lr, _mm512_add_ps(_mm512_loadu_ps(lr), pv));  // the denominator from unrounded p
       if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
-        pv16_bf16dot_block(pp16 + static_cast<size_t>(r0) * (kWide / 2), head_rows, kWide / 2, vrow, n,
-                           acc_head, D, pf);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp16 + static_cast<size_t>(r) * (kWide / 2)),
+                            (__m256i)_mm512_cvtneps_pbh(pv));
 #endif
       } else {
-        pv16_block<T>(p16 + static_cast<size_t>(r0) * kWide, head_rows, kWide, vrow, n, acc_head, D, pf);
+        _mm512_storeu_ps(p16 + static_cast<size_t>(r) * kWide, pv);
+      }
+    }
+
+    // PV, 4 key positions at a time over every head (address order).
+    for (int j0 = 0; j0 < n; j0 += 4) {
+      const int n4 = std::min(4, n - j0);
+      for (int hl = 0; hl < p.heads_per_tile; ++hl) {
+        const char* v4[4];
+        for (int u = 0; u < 4; ++u) v4[u] = vbase[j0 + u] + hl * head_bytes;
+        const int r0 = hl * head_rows;
+        float* acc_head = acc + static_cast<size_t>(r0) * D;
+        if constexpr (kDot) {
+#ifdef LONGATTN_AVX512BF16
+          pv16_bf16dot_block(pp16 + static_cast<size_t>(r0) * (kWide / 2) + j0 / 2, head_rows, kWide / 2, v4, n4,
+                             acc_head, D, pf);
+#endif
+        } else {
+          pv16_block<T>(p16 + static_cast<size_t>(r0) * kWide + j0, head_rows, kWide, v4, n4, acc_head, D, pf);
+        }
       }
     }
   }

@@ -7,7 +7,9 @@ vdpbf16ps for QK and PV (P rounded to bf16) when the build has AVX512-BF16
 and the head dim is a multiple of 32, else widens in registers. The cases
 below cross every one of those with partial chunks (lengths not a multiple of
 16), seqlen_q up to 8, windows, softcap, and paged caches whose pages split
-chunks (page_size 7, NaN-filled unused slots).
+chunks (page_size 7, NaN-filled unused slots), and the address-order walk
+over every kv head of a tile with query rows per head that are not a
+multiple of 4.
 """
 
 from __future__ import annotations
@@ -78,3 +80,27 @@ def test_wide_path_bitwise_equal_across_thread_counts(dtype):
             assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("build", list(WIDE_BUILDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "group,seqlen_q,headdim,page_size",
+    [
+        (3, 1, 64, None),  # 3 rows per kv head: a 3-row block
+        (5, 2, 96, 5),  # 10 rows: 4 + 4 + 2; pages of 5 split every 4-key group of a chunk
+        (1, 1, 128, 16),  # 1 row per kv head (MHA)
+    ],
+)
+def test_address_order_walk_over_heads_matches_oracle(build, dtype, group, seqlen_q, headdim, page_size):
+    # The wide path walks each chunk 4 key positions at a time over every kv
+    # head of the tile (QK, then PV); with all 3 kv heads in one tile, query
+    # rows per head that are not a multiple of 4, chunk tails and pages that
+    # split the 4-key groups, every (key, head) must still meet its own rows.
+    if not _has_avx512(WIDE_BUILDS[build]):
+        pytest.skip("this CPU has no AVX-512: the 16-key path is not built here")
+    case = DecodeCase((45, 130, 3), 0, seqlen_q, 3, group, headdim, dtype, page_size, True, (-1, -1), 0.0, seed=group)
+    (out, lse), (eager_out, eager_lse), (ref_out, ref_lse), _ = _run(
+        case, {"num_workers": 4, "block_n": 32, "heads_per_tile": 3}, WIDE_BUILDS[build])
+    assert_close_to_oracle(out, ref_out, eager_out)
+    assert_close_to_oracle(lse, ref_lse, eager_lse, name="lse")
