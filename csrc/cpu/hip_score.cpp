@@ -244,7 +244,7 @@ float block_score(const ScoreProblem& p, const RowContext& row, int64_t block) {
   return score_block_scalar(p, qt, row.qpos, row.end, row.b, row.hk, block * p.bk);
 }
 
-constexpr int kPrefetchAhead = 2;  // blocks scored before a prefetched one is needed
+constexpr int kPrefetchAhead = 8;  // blocks scored before a prefetched one is needed (into L2: 2 -> 8 and L1 -> L2 cut the 64k search 5.5 -> 4.7 s)
 
 void prefetch_block(const ScoreProblem& p, const RowContext& row, int64_t block) {
 #ifdef LONGATTN_AVX2
@@ -254,7 +254,7 @@ void prefetch_block(const ScoreProblem& p, const RowContext& row, int64_t block)
     const char* k = p.bf16 ? reinterpret_cast<const char*>(key_at<uint16_t>(p, row.b, row.hk, pos))
                            : reinterpret_cast<const char*>(key_at(p, row.b, row.hk, pos));
     const int bytes = p.D * (p.bf16 ? 2 : 4);
-    for (int off = 0; off < bytes; off += 64) _mm_prefetch(k + off, _MM_HINT_T0);
+    for (int off = 0; off < bytes; off += 64) _mm_prefetch(k + off, _MM_HINT_T1);
   }
 #else
   (void)p; (void)row; (void)block;
