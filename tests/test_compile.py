@@ -48,3 +48,20 @@ def test_compiled_fullgraph_matches_oracle_with_gradients():
     assert_close_to_oracle(value.detach(), ref_value.detach(), loss(q, k, v).detach(), name="loss")
     for g, r in zip(grads, ref_grads):
         assert_close_to_oracle(g, r, r)
+
+
+@pytest.mark.parametrize("dtype, seqlen", [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 200)])
+def test_auto_rules_trace_without_a_graph_break_on_a_cold_memo(dtype, seqlen):
+    """backend="auto" walks the CPU-flag rules inside compiled code when the
+    dispatch memo is empty (as after clear_memo): reading the CPU's flags must
+    not be traced (they are read once, at import)."""
+    from longattn.kernels.dense import DENSE_BACKENDS
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, seqlen, 2, 32, generator=gen).to(dtype) for _ in range(3))
+    DENSE_BACKENDS.clear_memo()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: longattn.attention(q, k, v, causal=True), fullgraph=True)
+    out = compiled(q, k, v)
+    ref, _ = attention_ref(q, k, v, causal=True)
+    assert_close_to_oracle(out, ref, ref)

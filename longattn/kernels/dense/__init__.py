@@ -25,7 +25,6 @@ forward twin gets autograd for free. Forward and backward are registered as
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -233,9 +232,12 @@ class PreferSdpa:
     needs_onednn: bool = False
 
     def applies_here(self) -> bool:
-        """Whether this machine has what the row asks of the CPU and torch."""
-        if self.needs_onednn and not torch.backends.mkldnn.is_available():
+        """Whether this machine has what the row asks of the CPU and torch
+        (machine facts read at import: this runs inside compiled code too)."""
+        if self.needs_onednn and not _HAS_ONEDNN:
             return False
+        if not self.cpu_flags and not self.unless_cpu_flags:
+            return True
         have = cpu_flags()
         if any(flag in have for flag in self.unless_cpu_flags):
             return False
@@ -332,12 +334,11 @@ AUTO_PREFER_SDPA: tuple[PreferSdpa, ...] = (
 _AUTO_MAX_SEQLEN_K = max(r.max_seqlen_k for r in AUTO_PREFER_SDPA if r.max_seqlen_k is not None)
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
+def _read_cpu_flags() -> frozenset[str]:
     """This CPU's feature flags as ``/proc/cpuinfo`` names them (``avx512_bf16``,
     ``amx_bf16``...); empty where there is no such file (then no row of
     :data:`AUTO_PREFER_SDPA` that asks for a flag applies: the C++ kernel stays
-    first). A machine fact, read once."""
+    first). A machine fact, read once, at import (see :func:`cpu_flags`)."""
     flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -352,6 +353,17 @@ def cpu_flags() -> frozenset[str]:
     if amx is not None and amx():  # older torch builds say it directly
         flags.add("amx_tile")
     return frozenset(flags)
+
+
+_CPU_FLAGS = _read_cpu_flags()
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (:func:`_read_cpu_flags`), read once at import:
+    auto's rules consult them inside ``torch.compile``d code, which must not
+    trace a file read."""
+    return _CPU_FLAGS
 
 
 def auto_rules_here() -> list[str]:
