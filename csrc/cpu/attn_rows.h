@@ -73,6 +73,16 @@ inline void store_row(const float* src, int dtype, void* dst, int n) {
 
 inline int elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 
+// A row's end of the online softmax: acc /= l in place (0 for a row that saw
+// no key); returns its lse, m + log(l) (natural log), or -inf when empty.
+inline float normalise_row(float* acc, float l, float m, int D) {
+  const bool empty = l == 0.0f;
+  const float inv = empty ? 0.0f : 1.0f / l;
+#pragma omp simd
+  for (int d = 0; d < D; ++d) acc[d] *= inv;
+  return empty ? kNegInf : m + std::log(l);
+}
+
 // ---- micro-kernels: scores = Q K^T over a chunk, acc += P V -----------------
 // Q rows stay in L1 across the chunk; every K/V row is read from memory once
 // and used by all rows of the query group, which is what keeps decode

@@ -126,6 +126,14 @@ void load_q(const Problem& p, Scratch& w, int b, int hk0) {
       }
 }
 
+// A segment's start: its q rows loaded, accumulators zero and running maxima -inf
+// (each path then zeroes its own running sums).
+void begin_segment(const Problem& p, Scratch& w, int b, int hk0, int rows) {
+  load_q(p, w, b, hk0);
+  std::fill(w.acc.begin(), w.acc.begin() + static_cast<size_t>(rows) * p.headdim, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
+}
+
 // Normalise the tile's rows and write them: the output (whole tile) or a partial slot.
 void finish_rows(const Problem& p, Scratch& w, int b, int hk0, bool whole_tile, int slot) {
   const int D = p.headdim, Sq = p.seqlen_q, group = p.nheads / p.nheads_k;
@@ -133,11 +141,7 @@ void finish_rows(const Problem& p, Scratch& w, int b, int hk0, bool whole_tile, 
   const int es = elem_size(p.dtype);
   for (int r = 0; r < rows; ++r) {
     float* ar = &w.acc[static_cast<size_t>(r) * D];
-    const bool empty = w.l[r] == 0.0f;
-    const float inv = empty ? 0.0f : 1.0f / w.l[r];
-#pragma omp simd
-    for (int d = 0; d < D; ++d) ar[d] *= inv;
-    const float row_lse = empty ? kNegInf : w.m[r] + std::log(w.l[r]);
+    const float row_lse = normalise_row(ar, w.l[r], w.m[r], D);
     const int i = r % Sq, h = hk0 * group + r / Sq;  // r / Sq = hl * group + g
     if (whole_tile) {
       const int64_t o = (static_cast<int64_t>(b) * Sq + i) * p.nheads + h;
@@ -159,9 +163,7 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
   const int head_rows = group * Sq, rows = p.heads_per_tile * head_rows;
   const int L = p.seqlens[b];
   const int es = elem_size(p.dtype);
-  load_q(p, w, b, hk0);
-  std::fill(w.acc.begin(), w.acc.begin() + static_cast<size_t>(rows) * D, 0.0f);
-  std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
+  begin_segment(p, w, b, hk0, rows);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
   const int64_t head_bytes = p.c_sh * es;
 
@@ -305,9 +307,7 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   const int head_rows = group * Sq, rows = p.heads_per_tile * head_rows;
   const int L = p.seqlens[b];
   const int es = elem_size(p.dtype);
-  load_q(p, w, b, hk0);
-  std::fill(w.acc.begin(), w.acc.begin() + static_cast<size_t>(rows) * D, 0.0f);
-  std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
+  begin_segment(p, w, b, hk0, rows);
   std::fill(w.l16.begin(), w.l16.begin() + static_cast<size_t>(rows) * kWide, 0.0f);
   const int64_t head_bytes = p.c_sh * es;
   // Bytes of one key position over the tile's heads (adjacent in both cache layouts).

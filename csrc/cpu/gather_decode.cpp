@@ -210,11 +210,7 @@ bool run_piece(const Gather& p, Scratch& w, int b, int l, int e0, int e1, bool w
 
   for (int r = 0; r < rows; ++r) {
     float* ar = &w.acc[static_cast<size_t>(r) * D];
-    const bool empty = w.l[r] == 0.0f;
-    const float inv = empty ? 0.0f : 1.0f / w.l[r];
-#pragma omp simd
-    for (int d = 0; d < D; ++d) ar[d] *= inv;
-    const float row_lse = empty ? kNegInf : w.m[r] + std::log(w.l[r]);
+    const float row_lse = normalise_row(ar, w.l[r], w.m[r], D);
     const int64_t h = static_cast<int64_t>(b) * p.nheads + h0 + r;
     if (whole) {
       store_row(ar, p.dtype, p.out + h * D * es, D);
