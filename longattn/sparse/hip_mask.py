@@ -175,8 +175,8 @@ class _BranchScorer:
             from longattn.kernels.hip_score.cpp import pair_words
 
             # (rows, ceil(headdim / 2), strided) words of two bf16
-            self.queries_t = pair_words(q.transpose(1, 2)[:, :, qidx].reshape(-1, strided, headdim)).transpose(1, 2)
-            self.queries_t = self.queries_t.contiguous()
+            words = pair_words(q.transpose(1, 2)[:, :, qidx].reshape(-1, strided, headdim))
+            self.queries_t = words.transpose(1, 2).contiguous()
         else:  # (rows, headdim, strided)
             self.queries_t = (q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim)
                               .transpose(1, 2).contiguous())

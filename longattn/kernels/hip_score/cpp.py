@@ -19,7 +19,7 @@ import functools
 import torch
 
 from longattn.kernels.block_sparse.eager import KeyRows
-from longattn.kernels.support.cpp_build import kernel_threads, load_library, unavailable_reason
+from longattn.kernels.support.cpp_build import BuildError, kernel_threads, load_library, unavailable_reason
 
 SOURCE = "hip_score.cpp"
 # Query lanes are padded to a multiple of this (the widest vector, AVX-512's 16 floats).
@@ -54,11 +54,9 @@ def _search_kernel(build_flags: tuple[str, ...] = (), bf16: bool = False):
 def has_bf16_search(build_flags: tuple[str, ...] = ()) -> bool:
     """Whether this build scores bfloat16 natively (AVX512-BF16 dot products);
     False where the search cannot be built at all."""
-    if unavailable_reason(SOURCE) is not None and not build_flags:
-        return False
     try:
         return bool(load_library(SOURCE, build_flags).longattn_hip_search_has_bf16())
-    except Exception:  # no compiler, or a build this CPU cannot run: the float32 search decides
+    except BuildError:  # no compiler, or a build this CPU cannot run: the float32 search decides
         return False
 
 
