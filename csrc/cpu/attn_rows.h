@@ -315,6 +315,13 @@ void pv_block(const float* p, int rows, int p_stride, int dtype, const void* con
 // accumulators into one vector of 16 sums with 15 adds).
 constexpr int kWide = 16;
 
+// Forced inlining for the fp32 PV blocks: left to itself, gcc 12 calls each
+// 4-key block out of line and sends its 16 accumulators through the stack on
+// every call; inlined into the segment loop, fp32 decode with the cache in L3
+// ran 10-20% faster (Zen 4, A/B in one process; 128k from memory: the same or
+// better). The bf16 PV blocks measured the same either way.
+#define LONGATTN_HOT_INLINE __attribute__((always_inline)) inline
+
 // The sum of each of 16 accumulators (one per key) into lane j of one vector,
 // in steps so the accumulators need not be live at once: group_store folds
 // the 4 accumulators of keys 4g .. 4g+3 (as they are computed, 4 independent
@@ -427,8 +434,8 @@ inline void qk4_block(const float* q, int rows, int D, const char* const* k4, fl
 // acc[r][d] += sum_j p[r][j] v_j[d] for R rows (1..4) and NV (1..4) vectors
 // of 16 columns from d0: up to 16 accumulators stay in registers over the chunk.
 template <int R, int NV, typename T>
-inline void pv16_rows(const float* p, int p_stride, const char* const* vrow, int n, float* acc, int D, int d0,
-                      Prefetcher& pf) {
+LONGATTN_HOT_INLINE void pv16_rows(const float* p, int p_stride, const char* const* vrow, int n, float* acc, int D,
+                                   int d0, Prefetcher& pf) {
   __m512 a[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) a[r][v] = _mm512_loadu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v);
@@ -447,8 +454,8 @@ inline void pv16_rows(const float* p, int p_stride, const char* const* vrow, int
 }
 
 template <int R, typename T>
-inline void pv16_rows_all(const float* p, int p_stride, const char* const* vrow, int n, float* acc, int D,
-                          Prefetcher& pf) {
+LONGATTN_HOT_INLINE void pv16_rows_all(const float* p, int p_stride, const char* const* vrow, int n, float* acc,
+                                       int D, Prefetcher& pf) {
   int d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) pv16_rows<R, 4, T>(p, p_stride, vrow, n, acc, D, d0, pf);
   switch ((D - d0) / 16) {
@@ -462,8 +469,8 @@ inline void pv16_rows_all(const float* p, int p_stride, const char* const* vrow,
 // acc (rows x D) += P V over the chunk's n keys; P rows have stride p_stride;
 // D % 16 == 0. pf steps once per key and 64 columns.
 template <typename T>
-void pv16_block(const float* p, int rows, int p_stride, const char* const* vrow, int n, float* acc, int D,
-                Prefetcher& pf) {
+LONGATTN_HOT_INLINE void pv16_block(const float* p, int rows, int p_stride, const char* const* vrow, int n, float* acc,
+                                    int D, Prefetcher& pf) {
   auto pr = [&](int r) { return p + static_cast<size_t>(r) * p_stride; };
   auto ar = [&](int r) { return acc + static_cast<size_t>(r) * D; };
   int r = 0;

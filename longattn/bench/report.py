@@ -142,7 +142,7 @@ def format_table(results: dict[str, Any]) -> str:
             if peak.get("gflops") else f"fp32 FMA peak not measured: {peak.get('reason')}"
         )
     if machine.get("read_bandwidth_gbps"):
-        out += _bandwidth_lines(machine)
+        out += _bandwidth_lines(machine, results)
     out += [
         "",
         line(header),
@@ -165,7 +165,7 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _bandwidth_lines(machine: dict[str, Any]) -> list[str]:
+def _bandwidth_lines(machine: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """The read-bandwidth probes of the run and which one "% of bw" divides by."""
     stream = machine.get("read_bandwidth_stream") or {}
     torch_sum = machine.get("read_bandwidth_torch_sum_gbps")
@@ -176,13 +176,18 @@ def _bandwidth_lines(machine: dict[str, Any]) -> list[str]:
     if stream.get("gbps"):
         lines.append(
             f"memory read bandwidth measured in this run: C++ streaming read ({stream.get('threads')} threads, "
-            f"{stream.get('gib'):g} GiB, {stream.get('isa')}) {stream['gbps']:.1f} GB/s; "
+            f"{stream.get('gib'):g} GiB, {stream.get('isa')}, best of 5 passes) {stream['gbps']:.1f} GB/s; "
             f"torch.sum over the same size {torch_sum:.1f} GB/s"
         )
     else:
         lines.append(f"memory read bandwidth measured in this run: torch.sum {torch_sum:.1f} GB/s "
                      f"(C++ streaming read unavailable: {stream.get('reason')})")
-    lines.append(f"% of bw = GB/s / {machine['read_bandwidth_probe']} figure; GB/s = cache bytes read / median time")
+    sources = sorted({(c.get("bandwidth_limit") or {}).get("source") for c in results["cases"]} - {None, "run probe"})
+    if sources:
+        limit = f"the same case's {' / '.join(sources)} row (the same bytes, timed in the same rounds)"
+    else:
+        limit = f"the {machine['read_bandwidth_probe']} figure"
+    lines.append(f"% of bw = GB/s / {limit}; GB/s = cache bytes read / median time")
     return lines
 
 

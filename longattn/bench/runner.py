@@ -161,7 +161,8 @@ def run_case(
     records: dict[str, dict[str, Any]] = {name: _empty_record() for name in scenario.methods}
     calls = {}
     for name, method in scenario.methods.items():
-        if methods is not None and not any(m in name for m in methods):
+        # The case's bandwidth limit runs whatever --methods selects: it is the yardstick, not a contender.
+        if methods is not None and name != scenario.bandwidth_method and not any(m in name for m in methods):
             records[name]["skipped"] = NOT_SELECTED_REASON
             progress.step(count=rounds + 1)
             continue
@@ -224,8 +225,10 @@ def run_case(
             record["ratio"] = record["median_ms"] / base
         if bytes_read and record.get("median_ms"):
             record["gbps"] = bytes_read / (record["median_ms"] * 1e-3) / 1e9
-            if bandwidth_gbps:
-                record["bandwidth_fraction"] = record["gbps"] / bandwidth_gbps
+    limit = _bandwidth_limit(scenario, records, bandwidth_gbps)
+    for record in records.values():
+        if limit is not None and record.get("gbps") is not None:
+            record["bandwidth_fraction"] = record["gbps"] / limit["gbps"]
         if flops and record.get("median_ms"):
             record["gflops"] = flops / (record["median_ms"] * 1e-3) / 1e9
             if peak_gflops:
@@ -239,6 +242,7 @@ def run_case(
         "error_reference": reference_name,
         "bytes_read": bytes_read,
         "flops": flops,
+        "bandwidth_limit": limit,
         "methods": records,
         "targets": [_target_verdict(scenario, t, records) for t in scenario.targets],
         "measurements": measurements,
@@ -246,6 +250,18 @@ def run_case(
     }
     progress.finish_case(_case_summary(case))
     return case
+
+
+def _bandwidth_limit(scenario: Scenario, records: dict[str, dict[str, Any]],
+                     run_gbps: float | None) -> dict[str, Any] | None:
+    """What this case's "% of bw" divides by: its ``bandwidth_method``'s GB/s
+    when that ran (same bytes, same rounds), else the run-level probe; None
+    when neither was measured."""
+    method = scenario.bandwidth_method
+    gbps = records.get(method, {}).get("gbps") if method else None
+    if gbps:
+        return {"source": method, "gbps": gbps}
+    return {"source": "run probe", "gbps": run_gbps} if run_gbps else None
 
 
 def _empty_record() -> dict[str, Any]:

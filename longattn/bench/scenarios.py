@@ -113,6 +113,13 @@ class Scenario:
     # bytes_read(inputs): bytes every method must read at least (the KV cache
     # for decode); gives GB/s and the fraction of the machine's read bandwidth.
     bytes_read: Callable[[Any], int] | None = None
+    # A method of this scenario whose GB/s in this case is the read-bandwidth
+    # limit ("% of bw" divides by it): a streaming read of the same bytes,
+    # timed in the same interleaved rounds, so the limit and the kernel see
+    # the same memory system at the same moments (a shared VM's bandwidth
+    # swings by 2x within seconds). Without it, or when it did not run, the
+    # run-level probe is the limit.
+    bandwidth_method: str | None = None
     # flops(inputs): floating-point operations of the exact computation (compute-bound
     # cases); gives GFLOP/s and the fraction of the machine's FMA peak measured in the run.
     flops: Callable[[Any], float] | None = None
