@@ -46,21 +46,34 @@ namespace {
 
 // ---- float32 math ------------------------------------------------------------
 
-// St[j][0..BM) = sum_d K[j][d] Qt[d][0..BM) for KR keys.
+// St[j][0..NQA*W) = sum_d K[j][d] Qt[d][0..NQA*W) for KR keys (NQA <= NQ row vectors).
+template <int NQA>
 inline void score_keys(const float* qt, int headdim, const float* const* krow, float* st) {
-  Isa::vec acc[KR][NQ];
+  Isa::vec acc[KR][NQA];
   for (int j = 0; j < KR; ++j)
-    for (int c = 0; c < NQ; ++c) acc[j][c] = Isa::zero();
+    for (int c = 0; c < NQA; ++c) acc[j][c] = Isa::zero();
   for (int d = 0; d < headdim; ++d) {
-    Isa::vec qv[NQ];
-    for (int c = 0; c < NQ; ++c) qv[c] = Isa::load(qt + d * BM + c * W);
+    Isa::vec qv[NQA];
+    for (int c = 0; c < NQA; ++c) qv[c] = Isa::load(qt + d * BM + c * W);
     for (int j = 0; j < KR; ++j) {
       const Isa::vec kv = Isa::set1(krow[j][d]);
-      for (int c = 0; c < NQ; ++c) acc[j][c] = Isa::fma(kv, qv[c], acc[j][c]);
+      for (int c = 0; c < NQA; ++c) acc[j][c] = Isa::fma(kv, qv[c], acc[j][c]);
     }
   }
   for (int j = 0; j < KR; ++j)
-    for (int c = 0; c < NQ; ++c) Isa::store(st + j * BM + c * W, acc[j][c]);
+    for (int c = 0; c < NQA; ++c) Isa::store(st + j * BM + c * W, acc[j][c]);
+}
+
+// The tile's scores with the item's nq row vectors (st rows of stride BM).
+inline void score_tile(int nq, const float* qt, int headdim, const float* const* krow, int n_scored, float* st) {
+  static_assert(NQ == 3, "score_tile dispatches 1..3 row vectors");
+  for (int j = 0; j < n_scored; j += KR) {
+    switch (nq) {
+      case 1: score_keys<1>(qt, headdim, krow + j, st + j * BM); break;
+      case 2: score_keys<2>(qt, headdim, krow + j, st + j * BM); break;
+      default: score_keys<3>(qt, headdim, krow + j, st + j * BM); break;
+    }
+  }
 }
 
 // O[r][d0..d0+NVD*W) = alpha[r] O[r][..] + sum_{j<n} P[j][r] V[j][d0..] for R rows.
@@ -110,7 +123,7 @@ struct F32Engine : RowState {
       const float* qrow = query_row<float>(pb, sq, h, first_row, r, rows);
       for (int d = 0; d < pb.headdim; ++d) qt[d * BM + r] = r < rows ? qrow[d] * pb.scale : 0.0f;
     }
-    reset();
+    reset(rows);
   }
 
   void tile(const Problem& pb, const Seq& sq, int kv_head, const int64_t* keys, const uint8_t* listed, int n,
@@ -126,8 +139,8 @@ struct F32Engine : RowState {
       vrow[j] = v_base + pos * pb.v_ss;
     }
     const int n_scored = (n + KR - 1) / KR * KR;
-    for (int j = 0; j < n_scored; j += KR) score_keys(qt.data(), headdim, krow + j, st.data() + j * BM);
-    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data());
+    score_tile(nq, qt.data(), headdim, krow, n_scored, st.data());
+    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), nq);
     const int rows_padded = (rows + R - 1) / R * R;
     for (int r = 0; r < rows_padded; r += R)
       for (int d = 0; d < headdim; d += NV * W)
@@ -164,22 +177,36 @@ inline __m512i interleave_bf16(__m256i a, __m256i b) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
-// St[j][0..BM) = scale * sum_d K[j][d] Q[0..BM)[d] for KR keys.
+// St[j][0..NQA*W) = scale * sum_d K[j][d] Q[0..NQA*W)[d] for KR keys (NQA <= NQ row vectors).
+template <int NQA>
 inline void score_keys_bf16(const uint32_t* qt2, int headdim, const uint16_t* const* krow, float scale, float* st) {
-  __m512 acc[KR][NQ];
+  __m512 acc[KR][NQA];
   for (int j = 0; j < KR; ++j)
-    for (int c = 0; c < NQ; ++c) acc[j][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NQA; ++c) acc[j][c] = _mm512_setzero_ps();
   for (int t = 0; t < headdim / 2; ++t) {
-    __m512bh qv[NQ];
-    for (int c = 0; c < NQ; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qt2 + t * BM + c * W);
+    __m512bh qv[NQA];
+    for (int c = 0; c < NQA; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qt2 + t * BM + c * W);
     for (int j = 0; j < KR; ++j) {
       const __m512bh kv = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_word(krow[j] + 2 * t)));
-      for (int c = 0; c < NQ; ++c) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], kv, qv[c]);
+      for (int c = 0; c < NQA; ++c) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], kv, qv[c]);
     }
   }
   const __m512 s = _mm512_set1_ps(scale);
   for (int j = 0; j < KR; ++j)
-    for (int c = 0; c < NQ; ++c) _mm512_storeu_ps(st + j * BM + c * W, _mm512_mul_ps(acc[j][c], s));
+    for (int c = 0; c < NQA; ++c) _mm512_storeu_ps(st + j * BM + c * W, _mm512_mul_ps(acc[j][c], s));
+}
+
+// The tile's scores with the item's nq row vectors (st rows of stride BM).
+inline void score_tile_bf16(int nq, const uint32_t* qt2, int headdim, const uint16_t* const* krow, int n_scored,
+                            float scale, float* st) {
+  static_assert(NQ == 3, "score_tile_bf16 dispatches 1..3 row vectors");
+  for (int j = 0; j < n_scored; j += KR) {
+    switch (nq) {
+      case 1: score_keys_bf16<1>(qt2, headdim, krow + j, scale, st + j * BM); break;
+      case 2: score_keys_bf16<2>(qt2, headdim, krow + j, scale, st + j * BM); break;
+      default: score_keys_bf16<3>(qt2, headdim, krow + j, scale, st + j * BM); break;
+    }
+  }
 }
 
 // O[r][d0..d0+NVD*W) = alpha[r] O[r][..] + sum_{t<pairs} P-pair[t][r] . V-pair[t][d0..] for R rows.
@@ -243,7 +270,7 @@ struct Bf16DotEngine : RowState {
       const uint16_t* qrow = query_row<uint16_t>(pb, sq, h, first_row, r, rows);
       for (int t = 0; t < pb.headdim / 2; ++t) qt2[t * BM + r] = r < rows ? load_word(qrow + 2 * t) : 0u;
     }
-    reset();
+    reset(rows);
   }
 
   void tile(const Problem& pb, const Seq& sq, int kv_head, const int64_t* keys, const uint8_t* listed, int n,
@@ -254,12 +281,12 @@ struct Bf16DotEngine : RowState {
     const uint16_t* krow[BN];
     for (int j = 0; j < BN; ++j) krow[j] = k_base + keys[std::min(j, n - 1)] * pb.k_ss;  // past n: masked
     const int n_scored = (n + KR - 1) / KR * KR;
-    for (int j = 0; j < n_scored; j += KR) score_keys_bf16(qt2.data(), headdim, krow + j, pb.scale, st.data() + j * BM);
-    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data());
+    score_tile_bf16(nq, qt2.data(), headdim, krow, n_scored, pb.scale, st.data());
+    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), nq);
     // Key pairs: V rows interleaved, P rounded to bf16 and interleaved (keys past n have P = 0).
     const int pairs = interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp.data());
     for (int t = 0; t < pairs; ++t) {
-      for (int c = 0; c < NQ; ++c) {
+      for (int c = 0; c < NQ; ++c) {  // every vector: P words past nq are 0 (stale ones would reach P V)
         const __m256i p_even = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + 2 * t * BM + c * W));
         const __m256i p_odd = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + (2 * t + 1) * BM + c * W));
         _mm512_storeu_si512(pw.data() + t * BM + c * W, interleave_bf16(p_even, p_odd));

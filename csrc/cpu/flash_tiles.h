@@ -113,22 +113,25 @@ inline Isa::vec softcap_vec(Isa::vec x, float cap) {
 // tile -> probabilities, folding the tile into the running max m, sum l of
 // each row; alpha[r] = exp(m_old - m_new) is what the row's accumulated
 // output must be scaled by. Applies softcap, then the mask (keys j >= n and
-// invisible ones become -inf) when needs_mask.
+// invisible ones become -inf) when needs_mask. Only the first nq row vectors
+// (the item's rows, see active_vectors) are touched: the lanes past them
+// hold probability 0 for the whole item (RowState::reset).
 inline void online_softmax(const Problem& pb, float* st, const int64_t* keys, const uint8_t* listed, int n,
-                           int n_scored, int64_t p0, bool needs_mask, float* m, float* l, float* alpha) {
+                           int n_scored, int64_t p0, bool needs_mask, float* m, float* l, float* alpha,
+                           int nq = NQ) {
   if (pb.softcap > 0)
     for (int j = 0; j < n_scored; ++j)
-      for (int c = 0; c < NQ; ++c)
+      for (int c = 0; c < nq; ++c)
         Isa::store(st + j * BM + c * W, softcap_vec(Isa::load(st + j * BM + c * W), pb.softcap));
   if (needs_mask)
     for (int j = 0; j < n_scored; ++j) {
       int lo = BM, hi = -1;  // nothing visible (keys past n)
       if (j < n) visible_rows(pb, keys[j], p0, listed != nullptr && listed[j], &lo, &hi);
       if (lo <= 0 && hi >= BM - 1) continue;
-      for (int c = 0; c < NQ; ++c)
+      for (int c = 0; c < nq; ++c)
         Isa::store(st + j * BM + c * W, Isa::keep_lanes_between(Isa::load(st + j * BM + c * W), c * W, lo, hi));
     }
-  for (int c = 0; c < NQ; ++c) {
+  for (int c = 0; c < nq; ++c) {
     Isa::vec tile_max = Isa::set1(kNegInf);
     for (int j = 0; j < n_scored; ++j) tile_max = Isa::max(tile_max, Isa::load(st + j * BM + c * W));
     const Isa::vec m_old = Isa::load(m + c * W);
@@ -178,17 +181,34 @@ inline const T* head_rows(const void* base, int64_t head_stride, int kv_head) {
   return static_cast<const T*>(base) + static_cast<int64_t>(kv_head) * head_stride;
 }
 
+// Row vectors an item of `rows` rows needs (1..NQ). A short item (the 16-row
+// piece a block_q = 64 listing leaves after a 48-row one, a sequence's last
+// rows) scores and softmaxes only these: the piece of HiP's 64-row blocks
+// then costs a third of a full item instead of a whole one.
+inline int active_vectors(int rows) { return std::min(NQ, (rows + W - 1) / W); }
+
 // The float32 state of an item's rows that engines with key-major scores
 // share: the tile's scores st (BN x BM), the output accumulator o (BM x
-// headdim), running max m, sum l and the last tile's rescale alpha.
+// headdim), running max m, sum l and the last tile's rescale alpha; nq, the
+// row vectors in use (active_vectors).
 struct RowState {
   std::vector<float> st, o, m, l, alpha;
+  int nq = NQ;
   explicit RowState(int headdim)
       : st(BN * BM), o(static_cast<size_t>(BM) * headdim), m(BM), l(BM), alpha(BM) {}
-  void reset() {
+  // A new item of `rows` rows. P V runs rows in steps of R and may pass
+  // nq * W into padding rows, which are never written; their lanes are kept
+  // at probability 0 and alpha 0 for the whole item so that this arithmetic
+  // runs on zeros, not on an earlier item's leftovers (denormal or not).
+  void reset(int rows = BM) {
+    const int previous = nq;
+    nq = active_vectors(rows);
     std::fill(o.begin(), o.end(), 0.0f);
     std::fill(m.begin(), m.end(), kNegInf);
     std::fill(l.begin(), l.end(), 0.0f);
+    std::fill(alpha.begin(), alpha.end(), 0.0f);
+    if (nq < NQ && previous > nq)  // lanes the previous item scored: back to 0
+      for (int j = 0; j < BN; ++j) std::fill(st.begin() + j * BM + nq * W, st.begin() + (j + 1) * BM, 0.0f);
   }
   void finish(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
     write_rows(pb, sq, h, first_row, rows, o.data(), m.data(), l.data());

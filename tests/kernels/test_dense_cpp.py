@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn.kernels.dense.cpp import (
-    amx_unavailable_reason, choose_math, flash_forward_cpu, flash_unavailable_reason, maths_built,
+    amx_unavailable_reason, choose_math, flash_forward_cpu, flash_unavailable_reason, flash_varlen_forward_cpu,
+    maths_built,
 )
 from longattn.kernels.support.cpp_build import cpu_features
 from longattn.reference import attention_ref
@@ -119,6 +120,39 @@ def test_listed_keys_match_the_oracle(engine, seqlen_q, seqlen_k, heads, block_q
     ref_out, ref_lse = attention_ref(q, k, v, softmax_scale=0.2, mask=mask)
     assert_close_to_oracle(out, ref_out, ref_out)
     assert_close_to_oracle(lse, ref_lse, ref_lse, name="lse")
+
+
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())
+def test_short_items_after_long_ones_give_the_bits_of_a_fresh_call(engine):
+    """Items shorter than a full work item score only the row vectors they
+    use; on one thread, packed sequences of 48, 16, 70, 5, 33 and 1 rows run
+    full, short and partial items back to back in one engine. Each sequence
+    must come out bit for bit as when it is computed alone (no lane of an
+    earlier item leaks in), and match the oracle (softcap and a window: masked tiles)."""
+    flags, math = engine
+    if (why := _skip_reason(flags, math)) is not None:
+        pytest.skip(why)
+    lengths = [48, 16, 70, 5, 33, 1]
+    gen = torch.Generator().manual_seed(3)
+    for dtype in _dtypes(math):
+        q, k, v = (torch.randn(sum(lengths), 2, 32, generator=gen).to(dtype) for _ in range(3))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        options = dict(scale=0.3, window=(20, 0), softcap=5.0, build_flags=flags, math=math)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            out, lse = flash_varlen_forward_cpu(q, k, v, cu, cu, max(lengths), max(lengths), **options)
+            for i, n in enumerate(lengths):
+                rows = slice(int(cu[i]), int(cu[i + 1]))
+                alone, alone_lse = flash_forward_cpu(q[None, rows], k[None, rows], v[None, rows], **options)
+                assert torch.equal(out[rows], alone[0]), f"sequence {i} ({n} rows) differs from a fresh call"
+                assert torch.equal(lse[:, rows], alone_lse[0])
+                ref_out, ref_lse = attention_ref(q[None, rows], k[None, rows], v[None, rows], softmax_scale=0.3,
+                                                 window_size=(20, 0), softcap=5.0, causal=True)
+                assert_close_to_oracle(alone, ref_out, ref_out)
+                assert_close_to_oracle(alone_lse, ref_lse, ref_lse, name="lse")
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
