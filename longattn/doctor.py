@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from longattn.kernels.support.cpp_build import cpu_model
+from longattn.kernels.support.cpp_build import MAX_ISA_ENV, cpu_model
 
 # Every primitive's backend registry, as (module, attribute). A new primitive
 # adds one line; a module that fails to import is reported, not fatal.
@@ -56,6 +56,7 @@ def collect() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "triton": _distribution("triton", "triton"),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "LONGATTN_MAX_CPU_ISA": os.environ.get(MAX_ISA_ENV) or None,
         "cupy": _distribution("cupy", "cupy"),
         "distributed_backends": _distributed_backends(),
         "nvcc": _tool("nvcc", "release"),
@@ -170,6 +171,8 @@ def format_report(info: dict[str, Any]) -> str:
         ("threads", f"{info['threads']} torch threads, {info['cpu_count']} CPUs ({info['cpu_model']})"),
         ("triton", installed(info["triton"])),
         ("TRITON_INTERPRET", info["TRITON_INTERPRET"] if info["TRITON_INTERPRET"] is not None else "unset"),
+        ("LONGATTN_MAX_CPU_ISA", f"{info['LONGATTN_MAX_CPU_ISA']} (the kernels use no instruction set above it)"
+         if info.get("LONGATTN_MAX_CPU_ISA") else "unset"),
         ("cupy", installed(info["cupy"])),
         ("torch.distributed", ", ".join(info["distributed_backends"]) or "not available in this torch build"),
         ("nvcc", tool(info["nvcc"], "not on PATH")),

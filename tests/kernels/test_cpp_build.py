@@ -189,6 +189,63 @@ def test_cpu_features_reads_proc_cpuinfo():
         assert {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= features
 
 
+AMX_CPU = AVX512_CPU | {"avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+
+
+@needs_x86
+@pytest.mark.parametrize("cap", [level.name for level in cb.LEVELS])
+def test_a_cap_makes_the_cpu_look_like_one_of_that_level(cap):
+    capped = cb.cap_features(frozenset(AMX_CPU), cap)
+    assert cb.isa_level(capped).name == cap
+    index = [level.name for level in cb.LEVELS].index(cap)
+    for level in cb.LEVELS[:index]:  # no feature only a higher level needs survives
+        assert not (level.requires - cb.LEVELS[index].requires) & capped
+    if cap in ("avx2", "x86-64"):
+        assert not any(f.startswith(("avx512", "amx")) for f in capped)
+    if cap == "avx512bf16":
+        assert "avx512_bf16" in capped and not any(f.startswith("amx") for f in capped)
+    assert cb.cap_features(frozenset(AMX_CPU), None) == frozenset(AMX_CPU)
+
+
+def test_an_unknown_cap_is_an_error_naming_the_variable():
+    from longattn.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="LONGATTN_MAX_CPU_ISA must be one of amx, avx512bf16, avx512, avx2, x86-64"):
+        cb.cap_features(frozenset(AVX2_CPU), "avx9")
+
+
+@needs_x86
+@needs_compiler
+@pytest.mark.skipif(not {"avx2", "fma"} <= cb.cpu_features(), reason="this CPU has no AVX2: nothing to cap down to")
+def test_the_avx2_cap_runs_the_avx2_kernels_through_the_public_path():
+    """LONGATTN_MAX_CPU_ISA=avx2 in a fresh process: the flash kernel is the
+    AVX2 build, bf16 runs the float32 engine, auto's rules see no AVX-512
+    flag, the result matches the oracle, and doctor says so."""
+    script = textwrap.dedent('''
+        import torch, longattn
+        from longattn.kernels.support import cpp_build
+        from longattn.kernels.dense import cpu_flags
+        from longattn.kernels.dense.cpp import choose_math
+        from longattn.reference import attention_ref
+        assert cpp_build.library_status("flash_cpu.cpp")["isa"] == "avx2"
+        assert not any(f.startswith(("avx512", "amx")) for f in cpu_flags())
+        assert choose_math(torch.bfloat16) == "fp32"
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 70, 2, 64, generator=g) for _ in range(3))
+        out = longattn.attention(q, k, v, causal=True, backend="cpp")
+        ref, _ = attention_ref(q, k, v, causal=True)
+        assert (out.double() - ref).abs().max() < 1e-5
+        print("ok")
+    ''')
+    env = {**os.environ, "LONGATTN_MAX_CPU_ISA": "avx2"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    doctor = subprocess.run([sys.executable, "-m", "longattn", "doctor"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert "LONGATTN_MAX_CPU_ISA  avx2 (the kernels use no instruction set above it)" in doctor.stdout
+    assert "flash_cpu.cpp" in doctor.stdout and "avx2 build" in doctor.stdout
+
+
 @needs_compiler
 def test_doctor_lists_each_library_with_its_isa_and_whether_this_cpu_runs_it():
     from longattn.doctor import _cpp_libraries, _cpp_threads

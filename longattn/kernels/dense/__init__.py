@@ -25,6 +25,7 @@ forward twin gets autograd for free. Forward and backward are registered as
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.dispatch import Backend, Registry
-from longattn.kernels.support import triton_support
+from longattn.kernels.support import cpp_build, triton_support
 from longattn.errors import ArgumentError
 from longattn.kernels.dense.eager import dense_backward_eager, dense_forward_eager
 from longattn.kernels.dense.sdpa import bind_sdpa, lse_op_available, sdpa_attention, sdpa_forward_with_lse
@@ -336,22 +337,15 @@ _AUTO_MAX_SEQLEN_K = max(r.max_seqlen_k for r in AUTO_PREFER_SDPA if r.max_seqle
 
 def _read_cpu_flags() -> frozenset[str]:
     """This CPU's feature flags as ``/proc/cpuinfo`` names them (``avx512_bf16``,
-    ``amx_bf16``...); empty where there is no such file (then no row of
-    :data:`AUTO_PREFER_SDPA` that asks for a flag applies: the C++ kernel stays
-    first). A machine fact, read once, at import (see :func:`cpu_flags`)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    flags.update(value.split())
-                    break
-    except OSError:
-        pass
+    ``amx_bf16``...), less what ``$LONGATTN_MAX_CPU_ISA`` hides
+    (:func:`longattn.kernels.support.cpp_build.cpu_features`); empty where
+    there is no such file (then no row of :data:`AUTO_PREFER_SDPA` that asks
+    for a flag applies: the C++ kernel stays first). A machine fact, read
+    once, at import (see :func:`cpu_flags`)."""
+    flags = set(cpp_build.cpu_features())
     amx = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", None)
     if amx is not None and amx():  # older torch builds say it directly
-        flags.add("amx_tile")
+        flags |= cpp_build.cap_features(frozenset({"amx_tile"}), os.environ.get(cpp_build.MAX_ISA_ENV) or None)
     return frozenset(flags)
 
 

@@ -66,6 +66,8 @@ from pathlib import Path
 
 import torch
 
+from longattn.errors import ArgumentError
+
 _PACKAGE = Path(__file__).resolve().parents[2]  # longattn/
 # A wheel carries the sources in longattn/_csrc (setup.py copies them there);
 # a source checkout (editable install) has them in csrc/ beside the package.
@@ -155,13 +157,53 @@ def _is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
+# Caps the instruction sets longattn uses, like oneDNN's ONEDNN_MAX_CPU_ISA:
+# one of the level names (amx, avx512bf16, avx512, avx2, x86-64). Read once.
+MAX_ISA_ENV = "LONGATTN_MAX_CPU_ISA"
+
+# Flag families a cap at each level hides besides the higher levels' own
+# requirements (extensions no level names, e.g. avx512_vnni, amx_int8).
+_HIDDEN_PREFIXES = {
+    "amx": (),
+    "avx512bf16": ("amx",),
+    "avx512": ("amx", "avx512_bf16", "avx512_fp16"),
+    "avx2": ("amx", "avx512"),
+    "x86-64": ("amx", "avx512"),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_features() -> frozenset[str]:
     """This CPU's instruction-set features, in ``/proc/cpuinfo``'s names
-    (``avx2``, ``avx512f``, ``avx512_bf16``, ...). Linux clears the flags of
-    state the OS does not save, and a VM shows what its CPU model exposes, so
-    this is what may run. Without /proc/cpuinfo: what the compiler's
-    ``-march=native`` detects (its CPUID probe), else nothing."""
+    (``avx2``, ``avx512f``, ``avx512_bf16``, ...), less what
+    ``$LONGATTN_MAX_CPU_ISA`` hides (:func:`cap_features`). Linux clears the
+    flags of state the OS does not save, and a VM shows what its CPU model
+    exposes, so this is what may run. Without /proc/cpuinfo: what the
+    compiler's ``-march=native`` detects (its CPUID probe), else nothing."""
+    return cap_features(_detected_features(), os.environ.get(MAX_ISA_ENV) or None)
+
+
+def cap_features(features: frozenset[str], cap: str | None) -> frozenset[str]:
+    """``features`` as a CPU capped at level ``cap`` would show them (None:
+    unchanged): without the flags of every higher level in :data:`LEVELS`
+    and the extension families above the cap. So builds, ``auto``'s rules and
+    ``longattn doctor`` act as on a CPU without those instructions: set
+    ``LONGATTN_MAX_CPU_ISA=avx2`` to run (and measure) the AVX2 kernels on an
+    AVX-512 machine. Raises :class:`~longattn.errors.ArgumentError` naming
+    the variable for an unknown level."""
+    if cap is None:
+        return features
+    names = [level.name for level in LEVELS]
+    if cap not in names:
+        raise ArgumentError(f"{MAX_ISA_ENV} must be one of {', '.join(names)}; got {cap!r}")
+    index = names.index(cap)
+    hidden = set().union(*(level.requires for level in LEVELS[:index])) - LEVELS[index].requires
+    prefixes = _HIDDEN_PREFIXES[cap]
+    return frozenset(f for f in features if f not in hidden and not f.startswith(prefixes))
+
+
+def _detected_features() -> frozenset[str]:
+    """What the CPU says (see :func:`cpu_features`), uncapped."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
