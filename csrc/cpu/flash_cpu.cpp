@@ -46,7 +46,7 @@ namespace {
 
 // ---- float32 math ------------------------------------------------------------
 
-// St[j][0..NQA*W) = sum_d K[j][d] Qt[d][0..NQA*W) for KR keys (NQA <= NQ row vectors).
+// St[j][0..NQA*W) = sum_d K[j][d] Qt[d][0..NQA*W) for KR keys (NQA <= NQ_STEP row vectors).
 template <int NQA>
 inline void score_keys(const float* qt, int headdim, const float* const* krow, float* st) {
   Isa::vec acc[KR][NQA];
@@ -64,14 +64,20 @@ inline void score_keys(const float* qt, int headdim, const float* const* krow, f
     for (int c = 0; c < NQA; ++c) Isa::store(st + j * BM + c * W, acc[j][c]);
 }
 
-// The tile's scores with the item's nq row vectors (st rows of stride BM).
+// The tile's scores with the item's nq row vectors (st rows of stride BM),
+// NQ_STEP vectors per micro-step: the KR keys' broadcasts come again from L1
+// for each step of an AVX2 item's 6 vectors.
 inline void score_tile(int nq, const float* qt, int headdim, const float* const* krow, int n_scored, float* st) {
-  static_assert(NQ == 3, "score_tile dispatches 1..3 row vectors");
+  static_assert(NQ_STEP == 3, "score_tile dispatches 1..3 row vectors per step");
   for (int j = 0; j < n_scored; j += KR) {
-    switch (nq) {
-      case 1: score_keys<1>(qt, headdim, krow + j, st + j * BM); break;
-      case 2: score_keys<2>(qt, headdim, krow + j, st + j * BM); break;
-      default: score_keys<3>(qt, headdim, krow + j, st + j * BM); break;
+    for (int c0 = 0; c0 < nq; c0 += NQ_STEP) {
+      const float* q = qt + c0 * W;
+      float* s = st + j * BM + c0 * W;
+      switch (std::min(NQ_STEP, nq - c0)) {
+        case 1: score_keys<1>(q, headdim, krow + j, s); break;
+        case 2: score_keys<2>(q, headdim, krow + j, s); break;
+        default: score_keys<3>(q, headdim, krow + j, s); break;
+      }
     }
   }
 }

@@ -44,15 +44,20 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int W = Isa::W;
-constexpr int NQ = 3;        // query vectors per work item
-constexpr int BM = NQ * W;   // query rows per work item: 48 with AVX-512, 24 with AVX2
+// Query vectors per work item: 48 rows with either width, so each K/V tile
+// read from memory serves 48 query rows (AVX2 items of 24 rows ran 30% below
+// their 8k speed at 32k, where K and V outgrow the caches; 48 rows: see
+// score_tile, which scores them NQ_STEP vectors at a time).
+constexpr int NQ = W == 16 ? 3 : 6;
+constexpr int NQ_STEP = 3;   // row vectors per score micro-step (KR x NQ_STEP accumulators)
+constexpr int BM = NQ * W;   // query rows per work item: 48
 // Micro-tile sizes fit the register file: AVX-512 has 32 vector registers
-// (scores: KR x NQ = 24 accumulators + NQ query vectors; P V: R x NV = 24 +
+// (scores: KR x NQ_STEP = 24 accumulators + 3 query vectors; P V: R x NV = 24 +
 // NV value vectors), AVX2 has 16, where the AVX-512 sizes spilled
 // accumulators to the stack on every step: KR = 4 (12 + 3 + the broadcast)
 // and NV = 2 (12 + 2 + the broadcast) there ran 1.2x (fp32) and 1.3x (bf16
 // inputs) faster at 4k causal (the AVX2 build on a Zen 4, A/B in one process).
-constexpr int KR = W == 16 ? 8 : 4;  // keys per score micro-step (KR x NQ accumulators)
+constexpr int KR = W == 16 ? 8 : 4;  // keys per score micro-step (KR x NQ_STEP accumulators)
 constexpr int R = 6;                 // rows per P V micro-step (R x NV accumulators); divides BM
 constexpr int NV = W == 16 ? 4 : 2;  // headdim vectors per P V micro-step
 constexpr int BN = 64;       // keys per tile (a multiple of KR)
