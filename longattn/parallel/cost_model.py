@@ -62,7 +62,7 @@ class Link:
     alpha_s: float
     beta_s_per_byte: float
     duplex_factor: float = 1.0
-    points: tuple = ()  # the fit's (bytes, one-way seconds, exchange seconds) medians, for the record
+    points: tuple = ()  # the fit's (bytes, one-way seconds, exchange seconds), least of the repeats, for the record
 
     def one_way(self, nbytes: float) -> float:
         return self.alpha_s + nbytes * self.beta_s_per_byte if nbytes > 0 else 0.0
@@ -294,15 +294,19 @@ def _median(values: Sequence[float]) -> float:
 
 
 def link_sizes(quick: bool = False) -> list[int]:
-    """Ping-pong message sizes: 4 KiB x 4^i up to 64 MiB (1 MiB with ``quick``)."""
-    top = 1 << (20 if quick else 26)
+    """Ping-pong message sizes: 4 KiB x 4^i up to 64 MiB (4 MiB with ``quick``: the
+    largest must take well over the scheduling noise of the smallest)."""
+    top = 1 << (22 if quick else 26)
     return [4096 << (2 * i) for i in range(12) if 4096 << (2 * i) <= top]
 
 
 def _pingpong_rank(rank: int, port: int, sizes: list[int], repeats: int, queue) -> None:
     """One of the two spawned ranks: for every size, ``repeats`` ping-pongs
     (one-way = round trip / 2) and ``repeats`` simultaneous exchanges; rank 0
-    puts ``[(bytes, median one-way s, median exchange s), ...]`` on ``queue``."""
+    puts ``[(bytes, least one-way s, least exchange s), ...]`` on ``queue``:
+    the least of the repeats, since the other processes on the machine only
+    ever lengthen a timing (a median of 3 on a 2-core machine once gave a
+    small message a slower time than a 1 MiB one, and the fit a negative slope)."""
     import torch
     import torch.distributed as dist
 
@@ -335,7 +339,7 @@ def _pingpong_rank(rank: int, port: int, sizes: list[int], repeats: int, queue) 
                 if rep:
                     one_way.append(rtt / 2)
                     exchange.append(ex)
-            out.append((nbytes, _median(one_way), _median(exchange)))
+            out.append((nbytes, min(one_way), min(exchange)))
         if rank == 0:
             queue.put(("ok", out))
         dist.destroy_process_group()
@@ -346,7 +350,7 @@ def _pingpong_rank(rank: int, port: int, sizes: list[int], repeats: int, queue) 
 def measure_link(quick: bool = False, repeats: int | None = None,
                  timeout: float = 90.0) -> list[tuple[int, float, float]]:
     """Ping-pong sweep between 2 spawned gloo ranks on 127.0.0.1 (one thread
-    each): ``[(bytes, one-way s, exchange s)]``, medians of ``repeats``."""
+    each): ``[(bytes, one-way s, exchange s)]``, the least of ``repeats``."""
     import multiprocessing
 
     from longattn.parallel.comm import free_port
