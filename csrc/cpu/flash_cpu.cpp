@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "flash_tiles.h"  // the tile walk, Problem/Seq, the online softmax (and simd.h)
@@ -123,21 +124,44 @@ void accumulate_chunk(int nvd, const float* pt, const float* alpha, const float*
   }
 }
 
-// float32 inputs, float32 FMAs. The item's queries, pre-scaled, are stored
+// float32 FMAs on inputs of type T: float, bfloat16 bits (uint16_t) or
+// _Float16 (the "fp32" engine for half inputs). The item's queries, pre-scaled, are stored
 // transposed (Qt[d][row]) once, so that
 //   * scores of a tile come out key-major, St[key][row] += K[key][d] * Qt[d][row]:
 //     each K element is broadcast straight from its row in memory (no packing
 //     of K), each Qt vector serves KR keys;
 //   * the online softmax is vectorised over rows;
 //   * P V accumulates O[row][d] from V rows read in place, R rows x NV vectors.
-struct F32Engine : RowState {
-  std::vector<float> qt;  // (headdim, BM) scaled queries, transposed
-  explicit F32Engine(int headdim) : RowState(headdim), qt(static_cast<size_t>(headdim) * BM) {}
+// bfloat16/float16 K/V rows are widened per tile into L1-resident float32 rows
+// (kbuf/vbuf, ~1% of the tile's work) instead of the caller widening whole
+// tensors: half the bytes from memory, no float32 copy of K and V. Widening
+// is exact, so the results are bitwise those of float32 inputs of the same values.
+template <class T>
+struct F32EngineT : RowState {
+  std::vector<float> qt;          // (headdim, BM) scaled queries, transposed
+  std::vector<float> kbuf, vbuf;  // (BN, headdim) the tile's widened rows (T != float)
+  std::vector<float> qrow;        // one widened query row (T != float)
+  explicit F32EngineT(int headdim)
+      : RowState(headdim), qt(static_cast<size_t>(headdim) * BM),
+        kbuf(std::is_same_v<T, float> ? 0 : static_cast<size_t>(BN) * headdim),
+        vbuf(std::is_same_v<T, float> ? 0 : static_cast<size_t>(BN) * headdim),
+        qrow(std::is_same_v<T, float> ? 0 : headdim) {}
+
+  // Row `src` (headdim elements of T) as float32: in place for float, else widened into dst.
+  static const float* as_float(const T* src, float* dst, int headdim) {
+    if constexpr (std::is_same_v<T, float>) {
+      (void)dst; (void)headdim;
+      return src;
+    } else {
+      for (int d = 0; d < headdim; d += W) Isa::store(dst + d, Isa::load(src + d));
+      return dst;
+    }
+  }
 
   void begin(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
     for (int r = 0; r < BM; ++r) {
-      const float* qrow = query_row<float>(pb, sq, h, first_row, r, rows);
-      for (int d = 0; d < pb.headdim; ++d) qt[d * BM + r] = r < rows ? qrow[d] * pb.scale : 0.0f;
+      const float* q = as_float(query_row<T>(pb, sq, h, first_row, r, rows), qrow.data(), pb.headdim);
+      for (int d = 0; d < pb.headdim; ++d) qt[d * BM + r] = r < rows ? q[d] * pb.scale : 0.0f;
     }
     reset(rows);
   }
@@ -145,14 +169,19 @@ struct F32Engine : RowState {
   void tile(const Problem& pb, const Seq& sq, int kv_head, const int64_t* keys, const uint8_t* listed, int n,
             int rows, int64_t p0, bool needs_mask) {
     const int headdim = pb.headdim;
-    const float* k_base = head_rows<float>(sq.k, pb.k_sh, kv_head);
-    const float* v_base = head_rows<float>(sq.v, pb.v_sh, kv_head);
+    const T* k_base = head_rows<T>(sq.k, pb.k_sh, kv_head);
+    const T* v_base = head_rows<T>(sq.v, pb.v_sh, kv_head);
     const float* krow[BN];
     const float* vrow[BN];
     for (int j = 0; j < BN; ++j) {  // keys past n repeat the last one (masked out)
-      const int64_t pos = keys[std::min(j, n - 1)];
-      krow[j] = k_base + pos * pb.k_ss;
-      vrow[j] = v_base + pos * pb.v_ss;
+      if (j >= n) {
+        krow[j] = krow[n - 1];
+        vrow[j] = vrow[n - 1];
+        continue;
+      }
+      const int64_t pos = keys[j];
+      krow[j] = as_float(k_base + pos * pb.k_ss, kbuf.data() + static_cast<size_t>(j) * headdim, headdim);
+      vrow[j] = as_float(v_base + pos * pb.v_ss, vbuf.data() + static_cast<size_t>(j) * headdim, headdim);
     }
     const int n_scored = (n + KR - 1) / KR * KR;
     score_tile(nq, qt.data(), headdim, krow, n_scored, st.data());
@@ -164,6 +193,7 @@ struct F32Engine : RowState {
                          o.data() + static_cast<size_t>(r) * headdim, headdim);
   }
 };
+using F32Engine = F32EngineT<float>;
 
 #ifdef LONGATTN_AVX512BF16
 // ---- bfloat16 dot products (AVX512-BF16) -------------------------------------
@@ -328,9 +358,11 @@ namespace {
 #endif
 
 // Which arithmetic a call asks for (the `math` argument of the entry points).
-enum Math { kMathF32 = 0, kMathBf16Dot = 1, kMathAmx = 2 };
+// kMathF32Bf16 / kMathF32Fp16: float32 arithmetic on bfloat16 / float16
+// inputs widened per tile (the "fp32" engine for half inputs).
+enum Math { kMathF32 = 0, kMathBf16Dot = 1, kMathAmx = 2, kMathF32Bf16 = 3, kMathF32Fp16 = 4 };
 
-constexpr int kMathsBuilt = (1 << kMathF32)
+constexpr int kMathsBuilt = (1 << kMathF32) | (1 << kMathF32Bf16) | (1 << kMathF32Fp16)
 #ifdef LONGATTN_AVX512BF16
                             | (1 << kMathBf16Dot)
 #endif
@@ -344,6 +376,8 @@ template <class Item>
 bool run_with_math(int math, int64_t items, int headdim, int num_threads, const Item& item) {
   switch (math) {
     case kMathF32: run_items<F32Engine>(items, headdim, num_threads, item); return true;
+    case kMathF32Bf16: run_items<F32EngineT<uint16_t>>(items, headdim, num_threads, item); return true;
+    case kMathF32Fp16: run_items<F32EngineT<_Float16>>(items, headdim, num_threads, item); return true;
 #ifdef LONGATTN_AVX512BF16
     case kMathBf16Dot: run_items<Bf16DotEngine>(items, headdim, num_threads, item); return true;
 #endif
@@ -366,7 +400,8 @@ extern "C" int longattn_flash_cpu_lanes() {
 #endif
 }
 
-// Bit m set: this build has math m (0 float32 FMAs, 1 bf16 dot products, 2 AMX tiles); 0 without AVX2.
+// Bit m set: this build has math m (0 float32 FMAs, 1 bf16 dot products, 2 AMX tiles, 3 and 4 float32
+// FMAs on bf16 and fp16 inputs); 0 without AVX2.
 extern "C" int longattn_flash_cpu_maths() {
 #ifdef LONGATTN_AVX2
   return kMathsBuilt;
@@ -375,7 +410,7 @@ extern "C" int longattn_flash_cpu_maths() {
 #endif
 }
 
-// q, k, v are float32 for math 0 and bfloat16 bits for maths 1 and 2; out
+// q, k, v are float32 for math 0, bfloat16 bits for maths 1, 2 and 3, float16 for math 4; out
 // is float32 either way. Returns 0, or 1 for arguments it cannot take, 2
 // when built without AVX2, 3 when built without the math asked for.
 extern "C" int longattn_flash_cpu(

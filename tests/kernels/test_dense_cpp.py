@@ -155,6 +155,33 @@ def test_short_items_after_long_ones_give_the_bits_of_a_fresh_call(engine):
             torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("flags", BUILDS, ids=["default", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_fp32_engine_on_half_inputs_gives_the_bits_of_widened_inputs(flags, dtype):
+    """The float32 engine reads bf16/fp16 K/V in place and widens them per
+    tile (no float32 copy): bitwise what float32 inputs of the same values
+    give, over a window, sinks, listed keys and a long key span (head-major copies)."""
+    if (why := _skip_reason(flags)) is not None:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(5)
+    for seqlen, options in ((130, dict(window=(40, 0), sink=3, softcap=4.0)),
+                            (8300, dict(window=(-1, 0)))):
+        q, k, v = (torch.randn(1, seqlen, 2, 64, generator=gen).to(dtype) for _ in range(3))
+        if seqlen > 1000:  # a long span: only the last rows, to keep it quick
+            q = q[:, -50:]
+        half, half_lse = flash_forward_cpu(q, k, v, scale=0.2, build_flags=flags, math="fp32", **options)
+        wide, wide_lse = flash_forward_cpu(q.float(), k.float(), v.float(), scale=0.2, build_flags=flags,
+                                           math="fp32", **options)
+        assert half.dtype == dtype and torch.equal(half, wide.to(dtype)) and torch.equal(half_lse, wide_lse)
+    blocks = torch.tensor([[[[5, 17, -1], [60, 2, 90]]]], dtype=torch.int32).expand(1, 2, 2, 3).contiguous()
+    q, k, v = (torch.randn(1, 100, 2, 64, generator=gen).to(dtype) for _ in range(3))
+    listed = dict(window=(10, 0), causal=True, listed=blocks, block_q=64)
+    half, half_lse = flash_forward_cpu(q, k, v, scale=0.2, build_flags=flags, math="fp32", **listed)
+    wide, wide_lse = flash_forward_cpu(q.float(), k.float(), v.float(), scale=0.2, build_flags=flags, math="fp32",
+                                       **listed)
+    assert torch.equal(half, wide.to(dtype)) and torch.equal(half_lse, wide_lse)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_result_does_not_depend_on_the_thread_count(dtype):
     if (why := _skip_reason(())) is not None:

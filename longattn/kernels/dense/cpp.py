@@ -158,10 +158,24 @@ def choose_math(dtype: torch.dtype, math: str = "auto", build_flags: tuple[str, 
     return math
 
 
-def _kernel_inputs(tensors, math: str, pad: int):
+# The C entry points' codes for the "fp32" engine on half inputs: float32
+# arithmetic on bfloat16 / float16 rows widened per tile inside the kernel
+# (no float32 copy of K and V; bitwise the results of widening first).
+_FP32_ON_HALF = {torch.bfloat16: 3, torch.float16: 4}
+
+
+def _math_code(math: str, dtype: torch.dtype, build_flags: tuple[str, ...]) -> int:
+    """The ``math`` argument of the C entry points for ``math`` on ``dtype`` inputs."""
+    code = _FP32_ON_HALF.get(dtype) if math == "fp32" else None
+    if code is not None and _library(build_flags).longattn_flash_cpu_maths() >> code & 1:
+        return code
+    return MATHS[math]
+
+
+def _kernel_inputs(tensors, code: int, pad: int):
     """q, k, v as the engine reads them: float32 (widened once, a copy) for
-    "fp32", bfloat16 in place otherwise; head dims zero-padded by ``pad``."""
-    if math == "fp32":
+    code 0, in place otherwise; head dims zero-padded by ``pad``."""
+    if code == MATHS["fp32"]:
         tensors = tuple(t.float() for t in tensors)
     if pad:
         tensors = tuple(F.pad(t, (0, pad)) for t in tensors)
@@ -242,7 +256,8 @@ def flash_forward_cpu(
     if q.numel() == 0 or seqlen_k == 0:
         return out.zero_().to(q.dtype), lse
     pad = -headdim % HEADDIM_MULTIPLE
-    qf, kf, vf = _kernel_inputs((q, k, v), math, pad)
+    code = _math_code(math, q.dtype, build_flags)
+    qf, kf, vf = _kernel_inputs((q, k, v), code, pad)
     if pad:
         out = torch.empty(batch, seqlen_q, nheads, headdim + pad, dtype=torch.float32)
     # headdim innermost and contiguous (the kernel's one requirement on strides)
@@ -263,7 +278,7 @@ def flash_forward_cpu(
         batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim + pad,
         *_c_int_window(window, seqlen_q + seqlen_k), min(sink, seqlen_k), int(causal), scale, softcap,
         None if listed is None else listed.data_ptr(), 0 if listed is None else listed.shape[-1], block_q,
-        MATHS[math], kernel_threads(),
+        code, kernel_threads(),
     )
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu rejected its arguments (status {status}); this is a bug")
@@ -329,7 +344,8 @@ def flash_varlen_forward_cpu(
     # Every row of q belongs to one sequence (cu_q[-1] = total_q), so the kernel writes all of out and lse.
     out = torch.empty(total_q, nheads, headdim + pad, dtype=torch.float32)
     lse = torch.empty(nheads, total_q, dtype=torch.float32)
-    qf, kf, vf = _kernel_inputs((q, k, v), math, pad)
+    code = _math_code(math, q.dtype, build_flags)
+    qf, kf, vf = _kernel_inputs((q, k, v), code, pad)
     # headdim innermost and contiguous (the kernel's one requirement on strides)
     qf, kf, vf = (t if t.stride(2) == 1 else t.contiguous() for t in (qf, kf, vf))
     # Head-major K/V copies as in flash_forward_cpu (same bits, fewer TLB misses
@@ -342,7 +358,7 @@ def flash_varlen_forward_cpu(
         qf.data_ptr(), qf.stride(0), qf.stride(1), kf.data_ptr(), kf.stride(0), kf.stride(1),
         vf.data_ptr(), vf.stride(0), vf.stride(1), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(),
         cu_q.data_ptr(), cu_k.data_ptr(), batch, total_q, total_k, nheads, nheads_k, headdim + pad,
-        *_c_int_window(window, longest_q + longest_k), 0, 0, scale, softcap, MATHS[math], kernel_threads(),
+        *_c_int_window(window, longest_q + longest_k), 0, 0, scale, softcap, code, kernel_threads(),
     )
     if status != 0:
         raise RuntimeError(f"longattn_flash_cpu_varlen rejected its arguments (status {status}); this is a bug")
