@@ -25,7 +25,6 @@ forward twin gets autograd for free. Forward and backward are registered as
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -345,7 +344,7 @@ def _read_cpu_flags() -> frozenset[str]:
     flags = set(cpp_build.cpu_features())
     amx = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", None)
     if amx is not None and amx():  # older torch builds say it directly
-        flags |= cpp_build.cap_features(frozenset({"amx_tile"}), os.environ.get(cpp_build.MAX_ISA_ENV) or None)
+        flags |= cpp_build.cap_features(frozenset({"amx_tile"}), cpp_build.isa_cap())
     return frozenset(flags)
 
 

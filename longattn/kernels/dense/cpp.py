@@ -101,6 +101,12 @@ def _library(build_flags: tuple[str, ...] = ()):
     return lib
 
 
+@functools.lru_cache(maxsize=None)
+def _maths_mask(build_flags: tuple[str, ...] = ()) -> int:
+    """Bit m set: this build has C math code m (a build fact, asked once)."""
+    return _library(build_flags).longattn_flash_cpu_maths()
+
+
 AMX_EMULATE = ("-DLONGATTN_AMX_EMULATE",)  # build flags of the AMX engine on emulated tiles (any AVX512-BF16 CPU)
 
 
@@ -111,7 +117,7 @@ def amx_unavailable_reason(build_flags: tuple[str, ...] = ()) -> str | None:
     or Linux refused the process AMX state. Builds on first use; raises
     :class:`BuildError` when the kernel cannot be built at all."""
     lib = _library(build_flags)
-    if not lib.longattn_flash_cpu_maths() >> MATHS["amx"] & 1:
+    if not _maths_mask(build_flags) >> MATHS["amx"] & 1:
         missing = sorted({"amx_tile", "amx_bf16", "avx512_bf16"} - cpu_features())
         why = (f"this CPU lacks {', '.join(missing)}" if missing
                else f"the build flags {' '.join(build_flags) or '(default)'} do not enable AMX-TILE and AMX-BF16")
@@ -128,8 +134,7 @@ def maths_built(build_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The :data:`MATHS` this build of the kernel has and this process can run
     (builds on first use; raises :class:`BuildError` when it cannot be built
     here). "amx" only when :func:`amx_unavailable_reason` is None."""
-    mask = _library(build_flags).longattn_flash_cpu_maths()
-    built = tuple(name for name, bit in MATHS.items() if mask >> bit & 1)
+    built = tuple(name for name, bit in MATHS.items() if _maths_mask(build_flags) >> bit & 1)
     if "amx" in built and amx_unavailable_reason(build_flags) is not None:
         built = tuple(m for m in built if m != "amx")
     return built
@@ -167,7 +172,7 @@ _FP32_ON_HALF = {torch.bfloat16: 3, torch.float16: 4}
 def _math_code(math: str, dtype: torch.dtype, build_flags: tuple[str, ...]) -> int:
     """The ``math`` argument of the C entry points for ``math`` on ``dtype`` inputs."""
     code = _FP32_ON_HALF.get(dtype) if math == "fp32" else None
-    if code is not None and _library(build_flags).longattn_flash_cpu_maths() >> code & 1:
+    if code is not None and _maths_mask(build_flags) >> code & 1:
         return code
     return MATHS[math]
 

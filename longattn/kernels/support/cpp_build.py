@@ -180,7 +180,12 @@ def cpu_features() -> frozenset[str]:
     flags of state the OS does not save, and a VM shows what its CPU model
     exposes, so this is what may run. Without /proc/cpuinfo: what the
     compiler's ``-march=native`` detects (its CPUID probe), else nothing."""
-    return cap_features(_detected_features(), os.environ.get(MAX_ISA_ENV) or None)
+    return cap_features(_detected_features(), isa_cap())
+
+
+def isa_cap() -> str | None:
+    """The level ``$LONGATTN_MAX_CPU_ISA`` names, None when unset or empty."""
+    return os.environ.get(MAX_ISA_ENV) or None
 
 
 def cap_features(features: frozenset[str], cap: str | None) -> frozenset[str]:
