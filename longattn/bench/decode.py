@@ -22,8 +22,8 @@ Decode is memory-bound, so besides time each method gets GB/s of KV cache
 read (``bytes_read`` / median time) and that as a fraction of the case's
 limit: ``stream read``'s GB/s, timed in the same interleaved rounds over the
 same bytes -- median against median at the same moments, because this VM's
-read bandwidth swings by 2x within seconds (22-41 GB/s in ten 1 GiB probes a
-second apart), so one probe at the start of a run (and a best-of-N one at
+read bandwidth moves by 1.5x and more within minutes (29-47 GB/s across the
+cases of one run), so one probe at the start of a run (and a best-of-N one at
 that) is no fair yardstick for a median. The run-level probes (the C++
 streaming read of 1 GiB, best of 5, and one ``torch.sum``) are reported too,
 and are the limit only when ``stream read`` cannot run. Targets (issue 15):
