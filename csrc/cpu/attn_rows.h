@@ -8,9 +8,10 @@
 // with AVX2 the K/V rows are read in their own dtype and fp16/bf16 are
 // widened in registers, without it the caller widens them first.
 //
-// With AVX-512 there are also 16-key micro-kernels (qk4_block,
-// qk4_block_bf16dot, pv16_block, pv16_bf16dot_block, Reduce16, Prefetcher):
-// one key per vector lane, used by the stream-K decode kernel's fast path
+// With AVX2 there are also lane-per-key micro-kernels (qk4_block,
+// pv_lanes_block, ReduceKeys, Prefetcher; with AVX512-BF16 qk4_block_bf16dot
+// and pv16_bf16dot_block): one key per vector lane, 16 keys per chunk with
+// AVX-512 and 8 with AVX2, used by the stream-K decode kernel's fast path
 // (decode_streamk.cpp), which walks each chunk in the cache's address order.
 
 #pragma once
@@ -307,29 +308,43 @@ void pv_block(const float* p, int rows, int p_stride, int dtype, const void* con
 #endif
 }
 
+#ifdef LONGATTN_AVX2
+// ---- lane-per-key micro-kernels: the stream-K decode kernel's fast path -----
+// A chunk is kWide keys (16 with AVX-512, 8 with AVX2), one per vector lane:
+// a row's scores are one vector, so the online softmax (max, exp, sum) runs on
+// whole vectors once per chunk, and the dot products need no horizontal sum
+// per key (ReduceKeys folds the per-key accumulators into one vector of sums,
+// kWide - 1 adds for kWide keys). Written once over Isa; the register budget
+// (32 vector registers with AVX-512, 16 with AVX2) sets the row blocks.
+constexpr int kWide = Isa::W;
+using WVec = Isa::vec;
 #ifdef LONGATTN_AVX512
-// ---- 16-key micro-kernels (AVX-512): the stream-K decode kernel's fast path --
-// A chunk is 16 keys, one per lane: a row's 16 scores are one zmm, so the
-// online softmax (max, exp, sum) runs on whole vectors once per 16 keys, and
-// the dot products need no horizontal sum per key (Reduce16 folds 16
-// accumulators into one vector of 16 sums with 15 adds).
-constexpr int kWide = 16;
+constexpr int kQkRows = 4;  // QK: 4 rows x 4 keys = 16 accumulators, + 4 K vectors
+constexpr int kPvRows = 4, kPvVecs = 4;  // PV: 4 rows x 64 columns = 16 accumulators
+#else
+// 16 registers: QK 2 rows x 4 keys = 8 accumulators + 4 K + q (4 rows spilled);
+// PV 4 rows x 16 columns = 8 accumulators + 2 V + p.
+constexpr int kQkRows = 2;
+constexpr int kPvRows = 4, kPvVecs = 2;  // 2 rows x 32 columns measured the same
+#endif
+constexpr int kPvColumns = kPvVecs * kWide;  // columns of one PV register block
 
 // Forced inlining for the fp32 PV blocks: left to itself, gcc 12 calls each
 // 4-key block out of line and sends its 16 accumulators through the stack on
 // every call; inlined into the segment loop, fp32 decode with the cache in L3
-// ran 10-20% faster (Zen 4, A/B in one process; 128k from memory: the same or
-// better). The bf16 PV blocks measured the same either way.
+// ran 10-20% faster (Zen 4, AVX-512, A/B in one process; 128k from memory: the
+// same or better). The bf16 PV blocks measured the same either way.
 #define LONGATTN_HOT_INLINE __attribute__((always_inline)) inline
 
-// The sum of each of 16 accumulators (one per key) into lane j of one vector,
-// in steps so the accumulators need not be live at once: group_store folds
-// the 4 accumulators of keys 4g .. 4g+3 (as they are computed, 4 independent
-// FMA chains) into one vector kept in memory (kReduce16Floats floats per q
-// row: the row's groups may be computed far apart in time, between other
-// heads' work), finish_stored combines the 4 stored vectors. The order of the
-// additions is fixed (deterministic).
-struct Reduce16 {
+// The sum of each of kWide accumulators (one per key) into lane j of one
+// vector, in steps so the accumulators need not be live at once: group_store
+// folds the 4 accumulators of keys 4g .. 4g+3 (as they are computed, 4
+// independent FMA chains) into one vector kept in memory (kReduceFloats floats
+// per q row: the row's groups may be computed far apart in time, between other
+// heads' work), finish_stored combines the kWide / 4 stored vectors. The order
+// of the additions is fixed (deterministic).
+struct ReduceKeys {
+#ifdef LONGATTN_AVX512
   // Lanes of 128-bit lane L: keys 4g .. 4g+3, each summed over L's 4 lanes; at w + 16 g.
   static void group_store(float* w, int g, __m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     // per 128-bit lane: keys 4g, 4g+1 (w0) and 4g+2, 4g+3 (w1) in pairs of lanes, then all 4 keys
@@ -349,8 +364,23 @@ struct Reduce16 {
     return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
   }
+#else
+  // The same folding on 256 bits: each 128-bit lane L of the stored vector
+  // holds keys 4g .. 4g+3, each summed over L's 4 lanes; at w + 8 g.
+  static void group_store(float* w, int g, __m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 w0 = _mm256_add_ps(_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
+    const __m256 w1 = _mm256_add_ps(_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
+    _mm256_storeu_ps(w + 8 * g, _mm256_add_ps(_mm256_shuffle_ps(w0, w1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                              _mm256_shuffle_ps(w0, w1, _MM_SHUFFLE(3, 2, 3, 2))));
+  }
+  // Lane j = the sum of the 8 lanes of key j's accumulator: group g's two 128-bit halves added.
+  static __m256 finish_stored(const float* w) {
+    const __m256 x0 = _mm256_loadu_ps(w), x1 = _mm256_loadu_ps(w + 8);
+    return _mm256_add_ps(_mm256_permute2f128_ps(x0, x1, 0x20), _mm256_permute2f128_ps(x0, x1, 0x31));
+  }
+#endif
 };
-constexpr int kReduce16Floats = 4 * 16;
+constexpr int kReduceFloats = (kWide / 4) * kWide;
 
 // Software prefetch spread over the compute: a cursor over the K and V rows
 // of a later chunk that issues `quota` groups of 4 line pairs (K and V) per
@@ -381,49 +411,49 @@ struct Prefetcher {
   }
 };
 
-// Scores of R (1..4) scaled fp32 q rows (stride D) against 4 K rows k4[0..3]
-// of type T (float, _Float16 or bf16 as uint16_t, widened in registers; one
-// kv head), keys 4g .. 4g+3 of the chunk, folded into each row's stored
-// Reduce16 state (red + r * kReduce16Floats). Each K vector is loaded once
-// for the R rows. D % 16 == 0; ND = D / 16 when known at compile time (the
-// loop is unrolled), else 0. The caller walks a chunk 4 keys at a time over
-// all heads, i.e. in the cache's address order. pf steps once.
+// Scores of R (1..kQkRows) scaled fp32 q rows (stride D) against 4 K rows
+// k4[0..3] of type T (float, _Float16 or bf16 as uint16_t, widened in
+// registers; one kv head), keys 4g .. 4g+3 of the chunk, folded into each
+// row's stored ReduceKeys state (red + r * kReduceFloats). Each K vector is
+// loaded once for the R rows. D % kWide == 0; ND = D / kWide when known at
+// compile time (the loop is unrolled), else 0. The caller walks a chunk 4
+// keys at a time over all heads, i.e. in the cache's address order. pf steps once.
 template <int R, int ND, typename T>
 inline void qk4_rows(const float* q, int D, const char* const* k4, float* red, int g, Prefetcher& pf) {
-  const int nd = ND > 0 ? ND : D / 16;
+  const int nd = ND > 0 ? ND : D / kWide;
   const T* k[4];
   for (int u = 0; u < 4; ++u) k[u] = reinterpret_cast<const T*>(k4[u]);
-  __m512 a[R][4];
+  WVec a[R][4];
   {
-    __m512 x[4];
-    for (int u = 0; u < 4; ++u) x[u] = Avx512::load(k[u]);
+    WVec x[4];
+    for (int u = 0; u < 4; ++u) x[u] = Isa::load(k[u]);
     for (int r = 0; r < R; ++r) {
-      const __m512 qv = _mm512_loadu_ps(q + static_cast<size_t>(r) * D);
-      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_mul_ps(qv, x[u]);
+      const WVec qv = Isa::load(q + static_cast<size_t>(r) * D);
+      for (int u = 0; u < 4; ++u) a[r][u] = Isa::mul(qv, x[u]);
     }
   }
 #pragma GCC unroll 16
   for (int i = 1; i < nd; ++i) {
-    __m512 x[4];
-    for (int u = 0; u < 4; ++u) x[u] = Avx512::load(k[u] + 16 * i);
+    WVec x[4];
+    for (int u = 0; u < 4; ++u) x[u] = Isa::load(k[u] + kWide * i);
     for (int r = 0; r < R; ++r) {
-      const __m512 qv = _mm512_loadu_ps(q + static_cast<size_t>(r) * D + 16 * i);
-      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_fmadd_ps(qv, x[u], a[r][u]);
+      const WVec qv = Isa::load(q + static_cast<size_t>(r) * D + kWide * i);
+      for (int u = 0; u < 4; ++u) a[r][u] = Isa::fma(qv, x[u], a[r][u]);
     }
   }
   for (int r = 0; r < R; ++r)
-    Reduce16::group_store(red + static_cast<size_t>(r) * kReduce16Floats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
+    ReduceKeys::group_store(red + static_cast<size_t>(r) * kReduceFloats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
   pf.step();
 }
 
-// qk4_rows over `rows` rows (blocks of 4, then the rest).
+// qk4_rows over `rows` rows (blocks of kQkRows, then the rest).
 template <int ND, typename T>
 inline void qk4_block(const float* q, int rows, int D, const char* const* k4, float* red, int g, Prefetcher& pf) {
   auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };
-  auto wr = [&](int r) { return red + static_cast<size_t>(r) * kReduce16Floats; };
+  auto wr = [&](int r) { return red + static_cast<size_t>(r) * kReduceFloats; };
   int r = 0;
-  for (; r + 4 <= rows; r += 4) qk4_rows<4, ND, T>(qr(r), D, k4, wr(r), g, pf);
-  switch (rows - r) {
+  for (; r + kQkRows <= rows; r += kQkRows) qk4_rows<kQkRows, ND, T>(qr(r), D, k4, wr(r), g, pf);
+  switch (rows - r) {  // fewer than kQkRows left
     case 3: qk4_rows<3, ND, T>(qr(r), D, k4, wr(r), g, pf); break;
     case 2: qk4_rows<2, ND, T>(qr(r), D, k4, wr(r), g, pf); break;
     case 1: qk4_rows<1, ND, T>(qr(r), D, k4, wr(r), g, pf); break;
@@ -431,54 +461,55 @@ inline void qk4_block(const float* q, int rows, int D, const char* const* k4, fl
   }
 }
 
-// acc[r][d] += sum_j p[r][j] v_j[d] for R rows (1..4) and NV (1..4) vectors
-// of 16 columns from d0: up to 16 accumulators stay in registers over the chunk.
+// acc[r][d] += sum_j p[r][j] v_j[d] for R rows (1..kPvRows) and NV
+// (1..kPvVecs) vectors of kWide columns from d0: the accumulators stay in
+// registers over the chunk.
 template <int R, int NV, typename T>
-LONGATTN_HOT_INLINE void pv16_rows(const float* p, int p_stride, const char* const* vrow, int n, float* acc, int D,
-                                   int d0, Prefetcher& pf) {
-  __m512 a[R][NV];
+LONGATTN_HOT_INLINE void pv_lanes_rows(const float* p, int p_stride, const char* const* vrow, int n, float* acc, int D,
+                                       int d0, Prefetcher& pf) {
+  WVec a[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) a[r][v] = _mm512_loadu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v);
+    for (int v = 0; v < NV; ++v) a[r][v] = Isa::load(acc + static_cast<size_t>(r) * D + d0 + kWide * v);
   for (int j = 0; j < n; ++j) {
     const T* vj = reinterpret_cast<const T*>(vrow[j]) + d0;
-    __m512 x[NV];
-    for (int v = 0; v < NV; ++v) x[v] = Avx512::load(vj + 16 * v);
+    WVec x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = Isa::load(vj + kWide * v);
     for (int r = 0; r < R; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
-      for (int v = 0; v < NV; ++v) a[r][v] = _mm512_fmadd_ps(pb, x[v], a[r][v]);
+      const WVec pb = Isa::set1(p[r * p_stride + j]);
+      for (int v = 0; v < NV; ++v) a[r][v] = Isa::fma(pb, x[v], a[r][v]);
     }
     pf.step();
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v, a[r][v]);
+    for (int v = 0; v < NV; ++v) Isa::store(acc + static_cast<size_t>(r) * D + d0 + kWide * v, a[r][v]);
 }
 
 template <int R, typename T>
-LONGATTN_HOT_INLINE void pv16_rows_all(const float* p, int p_stride, const char* const* vrow, int n, float* acc,
-                                       int D, Prefetcher& pf) {
+LONGATTN_HOT_INLINE void pv_lanes_rows_all(const float* p, int p_stride, const char* const* vrow, int n, float* acc,
+                                           int D, Prefetcher& pf) {
   int d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) pv16_rows<R, 4, T>(p, p_stride, vrow, n, acc, D, d0, pf);
-  switch ((D - d0) / 16) {
-    case 3: pv16_rows<R, 3, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
-    case 2: pv16_rows<R, 2, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
-    case 1: pv16_rows<R, 1, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
+  for (; d0 + kPvColumns <= D; d0 += kPvColumns) pv_lanes_rows<R, kPvVecs, T>(p, p_stride, vrow, n, acc, D, d0, pf);
+  switch ((D - d0) / kWide) {  // fewer than kPvVecs vectors left
+    case 3: pv_lanes_rows<R, 3, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
+    case 2: pv_lanes_rows<R, 2, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
+    case 1: pv_lanes_rows<R, 1, T>(p, p_stride, vrow, n, acc, D, d0, pf); break;
     default: break;
   }
 }
 
 // acc (rows x D) += P V over the chunk's n keys; P rows have stride p_stride;
-// D % 16 == 0. pf steps once per key and 64 columns.
+// D % kWide == 0. pf steps once per key, row block and kPvColumns columns.
 template <typename T>
-LONGATTN_HOT_INLINE void pv16_block(const float* p, int rows, int p_stride, const char* const* vrow, int n, float* acc,
-                                    int D, Prefetcher& pf) {
+LONGATTN_HOT_INLINE void pv_lanes_block(const float* p, int rows, int p_stride, const char* const* vrow, int n,
+                                        float* acc, int D, Prefetcher& pf) {
   auto pr = [&](int r) { return p + static_cast<size_t>(r) * p_stride; };
   auto ar = [&](int r) { return acc + static_cast<size_t>(r) * D; };
   int r = 0;
-  for (; r + 4 <= rows; r += 4) pv16_rows_all<4, T>(pr(r), p_stride, vrow, n, ar(r), D, pf);
-  switch (rows - r) {
-    case 3: pv16_rows_all<3, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
-    case 2: pv16_rows_all<2, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
-    case 1: pv16_rows_all<1, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
+  for (; r + kPvRows <= rows; r += kPvRows) pv_lanes_rows_all<kPvRows, T>(pr(r), p_stride, vrow, n, ar(r), D, pf);
+  switch (rows - r) {  // fewer than kPvRows left
+    case 3: pv_lanes_rows_all<3, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
+    case 2: pv_lanes_rows_all<2, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
+    case 1: pv_lanes_rows_all<1, T>(pr(r), p_stride, vrow, n, ar(r), D, pf); break;
     default: break;
   }
 }
@@ -506,7 +537,7 @@ inline void qk4_rows_bf16dot(const uint16_t* q, int D, const char* const* k4, fl
     }
   }
   for (int r = 0; r < R; ++r)
-    Reduce16::group_store(red + static_cast<size_t>(r) * kReduce16Floats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
+    ReduceKeys::group_store(red + static_cast<size_t>(r) * kReduceFloats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
   pf.step();
 }
 
@@ -514,7 +545,7 @@ template <int NB>
 inline void qk4_block_bf16dot(const uint16_t* q, int rows, int D, const char* const* k4, float* red, int g,
                               Prefetcher& pf) {
   auto qr = [&](int r) { return q + static_cast<size_t>(r) * D; };
-  auto wr = [&](int r) { return red + static_cast<size_t>(r) * kReduce16Floats; };
+  auto wr = [&](int r) { return red + static_cast<size_t>(r) * kReduceFloats; };
   int r = 0;
   for (; r + 4 <= rows; r += 4) qk4_rows_bf16dot<4, NB>(qr(r), D, k4, wr(r), g, pf);
   switch (rows - r) {
@@ -589,7 +620,7 @@ inline int bf16dot_column(int pos) {
   return block + 8 * (l >> 2) + 4 * hi + (l & 3);
 }
 #endif  // LONGATTN_AVX512BF16
-#endif  // LONGATTN_AVX512
+#endif  // LONGATTN_AVX2 (lane-per-key micro-kernels)
 
 float row_max(const float* s, int n) {
   float m = kNegInf;

@@ -11,22 +11,24 @@
 // (DecodePlan.as_tensors).
 //
 // Two segment paths, the same contract:
-// - run_segment_wide (AVX-512 builds, headdim % 16 == 0): 16 keys per chunk,
-//   one per vector lane, so a row's scores are one zmm and the online softmax
-//   is a few vector ops per 16 keys (the running max moves, and the
-//   accumulator is rescaled, only when a score exceeds it); dot products
-//   without a horizontal sum per key (Reduce16); bf16 through vdpbf16ps for
-//   QK and PV when the build has AVX512-BF16 (P rounded to bf16 for PV, as
-//   flash-attention does on GPUs; the softmax denominator and lse use the
-//   fp32 P); each chunk's K, then its V, walked in the cache's address order
-//   (4 key positions at a time over every kv head of the tile, not one
+// - run_segment_wide (AVX2 builds, headdim % kWide == 0): one key per vector
+//   lane, kWide = 16 keys per chunk with AVX-512 and 8 with AVX2, so a row's
+//   scores are one vector and the online softmax is a few vector ops per
+//   chunk (the running max moves, and the accumulator is rescaled, only when
+//   a score exceeds it); dot products without a horizontal sum per key
+//   (ReduceKeys); bf16 through vdpbf16ps for QK and PV when the build has
+//   AVX512-BF16 (P rounded to bf16 for PV, as flash-attention does on GPUs;
+//   the softmax denominator and lse use the fp32 P), else widened in
+//   registers; each chunk's K, then its V, walked in the cache's address
+//   order (4 key positions at a time over every kv head of the tile, not one
 //   head's keys a whole key position apart); the K/V rows of a chunk 2
 //   chunks ahead prefetched a few lines at a time between the dot products.
 //   Measured on a Zen 4 EPYC at 128k keys, batch 1, two threads, same
-//   process: 1.6x (fp32) and 2.0x (bf16) the 8-key path with the head-by-head
-//   walk, and the address-order walk 1.2-1.3x faster than that.
-// - run_segment (AVX2 and portable builds, other head dims): 8 keys per
-//   chunk through the row micro-kernels of attn_rows.h (shared with
+//   process: AVX-512 1.6x (fp32) and 2.0x (bf16) the 8-key path with the
+//   head-by-head walk, and the address-order walk 1.2-1.3x faster than that;
+//   the AVX2 build 1.45x (fp32) and 2.1x (bf16) its 8-key path.
+// - run_segment (portable builds, and head dims not a multiple of kWide): 8
+//   keys per chunk through the row micro-kernels of attn_rows.h (shared with
 //   gather_decode.cpp).
 //
 // Layouts (element strides; the innermost headdim stride is 1):
@@ -82,19 +84,20 @@ struct Scratch {
   std::vector<uint16_t> q_bf16;  // unscaled bf16 q rows, for the vdpbf16ps path
   const void* krow[kChunk];
   const void* vrow[kChunk];
-#ifdef LONGATTN_AVX512
-  // The 16-key fast path (run_segment_wide): per row 16 probabilities (fp32,
-  // or bf16 pairs for vdpbf16ps) and 16 lanes of the softmax denominator.
-  std::vector<float> p16, l16;
-  std::vector<uint32_t> pp16;
-  std::vector<float> red16;  // per row the chunk's stored Reduce16 state (kReduce16Floats)
+#ifdef LONGATTN_AVX2
+  // The lane-per-key fast path (run_segment_wide): per row kWide
+  // probabilities (fp32, or bf16 pairs for vdpbf16ps) and kWide lanes of the
+  // softmax denominator.
+  std::vector<float> pw, lw;
+  std::vector<uint32_t> ppw;
+  std::vector<float> red;  // per row the chunk's stored ReduceKeys state (kReduceFloats)
 #endif
   void resize(int rows, int heads, int headdim) {
-#ifdef LONGATTN_AVX512
-    p16.resize(static_cast<size_t>(rows) * kWide);
-    l16.resize(static_cast<size_t>(rows) * kWide);
-    pp16.resize(static_cast<size_t>(rows) * kWide / 2);
-    red16.resize(static_cast<size_t>(rows) * kReduce16Floats);
+#ifdef LONGATTN_AVX2
+    pw.resize(static_cast<size_t>(rows) * kWide);
+    lw.resize(static_cast<size_t>(rows) * kWide);
+    ppw.resize(static_cast<size_t>(rows) * kWide / 2);
+    red.resize(static_cast<size_t>(rows) * kReduceFloats);
 #endif
     q.resize(static_cast<size_t>(rows) * headdim);
     q_bf16.resize(static_cast<size_t>(rows) * headdim);
@@ -156,7 +159,7 @@ void finish_rows(const Problem& p, Scratch& w, int b, int hk0, bool whole_tile, 
 
 // One segment: keys [key_begin, key_end) of sequence b for kv heads
 // [hk0, hk0 + heads_per_tile) and every row of their query groups; 8 keys
-// at a time (the AVX2 and portable builds, and head dims not a multiple of 16).
+// at a time (portable builds, and head dims not a multiple of kWide).
 void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, int key_end,
                  bool whole_tile, int slot) {
   const int D = p.headdim, Sq = p.seqlen_q, group = p.nheads / p.nheads_k;
@@ -271,25 +274,44 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
   finish_rows(p, w, b, hk0, whole_tile, slot);
 }
 
-#ifdef LONGATTN_AVX512
+#ifdef LONGATTN_AVX2
 // Keys ahead of the chunk being computed that are prefetched (into L2), a
 // whole key position (every head of the tile) at a time, in address order.
 // Still needed with the address-order walk (without it: 1.5-2x slower at
 // 128k keys on Zen 4); 16 to 96 keys ahead measured the same.
 constexpr int kPrefetchKeys = 2 * kWide;
+// Keys per PV step of the address-order walk: 4 with AVX-512 (8 or 16
+// measured slower from memory), the whole 8-key chunk with AVX2 (half the
+// accumulator loads and stores; 1.04-1.07x faster at 128k keys, same A/B).
+#ifdef LONGATTN_AVX512
+constexpr int kPvKeys = 4;
+#else
+constexpr int kPvKeys = kWide;
+#endif
+// How fast the prefetch cursor runs: 1 spreads a chunk's prefetches over all
+// of the chunk's compute steps, 2 issues them in the first half. With AVX2
+// (8-key chunks) 2 made bf16 decode at 128k keys 1.3-1.4x faster and fp32
+// 1.05x (Zen 4 running the AVX2 build, A/B in one process; 3 and 4 were
+// slower than 2); the AVX-512 path was slower with 2.
+#ifdef LONGATTN_AVX512
+constexpr int kPrefetchPace = 1;
+#else
+constexpr int kPrefetchPace = 2;
+#endif
 
-// The 16-key fast path (AVX-512, headdim % 16 == 0), the same contract as
-// run_segment. T is the cache's element type (float, _Float16, bf16 as
+// The lane-per-key fast path (kWide = 16 keys per chunk with AVX-512, 8 with
+// AVX2; headdim % kWide == 0), the same contract as run_segment. T is the cache's element type (float, _Float16, bf16 as
 // uint16_t; half types widened in registers), kDot: bf16 with vdpbf16ps for
 // QK and PV (P rounded to bf16), ND = headdim / 16 when fixed at compile time
-// (the dot product loops unrolled), else 0.
+// (the dot product loops unrolled), else 0. The walk below is described for
+// AVX-512's 16 keys; with AVX2 a chunk is 8 keys, the same walk.
 //
 // Per 16-key chunk, three passes:
 // - QK in the cache's address order: 4 key positions at a time, every kv
 //   head of them (with the tile folding every kv head of a sequence, 4 x
 //   nheads_k x headdim contiguous elements; paged caches are contiguous
 //   within a page), each K vector loaded once for a head's query rows and the
-//   16 keys' sums kept per row as stored Reduce16 state. Walking one head's
+//   16 keys' sums kept per row as stored ReduceKeys state. Walking one head's
 //   16 keys at a time instead (rows a whole key position apart, 4 KiB in
 //   fp32 at 8 heads of 128) took 1.2-1.3x as long at 128k keys on Zen 4.
 // - the online softmax per row: the row's 16 scores are one vector; the
@@ -297,7 +319,8 @@ constexpr int kPrefetchKeys = 2 * kWide;
 //   exceeds it, which after the first chunks is rare, so the common chunk
 //   costs one compare, one vector exp and one add; the denominator is kept as
 //   16 lanes per row and summed at the end.
-// - PV in address order too, 4 key positions (2 bf16 pairs) at a time over
+// - PV in address order too, 4 key positions (2 bf16 pairs; AVX2: the whole
+//   8-key chunk) at a time over
 //   every head: each head's accumulators go through L1 once per 4 keys
 //   (more L1 traffic than once per chunk, but 8 or 16 keys per group measured
 //   slower from memory).
@@ -311,26 +334,27 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   const int L = p.seqlens[b];
   const int es = elem_size(p.dtype);
   begin_segment(p, w, b, hk0, rows);
-  std::fill(w.l16.begin(), w.l16.begin() + static_cast<size_t>(rows) * kWide, 0.0f);
+  std::fill(w.lw.begin(), w.lw.begin() + static_cast<size_t>(rows) * kWide, 0.0f);
   const int64_t head_bytes = p.c_sh * es;
   // Bytes of one key position over the tile's heads (adjacent in both cache layouts).
   const int64_t key_bytes = (p.heads_per_tile - 1) * head_bytes + static_cast<int64_t>(D) * es;
-  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
   // Plain pointers in the hot loop: the scratch is thread_local, and its
   // address must not be looked up again per use.
   float* const acc = w.acc.data();
   float* const m_run = w.m.data();
-  float* const l16 = w.l16.data();
-  float* const red = w.red16.data();
-  [[maybe_unused]] float* const p16 = w.p16.data();      // fp32 PV only
-  [[maybe_unused]] uint32_t* const pp16 = w.pp16.data();  // bf16 dot path only
+  float* const lw = w.lw.data();
+  float* const red = w.red.data();
+  [[maybe_unused]] float* const pw = w.pw.data();      // fp32 PV only
+  [[maybe_unused]] uint32_t* const ppw = w.ppw.data();  // bf16 dot path only
   [[maybe_unused]] const float* const q32 = w.q.data();
   [[maybe_unused]] const uint16_t* const q16 = w.q_bf16.data();
-  // Steps of the prefetch cursor per chunk: one per (4 keys, head, 4-row
-  // block) in QK; per 4-row block and 64 columns, one per key (fp32 PV) or
-  // key pair (bf16 PV).
-  const int row_blocks = p.heads_per_tile * ((head_rows + 3) / 4);
-  const int steps = (kWide / 4) * row_blocks + row_blocks * ((D + 63) / 64) * (kDot ? kWide / 2 : kWide);
+  // Steps of the prefetch cursor per chunk: one per (4 keys, head, QK row
+  // block) in QK; per PV row block and column block, one per key (fp32 PV)
+  // or key pair (bf16 PV; 4-row blocks of 64 columns).
+  const int qk_blocks = p.heads_per_tile * ((head_rows + (kDot ? 3 : kQkRows - 1)) / (kDot ? 4 : kQkRows));
+  const int pv_blocks = kDot ? p.heads_per_tile * ((head_rows + 3) / 4) * ((D + 63) / 64)
+                             : p.heads_per_tile * ((head_rows + kPvRows - 1) / kPvRows) * ((D + kPvColumns - 1) / kPvColumns);
+  const int steps = (kWide / 4) * qk_blocks + pv_blocks * (kDot ? kWide / 2 : kWide);
   const char* kbase[kWide];
   const char* vbase[kWide];
 
@@ -352,7 +376,7 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
       pf.k[j] = p.k + off;
       pf.v[j] = p.v + off;
     }
-    pf.quota = (pf.nkeys * pf.lines / 4 + steps - 1) / steps;
+    pf.quota = kPrefetchPace * ((pf.nkeys * pf.lines / 4 + steps - 1) / steps);
 
     // QK, 4 key positions at a time over every head (address order).
     for (int g = 0; g < kWide / 4; ++g) {
@@ -360,7 +384,7 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
         const char* k4[4];
         for (int u = 0; u < 4; ++u) k4[u] = kbase[4 * g + u] + hl * head_bytes;
         const int r0 = hl * head_rows;
-        float* red_head = red + static_cast<size_t>(r0) * kReduce16Floats;
+        float* red_head = red + static_cast<size_t>(r0) * kReduceFloats;
         if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
           qk4_block_bf16dot<ND / 2>(q16 + static_cast<size_t>(r0) * D, head_rows, D, k4, red_head, g, pf);
@@ -373,68 +397,67 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
 
     // The online softmax, row by row.
     for (int r = 0; r < rows; ++r) {
-      __m512 s = Reduce16::finish_stored(red + static_cast<size_t>(r) * kReduce16Floats);
-      if constexpr (kDot) s = _mm512_mul_ps(s, _mm512_set1_ps(p.scale));  // bf16 q is unscaled
+      WVec s = ReduceKeys::finish_stored(red + static_cast<size_t>(r) * kReduceFloats);
+      if constexpr (kDot) s = Isa::mul(s, Isa::set1(p.scale));  // bf16 q is unscaled
       // Visible keys of this row within the chunk: [lo, hi) (in int64, as run_segment).
       const int qpos = L - Sq + (r % Sq);
       const int64_t lo_pos = p.left >= 0 ? int64_t{qpos} - p.left : 0;
       const int64_t hi_pos = p.right >= 0 ? int64_t{qpos} + p.right + 1 : L;
       const int lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(lo_pos - c0, 0), kWide));
       const int hi = static_cast<int>(std::max<int64_t>(std::min<int64_t>(hi_pos - c0, n), 0));
-      const __mmask16 visible = lo < hi ? static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u)) : 0;
       if (p.softcap > 0.0f) {
         alignas(64) float t[kWide];
-        _mm512_store_ps(t, s);
+        Isa::store(t, s);
         for (int j = 0; j < kWide; ++j) t[j] = p.softcap * std::tanh(t[j] / p.softcap);
-        s = _mm512_load_ps(t);
+        s = Isa::load(t);
       }
-      s = _mm512_mask_blend_ps(visible, neg_inf, s);
+      s = Isa::keep_lanes(s, lo, hi);  // lanes [lo, hi) keep their score, the rest -inf
       float m = m_run[r];
-      float* lr = l16 + static_cast<size_t>(r) * kWide;
-      if (_mm512_cmp_ps_mask(s, _mm512_set1_ps(m), _CMP_GT_OQ) != 0) {  // a new running max
-        const float m_new = _mm512_reduce_max_ps(s);
+      float* lr = lw + static_cast<size_t>(r) * kWide;
+      if (Isa::any_greater(s, m)) {  // a new running max
+        const float m_new = Isa::hmax(s);
         if (m != kNegInf) {  // rows that saw nothing yet have acc = 0, l = 0: nothing to rescale
           const float alpha = std::exp(m - m_new);
           float* ar = acc + static_cast<size_t>(r) * D;
-          const __m512 av = _mm512_set1_ps(alpha);
-          for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ar + d, _mm512_mul_ps(_mm512_loadu_ps(ar + d), av));
-          _mm512_storeu_ps(lr, _mm512_mul_ps(_mm512_loadu_ps(lr), av));
+          const WVec av = Isa::set1(alpha);
+          for (int d = 0; d < D; d += kWide) Isa::store(ar + d, Isa::mul(Isa::load(ar + d), av));
+          Isa::store(lr, Isa::mul(Isa::load(lr), av));
         }
         m = m_run[r] = m_new;
       }
       // exp(-inf - m) = 0 for hidden lanes; a row with no visible key so far (m = -inf) adds nothing.
-      const __m512 pv = m == kNegInf ? _mm512_setzero_ps() : exp512(_mm512_sub_ps(s, _mm512_set1_ps(m)));
-      _mm512_storeu_ps(lr, _mm512_add_ps(_mm512_loadu_ps(lr), pv));  // the denominator from unrounded p
+      const WVec pv = m == kNegInf ? Isa::zero() : Isa::exp(Isa::sub(s, Isa::set1(m)));
+      Isa::store(lr, Isa::add(Isa::load(lr), pv));  // the denominator from unrounded p
       if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp16 + static_cast<size_t>(r) * (kWide / 2)),
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppw + static_cast<size_t>(r) * (kWide / 2)),
                             (__m256i)_mm512_cvtneps_pbh(pv));
 #endif
       } else {
-        _mm512_storeu_ps(p16 + static_cast<size_t>(r) * kWide, pv);
+        Isa::store(pw + static_cast<size_t>(r) * kWide, pv);
       }
     }
 
-    // PV, 4 key positions at a time over every head (address order).
-    for (int j0 = 0; j0 < n; j0 += 4) {
-      const int n4 = std::min(4, n - j0);
+    // PV, kPvKeys key positions at a time over every head (address order).
+    for (int j0 = 0; j0 < n; j0 += kPvKeys) {
+      const int n4 = std::min(kPvKeys, n - j0);
       for (int hl = 0; hl < p.heads_per_tile; ++hl) {
-        const char* v4[4];
-        for (int u = 0; u < 4; ++u) v4[u] = vbase[j0 + u] + hl * head_bytes;
+        const char* v4[kPvKeys];
+        for (int u = 0; u < kPvKeys; ++u) v4[u] = vbase[j0 + u] + hl * head_bytes;
         const int r0 = hl * head_rows;
         float* acc_head = acc + static_cast<size_t>(r0) * D;
         if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
-          pv16_bf16dot_block(pp16 + static_cast<size_t>(r0) * (kWide / 2) + j0 / 2, head_rows, kWide / 2, v4, n4,
+          pv16_bf16dot_block(ppw + static_cast<size_t>(r0) * (kWide / 2) + j0 / 2, head_rows, kWide / 2, v4, n4,
                              acc_head, D, pf);
 #endif
         } else {
-          pv16_block<T>(p16 + static_cast<size_t>(r0) * kWide + j0, head_rows, kWide, v4, n4, acc_head, D, pf);
+          pv_lanes_block<T>(pw + static_cast<size_t>(r0) * kWide + j0, head_rows, kWide, v4, n4, acc_head, D, pf);
         }
       }
     }
   }
-  for (int r = 0; r < rows; ++r) w.l[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(l16 + static_cast<size_t>(r) * kWide));
+  for (int r = 0; r < rows; ++r) w.l[r] = Isa::hsum(Isa::load(lw + static_cast<size_t>(r) * kWide));
   if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
     // Undo the accumulator's column permutation (see pv16_bf16dot_block).
@@ -453,19 +476,19 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
 template <typename T, bool kDot>
 void run_segment_wide_d(const Problem& p, Scratch& w, int b, int hk0, int key_begin, int key_end,
                         bool whole_tile, int slot) {
-  switch (p.headdim) {  // the common head dims keep q in registers
-    case 128: return run_segment_wide<T, kDot, 8>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
-    case 64: return run_segment_wide<T, kDot, 4>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
+  switch (p.headdim) {  // the common head dims: the dot product loops unrolled
+    case 128: return run_segment_wide<T, kDot, 128 / kWide>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
+    case 64: return run_segment_wide<T, kDot, 64 / kWide>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
     default: return run_segment_wide<T, kDot, 0>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
   }
 }
-#endif  // LONGATTN_AVX512
+#endif  // LONGATTN_AVX2
 
 // The segment through the fastest path this build and head dim allow.
 void run_any_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, int key_end,
                      bool whole_tile, int slot) {
-#ifdef LONGATTN_AVX512
-  if (p.headdim % 16 == 0) {
+#ifdef LONGATTN_AVX2
+  if (p.headdim % kWide == 0) {
     if (p.dtype == kF32) return run_segment_wide_d<float, false>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
     if (p.dtype == kF16) return run_segment_wide_d<_Float16, false>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
 #ifdef LONGATTN_AVX512BF16

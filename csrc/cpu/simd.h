@@ -103,6 +103,11 @@ struct Avx2 {
   static vec finite_or_zero(vec m) {
     return _mm256_blendv_ps(m, _mm256_setzero_ps(), _mm256_cmp_ps(m, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ));
   }
+  static float hsum(vec v) { return ::hsum(v); }
+  // Whether any lane of x is above m.
+  static bool any_greater(vec x, float m) { return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(m), _CMP_GT_OQ)) != 0; }
+  // Lanes [lo, hi) keep x, the rest become -inf; 0 <= lo, hi <= 8.
+  static vec keep_lanes(vec x, int lo, int hi) { return keep_lanes_between(x, 0, lo, hi - 1); }
   static float hmax(vec v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_max_ps(x, _mm_movehl_ps(x, x));
@@ -150,6 +155,13 @@ struct Avx512 {
                                 _mm512_setzero_ps());
   }
   static float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+  static float hsum(vec v) { return _mm512_reduce_add_ps(v); }
+  static bool any_greater(vec x, float m) { return _mm512_cmp_ps_mask(x, _mm512_set1_ps(m), _CMP_GT_OQ) != 0; }
+  // Lanes [lo, hi) keep x, the rest become -inf; 0 <= lo, hi <= 16.
+  static vec keep_lanes(vec x, int lo, int hi) {
+    const __mmask16 keep = lo < hi ? static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u)) : 0;
+    return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-__builtin_inff()), x);
+  }
   static vec drop_after(vec x, const int32_t* limit, int32_t pos) {
     const __mmask16 over = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(pos), _mm512_loadu_si512(limit));
     return _mm512_mask_blend_ps(over, x, _mm512_set1_ps(-__builtin_inff()));

@@ -77,10 +77,13 @@ VECTOR_PATHS = {
 
 @pytest.mark.parametrize("path", list(VECTOR_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("headdim,window,softcap", [(128, (-1, -1), 0.0), (40, (37, 0), 5.0)])
+@pytest.mark.parametrize("headdim,window,softcap", [(128, (-1, -1), 0.0), (40, (37, 0), 5.0), (36, (20, 0), 0.0)])
 def test_every_vector_path_matches_oracle(path, dtype, headdim, window, softcap):
     # Two sequences over several chunks and LeanTiles, seqlen_q 3, GQA 4; the
-    # second case has a tail of headdim (40 = 32 + 8), a window and softcap.
+    # second case has a tail of headdim (40 = 32 + 8: AVX-512's 8-key path,
+    # AVX2's lane-per-key path with 5 vectors per row), a window and softcap;
+    # the third a head dim no vector width divides (36: the 8-key path on
+    # AVX2 builds too) and a shorter window.
     case = DecodeCase((300, 77), 2, 3, 2, 4, headdim, dtype, 16, True, window, softcap, seed=11)
     (out, lse), (eager_out, eager_lse), (ref_out, ref_lse), _ = _run(
         case, {"num_workers": 3, "block_n": 32, "heads_per_tile": 2}, VECTOR_PATHS[path])
