@@ -91,6 +91,7 @@ struct Scratch {
   std::vector<float> pw, lw;
   std::vector<uint32_t> ppw;
   std::vector<float> red;  // per row the chunk's stored ReduceKeys state (kReduceFloats)
+  std::vector<int64_t> key_lo, key_hi;  // per row its visible key positions [lo, hi)
 #endif
   void resize(int rows, int heads, int headdim) {
 #ifdef LONGATTN_AVX2
@@ -98,6 +99,7 @@ struct Scratch {
     lw.resize(static_cast<size_t>(rows) * kWide);
     ppw.resize(static_cast<size_t>(rows) * kWide / 2);
     red.resize(static_cast<size_t>(rows) * kReduceFloats);
+    key_lo.resize(rows); key_hi.resize(rows);
 #endif
     q.resize(static_cast<size_t>(rows) * headdim);
     q_bf16.resize(static_cast<size_t>(rows) * headdim);
@@ -357,6 +359,19 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   const int steps = (kWide / 4) * qk_blocks + pv_blocks * (kDot ? kWide / 2 : kWide);
   const char* kbase[kWide];
   const char* vbase[kWide];
+  // Each row's visible key positions [lo, hi), once per segment (in int64:
+  // qpos + right wraps int for a huge window, INT_MAX as "everything"), and
+  // the positions every row sees: a chunk inside them needs no masking.
+  int64_t* const key_lo = w.key_lo.data();
+  int64_t* const key_hi = w.key_hi.data();
+  int64_t all_lo = 0, all_hi = L;
+  for (int r = 0; r < rows; ++r) {
+    const int qpos = L - Sq + (r % Sq);
+    key_lo[r] = p.left >= 0 ? int64_t{qpos} - p.left : 0;
+    key_hi[r] = p.right >= 0 ? int64_t{qpos} + p.right + 1 : L;
+    all_lo = std::max(all_lo, key_lo[r]);
+    all_hi = std::min(all_hi, key_hi[r]);
+  }
 
   for (int c0 = key_begin; c0 < key_end; c0 += kWide) {
     const int n = std::min(kWide, key_end - c0);
@@ -396,22 +411,21 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
     }
 
     // The online softmax, row by row.
+    const bool every_key_visible = n == kWide && c0 >= all_lo && c0 + kWide <= all_hi;
     for (int r = 0; r < rows; ++r) {
       WVec s = ReduceKeys::finish_stored(red + static_cast<size_t>(r) * kReduceFloats);
       if constexpr (kDot) s = Isa::mul(s, Isa::set1(p.scale));  // bf16 q is unscaled
-      // Visible keys of this row within the chunk: [lo, hi) (in int64, as run_segment).
-      const int qpos = L - Sq + (r % Sq);
-      const int64_t lo_pos = p.left >= 0 ? int64_t{qpos} - p.left : 0;
-      const int64_t hi_pos = p.right >= 0 ? int64_t{qpos} + p.right + 1 : L;
-      const int lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(lo_pos - c0, 0), kWide));
-      const int hi = static_cast<int>(std::max<int64_t>(std::min<int64_t>(hi_pos - c0, n), 0));
       if (p.softcap > 0.0f) {
         alignas(64) float t[kWide];
         Isa::store(t, s);
         for (int j = 0; j < kWide; ++j) t[j] = p.softcap * std::tanh(t[j] / p.softcap);
         s = Isa::load(t);
       }
-      s = Isa::keep_lanes(s, lo, hi);  // lanes [lo, hi) keep their score, the rest -inf
+      if (!every_key_visible) {  // visible keys of this row within the chunk: [lo, hi); the others -inf
+        const int lo = static_cast<int>(std::min<int64_t>(std::max<int64_t>(key_lo[r] - c0, 0), kWide));
+        const int hi = static_cast<int>(std::max<int64_t>(std::min<int64_t>(key_hi[r] - c0, n), 0));
+        s = Isa::keep_lanes(s, lo, hi);
+      }
       float m = m_run[r];
       float* lr = lw + static_cast<size_t>(r) * kWide;
       if (Isa::any_greater(s, m)) {  // a new running max
