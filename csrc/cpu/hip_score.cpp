@@ -240,7 +240,7 @@ float block_score(const ScoreProblem& p, const RowContext& row, int64_t block) {
 #ifdef LONGATTN_AVX2
 // Candidate blocks scored together: their keys share each load of the query
 // lanes (max_over_keys).
-constexpr int kBlocksPerBatch = 4;
+constexpr int kBlocksPerBatch = 4;  // 8 keys of 2-key blocks: one pass of max_over_keys (6 or 8 blocks: slower)
 
 // NV vectors of query lanes from s0 against the batch's key list; each
 // block's max over them into score[i].
