@@ -31,8 +31,10 @@
 // query lane s only if p <= query_pos[qb][s]. No key counted: -inf.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -271,7 +273,7 @@ void search_row(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends
   int64_t* e = ends + r * nb;
   std::vector<int64_t> cs(2 * nb), ce(2 * nb);
   std::vector<float> score(2 * nb);
-  std::vector<int> order(2 * nb);
+  std::vector<float> ranked(2 * nb);  // the scores, partly ordered to find the nb-th largest
 #ifdef LONGATTN_AVX2
   // The vector paths: candidate blocks scored a batch at a time.
   const bool batched = p.S % Isa::W == 0;  // bf16 only reaches here with AVX512-BF16 (W = 16; the entry checked S % 16)
@@ -313,11 +315,20 @@ void search_row(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends
         prefetch_block(p, row, (cs[i + kPrefetchAhead] + ce[i + kPrefetchAhead] - 1) / 2);
       score[i] = ce[i] > cs[i] ? block_score(p, row, (cs[i] + ce[i] - 1) / 2) : kNegInf;
     }
-    for (int i = 0; i < 2 * nb; ++i) order[i] = i;
-    auto better = [&](int x, int y) { return score[x] > score[y] || (score[x] == score[y] && x < y); };
-    std::nth_element(order.begin(), order.begin() + nb, order.end(), better);
-    std::sort(order.begin(), order.begin() + nb);
-    for (int g = 0; g < nb; ++g) { s[g] = cs[order[g]]; e[g] = ce[order[g]]; }
+    // Keep the nb best in branch order, ties to the earlier half: the nb-th
+    // largest score is the threshold; every half above it is kept, and of
+    // those equal to it the earliest ones, as many as are left (no sort of
+    // indices). A NaN score (NaN in q or k) ranks as -inf, so exactly nb are kept.
+    for (int i = 0; i < 2 * nb; ++i)
+      if (std::isnan(score[i])) score[i] = kNegInf;
+    std::copy(score.begin(), score.end(), ranked.begin());
+    std::nth_element(ranked.begin(), ranked.begin() + (nb - 1), ranked.end(), std::greater<float>());
+    const float threshold = ranked[nb - 1];
+    int equal_left = nb;
+    for (int i = 0; i < 2 * nb; ++i) equal_left -= score[i] > threshold;
+    int g = 0;
+    for (int i = 0; i < 2 * nb && g < nb; ++i)
+      if (score[i] > threshold || (score[i] == threshold && equal_left-- > 0)) { s[g] = cs[i]; e[g] = ce[i]; ++g; }
   }
 }
 
