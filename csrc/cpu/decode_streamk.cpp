@@ -51,7 +51,7 @@
 
 namespace {
 
-constexpr int kChunk = 8;  // run_segment's keys per chunk (8 beat 16 and 32 at 128k on AVX2: less L1 pressure)
+constexpr int kChunk = 8;  // run_segment's keys per chunk (8 beat 16 and 32 at 128k when AVX2 builds ran this path: less L1 pressure)
 
 struct Problem {
   const char* q; int64_t q_sb, q_sm, q_sh;
@@ -352,10 +352,11 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   [[maybe_unused]] const uint16_t* const q16 = w.q_bf16.data();
   // Steps of the prefetch cursor per chunk: one per (4 keys, head, QK row
   // block) in QK; per PV row block and column block, one per key (fp32 PV)
-  // or key pair (bf16 PV; 4-row blocks of 64 columns).
-  const int qk_blocks = p.heads_per_tile * ((head_rows + (kDot ? 3 : kQkRows - 1)) / (kDot ? 4 : kQkRows));
-  const int pv_blocks = kDot ? p.heads_per_tile * ((head_rows + 3) / 4) * ((D + 63) / 64)
-                             : p.heads_per_tile * ((head_rows + kPvRows - 1) / kPvRows) * ((D + kPvColumns - 1) / kPvColumns);
+  // or key pair (bf16 PV). The bf16 dot kernels take rows in blocks of 4 and
+  // PV columns in blocks of 64.
+  constexpr int qk_rows = kDot ? 4 : kQkRows, pv_rows = kDot ? 4 : kPvRows, pv_cols = kDot ? 64 : kPvColumns;
+  const int qk_blocks = p.heads_per_tile * ((head_rows + qk_rows - 1) / qk_rows);
+  const int pv_blocks = p.heads_per_tile * ((head_rows + pv_rows - 1) / pv_rows) * ((D + pv_cols - 1) / pv_cols);
   const int steps = (kWide / 4) * qk_blocks + pv_blocks * (kDot ? kWide / 2 : kWide);
   const char* kbase[kWide];
   const char* vbase[kWide];

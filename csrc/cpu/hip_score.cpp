@@ -62,6 +62,9 @@ inline const T* key_at(const ScoreProblem& p, int64_t b, int hk, int64_t pos) {
   return static_cast<const T*>(p.keys) + (row + hk * p.head_stride) * p.D;
 }
 
+// One block's score without the vector path (float32 keys; a build without
+// AVX2, or S not a multiple of the vector width): max over the row's strided
+// queries and the block's searchable keys from first_pos.
 float score_block_scalar(const ScoreProblem& p, const float* qt, const int32_t* qpos, int64_t end,
                          int64_t b, int hk, int64_t first_pos) {
   float best = kNegInf;
@@ -177,13 +180,6 @@ RowContext row_context(const ScoreProblem& p, int64_t r) {
   return {qt, p.query_pos + static_cast<int64_t>(qb) * p.S, b, h / (p.nheads / p.nheads_k), p.range_end[qb]};
 }
 
-// The row's score of key block `block` without the vector path (float32
-// keys; a build without AVX2 or S not a multiple of the vector width): max
-// over its strided queries and the block's searchable keys.
-float block_score(const ScoreProblem& p, const RowContext& row, int64_t block) {
-  return score_block_scalar(p, static_cast<const float*>(row.qt), row.qpos, row.end, row.b, row.hk, block * p.bk);
-}
-
 #ifdef LONGATTN_AVX2
 // Candidate blocks scored together: their keys share each load of the query
 // lanes (max_over_keys).
@@ -220,7 +216,7 @@ void batch_tiles(const ScoreProblem& p, const RowContext& row, const void* const
   }
 }
 
-// score[i] = block_score(blocks[i]) for i < n <= kBlocksPerBatch (blocks[i] <
+// score[i] = the row's score of blocks[i] for i < n <= kBlocksPerBatch (blocks[i] <
 // 0: an empty candidate, -inf) on the vector paths (p.S % Isa::W == 0;
 // bf16 keys with AVX512-BF16). kp, kpos and owner hold n * bk entries.
 void batch_scores(const ScoreProblem& p, const RowContext& row, const int64_t* blocks, int n, float* score,
@@ -313,7 +309,9 @@ void search_row(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends
       // Blocks are scattered over the sequence: fetch a later one while this one computes.
       if (i + kPrefetchAhead < 2 * nb && ce[i + kPrefetchAhead] > cs[i + kPrefetchAhead])
         prefetch_block(p, row, (cs[i + kPrefetchAhead] + ce[i + kPrefetchAhead] - 1) / 2);
-      score[i] = ce[i] > cs[i] ? block_score(p, row, (cs[i] + ce[i] - 1) / 2) : kNegInf;
+      score[i] = ce[i] > cs[i] ? score_block_scalar(p, static_cast<const float*>(row.qt), row.qpos, row.end, row.b,
+                                                    row.hk, (cs[i] + ce[i] - 1) / 2 * p.bk)
+                               : kNegInf;
     }
     // Keep the nb best in branch order, ties to the earlier half: the nb-th
     // largest score is the threshold; every half above it is kept, and of
