@@ -392,10 +392,13 @@ int run_search(const void* queries_t, const int32_t* query_pos, const int64_t* r
   if (bf16 && (D % 2 || S % 16)) return 1;
   const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
                        block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k, nqb, bf16};
-  const int64_t groups = (rows + kRowsPerGroup - 1) / kRowsPerGroup;
+  // A row's state is 48 * nb bytes (its 2 nb halves' bounds and scores):
+  // groups stay within ~1 MiB, so a huge nb searches row by row.
+  const int64_t per_group = std::max<int64_t>(1, std::min<int64_t>(kRowsPerGroup, (int64_t{1} << 20) / (48 * int64_t{nb})));
+  const int64_t groups = (rows + per_group - 1) / per_group;
 #pragma omp parallel for num_threads(num_threads) schedule(static, 1)
   for (int64_t g = 0; g < groups; ++g)
-    search_rows(p, g * kRowsPerGroup, std::min(rows, (g + 1) * kRowsPerGroup), starts, ends, nb, rounds);
+    search_rows(p, g * per_group, std::min(rows, (g + 1) * per_group), starts, ends, nb, rounds);
   return 0;
 }
 }  // namespace

@@ -172,6 +172,17 @@ def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(b
                            hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))
 
 
+@pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
+                    reason="the C++ HiP scorer does not build here")
+def test_cpu_search_with_many_groups_per_row_selects_what_the_eager_search_selects():
+    """nb = 4096 groups per row: the C++ search takes rows 5 at a time (its
+    groups of rows are capped by memory), not 8, and 94 rows end in a partial group."""
+    torch.manual_seed(11)
+    q, k = torch.randn(1, 12000, 2, 16), torch.randn(1, 12000, 2, 16)
+    cfg = HiP(topk=8192, block_q=256, block_k=2, query_stride=8, sink_size=4, recent_size=256)
+    assert torch.equal(hip_select_blocks(q, k, cfg, backend="cpp"), hip_select_blocks(q, k, cfg, backend="eager"))
+
+
 def test_the_bf16_search_is_built_where_the_cpu_has_avx512_bf16():
     from longattn.kernels.hip_score.cpp import has_bf16_search, score_unavailable_reason
     from longattn.kernels.support.cpp_build import cpu_features
