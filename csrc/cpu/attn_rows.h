@@ -383,29 +383,37 @@ struct ReduceKeys {
 constexpr int kReduceFloats = (kWide / 4) * kWide;
 
 // Software prefetch spread over the compute: a cursor over the K and V rows
-// of a later chunk that issues `quota` groups of 4 line pairs (K and V) per
-// step(). Many small batches keep misses in flight all the time; one burst
-// per chunk would fill the core's miss buffers and stall the compute behind
-// it. A key's rows over the tile's heads are `lines` (a multiple of 4) lines.
-// Into L2 (T1): measured on Zen 4, T0 (L1) was 1.5x slower, T2 the same as T1.
+// of a later chunk. Each micro-kernel calls step(cost) with the vector
+// multiply-adds it just issued; the cursor issues prefetches in proportion,
+// so the chunk's lines go out at an even rate over its compute. A burst
+// fills the core's miss buffers and the compute stalls behind it: the
+// previous scheme, a fixed number of lines per step, sent most of them
+// during the PV steps (16 multiply-adds each, against 128 per QK step), and
+// decode at 128k keys ran 4-9% slower in fp32 (AVX2 build: 1.1x fp32, 1.2x
+// bf16; Zen 4, A/B in one process); issuing them all in the first half of
+// the chunk was 1.2-1.4x slower still. A key's rows over the tile's heads
+// are `lines` (a multiple of kPrefetchLines) lines. Into L2 (T1): measured on
+// Zen 4, T0 (L1) was 1.5x slower, T2 the same as T1, NTA slower.
 struct Prefetcher {
+  static constexpr int kPrefetchLines = 2;  // K and V lines per issue (1 and 4 measured the same or slower)
   const char* k[kWide];
   const char* v[kWide];
-  int nkeys = 0, lines = 0, quota = 0;  // keys, 64-byte lines per key, groups per step
-  int key = 0, line = 0;                // the cursor
-  inline void step() {
-    for (int u = 0; u < quota && key < nkeys; ++u) {
+  int nkeys = 0, lines = 0;  // keys, 64-byte lines per key
+  // credit / work = issues due: each step adds cost * issues, where issues =
+  // nkeys * lines / kPrefetchLines is the chunk's total and work its total cost.
+  int64_t issues = 0, work = 1, credit = 0;
+  int key = 0, line = 0;  // the cursor
+  inline void step(int cost) {
+    credit += int64_t{cost} * issues;
+    for (; credit >= work && key < nkeys; credit -= work) {
       const char* kp = k[key] + 64 * line;
       const char* vp = v[key] + 64 * line;
-      _mm_prefetch(kp, _MM_HINT_T1);
-      _mm_prefetch(vp, _MM_HINT_T1);
-      _mm_prefetch(kp + 64, _MM_HINT_T1);
-      _mm_prefetch(vp + 64, _MM_HINT_T1);
-      _mm_prefetch(kp + 128, _MM_HINT_T1);
-      _mm_prefetch(vp + 128, _MM_HINT_T1);
-      _mm_prefetch(kp + 192, _MM_HINT_T1);
-      _mm_prefetch(vp + 192, _MM_HINT_T1);
-      line += 4;
+#pragma GCC unroll 4
+      for (int x = 0; x < kPrefetchLines; ++x) {
+        _mm_prefetch(kp + 64 * x, _MM_HINT_T1);
+        _mm_prefetch(vp + 64 * x, _MM_HINT_T1);
+      }
+      line += kPrefetchLines;
       if (line >= lines) { line = 0; ++key; }
     }
   }
@@ -417,7 +425,7 @@ struct Prefetcher {
 // row's stored ReduceKeys state (red + r * kReduceFloats). Each K vector is
 // loaded once for the R rows. D % kWide == 0; ND = D / kWide when known at
 // compile time (the loop is unrolled), else 0. The caller walks a chunk 4
-// keys at a time over all heads, i.e. in the cache's address order. pf steps once.
+// keys at a time over all heads, i.e. in the cache's address order. pf steps by the FMAs issued.
 template <int R, int ND, typename T>
 inline void qk4_rows(const float* q, int D, const char* const* k4, float* red, int g, Prefetcher& pf) {
   const int nd = ND > 0 ? ND : D / kWide;
@@ -443,7 +451,7 @@ inline void qk4_rows(const float* q, int D, const char* const* k4, float* red, i
   }
   for (int r = 0; r < R; ++r)
     ReduceKeys::group_store(red + static_cast<size_t>(r) * kReduceFloats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
-  pf.step();
+  pf.step(R * 4 * nd);
 }
 
 // qk4_rows over `rows` rows (blocks of kQkRows, then the rest).
@@ -478,7 +486,7 @@ LONGATTN_HOT_INLINE void pv_lanes_rows(const float* p, int p_stride, const char*
       const WVec pb = Isa::set1(p[r * p_stride + j]);
       for (int v = 0; v < NV; ++v) a[r][v] = Isa::fma(pb, x[v], a[r][v]);
     }
-    pf.step();
+    pf.step(R * NV);
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) Isa::store(acc + static_cast<size_t>(r) * D + d0 + kWide * v, a[r][v]);
@@ -498,7 +506,7 @@ LONGATTN_HOT_INLINE void pv_lanes_rows_all(const float* p, int p_stride, const c
 }
 
 // acc (rows x D) += P V over the chunk's n keys; P rows have stride p_stride;
-// D % kWide == 0. pf steps once per key, row block and kPvColumns columns.
+// D % kWide == 0. pf steps once per key, row block and kPvColumns columns (by the FMAs issued).
 template <typename T>
 LONGATTN_HOT_INLINE void pv_lanes_block(const float* p, int rows, int p_stride, const char* const* vrow, int n,
                                         float* acc, int D, Prefetcher& pf) {
@@ -538,7 +546,7 @@ inline void qk4_rows_bf16dot(const uint16_t* q, int D, const char* const* k4, fl
   }
   for (int r = 0; r < R; ++r)
     ReduceKeys::group_store(red + static_cast<size_t>(r) * kReduceFloats, g, a[r][0], a[r][1], a[r][2], a[r][3]);
-  pf.step();
+  pf.step(R * 4 * nb);
 }
 
 template <int NB>
@@ -584,7 +592,7 @@ inline void pv16_bf16dot_rows(const uint32_t* pp, int pp_stride, const char* con
       const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[r * pp_stride + j / 2]));
       for (int v = 0; v < 2 * NB; ++v) a[r][v] = _mm512_dpbf16_ps(a[r][v], pb, x[v]);
     }
-    pf.step();
+    pf.step(R * 2 * NB);
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 2 * NB; ++v) _mm512_storeu_ps(acc + static_cast<size_t>(r) * D + d0 + 16 * v, a[r][v]);
@@ -599,7 +607,7 @@ inline void pv16_bf16dot_rows_all(const uint32_t* pp, int pp_stride, const char*
 }
 
 // acc (rows x D, permuted blocks) += P V; pp rows have stride pp_stride words;
-// D % 32 == 0. pf steps once per key pair and 64 columns.
+// D % 32 == 0. pf steps once per key pair and 64 columns (by the vdpbf16ps issued).
 inline void pv16_bf16dot_block(const uint32_t* pp, int rows, int pp_stride, const char* const* vrow, int n,
                                float* acc, int D, Prefetcher& pf) {
   auto pr = [&](int r) { return pp + static_cast<size_t>(r) * pp_stride; };

@@ -290,17 +290,6 @@ constexpr int kPvKeys = 4;
 #else
 constexpr int kPvKeys = kWide;
 #endif
-// How fast the prefetch cursor runs: 1 spreads a chunk's prefetches over all
-// of the chunk's compute steps, 2 issues them in the first half. With AVX2
-// (8-key chunks) 2 made bf16 decode at 128k keys 1.3-1.4x faster and fp32
-// 1.05x (Zen 4 running the AVX2 build, A/B in one process; 3 and 4 were
-// slower than 2); the AVX-512 path was slower with 2.
-#ifdef LONGATTN_AVX512
-constexpr int kPrefetchPace = 1;
-#else
-constexpr int kPrefetchPace = 2;
-#endif
-
 // The lane-per-key fast path (kWide = 16 keys per chunk with AVX-512, 8 with
 // AVX2; headdim % kWide == 0), the same contract as run_segment. T is the cache's element type (float, _Float16, bf16 as
 // uint16_t; half types widened in registers), kDot: bf16 with vdpbf16ps for
@@ -350,14 +339,6 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   [[maybe_unused]] uint32_t* const ppw = w.ppw.data();  // bf16 dot path only
   [[maybe_unused]] const float* const q32 = w.q.data();
   [[maybe_unused]] const uint16_t* const q16 = w.q_bf16.data();
-  // Steps of the prefetch cursor per chunk: one per (4 keys, head, QK row
-  // block) in QK; per PV row block and column block, one per key (fp32 PV)
-  // or key pair (bf16 PV). The bf16 dot kernels take rows in blocks of 4 and
-  // PV columns in blocks of 64.
-  constexpr int qk_rows = kDot ? 4 : kQkRows, pv_rows = kDot ? 4 : kPvRows, pv_cols = kDot ? 64 : kPvColumns;
-  const int qk_blocks = p.heads_per_tile * ((head_rows + qk_rows - 1) / qk_rows);
-  const int pv_blocks = p.heads_per_tile * ((head_rows + pv_rows - 1) / pv_rows) * ((D + pv_cols - 1) / pv_cols);
-  const int steps = (kWide / 4) * qk_blocks + pv_blocks * (kDot ? kWide / 2 : kWide);
   const char* kbase[kWide];
   const char* vbase[kWide];
   // Each row's visible key positions [lo, hi), once per segment (in int64:
@@ -382,17 +363,25 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
       kbase[j] = p.k + off;
       vbase[j] = p.v + off;
     }
-    // The chunk kPrefetchKeys ahead, a few lines per QK/PV step (see Prefetcher).
+    // The chunk kPrefetchKeys ahead, at the pace of this chunk's compute (see Prefetcher).
     Prefetcher pf;
     const int pf0 = c0 + kPrefetchKeys;
+    constexpr int kPfBytes = 64 * Prefetcher::kPrefetchLines;
     pf.nkeys = std::max(0, std::min(kWide, key_end - pf0));
-    pf.lines = static_cast<int>((key_bytes + 255) / 256 * 4);  // whole groups of 4 (may pass the end by < 4 lines: harmless)
+    // Whole issues per key (may pass the key's last byte by less than one issue: harmless).
+    pf.lines = static_cast<int>((key_bytes + kPfBytes - 1) / kPfBytes * Prefetcher::kPrefetchLines);
     for (int j = 0; j < pf.nkeys; ++j) {
       const int64_t off = key_offset(p, b, pf0 + j, hk0);
       pf.k[j] = p.k + off;
       pf.v[j] = p.v + off;
     }
-    pf.quota = kPrefetchPace * ((pf.nkeys * pf.lines / 4 + steps - 1) / steps);
+    pf.issues = int64_t{pf.nkeys} * (pf.lines / Prefetcher::kPrefetchLines);
+    // The chunk's vector multiply-adds, in the units the micro-kernels pass
+    // to step(): QK every row against kWide keys, D / kWide FMAs each (bf16
+    // dot: D / 32 per key); PV every row over the chunk's n keys, D / kWide
+    // FMAs each (bf16 dot: D / 16 per key pair, pairs within groups of kPvKeys = 4).
+    pf.work = kDot ? int64_t{rows} * (D / 2) + int64_t{rows} * (D / 16) * (2 * (n / 4) + (n % 4 + 1) / 2)
+                   : int64_t{rows} * D + int64_t{rows} * (D / kWide) * n;
 
     // QK, 4 key positions at a time over every head (address order).
     for (int g = 0; g < kWide / 4; ++g) {
