@@ -282,11 +282,15 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
 // Still needed with the address-order walk (without it: 1.5-2x slower at
 // 128k keys on Zen 4); 16 to 96 keys ahead measured the same.
 constexpr int kPrefetchKeys = 2 * kWide;
-// Keys per PV step of the address-order walk: 4 with AVX-512 (8 or 16
-// measured slower from memory), the whole 8-key chunk with AVX2 (half the
-// accumulator loads and stores; 1.04-1.07x faster at 128k keys, same A/B).
+// Keys per PV step of the address-order walk: 8 with AVX-512, the whole
+// 8-key chunk with AVX2. Each head's accumulators make one round trip
+// through L1 per step; with the cache in L1, 8 keys instead of 4 took
+// 15% fewer cycles per key in fp32 and 26% fewer in bf16 (Zen 4, A/B in
+// one process), and from memory the same (fp32) or a few percent faster
+// (bf16); 16 keys was no better. (With the prefetch issued at a fixed
+// count per step, 8 and 16 had measured slower from memory.)
 #ifdef LONGATTN_AVX512
-constexpr int kPvKeys = 4;
+constexpr int kPvKeys = 8;
 #else
 constexpr int kPvKeys = kWide;
 #endif
@@ -310,11 +314,9 @@ constexpr int kPvKeys = kWide;
 //   exceeds it, which after the first chunks is rare, so the common chunk
 //   costs one compare, one vector exp and one add; the denominator is kept as
 //   16 lanes per row and summed at the end.
-// - PV in address order too, 4 key positions (2 bf16 pairs; AVX2: the whole
-//   8-key chunk) at a time over
-//   every head: each head's accumulators go through L1 once per 4 keys
-//   (more L1 traffic than once per chunk, but 8 or 16 keys per group measured
-//   slower from memory).
+// - PV in address order too, kPvKeys = 8 key positions (4 bf16 pairs; with
+//   AVX2 the whole 8-key chunk) at a time over every head: each head's
+//   accumulators go through L1 once per 8 keys.
 // Per (row, key) the arithmetic and its order are those of a head-by-head
 // walk: the address order changes no bit of the result.
 template <typename T, bool kDot, int ND>
@@ -379,8 +381,8 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
     // The chunk's vector multiply-adds, in the units the micro-kernels pass
     // to step(): QK every row against kWide keys, D / kWide FMAs each (bf16
     // dot: D / 32 per key); PV every row over the chunk's n keys, D / kWide
-    // FMAs each (bf16 dot: D / 16 per key pair, pairs within groups of kPvKeys = 4).
-    pf.work = kDot ? int64_t{rows} * (D / 2) + int64_t{rows} * (D / 16) * (2 * (n / 4) + (n % 4 + 1) / 2)
+    // FMAs each (bf16 dot: D / 16 per key pair, pairs within groups of kPvKeys).
+    pf.work = kDot ? int64_t{rows} * (D / 2) + int64_t{rows} * (D / 16) * ((n / kPvKeys) * (kPvKeys / 2) + (n % kPvKeys + 1) / 2)
                    : int64_t{rows} * D + int64_t{rows} * (D / kWide) * n;
 
     // QK, 4 key positions at a time over every head (address order).
