@@ -47,14 +47,14 @@ namespace {
 
 // ---- float32 math ------------------------------------------------------------
 
-// v, kept in a register. With AVX2's 16 registers gcc 12 folds each Qt load
-// into every FMA that uses it (12 loads + 4 broadcasts per 12 FMAs instead of
-// 3 + 4: load-port bound); an empty asm makes the loaded value opaque, so it
-// is loaded once. The AVX2 build ran 1.2-1.3x faster at 4k-8k (Zen 4, A/B
-// in one process); AVX-512 code is left as the compiler makes it.
-inline Isa::vec in_register(Isa::vec v) {
-  if constexpr (Isa::W == 8) asm("" : "+x"(v));
-  return v;
+// A Qt vector, kept in a register with AVX2 (simd.h's in_register): with
+// 16 registers gcc 12 folds each Qt load into every FMA that uses it (12
+// loads + 4 broadcasts per 12 FMAs instead of 3 + 4: load-port bound). The
+// AVX2 build ran 1.2-1.3x faster at 4k-8k (Zen 4, A/B in one process);
+// AVX-512 code is left as the compiler makes it.
+inline Isa::vec qt_vector(const float* p) {
+  if constexpr (Isa::W == 8) return in_register(Isa::load(p));
+  return Isa::load(p);
 }
 
 // St[j][0..NQA*W) = sum_d K[j][d] Qt[d][0..NQA*W) for KR keys (NQA <= NQ_STEP row vectors).
@@ -65,7 +65,7 @@ inline void score_keys(const float* qt, int headdim, const float* const* krow, f
     for (int c = 0; c < NQA; ++c) acc[j][c] = Isa::zero();
   for (int d = 0; d < headdim; ++d) {
     Isa::vec qv[NQA];
-    for (int c = 0; c < NQA; ++c) qv[c] = in_register(Isa::load(qt + d * BM + c * W));
+    for (int c = 0; c < NQA; ++c) qv[c] = qt_vector(qt + d * BM + c * W);
     for (int j = 0; j < KR; ++j) {
       const Isa::vec kv = Isa::set1(krow[j][d]);
       for (int c = 0; c < NQA; ++c) acc[j][c] = Isa::fma(kv, qv[c], acc[j][c]);
