@@ -378,12 +378,15 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
       pf.v[j] = p.v + off;
     }
     pf.issues = int64_t{pf.nkeys} * (pf.lines / Prefetcher::kPrefetchLines);
-    // The chunk's vector multiply-adds, in the units the micro-kernels pass
-    // to step(): QK every row against kWide keys, D / kWide FMAs each (bf16
-    // dot: D / 32 per key); PV every row over the chunk's n keys, D / kWide
-    // FMAs each (bf16 dot: D / 16 per key pair, pairs within groups of kPvKeys).
-    pf.work = kDot ? int64_t{rows} * (D / 2) + int64_t{rows} * (D / 16) * ((n / kPvKeys) * (kPvKeys / 2) + (n % kPvKeys + 1) / 2)
-                   : int64_t{rows} * D + int64_t{rows} * (D / kWide) * n;
+    // The chunk's work in the units the micro-kernels pass to step(): their
+    // vector multiply-adds. QK scores every row against all kWide keys, D /
+    // kWide FMAs per key (bf16 dot: D / 32); PV adds the chunk's n keys into
+    // every row, D / kWide FMAs per key (bf16 dot: D / 16 per key pair, the
+    // pairs formed within each group of kPvKeys keys).
+    const int64_t qk_work = int64_t{rows} * kWide * (kDot ? D / 32 : D / kWide);
+    const int pv_pairs = (n / kPvKeys) * (kPvKeys / 2) + (n % kPvKeys + 1) / 2;
+    const int64_t pv_work = int64_t{rows} * (kDot ? int64_t{pv_pairs} * (D / 16) : int64_t{n} * (D / kWide));
+    pf.work = qk_work + pv_work;
 
     // QK, 4 key positions at a time over every head (address order).
     for (int g = 0; g < kWide / 4; ++g) {

@@ -268,7 +268,8 @@ class RowSearch {
  public:
   RowSearch(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends, int nb, int rounds)
       : p_(p), row_(row_context(p, r)), s_(starts + r * nb), e_(ends + r * nb), nb_(nb),
-        cs_(2 * nb), ce_(2 * nb), score_(2 * nb), ranked_(2 * nb) {
+        cs_(2 * nb), ce_(2 * nb), score_(2 * nb), ranked_(2 * nb),
+        kp_(static_cast<size_t>(kBatchKeys) * p.bk), kpos_(kp_.size()), owner_(kp_.size()) {
     // A row whose groups are already single blocks is done: rows with short
     // ranges (early query blocks, when causal) need fewer rounds than the longest.
     int64_t largest = 0;
@@ -293,15 +294,18 @@ class RowSearch {
  private:
   int64_t centre(int i) const { return (cs_[i] + ce_[i] - 1) / 2; }
 
+#ifdef LONGATTN_AVX2
+  static constexpr int kBatchKeys = kBlocksPerBatch;  // blocks per batch_scores call (times bk keys)
+#else
+  static constexpr int kBatchKeys = 0;  // no batched path: the batch lists stay empty
+#endif
+
   void score_halves() {
     const int n2 = 2 * nb_;
 #ifdef LONGATTN_AVX2
     // The vector paths: candidate blocks scored a batch at a time
     // (bf16 only reaches here with AVX512-BF16, W = 16; the entry checked S % 16).
     if (p_.S % Isa::W == 0) {
-      kp_.resize(static_cast<size_t>(kBlocksPerBatch) * p_.bk);
-      kpos_.resize(kp_.size());
-      owner_.resize(kp_.size());
       for (int i0 = 0; i0 < n2; i0 += kBlocksPerBatch) {
         const int n = std::min(kBlocksPerBatch, n2 - i0);
         int64_t blocks[kBlocksPerBatch];
@@ -354,7 +358,7 @@ class RowSearch {
   int rounds_;
   std::vector<int64_t> cs_, ce_;
   std::vector<float> score_, ranked_;  // ranked_: the scores, partly ordered to find the nb-th largest
-  std::vector<const void*> kp_;        // one batch's key rows, positions and blocks (batch_scores)
+  std::vector<const void*> kp_;        // one batch's key rows, positions and blocks (batch_scores), sized once
   std::vector<int64_t> kpos_;
   std::vector<int> owner_;
 };
