@@ -2,20 +2,26 @@
 // every round of halving, scoring (the max of q . k over the row's strided
 // queries and a block's searchable keys) and keeping the best branches,
 // in one call (the PyTorch twin is longattn/sparse/hip_mask.py). Keys are read in place (no
-// gather), queries are held transposed, (headdim, S), so one key row updates
-// S query lanes with broadcast FMAs and no horizontal sums; the max over the
-// lanes is taken once per block. Candidates are scored 4 blocks at a time
+// gather); each row's strided queries are read from q in place too and held
+// transposed, (headdim, S), in the row's own buffer (16 KiB at D = 128,
+// S = 32: built in L1, where a transposed copy of every row made in PyTorch
+// cost more than it should), so one key row updates S query lanes with
+// broadcast FMAs and no horizontal sums; the max over the lanes is taken
+// once per block. Candidates are scored 4 blocks at a time
 // (max_over_keys: 8 keys share each load of the query lanes; at 64k 1.3x
 // faster in fp32 and ~1.2x in bf16 than block by block, Zen 4, same process).
 //
 // Layouts (contiguous):
-//   queries_t   (rows, D, S) float32: row r's strided queries, transposed;
-//               S a multiple of the vector width (callers pad by repeating a query).
-//               bfloat16 entry (longattn_hip_search_bf16, AVX512-BF16 builds):
-//               (rows, D / 2, S) 32-bit words, each a pair of bf16 (q[2t], q[2t+1])
-//               of one query, D even; keys bfloat16 rows of D, scored with
-//               vdpbf16ps (bf16 products exact in float32, float32 sums).
-//   query_pos   (nqb, S) int32: key position of each strided query of query block qb
+//   q           float32 (bfloat16 bits for longattn_hip_search_bf16) queries:
+//               query i of batch b, head h is the q_dim elements at
+//               b * q_sb + i * q_ss + h * q_sh (element strides); q_dim <= D.
+//               The bf16 entry (AVX512-BF16 builds) pairs them, (q[2t], q[2t+1])
+//               per 32-bit word (an odd q_dim's last word padded with zero), D even;
+//               keys bfloat16 rows of D, scored with vdpbf16ps (bf16 products
+//               exact in float32, float32 sums).
+//   query_pos   (nqb, S) int32: key position of each strided query of query
+//               block qb, i.e. its row i = query_pos - q_offset in q; S a
+//               multiple of the vector width (callers pad by repeating a query)
 //   range_end   (nqb,)  int64: last searchable key of query block qb
 //   keys        float32 rows of D; key (b, pos, hk) is row
 //               b * batch_stride + hk * head_stride + pos * pos_stride, or, with
@@ -24,7 +30,8 @@
 //               + hk * head_stride. Callers pass keys laid out (batch, nheads_k, positions,
 //               D) when they can: a block's keys are then adjacent in memory.
 //   starts/ends (rows, nb) int64: the groups, in and out (keys of a block past
-//               the searchable range are never read)
+//               the searchable range are never read); out, ordered by start
+//               with empty groups (start == end) last
 // Row r is (b, h, qb) = (r / (nheads * nqb), (r / nqb) % nheads, r % nqb);
 // head h reads kv head h / (nheads / nheads_k).
 // A key at position p counts iff sink <= p <= range_end[qb]; with causal, for
@@ -46,7 +53,8 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct ScoreProblem {
-  const void* queries_t; const int32_t* query_pos; const int64_t* range_end;
+  const void* q; int64_t q_sb, q_ss, q_sh, q_offset; int q_dim;
+  const int32_t* query_pos; const int64_t* range_end;
   const void* keys; int64_t batch_stride, head_stride, pos_stride;
   const int64_t* block_table; int64_t bt_stride; int page_size;
   int64_t rows; int S, D, bk, sink, causal, nheads, nheads_k, nqb;
@@ -170,13 +178,37 @@ struct RowContext {
   const void* qt; const int32_t* qpos; int64_t b; int hk; int64_t end;  // qt: float rows, or bf16 pair words
 };
 
-RowContext row_context(const ScoreProblem& p, int64_t r) {
+// 32-bit words of row r's transposed strided queries: (D, S) floats, or (D / 2, S) bf16 pair words.
+size_t transposed_words(const ScoreProblem& p) { return static_cast<size_t>(p.bf16 ? p.D / 2 : p.D) * p.S; }
+
+// Row r's strided queries, read from q, transposed into qt (transposed_words
+// words); head dims past q_dim are zero (they add nothing to a dot product).
+void transpose_queries(const ScoreProblem& p, int64_t r, uint32_t* qt) {
   const int64_t b = r / (static_cast<int64_t>(p.nheads) * p.nqb);
   const int h = static_cast<int>((r / p.nqb) % p.nheads), qb = static_cast<int>(r % p.nqb);
-  const void* qt = p.bf16 ? static_cast<const void*>(static_cast<const uint32_t*>(p.queries_t) +
-                                                     r * static_cast<int64_t>(p.D / 2) * p.S)
-                          : static_cast<const void*>(static_cast<const float*>(p.queries_t) +
-                                                     r * static_cast<int64_t>(p.D) * p.S);
+  const int32_t* qpos = p.query_pos + static_cast<int64_t>(qb) * p.S;
+  const int steps = p.bf16 ? p.D / 2 : p.D;
+  for (int s = 0; s < p.S; ++s) {
+    const int64_t at = b * p.q_sb + (qpos[s] - p.q_offset) * p.q_ss + h * p.q_sh;
+    if (p.bf16) {
+      const uint16_t* q = static_cast<const uint16_t*>(p.q) + at;
+      for (int t = 0; t < steps; ++t) {
+        const uint32_t lo = 2 * t < p.q_dim ? q[2 * t] : 0, hi = 2 * t + 1 < p.q_dim ? q[2 * t + 1] : 0;
+        qt[static_cast<size_t>(t) * p.S + s] = lo | (hi << 16);
+      }
+    } else {
+      const float* q = static_cast<const float*>(p.q) + at;
+      for (int d = 0; d < steps; ++d) {
+        const float x = d < p.q_dim ? q[d] : 0.0f;
+        std::memcpy(&qt[static_cast<size_t>(d) * p.S + s], &x, 4);
+      }
+    }
+  }
+}
+
+RowContext row_context(const ScoreProblem& p, int64_t r, const uint32_t* qt) {
+  const int64_t b = r / (static_cast<int64_t>(p.nheads) * p.nqb);
+  const int h = static_cast<int>((r / p.nqb) % p.nheads), qb = static_cast<int>(r % p.nqb);
   return {qt, p.query_pos + static_cast<int64_t>(qb) * p.S, b, h / (p.nheads / p.nheads_k), p.range_end[qb]};
 }
 
@@ -267,7 +299,8 @@ void prefetch_block(const ScoreProblem& p, const RowContext& row, int64_t block)
 class RowSearch {
  public:
   RowSearch(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends, int nb, int rounds)
-      : p_(p), row_(row_context(p, r)), s_(starts + r * nb), e_(ends + r * nb), nb_(nb),
+      : p_(p), qt_(transposed_words(p)), row_(row_context(p, r, qt_.data())), s_(starts + r * nb), e_(ends + r * nb),
+        nb_(nb),
         cs_(2 * nb), ce_(2 * nb), score_(2 * nb), ranked_(2 * nb),
         kp_(static_cast<size_t>(kBatchKeys) * p.bk), kpos_(kp_.size()), owner_(kp_.size()) {
     // A row whose groups are already single blocks is done: rows with short
@@ -277,8 +310,24 @@ class RowSearch {
     int needed = 0;
     while ((int64_t{1} << needed) < largest) ++needed;
     rounds_ = std::min(rounds, needed);
+    if (rounds_ > 0) transpose_queries(p, r, qt_.data());
   }
   int rounds() const { return rounds_; }
+
+  // The groups ordered by start, empty ones last (the order callers list key blocks in).
+  void order_groups() {
+    const int nb = nb_;
+    std::vector<int> order(nb);
+    for (int g = 0; g < nb; ++g) order[g] = g;
+    std::sort(order.begin(), order.end(), [this](int a, int b) {
+      const bool empty_a = e_[a] <= s_[a], empty_b = e_[b] <= s_[b];
+      if (empty_a != empty_b) return empty_b;
+      return s_[a] != s_[b] ? s_[a] < s_[b] : a < b;
+    });
+    for (int g = 0; g < nb; ++g) { cs_[g] = s_[order[g]]; ce_[g] = e_[order[g]]; }
+    std::copy(cs_.begin(), cs_.begin() + nb, s_);
+    std::copy(ce_.begin(), ce_.begin() + nb, e_);
+  }
 
   void round() {
     const int nb = nb_;
@@ -351,6 +400,7 @@ class RowSearch {
   }
 
   const ScoreProblem& p_;
+  std::vector<uint32_t> qt_;  // the row's strided queries, transposed (transpose_queries)
   const RowContext row_;
   int64_t* const s_;
   int64_t* const e_;
@@ -383,9 +433,11 @@ void search_rows(const ScoreProblem& p, int64_t r0, int64_t r1, int64_t* starts,
   for (int round = 0; round < most; ++round)
     for (RowSearch& row : group)
       if (round < row.rounds()) row.round();
+  for (RowSearch& row : group) row.order_groups();
 }
 
-int run_search(const void* queries_t, const int32_t* query_pos, const int64_t* range_end, const void* keys,
+int run_search(const void* q, int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t q_offset, int q_dim,
+               const int32_t* query_pos, const int64_t* range_end, const void* keys,
                int64_t batch_stride, int64_t head_stride, int64_t pos_stride, const int64_t* block_table,
                int64_t bt_stride, int page_size, int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk,
                int nb, int rounds, int sink, int causal, int nheads, int nheads_k, int nqb, int num_threads,
@@ -394,11 +446,14 @@ int run_search(const void* queries_t, const int32_t* query_pos, const int64_t* r
   if (block_table != nullptr && page_size < 1) return 1;
   if (num_threads < 1) return 1;  // num_threads(n) must be positive (OpenMP leaves n < 1 undefined)
   if (bf16 && (D % 2 || S % 16)) return 1;
-  const ScoreProblem p{queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride,
-                       block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k, nqb, bf16};
-  // A row's state is 48 * nb bytes (its 2 nb halves' bounds and scores):
-  // groups stay within ~1 MiB, so a huge nb searches row by row.
-  const int64_t per_group = std::max<int64_t>(1, std::min<int64_t>(kRowsPerGroup, (int64_t{1} << 20) / (48 * int64_t{nb})));
+  if (q_dim < 1 || q_dim > D) return 1;
+  const ScoreProblem p{q, q_sb, q_ss, q_sh, q_offset, q_dim, query_pos, range_end, keys, batch_stride, head_stride,
+                       pos_stride, block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k,
+                       nqb, bf16};
+  // A row's state is 48 * nb bytes (its 2 nb halves' bounds and scores) and
+  // its transposed queries: groups stay within ~1 MiB, so a huge nb searches row by row.
+  const int64_t row_bytes = 48 * int64_t{nb} + 4 * static_cast<int64_t>(transposed_words(p));
+  const int64_t per_group = std::max<int64_t>(1, std::min<int64_t>(kRowsPerGroup, (int64_t{1} << 20) / row_bytes));
   const int64_t groups = (rows + per_group - 1) / per_group;
 #pragma omp parallel for num_threads(num_threads) schedule(static, 1)
   for (int64_t g = 0; g < groups; ++g)
@@ -410,14 +465,15 @@ int run_search(const void* queries_t, const int32_t* query_pos, const int64_t* r
 // The full search for every row: starts/ends (rows, nb) hold the initial
 // groups on entry and the selected single blocks (or empty groups) on return.
 extern "C" int longattn_hip_search(
-    const float* queries_t, const int32_t* query_pos, const int64_t* range_end,
+    const float* q, int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t q_offset, int q_dim,
+    const int32_t* query_pos, const int64_t* range_end,
     const float* keys, int64_t batch_stride, int64_t head_stride, int64_t pos_stride,
     const int64_t* block_table, int64_t bt_stride, int page_size,
     int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk, int nb, int rounds, int sink, int causal,
     int nheads, int nheads_k, int nqb, int num_threads) {
-  return run_search(queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride, block_table,
-                    bt_stride, page_size, starts, ends, rows, S, D, bk, nb, rounds, sink, causal, nheads, nheads_k,
-                    nqb, num_threads, false);
+  return run_search(q, q_sb, q_ss, q_sh, q_offset, q_dim, query_pos, range_end, keys, batch_stride, head_stride,
+                    pos_stride, block_table, bt_stride, page_size, starts, ends, rows, S, D, bk, nb, rounds, sink,
+                    causal, nheads, nheads_k, nqb, num_threads, false);
 }
 
 // 1 when this build has the bfloat16 search (AVX512-BF16), else 0.
@@ -429,20 +485,21 @@ extern "C" int longattn_hip_search_has_bf16() {
 #endif
 }
 
-// The same search on bfloat16: queries_t (rows, D / 2, S) pair words, keys
-// bf16 rows; D even, S a multiple of 16. Returns 2 when built without AVX512-BF16.
+// The same search on bfloat16: q bf16 bits, keys bf16 rows; D even, S a
+// multiple of 16. Returns 2 when built without AVX512-BF16.
 extern "C" int longattn_hip_search_bf16(
-    const uint32_t* queries_t, const int32_t* query_pos, const int64_t* range_end,
+    const uint16_t* q, int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t q_offset, int q_dim,
+    const int32_t* query_pos, const int64_t* range_end,
     const uint16_t* keys, int64_t batch_stride, int64_t head_stride, int64_t pos_stride,
     const int64_t* block_table, int64_t bt_stride, int page_size,
     int64_t* starts, int64_t* ends, int64_t rows, int S, int D, int bk, int nb, int rounds, int sink, int causal,
     int nheads, int nheads_k, int nqb, int num_threads) {
 #ifdef LONGATTN_AVX512BF16
-  return run_search(queries_t, query_pos, range_end, keys, batch_stride, head_stride, pos_stride, block_table,
-                    bt_stride, page_size, starts, ends, rows, S, D, bk, nb, rounds, sink, causal, nheads, nheads_k,
-                    nqb, num_threads, true);
+  return run_search(q, q_sb, q_ss, q_sh, q_offset, q_dim, query_pos, range_end, keys, batch_stride, head_stride,
+                    pos_stride, block_table, bt_stride, page_size, starts, ends, rows, S, D, bk, nb, rounds, sink,
+                    causal, nheads, nheads_k, nqb, num_threads, true);
 #else
-  (void)queries_t; (void)query_pos; (void)range_end; (void)keys; (void)batch_stride; (void)head_stride;
+  (void)q; (void)q_sb; (void)q_ss; (void)q_sh; (void)q_offset; (void)q_dim; (void)query_pos; (void)range_end; (void)keys; (void)batch_stride; (void)head_stride;
   (void)pos_stride; (void)block_table; (void)bt_stride; (void)page_size; (void)starts; (void)ends; (void)rows;
   (void)S; (void)D; (void)bk; (void)nb; (void)rounds; (void)sink; (void)causal; (void)nheads; (void)nheads_k;
   (void)nqb; (void)num_threads;

@@ -101,10 +101,12 @@ def select_blocks(
     largest = int(-(-count_host.max() // nb)) if nqb and seqlen_k else 0
     rounds = math.ceil(math.log2(largest)) if largest > 1 else 0
 
+    ordered = False
     if rounds:
         scorer = _BranchScorer(q, keys, layout, config, end, scoring_backend(q, backend), end_host=end_host)
-        if scorer.backend == "cpp":  # every round in one C++ call
+        if scorer.backend == "cpp":  # every round in one C++ call; it returns the groups ordered
             starts, ends = scorer.search(starts, ends, rounds)
+            ordered = True
         else:
             for _ in range(rounds):
                 mids = (starts + ends) // 2
@@ -115,11 +117,11 @@ def select_blocks(
                 starts, ends = child_s.gather(1, keep), child_e.gather(1, keep)
 
     picked = torch.where(ends > starts, starts, torch.full_like(starts, -1))
-    # Ascending, -1 last: sort with -1 read as +inf.
-    huge = torch.iinfo(picked.dtype).max
-    ordered = torch.where(picked < 0, huge, picked).sort(dim=1).values
-    ordered = torch.where(ordered == huge, -1, ordered)
-    return ordered.reshape(batch, nheads, nqb, nb)
+    if not ordered:  # ascending, -1 last: sort with -1 read as +inf
+        huge = torch.iinfo(picked.dtype).max
+        picked = torch.where(picked < 0, huge, picked).sort(dim=1).values
+        picked = torch.where(picked == huge, -1, picked)
+    return picked.reshape(batch, nheads, nqb, nb)
 
 
 def _strided_queries(layout: BlockSparseLayout, config: HiP, device: torch.device) -> torch.Tensor:
@@ -171,12 +173,8 @@ class _BranchScorer:
             from longattn.kernels.hip_score.cpp import has_bf16_search
 
             self.bf16 = has_bf16_search()
-        if self.bf16:
-            from longattn.kernels.hip_score.cpp import pair_words
-
-            # (rows, ceil(headdim / 2), strided) words of two bf16
-            words = pair_words(q.transpose(1, 2)[:, :, qidx].reshape(-1, strided, headdim))
-            self.queries_t = words.transpose(1, 2).contiguous()
+        if backend == "cpp":  # reads each row's strided queries from q itself (transposed per row)
+            self.q = q if self.bf16 else q.float()
         else:  # (rows, headdim, strided)
             self.queries_t = (q.transpose(1, 2).float()[:, :, qidx].reshape(-1, strided, headdim)
                               .transpose(1, 2).contiguous())
@@ -214,7 +212,7 @@ class _BranchScorer:
     def _buffer(self, name: str, numel: int) -> torch.Tensor:
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.queries_t.device)
+            buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.end.device)
         return buf[:numel]
 
     def search(self, starts: torch.Tensor, ends: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,9 +220,9 @@ class _BranchScorer:
         from longattn.kernels.hip_score.cpp import search_blocks_cpu
 
         return search_blocks_cpu(
-            self.queries_t, self.padded_query_pos, self.end, self.keys if self.in_place else self.key_positions,
-            starts, ends, rounds=rounds,
-            block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal, nheads=self.nheads)
+            self.q, self.padded_query_pos, self.end, self.keys if self.in_place else self.key_positions,
+            starts, ends, q_offset=self.layout.offset, rounds=rounds,
+            block_k=self.block_k, sink_size=self.layout.sink_size, causal=self.layout.causal)
 
     def score(self, blocks: torch.Tensor) -> torch.Tensor:
         """``blocks (rows, c)`` key block indices -> ``(rows, c)`` max of q . k over

@@ -174,6 +174,24 @@ def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(b
 
 @pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
                     reason="the C++ HiP scorer does not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_search_reads_strided_queries_of_a_view_at_their_aligned_rows(dtype):
+    """The C++ search reads each row's strided queries from q in place: q a
+    non-contiguous view (heads of a (batch, heads, seqlen, dim) tensor),
+    batch 2, fewer queries than keys (bottom-right alignment: query row i is
+    key position i + 260 - 190) and a short last query block."""
+    torch.manual_seed(5)
+    q = torch.randn(2, 6, 190, 32).to(dtype).transpose(1, 2)[:, :, 1:5]  # (2, 190, 4, 32), strided
+    k = torch.randn(2, 260, 2, 32).to(dtype)
+    assert not q.is_contiguous()
+    cfg = HiP(topk=16, block_q=16, block_k=2, query_stride=2, sink_size=4, recent_size=24)
+    for causal in (True, False):
+        assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpp"),
+                           hip_select_blocks(q.contiguous(), k, cfg, causal=causal, backend="eager"))
+
+
+@pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
+                    reason="the C++ HiP scorer does not build here")
 def test_cpu_search_with_many_groups_per_row_selects_what_the_eager_search_selects():
     """nb = 4096 groups per row: the C++ search takes rows 5 at a time (its
     groups of rows are capped by memory), not 8, and 94 rows end in a partial group."""

@@ -34,7 +34,8 @@ def score_unavailable_reason() -> str | None:
 
 
 _SEARCH_ARGTYPES = [
-    _PTR, _PTR, _PTR,  # queries_t, query_pos, range_end
+    _PTR, _I64, _I64, _I64, _I64, _INT,  # q, its batch/row/head strides, row offset, head dim
+    _PTR, _PTR,  # query_pos, range_end
     _PTR, _I64, _I64, _I64,  # keys, batch/head/pos strides
     _PTR, _I64, _INT,  # block_table, its row stride, page_size
     _PTR, _PTR, _I64, _INT, _INT, _INT, _INT, _INT, _INT, _INT,  # starts, ends, rows, S, D, bk, nb, rounds, sink, causal
@@ -60,52 +61,53 @@ def has_bf16_search(build_flags: tuple[str, ...] = ()) -> bool:
         return False
 
 
-def pair_words(t: torch.Tensor) -> torch.Tensor:
-    """bfloat16 ``(..., headdim)`` -> int32 ``(..., ceil(headdim / 2))``: each
-    word two consecutive bf16 (an odd head dim padded with a zero, which adds
-    nothing to a dot product)."""
-    if t.shape[-1] % 2:
-        t = torch.nn.functional.pad(t, (0, 1))
-    return t.contiguous().view(torch.int32)
-
-
 def search_blocks_cpu(
-    queries_t: torch.Tensor,
+    q: torch.Tensor,
     query_pos: torch.Tensor,
     range_end: torch.Tensor,
     keys: torch.Tensor | KeyRows,
     starts: torch.Tensor,
     ends: torch.Tensor,
     *,
+    q_offset: int,
     rounds: int,
     block_k: int,
     sink_size: int,
     causal: bool,
-    nheads: int,
     build_flags: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``rounds`` of the tree search in one call: ``starts, ends (rows, nb)``
-    int64 initial groups -> the groups kept at the end. ``keys``: a
-    ``(batch, nheads_k, positions, headdim)`` float32 copy (adjacent block
-    keys), or float32 keys read in place where a
+    int64 initial groups -> the groups kept at the end, ordered by start,
+    empty groups (``start == end``) last. Rows are (batch, head, query block)
+    in that order; ``q (batch, seqlen_q, nheads, headdim)`` is read in place
+    (any strides, head dim contiguous): query block ``qb`` scores with the
+    queries at rows ``query_pos[qb] - q_offset`` (``q_offset = seqlen_k -
+    seqlen_q``, bottom-right alignment), ``query_pos
+    (num_q_blocks, lanes)`` int32 their key positions (lanes a multiple of
+    :data:`LANES`). ``keys``: a ``(batch, nheads_k, positions, width)``
+    copy (adjacent block keys; ``width >= headdim``, the extra head dims
+    zero), or float32 keys read in place where a
     :class:`~longattn.kernels.block_sparse.eager.KeyRows` says (a decode cache).
     Ties keep the earlier branch.
 
-    bfloat16 (where :func:`has_bf16_search`): ``queries_t`` int32 ``(rows,
-    headdim / 2, lanes)`` of :func:`pair_words` and ``keys`` the bfloat16
-    copy with an even head dim; scored with bf16 dot products (products
-    exact in float32, float32 sums: scores equal the float32 search's up to
-    summation order)."""
-    bf16 = queries_t.dtype == torch.int32
-    if bf16 and (isinstance(keys, KeyRows) or keys.dtype != torch.bfloat16
-                 or keys.shape[-1] != 2 * queries_t.shape[1]):
-        raise ValueError("the bf16 search takes a bfloat16 key copy whose head dim matches the query words")
+    bfloat16 ``q`` and key copy with an even ``width`` (where
+    :func:`has_bf16_search`): scored with bf16 dot products (products exact
+    in float32, float32 sums: scores equal the float32 search's up to
+    summation order). Elsewhere both are scored in float32."""
+    bf16 = q.dtype == torch.bfloat16
+    if bf16 and (isinstance(keys, KeyRows) or keys.dtype != torch.bfloat16 or keys.shape[-1] % 2):
+        raise ValueError("the bf16 search takes a bfloat16 key copy of even width")
     if bf16 and not has_bf16_search(build_flags):  # this build has no bf16 dot products: score in float32
-        queries_t = queries_t.transpose(1, 2).contiguous().view(torch.bfloat16).float().transpose(1, 2).contiguous()
-        keys, bf16 = keys.float(), False
-    rows, headdim, lanes = queries_t.shape
-    if bf16:
-        headdim *= 2  # pair words
+        q, keys, bf16 = q.float(), keys.float(), False
+    if q.dtype != torch.float32 and not bf16:
+        raise ValueError(f"search_blocks_cpu takes float32 or bfloat16 q, got {q.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"search_blocks_cpu takes q (batch, seqlen_q, nheads, headdim), got shape {tuple(q.shape)}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    batch, _, nheads, q_dim = q.shape
+    lanes = query_pos.shape[1]
+    rows = batch * nheads * range_end.shape[0]
     table, table_stride, page_size = None, 0, 0
     if isinstance(keys, KeyRows):
         if keys.k_rows.dtype != torch.float32:
@@ -121,10 +123,14 @@ def search_blocks_cpu(
     else:
         nheads_k, positions = keys.shape[1], keys.shape[2]
         batch_stride, head_stride, pos_stride, key_rows = nheads_k * positions, positions, 1, keys.contiguous()
+    headdim = key_rows.shape[-1]
     starts, ends = starts.contiguous().clone(), ends.contiguous().clone()
-    tensors = [t.contiguous() for t in (queries_t, query_pos, range_end)]
+    query_pos, range_end = query_pos.contiguous(), range_end.contiguous()
+    if query_pos.dtype != torch.int32 or range_end.dtype != torch.int64:
+        raise ValueError("search_blocks_cpu takes int32 query_pos and int64 range_end")
     status = _search_kernel(tuple(build_flags), bf16)(
-        tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(),
+        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), q_offset, q_dim,
+        query_pos.data_ptr(), range_end.data_ptr(),
         key_rows.data_ptr(), batch_stride, head_stride, pos_stride,
         None if table is None else table.data_ptr(), table_stride, page_size,
         starts.data_ptr(), ends.data_ptr(), rows, lanes, headdim, block_k, starts.shape[1], rounds,
