@@ -19,7 +19,8 @@
 //   (ReduceKeys); bf16 through vdpbf16ps for QK and PV when the build has
 //   AVX512-BF16 (P rounded to bf16 for PV, as flash-attention does on GPUs;
 //   the softmax denominator and lse use the fp32 P), else widened in
-//   registers; each chunk's K, then its V, walked in the cache's address
+//   registers (two vectors per load, even and odd elements, when headdim %
+//   (2 * kWide) == 0: attn_rows.h's Bf16Pairs); each chunk's K, then its V, walked in the cache's address
 //   order (4 key positions at a time over every kv head of the tile, not one
 //   head's keys a whole key position apart); the K/V rows of a chunk 2
 //   chunks ahead prefetched a few lines at a time between the dot products.
@@ -327,6 +328,7 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   const int L = p.seqlens[b];
   const int es = elem_size(p.dtype);
   begin_segment(p, w, b, hk0, rows);
+  if constexpr (kIsPairs<T>) permute_pairs(w.q.data(), rows, D, true);  // q in the K vectors' column order
   std::fill(w.lw.begin(), w.lw.begin() + static_cast<size_t>(rows) * kWide, 0.0f);
   const int64_t head_bytes = p.c_sh * es;
   // Bytes of one key position over the tile's heads (adjacent in both cache layouts).
@@ -479,6 +481,7 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
       }
 #endif
   }
+  if constexpr (kIsPairs<T>) permute_pairs(w.acc.data(), rows, D, false);  // back to natural column order
   finish_rows(p, w, b, hk0, whole_tile, slot);
 }
 
@@ -504,6 +507,8 @@ void run_any_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin
     if (p.headdim % 32 == 0)
       return run_segment_wide_d<uint16_t, true>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
 #endif
+    if (p.headdim % (2 * kWide) == 0)  // bf16 widened a pair of vectors at a time (Bf16Pairs)
+      return run_segment_wide_d<Bf16Pairs, false>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
     return run_segment_wide_d<uint16_t, false>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
   }
 #endif
