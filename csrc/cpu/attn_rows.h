@@ -335,7 +335,7 @@ constexpr int kPvColumns = kPvVecs * kWide;  // columns of one PV register block
 // odd elements (Isa::load_bf16_even/odd, one shift or mask each) instead of
 // two zero-extending shuffles and two shifts. Row vector 2i then holds
 // columns 2i*kWide + 2l and vector 2i+1 columns 2i*kWide + 2l + 1: q rows are
-// permuted to match (permute_pairs) so dot products are unchanged, and P V
+// permuted to match (permute_columns) so dot products are unchanged, and P V
 // accumulates in the permuted column order, undone once per segment.
 // Decode from memory ran a few percent faster this way in the AVX2 build
 // (Zen 4, A/B in one process, 4 of 5 runs); the widening ops, not the FMAs,
@@ -358,15 +358,19 @@ __attribute__((always_inline)) inline WVec load_row_vector(const T* row, int i) 
 // Column position pos (< 2 * kWide) of a pair block holds column pair_column(pos).
 inline int pair_column(int pos) { return pos < kWide ? 2 * pos : 2 * (pos - kWide) + 1; }
 
-// Rows of D floats (D % (2 * kWide) == 0) from natural to pair order (to_pairs) or back.
-inline void permute_pairs(float* rows, int n, int D, bool to_pairs) {
-  float block[2 * kWide];
+// n rows of D floats (D % kBlock == 0) whose kBlock-column blocks are
+// permuted so that position pos holds column column_of(pos): from natural
+// order to the permuted one (to_permuted) or back. Shared by the layouts
+// the PV micro-kernels accumulate in (pair_column, bf16dot_column).
+template <int kBlock, class ColumnOf>
+inline void permute_columns(float* rows, int n, int D, ColumnOf column_of, bool to_permuted) {
+  float block[kBlock];
   for (int r = 0; r < n; ++r)
-    for (int d0 = 0; d0 < D; d0 += 2 * kWide) {
+    for (int d0 = 0; d0 < D; d0 += kBlock) {
       float* x = rows + static_cast<size_t>(r) * D + d0;
-      for (int pos = 0; pos < 2 * kWide; ++pos) {
-        if (to_pairs) block[pos] = x[pair_column(pos)];
-        else block[pair_column(pos)] = x[pos];
+      for (int pos = 0; pos < kBlock; ++pos) {
+        if (to_permuted) block[pos] = x[column_of(pos)];
+        else block[column_of(pos)] = x[pos];
       }
       std::memcpy(x, block, sizeof(block));
     }

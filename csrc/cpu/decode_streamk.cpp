@@ -328,7 +328,7 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   const int L = p.seqlens[b];
   const int es = elem_size(p.dtype);
   begin_segment(p, w, b, hk0, rows);
-  if constexpr (kIsPairs<T>) permute_pairs(w.q.data(), rows, D, true);  // q in the K vectors' column order
+  if constexpr (kIsPairs<T>) permute_columns<2 * kWide>(w.q.data(), rows, D, pair_column, true);  // q in the K vectors' column order
   std::fill(w.lw.begin(), w.lw.begin() + static_cast<size_t>(rows) * kWide, 0.0f);
   const int64_t head_bytes = p.c_sh * es;
   // Bytes of one key position over the tile's heads (adjacent in both cache layouts).
@@ -472,16 +472,10 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
   if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
     // Undo the accumulator's column permutation (see pv16_bf16dot_block).
-    float block[32];
-    for (int r = 0; r < rows; ++r)
-      for (int d0 = 0; d0 < D; d0 += 32) {
-        float* ar = &w.acc[static_cast<size_t>(r) * D + d0];
-        for (int pos = 0; pos < 32; ++pos) block[bf16dot_column(pos)] = ar[pos];
-        std::memcpy(ar, block, sizeof(block));
-      }
+    permute_columns<32>(w.acc.data(), rows, D, bf16dot_column, false);
 #endif
   }
-  if constexpr (kIsPairs<T>) permute_pairs(w.acc.data(), rows, D, false);  // back to natural column order
+  if constexpr (kIsPairs<T>) permute_columns<2 * kWide>(w.acc.data(), rows, D, pair_column, false);  // back to natural column order
   finish_rows(p, w, b, hk0, whole_tile, slot);
 }
 

@@ -175,21 +175,18 @@ void max_over_keys(const ScoreProblem& p, const void* qt, const int32_t* qpos, i
 
 // One (batch, head, query block) row: its transposed strided queries and where its keys are.
 struct RowContext {
-  const void* qt; const int32_t* qpos; int64_t b; int hk; int64_t end;  // qt: float rows, or bf16 pair words
+  const void* qt; const int32_t* qpos; int64_t b; int h, hk; int64_t end;  // qt: float rows, or bf16 pair words
 };
 
 // 32-bit words of row r's transposed strided queries: (D, S) floats, or (D / 2, S) bf16 pair words.
 size_t transposed_words(const ScoreProblem& p) { return static_cast<size_t>(p.bf16 ? p.D / 2 : p.D) * p.S; }
 
-// Row r's strided queries, read from q, transposed into qt (transposed_words
+// The row's strided queries, read from q, transposed into qt (transposed_words
 // words); head dims past q_dim are zero (they add nothing to a dot product).
-void transpose_queries(const ScoreProblem& p, int64_t r, uint32_t* qt) {
-  const int64_t b = r / (static_cast<int64_t>(p.nheads) * p.nqb);
-  const int h = static_cast<int>((r / p.nqb) % p.nheads), qb = static_cast<int>(r % p.nqb);
-  const int32_t* qpos = p.query_pos + static_cast<int64_t>(qb) * p.S;
+void transpose_queries(const ScoreProblem& p, const RowContext& row, uint32_t* qt) {
   const int steps = p.bf16 ? p.D / 2 : p.D;
   for (int s = 0; s < p.S; ++s) {
-    const int64_t at = b * p.q_sb + (qpos[s] - p.q_offset) * p.q_ss + h * p.q_sh;
+    const int64_t at = row.b * p.q_sb + (row.qpos[s] - p.q_offset) * p.q_ss + row.h * p.q_sh;
     if (p.bf16) {
       const uint16_t* q = static_cast<const uint16_t*>(p.q) + at;
       for (int t = 0; t < steps; ++t) {
@@ -209,7 +206,7 @@ void transpose_queries(const ScoreProblem& p, int64_t r, uint32_t* qt) {
 RowContext row_context(const ScoreProblem& p, int64_t r, const uint32_t* qt) {
   const int64_t b = r / (static_cast<int64_t>(p.nheads) * p.nqb);
   const int h = static_cast<int>((r / p.nqb) % p.nheads), qb = static_cast<int>(r % p.nqb);
-  return {qt, p.query_pos + static_cast<int64_t>(qb) * p.S, b, h / (p.nheads / p.nheads_k), p.range_end[qb]};
+  return {qt, p.query_pos + static_cast<int64_t>(qb) * p.S, b, h, h / (p.nheads / p.nheads_k), p.range_end[qb]};
 }
 
 #ifdef LONGATTN_AVX2
@@ -310,7 +307,7 @@ class RowSearch {
     int needed = 0;
     while ((int64_t{1} << needed) < largest) ++needed;
     rounds_ = std::min(rounds, needed);
-    if (rounds_ > 0) transpose_queries(p, r, qt_.data());
+    if (rounds_ > 0) transpose_queries(p, row_, qt_.data());
   }
   int rounds() const { return rounds_; }
 
