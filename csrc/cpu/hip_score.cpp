@@ -10,6 +10,10 @@
 // once per block. Candidates are scored 4 blocks at a time
 // (max_over_keys: 8 keys share each load of the query lanes; at 64k 1.3x
 // faster in fp32 and ~1.2x in bf16 than block by block, Zen 4, same process).
+// A half whose centre block is its group's centre is not scored again (it
+// was, as that group, the round before: RowSearch::known_score): the last
+// round of a full-length row and every round of a group already one block
+// long; at 64k the fp32 search took ~12% less time (bf16 ~5%), same selection.
 //
 // Layouts (contiguous):
 //   q           float32 (bfloat16 bits for longattn_hip_search_bf16) queries:
@@ -298,7 +302,7 @@ class RowSearch {
   RowSearch(const ScoreProblem& p, int64_t r, int64_t* starts, int64_t* ends, int nb, int rounds)
       : p_(p), qt_(transposed_words(p)), row_(row_context(p, r, qt_.data())), s_(starts + r * nb), e_(ends + r * nb),
         nb_(nb),
-        cs_(2 * nb), ce_(2 * nb), score_(2 * nb), ranked_(2 * nb),
+        cs_(2 * nb), ce_(2 * nb), score_(2 * nb), ranked_(2 * nb), kept_(nb), todo_(2 * nb),
         kp_(static_cast<size_t>(kBatchKeys) * p.bk), kpos_(kp_.size()), owner_(kp_.size()) {
     // A row whose groups are already single blocks is done: rows with short
     // ranges (early query blocks, when causal) need fewer rounds than the longest.
@@ -335,6 +339,7 @@ class RowSearch {
     }
     score_halves();
     keep_best();
+    kept_scored_ = true;
   }
 
  private:
@@ -346,33 +351,51 @@ class RowSearch {
   static constexpr int kBatchKeys = 0;  // no batched path: the batch lists stay empty
 #endif
 
+  // The score of candidate i when it is already known: a half whose centre
+  // is its group's centre (a group of 1, 2 or 3 blocks: the last round of a
+  // full-length row, and every round after a short group reached one block)
+  // was scored, as that group, in the previous round. The same block, row
+  // and arithmetic: the same score, without reading its keys again.
+  bool known_score(int i, float* score) const {
+    if (!kept_scored_) return false;
+    const int g = i < nb_ ? i : i - nb_;
+    if (centre(i) != (s_[g] + e_[g] - 1) / 2) return false;
+    *score = kept_[g];
+    return true;
+  }
+
   void score_halves() {
     const int n2 = 2 * nb_;
+    // The candidates to score: nonempty halves whose score is not known.
+    int todo = 0;
+    for (int i = 0; i < n2; ++i) {
+      score_[i] = kNegInf;
+      if (ce_[i] > cs_[i] && !known_score(i, &score_[i])) todo_[todo++] = i;
+    }
 #ifdef LONGATTN_AVX2
     // The vector paths: candidate blocks scored a batch at a time
     // (bf16 only reaches here with AVX512-BF16, W = 16; the entry checked S % 16).
     if (p_.S % Isa::W == 0) {
-      for (int i0 = 0; i0 < n2; i0 += kBlocksPerBatch) {
-        const int n = std::min(kBlocksPerBatch, n2 - i0);
+      for (int t0 = 0; t0 < todo; t0 += kBlocksPerBatch) {
+        const int n = std::min(kBlocksPerBatch, todo - t0);
         int64_t blocks[kBlocksPerBatch];
-        for (int i = i0; i < i0 + n; ++i) {
+        float scores[kBlocksPerBatch];
+        for (int t = t0; t < t0 + n; ++t) {
           // Blocks are scattered over the sequence: fetch later ones while these compute.
-          if (i + kPrefetchAhead < n2 && ce_[i + kPrefetchAhead] > cs_[i + kPrefetchAhead])
-            prefetch_block(p_, row_, centre(i + kPrefetchAhead));
-          blocks[i - i0] = ce_[i] > cs_[i] ? centre(i) : -1;
+          if (t + kPrefetchAhead < todo) prefetch_block(p_, row_, centre(todo_[t + kPrefetchAhead]));
+          blocks[t - t0] = centre(todo_[t]);
         }
-        batch_scores(p_, row_, blocks, n, &score_[i0], kp_.data(), kpos_.data(), owner_.data());
+        batch_scores(p_, row_, blocks, n, scores, kp_.data(), kpos_.data(), owner_.data());
+        for (int t = t0; t < t0 + n; ++t) score_[todo_[t]] = scores[t - t0];
       }
       return;
     }
 #endif
-    for (int i = 0; i < n2; ++i) {
+    for (int t = 0; t < todo; ++t) {
       // Blocks are scattered over the sequence: fetch a later one while this one computes.
-      if (i + kPrefetchAhead < n2 && ce_[i + kPrefetchAhead] > cs_[i + kPrefetchAhead])
-        prefetch_block(p_, row_, centre(i + kPrefetchAhead));
-      score_[i] = ce_[i] > cs_[i] ? score_block_scalar(p_, static_cast<const float*>(row_.qt), row_.qpos, row_.end,
-                                                      row_.b, row_.hk, centre(i) * p_.bk)
-                                  : kNegInf;
+      if (t + kPrefetchAhead < todo) prefetch_block(p_, row_, centre(todo_[t + kPrefetchAhead]));
+      score_[todo_[t]] = score_block_scalar(p_, static_cast<const float*>(row_.qt), row_.qpos, row_.end, row_.b,
+                                            row_.hk, centre(todo_[t]) * p_.bk);
     }
   }
 
@@ -392,7 +415,7 @@ class RowSearch {
     int g = 0;
     for (int i = 0; i < n2 && g < nb; ++i)
       if (score_[i] > threshold || (score_[i] == threshold && equal_left-- > 0)) {
-        s_[g] = cs_[i]; e_[g] = ce_[i]; ++g;
+        s_[g] = cs_[i]; e_[g] = ce_[i]; kept_[g] = score_[i]; ++g;
       }
   }
 
@@ -405,6 +428,9 @@ class RowSearch {
   int rounds_;
   std::vector<int64_t> cs_, ce_;
   std::vector<float> score_, ranked_;  // ranked_: the scores, partly ordered to find the nb-th largest
+  std::vector<float> kept_;            // the kept groups' scores (as their centre block), once kept_scored_
+  bool kept_scored_ = false;
+  std::vector<int> todo_;              // the candidates score_halves computes
   std::vector<const void*> kp_;        // one batch's key rows, positions and blocks (batch_scores), sized once
   std::vector<int64_t> kpos_;
   std::vector<int> owner_;
