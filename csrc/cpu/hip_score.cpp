@@ -294,7 +294,8 @@ void prefetch_block(const ScoreProblem& p, const RowContext& row, int64_t block)
 
 // The tree search of one row (see longattn/sparse/hip_mask.py), a round at a
 // time: `rounds` times, halve each of the nb groups [starts, ends), score
-// each half by its centre block (empty halves -inf) and keep the nb best,
+// each half by its centre block (empty halves -inf; a half whose centre is
+// its group's keeps the group's score, known_score) and keep the nb best,
 // ties to the earlier half (so the result does not depend on the sort).
 // Groups stay in branch order.
 class RowSearch {
@@ -473,9 +474,10 @@ int run_search(const void* q, int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t 
   const ScoreProblem p{q, q_sb, q_ss, q_sh, q_offset, q_dim, query_pos, range_end, keys, batch_stride, head_stride,
                        pos_stride, block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k,
                        nqb, bf16};
-  // A row's state is 48 * nb bytes (its 2 nb halves' bounds and scores) and
-  // its transposed queries: groups stay within ~1 MiB, so a huge nb searches row by row.
-  const int64_t row_bytes = 48 * int64_t{nb} + 4 * static_cast<int64_t>(transposed_words(p));
+  // A row's state is 60 * nb bytes (its 2 nb halves' bounds, scores and
+  // indices, its nb kept scores) and its transposed queries: groups stay
+  // within ~1 MiB, so a huge nb searches row by row.
+  const int64_t row_bytes = 60 * int64_t{nb} + 4 * static_cast<int64_t>(transposed_words(p));
   const int64_t per_group = std::max<int64_t>(1, std::min<int64_t>(kRowsPerGroup, (int64_t{1} << 20) / row_bytes));
   const int64_t groups = (rows + per_group - 1) / per_group;
 #pragma omp parallel for num_threads(num_threads) schedule(static, 1)
