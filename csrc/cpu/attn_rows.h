@@ -473,7 +473,12 @@ struct Prefetcher {
 // loaded once for the R rows (held in registers: left to itself gcc 12
 // re-read each K vector from memory for every row, and fp32 decode with the
 // cache in L1 took ~19% more cycles per key with AVX-512, ~7% with AVX2;
-// Zen 4, A/B in one process). D % kWide == 0; ND = D / kWide when known at
+// Zen 4, A/B in one process), and each q vector once for the 4 keys (held
+// likewise: gcc had folded the q load into all 4 FMAs, 160 vector loads per
+// 128 FMAs, which bound the loop on the load ports; with the cache in L1 and
+// one thread, QK took ~1.35x as long, fp32 decode of 1k-4k keys (in L3) ran
+// 7-11% slower, from memory the same; Zen 4, AVX-512 and AVX2 builds, A/B
+// in one process). D % kWide == 0; ND = D / kWide when known at
 // compile time (the loop is unrolled), else 0. The caller walks a chunk 4
 // keys at a time over all heads, i.e. in the cache's address order. pf steps by the FMAs issued.
 template <int R, int ND, typename T>
@@ -486,7 +491,7 @@ inline void qk4_rows(const float* q, int D, const char* const* k4, float* red, i
     WVec x[4];
     for (int u = 0; u < 4; ++u) x[u] = in_register(load_row_vector(k[u], 0));
     for (int r = 0; r < R; ++r) {
-      const WVec qv = Isa::load(q + static_cast<size_t>(r) * D);
+      const WVec qv = in_register(Isa::load(q + static_cast<size_t>(r) * D));
       for (int u = 0; u < 4; ++u) a[r][u] = Isa::mul(qv, x[u]);
     }
   }
@@ -495,7 +500,7 @@ inline void qk4_rows(const float* q, int D, const char* const* k4, float* red, i
     WVec x[4];
     for (int u = 0; u < 4; ++u) x[u] = in_register(load_row_vector(k[u], i));
     for (int r = 0; r < R; ++r) {
-      const WVec qv = Isa::load(q + static_cast<size_t>(r) * D + kWide * i);
+      const WVec qv = in_register(Isa::load(q + static_cast<size_t>(r) * D + kWide * i));
       for (int u = 0; u < 4; ++u) a[r][u] = Isa::fma(qv, x[u], a[r][u]);
     }
   }
