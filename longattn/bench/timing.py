@@ -2,9 +2,11 @@
 
 Each round runs every method once; rounds repeat. Machine drift (frequency,
 other processes, page cache) then lands on all methods alike, which is what
-makes a ratio measured in one run trustworthy. The order rotates each round
-so no method always runs right after the same neighbour (whose caches and
-allocator state it would inherit).
+makes a ratio measured in one run trustworthy. The order rotates each round,
+so each method runs first (after the previous round's last) equally often,
+and after every full rotation the cycle reverses, so a method runs after each
+of its two neighbours in the cycle (whose caches and allocator state it
+inherits), not always after the same one (:func:`round_order`).
 
 Thread count is left as torch sets it: the point is to measure what a user
 of this machine gets.
@@ -49,8 +51,7 @@ def time_interleaved(
     result = Timings(seconds={name: [] for name in calls})
     names = list(calls)
     for rnd in range(warmup + repeats):
-        shift = rnd % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
+        for name in round_order(names, rnd):
             if name in result.failed or _over_budget(result.seconds[name], budget_s):
                 continue
             start = time.perf_counter()
@@ -71,6 +72,17 @@ def time_interleaved(
         result.seconds.pop(name, None)
         result.first_output.pop(name, None)
     return result
+
+
+def round_order(names: list[str], rnd: int) -> list[str]:
+    """The order of round ``rnd``: ``names`` rotated by ``rnd`` places, the
+    cycle reversed on every other full rotation (rounds n .. 2n-1 of n names,
+    and so on)."""
+    if not names:
+        return []
+    cycle = names if (rnd // len(names)) % 2 == 0 else names[::-1]
+    shift = rnd % len(names)
+    return cycle[shift:] + cycle[:shift]
 
 
 def _over_budget(seconds: list[float], budget_s: float | None) -> bool:

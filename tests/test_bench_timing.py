@@ -1,0 +1,47 @@
+"""The benchmark's interleaved timing order (longattn.bench.timing)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from longattn.bench.timing import round_order, time_interleaved
+
+
+@given(n=st.integers(1, 9), rnd=st.integers(0, 200))
+def test_each_round_runs_every_method_once(n, rnd):
+    names = [f"m{i}" for i in range(n)]
+    assert sorted(round_order(names, rnd)) == sorted(names)
+
+
+@given(n=st.integers(1, 9), start=st.integers(0, 50))
+def test_each_method_runs_first_once_per_rotation(n, start):
+    names = [f"m{i}" for i in range(n)]
+    firsts = [round_order(names, start * n + r)[0] for r in range(n)]
+    assert sorted(firsts) == sorted(names)
+
+
+@given(n=st.integers(3, 9))
+def test_a_method_follows_both_cycle_neighbours_over_two_rotations(n):
+    names = [f"m{i}" for i in range(n)]
+    before = {name: set() for name in names}
+    for rnd in range(2 * n):
+        order = round_order(names, rnd)
+        for prev, name in zip(order, order[1:]):
+            before[name].add(prev)
+    for i, name in enumerate(names):
+        assert before[name] == {names[i - 1], names[(i + 1) % n]}
+
+
+def test_time_interleaved_calls_in_round_order_and_times_after_warmup():
+    calls_made = []
+    calls = {name: (lambda name=name: calls_made.append(name) or name) for name in ("a", "b", "c")}
+    result = time_interleaved(calls, warmup=1, repeats=6)
+    expected = [name for rnd in range(7) for name in round_order(["a", "b", "c"], rnd)]
+    assert calls_made == expected
+    assert {name: len(s) for name, s in result.seconds.items()} == {"a": 6, "b": 6, "c": 6}
+    assert result.first_output == {"a": "a", "b": "b", "c": "c"}
+
+
+def test_round_order_of_nothing_is_empty():
+    assert round_order([], 3) == []
