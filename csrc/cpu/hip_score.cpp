@@ -89,7 +89,7 @@ float score_block_scalar(const ScoreProblem& p, const float* qt, const int32_t* 
       if (p.causal && pos > qpos[s]) continue;
       float dot = 0.0f;
       for (int d = 0; d < p.D; ++d) dot += qt[static_cast<int64_t>(d) * p.S + s] * k[d];
-      best = std::max(best, dot);
+      best = std::max(best, dot);  // a NaN dot product is passed over (best < NaN is false)
     }
   }
   return best;
@@ -172,7 +172,10 @@ void max_over_keys(const ScoreProblem& p, const void* qt, const int32_t* qpos, i
         if (u >= m) continue;
         typename V::vec sum = a[v][u];
         if (p.causal) sum = V::drop_after(sum, qpos + s0 + v * V::W, static_cast<int32_t>(kpos[j0 + u]));
-        best[owner[j0 + u]][v] = V::max(best[owner[j0 + u]][v], sum);
+        // sum first: max_ps returns its second operand when either is NaN,
+        // so a NaN dot product (NaN in q or k) is passed over, as every twin
+        // does (best itself never holds NaN), at no cost.
+        best[owner[j0 + u]][v] = V::max(sum, best[owner[j0 + u]][v]);
       }
   }
 }
@@ -406,7 +409,8 @@ class RowSearch {
   // Keep the nb best in branch order, ties to the earlier half: the nb-th
   // largest score is the threshold; every half above it is kept, and of
   // those equal to it the earliest ones, as many as are left (no sort of
-  // indices). A NaN score (NaN in q or k) ranks as -inf, so exactly nb are kept.
+  // indices). Scores are never NaN (NaN dot products are passed over; a
+  // block with no other scores -inf); the check keeps the order total anyway.
   void keep_best() {
     const int nb = nb_, n2 = 2 * nb;
     for (int i = 0; i < n2; ++i)

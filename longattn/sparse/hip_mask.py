@@ -70,6 +70,10 @@ def hip_select_blocks(
             under ``TRITON_INTERPRET=1``), ``"eager"`` (PyTorch), or ``"auto"``
             (Triton on CUDA; the C++ kernel on CPU when it builds here, else
             PyTorch). All score in float32; scores differ only in summation order.
+            A NaN in q or k makes some dot products NaN: every backend passes
+            those over (a block whose every dot product is NaN scores -inf),
+            so the backends select alike; the attention that follows still
+            sees the NaN wherever a selected block, a sink or the window holds it.
 
     Returns:
         ``(batch, nheads, ceil(seqlen_q / block_q), topk // block_k)`` int64
@@ -261,5 +265,8 @@ class _BranchScorer:
                 if self.layout.causal:
                     ok = ok & (kpos <= self.qpos[qb][:, None, :])
                 dots.masked_fill_(~ok, float("-inf"))
+            # A NaN dot product (NaN in q or k) is passed over, as the C++ and
+            # Triton twins do (amax would spread it to the block's score).
+            dots.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
             out[start:stop] = dots.amax(dim=2).view(n, c, bk).amax(dim=2)
         return out

@@ -92,6 +92,19 @@ def test_triton_search_selects_what_the_eager_search_selects(causal):
     assert torch.equal(tri.cpu(), eager)
 
 
+def test_triton_search_passes_over_nan_dot_products_as_the_eager_search_does():
+    from longattn.sparse import hip_select_blocks
+    from tests.sparse.test_hip import plant_nans
+
+    torch.manual_seed(8)
+    q, k = plant_nans(torch.randn(1, 150, 4, 16), torch.randn(1, 150, 2, 16), seed=8)
+    k[:, 60:90] = float("nan")  # ten whole blocks: those scored score -inf in every twin
+    cfg = HiP(topk=12, block_q=16, block_k=3, query_stride=3, sink_size=4, recent_size=10)
+    eager = hip_select_blocks(q, k, cfg, backend="eager")
+    tri = hip_select_blocks(q.to(DEVICE), k.to(DEVICE), cfg, backend="triton")
+    assert torch.equal(tri.cpu(), eager)
+
+
 # Compiles the kernels for GPU targets in a fresh process (this one may run the interpreter).
 _AOT = textwrap.dedent("""
     import os

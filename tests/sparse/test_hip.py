@@ -172,6 +172,44 @@ def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(b
                            hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))
 
 
+def plant_nans(q: torch.Tensor, k: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of q and k with NaN in a few elements (as an fp16 overflow
+    upstream would leave them): a handful of keys, one query element, and
+    every key of positions 30-32 (a whole block at block_k = 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = q.clone(), k.clone()
+    k[:, 30:33] = float("nan")
+    for _ in range(4):
+        pos = int(torch.randint(k.shape[1], (1,), generator=gen))
+        k[0, pos, int(torch.randint(k.shape[2], (1,), generator=gen)), int(torch.randint(k.shape[3], (1,), generator=gen))] = float("nan")
+    q[0, int(torch.randint(q.shape[1], (1,), generator=gen)), 0, 0] = float("nan")
+    return q, k
+
+
+@pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
+                    reason="the C++ HiP scorer does not build here")
+@pytest.mark.parametrize("build_flags", [(), ("-mno-avx512bf16",), ("-mno-avx512f",),
+                                         ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_dot_products_are_passed_over_alike_by_the_cpu_and_eager_searches(build_flags, dtype, monkeypatch):
+    """A NaN in q or k makes some q . k NaN; every twin passes those over when
+    it takes a block's max (the C++ vector max had kept or dropped a NaN by
+    operand order, and its ranking had put NaN scores last where the eager
+    twin's topk puts them first), so the selections stay equal."""
+    import longattn.kernels.hip_score.cpp as hsc
+
+    real = hsc.search_blocks_cpu
+    monkeypatch.setattr(hsc, "search_blocks_cpu", lambda *a, **kw: real(*a, **kw, build_flags=build_flags))
+    cfg = HiP(topk=24, block_q=16, block_k=3, query_stride=3, sink_size=5, recent_size=20)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        q, k = plant_nans(torch.randn(1, 400, 4, 40), torch.randn(1, 400, 2, 40), seed)
+        q, k = q.to(dtype), k.to(dtype)
+        for causal in (True, False):
+            assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpp"),
+                               hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))
+
+
 @pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
                     reason="the C++ HiP scorer does not build here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

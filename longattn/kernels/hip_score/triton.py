@@ -61,7 +61,10 @@ if triton is not None:
         visible = ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= qpos[:, None])
-        dots = tl.where(visible, dots, float("-inf"))
+        # A NaN dot product (NaN in q or k) is passed over, as every twin
+        # does: set to -inf here rather than left to how the backend's max
+        # treats NaN (a block whose every dot product is NaN scores -inf).
+        dots = tl.where(visible & (dots == dots), dots, float("-inf"))
         best = tl.max(tl.reshape(tl.max(dots, 0), (BLOCK_C, BK)), 1)
         offs_c = c0 + tl.arange(0, BLOCK_C)
         tl.store(Out + r.to(tl.int64) * n_blocks + offs_c, best, mask=offs_c < n_blocks)
