@@ -492,9 +492,9 @@ struct Prefetcher {
 // Zen 4, A/B in one process), and each q vector once for the 4 keys (held
 // likewise: gcc had folded the q load into all 4 FMAs, 160 vector loads per
 // 128 FMAs, which bound the loop on the load ports; with the cache in L1 and
-// one thread, QK took ~1.35x as long, fp32 decode of 1k-4k keys (in L3) ran
-// 7-11% slower, from memory the same; Zen 4, AVX-512 and AVX2 builds, A/B
-// in one process). D % kWide == 0; ND = D / kWide when known at
+// one thread, QK took ~1.35x as long; fp32 decode of 1k keys (in L3) ran
+// 9-11% slower in the AVX-512 and AVX2 builds, of 4k keys the same (AVX-512)
+// or 7% slower (AVX2), from memory the same; Zen 4, A/B in one process). D % kWide == 0; ND = D / kWide when known at
 // compile time (the loop is unrolled), else 0. The caller walks a chunk 4
 // keys at a time over all heads, i.e. in the cache's address order. pf steps by the FMAs issued.
 template <int R, int ND, typename T>

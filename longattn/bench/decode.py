@@ -262,7 +262,7 @@ DECODE = register_group(
         # The C++ kernel, its contiguous twin and the streaming read take
         # 10-70 ms a call, and the ratios between them are the targets: 5
         # rounds left a median ratio 5-9% off on this VM (paged vs contiguous
-        # read 1.06-1.09 in runs where 40 interleaved rounds gave 0.97-1.0,
+        # read 1.06-1.09 in runs where 40 interleaved rounds gave 0.93-1.0,
         # Zen 4). SDPA and eager, 0.5-1.5 s a call, still stop at the budget.
         default_repeats=25,
     )
