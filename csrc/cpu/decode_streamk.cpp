@@ -256,7 +256,10 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
             chunk_max = std::max(chunk_max, sc);
           }
         }
-        if (chunk_max == kNegInf) {  // nothing visible for this row here: contribute nothing
+        // Nothing visible for this row here: contribute nothing. (row_max
+        // passes over NaN; a chunk whose scores are NaN, NaN in q or k, goes on
+        // and makes the row NaN, as dense attention's is.)
+        if (chunk_max == kNegInf && std::none_of(sr, sr + n, [](float x) { return std::isnan(x); })) {
           std::fill(sr, sr + n, 0.0f);
           continue;
         }
@@ -436,8 +439,10 @@ __attribute__((noinline)) void run_segment_wide(const Problem& p, Scratch& w, in
         }
         m = m_run[r] = m_new;
       }
-      // exp(-inf - m) = 0 for hidden lanes; a row with no visible key so far (m = -inf) adds nothing.
-      const WVec pv = m == kNegInf ? Isa::zero() : Isa::exp(Isa::sub(s, Isa::set1(m)));
+      // exp(-inf - m) = 0 for hidden lanes. A row with no score above -inf so
+      // far (m = -inf) has lanes of -inf (adding 0) or NaN (NaN in q or k:
+      // adding NaN, so the row is NaN as dense attention's is), hence m as 0.
+      const WVec pv = Isa::exp(Isa::sub(s, Isa::set1(m == kNegInf ? 0.0f : m)));
       Isa::store(lr, Isa::add(Isa::load(lr), pv));  // the denominator from unrounded p
       if constexpr (kDot) {
 #ifdef LONGATTN_AVX512BF16
@@ -529,12 +534,13 @@ void merge_tile(const Problem& p, int tile, int first, int last, std::vector<flo
 #pragma omp simd
       for (int d = 0; d < D; ++d) acc[d] += wgt * po[d];
     }
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    const bool seen = total != 0.0f;  // NaN too: a NaN partial makes the row NaN, not empty
+    const float inv = seen ? 1.0f / total : 0.0f;
     for (int d = 0; d < D; ++d) acc[d] *= inv;
     const int i = r % Sq, h = hk0 * group + r / Sq;
     const int64_t o = (static_cast<int64_t>(b) * Sq + i) * p.nheads + h;
     store_row(acc.data(), p.dtype, p.out + o * D * elem_size(p.dtype), D);
-    p.lse[(static_cast<int64_t>(b) * p.nheads + h) * Sq + i] = total > 0.0f ? base + std::log(total) : kNegInf;
+    p.lse[(static_cast<int64_t>(b) * p.nheads + h) * Sq + i] = seen ? base + std::log(total) : kNegInf;
   }
 }
 

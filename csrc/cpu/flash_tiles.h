@@ -161,14 +161,14 @@ inline void online_softmax(const Problem& pb, float* st, const int64_t* keys, co
   }
 }
 
-// out rows = o / l, lse = m + log(l); rows that saw nothing: 0 and -inf.
+// out rows = o / l, lse = m + log(l); rows that saw nothing (l = 0): 0 and -inf.
 inline void write_rows(const Problem& pb, const Seq& sq, int h, int first_row, int rows, const float* o,
                        const float* m, const float* l) {
   const int headdim = pb.headdim;
   for (int r = 0; r < rows; ++r) {
     float* orow = sq.out + static_cast<int64_t>(first_row + r) * pb.o_ss + static_cast<int64_t>(h) * pb.o_sh;
     float* lse = sq.lse + static_cast<int64_t>(h) * sq.lse_sh + first_row + r;
-    if (l[r] > 0) {
+    if (l[r] != 0.0f) {  // NaN too: a row that saw a NaN score is NaN, not empty
       const float inv = 1.0f / l[r];
       for (int d = 0; d < headdim; ++d) orow[d] = o[static_cast<size_t>(r) * headdim + d] * inv;
       *lse = m[r] + std::log(l[r]);

@@ -243,11 +243,12 @@ void merge_list(const Gather& p, int64_t item, std::vector<float>& acc) {
 #pragma omp simd
       for (int d = 0; d < D; ++d) acc[d] += wgt * po[d];
     }
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    const bool seen = total != 0.0f;  // NaN too: a NaN partial makes the row NaN, not empty
+    const float inv = seen ? 1.0f / total : 0.0f;
     for (int d = 0; d < D; ++d) acc[d] *= inv;
     const int64_t h = b * p.nheads + l * rows + r;
     store_row(acc.data(), p.dtype, p.out + h * D * elem_size(p.dtype), D);
-    p.lse[h] = total > 0.0f ? base + std::log(total) : kNegInf;
+    p.lse[h] = seen ? base + std::log(total) : kNegInf;
   }
 }
 

@@ -33,7 +33,9 @@ inline float hsum(__m256 v) {
 }
 
 // exp for x <= 88 (scores minus their max are <= 0); exactly 0 below -87.3
-// and for -inf. Range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7
+// and for -inf; NaN for NaN (the clamp puts x second: min/max return their
+// second operand when either is NaN, so a NaN score stays NaN and reaches the
+// output, as it does dense attention's, instead of being clamped to 0). Range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7
 // Taylor polynomial: relative error ~4e-9, below float rounding. One set of
 // constants for every vector width below.
 namespace exp_constants {
@@ -46,7 +48,7 @@ inline __m256 exp256(__m256 x) {
   using namespace exp_constants;
   const __m256 lo = _mm256_set1_ps(kLow), hi = _mm256_set1_ps(kHigh);
   const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), x);
@@ -63,7 +65,7 @@ inline __m512 exp512(__m512 x) {
   using namespace exp_constants;
   const __m512 lo = _mm512_set1_ps(kLow), hi = _mm512_set1_ps(kHigh);
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), x);
