@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import longattn
+import longattn.kernels.dense.cpp
 from longattn.errors import ArgumentError, BackendUnavailableError
 from longattn.reference import attention_ref
 from longattn.sparse import Streaming
@@ -85,3 +86,23 @@ def test_non_causal_is_rejected():
     q = torch.randn(1, 8, 1, 8)
     with pytest.raises(ArgumentError, match="causal"):
         longattn.attention(q, q, q, causal=False, sparse=Streaming(2, 4))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_key_reaches_exactly_the_rows_that_see_it(backend, dtype):
+    """A NaN in k (an fp16 overflow upstream) makes NaN exactly the rows whose
+    sinks or window hold it, as in the oracle: not rows that do not see it
+    (an additive -inf mask would, NaN + -inf being NaN), and not none (the C++
+    kernels' exp used to clamp NaN to a weight of 0)."""
+    if backend == "cpp" and longattn.kernels.dense.cpp.flash_unavailable_reason() is not None:
+        pytest.skip(f"the C++ kernel does not build here: {longattn.kernels.dense.cpp.flash_unavailable_reason()}")
+    q, k, v = _inputs(dict(seqlen_q=300, seqlen_k=300, nheads_k=2, group=2, dtype=torch.float32, seed=4))
+    k[0, 100, 1, 5] = float("nan")  # a window key for rows 100-163
+    k[0, 2, 0, 1] = float("nan")  # a sink of kv head 0: every row of its heads
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, lse = longattn.attention(q, k, v, causal=True, sparse=Streaming(4, 64), backend=backend, return_lse=True)
+    ref_out, ref_lse = attention_ref(q, k, v, mask=lambda_mask(300, 300, 4, 64))
+    assert torch.equal(out.float().isnan().any(-1), ref_out.isnan().any(-1))
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
+    assert ref_out.isnan().any() and not ref_out.isnan().all()

@@ -271,6 +271,7 @@ class _Attend:
         vc = torch.index_select(self.v_rows, 0, flat, out=self.vbuf[: n * c]).view(n, c, d)
         if kc.dtype != torch.float32:
             kc, vc = kc.float(), vc.float()
+        exact = not self.fused
         if self.fused:
             from longattn.kernels.dense.sdpa import fused_cpu_attention
 
@@ -278,11 +279,17 @@ class _Attend:
                                                      scale=self.scale)
             out.copy_(part_out[:, 0])
             lse.copy_(part_lse[:, 0])
-        else:
+            # The fused kernel adds the bias: a NaN score (NaN in q or k) plus
+            # -inf is NaN, so a hidden NaN key reaches rows that do not see it.
+            # Rare; such chunks are done again the exact way.
+            exact = bool(torch.isnan(out).any())
+        if exact:
             scores = torch.bmm(q, kc.transpose(1, 2)).mul_(self.scale)
             if self.softcap > 0:
                 scores.div_(self.softcap).tanh_().mul_(self.softcap)
-            scores.add_(bias)
+            # The bias is 0 or -inf: hidden keys become -inf, a NaN score included
+            # (adding -inf would leave it NaN), so NaN reaches only the rows that see it.
+            scores.masked_fill_(torch.isneginf(bias), float("-inf"))
             torch.logsumexp(scores, dim=-1, out=lse)
             finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
             torch.bmm(scores.sub_(finite[..., None]).exp_(), vc, out=out)
