@@ -35,8 +35,9 @@ inline float hsum(__m256 v) {
 // exp for x <= 88 (scores minus their max are <= 0); exactly 0 below -87.3
 // and for -inf; NaN for NaN (the clamp puts x second: min/max return their
 // second operand when either is NaN, so a NaN score stays NaN and reaches the
-// output, as it does dense attention's, instead of being clamped to 0). Range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7
-// Taylor polynomial: relative error ~4e-9, below float rounding. One set of
+// output, as it does dense attention's, instead of being clamped to 0).
+// Range reduction x = k ln2 + r, |r| <= ln2/2, then a degree-7 Taylor
+// polynomial: relative error ~4e-9, below float rounding. One set of
 // constants for every vector width below.
 namespace exp_constants {
 constexpr float kLow = -87.3f, kHigh = 88.3f, kLog2e = 1.44269504088896341f;
