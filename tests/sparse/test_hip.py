@@ -247,3 +247,23 @@ def test_the_bf16_search_is_built_where_the_cpu_has_avx512_bf16():
         pytest.skip(f"the C++ HiP search does not build here: {score_unavailable_reason()}")
     assert has_bf16_search() == ({"avx512f", "avx512_bf16"} <= cpu_features())
     assert not has_bf16_search(("-mno-avx512bf16",))
+
+
+@pytest.mark.skipif(__import__("longattn.kernels.dense.cpp", fromlist=["x"]).flash_unavailable_reason() is not None,
+                    reason="the C++ flash kernel does not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hip_attention_with_a_nan_key_is_nan_in_the_same_rows_on_cpp_and_eager(dtype):
+    """The user's path with a NaN key: the C++ twin (search and kernel) and the
+    eager twin select alike and make NaN exactly the same rows (those whose
+    window, sinks or selected blocks hold the key), some but not all."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 300, 4, 32), torch.randn(1, 300, 2, 32), torch.randn(1, 300, 2, 32)
+    k[0, 100, 1, 5] = float("nan")
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    cfg = HiP(topk=16, block_q=16, block_k=2, sink_size=4, recent_size=24)
+    cpp = longattn.attention(q, k, v, causal=True, sparse=cfg, backend="cpp")
+    eager = longattn.attention(q, k, v, causal=True, sparse=cfg, backend="eager")
+    rows = eager.float().isnan().any(-1)
+    assert rows.any() and not rows.all()
+    assert torch.equal(cpp.float().isnan().any(-1), rows)
+    assert not rows[0, :100].any()  # rows before the key never see it
