@@ -47,7 +47,7 @@ inline void tile_scalar(const float* q, const float* lab, int64_t cap, int group
     for (int g = 0; g < group; ++g) {
       float acc = 0.0f;
       for (int j = 0; j < r; ++j) acc = std::fma(q[g * r + j], lab[j * cap + t], acc);
-      best = best > acc ? best : acc;  // the vector max's rule (NaN and signed zeros alike)
+      best = acc > best ? acc : best;  // the vector max's rule, max_ps(acc, best): a NaN acc is passed over, signed zeros alike
     }
     out[t] = best;
   }
@@ -109,7 +109,10 @@ inline void tile_vector(const float* q, const float* lab, int64_t cap, int group
         const float* row = lab + j * cap + t;
         for (int u = 0; u < kU; ++u) acc[u] = vfma(qv, vload(row + u * kW), acc[u]);
       }
-      for (int u = 0; u < kU; ++u) best[u] = vmax(best[u], acc[u]);
+      // acc first: max_ps returns its second operand when either is NaN, so a
+      // NaN product (NaN in q_sel or the label) is passed over, as the
+      // PyTorch twin does (best never holds NaN).
+      for (int u = 0; u < kU; ++u) best[u] = vmax(acc[u], best[u]);
     }
     for (int u = 0; u < kU; ++u) vstore(out + t + u * kW, best[u]);
   }
@@ -119,7 +122,7 @@ inline void tile_vector(const float* q, const float* lab, int64_t cap, int group
     for (int g = 0; g < group; ++g) {
       vec acc = vzero();
       for (int j = 0; j < r; ++j) acc = vfma(vset1(q[g * r + j]), tail.load(lab + j * cap + t), acc);
-      best = vmax(best, acc);
+      best = vmax(acc, best);  // acc first: a NaN product is passed over (above)
     }
     tail.store(out + t, best);
   }

@@ -8,7 +8,9 @@ position, max over each kv head's query group.
 - ``label (batch, nheads_k, r, capacity)`` float32, channel-major (the
   :class:`~longattn.sparse.DoubleSparsityState` label cache);
 - returns ``(batch, nheads_k, n)`` float32: ``max_g sum_j q_sel[b, h, g, j] *
-  label[b, h, j, t]`` for positions ``t < n`` (``n <= capacity``).
+  label[b, h, j, t]`` for positions ``t < n`` (``n <= capacity``); a NaN
+  product (NaN in q_sel or the label) is passed over (every product NaN:
+  -inf), in both twins, as HiP's search does.
 
 Two twins give the same sums up to float32 rounding: the C++ kernel
 (``csrc/cpu/ds_scores.cpp``: one pass over the label rows, the group's
@@ -72,7 +74,11 @@ def group_max_scores_torch(q_sel: torch.Tensor, label: torch.Tensor, n: int) -> 
     batch, hk, group, _ = q_sel.shape
     if group == 0 or n == 0:
         return q_sel.new_full((batch, hk, n), float("-inf"))
-    return torch.matmul(q_sel, label[..., :n]).amax(dim=2)
+    scores = torch.matmul(q_sel, label[..., :n])
+    # A NaN product (NaN in q_sel or the label) is passed over, as the C++ twin
+    # does (amax would spread it); a position whose every product is NaN scores -inf.
+    scores.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    return scores.amax(dim=2)
 
 
 def group_max_scores_cpu(q_sel: torch.Tensor, label: torch.Tensor, n: int,

@@ -82,6 +82,26 @@ def test_every_vector_path_and_thread_count_is_bitwise_the_same(shape):
 
 
 @requires_cpp
+@pytest.mark.parametrize("path", list(VECTOR_PATHS))
+def test_nan_products_are_passed_over_alike_by_both_twins(path):
+    """NaN in one query head's channels and in one label entry: every twin
+    passes the NaN products over (the kernel's max had kept or dropped them by
+    operand order, the matmul's amax spread them), so the scores, and the
+    tokens they select, agree; a position whose every product is NaN scores -inf."""
+    q_sel, label = make(1, 2, 4, 16, 203, seed=9)
+    q_sel[0, 0, 1, 2] = float("nan")  # head 0's member 1: NaN at every position
+    label[0, 1, 3, 50] = float("nan")  # head 1, position 50: NaN for every member
+    n = 200
+    twin = group_max_scores_torch(q_sel, label, n)
+    got = group_max_scores_cpu(q_sel, label, n, build_flags=VECTOR_PATHS[path])
+    assert not twin.isnan().any() and not got.isnan().any()
+    assert twin[0, 1, 50] == float("-inf") and got[0, 1, 50] == float("-inf")
+    finite = torch.isfinite(twin)
+    assert torch.equal(torch.isfinite(got), finite)
+    assert torch.allclose(got[finite], twin[finite], rtol=1e-5, atol=1e-5)
+
+
+@requires_cpp
 def test_kernel_reads_only_the_first_n_positions_of_a_strided_cache():
     # The state's cache has capacity > n; positions past n hold NaN and must not leak in.
     q_sel, label = make(1, 2, 4, 16, 300, seed=5)
