@@ -24,8 +24,8 @@ from longattn.kernels.gather.cpp import gather_decode_cpu
 from longattn.kernels.support.cpp_build import build_plan
 from longattn.reference import attention_ref
 
-pytestmark = pytest.mark.skipif(cpu_unavailable_reason() is not None or flash_unavailable_reason() is not None,
-                                reason=f"C++ kernels unavailable: {cpu_unavailable_reason() or flash_unavailable_reason()}")
+_UNAVAILABLE = cpu_unavailable_reason() or flash_unavailable_reason()
+pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"C++ kernels unavailable: {_UNAVAILABLE}")
 
 BUILDS = {"native": (), "no-bf16-dot": ("-mno-avx512bf16",), "avx2": ("-mno-avx512f",),
           "portable": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}

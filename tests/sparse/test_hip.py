@@ -181,7 +181,9 @@ def plant_nans(q: torch.Tensor, k: torch.Tensor, seed: int) -> tuple[torch.Tenso
     k[:, 30:33] = float("nan")
     for _ in range(4):
         pos = int(torch.randint(k.shape[1], (1,), generator=gen))
-        k[0, pos, int(torch.randint(k.shape[2], (1,), generator=gen)), int(torch.randint(k.shape[3], (1,), generator=gen))] = float("nan")
+        head = int(torch.randint(k.shape[2], (1,), generator=gen))
+        dim = int(torch.randint(k.shape[3], (1,), generator=gen))
+        k[0, pos, head, dim] = float("nan")
     q[0, int(torch.randint(q.shape[1], (1,), generator=gen)), 0, 0] = float("nan")
     return q, k
 

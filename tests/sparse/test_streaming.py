@@ -88,7 +88,7 @@ def test_non_causal_is_rejected():
         longattn.attention(q, q, q, causal=False, sparse=Streaming(2, 4))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("backend", ["cpp", "eager", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_nan_key_reaches_exactly_the_rows_that_see_it(backend, dtype):
     """A NaN in k (an fp16 overflow upstream) makes NaN exactly the rows whose

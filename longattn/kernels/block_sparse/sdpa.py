@@ -30,6 +30,24 @@ def block_sparse_forward_sdpa(q, k, v, key_blocks, layout, *, scale: float, soft
     return block_sparse_forward_eager(q, k, v, key_blocks, layout, scale=scale, softcap=softcap, fused=True)
 
 
+def masked_span_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, *,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel over ``rows (..., m, d)`` and a span of ``keys``/``values``
+    ``(..., n, d)`` with a 0/-inf ``bias (m, n)``; ``(out, lse)``. The kernel
+    adds the bias, and a NaN score (NaN in q or k) plus -inf is NaN: a hidden
+    NaN key would reach rows that do not see it. When the result holds NaN
+    (rare), the span is done again with hidden scores set to -inf, so NaN
+    reaches exactly the rows that see it, as in the oracle."""
+    out, lse = fused_cpu_attention(rows, keys, values, attn_mask=bias, scale=scale)
+    if not bool(torch.isnan(out).any()):
+        return out, lse
+    scores = torch.matmul(rows, keys.transpose(-1, -2)).mul_(scale)
+    scores.masked_fill_(torch.isneginf(bias), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.matmul(scores.sub_(finite[..., None]).exp_(), values), lse
+
+
 # Queries per chunk of the chunked CPU pass: each chunk reads the sinks and
 # its window span (window + CHUNK - 1 keys) as one contiguous slice. Smaller
 # chunks waste less on the masked triangles at the span's ends, larger ones
@@ -45,9 +63,10 @@ def streaming_prefill_chunked(
     """The Lambda mask on the CPU, chunk by chunk of ``chunk`` queries. A
     chunk's window span is a contiguous slice of K/V (read in place, no
     copy) and goes through PyTorch's fused CPU attention kernel with an
-    additive mask -- the same mask for every chunk past the start, built
-    once; when the span has moved past the sinks, the sinks (visible to the
-    whole chunk: no mask) are a second call, merged in place. A
+    additive mask (:func:`masked_span_attention`) -- the same mask for every
+    chunk past the start, built once; when the span has moved past the
+    sinks, the sinks (visible to the whole chunk: no mask) are a second
+    call, merged in place. A
     kv head's query group is folded into its rows (GQA without repeating
     K/V). ``(out, lse)`` as every twin."""
     batch, seqlen_q, nheads, headdim = q.shape
@@ -82,16 +101,16 @@ def streaming_prefill_chunked(
         rows = rearrange(q_grouped[:, :, :, c0:c1], "b hk g n d -> b hk (g n) d")
         if lo > sink_end:  # span past the sinks: span (masked) and sinks (all visible), merged
             bias, seen = span_mask(lo, p1 + 1 - lo, p0, n)
-            o_span, l_span = fused_cpu_attention(rows, kt[:, :, lo : p1 + 1], vt[:, :, lo : p1 + 1],
-                                                 attn_mask=bias, scale=scale)
+            o_span, l_span = masked_span_attention(rows, kt[:, :, lo : p1 + 1], vt[:, :, lo : p1 + 1], bias,
+                                                   scale=scale)
             if sink_end:
                 o_sink, l_sink = fused_cpu_attention(rows, kt[:, :, :sink_end], vt[:, :, :sink_end], scale=scale)
                 l_span = l_span.float()
                 merge_two_in_place(o_span, l_span, o_sink, l_sink.float())
         else:  # the span starts right after the sinks: one slice from key 0
             bias, seen = span_mask(0, p1 + 1, p0, n)
-            o_span, l_span = fused_cpu_attention(rows, kt[:, :, : p1 + 1], vt[:, :, : p1 + 1],
-                                                 attn_mask=bias, scale=scale)
+            o_span, l_span = masked_span_attention(rows, kt[:, :, : p1 + 1], vt[:, :, : p1 + 1], bias,
+                                                   scale=scale)
         o_span = o_span.reshape(batch, nheads, n, headdim)
         l_span = l_span.float().reshape(batch, nheads, n)
         if not bool(seen.all()):  # rows before the first key see nothing: the contract's 0 / -inf
