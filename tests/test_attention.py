@@ -15,6 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import longattn
+import longattn.kernels.dense.cpp
 from longattn.errors import BackendUnavailableError
 from longattn.kernels.dense.triton import triton_import_error
 from longattn.reference import attention_ref
@@ -262,3 +263,26 @@ def test_auto_prefers_cpp_then_sdpa_where_it_serves_and_eager_otherwise():
     else:
         assert DENSE_BACKENDS.select(plain, "auto").name == "sdpa"
         assert DENSE_BACKENDS.select(capped, "auto").name == "eager"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_key_reaches_exactly_the_rows_that_see_it_bottom_right(backend, dtype):
+    """A NaN in k (an fp16 overflow upstream) makes NaN exactly the oracle's
+    rows: with seqlen_q < seqlen_k the causal rule is bottom-right, which SDPA
+    gets as an additive mask (NaN + -inf is NaN: a hidden NaN key reached
+    rows before it), and the C++ kernel's exp used to drop the key."""
+    if backend == "cpp" and longattn.kernels.dense.cpp.flash_unavailable_reason() is not None:
+        pytest.skip(f"the C++ kernel does not build here: {longattn.kernels.dense.cpp.flash_unavailable_reason()}")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, 32, generator=gen) for n, h in ((200, 4), (300, 2), (300, 2)))
+    k[0, 150, 1, 5] = float("nan")  # seen by query rows 50 on of kv head 1's heads
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = longattn.attention(q, k, v, causal=True, backend=backend)
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True)
+    assert torch.equal(out.float().isnan().any(-1), ref_out.isnan().any(-1))
+    assert ref_out.isnan().any() and not ref_out.isnan().all()
+    if dtype == torch.float32:  # with lse (the sdpa twin serves it for float32)
+        out, lse = longattn.attention(q, k, v, causal=True, backend=backend, return_lse=True)
+        assert torch.equal(out.isnan().any(-1), ref_out.isnan().any(-1))
+        assert torch.equal(lse.isnan(), ref_lse.isnan())

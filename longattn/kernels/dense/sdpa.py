@@ -55,6 +55,24 @@ def bottom_right_causal_mask(seqlen_q: int, seqlen_k: int, device: torch.device)
     return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).tril_(seqlen_k - seqlen_q)
 
 
+def masked_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, *,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heads-first ``(out, lse)`` in float32 math with hidden scores set to
+    -inf (``visible`` bool, broadcastable to the scores; k/v heads repeated
+    for GQA). SDPA adds its mask, and a NaN score (NaN in q or k) plus -inf
+    is NaN, so a hidden NaN key reaches rows that do not see it; callers redo
+    such (rare) calls here, where NaN reaches exactly the rows that see it."""
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.matmul((scores - finite[..., None]).exp(), v.float())
+    return out.to(q.dtype), lse
+
+
 def _causal_args(
     seqlen_q: int, seqlen_k: int, window: tuple[int, int], device: torch.device
 ) -> tuple[bool, torch.Tensor | None]:
@@ -94,6 +112,8 @@ def sdpa_attention(
         scale=scale,
         enable_gqa=qs[2] != ks[2],
     )
+    if mask is not None and bool(torch.isnan(out).any()):  # a hidden NaN key leaked: see masked_attention_math
+        out = masked_attention_math(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale=scale)[0]
     return out.transpose(1, 2)
 
 
@@ -129,13 +149,17 @@ def sdpa_forward_with_lse(
     if group > 1:  # the lse-returning op has no GQA mode: repeat K/V (O(seqlen_k) memory)
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
-    is_causal, mask = _causal_args(q.shape[1], k.shape[1], window, q.device)
-    if mask is not None:  # this op takes an additive mask in q's dtype
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    is_causal, visible = _causal_args(q.shape[1], k.shape[1], window, q.device)
+    mask = None
+    if visible is not None:  # this op takes an additive mask in q's dtype
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
     out, lse = fused_cpu_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         scale=scale, attn_mask=mask, is_causal=is_causal,
     )
+    if visible is not None and bool(torch.isnan(out).any()):  # a hidden NaN key leaked: see masked_attention_math
+        out, lse = masked_attention_math(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), visible,
+                                         scale=scale)
     lse = lse.to(torch.float32).contiguous()  # the op returns it (batch, seqlen, nheads)-strided
     empty_rows = q.shape[1] - k.shape[1]
     if window[1] >= 0 and empty_rows > 0:
