@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from longattn.kernels.dense.sdpa import fused_cpu_attention
+from longattn.kernels.dense.sdpa import fused_cpu_attention, masked_attention_math
 from longattn.kernels.merge import merge_two_in_place
 
 
@@ -41,11 +41,7 @@ def masked_span_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.
     out, lse = fused_cpu_attention(rows, keys, values, attn_mask=bias, scale=scale)
     if not bool(torch.isnan(out).any()):
         return out, lse
-    scores = torch.matmul(rows, keys.transpose(-1, -2)).mul_(scale)
-    scores.masked_fill_(torch.isneginf(bias), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return torch.matmul(scores.sub_(finite[..., None]).exp_(), values), lse
+    return masked_attention_math(rows, keys, values, ~torch.isneginf(bias), scale=scale)
 
 
 # Queries per chunk of the chunked CPU pass: each chunk reads the sinks and
