@@ -76,15 +76,32 @@ template <int T> inline void load(const void* p, int64_t stride_bytes) { amx_emu
 template <int T> inline void store(void* p, int64_t stride_bytes) { amx_emu::tile_stored(T, p, stride_bytes); }
 template <int C, int A, int B> inline void dp_bf16() { amx_emu::tile_dpbf16ps(C, A, B); }
 #else
-inline void configure(const Config& c) { _tile_loadconfig(&c); }
-inline void release() { _tile_release(); }
+// Not gcc's <amxtileintrin.h> intrinsics: gcc 12's tell the compiler that
+// _tile_loadconfig reads 8 bytes of its 64 (the stores of rows and colsb
+// were dropped as dead, and LDTILECFG faulted on a zero shape) and that
+// _tile_loadd reads no memory at all (stores to the buffer it loads could
+// be moved past it). These spell the instructions with what they really
+// touch: LDTILECFG the whole Config, TILELOADD / TILESTORED memory (strided
+// rows: a "memory" clobber rather than a precise operand).
+inline void configure(const Config& c) {
+  __asm__ volatile("{ldtilecfg\t%0|ldtilecfg\t%0}" ::"m"(c));
+}
+inline void release() { __asm__ volatile("tilerelease" ::: "memory"); }
 
 template <int T> struct Tile;
-#define LONGATTN_AMX_TILE(i)                                                                \
-  template <> struct Tile<i> {                                                              \
-    static void zero() { _tile_zero(i); }                                                   \
-    static void load(const void* p, int64_t stride) { _tile_loadd(i, p, stride); }          \
-    static void store(void* p, int64_t stride) { _tile_stored(i, p, stride); }              \
+#define LONGATTN_AMX_TILE(i)                                                                             \
+  template <> struct Tile<i> {                                                                           \
+    static void zero() { __asm__ volatile("tilezero\t%%tmm" #i ::); }                                    \
+    static void load(const void* p, int64_t stride) {                                                    \
+      __asm__ volatile("{tileloadd\t(%0,%1,1), %%tmm" #i "|tileloadd\t%%tmm" #i ", [%0+%1*1]}" ::"r"(p), \
+                       "r"(stride)                                                                       \
+                       : "memory");                                                                      \
+    }                                                                                                    \
+    static void store(void* p, int64_t stride) {                                                         \
+      __asm__ volatile("{tilestored\t%%tmm" #i ", (%0,%1,1)|tilestored\t[%0+%1*1], %%tmm" #i "}" ::"r"(p), \
+                       "r"(stride)                                                                       \
+                       : "memory");                                                                      \
+    }                                                                                                    \
   };
 LONGATTN_AMX_TILE(0) LONGATTN_AMX_TILE(1) LONGATTN_AMX_TILE(2) LONGATTN_AMX_TILE(3)
 LONGATTN_AMX_TILE(4) LONGATTN_AMX_TILE(5) LONGATTN_AMX_TILE(6) LONGATTN_AMX_TILE(7)
@@ -95,8 +112,13 @@ template <int T> inline void store(void* p, int64_t stride_bytes) { Tile<T>::sto
 
 // The (C, A, B) register triples the engine uses; any other fails to compile.
 template <int C, int A, int B> struct Dp;
-#define LONGATTN_AMX_DP(c, a, b) \
-  template <> struct Dp<c, a, b> { static void run() { _tile_dpbf16ps(c, a, b); } };
+#define LONGATTN_AMX_DP(c, a, b)                                                                          \
+  template <> struct Dp<c, a, b> {                                                                        \
+    static void run() {                                                                                   \
+      __asm__ volatile("{tdpbf16ps\t%%tmm" #b ", %%tmm" #a ", %%tmm" #c "|tdpbf16ps\t%%tmm" #c ", %%tmm" #a \
+                       ", %%tmm" #b "}" ::);                                                              \
+    }                                                                                                     \
+  };
 LONGATTN_AMX_DP(0, 3, 4) LONGATTN_AMX_DP(1, 3, 5) LONGATTN_AMX_DP(2, 3, 6)
 LONGATTN_AMX_DP(0, 1, 3) LONGATTN_AMX_DP(0, 2, 4)
 #undef LONGATTN_AMX_DP
