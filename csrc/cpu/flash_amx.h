@@ -6,20 +6,23 @@
 // the same sequence of tile operations and checks each one.
 //
 // The engine (interface: flash_tiles.h) keeps the bf16-dot engine's layouts,
-// which are exactly what the tiles want, so nothing is transposed but P:
+// which are what the tiles want, so nothing is transposed but P:
 //   * scores, key-major as online_softmax wants them: C[key][row] (16 keys x
-//     16 rows fp32) += A (16 K rows x 32 head dims, bf16, from a contiguous
-//     per-thread copy of the tile's K rows: listed keys have no common stride)
-//     x B (q pair words qt2[(d/2) * BM + row], 16 pairs x 16 rows: AMX's
-//     pair-interleaved B layout as it stands, stride BM words). q stays
-//     unscaled (exact bf16); the float32 scores are scaled after the sum.
-//   * P V: C = O rows (16 rows x 16 head dims fp32, read and written in place
-//     at o + row * headdim + d, after a vector pass rescales o by alpha) += A
-//     (P rounded to bf16, row-major: 16 rows x 32 keys, keys past n zero) x B
-//     (V key-pair words vp[t * headdim + d] = (v[2t][d], v[2t+1][d]), 16 pairs x
-//     16 head dims, built by interleave_value_pairs as for the bf16-dot engine).
+//     16 rows fp32) += A (16 K rows x 32 head dims, bf16) x B (q pair words
+//     qt2[(d/2) * BM + row], 16 pairs x 16 rows: AMX's pair-interleaved B
+//     layout as it stands, stride BM words). q stays unscaled (exact bf16).
+//   * P V: C = 16 rows x 16 head dims fp32, four at a time, summing the
+//     tile's k steps (32 keys each) from zero; a vector pass then sets o =
+//     alpha o + C (o is never loaded into a tile: a tile load of what vector
+//     stores just wrote waits for them). A = P rounded to bf16, row-major (16
+//     rows x 32 keys, keys past n zero), transposed from the key-major
+//     softmax output in registers; B = V key-pair words vp[t][d] = (v[2t][d],
+//     v[2t+1][d]) (16 pairs x 16 head dims), built per tile by pair_values.
 // Head dims are padded to 32 for the scores (zeros in q and K add exactly
-// nothing); P V needs only the caller's multiple of 16. Every tile is 16 rows
+// nothing; K is read in place when its head dim needs no padding and a key
+// group is 16 consecutive positions, else copied); P V needs only the
+// caller's multiple of 16. The softmax scale is applied as the softmax reads
+// the scores (one pass less), except with softcap. Every tile is 16 rows
 // x 64 bytes, so one configuration (palette 1) serves the whole engine: it is
 // loaded when the engine is made (once per thread and parallel region) and
 // released when it goes.
@@ -120,7 +123,8 @@ template <int C, int A, int B> struct Dp;
     }                                                                                                     \
   };
 LONGATTN_AMX_DP(0, 3, 4) LONGATTN_AMX_DP(1, 3, 5) LONGATTN_AMX_DP(2, 3, 6)
-LONGATTN_AMX_DP(0, 1, 3) LONGATTN_AMX_DP(0, 2, 4)
+LONGATTN_AMX_DP(0, 4, 5) LONGATTN_AMX_DP(1, 4, 6) LONGATTN_AMX_DP(2, 4, 5) LONGATTN_AMX_DP(3, 4, 6)
+LONGATTN_AMX_DP(0, 7, 5) LONGATTN_AMX_DP(1, 7, 6) LONGATTN_AMX_DP(2, 7, 5) LONGATTN_AMX_DP(3, 7, 6)
 #undef LONGATTN_AMX_DP
 template <int C, int A, int B> inline void dp_bf16() { Dp<C, A, B>::run(); }
 #endif
@@ -145,11 +149,39 @@ constexpr int kTileRows = 16;  // rows of every tile: 16 fp32 or 32 bf16 (64 byt
 constexpr int kRowGroups = BM / kTileRows;
 static_assert(BM % kTileRows == 0 && BN % 32 == 0, "the tiles cut BM rows and BN keys evenly");
 
+// w[i] lane j -> w[j] lane i for 16 vectors of 16 32-bit words (in registers).
+inline void transpose_16x16_words(__m512i w[16]) {
+  __m512i a[16];
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of words
+    a[i] = _mm512_unpacklo_epi32(w[i], w[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(w[i], w[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks
+    w[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    w[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    w[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    w[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  // rows i..i+3 now hold, per 128-bit lane L, the 4 x 4 block (rows i.., columns 4L..4L+3) transposed
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes across groups of 4 rows
+    a[i] = _mm512_shuffle_i32x4(w[i], w[i + 4], 0x88);        // lanes 0, 2 of each
+    a[i + 4] = _mm512_shuffle_i32x4(w[i], w[i + 4], 0xdd);    // lanes 1, 3
+    a[i + 8] = _mm512_shuffle_i32x4(w[i + 8], w[i + 12], 0x88);
+    a[i + 12] = _mm512_shuffle_i32x4(w[i + 8], w[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    w[i] = _mm512_shuffle_i32x4(a[i], a[i + 8], 0x88);
+    w[i + 8] = _mm512_shuffle_i32x4(a[i], a[i + 8], 0xdd);
+    w[i + 4] = _mm512_shuffle_i32x4(a[i + 4], a[i + 12], 0x88);
+    w[i + 12] = _mm512_shuffle_i32x4(a[i + 4], a[i + 12], 0xdd);
+  }
+}
+
 // bf16 inputs (uint16_t bits), AMX tile products, float32 softmax and accumulators.
 struct AmxEngine : RowState {
   int headdim, d32;            // head dim; padded to 32 for the scores' k steps
   std::vector<uint32_t> qt2;   // (d32/2, BM) q words (head-dim pairs), zero past headdim
-  std::vector<uint16_t> kt;    // (BN, d32) the tile's K rows, contiguous, zero past n and headdim
+  std::vector<uint16_t> kt;    // (BN, d32) K rows copied (listed keys, odd head dims), zero past n
   std::vector<uint16_t> prow;  // (BM, BN) P rounded to bf16, row-major, zero past n
   std::vector<uint32_t> vp;    // (BN/2, headdim) V key-pair words, zero past the tile's pairs
   std::vector<uint16_t> zero_row;
@@ -187,20 +219,55 @@ struct AmxEngine : RowState {
     const uint16_t* k_base = head_rows<uint16_t>(sq.k, pb.k_sh, kv_head);
     const uint16_t* v_base = head_rows<uint16_t>(sq.v, pb.v_sh, kv_head);
     const int n_scored = (n + kTileRows - 1) / kTileRows * kTileRows;  // whole key groups of 16
-
-    // Scores: per key group, C tiles 0..2 = the three row groups; A = tile 3 (K); B = tiles 4..6 (q).
-    for (int j = 0; j < n_scored; ++j) {
-      uint16_t* dst = kt.data() + static_cast<size_t>(j) * d32;
-      if (j < n) std::memcpy(dst, k_base + keys[j] * pb.k_ss, sizeof(uint16_t) * headdim);
-      else std::memset(dst, 0, sizeof(uint16_t) * headdim);  // masked out below; zero keeps it finite
+    score(pb, k_base, keys, n, n_scored);
+    // The softmax scale is folded into the softmax's reads (one pass less);
+    // softcap needs the scaled scores first, and a scale <= 0 does not commute with max.
+    float score_scale = pb.scale;
+    if (pb.softcap > 0 || !(pb.scale > 0)) {
+      const __m512 scale = _mm512_set1_ps(pb.scale);
+      for (int i = 0; i < n_scored * BM; i += W)
+        _mm512_storeu_ps(st.data() + i, _mm512_mul_ps(_mm512_loadu_ps(st.data() + i), scale));
+      score_scale = 1.0f;
     }
-    const int64_t q_stride = BM * sizeof(uint32_t), k_stride = d32 * sizeof(uint16_t);
+    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), NQ,
+                   score_scale);
+    const int steps = (n + 31) / 32;  // P V k steps of 32 keys (16 pairs)
+    const int pairs = pair_values(v_base, pb.v_ss, keys, n);
+    std::memset(vp.data() + static_cast<size_t>(pairs) * headdim, 0,
+                sizeof(uint32_t) * static_cast<size_t>(steps * 16 - pairs) * headdim);
+    transpose_probabilities(n, steps);
+    accumulate_values(steps);
+  }
+
+  // st[key][row] = sum_d K[key][d] q[row][d] (unscaled) for key < n_scored:
+  // per key group of 16, C tiles 0..2 = the three row groups, A = tile 3 (16
+  // K rows x 32 head dims), B = tiles 4..6 (q words). A group of 16
+  // consecutive keys, all real, is read in place (row stride k_ss) when the
+  // head dim fills whole k steps; others are copied to kt (zero past n: finite
+  // scores, masked by the softmax).
+  void score(const Problem& pb, const uint16_t* k_base, const int64_t* keys, int n, int n_scored) {
+    const int64_t q_stride = BM * sizeof(uint32_t);
     for (int g = 0; g < n_scored / kTileRows; ++g) {
+      const int j0 = g * kTileRows;
+      const uint16_t* a;
+      int64_t a_stride;
+      if (d32 == headdim && j0 + kTileRows <= n && consecutive(keys + j0)) {
+        a = k_base + keys[j0] * pb.k_ss;
+        a_stride = pb.k_ss * static_cast<int64_t>(sizeof(uint16_t));
+      } else {
+        for (int j = j0; j < j0 + kTileRows; ++j) {
+          uint16_t* dst = kt.data() + static_cast<size_t>(j) * d32;
+          if (j < n) std::memcpy(dst, k_base + keys[j] * pb.k_ss, sizeof(uint16_t) * headdim);
+          else std::memset(dst, 0, sizeof(uint16_t) * headdim);
+        }
+        a = kt.data() + static_cast<size_t>(j0) * d32;
+        a_stride = d32 * static_cast<int64_t>(sizeof(uint16_t));
+      }
       amx::zero<0>();
       amx::zero<1>();
       amx::zero<2>();
       for (int s = 0; s < d32 / 32; ++s) {
-        amx::load<3>(kt.data() + static_cast<size_t>(g * kTileRows) * d32 + s * 32, k_stride);
+        amx::load<3>(a + s * 32, a_stride);
         const uint32_t* qs = qt2.data() + static_cast<size_t>(s * 16) * BM;
         amx::load<4>(qs, q_stride);
         amx::load<5>(qs + kTileRows, q_stride);
@@ -209,60 +276,143 @@ struct AmxEngine : RowState {
         amx::dp_bf16<1, 3, 5>();
         amx::dp_bf16<2, 3, 6>();
       }
-      float* sg = st.data() + static_cast<size_t>(g * kTileRows) * BM;
+      float* sg = st.data() + static_cast<size_t>(j0) * BM;
       amx::store<0>(sg, q_stride);
       amx::store<1>(sg + kTileRows, q_stride);
       amx::store<2>(sg + 2 * kTileRows, q_stride);
     }
-    const __m512 scale = _mm512_set1_ps(pb.scale);
-    for (int i = 0; i < n_scored * BM; i += W)
-      _mm512_storeu_ps(st.data() + i, _mm512_mul_ps(_mm512_loadu_ps(st.data() + i), scale));
-    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data());
+  }
 
-    // P V in k steps of 32 keys (16 pairs): C = tile 0 (O), A = tiles 1, 2 (P of steps 0, 1), B = tiles 3, 4 (V).
-    const int steps = (n + 31) / 32;
-    const int pairs = interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp.data());
-    std::memset(vp.data() + static_cast<size_t>(pairs) * headdim, 0,
-                sizeof(uint32_t) * static_cast<size_t>(steps * 16 - pairs) * headdim);
-    // P row-major: row r's keys are st[key * BM + r], a stride-BM gather; keys past n read as 0.
-    const __m512i key_offsets = _mm512_set_epi32(15 * BM, 14 * BM, 13 * BM, 12 * BM, 11 * BM, 10 * BM, 9 * BM, 8 * BM,
-                                                 7 * BM, 6 * BM, 5 * BM, 4 * BM, 3 * BM, 2 * BM, BM, 0);
-    const auto first_keys = [](int count) {  // lanes of the first `count` of 16 keys
-      return static_cast<__mmask16>(count >= 16 ? 0xffffu : count <= 0 ? 0u : (1u << count) - 1);
-    };
-    for (int r = 0; r < BM; ++r)
-      for (int s = 0; s < steps; ++s) {
-        const int j0 = s * 32;
-        const __m512 lo = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_keys(n - j0), key_offsets,
-                                                   st.data() + j0 * BM + r, 4);
-        const __m512 hi = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_keys(n - j0 - 16), key_offsets,
-                                                   st.data() + (j0 + 16) * BM + r, 4);
-        _mm512_storeu_si512(prow.data() + static_cast<size_t>(r) * BN + j0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  // vp[t][.] = V rows keys[2t], keys[2t+1] as pair words (an odd n's last
+  // key paired with zero_row); returns the number of pairs. The head dims of
+  // each block of 32 are stored in the order one unpacklo and one unpackhi
+  // leave them (column p holds dim 8 (p % 16 / 4) + 4 (p / 16) + p % 4: half
+  // the instructions of widening each half in order); o's columns come out
+  // in that order and finish() puts them back. A last 16 dims stay in order.
+  int pair_values(const uint16_t* v_base, int64_t v_ss, const int64_t* keys, int n) {
+    const int pairs = (n + 1) / 2;
+    for (int t = 0; t < pairs; ++t) {
+      const uint16_t* v0 = v_base + keys[2 * t] * v_ss;
+      const uint16_t* v1 = 2 * t + 1 < n ? v_base + keys[2 * t + 1] * v_ss : zero_row.data();
+      uint32_t* dst = vp.data() + static_cast<size_t>(t) * headdim;
+      int d = 0;
+      for (; d + 32 <= headdim; d += 32) {
+        const __m512i a = _mm512_loadu_si512(v0 + d), b = _mm512_loadu_si512(v1 + d);
+        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi16(a, b));
+        _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi16(a, b));
       }
-    for (int r = 0; r < BM; ++r) {  // o *= alpha, before the tiles add this tile's P V
-      const __m512 a = _mm512_set1_ps(alpha[r]);
-      float* orow = o.data() + static_cast<size_t>(r) * headdim;
-      for (int d = 0; d < headdim; d += W) _mm512_storeu_ps(orow + d, _mm512_mul_ps(a, _mm512_loadu_ps(orow + d)));
+      if (d < headdim)  // a last 16 head dims, in order
+        _mm512_storeu_si512(dst + d, interleave_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)),
+                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))));
     }
-    const int64_t p_stride = BN * sizeof(uint16_t), o_stride = headdim * sizeof(float);
-    const int64_t v_stride = headdim * sizeof(uint32_t);
+    return pairs;
+  }
+
+  void finish(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
+    // o's 32-dim blocks in pair_values' column order -> head-dim order
+    const __m512i lo = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i hi = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int r = 0; r < rows; ++r) {
+      float* orow = o.data() + static_cast<size_t>(r) * headdim;
+      for (int d = 0; d + 32 <= headdim; d += 32) {
+        const __m512 x0 = _mm512_loadu_ps(orow + d), x1 = _mm512_loadu_ps(orow + d + 16);
+        _mm512_storeu_ps(orow + d, _mm512_permutex2var_ps(x0, lo, x1));
+        _mm512_storeu_ps(orow + d + 16, _mm512_permutex2var_ps(x0, hi, x1));
+      }
+    }
+    RowState::finish(pb, sq, h, first_row, rows);
+  }
+
+  // keys[0..16) are 16 consecutive positions (listed keys past the window come in any order).
+  static bool consecutive(const int64_t* keys) {
+    for (int j = 1; j < kTileRows; ++j)
+      if (keys[j] != keys[0] + j) return false;
+    return true;
+  }
+
+  // prow[row][key] = bf16(P), row-major for the P V tiles, from the key-major
+  // st: keys 2t, 2t+1 of 16 rows become 16 pair words (one vector), and
+  // 16 such vectors transpose (16 x 16 words, in registers) into 16 rows of
+  // 32 keys. Keys past n read as 0 (the softmax zeroed them up to n_scored;
+  // the rest of a k step is zeroed here).
+  void transpose_probabilities(int n, int steps) {
+    const __m512i pair_up = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                             6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int g = 0; g < kRowGroups; ++g)
+      for (int s = 0; s < steps; ++s) {
+        __m512i w[16];
+        for (int t = 0; t < 16; ++t) {
+          const int j = s * 32 + 2 * t;
+          const __m512 lo = j < n ? _mm512_loadu_ps(st.data() + static_cast<size_t>(j) * BM + g * kTileRows)
+                                  : _mm512_setzero_ps();
+          const __m512 hi = j + 1 < n ? _mm512_loadu_ps(st.data() + static_cast<size_t>(j + 1) * BM + g * kTileRows)
+                                      : _mm512_setzero_ps();
+          // bf16 of lo in words 0..15, of hi in 16..31, then paired per row: (lo[r], hi[r])
+          w[t] = _mm512_permutexvar_epi16(pair_up, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        transpose_16x16_words(w);
+        uint16_t* dst = prow.data() + static_cast<size_t>(g * kTileRows) * BN + s * 32;
+        for (int r = 0; r < kTileRows; ++r) _mm512_storeu_si512(dst + static_cast<size_t>(r) * BN, w[r]);
+      }
+  }
+
+  // o[row] = alpha[row] * o[row] + (P V)[row], per row group and 64 head
+  // dims: C = tiles 0..3 (16 dims each) sum all k steps of the tile (zeroed,
+  // not loaded: o stays in memory, touched once per tile by a vector pass),
+  // A = P of the k step (tiles 4 and 7 by turns, so the next step's load
+  // need not wait for this step's products), B = V (tiles 5, 6 by turns).
+  void accumulate_values(int steps) {
+    const int64_t p_stride = BN * sizeof(uint16_t), v_stride = headdim * sizeof(uint32_t);
+    constexpr int64_t pv_stride = 4 * kTileRows * sizeof(float);
     for (int g = 0; g < kRowGroups; ++g) {
       const uint16_t* pg = prow.data() + static_cast<size_t>(g * kTileRows) * BN;
-      amx::load<1>(pg, p_stride);
-      if (steps > 1) amx::load<2>(pg + 32, p_stride);
-      for (int d = 0; d < headdim; d += 16) {
-        float* og = o.data() + static_cast<size_t>(g * kTileRows) * headdim + d;
-        amx::load<0>(og, o_stride);
-        amx::load<3>(vp.data() + d, v_stride);
-        amx::dp_bf16<0, 1, 3>();
-        if (steps > 1) {
-          amx::load<4>(vp.data() + static_cast<size_t>(16) * headdim + d, v_stride);
-          amx::dp_bf16<0, 2, 4>();
+      for (int d0 = 0; d0 < headdim; d0 += 64) {
+        const int nd = std::min(4, (headdim - d0) / kTileRows);
+        amx::zero<0>();
+        if (nd > 1) amx::zero<1>();
+        if (nd > 2) amx::zero<2>();
+        if (nd > 3) amx::zero<3>();
+        for (int s = 0; s < steps; ++s) {
+          const uint32_t* vs = vp.data() + static_cast<size_t>(s * 16) * headdim + d0;
+          if (s & 1) values_step<7>(nd, pg + s * 32, p_stride, vs, v_stride);
+          else values_step<4>(nd, pg + s * 32, p_stride, vs, v_stride);
         }
-        amx::store<0>(og, o_stride);
+        amx::store<0>(pv, pv_stride);
+        if (nd > 1) amx::store<1>(pv + kTileRows, pv_stride);
+        if (nd > 2) amx::store<2>(pv + 2 * kTileRows, pv_stride);
+        if (nd > 3) amx::store<3>(pv + 3 * kTileRows, pv_stride);
+        for (int r = 0; r < kTileRows; ++r) {
+          const __m512 a = _mm512_set1_ps(alpha[g * kTileRows + r]);
+          float* orow = o.data() + static_cast<size_t>(g * kTileRows + r) * headdim + d0;
+          for (int i = 0; i < nd; ++i)
+            _mm512_storeu_ps(orow + i * kTileRows, _mm512_fmadd_ps(a, _mm512_loadu_ps(orow + i * kTileRows),
+                                                                   _mm512_load_ps(pv + r * 64 + i * kTileRows)));
+        }
       }
     }
   }
+
+  // C tiles 0..nd-1 += P (16 rows x 32 keys, into tile A) x V (32 keys x 16 dims each).
+  template <int A>
+  static void values_step(int nd, const uint16_t* p, int64_t p_stride, const uint32_t* vs, int64_t v_stride) {
+    amx::load<A>(p, p_stride);
+    amx::load<5>(vs, v_stride);
+    amx::dp_bf16<0, A, 5>();
+    if (nd > 1) {
+      amx::load<6>(vs + 16, v_stride);
+      amx::dp_bf16<1, A, 6>();
+    }
+    if (nd > 2) {
+      amx::load<5>(vs + 32, v_stride);
+      amx::dp_bf16<2, A, 5>();
+    }
+    if (nd > 3) {
+      amx::load<6>(vs + 48, v_stride);
+      amx::dp_bf16<3, A, 6>();
+    }
+  }
+
+  alignas(64) float pv[kTileRows * 64];  // C tiles 0..3 of one row group (16 rows x 64 dims)
 };
 
 }  // namespace

@@ -288,7 +288,7 @@ void accumulate_chunk_bf16(int nvd, const uint32_t* pw, const float* alpha, cons
 }
 
 // V rows of a tile's key pairs interleaved: vp[t * headdim + d] = (v[keys[2t]][d], v[keys[2t+1]][d]) words for
-// t < (n + 1) / 2, an odd n's last key paired with zero_row; returns that number of pairs (shared with flash_amx.h).
+// t < (n + 1) / 2, an odd n's last key paired with zero_row; returns that number of pairs.
 inline int interleave_value_pairs(const uint16_t* v_base, int64_t v_ss, const int64_t* keys, int n, int headdim,
                                   const uint16_t* zero_row, uint32_t* vp) {
   const int pairs = (n + 1) / 2;

@@ -127,9 +127,12 @@ inline Isa::vec softcap_vec(Isa::vec x, float cap) {
 // invisible ones become -inf) when needs_mask. Only the first nq row vectors
 // (the item's rows, see active_vectors) are touched: the lanes past them
 // hold probability 0 for the whole item (RowState::reset).
+// score_scale: a factor the scores still need (> 0: the AMX engine folds the
+// softmax scale in here instead of a pass of its own; with softcap the
+// caller scales first), applied as they are read (1: exactly as before).
 inline void online_softmax(const Problem& pb, float* st, const int64_t* keys, const uint8_t* listed, int n,
                            int n_scored, int64_t p0, bool needs_mask, float* m, float* l, float* alpha,
-                           int nq = NQ) {
+                           int nq = NQ, float score_scale = 1.0f) {
   if (pb.softcap > 0)
     for (int j = 0; j < n_scored; ++j)
       for (int c = 0; c < nq; ++c)
@@ -145,13 +148,16 @@ inline void online_softmax(const Problem& pb, float* st, const int64_t* keys, co
   for (int c = 0; c < nq; ++c) {
     Isa::vec tile_max = Isa::set1(kNegInf);
     for (int j = 0; j < n_scored; ++j) tile_max = Isa::max(tile_max, Isa::load(st + j * BM + c * W));
+    const Isa::vec scale = Isa::set1(score_scale);
     const Isa::vec m_old = Isa::load(m + c * W);
-    const Isa::vec m_new = Isa::max(m_old, tile_max);
+    const Isa::vec m_new = Isa::max(m_old, Isa::mul(tile_max, scale));  // max commutes with a scale > 0
     const Isa::vec m_sub = Isa::finite_or_zero(m_new);
+    const Isa::vec neg_m_sub = Isa::sub(Isa::zero(), m_sub);
     const Isa::vec a = Isa::exp(Isa::sub(m_old, m_sub));
     Isa::vec sum = Isa::zero();
     for (int j = 0; j < n_scored; ++j) {
-      const Isa::vec p = Isa::exp(Isa::sub(Isa::load(st + j * BM + c * W), m_sub));
+      // fma(s, 1, -m) rounds as s - m did: the other engines' results are unchanged
+      const Isa::vec p = Isa::exp(Isa::fma(Isa::load(st + j * BM + c * W), scale, neg_m_sub));
       Isa::store(st + j * BM + c * W, p);
       sum = Isa::add(sum, p);
     }
