@@ -97,9 +97,13 @@ def test_auto_reason_names_the_rule_and_its_measurement():
     "flags, dtype, seqlen, expected",
     [
         (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.bfloat16, 4096, "sdpa"),  # Xeon with AMX
-        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.float32, 4096, "cpp"),
+        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.bfloat16, 1024, "sdpa"),
+        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.float32, 2048, "cpp"),
+        (frozenset({"amx_bf16", "amx_tile", "avx512_bf16"}), torch.float32, 4096, "sdpa"),  # fp32-amx-xeon-long
+        (frozenset({"avx512_bf16", "avx512f"}), torch.float32, 4096, "cpp"),  # Zen 4
         (frozenset({"avx512_bf16", "avx512f"}), torch.bfloat16, 4096, "cpp"),  # Zen 4: bf16 dot engine
         (frozenset({"avx512_fp16", "amx_bf16"}), torch.float16, 4096, "sdpa"),
+        (frozenset({"avx512_fp16", "amx_bf16"}), torch.float16, 1024, "cpp"),  # the kernel ahead at 1k
         (frozenset({"avx2"}), torch.float16, 4096, "cpp"),
         (frozenset({"avx2"}), torch.float16, 4, "sdpa"),  # fp16-tiny
         # bfloat16 short runs: the threshold follows the kernel's bf16 engine

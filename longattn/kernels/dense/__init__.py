@@ -278,14 +278,21 @@ class PreferSdpa:
 #   kernel (SDPA's fp16 GEMM is not native). (Wall-clock runs with 2 threads
 #   on a busy 2-core machine can show SDPA ahead: each parallel region waits
 #   for the second core; minima agree with the table.)
-# Intel Xeon with AMX (amx_bf16), bf16 4k, H=8: SDPA 128-157 ms (oneDNN,
-#   220-270 GFLOP/s), cpp with float32 math 491-504 ms: SDPA 3-4x faster at
-#   every length. The kernel's bf16 engines (bf16 dot products, AMX tiles)
-#   are not yet measured on that CPU (no such machine here): until they are,
-#   auto keeps SDPA there; backend="cpp" runs them.
-# float16 with AVX512-FP16/AMX-FP16 (Sapphire/Granite Rapids): not measured
-#   (no such CPU here); oneDNN's fp16 GEMM is native there as bf16's is with
-#   AMX, so the row follows the AMX bf16 evidence.
+# Intel Xeon with AMX (flags amx_bf16, amx_tile, avx512_fp16; 2 cores),
+#   torch 2.13, Dec 1 2026, H=8, medians of interleaved rounds with 2
+#   threads (`longattn bench auto`, `longattn bench dense-bf16`; cpp time /
+#   SDPA time):
+#   bfloat16 (AMX engine)  1k 1.22-1.29, 4k 1.27-1.56, 8k 1.35, 32k 2.00:
+#     SDPA (oneDNN's AMX GEMMs) faster at every length.
+#   float32                1k 0.91-0.93, 2k 1.01, 3k 0.88, 4k 1.12-1.17, 8k 1.03:
+#     SDPA ahead from 4k (its GEMMs hold up as K/V leave the L2; the
+#     kernel's fp32 engine runs at ~47% of this CPU's FMA peak here, ~78%
+#     on the Zen 4).
+#   float16 (fp32 engine)  1k 0.74-0.94, 4k 1.04-1.15: SDPA's fp16 (native
+#     with AVX512-FP16) ahead from 4k only.
+#   (Before the bf16 engines: cpp with float32 math 491-504 ms vs SDPA
+#   128-157 ms at bf16 4k.) These rows key on amx_tile / avx512_fp16 as the
+#   mark of this CPU generation: no other flag tells it apart.
 AUTO_PREFER_SDPA: tuple[PreferSdpa, ...] = (
     PreferSdpa(
         "fp32-short", (torch.float32,), max_seqlen_q=64,
@@ -319,13 +326,19 @@ AUTO_PREFER_SDPA: tuple[PreferSdpa, ...] = (
     ),
     PreferSdpa(
         "bf16-amx", (torch.bfloat16,), cpu_flags=("amx_bf16", "amx_tile"), needs_onednn=True,
-        why="bfloat16 on a CPU with AMX: SDPA's oneDNN bf16 GEMMs measured 3-4x faster than the "
-        "kernel's float32 math (Xeon, 4k causal); its bf16 engines are not measured there yet",
+        why="bfloat16 on a CPU with AMX: SDPA's oneDNN AMX GEMMs measured 1.2-2.0x faster than the "
+        "kernel's AMX engine (Xeon, causal 1k-32k)",
     ),
     PreferSdpa(
-        "fp16-native", (torch.float16,), cpu_flags=("amx_fp16", "avx512_fp16"), needs_onednn=True,
-        why="float16 on a CPU with AVX512-FP16/AMX-FP16: SDPA's oneDNN fp16 GEMMs are native "
-        "(not measured; follows the AMX bf16 evidence)",
+        "fp32-amx-xeon-long", (torch.float32,), min_seqlen_q=4096, cpu_flags=("amx_tile",),
+        why="float32 with 4096+ queries on an AMX-generation Xeon: SDPA measured 1.03-1.17x faster "
+        "(causal 4k-8k; the kernel is ahead up to 3k)",
+    ),
+    PreferSdpa(
+        "fp16-native", (torch.float16,), min_seqlen_q=4096, cpu_flags=("amx_fp16", "avx512_fp16"),
+        needs_onednn=True,
+        why="float16 with 4096+ queries on a CPU with AVX512-FP16/AMX-FP16 (SDPA's fp16 GEMMs native): "
+        "SDPA measured 1.04-1.15x faster at 4k causal; the kernel 1.06-1.36x faster at 1k (Xeon with AMX)",
     ),
 )
 
