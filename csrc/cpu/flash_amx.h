@@ -181,7 +181,7 @@ inline void transpose_16x16_words(__m512i w[16]) {
 struct AmxEngine : RowState {
   int headdim, d32;            // head dim; padded to 32 for the scores' k steps
   std::vector<uint32_t> qt2;   // (d32/2, BM) q words (head-dim pairs), zero past headdim
-  std::vector<uint16_t> kt;    // (BN, d32) K rows copied (listed keys, odd head dims), zero past n
+  std::vector<uint16_t> kt;    // (BN, d32) K rows copied where not read in place (see score), zero past n
   std::vector<uint16_t> prow;  // (BM, BN) P rounded to bf16, row-major, zero past n
   std::vector<uint32_t> vp;    // (BN/2, headdim) V key-pair words, zero past the tile's pairs
   std::vector<uint16_t> zero_row;

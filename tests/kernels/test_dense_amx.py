@@ -278,7 +278,7 @@ def test_emulated_build_runs_the_tiles_not_the_cpus_amx():
     if not AMX_FEATURES <= cb.cpu_features():
         assert not AMX_FEATURES & cb.recorded_features(library.with_suffix(".json"))
     if shutil.which("objdump") is None:
-        pytest.skip("the record is checked; objdump is not on PATH to look for tile instructions in the library")
+        pytest.skip("objdump is not on PATH to look for tile instructions in the library")
     listing = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, timeout=120).stdout
     assert "longattn_flash_cpu_amx_ready" in listing
     assert not [i for i in TILE_INSTRUCTIONS if i in listing]
