@@ -149,6 +149,20 @@ constexpr int kTileRows = 16;  // rows of every tile: 16 fp32 or 32 bf16 (64 byt
 constexpr int kRowGroups = BM / kTileRows;
 static_assert(BM % kTileRows == 0 && BN % 32 == 0, "the tiles cut BM rows and BN keys evenly");
 
+// One pair of V rows as words dst[p] = (v0[d], v1[d]), the head dims of each
+// block of 32 in the order one unpacklo and one unpackhi leave them (column p
+// holds dim 8 (p % 16 / 4) + 4 (p / 16) + p % 4: half the instructions of
+// widening each half in order); a last 16 dims in order.
+inline void pair_rows_unpacked(const uint16_t* v0, const uint16_t* v1, int headdim, uint32_t* dst) {
+  int d = 0;
+  for (; d + 32 <= headdim; d += 32) {
+    const __m512i a = _mm512_loadu_si512(v0 + d), b = _mm512_loadu_si512(v1 + d);
+    _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi16(a, b));
+    _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi16(a, b));
+  }
+  if (d < headdim) pair_rows_in_order(v0 + d, v1 + d, headdim - d, dst + d);
+}
+
 // w[i] lane j -> w[j] lane i for 16 vectors of 16 32-bit words (in registers).
 inline void transpose_16x16_words(__m512i w[16]) {
   __m512i a[16];
@@ -283,29 +297,10 @@ struct AmxEngine : RowState {
     }
   }
 
-  // vp[t][.] = V rows keys[2t], keys[2t+1] as pair words (an odd n's last
-  // key paired with zero_row); returns the number of pairs. The head dims of
-  // each block of 32 are stored in the order one unpacklo and one unpackhi
-  // leave them (column p holds dim 8 (p % 16 / 4) + 4 (p / 16) + p % 4: half
-  // the instructions of widening each half in order); o's columns come out
-  // in that order and finish() puts them back. A last 16 dims stay in order.
+  // vp[t][.] = V rows keys[2t], keys[2t+1] as pair words in pair_rows_unpacked's
+  // order (o's columns come out in it too: finish() puts them back).
   int pair_values(const uint16_t* v_base, int64_t v_ss, const int64_t* keys, int n) {
-    const int pairs = (n + 1) / 2;
-    for (int t = 0; t < pairs; ++t) {
-      const uint16_t* v0 = v_base + keys[2 * t] * v_ss;
-      const uint16_t* v1 = 2 * t + 1 < n ? v_base + keys[2 * t + 1] * v_ss : zero_row.data();
-      uint32_t* dst = vp.data() + static_cast<size_t>(t) * headdim;
-      int d = 0;
-      for (; d + 32 <= headdim; d += 32) {
-        const __m512i a = _mm512_loadu_si512(v0 + d), b = _mm512_loadu_si512(v1 + d);
-        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi16(a, b));
-        _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi16(a, b));
-      }
-      if (d < headdim)  // a last 16 head dims, in order
-        _mm512_storeu_si512(dst + d, interleave_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)),
-                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))));
-    }
-    return pairs;
+    return interleave_value_pairs(v_base, v_ss, keys, n, headdim, zero_row.data(), vp.data(), pair_rows_unpacked);
   }
 
   void finish(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {

@@ -287,19 +287,23 @@ void accumulate_chunk_bf16(int nvd, const uint32_t* pw, const float* alpha, cons
   }
 }
 
-// V rows of a tile's key pairs interleaved: vp[t * headdim + d] = (v[keys[2t]][d], v[keys[2t+1]][d]) words for
-// t < (n + 1) / 2, an odd n's last key paired with zero_row; returns that number of pairs.
+// One pair of V rows as words dst[d] = (v0[d], v1[d]), head dims in order.
+inline void pair_rows_in_order(const uint16_t* v0, const uint16_t* v1, int headdim, uint32_t* dst) {
+  for (int d = 0; d < headdim; d += W)
+    _mm512_storeu_si512(dst + d, interleave_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))));
+}
+
+// V rows of a tile's key pairs as pair words: pair_rows(v[keys[2t]], v[keys[2t+1]], headdim, vp + t * headdim)
+// for t < (n + 1) / 2, an odd n's last key paired with zero_row; returns that number of pairs. pair_rows
+// sets the word order within a row (pair_rows_in_order here; the AMX engine's own order in flash_amx.h).
+template <class PairRows>
 inline int interleave_value_pairs(const uint16_t* v_base, int64_t v_ss, const int64_t* keys, int n, int headdim,
-                                  const uint16_t* zero_row, uint32_t* vp) {
+                                  const uint16_t* zero_row, uint32_t* vp, PairRows pair_rows) {
   const int pairs = (n + 1) / 2;
-  for (int t = 0; t < pairs; ++t) {
-    const uint16_t* v0 = v_base + keys[2 * t] * v_ss;
-    const uint16_t* v1 = 2 * t + 1 < n ? v_base + keys[2 * t + 1] * v_ss : zero_row;
-    uint32_t* dst = vp + static_cast<size_t>(t) * headdim;
-    for (int d = 0; d < headdim; d += W)
-      _mm512_storeu_si512(dst + d, interleave_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)),
-                                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))));
-  }
+  for (int t = 0; t < pairs; ++t)
+    pair_rows(v_base + keys[2 * t] * v_ss, 2 * t + 1 < n ? v_base + keys[2 * t + 1] * v_ss : zero_row, headdim,
+              vp + static_cast<size_t>(t) * headdim);
   return pairs;
 }
 
@@ -330,7 +334,8 @@ struct Bf16DotEngine : RowState {
     score_tile_bf16(nq, qt2.data(), headdim, krow, n_scored, pb.scale, st.data());
     online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), nq);
     // Key pairs: V rows interleaved, P rounded to bf16 and interleaved (keys past n have P = 0).
-    const int pairs = interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp.data());
+    const int pairs =
+        interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp.data(), pair_rows_in_order);
     for (int t = 0; t < pairs; ++t) {
       for (int c = 0; c < NQ; ++c) {  // every vector: P words past nq are 0 (stale ones would reach P V)
         const __m256i p_even = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + 2 * t * BM + c * W));
