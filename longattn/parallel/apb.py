@@ -61,7 +61,7 @@ import torch.distributed as dist
 from longattn.api import attention
 from longattn.errors import ArgumentError, DTypeError, ShapeError, UnsupportedFeatureError
 from longattn.parallel.checks import DTYPE_CODES, agree
-from longattn.parallel.comm import group_facts, wait_for_peers
+from longattn.parallel.comm import group_facts, naming_peer_failures, wait_for_peers
 from longattn.parallel.stats import compute, sent
 from longattn.validation import check_flag, check_int, check_qkv, check_softcap, check_softmax_scale
 
@@ -440,8 +440,10 @@ def _apb_forward(q, k, v, facts, settled: dict):
         message = _pack([pos, ks, vs])
         table = [torch.empty_like(message) for _ in range(n)]
         sent(message.numel())
-        work = dist.all_gather(table, message, group=facts.group, async_op=True)
-        wait_for_peers([work], f"apb_attention: group rank {rank}: the all_gather of passing blocks over {n} ranks")
+        name = f"apb_attention: group rank {rank}: the all_gather of passing blocks over {n} ranks"
+        with naming_peer_failures(name):
+            work = dist.all_gather(table, message, group=facts.group, async_op=True)
+        wait_for_peers([work], name)
         specs = [(torch.int32, (batch, nheads_k, slots)), (k.dtype, (batch, slots, nheads_k, headdim)),
                  (k.dtype, (batch, slots, nheads_k, headdim))]
         for g in range(n - 1):

@@ -9,6 +9,7 @@ point-to-point peers are translated to global ranks with
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,18 +82,27 @@ def ring_peers(facts: GroupFacts) -> str:
     return f"{facts.next_global} (send) / {facts.prev_global} (receive)"
 
 
-def wait_for_peers(works: list | None, what: str) -> None:
-    """Wait for ``works`` (None: nothing was posted), counted as waiting in
-    :mod:`longattn.parallel.stats`. A failed wait (a peer died, or stalled past
-    the group's timeout) is re-raised as ``RuntimeError(f"{what} failed: ...")``:
-    ``what`` names the operation, this rank, the step and the peers."""
-    if works is None:
-        return
+@contextmanager
+def naming_peer_failures(what: str):
+    """Re-raise a RuntimeError from the block (a peer died, or stalled past the
+    group's timeout) as ``RuntimeError(f"{what} failed: ...")``: ``what`` names
+    the operation, this rank, the step and the peers. Posting can fail as well
+    as waiting (gloo raises at post time once it has seen the peer close), so
+    both go through here."""
     try:
-        with waiting():
-            wait_all(works)
+        yield
     except RuntimeError as exc:
         raise RuntimeError(f"{what} failed: {exc}") from exc
+
+
+def wait_for_peers(works: list | None, what: str) -> None:
+    """Wait for ``works`` (None: nothing was posted), counted as waiting in
+    :mod:`longattn.parallel.stats`; a failure is named by ``what`` as in
+    :func:`naming_peer_failures`."""
+    if works is None:
+        return
+    with naming_peer_failures(what), waiting():
+        wait_all(works)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -77,7 +77,8 @@ from longattn.kernels.block_backward import block_backward
 from longattn.kernels.merge import merge_two_in_place
 from longattn.parallel.autograd import ShardedAttention
 from longattn.parallel.checks import settle_sharded
-from longattn.parallel.comm import GroupFacts, group_facts, post_ring_exchange, ring_peers, wait_for_peers
+from longattn.parallel.comm import (GroupFacts, group_facts, naming_peer_failures, post_ring_exchange, ring_peers,
+                                    wait_for_peers)
 from longattn.parallel.pieces import block_pieces
 from longattn.parallel.stats import compute, sent
 
@@ -187,22 +188,35 @@ def _rows(pieces) -> int:
     return sum(rows.stop - rows.start for rows, _, _ in pieces)
 
 
-def _post(ops: list) -> list | None:
+def _exchange_name(facts: GroupFacts, step: int, what: str, peers: str) -> str:
+    """How a failed exchange is named: the operation, this rank, the step, the peers."""
+    return f"token_ring_attention{what}: group rank {facts.rank}, step {step}: exchange with global ranks {peers}"
+
+
+def _post(ops: list, name: str) -> list | None:
     """``batch_isend_irecv`` of the non-empty op list (every rank posts all of
-    its ops of one exchange together, so no world size can deadlock)."""
-    return dist.batch_isend_irecv(ops) if ops else None
+    its ops of one exchange together, so no world size can deadlock); a failed
+    post is named by ``name``."""
+    if not ops:
+        return None
+    with naming_peer_failures(name):
+        return dist.batch_isend_irecv(ops)
+
+
+def _post_ring(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor, step: int, what: str) -> list:
+    with naming_peer_failures(_exchange_name(facts, step, what, ring_peers(facts))):
+        return post_ring_exchange(facts, send, recv, _Q_TAG)
 
 
 def _wait(works: list | None, facts: GroupFacts, step: int, what: str, peers: str) -> None:
-    wait_for_peers(works, f"token_ring_attention{what}: group rank {facts.rank}, step {step}: exchange with "
-                          f"global ranks {peers}")
+    wait_for_peers(works, _exchange_name(facts, step, what, peers))
 
 
 def _global(facts: GroupFacts, group_rank: int) -> int:
     return dist.get_global_rank(facts.group, group_rank % facts.world_size)
 
 
-def _home_exchange(facts, step: int, send: torch.Tensor | None, recv: torch.Tensor | None, tag: int):
+def _home_exchange(facts, step: int, send: torch.Tensor | None, recv: torch.Tensor | None, tag: int, what: str):
     """Step ``step``'s flow home: ``send`` to the owner of the block in hand
     (rank ``r - step``), ``recv`` from the rank holding this rank's block
     (``r + step``). Either may be None (an empty piece: nothing travels)."""
@@ -212,7 +226,7 @@ def _home_exchange(facts, step: int, send: torch.Tensor | None, recv: torch.Tens
         sent(send.numel() * send.element_size())
     if recv is not None:
         ops.append(dist.P2POp(dist.irecv, recv, _global(facts, facts.rank + step), facts.group, tag))
-    return _post(ops)
+    return _post(ops, _exchange_name(facts, step, what, _home_peers(facts, step)))
 
 
 def _home_peers(facts, step: int) -> str:
@@ -250,7 +264,7 @@ def _token_ring_forward(q, k, v, facts: GroupFacts, causal: bool, window: tuple[
         q_works, q_next = None, None
         if step < n - 1:  # post the next q exchange first: it overlaps the compute below
             q_next = torch.empty_like(q_in_hand)
-            q_works = post_ring_exchange(facts, q_in_hand, q_next, _Q_TAG)
+            q_works = _post_ring(facts, q_in_hand, q_next, step, " (q)")
             sent(q_in_hand.numel() * q_in_hand.element_size())
         # what owner's rows need from this rank's KV
         mine = block_pieces(n, owner, r, seqlen, causal, window, layout)
@@ -268,7 +282,7 @@ def _token_ring_forward(q, k, v, facts: GroupFacts, causal: bool, window: tuple[
             # what arrives for this rank's rows
             theirs = block_pieces(n, r, (r + step) % n, seqlen, causal, window, layout)
             incoming = q.new_empty(batch * _rows(theirs) * nheads * width) if theirs else None
-            works = _home_exchange(facts, step, outgoing, incoming, _OUT_TAG)
+            works = _home_exchange(facts, step, outgoing, incoming, _OUT_TAG, " (partial outputs)")
             if pending is not None:
                 _merge_pending(pending, facts, merge, unpack_all)
             pending = (works, theirs, incoming, step)
@@ -341,7 +355,7 @@ def _token_ring_backward(dout, dlse, q, k, v, out, lse, facts: GroupFacts, causa
         works, block_next = None, None
         if step < n - 1:
             block_next = torch.empty_like(block)
-            works = post_ring_exchange(facts, block, block_next, _Q_TAG)
+            works = _post_ring(facts, block, block_next, step, " backward (q block)")
             sent(block.numel() * block.element_size())
         mine = block_pieces(n, owner, r, seqlen, causal, window, layout)
         with compute():
@@ -362,7 +376,7 @@ def _token_ring_backward(dout, dlse, q, k, v, out, lse, facts: GroupFacts, causa
         if step > 0:
             theirs = block_pieces(n, r, (r + step) % n, seqlen, causal, window, layout)
             incoming = dq.new_empty(batch * _rows(theirs) * nheads * headdim) if theirs else None
-            home = _home_exchange(facts, step, outgoing, incoming, _DQ_TAG)
+            home = _home_exchange(facts, step, outgoing, incoming, _DQ_TAG, " backward (dq)")
             if pending is not None:
                 settle(pending)
             pending = (home, theirs, incoming, step)

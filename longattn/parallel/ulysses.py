@@ -33,7 +33,7 @@ import torch.distributed as dist
 from longattn.api import attention
 from longattn.errors import ShapeError
 from longattn.parallel.checks import ShardedOptions, settle_sharded
-from longattn.parallel.comm import GroupFacts, group_facts, wait_for_peers
+from longattn.parallel.comm import GroupFacts, group_facts, naming_peer_failures, wait_for_peers
 from longattn.parallel.stats import compute, sent
 
 
@@ -257,10 +257,11 @@ def _exchange(facts: GroupFacts, stage: str, blocks) -> tuple:
     received = torch.empty_like(buffer)
     # this rank's payload that leaves it: the N-1 blocks for its peers
     sent(buffer[0].numel() * (n - 1), messages=n - 1)
-    work = dist.all_to_all_single(received, buffer, group=facts.group, async_op=True)
     peers = [dist.get_global_rank(facts.group, r) for r in range(n) if r != facts.rank]
-    wait_for_peers([work], f"ulysses_attention: group rank {facts.rank}: all-to-all of {stage} with global ranks "
-                           f"{peers}")
+    name = f"ulysses_attention: group rank {facts.rank}: all-to-all of {stage} with global ranks {peers}"
+    with naming_peer_failures(name):
+        work = dist.all_to_all_single(received, buffer, group=facts.group, async_op=True)
+    wait_for_peers([work], name)
     return _unpack(received, like)
 
 

@@ -8,6 +8,10 @@ Each table here runs in its own group (a dead rank ends its group), launched by
 - ``DIES_MID_RING``: the last rank exits when it should post its last ring
   exchange (``check=False``: no gather first); the others are waiting on
   that exchange, which fails naming the rank and step.
+- ``DIES_BEFORE_POST``: the last rank exits at its first ring exchange; the
+  others post theirs only a second later, when gloo already knows the peer
+  is gone and fails the post itself (not only the wait): that error too
+  must name the step.
 - ``RAISES_MID_RING``: the last rank raises a Python error instead of posting
   its last exchange and goes on living; the others wait on a subgroup with a 3 s timeout
   and must raise by then (not hang), naming the step; the default group is
@@ -83,6 +87,23 @@ def _dies_mid_ring(rank, world):
     _survivor_raises(lambda: ring_attention(q, k, v, causal=True, check=False), "step")
 
 
+def _dies_before_survivor_posts(rank, world):
+    q, k, v = _inputs()
+    if rank == world - 1:
+        def die(*args, **kwargs):
+            print("DYING RANK", flush=True)
+            os._exit(3)
+        ring_module.post_ring_exchange = die
+    else:
+        real = ring_module.post_ring_exchange
+
+        def late(*args, **kwargs):
+            time.sleep(1.0)  # the peer's connection has closed by now
+            return real(*args, **kwargs)
+        ring_module.post_ring_exchange = late
+    _survivor_raises(lambda: ring_attention(q, k, v, causal=True, check=False), "step")
+
+
 def _raises_mid_ring(rank, world):
     group = dist.new_group(list(range(world)), timeout=SHORT_TIMEOUT)
     q, k, v = _inputs()
@@ -106,4 +127,5 @@ def _raises_mid_ring(rank, world):
 
 DIES_BEFORE = {"dies_before_the_call": (2, _dies_before)}
 DIES_MID_RING = {"dies_mid_ring": (2, _dies_mid_ring)}
+DIES_BEFORE_POST = {"dies_before_survivor_posts": (2, _dies_before_survivor_posts)}
 RAISES_MID_RING = {"raises_mid_ring": (2, _raises_mid_ring)}

@@ -15,6 +15,7 @@ SCENARIOS = [
     ("DIES_BEFORE", "dies_before_the_call", True, 3),
     ("DIES_MID_RING", "dies_mid_ring", True, 2),
     ("DIES_MID_RING", "dies_mid_ring", True, 3),
+    ("DIES_BEFORE_POST", "dies_before_survivor_posts", True, 2),
     ("RAISES_MID_RING", "raises_mid_ring", False, 3),
 ]
 
