@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import textwrap
 from types import ModuleType
 
 import pytest
@@ -26,13 +27,49 @@ def triton_skip_reason(import_error: str | None) -> str | None:
     return None
 
 
+# Defined in every compile script: each_config(configs, body) runs body(*config)
+# for each config in forked children, as many at once as this process may use
+# CPUs (each compile is seconds of single-threaded work), and raises naming
+# the configs that failed; their tracebacks go to stderr.
+_EACH_CONFIG = textwrap.dedent("""
+    def each_config(configs, body):
+        import os, traceback
+        workers = max(1, len(os.sched_getaffinity(0)))
+        running, failed = {}, []
+        def reap():
+            pid, status = os.wait()
+            if status != 0:
+                failed.append(running[pid])
+            del running[pid]
+        for config in configs:
+            if len(running) >= workers:
+                reap()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    body(*config)
+                except BaseException:
+                    traceback.print_exc()
+                    os._exit(1)
+                os._exit(0)
+            running[pid] = config
+        while running:
+            reap()
+        if failed:
+            raise AssertionError(f"failed to compile for {failed}")
+""")
+
+
 def assert_compiles_for_gpu(script: str, cache_dir) -> None:
     """Run ``script`` (which compiles kernels to cubin and prints "compiled") in a
-    fresh process without the interpreter; skip when triton has no ptxas here."""
+    fresh process without the interpreter; skip when triton has no ptxas here.
+    The script may call ``each_config(configs, body)`` (see ``_EACH_CONFIG``)
+    to compile its configs side by side."""
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "TRITON_DEFAULT_FP_FUSION": "1"}
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _EACH_CONFIG + script], env=env, capture_output=True, text=True,
+                          timeout=300)
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip(f"triton cannot compile for GPU targets here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

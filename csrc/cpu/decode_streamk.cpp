@@ -508,7 +508,9 @@ void run_any_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin
 #endif
     if (p.headdim % (2 * kWide) == 0)  // bf16 widened a pair of vectors at a time (Bf16Pairs)
       return run_segment_wide_d<Bf16Pairs, false>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
-    return run_segment_wide_d<uint16_t, false>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
+    // Only head dims that are no multiple of 2 * kWide come here (never 64 or
+    // 128): no unrolled instances, which would cost build time and never run.
+    return run_segment_wide<uint16_t, false, 0>(p, w, b, hk0, key_begin, key_end, whole_tile, slot);
   }
 #endif
   run_segment(p, w, b, hk0, key_begin, key_end, whole_tile, slot);

@@ -216,8 +216,7 @@ _AOT = textwrap.dedent("""
         assert k.metadata.shared <= 99 * 1024, (consts, k.metadata.shared)
 
     # The largest configs launch_config picks (64 rows; headdim 128 and 256), fp32 = most shared memory.
-    for arch, dt, paged, headdim in ((80, "bf16", True, 128), (90, "fp16", False, 256),
-                                     (80, "fp32", True, 256), (90, "fp32", False, 128)):
+    def compile_both(arch, dt, paged, headdim):
         block_m, block_n, block_d, num_warps = m.launch_config(64, headdim, 64)
         ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, Out="*" + dt, Lse="*fp32", WsO="*fp32", WsL="*fp32",
                     Segs="*i32", WorkerFirst="*i32", Seqlens="*i32", BlockTable="*i32")
@@ -226,6 +225,9 @@ _AOT = textwrap.dedent("""
         compile_for(m._streamk_partial_kernel, ptrs, consts, arch, num_warps)
         ptrs = dict(Out="*" + dt, Lse="*fp32", WsO="*fp32", WsL="*fp32", MergeTiles="*i32", TileFirst="*i32")
         compile_for(m._streamk_merge_kernel, ptrs, dict(BLOCK_M=block_m, BLOCK_D=block_d), arch, 4)
+
+    each_config(((80, "bf16", True, 128), (90, "fp16", False, 256), (80, "fp32", True, 256), (90, "fp32", False, 128)),
+                compile_both)
     print("compiled")
 """)
 

@@ -255,7 +255,7 @@ _AOT = textwrap.dedent("""
     from longattn.kernels.block_backward import triton as bb
 
     # One config per kernel keeps this test short (each compile costs seconds).
-    for fn, (arch, dt, headdim) in ((bb._bwd_dkdv_kernel, (80, "fp16", 256)), (bb._bwd_dq_kernel, (90, "bf16", 128))):
+    def compile_one(fn, arch, dt, headdim):
         block_m, block_n, num_warps = bb._launch_config(headdim)
         consts = dict(CAUSAL=True, HAS_SOFTCAP=True, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_D=max(16, triton.next_power_of_2(headdim)))
@@ -266,6 +266,8 @@ _AOT = textwrap.dedent("""
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
         assert k.asm["cubin"], (fn, arch, dt, headdim)
+
+    each_config(((bb._bwd_dkdv_kernel, 80, "fp16", 256), (bb._bwd_dq_kernel, 90, "bf16", 128)), compile_one)
     print("compiled")
 """)
 

@@ -123,13 +123,20 @@ _AOT = textwrap.dedent("""
         assert k.asm["cubin"], (fn, arch)
         assert k.metadata.shared <= 99 * 1024, (consts, k.metadata.shared)
 
-    for arch, dt, causal, headdim in ((80, "bf16", True, 128), (90, "fp16", False, 128), (80, "fp32", True, 256)):
+    def block_sparse(arch, dt, causal, headdim):
         block_m, block_n, block_d, bk, stages = bs.launch_config(64, 2, headdim, False)
         ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, Out="*" + dt, Lse="*fp32", Blocks="*i32")
         consts = dict(CAUSAL=causal, HAS_SOFTCAP=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BK=bk)
         compile_for(bs._block_sparse_fwd_kernel, ptrs, consts, arch, stages)
+
+    def hip_score(arch, causal, headdim):
+        block_d = bs.launch_config(64, 2, headdim, False)[2]
         ptrs = dict(Queries="*fp32", QueryPos="*i32", RangeEnd="*i64", Keys="*fp32", Blocks="*i32", Out="*fp32")
         compile_for(hs._hip_score_kernel, ptrs, dict(CAUSAL=causal, S=32, BLOCK_C=32, BK=2, BLOCK_D=block_d), arch, 1)
+
+    configs = ((80, "bf16", True, 128), (90, "fp16", False, 128), (80, "fp32", True, 256))
+    each_config([(block_sparse, c) for c in configs] + [(hip_score, (a, c, d)) for a, _, c, d in configs],
+                lambda fn, config: fn(*config))
     print("compiled")
 """)
 

@@ -231,7 +231,7 @@ _AOT = textwrap.dedent("""
     # decode) makes seqlen_q one, which the varlen branch rebinds to the sequence's length.
     configs = ((80, "bf16", 128, False, {}), (90, "fp16", 64, False, {}), (80, "fp32", 256, False, {}),
                (90, "fp32", 128, False, {}), (80, "fp16", 128, True, dict(seqlen_q=1)), (90, "bf16", 256, True, {}))
-    for arch, dt, headdim, varlen, ones in configs:
+    def compile_one(arch, dt, headdim, varlen, ones):
         block_m, block_n, num_warps, stages = dense._launch_config(headdim, False)
         ptrs = dict(Q="*" + dt, K="*" + dt, V="*" + dt, Out="*" + dt, Lse="*fp32")
         consts = dict(IS_VARLEN=varlen, HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, BLOCK_M=block_m,
@@ -247,6 +247,8 @@ _AOT = textwrap.dedent("""
                            options={"num_warps": num_warps, "num_stages": stages})
         assert k.asm["cubin"], (arch, dt, headdim, varlen)
         assert k.metadata.shared <= limit[arch], (arch, dt, headdim, varlen, k.metadata.shared)
+
+    each_config(configs, compile_one)
     print("compiled")
 """)
 
