@@ -1,5 +1,4 @@
-"""Test-wide setup: the Triton interpreter, hypothesis profiles, the GPU
-compile checks started in the background.
+"""Test-wide setup: the Triton interpreter, hypothesis profiles.
 
 ``TRITON_INTERPRET`` must be set before triton is imported anywhere, so it is
 set here, at collection time, when the machine has no CUDA device. Triton
@@ -35,23 +34,3 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def pytest_collection_finish(session):
-    """Start the selected GPU compile checks in the background (see
-    tests/triton_helpers.py's BackgroundCompiles): they finish while the
-    rest of the suite runs."""
-    import importlib.util
-    import tempfile
-
-    from tests.triton_helpers import BACKGROUND
-
-    scripts = [m.args[0] for item in session.items for m in item.iter_markers("gpu_compile")]
-    if scripts and importlib.util.find_spec("triton") is not None:  # without triton those tests skip
-        BACKGROUND.start(scripts, tempfile.mkdtemp(prefix="longattn-triton-cache-"))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    from tests.triton_helpers import BACKGROUND
-
-    BACKGROUND.stop()

@@ -25,7 +25,7 @@ from longattn.kernels.decode.triton import decode_forward_triton, triton_import_
 from longattn.masking import effective_window
 from tests.decode.decode_cases import DecodeCase
 from tests.tolerance import assert_close_to_oracle
-from tests.triton_helpers import HAS_CUDA, assert_compiles_for_gpu, gpu_compile, load_without_triton, triton_skip_reason
+from tests.triton_helpers import HAS_CUDA, assert_compiles_for_gpu, load_without_triton, triton_skip_reason
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -232,7 +232,6 @@ _AOT = textwrap.dedent("""
 """)
 
 
-@gpu_compile(_AOT)
 def test_kernels_compile_for_gpu_targets(tmp_path):
     """Ahead-of-time compile to cubin for sm_80 and sm_90 (bf16, fp16, fp32; paged and
     contiguous): catches what the interpreter accepts but the compiler rejects, and checks
