@@ -255,13 +255,16 @@ def _shared_error(b: int, col: int, page: int, other_b: int, other_col: int, wri
 def _check_table_python(args: CacheArgs, used: list[int], first_written: list[int]) -> None:
     num_pages, max_used = args.k_cache.shape[0], max(used)
     rows = args.block_table[:, :max_used].tolist()
+    for b, (row, u) in enumerate(zip(rows, used)):
+        if u and (min(row[:u]) < 0 or max(row[:u]) >= num_pages):
+            col = next(c for c in range(u) if not 0 <= row[c] < num_pages)
+            raise _range_error(b, col, row[col], num_pages)
+    if all(w >= u for w, u in zip(first_written, used)):
+        return  # nothing is written (a plain decode read): no page can be raced on
     owners: dict[int, list[tuple[int, int]]] = {}
     for b, (row, u) in enumerate(zip(rows, used)):
         for col in range(u):
-            page = row[col]
-            if page < 0 or page >= num_pages:
-                raise _range_error(b, col, page, num_pages)
-            owners.setdefault(page, []).append((b, col))
+            owners.setdefault(row[col], []).append((b, col))
     for b, (row, u, w) in enumerate(zip(rows, used, first_written)):
         for col in range(w, u):
             entries = owners[row[col]]
