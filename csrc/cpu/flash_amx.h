@@ -197,13 +197,13 @@ struct AmxEngine : RowState {
   std::vector<uint32_t> qt2;   // (d32/2, BM) q words (head-dim pairs), zero past headdim
   std::vector<uint16_t> kt;    // (BN, d32) K rows copied where not read in place (see score), zero past n
   std::vector<uint16_t> prow;  // (BM, BN) P rounded to bf16, row-major, zero past n
-  std::vector<uint32_t> vp;    // (BN/2, headdim) V key-pair words, zero past the tile's pairs
+  SharedTile* vp;  // (BN/2, headdim) V key-pair words, zero past the tile's pairs; shared by the item's blocks
   std::vector<uint16_t> zero_row;
 
-  explicit AmxEngine(int hd)
+  AmxEngine(int hd, SharedTile* shared)
       : RowState(hd), headdim(hd), d32((hd + 31) / 32 * 32), qt2(static_cast<size_t>(d32 / 2) * BM, 0u),
-        kt(static_cast<size_t>(BN) * d32, 0), prow(static_cast<size_t>(BM) * BN, 0),
-        vp(static_cast<size_t>(BN / 2) * hd, 0u), zero_row(hd, 0) {
+        kt(static_cast<size_t>(BN) * d32, 0), prow(static_cast<size_t>(BM) * BN, 0), vp(shared), zero_row(hd, 0) {
+    vp->words.resize(static_cast<size_t>(BN / 2) * hd);
     if (!amx_ready()) {  // Python never asks for AMX then (longattn_flash_cpu_amx_ready): a bug if reached
       std::fprintf(stderr, "longattn: the AMX engine ran without the OS's permission for AMX state\n");
       std::abort();
@@ -246,9 +246,12 @@ struct AmxEngine : RowState {
     online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), NQ,
                    score_scale);
     const int steps = (n + 31) / 32;  // P V k steps of 32 keys (16 pairs)
-    const int pairs = pair_values(v_base, pb.v_ss, keys, n);
-    std::memset(vp.data() + static_cast<size_t>(pairs) * headdim, 0,
-                sizeof(uint32_t) * static_cast<size_t>(steps * 16 - pairs) * headdim);
+    if (!vp->holds(v_base, keys, n)) {
+      const int pairs = pair_values(v_base, pb.v_ss, keys, n);
+      std::memset(vp->words.data() + static_cast<size_t>(pairs) * headdim, 0,
+                  sizeof(uint32_t) * static_cast<size_t>(steps * 16 - pairs) * headdim);
+      vp->hold(v_base, keys, n);
+    }
     transpose_probabilities(n, steps);
     accumulate_values(steps);
   }
@@ -300,7 +303,8 @@ struct AmxEngine : RowState {
   // vp[t][.] = V rows keys[2t], keys[2t+1] as pair words in pair_rows_unpacked's
   // order (o's columns come out in it too: finish() puts them back).
   int pair_values(const uint16_t* v_base, int64_t v_ss, const int64_t* keys, int n) {
-    return interleave_value_pairs(v_base, v_ss, keys, n, headdim, zero_row.data(), vp.data(), pair_rows_unpacked);
+    return interleave_value_pairs(v_base, v_ss, keys, n, headdim, zero_row.data(), vp->words.data(),
+                                  pair_rows_unpacked);
   }
 
   void finish(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
@@ -368,7 +372,7 @@ struct AmxEngine : RowState {
         if (nd > 2) amx::zero<2>();
         if (nd > 3) amx::zero<3>();
         for (int s = 0; s < steps; ++s) {
-          const uint32_t* vs = vp.data() + static_cast<size_t>(s * 16) * headdim + d0;
+          const uint32_t* vs = vp->words.data() + static_cast<size_t>(s * 16) * headdim + d0;
           if (s & 1) values_step<7>(nd, pg + s * 32, p_stride, vs, v_stride);
           else values_step<4>(nd, pg + s * 32, p_stride, vs, v_stride);
         }

@@ -141,7 +141,7 @@ struct F32EngineT : RowState {
   std::vector<float> qt;          // (headdim, BM) scaled queries, transposed
   std::vector<float> kbuf, vbuf;  // (BN, headdim) the tile's widened rows (T != float)
   std::vector<float> qrow;        // one widened query row (T != float)
-  explicit F32EngineT(int headdim)
+  F32EngineT(int headdim, SharedTile*)
       : RowState(headdim), qt(static_cast<size_t>(headdim) * BM),
         kbuf(std::is_same_v<T, float> ? 0 : static_cast<size_t>(BN) * headdim),
         vbuf(std::is_same_v<T, float> ? 0 : static_cast<size_t>(BN) * headdim),
@@ -309,11 +309,14 @@ inline int interleave_value_pairs(const uint16_t* v_base, int64_t v_ss, const in
 
 // bf16 inputs (uint16_t bits), bf16 dot products, float32 softmax and accumulators.
 struct Bf16DotEngine : RowState {
-  std::vector<uint32_t> qt2, pw, vp;  // (headdim/2, BM) q words; (BN/2, BM) P words; (BN/2, headdim) V words
+  std::vector<uint32_t> qt2, pw;  // (headdim/2, BM) q words; (BN/2, BM) P words
+  SharedTile* vp;                 // (BN/2, headdim) V words, shared by the item's blocks
   std::vector<uint16_t> zero_row;     // the partner of an odd tile's last V row
-  explicit Bf16DotEngine(int headdim)
-      : RowState(headdim), qt2(static_cast<size_t>(headdim / 2) * BM), pw(BN / 2 * BM),
-        vp(static_cast<size_t>(BN / 2) * headdim), zero_row(headdim, 0) {}
+  Bf16DotEngine(int headdim, SharedTile* shared)
+      : RowState(headdim), qt2(static_cast<size_t>(headdim / 2) * BM), pw(BN / 2 * BM), vp(shared),
+        zero_row(headdim, 0) {
+    vp->words.resize(static_cast<size_t>(BN / 2) * headdim);
+  }
 
   void begin(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
     for (int r = 0; r < BM; ++r) {
@@ -334,8 +337,11 @@ struct Bf16DotEngine : RowState {
     score_tile_bf16(nq, qt2.data(), headdim, krow, n_scored, pb.scale, st.data());
     online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), nq);
     // Key pairs: V rows interleaved, P rounded to bf16 and interleaved (keys past n have P = 0).
-    const int pairs =
-        interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp.data(), pair_rows_in_order);
+    const int pairs = (n + 1) / 2;
+    if (!vp->holds(v_base, keys, n)) {
+      interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp->words.data(), pair_rows_in_order);
+      vp->hold(v_base, keys, n);
+    }
     for (int t = 0; t < pairs; ++t) {
       for (int c = 0; c < NQ; ++c) {  // every vector: P words past nq are 0 (stale ones would reach P V)
         const __m256i p_even = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(st.data() + 2 * t * BM + c * W));
@@ -346,7 +352,7 @@ struct Bf16DotEngine : RowState {
     const int rows_padded = (rows + R - 1) / R * R;
     for (int r = 0; r < rows_padded; r += R)
       for (int d = 0; d < headdim; d += NV * W)
-        accumulate_chunk_bf16(std::min(NV, (headdim - d) / W), pw.data() + r, alpha.data() + r, vp.data(), d, pairs,
+        accumulate_chunk_bf16(std::min(NV, (headdim - d) / W), pw.data() + r, alpha.data() + r, vp->words.data(), d, pairs,
                               o.data() + static_cast<size_t>(r) * headdim, headdim);
   }
 };
@@ -376,7 +382,7 @@ constexpr int kMathsBuilt = (1 << kMathF32) | (1 << kMathF32Bf16) | (1 << kMathF
 #endif
     ;
 
-// Runs items with the engine `math` names; false when this build lacks it.
+// Runs items with the engine `math` names (item(it, crew): see run_items); false when this build lacks it.
 template <class Item>
 bool run_with_math(int math, int64_t items, int headdim, int num_threads, const Item& item) {
   switch (math) {
@@ -438,21 +444,30 @@ extern "C" int longattn_flash_cpu(
   const Problem pb{q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh, nheads, nheads_k, headdim, window_left,
                    window_right, sink, causal != 0, scale, softcap, listed_per_block, bq};
   const int blocks = (seqlen_q + bq - 1) / bq, pieces = (bq + BM - 1) / BM;
-  const int64_t items = static_cast<int64_t>(batch) * nheads * blocks * pieces;
+  // Work items: up to `group` consecutive pieces (of BM rows) of one (batch, head), walked together.
+  const int64_t units = static_cast<int64_t>(blocks) * pieces;
+  const int group = group_size(static_cast<int64_t>(batch) * nheads * units, num_threads);
+  const int64_t groups = (units + group - 1) / group;
+  const int64_t items = static_cast<int64_t>(batch) * nheads * groups;
   const char *qb = static_cast<const char*>(q), *kb = static_cast<const char*>(k), *vb = static_cast<const char*>(v);
-  run_with_math(math, items, headdim, num_threads, [&](int64_t it, auto& engine, KeyLists& kl) {
-    const int piece = static_cast<int>(it % pieces);
-    const int block = static_cast<int>((it / pieces) % blocks);
-    const int h = static_cast<int>((it / pieces / blocks) % nheads);
-    const int64_t b = it / pieces / blocks / nheads;
-    const int first_row = block * bq + piece * BM;
-    const int rows = std::min({BM, bq - piece * BM, seqlen_q - first_row});
-    if (rows <= 0) return;
+  run_with_math(math, items, headdim, num_threads, [&](int64_t it, auto& crew) {
+    const int64_t first_unit = (it % groups) * group;
+    const int h = static_cast<int>((it / groups) % nheads);
+    const int64_t b = it / groups / nheads;
+    RowBlock rb[kGroup];
+    int count = 0;
+    for (int64_t u = first_unit; u < std::min(units, first_unit + group); ++u) {
+      const int piece = static_cast<int>(u % pieces), block = static_cast<int>(u / pieces);
+      const int first_row = block * bq + piece * BM;
+      const int rows = std::min({BM, bq - piece * BM, seqlen_q - first_row});
+      if (rows > 0) rb[count++] = RowBlock{block, first_row, rows};
+    }
+    if (count == 0) return;
     const Seq sq{qb + b * q_sb * es, kb + b * k_sb * es, vb + b * v_sb * es, out + b * o_sb,
                  lse + b * nheads * seqlen_q, seqlen_q,
                  listed == nullptr ? nullptr : listed + b * nheads * blocks * listed_per_block,
                  seqlen_q, seqlen_k};
-    work_item(pb, engine, kl, sq, h, block, first_row, rows);
+    work_item(pb, crew, sq, h, rb, count);
   });
   return 0;
 #else
@@ -470,9 +485,9 @@ extern "C" int longattn_flash_cpu(
 //   cu_seqlens_q, cu_seqlens_k (batch + 1) int32 prefix sums: sequence b's queries are rows
 //   cu_seqlens_q[b] .. cu_seqlens_q[b + 1], its keys rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1],
 //   and its query i sits at key position i + seqlen_k_b - seqlen_q_b (each sequence aligned on its own).
-// Work items are (sequence, head, block of BM query rows), numbered sequence by
-// sequence, each exactly the dense kernel's item on that sequence alone (same
-// bits); no padding to the longest sequence. Sequences of length 0 (either
+// Work items are (sequence, head, a group of blocks of BM query rows), numbered
+// sequence by sequence; each block is exactly the dense kernel's block on that
+// sequence alone (same bits); no padding to the longest sequence. Sequences of length 0 (either
 // side) are allowed: no queries, no items; no keys, rows out 0 and lse -inf.
 // Input types and `math` as longattn_flash_cpu. Returns 0, or 1 for arguments
 // it cannot take (prefix sums included), 2 when built without AVX2, 3 without the math.
@@ -492,30 +507,40 @@ extern "C" int longattn_flash_cpu_varlen(
     return 1;
   if (math < 0 || math > 30 || !((kMathsBuilt >> math) & 1)) return 3;
   const int es = math == kMathF32 ? 4 : 2;
+  // Work items: up to `group` consecutive blocks of BM rows of one (sequence, head), walked together.
   // first_item[b]: the number of the sequence's first item (a prefix sum over
-  // sequences of nheads * its query blocks); an item finds its sequence by bisection.
-  std::vector<int64_t> first_item(static_cast<size_t>(batch) + 1, 0);
+  // sequences of nheads * its groups of blocks); an item finds its sequence by bisection.
+  int64_t units = 0;
   for (int b = 0; b < batch; ++b) {
     const int64_t sq = static_cast<int64_t>(cu_seqlens_q[b + 1]) - cu_seqlens_q[b];
     const int64_t sk = static_cast<int64_t>(cu_seqlens_k[b + 1]) - cu_seqlens_k[b];
     if (sq < 0 || sk < 0) return 1;
-    first_item[b + 1] = first_item[b] + nheads * ((sq + BM - 1) / BM);
+    units += nheads * ((sq + BM - 1) / BM);
+  }
+  const int group = group_size(units, num_threads);
+  std::vector<int64_t> first_item(static_cast<size_t>(batch) + 1, 0);
+  for (int b = 0; b < batch; ++b) {
+    const int64_t blocks = (static_cast<int64_t>(cu_seqlens_q[b + 1]) - cu_seqlens_q[b] + BM - 1) / BM;
+    first_item[b + 1] = first_item[b] + nheads * ((blocks + group - 1) / group);
   }
   const Problem pb{q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh, nheads, nheads_k, headdim, window_left,
                    window_right, sink, causal != 0, scale, softcap, 0, BM};
   const char *qb = static_cast<const char*>(q), *kb = static_cast<const char*>(k), *vb = static_cast<const char*>(v);
-  run_with_math(math, first_item[batch], headdim, num_threads, [&](int64_t it, auto& engine, KeyLists& kl) {
+  run_with_math(math, first_item[batch], headdim, num_threads, [&](int64_t it, auto& crew) {
     // The last sequence whose first item is <= it (sequences without queries own no items).
     const int b = static_cast<int>(std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin()) - 1;
     const int64_t q0 = cu_seqlens_q[b], k0 = cu_seqlens_k[b];
     const int seqlen_q = cu_seqlens_q[b + 1] - cu_seqlens_q[b], seqlen_k = cu_seqlens_k[b + 1] - cu_seqlens_k[b];
-    const int blocks = (seqlen_q + BM - 1) / BM;
+    const int blocks = (seqlen_q + BM - 1) / BM, groups = (blocks + group - 1) / group;
     const int64_t local = it - first_item[b];
-    const int h = static_cast<int>(local / blocks), block = static_cast<int>(local % blocks);
-    const int first_row = block * BM;
+    const int h = static_cast<int>(local / groups), first_block = static_cast<int>(local % groups) * group;
+    RowBlock rb[kGroup];
+    int count = 0;
+    for (int block = first_block; block < std::min(blocks, first_block + group); ++block)
+      rb[count++] = RowBlock{block, block * BM, std::min(BM, seqlen_q - block * BM)};
     const Seq sq{qb + q0 * q_ss * es, kb + k0 * k_ss * es, vb + k0 * v_ss * es, out + q0 * o_ss, lse + q0, total_q,
                  nullptr, seqlen_q, seqlen_k};
-    work_item(pb, engine, kl, sq, h, block, first_row, std::min(BM, seqlen_q - first_row));
+    work_item(pb, crew, sq, h, rb, count);
   });
   return 0;
 #else
