@@ -5,6 +5,9 @@ in 1k..8k. Methods:
 
 - ``longattn.attention``: the front door, ``backend="auto"`` (on a CPU with
   a compiler and AVX2: the C++ flash kernel, ``csrc/cpu/flash_cpu.cpp``);
+- ``longattn cpp``: ``backend="cpp"``, the C++ flash kernel whatever auto
+  picks (on an AMX Xeon auto sends fp32 from 4096 queries to SDPA), so the
+  kernel's own GFLOP/s and share of the FMA peak are in every table;
 - ``longattn eager twin``: ``backend="eager"``, the readable chunked twin;
 - ``sdpa``: ``F.scaled_dot_product_attention(is_causal=True)`` on transposed
   views. Its top-left causal alignment equals longattn's bottom-right one
@@ -18,6 +21,7 @@ small enough to materialise, else against SDPA's output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +72,28 @@ def run_longattn(inputs: DenseInputs) -> torch.Tensor:
     return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True)
 
 
+def cpp_kernel_setup(dtype: torch.dtype) -> Callable[[DenseInputs], Timed]:
+    """Setup of a ``longattn cpp`` method: the C++ kernel forced
+    (``backend="cpp"``), its engine for ``dtype`` named in the report's note;
+    unavailable, with the reason, where the kernel cannot build."""
+
+    def build_cpp(inputs: DenseInputs) -> Timed:
+        from longattn.kernels.dense.cpp import choose_math, flash_unavailable_reason
+
+        reason = flash_unavailable_reason()
+        if reason is not None:
+            raise MethodUnavailable(reason)
+        engine = choose_math(dtype)
+
+        def run_cpp(inputs: DenseInputs) -> torch.Tensor:
+            return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, backend="cpp")
+
+        run_cpp.note = f"engine: {engine}"  # shown in the report's note column
+        return run_cpp
+
+    return build_cpp
+
+
 def run_eager(inputs: DenseInputs) -> torch.Tensor:
     return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, backend="eager")
 
@@ -116,6 +142,7 @@ def dense_reference(inputs: DenseInputs, outputs: dict[str, torch.Tensor]) -> tu
 def dense_scenario(seqlen: int) -> Scenario:
     methods = [
         Method("longattn.attention", no_setup(run_longattn)),
+        Method("longattn cpp", cpp_kernel_setup(DTYPE)),
         Method("longattn eager twin", no_setup(run_eager)),
         Method("sdpa", no_setup(run_sdpa)),
         Method("flex_attention", build_flex, slow_setup=True),

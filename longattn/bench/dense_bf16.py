@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import longattn
-from longattn.bench.dense import DenseInputs, causal_flops
+from longattn.bench.dense import DenseInputs, causal_flops, cpp_kernel_setup
 from longattn.bench.scenarios import Group, Method, MethodUnavailable, Scenario, Target, Timed, no_setup, register_group
 from longattn.kernels.dense import cpu_flags
 
@@ -51,22 +51,6 @@ def run_auto(inputs: DenseInputs) -> torch.Tensor:
     return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True)
 
 
-def build_cpp(inputs: DenseInputs) -> Timed:
-    """The C++ kernel forced; unavailable (with the reason) where it cannot build."""
-    from longattn.kernels.dense.cpp import choose_math, flash_unavailable_reason
-
-    reason = flash_unavailable_reason()
-    if reason is not None:
-        raise MethodUnavailable(reason)
-    engine = choose_math(DTYPE)
-
-    def run_cpp(inputs: DenseInputs) -> torch.Tensor:
-        return longattn.attention(inputs.q, inputs.k, inputs.v, causal=True, backend="cpp")
-
-    run_cpp.note = f"engine: {engine}"  # shown in the report's note column
-    return run_cpp
-
-
 def run_sdpa(inputs: DenseInputs) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (inputs.q, inputs.k, inputs.v))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
@@ -79,7 +63,7 @@ def sdpa_reference(inputs: DenseInputs, outputs: dict[str, torch.Tensor]) -> tup
 def dense_bf16_scenario(seqlen: int) -> Scenario:
     methods = [
         Method("longattn.attention", no_setup(run_auto)),
-        Method("longattn cpp", build_cpp),
+        Method("longattn cpp", cpp_kernel_setup(DTYPE)),
         Method("sdpa", no_setup(run_sdpa)),
     ]
     speedup, machine = speedup_target()
