@@ -11,10 +11,11 @@
 //     16 rows fp32) += A (16 K rows x 32 head dims, bf16) x B (q pair words
 //     qt2[(d/2) * BM + row], 16 pairs x 16 rows: AMX's pair-interleaved B
 //     layout as it stands, stride BM words). q stays unscaled (exact bf16).
-//   * P V: C = 16 rows x 16 head dims fp32, four at a time, summing the
-//     tile's k steps (32 keys each) from zero; a vector pass then sets o =
-//     alpha o + C (o is never loaded into a tile: a tile load of what vector
-//     stores just wrote waits for them). A = P rounded to bf16, row-major (16
+//   * P V: C = 16 rows x 16 head dims fp32 of o itself, four at a time,
+//     loaded from o, summing the tile's k steps (32 keys each), stored back;
+//     the rows whose running max moved are first rescaled by a vector pass
+//     (a tile load of what vector stores just wrote waits for them, so only
+//     those rows pay that). A = P rounded to bf16, row-major (16
 //     rows x 32 keys, keys past n zero), transposed from the key-major
 //     softmax output in registers; B = V key-pair words vp[t][d] = (v[2t][d],
 //     v[2t+1][d]) (16 pairs x 16 head dims), built per tile by pair_values.
@@ -24,8 +25,8 @@
 // caller's multiple of 16. The softmax scale is applied as the softmax reads
 // the scores (one pass less), except with softcap. Every tile is 16 rows
 // x 64 bytes, so one configuration (palette 1) serves the whole engine: it is
-// loaded when the engine is made (once per thread and parallel region) and
-// released when it goes.
+// loaded when an engine is made (a thread's engines, one per block of a work
+// item, load the same one, once per parallel region) and released when they go.
 //
 // Error: as the bf16-dot engine, P is rounded to bf16 (relative error <= 2^-9
 // per weight, independent across keys) while the row sums l use the float32
@@ -355,38 +356,42 @@ struct AmxEngine : RowState {
       }
   }
 
-  // o[row] = alpha[row] * o[row] + (P V)[row], per row group and 64 head
-  // dims: C = tiles 0..3 (16 dims each) sum all k steps of the tile (zeroed,
-  // not loaded: o stays in memory, touched once per tile by a vector pass),
-  // A = P of the k step (tiles 4 and 7 by turns, so the next step's load
-  // need not wait for this step's products), B = V (tiles 5, 6 by turns).
+  // o[row] = alpha[row] * o[row] + (P V)[row], per row group: first the
+  // vector pass o[row] *= alpha[row] for the rows whose running max moved
+  // (alpha != 1; after a row's first tiles that is seldom: a tile's keys
+  // rarely beat every key before them), then per 64 head dims C = tiles 0..3
+  // (16 dims each) loaded from o, summing all k steps of the tile into it,
+  // stored back: o goes through the tiles, with no pass of vector adds of a
+  // separate P V. A = P of the k step (tiles 4 and 7 by turns, so the next
+  // step's load need not wait for this step's products), B = V (tiles 5, 6 by turns).
   void accumulate_values(int steps) {
     const int64_t p_stride = BN * sizeof(uint16_t), v_stride = headdim * sizeof(uint32_t);
-    constexpr int64_t pv_stride = 4 * kTileRows * sizeof(float);
+    const int64_t o_stride = headdim * static_cast<int64_t>(sizeof(float));
     for (int g = 0; g < kRowGroups; ++g) {
+      for (int r = g * kTileRows; r < (g + 1) * kTileRows; ++r) {
+        if (alpha[r] == 1.0f) continue;
+        const __m512 a = _mm512_set1_ps(alpha[r]);
+        float* orow = o.data() + static_cast<size_t>(r) * headdim;
+        for (int d = 0; d < headdim; d += kTileRows)
+          _mm512_storeu_ps(orow + d, _mm512_mul_ps(a, _mm512_loadu_ps(orow + d)));
+      }
       const uint16_t* pg = prow.data() + static_cast<size_t>(g * kTileRows) * BN;
       for (int d0 = 0; d0 < headdim; d0 += 64) {
         const int nd = std::min(4, (headdim - d0) / kTileRows);
-        amx::zero<0>();
-        if (nd > 1) amx::zero<1>();
-        if (nd > 2) amx::zero<2>();
-        if (nd > 3) amx::zero<3>();
+        float* og = o.data() + static_cast<size_t>(g * kTileRows) * headdim + d0;
+        amx::load<0>(og, o_stride);
+        if (nd > 1) amx::load<1>(og + kTileRows, o_stride);
+        if (nd > 2) amx::load<2>(og + 2 * kTileRows, o_stride);
+        if (nd > 3) amx::load<3>(og + 3 * kTileRows, o_stride);
         for (int s = 0; s < steps; ++s) {
           const uint32_t* vs = vp->words.data() + static_cast<size_t>(s * 16) * headdim + d0;
           if (s & 1) values_step<7>(nd, pg + s * 32, p_stride, vs, v_stride);
           else values_step<4>(nd, pg + s * 32, p_stride, vs, v_stride);
         }
-        amx::store<0>(pv, pv_stride);
-        if (nd > 1) amx::store<1>(pv + kTileRows, pv_stride);
-        if (nd > 2) amx::store<2>(pv + 2 * kTileRows, pv_stride);
-        if (nd > 3) amx::store<3>(pv + 3 * kTileRows, pv_stride);
-        for (int r = 0; r < kTileRows; ++r) {
-          const __m512 a = _mm512_set1_ps(alpha[g * kTileRows + r]);
-          float* orow = o.data() + static_cast<size_t>(g * kTileRows + r) * headdim + d0;
-          for (int i = 0; i < nd; ++i)
-            _mm512_storeu_ps(orow + i * kTileRows, _mm512_fmadd_ps(a, _mm512_loadu_ps(orow + i * kTileRows),
-                                                                   _mm512_load_ps(pv + r * 64 + i * kTileRows)));
-        }
+        amx::store<0>(og, o_stride);
+        if (nd > 1) amx::store<1>(og + kTileRows, o_stride);
+        if (nd > 2) amx::store<2>(og + 2 * kTileRows, o_stride);
+        if (nd > 3) amx::store<3>(og + 3 * kTileRows, o_stride);
       }
     }
   }
@@ -410,8 +415,6 @@ struct AmxEngine : RowState {
       amx::dp_bf16<3, A, 6>();
     }
   }
-
-  alignas(64) float pv[kTileRows * 64];  // C tiles 0..3 of one row group (16 rows x 64 dims)
 };
 
 }  // namespace
