@@ -35,6 +35,7 @@ from longattn.errors import ArgumentError
 from longattn.kernels.block_sparse import BlockSparseLayout
 from longattn.kernels.block_sparse.eager import KeyRows
 from longattn.kernels.hip_score import scoring_backend
+from longattn.kernels.support.huge_pages import empty_on_huge_pages
 
 if TYPE_CHECKING:  # hip.py imports this module to run its search
     from longattn.sparse.hip import HiP
@@ -193,7 +194,8 @@ class _BranchScorer:
         if not self.in_place:
             width = headdim + (headdim % 2 if self.bf16 else 0)  # the bf16 search pairs head dims (zero-padded)
             dtype = torch.bfloat16 if self.bf16 else torch.float32
-            blocks = torch.empty(batch, self.nheads_k, nkb * bk, width, dtype=dtype, device=device)
+            # on huge pages where the OS allows: the search reads it at scattered blocks (huge_pages.py)
+            blocks = empty_on_huge_pages(batch, self.nheads_k, nkb * bk, width, dtype=dtype, device=device)
             blocks[:, :, self.seqlen_k :] = 0
             blocks[..., headdim:] = 0
             blocks[:, :, : self.seqlen_k, :headdim] = keys.logical(batch, self.seqlen_k).transpose(1, 2)
