@@ -54,10 +54,12 @@ def group_facts(group: object = None) -> GroupFacts:
     return GroupFacts(resolved, rank, world, nxt, prv)
 
 
-def post_ring_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor, tag: int = 0) -> list:
+def post_ring_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor, tag: int = 0, *,
+                       name: str | None = None) -> list:
     """Post ``send`` to the next rank and ``recv`` from the previous one; return the works.
     ``tag`` keeps flows posted at different steps (say K/V and gradient
-    accumulators) from ever matching each other's messages.
+    accumulators) from ever matching each other's messages; ``name``, when
+    given, names a failed post (:func:`naming_peer_failures`).
 
     Both operations are posted together in one ``batch_isend_irecv``, so no
     rank waits for a peer before it has posted its own send: every world size,
@@ -68,7 +70,10 @@ def post_ring_exchange(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor
         dist.P2POp(dist.isend, send, facts.next_global, facts.group, tag),
         dist.P2POp(dist.irecv, recv, facts.prev_global, facts.group, tag),
     ]
-    return dist.batch_isend_irecv(ops)
+    if name is None:
+        return dist.batch_isend_irecv(ops)
+    with naming_peer_failures(name):
+        return dist.batch_isend_irecv(ops)
 
 
 def wait_all(works: list) -> None:

@@ -36,7 +36,7 @@ from longattn.kernels.block_backward import block_backward
 from longattn.kernels.merge import merge_two_in_place
 from longattn.parallel.autograd import ShardedAttention
 from longattn.parallel.checks import settle_sharded
-from longattn.parallel.comm import group_facts, naming_peer_failures, post_ring_exchange, ring_peers, wait_for_peers
+from longattn.parallel.comm import group_facts, post_ring_exchange, ring_peers, wait_for_peers
 from longattn.parallel.pieces import block_pieces, forward_steps
 from longattn.parallel.stats import compute, sent
 
@@ -120,11 +120,6 @@ def _exchange_name(facts, step: int, what: str) -> str:
     return f"ring_attention{what}: group rank {facts.rank}, step {step}: exchange with global ranks {ring_peers(facts)}"
 
 
-def _post(facts, send: torch.Tensor, recv: torch.Tensor, step: int, what: str, tag: int = 0) -> list:
-    with naming_peer_failures(_exchange_name(facts, step, what)):
-        return post_ring_exchange(facts, send, recv, tag)
-
-
 def _wait(works: list | None, facts, step: int, what: str) -> None:
     wait_for_peers(works, _exchange_name(facts, step, what))
 
@@ -144,7 +139,7 @@ def _ring_forward(q, k, v, facts, causal: bool, window: tuple[int, int], scale: 
         works, incoming = None, None
         if step < steps - 1:  # post the next exchange first: communication overlaps the compute below
             incoming = torch.empty_like(kv)
-            works = _post(facts, kv, incoming, step, "")
+            works = post_ring_exchange(facts, kv, incoming, name=_exchange_name(facts, step, ""))
             sent(kv.numel() * kv.element_size())
         with compute():
             for rows, keys, piece_window in block_pieces(n, r, src, seqlen, causal, window, layout):
@@ -183,7 +178,7 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, window: t
         kv_works, kv_in = None, None
         if step < n - 1:
             kv_in = torch.empty_like(kv)
-            kv_works = _post(facts, kv, kv_in, step, " backward (k/v)", _KV_TAG)
+            kv_works = post_ring_exchange(facts, kv, kv_in, _KV_TAG, name=_exchange_name(facts, step, " backward (k/v)"))
             sent(kv.numel() * kv.element_size())
         part = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         with compute():
@@ -201,7 +196,8 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, facts, causal: bool, window: t
         acc = part
         if n > 1:  # pass it on; after the last step this hop takes it home
             acc_in = torch.empty_like(acc)
-            acc_works = _post(facts, acc, acc_in, step, " backward (dk/dv)", _GRAD_TAG)
+            acc_works = post_ring_exchange(facts, acc, acc_in, _GRAD_TAG,
+                                           name=_exchange_name(facts, step, " backward (dk/dv)"))
             sent(acc.numel() * acc.element_size())
         if kv_works is not None:
             _wait(kv_works, facts, step, " backward (k/v)")

@@ -203,11 +203,6 @@ def _post(ops: list, name: str) -> list | None:
         return dist.batch_isend_irecv(ops)
 
 
-def _post_ring(facts: GroupFacts, send: torch.Tensor, recv: torch.Tensor, step: int, what: str) -> list:
-    with naming_peer_failures(_exchange_name(facts, step, what, ring_peers(facts))):
-        return post_ring_exchange(facts, send, recv, _Q_TAG)
-
-
 def _wait(works: list | None, facts: GroupFacts, step: int, what: str, peers: str) -> None:
     wait_for_peers(works, _exchange_name(facts, step, what, peers))
 
@@ -264,7 +259,8 @@ def _token_ring_forward(q, k, v, facts: GroupFacts, causal: bool, window: tuple[
         q_works, q_next = None, None
         if step < n - 1:  # post the next q exchange first: it overlaps the compute below
             q_next = torch.empty_like(q_in_hand)
-            q_works = _post_ring(facts, q_in_hand, q_next, step, " (q)")
+            q_works = post_ring_exchange(facts, q_in_hand, q_next, _Q_TAG,
+                                         name=_exchange_name(facts, step, " (q)", ring_peers(facts)))
             sent(q_in_hand.numel() * q_in_hand.element_size())
         # what owner's rows need from this rank's KV
         mine = block_pieces(n, owner, r, seqlen, causal, window, layout)
@@ -355,7 +351,8 @@ def _token_ring_backward(dout, dlse, q, k, v, out, lse, facts: GroupFacts, causa
         works, block_next = None, None
         if step < n - 1:
             block_next = torch.empty_like(block)
-            works = _post_ring(facts, block, block_next, step, " backward (q block)")
+            works = post_ring_exchange(facts, block, block_next, _Q_TAG,
+                                       name=_exchange_name(facts, step, " backward (q block)", ring_peers(facts)))
             sent(block.numel() * block.element_size())
         mine = block_pieces(n, owner, r, seqlen, causal, window, layout)
         with compute():
