@@ -384,16 +384,16 @@ constexpr int kMathsBuilt = (1 << kMathF32) | (1 << kMathF32Bf16) | (1 << kMathF
 
 // Runs items with the engine `math` names (item(it, crew): see run_items); false when this build lacks it.
 template <class Item>
-bool run_with_math(int math, int64_t items, int headdim, int num_threads, const Item& item) {
+bool run_with_math(int math, int64_t items, int group, int headdim, int num_threads, const Item& item) {
   switch (math) {
-    case kMathF32: run_items<F32Engine>(items, headdim, num_threads, item); return true;
-    case kMathF32Bf16: run_items<F32EngineT<uint16_t>>(items, headdim, num_threads, item); return true;
-    case kMathF32Fp16: run_items<F32EngineT<_Float16>>(items, headdim, num_threads, item); return true;
+    case kMathF32: run_items<F32Engine>(items, group, headdim, num_threads, item); return true;
+    case kMathF32Bf16: run_items<F32EngineT<uint16_t>>(items, group, headdim, num_threads, item); return true;
+    case kMathF32Fp16: run_items<F32EngineT<_Float16>>(items, group, headdim, num_threads, item); return true;
 #ifdef LONGATTN_AVX512BF16
-    case kMathBf16Dot: run_items<Bf16DotEngine>(items, headdim, num_threads, item); return true;
+    case kMathBf16Dot: run_items<Bf16DotEngine>(items, group, headdim, num_threads, item); return true;
 #endif
 #ifdef LONGATTN_AMX
-    case kMathAmx: run_items<AmxEngine>(items, headdim, num_threads, item); return true;
+    case kMathAmx: run_items<AmxEngine>(items, group, headdim, num_threads, item); return true;
 #endif
     default: return false;
   }
@@ -450,7 +450,7 @@ extern "C" int longattn_flash_cpu(
   const int64_t groups = (units + group - 1) / group;
   const int64_t items = static_cast<int64_t>(batch) * nheads * groups;
   const char *qb = static_cast<const char*>(q), *kb = static_cast<const char*>(k), *vb = static_cast<const char*>(v);
-  run_with_math(math, items, headdim, num_threads, [&](int64_t it, auto& crew) {
+  run_with_math(math, items, group, headdim, num_threads, [&](int64_t it, auto& crew) {
     const int64_t first_unit = (it % groups) * group;
     const int h = static_cast<int>((it / groups) % nheads);
     const int64_t b = it / groups / nheads;
@@ -526,7 +526,7 @@ extern "C" int longattn_flash_cpu_varlen(
   const Problem pb{q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh, nheads, nheads_k, headdim, window_left,
                    window_right, sink, causal != 0, scale, softcap, 0, BM};
   const char *qb = static_cast<const char*>(q), *kb = static_cast<const char*>(k), *vb = static_cast<const char*>(v);
-  run_with_math(math, first_item[batch], headdim, num_threads, [&](int64_t it, auto& crew) {
+  run_with_math(math, first_item[batch], group, headdim, num_threads, [&](int64_t it, auto& crew) {
     // The last sequence whose first item is <= it (sequences without queries own no items).
     const int b = static_cast<int>(std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin()) - 1;
     const int64_t q0 = cu_seqlens_q[b], k0 = cu_seqlens_k[b];

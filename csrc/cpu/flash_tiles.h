@@ -356,15 +356,15 @@ struct SharedTile {
   std::array<int64_t, BN> keys_{};
 };
 
-// A thread's engines and walks, one per block of a work item, and what its engines share.
-// An engine is made as Engine(headdim, &shared).
+// A thread's engines and walks, one per block of a work item of `group`
+// blocks, and what its engines share. An engine is made as Engine(headdim, &shared).
 template <class Engine>
 struct Crew {
   SharedTile shared;
   std::vector<std::unique_ptr<Engine>> engines;
   std::vector<BlockWalk> walks;
-  explicit Crew(int headdim) : walks(kGroup) {
-    for (int g = 0; g < kGroup; ++g) engines.push_back(std::make_unique<Engine>(headdim, &shared));
+  Crew(int headdim, int group) : walks(group) {
+    for (int g = 0; g < group; ++g) engines.push_back(std::make_unique<Engine>(headdim, &shared));
   }
 };
 
@@ -417,14 +417,14 @@ inline int group_size(int64_t units, int num_threads) {
   return static_cast<int>(std::clamp<int64_t>(per_thread, 1, kGroup));
 }
 
-// Runs items [0, items) on num_threads threads; item(it, crew) does one.
-// Each item is computed by one thread in a fixed order: results do not
-// depend on the thread count or the schedule.
+// Runs items [0, items) of up to `group` blocks each on num_threads threads;
+// item(it, crew) does one. Each item is computed by one thread in a fixed
+// order: results do not depend on the thread count or the schedule.
 template <class Engine, class Item>
-void run_items(int64_t items, int headdim, int num_threads, const Item& item) {
+void run_items(int64_t items, int group, int headdim, int num_threads, const Item& item) {
 #pragma omp parallel num_threads(num_threads)
   {
-    Crew<Engine> crew(headdim);
+    Crew<Engine> crew(headdim, group);
     // Items differ in cost (causal rows see more keys the later they sit): hand them out dynamically.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) item(it, crew);

@@ -11,9 +11,12 @@ entries. Linux gives an anonymous mapping huge pages where it is asked to
 is ``madvise`` or ``always``), for the pages touched after the advice: so
 the buffer is advised as soon as it is allocated, before it is written.
 
-Where the advice is not possible (not Linux, not a CPU tensor, THP off, a
-buffer smaller than two huge pages) the buffer is an ordinary one: results
-never depend on it, only the speed.
+Only buffers of at least :data:`MIN_BYTES` are advised: glibc gives those a
+mapping of their own, untouched (its mmap threshold stops rising at 32 MiB),
+while a smaller one may be carved from heap pages already in use, whose
+size the advice no longer changes. Where the advice is not possible (not
+Linux, not a CPU tensor, THP off, a smaller buffer) the buffer is an
+ordinary one: results never depend on it, only the speed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import torch
 
 HUGE_PAGE = 2 << 20
+MIN_BYTES = 64 << 20
 _MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 _madvise = None
 
@@ -40,15 +44,14 @@ def _libc_madvise():
 
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask Linux for huge pages under the whole 2 MiB-aligned pages inside
-    ``t``'s storage; True when it agreed. Pages already touched keep their
-    size (khugepaged may merge them later), so advise before writing."""
-    if sys.platform != "linux" or t.device.type != "cpu":
+    ``t``'s storage (of at least :data:`MIN_BYTES`); True when it agreed.
+    Pages already touched keep their size (khugepaged may merge them later),
+    so advise before writing."""
+    if sys.platform != "linux" or t.device.type != "cpu" or t.untyped_storage().nbytes() < MIN_BYTES:
         return False
     start, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
     lo = -(-start // HUGE_PAGE) * HUGE_PAGE
     hi = (start + nbytes) // HUGE_PAGE * HUGE_PAGE
-    if hi - lo < 2 * HUGE_PAGE:
-        return False
     return _libc_madvise()(lo, hi - lo, _MADV_HUGEPAGE) == 0
 
 
