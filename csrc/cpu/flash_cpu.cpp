@@ -309,9 +309,9 @@ inline int interleave_value_pairs(const uint16_t* v_base, int64_t v_ss, const in
 
 // bf16 inputs (uint16_t bits), bf16 dot products, float32 softmax and accumulators.
 struct Bf16DotEngine : RowState {
-  std::vector<uint32_t> qt2, pw;  // (headdim/2, BM) q words; (BN/2, BM) P words
-  SharedTile* vp;                 // (BN/2, headdim) V words, shared by the item's blocks
-  std::vector<uint16_t> zero_row;     // the partner of an odd tile's last V row
+  std::vector<uint32_t> qt2, pw;   // (headdim/2, BM) q words; (BN/2, BM) P words
+  SharedTile* vp;                  // (BN/2, headdim) V words, shared by the item's blocks
+  std::vector<uint16_t> zero_row;  // the partner of an odd tile's last V row
   Bf16DotEngine(int headdim, SharedTile* shared)
       : RowState(headdim), qt2(static_cast<size_t>(headdim / 2) * BM), pw(BN / 2 * BM), vp(shared),
         zero_row(headdim, 0) {
@@ -339,7 +339,8 @@ struct Bf16DotEngine : RowState {
     // Key pairs: V rows interleaved, P rounded to bf16 and interleaved (keys past n have P = 0).
     const int pairs = (n + 1) / 2;
     if (!vp->holds(v_base, keys, n)) {
-      interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp->words.data(), pair_rows_in_order);
+      interleave_value_pairs(v_base, pb.v_ss, keys, n, headdim, zero_row.data(), vp->words.data(),
+                             pair_rows_in_order);
       vp->hold(v_base, keys, n);
     }
     for (int t = 0; t < pairs; ++t) {
@@ -352,8 +353,8 @@ struct Bf16DotEngine : RowState {
     const int rows_padded = (rows + R - 1) / R * R;
     for (int r = 0; r < rows_padded; r += R)
       for (int d = 0; d < headdim; d += NV * W)
-        accumulate_chunk_bf16(std::min(NV, (headdim - d) / W), pw.data() + r, alpha.data() + r, vp->words.data(), d, pairs,
-                              o.data() + static_cast<size_t>(r) * headdim, headdim);
+        accumulate_chunk_bf16(std::min(NV, (headdim - d) / W), pw.data() + r, alpha.data() + r, vp->words.data(), d,
+                              pairs, o.data() + static_cast<size_t>(r) * headdim, headdim);
   }
 };
 #endif  // LONGATTN_AVX512BF16
