@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import longattn
 from longattn.bench.dense import DenseInputs, causal_flops, cpp_kernel_setup
-from longattn.bench.scenarios import Group, Method, MethodUnavailable, Scenario, Target, Timed, no_setup, register_group
+from longattn.bench.scenarios import Group, Method, Scenario, Target, no_setup, register_group
 from longattn.kernels.dense import cpu_flags
 
 BATCH, NHEADS, HEADDIM, DTYPE = 1, 8, 128, torch.bfloat16

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import longattn
-from longattn.bench.scenarios import Group, Method, Scenario, Target, Timed, no_setup, register_group
+from longattn.bench.scenarios import Group, Method, Scenario, Target, no_setup, register_group
 
 NHEADS, HEADDIM = 8, 128
 MIN_LEN, MAX_LEN = 256, 8192

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from longattn.errors import ArgumentError
 from longattn.kernels.block_sparse import BlockSparseLayout
 from longattn.kernels.block_sparse.eager import KeyRows
 from longattn.kernels.hip_score import scoring_backend

@@ -3,7 +3,6 @@ that this CPU cannot run, OpenMP threads that follow torch's and survive fork.""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing
 import os
