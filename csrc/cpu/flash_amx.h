@@ -18,7 +18,8 @@
 //     those rows pay that). A = P rounded to bf16, row-major (16
 //     rows x 32 keys, keys past n zero), transposed from the key-major
 //     softmax output in registers; B = V key-pair words vp[t][d] = (v[2t][d],
-//     v[2t+1][d]) (16 pairs x 16 head dims), built per tile by pair_values.
+//     v[2t+1][d]) (16 pairs x 16 head dims), built by pair_values once per
+//     tile and work item (SharedTile: the item's blocks reuse them).
 // Head dims are padded to 32 for the scores (zeros in q and K add exactly
 // nothing; K is read in place when its head dim needs no padding and a key
 // group is 16 consecutive positions, else copied); P V needs only the

@@ -511,19 +511,18 @@ extern "C" int longattn_flash_cpu_varlen(
   // Work items: up to `group` consecutive blocks of BM rows of one (sequence, head), walked together.
   // first_item[b]: the number of the sequence's first item (a prefix sum over
   // sequences of nheads * its groups of blocks); an item finds its sequence by bisection.
+  std::vector<int64_t> blocks_of(static_cast<size_t>(batch));  // blocks of BM query rows per sequence
   int64_t units = 0;
   for (int b = 0; b < batch; ++b) {
     const int64_t sq = static_cast<int64_t>(cu_seqlens_q[b + 1]) - cu_seqlens_q[b];
     const int64_t sk = static_cast<int64_t>(cu_seqlens_k[b + 1]) - cu_seqlens_k[b];
     if (sq < 0 || sk < 0) return 1;
-    units += nheads * ((sq + BM - 1) / BM);
+    blocks_of[b] = (sq + BM - 1) / BM;
+    units += nheads * blocks_of[b];
   }
   const int group = group_size(units, num_threads);
   std::vector<int64_t> first_item(static_cast<size_t>(batch) + 1, 0);
-  for (int b = 0; b < batch; ++b) {
-    const int64_t blocks = (static_cast<int64_t>(cu_seqlens_q[b + 1]) - cu_seqlens_q[b] + BM - 1) / BM;
-    first_item[b + 1] = first_item[b] + nheads * ((blocks + group - 1) / group);
-  }
+  for (int b = 0; b < batch; ++b) first_item[b + 1] = first_item[b] + nheads * ((blocks_of[b] + group - 1) / group);
   const Problem pb{q_ss, q_sh, k_ss, k_sh, v_ss, v_sh, o_ss, o_sh, nheads, nheads_k, headdim, window_left,
                    window_right, sink, causal != 0, scale, softcap, 0, BM};
   const char *qb = static_cast<const char*>(q), *kb = static_cast<const char*>(k), *vb = static_cast<const char*>(v);
@@ -532,7 +531,7 @@ extern "C" int longattn_flash_cpu_varlen(
     const int b = static_cast<int>(std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin()) - 1;
     const int64_t q0 = cu_seqlens_q[b], k0 = cu_seqlens_k[b];
     const int seqlen_q = cu_seqlens_q[b + 1] - cu_seqlens_q[b], seqlen_k = cu_seqlens_k[b + 1] - cu_seqlens_k[b];
-    const int blocks = (seqlen_q + BM - 1) / BM, groups = (blocks + group - 1) / group;
+    const int blocks = static_cast<int>(blocks_of[b]), groups = (blocks + group - 1) / group;
     const int64_t local = it - first_item[b];
     const int h = static_cast<int>(local / groups), first_block = static_cast<int>(local % groups) * group;
     RowBlock rb[kGroup];
