@@ -24,6 +24,20 @@
 
 namespace {
 
+// Software prefetch of the 64-byte line at p into L2 that the compiler must
+// keep. gcc 12 drops _mm_prefetch / __builtin_prefetch together with the
+// whole call when they sit in a function of their own that it then finds
+// pure (modref: it only reads memory; a call to a pure void function does
+// nothing): HiP's search ran without its prefetch that way. An asm
+// statement marked volatile is never removed.
+inline void prefetch_l2(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 #ifdef LONGATTN_AVX2
 inline float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -264,6 +264,28 @@ def test_head_major_copies_give_the_same_bits(monkeypatch, window):
     assert_close_to_oracle(head_major[1], ref_lse, ref_lse, name="lse")
 
 
+def test_listed_keys_read_from_head_major_copies_give_the_same_bits(monkeypatch):
+    """Block-sparse calls (listed keys, a short window: HiP's) read K/V from
+    head-major copies too; the decision is taken and changes no bit."""
+    from longattn.kernels.dense import cpp as flash_cpu
+
+    if (why := _skip_reason(())) is not None:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 70, 4, 32, generator=gen)
+    k, v = (torch.randn(1, 90, 2, 32, generator=gen) for _ in range(2))
+    listed = torch.randint(-1, 90, (1, 4, 3, 8), generator=gen, dtype=torch.int32)
+    call = dict(scale=0.2, window=(7, 0), sink=3, causal=True, listed=listed, block_q=32)
+    assert not flash_cpu.reads_head_major(70, 90, 4, 2, (7, 0), listed=True)
+    token_major = flash_forward_cpu(q, k, v, **call)
+    monkeypatch.setattr(flash_cpu, "HEAD_MAJOR_MIN_KEYS", 16)
+    monkeypatch.setattr(flash_cpu, "HEAD_MAJOR_MIN_ROWS", 16)
+    assert flash_cpu.reads_head_major(70, 90, 4, 2, (7, 0), listed=True)
+    assert not flash_cpu.reads_head_major(70, 90, 4, 2, (7, 0), listed=False)  # a short window alone: as it is
+    head_major = flash_forward_cpu(q, k, v, **call)
+    assert torch.equal(token_major[0], head_major[0]) and torch.equal(token_major[1], head_major[1])
+
+
 def test_output_is_contiguous_for_padded_head_dims():
     if (why := _skip_reason(())) is not None:
         pytest.skip(why)

@@ -66,6 +66,20 @@ HEADDIM_MULTIPLE = 16
 HEAD_MAJOR_MIN_KEYS = 8192
 HEAD_MAJOR_MIN_ROWS = 4096
 
+
+def reads_head_major(seqlen_q: int, seqlen_k: int, nheads: int, nheads_k: int, window: tuple[int, int],
+                     listed: bool) -> bool:
+    """Whether the kernel reads token-major K/V ``(batch, seqlen_k, nheads_k,
+    headdim)`` from head-major copies (same values, same result bits): for
+    key spans of :data:`HEAD_MAJOR_MIN_KEYS` and more -- dense, a long window,
+    or listed keys (block-sparse: HiP's blocks are scattered over the whole
+    context) -- when each kv head serves :data:`HEAD_MAJOR_MIN_ROWS` query
+    rows or more. A short window without a listing is read as it is (its
+    keys stay in cache: Streaming(64, 1024) at 32k gained nothing)."""
+    long_span = listed or window[0] < 0 or window[0] >= HEAD_MAJOR_MIN_KEYS
+    many_rows = seqlen_q * (nheads // nheads_k) >= HEAD_MAJOR_MIN_ROWS
+    return long_span and many_rows and seqlen_k >= HEAD_MAJOR_MIN_KEYS and nheads_k > 1
+
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [
     _PTR, _I64, _I64, _I64,  # q, strides (batch, seq, head)
@@ -267,13 +281,16 @@ def flash_forward_cpu(
         out = torch.empty(batch, seqlen_q, nheads, headdim + pad, dtype=torch.float32)
     # headdim innermost and contiguous (the kernel's one requirement on strides)
     qf, kf, vf = (t if t.stride(3) == 1 else t.contiguous() for t in (qf, kf, vf))
-    long_span = listed is None and (window[0] < 0 or window[0] >= HEAD_MAJOR_MIN_KEYS)
-    many_rows = seqlen_q * (nheads // nheads_k) >= HEAD_MAJOR_MIN_ROWS
-    if long_span and many_rows and seqlen_k >= HEAD_MAJOR_MIN_KEYS and nheads_k > 1 and kf.stride(1) != kf.shape[-1]:
+    staged = reads_head_major(seqlen_q, seqlen_k, nheads, nheads_k, window, listed is not None)
+    if staged and kf.stride(1) != kf.shape[-1]:
         # Token-major K/V put consecutive keys of one head nheads_k rows apart,
         # each on its own 4 KiB page for 8+ heads of 128: a pass over tens of
-        # thousands of keys then misses the TLB on almost every row. Head-major
-        # copies (same values, same result bits) are 10-13% faster at 8k-32k.
+        # thousands of keys then misses the TLB on almost every row, and
+        # HiP's 2-key blocks are two pages each. Head-major copies (same
+        # values, same result bits) are 10-13% faster for dense attention at
+        # 8k-32k; HiP's block-sparse attention at 8k-32k ran 1.16-1.24x faster
+        # in float32, copies included (bfloat16 1.00-1.06x; Intel Xeon, A/B in
+        # one process).
         kf, vf = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kf, vf))
     if listed is not None:
         listed = listed.to(torch.int32).contiguous()
