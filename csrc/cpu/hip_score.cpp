@@ -95,25 +95,19 @@ float score_block_scalar(const ScoreProblem& p, const float* qt, const int32_t* 
   return best;
 }
 
-// Lines of key rows to prefetch while a batch of candidate blocks is scored,
-// spread over its steps: one prefetch per step of the d loop. Issued all at
-// once (32-64 lines a batch), they filled the core's miss buffers and the
-// prefetches themselves stalled: ~13% of the search's samples sat on them
-// (Intel Xeon, 64k, float32).
+// Lines of key rows to prefetch while a batch of candidate blocks is scored:
+// one per step of the d loop, in order, the steps after the last line
+// touching a line already in L1. Issued all at once (32-64 lines a batch),
+// they filled the core's miss buffers and the prefetches themselves stalled:
+// ~13% of the search's samples sat on them (Intel Xeon, 64k, float32).
 struct Spread {
-  const char* const* lines;  // the lines, in the order they are needed
-  int count;
-  const char** at;           // scratch: the line touched at each step (room for every step of a batch)
+  const char* const* touch;  // the lines from touch[0], then lines in L1, for every step of a batch
+  int count;                 // the lines
 
-  // The line for each of `steps` steps (steps without one touch `idle`, a
-  // line in L1); lines beyond one per step are prefetched at once.
-  const char* const* plan(int steps, const void* idle) const {
-    int first = 0;
-    for (; count - first > steps; ++first) prefetch_l2(lines[first]);
-    for (int g = 0; g < steps; ++g) at[g] = static_cast<const char*>(idle);
-    const int n = count - first;
-    for (int i = 0; i < n; ++i) at[static_cast<int64_t>(i) * steps / n] = lines[first + i];
-    return at;
+  // touch for a batch of `steps` steps; lines beyond one per step are prefetched at once.
+  const char* const* plan(int steps) const {
+    for (int i = steps; i < count; ++i) prefetch_l2(touch[i]);
+    return touch;
   }
 };
 
@@ -150,7 +144,7 @@ void max_over_keys(const ScoreProblem& p, const void* qt, const int32_t* qpos, i
   constexpr int NK = keys_per_pass<NV>();
   const int steps = kF32 ? p.D : p.D / 2, S = p.S;
   const Lane* q = static_cast<const Lane*>(qt);
-  const char* const* touch = ahead.plan((nk + NK - 1) / NK * steps, qt);
+  const char* const* touch = ahead.plan((nk + NK - 1) / NK * steps);
   for (int j0 = 0; j0 < nk; j0 += NK, touch += steps) {
     const int m = std::min(NK, nk - j0);
     const T* k[NK];
@@ -302,7 +296,7 @@ void batch_scores(const ScoreProblem& p, const RowContext& row, const int64_t* b
     }
   }
   if (nk == 0) {
-    for (int i = 0; i < ahead.count; ++i) prefetch_l2(ahead.lines[i]);
+    for (int i = 0; i < ahead.count; ++i) prefetch_l2(ahead.touch[i]);
     return;
   }
 #ifdef LONGATTN_AVX512BF16
@@ -322,16 +316,20 @@ void batch_scores(const ScoreProblem& p, const RowContext& row, const int64_t* b
 // A/B in one process).
 constexpr int kPrefetchAhead = 8;
 
-// Appends the 64-byte lines of block's searchable key rows to *lines.
-void block_lines(const ScoreProblem& p, const RowContext& row, int64_t block, std::vector<const char*>* lines) {
+// Writes the 64-byte lines of block's searchable key rows from lines[0];
+// returns how many (at most bk * line_count(p)).
+int line_count(const ScoreProblem& p) { return (p.D * (p.bf16 ? 2 : 4) + 63) / 64; }
+int block_lines(const ScoreProblem& p, const RowContext& row, int64_t block, const char** lines) {
   const int bytes = p.D * (p.bf16 ? 2 : 4);
+  int n = 0;
   for (int t = 0; t < p.bk; ++t) {
     const int64_t pos = block * p.bk + t;
     if (pos < p.sink || pos > row.end) continue;
     const char* k = p.bf16 ? reinterpret_cast<const char*>(key_at<uint16_t>(p, row.b, row.hk, pos))
                            : reinterpret_cast<const char*>(key_at(p, row.b, row.hk, pos));
-    for (int off = 0; off < bytes; off += 64) lines->push_back(k + off);
+    for (int off = 0; off < bytes; off += 64) lines[n++] = k + off;
   }
+  return n;
 }
 
 // The tree search of one row (see longattn/sparse/hip_mask.py), a round at a
@@ -347,7 +345,9 @@ class RowSearch {
         nb_(nb),
         cs_(2 * nb), ce_(2 * nb), score_(2 * nb), ranked_(2 * nb), kept_(nb), todo_(2 * nb),
         kp_(static_cast<size_t>(kBatchKeys) * p.bk), kpos_(kp_.size()), owner_(kp_.size()),
-        touch_(kp_.size() * static_cast<size_t>(p.D)) {  // passes <= keys, steps <= D
+        // a batch's steps (passes <= keys, steps <= D) or its blocks' lines, whichever is more
+        touch_(std::max(kp_.size() * p.D, static_cast<size_t>(std::max(kBatchKeys, 1)) * p.bk * line_count(p)),
+               idle_line()) {
     // A row whose groups are already single blocks is done: rows with short
     // ranges (early query blocks, when causal) need fewer rounds than the longest.
     int64_t largest = 0;
@@ -426,14 +426,17 @@ class RowSearch {
         const int n = std::min(kBlocksPerBatch, todo - t0);
         int64_t blocks[kBlocksPerBatch];
         float scores[kBlocksPerBatch];
-        lines_.clear();
+        int lines = 0;
         for (int t = t0; t < t0 + n; ++t) {
           // Blocks are scattered over the sequence: fetch later ones while these compute.
-          if (t + kPrefetchAhead < todo) block_lines(p_, row_, centre(todo_[t + kPrefetchAhead]), &lines_);
+          if (t + kPrefetchAhead < todo)
+            lines += block_lines(p_, row_, centre(todo_[t + kPrefetchAhead]), touch_.data() + lines);
           blocks[t - t0] = centre(todo_[t]);
         }
-        batch_scores(p_, row_, blocks, n, scores, kp_.data(), kpos_.data(), owner_.data(),
-                     Spread{lines_.data(), static_cast<int>(lines_.size()), touch_.data()});
+        // The previous batch's lines past this one's: back to a line in L1.
+        std::fill(touch_.begin() + lines, touch_.begin() + std::max(lines, touched_), idle_line());
+        touched_ = lines;
+        batch_scores(p_, row_, blocks, n, scores, kp_.data(), kpos_.data(), owner_.data(), Spread{touch_.data(), lines});
         for (int t = t0; t < t0 + n; ++t) score_[todo_[t]] = scores[t - t0];
       }
       return;
@@ -442,9 +445,8 @@ class RowSearch {
     for (int t = 0; t < todo; ++t) {
       // Blocks are scattered over the sequence: fetch a later one while this one computes.
       if (t + kPrefetchAhead < todo) {
-        lines_.clear();
-        block_lines(p_, row_, centre(todo_[t + kPrefetchAhead]), &lines_);
-        for (const char* line : lines_) prefetch_l2(line);
+        const int lines = block_lines(p_, row_, centre(todo_[t + kPrefetchAhead]), touch_.data());
+        for (int i = 0; i < lines; ++i) prefetch_l2(touch_[i]);
       }
       score_[todo_[t]] = score_block_scalar(p_, static_cast<const float*>(row_.qt), row_.qpos, row_.end, row_.b,
                                             row_.hk, centre(todo_[t]) * p_.bk);
@@ -487,8 +489,11 @@ class RowSearch {
   std::vector<const void*> kp_;        // one batch's key rows, positions and blocks (batch_scores), sized once
   std::vector<int64_t> kpos_;
   std::vector<int> owner_;
-  std::vector<const char*> lines_;     // lines of the blocks kPrefetchAhead later, prefetched meanwhile
-  std::vector<const char*> touch_;     // Spread's scratch: a line per step of a batch
+  // The lines of the blocks kPrefetchAhead later, prefetched while a batch
+  // is scored (Spread), then idle_line() for its remaining steps.
+  std::vector<const char*> touch_;
+  int touched_ = 0;  // the lines the last batch put in touch_ (the rest is idle_line())
+  const char* idle_line() const { return static_cast<const char*>(row_.qt); }  // the row's queries: in L1
 };
 
 // Rows searched together, round by round: neighbouring query blocks of a
