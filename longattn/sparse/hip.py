@@ -95,10 +95,19 @@ class HiP:
         the block-sparse twin ("auto", "cpp", "eager", "triton"). Inputs are
         validated by :func:`longattn.attention`."""
         from longattn.kernels.block_sparse import BlockSparseLayout, block_sparse_forward
-        from longattn.sparse.hip_mask import hip_select_blocks
+        from longattn.kernels.block_sparse.eager import KeyRows
+        from longattn.sparse.hip_mask import select_blocks_and_key_copy
 
         with torch.no_grad():
-            key_blocks = hip_select_blocks(q, k, self, causal=causal)
+            key_blocks, key_copy = select_blocks_and_key_copy(q, KeyRows.dense(k, k), k.shape[1], self,
+                                                              causal=causal)
+        # On a CPU the attention reads K head-major (each head's keys adjacent:
+        # HiP's 2-key blocks are scattered); the search made such a copy, so K
+        # is read from it rather than copied again. (longattn.attention runs
+        # sparse methods without gradients; a direct caller of prefill whose k
+        # requires one keeps k: the copy is outside the graph.)
+        if key_copy is not None and q.device.type == "cpu" and not (torch.is_grad_enabled() and k.requires_grad):
+            k = key_copy
         layout = BlockSparseLayout(q.shape[1], k.shape[1], self.block_q, self.block_k, self.sink_size,
                                    self.recent_size, causal)
         return block_sparse_forward(q, k, v, key_blocks, layout, scale=scale, softcap=softcap, backend=backend)

@@ -89,6 +89,18 @@ def select_blocks(
 ) -> torch.Tensor:
     """:func:`hip_select_blocks` over keys in any layout :class:`KeyRows` addresses
     (``seqlen_k`` per sequence): decode searches a KV cache in place."""
+    return select_blocks_and_key_copy(q, keys, seqlen_k, config, causal=causal, backend=backend)[0]
+
+
+def select_blocks_and_key_copy(
+    q: torch.Tensor, keys: KeyRows, seqlen_k: int, config: HiP, *, causal: bool = True, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`select_blocks`, and the search's own copy of the keys when it
+    made one in the keys' dtype and head dim: a ``(batch, seqlen_k, nheads_k,
+    headdim)`` view of head-major storage (each head's keys adjacent), the
+    layout the C++ attention reads K from anyway (:func:`longattn.kernels.dense.cpp.reads_head_major`),
+    so HiP's prefill passes it on instead of copying K a second time. None
+    when the search read the keys in place or copied them in another dtype."""
     batch, seqlen_q, nheads, headdim = q.shape
     layout = BlockSparseLayout(seqlen_q, seqlen_k, config.block_q, config.block_k, config.sink_size,
                                config.recent_size, causal)
@@ -105,7 +117,7 @@ def select_blocks(
     largest = int(-(-count_host.max() // nb)) if nqb and seqlen_k else 0
     rounds = math.ceil(math.log2(largest)) if largest > 1 else 0
 
-    ordered = False
+    ordered, scorer = False, None
     if rounds:
         scorer = _BranchScorer(q, keys, layout, config, end, scoring_backend(q, backend), end_host=end_host)
         if scorer.backend == "cpp":  # every round in one C++ call; it returns the groups ordered
@@ -125,7 +137,8 @@ def select_blocks(
         huge = torch.iinfo(picked.dtype).max
         picked = torch.where(picked < 0, huge, picked).sort(dim=1).values
         picked = torch.where(picked == huge, -1, picked)
-    return picked.reshape(batch, nheads, nqb, nb)
+    key_copy = None if scorer is None else scorer.key_copy(keys.k_rows.dtype, headdim)
+    return picked.reshape(batch, nheads, nqb, nb), key_copy
 
 
 def _strided_queries(layout: BlockSparseLayout, config: HiP, device: torch.device) -> torch.Tensor:
@@ -213,6 +226,13 @@ class _BranchScorer:
         early_query = layout.causal and bool(((qpos_h < end_h[:, None]) & active[:, None]).any())
         self.needs_mask = layout.sink_size % bk != 0 or ragged_end or early_query
         self.buffers: dict[str, torch.Tensor] = {}
+
+    def key_copy(self, dtype: torch.dtype, headdim: int) -> torch.Tensor | None:
+        """The key copy as ``(batch, seqlen_k, nheads_k, headdim)`` (a view) when it
+        holds the keys in ``dtype`` at full width and no padding in between; else None."""
+        if self.in_place or self.key_positions.dtype != dtype or self.key_positions.shape[-1] != headdim:
+            return None
+        return self.key_positions[:, :, : self.seqlen_k].transpose(1, 2)
 
     def _buffer(self, name: str, numel: int) -> torch.Tensor:
         buf = self.buffers.get(name)

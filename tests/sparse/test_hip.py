@@ -269,3 +269,29 @@ def test_hip_attention_with_a_nan_key_is_nan_in_the_same_rows_on_cpp_and_eager(d
     assert rows.any() and not rows.all()
     assert torch.equal(cpp.float().isnan().any(-1), rows)
     assert not rows[0, :100].any()  # rows before the key never see it
+
+
+@pytest.mark.skipif(__import__("longattn.kernels.dense.cpp", fromlist=["x"]).flash_unavailable_reason() is not None,
+                    reason="the C++ flash kernel does not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hip_attention_reads_k_from_the_search_copy_with_the_same_bits(dtype):
+    """HiP's prefill hands the search's head-major key copy to the attention
+    (no second copy of K); the result is bitwise what the user's k gives, and
+    the copy holds exactly the user's keys."""
+    from longattn.kernels.block_sparse import block_sparse_forward
+    from longattn.kernels.block_sparse.eager import KeyRows
+    from longattn.sparse.hip_mask import select_blocks_and_key_copy
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 300, 4, 32, generator=gen).to(dtype)
+    k, v = (torch.randn(1, 300, 2, 32, generator=gen).to(dtype) for _ in range(2))
+    cfg = HiP(topk=16, block_q=16, block_k=2, sink_size=4, recent_size=24)
+    selected, copy = select_blocks_and_key_copy(q, KeyRows.dense(k, k), 300, cfg, causal=True, backend="cpp")
+    if copy is not None:  # float32 always; bf16 where the search scores bf16 natively
+        assert torch.equal(copy, k) and copy.stride(1) == 32  # each head's keys adjacent
+    assert dtype != torch.float32 or copy is not None
+    out = longattn.attention(q, k, v, causal=True, sparse=cfg, backend="cpp")
+    layout = BlockSparseLayout(300, 300, 16, 2, 4, 24, True)
+    direct = block_sparse_forward(q, k, v, selected, layout, scale=32 ** -0.5, softcap=0.0, backend="cpp")[0]
+    assert torch.equal(out, direct)
+

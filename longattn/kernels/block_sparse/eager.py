@@ -87,7 +87,9 @@ class KeyRows:
     @classmethod
     def dense(cls, k: torch.Tensor, v: torch.Tensor) -> KeyRows:
         """``k, v (batch, seqlen, nheads_k, headdim)``, or a contiguous cache (seqlen = capacity)."""
-        k, v = k.contiguous(), v.contiguous()  # no copy when already contiguous
+        same = v is k  # HiP's search passes k twice: copy it (when not contiguous) once
+        k = k.contiguous()  # no copy when already contiguous
+        v = k if same else v.contiguous()
         return cls(k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1]), k.shape[2], k.shape[1])
 
     @classmethod
