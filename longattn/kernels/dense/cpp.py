@@ -383,10 +383,11 @@ def flash_varlen_forward_cpu(
     # headdim innermost and contiguous (the kernel's one requirement on strides)
     qf, kf, vf = (t if t.stride(2) == 1 else t.contiguous() for t in (qf, kf, vf))
     # Head-major K/V copies as in flash_forward_cpu (same bits, fewer TLB misses
-    # on long key spans), decided on the longest sequence: its items dominate.
-    long_span = window[0] < 0 or window[0] >= HEAD_MAJOR_MIN_KEYS
-    many_rows = int((lens_q * (lens_k >= HEAD_MAJOR_MIN_KEYS)).max()) * (nheads // nheads_k) >= HEAD_MAJOR_MIN_ROWS
-    if long_span and many_rows and nheads_k > 1 and kf.stride(0) != kf.shape[-1]:
+    # on long key spans), decided by the most query rows of a sequence with a
+    # long key span: its items dominate.
+    rows_of_long = int((lens_q * (lens_k >= HEAD_MAJOR_MIN_KEYS)).max())
+    staged = reads_head_major(rows_of_long, int(lens_k.max()), nheads, nheads_k, window, listed=False)
+    if staged and kf.stride(0) != kf.shape[-1]:
         kf, vf = (_heads_outer(t, 0) for t in (kf, vf))
     status = fn(
         qf.data_ptr(), qf.stride(0), qf.stride(1), kf.data_ptr(), kf.stride(0), kf.stride(1),
