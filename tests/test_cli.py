@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -48,25 +49,58 @@ def test_quick_bench_writes_checked_results(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["group"] == "dense"
     assert results["cases"], "no cases ran"
+    from longattn.bench.machine import FMA_PEAK
+
     timed = 0
     for case in results["cases"]:
         assert case["error_reference"] == "oracle (float64)"
+        # "% of peak" divides by the case's own FMA loop row (the case's flops,
+        # same rounds) when it ran, else by the start-of-run probe
+        yardstick = case["methods"][FMA_PEAK]
+        if yardstick["skipped"]:
+            assert case["peak_limit"] == {"source": "run probe", "gflops": results["machine"]["fma_peak"]["gflops"]}
+        else:
+            assert case["peak_limit"] == {"source": FMA_PEAK, "gflops": yardstick["gflops"]}
+            assert yardstick["peak_fraction"] == pytest.approx(1.0) and yardstick["max_error"] is None
+            assert "% of peak = GFLOP/s / the same case's fma peak row" in table
         for name, record in case["methods"].items():
             if record["skipped"]:
                 continue
-            timed += 1
+            timed += name != FMA_PEAK
             assert record["times_s"] and all(t > 0 for t in record["times_s"]), name
-            assert math.isfinite(record["max_error"]) and record["max_error"] <= 1e-4, (name, record["max_error"])
-            # GFLOP/s is exactly the causal FLOP count over the median time, and a fraction of the measured peak
+            if name != FMA_PEAK:
+                assert math.isfinite(record["max_error"]) and record["max_error"] <= 1e-4, (name, record["max_error"])
+            # GFLOP/s is exactly the causal FLOP count over the median time, and a fraction of the case's peak
             seqlen, d, h = case["params"]["seqlen_q"], case["params"]["headdim"], case["params"]["nheads"]
             assert case["flops"] == 4.0 * d * h * seqlen * (seqlen + 1) / 2
             assert record["gflops"] == pytest.approx(case["flops"] / (record["median_ms"] * 1e-3) / 1e9)
-            peak = results["machine"]["fma_peak"]
-            if peak.get("gflops"):
-                assert record["peak_fraction"] == pytest.approx(record["gflops"] / peak["gflops"])
+            if case["peak_limit"]:
+                assert record["peak_fraction"] == pytest.approx(record["gflops"] / case["peak_limit"]["gflops"])
     assert timed >= 3 * len(results["cases"])  # longattn, eager twin, sdpa at least
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "times.png").stat().st_size > 0
+
+
+def test_without_the_fma_loop_the_peak_is_the_runs_probe(monkeypatch):
+    from longattn.bench import machine, runner
+    from longattn.bench.scenarios import MethodUnavailable
+    from longattn.kernels.support import cpp_build, probes
+
+    def unavailable(flops, threads=None):
+        raise cpp_build.BuildError("no C++ compiler on PATH (test)")
+
+    monkeypatch.setattr(probes, "fma_run", unavailable)
+    with pytest.raises(MethodUnavailable, match=re.escape("C++ FMA loop unavailable: no C++ compiler on PATH")):
+        machine.fma_peak_method(lambda inputs: 1e6).build(None)
+    # the row skipped (no GFLOP/s): "% of peak" divides by the run's probe, or by nothing
+    from longattn.bench.dense import dense_scenario
+
+    scenario = dense_scenario(64)
+    records = {machine.FMA_PEAK: {"gflops": None}, "sdpa": {"gflops": 50.0}}
+    assert runner._peak_limit(scenario, records, 200.0) == {"source": "run probe", "gflops": 200.0}
+    assert runner._peak_limit(scenario, records, None) is None
+    records[machine.FMA_PEAK]["gflops"] = 150.0
+    assert runner._peak_limit(scenario, records, 200.0) == {"source": machine.FMA_PEAK, "gflops": 150.0}
 
 
 def test_quick_bf16_bench_names_the_engine_and_keeps_targets_to_their_sizes(tmp_path, capsys):

@@ -1,7 +1,8 @@
 // Machine-limit probes: the yardsticks the benchmarks divide by.
 //
 // longattn_fma_peak_gflops: the fp32 FMA peak of `threads` cores, a loop that keeps
-//   every FMA pipe busy from registers alone (no loads, no stores).
+//   every FMA pipe busy from registers alone (no loads, no stores);
+//   longattn_fma_run: the same loop for a given amount of work, timed by the caller.
 // longattn_stream_read_gbs / longattn_stream_read_sum: the read bandwidth of a
 //   multi-threaded streaming pass over a buffer (each thread one contiguous
 //   slice), the fair limit for memory-bound kernels such as decode.
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 
 #include "simd.h"
@@ -35,42 +37,48 @@ constexpr int kChains = 12;
 constexpr int64_t kInner = 1 << 16;
 
 #ifdef LONGATTN_AVX2
-// One thread's register-only loop; returns the FMAs it ran. acc = acc * a + b
+// One thread's register-only loop, for about `seconds` or, when iterations >
+// 0, for exactly that many iterations (kChains FMAs each); returns the FMAs
+// (vector lanes counted) it ran. acc = acc * a + b
 // with |a| < 1 converges to b / (1 - a): finite for any run length. The
 // result is folded into *sink so the compiler must keep every chain.
-int64_t fma_loop(double seconds, volatile float* sink) {
+int64_t fma_loop(double seconds, int64_t iterations, volatile float* sink) {
   using V = Isa;
   typename V::vec acc[kChains];
   for (int c = 0; c < kChains; ++c) acc[c] = V::set1(0.001f * static_cast<float>(c));
   const typename V::vec a = V::set1(0.999999f), b = V::set1(1e-7f);
-  int64_t fmas = 0;
+  int64_t fmas = 0, left = iterations;
   const double stop = now_s() + seconds;
   do {
-    for (int64_t i = 0; i < kInner; ++i) {
+    const int64_t inner = iterations > 0 ? std::min(kInner, left) : kInner;
+    for (int64_t i = 0; i < inner; ++i) {
       // Fully unrolled by the compiler (kChains is a constant): kChains
       // independent FMAs per iteration, all operands in registers.
       for (int c = 0; c < kChains; ++c) acc[c] = V::fma(acc[c], a, b);
     }
-    fmas += kInner * kChains * V::W;
-  } while (now_s() < stop);
+    fmas += inner * kChains * V::W;
+    left -= inner;
+  } while (iterations > 0 ? left > 0 : now_s() < stop);
   typename V::vec total = acc[0];
   for (int c = 1; c < kChains; ++c) total = V::add(total, acc[c]);
   *sink = hsum(V::fold8(total));
   return fmas;
 }
 #else
-int64_t fma_loop(double seconds, volatile float* sink) {
+int64_t fma_loop(double seconds, int64_t iterations, volatile float* sink) {
   float acc[kChains];
   for (int c = 0; c < kChains; ++c) acc[c] = 0.001f * static_cast<float>(c);
   const float a = 0.999999f, b = 1e-7f;
-  int64_t fmas = 0;
+  int64_t fmas = 0, left = iterations;
   const double stop = now_s() + seconds;
   do {
-    for (int64_t i = 0; i < kInner; ++i) {
+    const int64_t inner = iterations > 0 ? std::min(kInner, left) : kInner;
+    for (int64_t i = 0; i < inner; ++i) {
       for (int c = 0; c < kChains; ++c) acc[c] = acc[c] * a + b;
     }
-    fmas += kInner * kChains;
-  } while (now_s() < stop);
+    fmas += inner * kChains;
+    left -= inner;
+  } while (iterations > 0 ? left > 0 : now_s() < stop);
   float total = 0.0f;
   for (int c = 0; c < kChains; ++c) total += acc[c];
   *sink = total;
@@ -146,12 +154,35 @@ double longattn_fma_peak_gflops(int threads, double seconds) {
 #pragma omp parallel num_threads(threads) reduction(+ : fmas)
   {
     volatile float mine = 0.0f;
-    fmas += fma_loop(seconds, &mine);
+    fmas += fma_loop(seconds, 0, &mine);
 #pragma omp atomic
     sink += mine;  // the chains' value escapes: nothing can be dropped
   }
   const double elapsed = now_s() - start;  // wall time of the team, the slowest thread included
   return 2.0 * static_cast<double>(fmas) / elapsed * 1e-9;
+}
+
+// The same loop run for a fixed amount of work: at least `flops` flops (2
+// per lane per FMA) shared evenly by `threads` threads, rounded up to whole
+// iterations (kChains FMAs on longattn_probes_lanes() lanes). Returns the
+// flops run, or -1 for threads < 1 or flops not in [1, 1e15]. The caller
+// times it: the benchmarks run it with a case's own flop count in the same
+// interleaved rounds as the kernels, so the peak and the kernels are
+// measured at the same moments (a shared VM's speed moves within minutes).
+double longattn_fma_run(int threads, double flops) {
+  if (threads < 1 || !(flops >= 1.0 && flops <= 1e15)) return -1.0;
+  const double per_iteration = 2.0 * kChains * longattn_probes_lanes();
+  const auto iterations = static_cast<int64_t>(std::ceil(flops / threads / per_iteration));
+  int64_t fmas = 0;
+  volatile float sink = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : fmas)
+  {
+    volatile float mine = 0.0f;
+    fmas += fma_loop(0.0, iterations, &mine);
+#pragma omp atomic
+    sink += mine;
+  }
+  return 2.0 * static_cast<double>(fmas);
 }
 
 // Read bandwidth in GB/s (1e9 bytes/s): the best of `repeats` passes over

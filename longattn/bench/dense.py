@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import longattn
+from longattn.bench.machine import FMA_PEAK, fma_peak_method
 from longattn.bench.scenarios import Group, Method, MethodUnavailable, Scenario, Target, Timed, no_setup, register_group
 from longattn.reference import attention_ref
 
@@ -146,6 +147,7 @@ def dense_scenario(seqlen: int) -> Scenario:
         Method("longattn eager twin", no_setup(run_eager)),
         Method("sdpa", no_setup(run_sdpa)),
         Method("flex_attention", build_flex, slow_setup=True),
+        fma_peak_method(lambda inputs: causal_flops(BATCH, NHEADS, seqlen, HEADDIM)),
     ]
     return Scenario(
         name=f"dense causal fp32 seqlen={seqlen}",
@@ -161,6 +163,7 @@ def dense_scenario(seqlen: int) -> Scenario:
         reference=dense_reference,
         targets=(TARGET, PEAK_TARGET) if seqlen == TARGET_SEQLEN else (),
         flops=lambda inputs: causal_flops(BATCH, NHEADS, seqlen, HEADDIM),
+        peak_method=FMA_PEAK,
     )
 
 

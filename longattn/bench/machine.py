@@ -13,7 +13,11 @@ import sys
 
 import torch
 
+from longattn.bench.scenarios import Method, MethodUnavailable
 from longattn.kernels.support.cpp_build import cpu_model
+
+# The compute-bound cases' limit as a method (see fma_peak_method).
+FMA_PEAK = "fma peak"
 
 
 def cpu_description() -> str:
@@ -88,3 +92,33 @@ def measure_fma_peak(seconds: float = 0.3, tries: int = 3) -> dict[str, object]:
     if probe.value is None:
         return {"gflops": None, "reason": probe.reason}
     return {"gflops": probe.value, "isa": probe.isa, "threads": probe.threads}
+
+
+def fma_peak_method(flops) -> Method:
+    """A compute-bound case's FMA peak as a method: the register-only loop of
+    :func:`measure_fma_peak` run for the case's own flop count
+    (``flops(inputs)``, :func:`longattn.kernels.support.probes.fma_run`) in
+    the same interleaved rounds as the kernels, so its median GFLOP/s is the
+    peak they meet at the same moments (this VM's speed moves by 2x within
+    minutes; a probe at the start of the run is another moment). Like the
+    kernels (a static split of the work), it gives each thread an equal share
+    and waits for the slowest. Its output (the flops run) is not attention:
+    not compared. Skipped, with the reason, where the probes library does not
+    build."""
+    from longattn.kernels.support import cpp_build
+    from longattn.kernels.support.probes import fma_run
+
+    def build(inputs):
+        try:
+            fma_run(1)
+        except cpp_build.BuildError as exc:
+            raise MethodUnavailable(f"C++ FMA loop unavailable: {exc}") from exc
+        work = flops(inputs)
+
+        def run(_inputs) -> torch.Tensor:
+            return torch.tensor(fma_run(work))
+
+        run.note = "the limit: register-only FMA loop of the case's flops, same rounds"
+        return run
+
+    return Method(FMA_PEAK, build, compare=False)

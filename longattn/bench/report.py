@@ -136,11 +136,7 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     peak = machine.get("fma_peak")
     if peak:
-        out.append(
-            f"fp32 FMA peak measured in this run (register-only loop, {peak.get('threads')} threads, "
-            f"{peak.get('isa')}): {peak['gflops']:.0f} GFLOP/s; GFLOP/s = 4 x D x visible pairs x heads / median time"
-            if peak.get("gflops") else f"fp32 FMA peak not measured: {peak.get('reason')}"
-        )
+        out += _peak_lines(peak, results)
     if machine.get("read_bandwidth_gbps"):
         out += _bandwidth_lines(machine, results)
     out += [
@@ -163,6 +159,20 @@ def format_table(results: dict[str, Any]) -> str:
     if files.get("plot"):
         out.append(f"plot:    {files['plot']}")
     return "\n".join(out)
+
+
+def _peak_lines(peak: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """The FMA peak probes of the run and which one "% of peak" divides by."""
+    if not peak.get("gflops"):
+        return [f"fp32 FMA peak not measured: {peak.get('reason')}"]
+    lines = [f"fp32 FMA peak measured in this run (register-only loop, {peak.get('threads')} threads, "
+             f"{peak.get('isa')}, best of 3 at the start): {peak['gflops']:.0f} GFLOP/s; "
+             f"GFLOP/s = 4 x D x visible pairs x heads / median time"]
+    sources = sorted({(c.get("peak_limit") or {}).get("source") for c in results["cases"]} - {None, "run probe"})
+    if sources:
+        lines.append(f"% of peak = GFLOP/s / the same case's {' / '.join(sources)} row (the register-only loop "
+                     f"run for the case's flops, timed in the same rounds)")
+    return lines
 
 
 def _bandwidth_lines(machine: dict[str, Any], results: dict[str, Any]) -> list[str]:

@@ -161,8 +161,9 @@ def run_case(
     records: dict[str, dict[str, Any]] = {name: _empty_record() for name in scenario.methods}
     calls = {}
     for name, method in scenario.methods.items():
-        # The case's bandwidth limit runs whatever --methods selects: it is the yardstick, not a contender.
-        if methods is not None and name != scenario.bandwidth_method and not any(m in name for m in methods):
+        # The case's bandwidth or FMA limit runs whatever --methods selects: a yardstick, not a contender.
+        yardstick = name in (scenario.bandwidth_method, scenario.peak_method)
+        if methods is not None and not yardstick and not any(m in name for m in methods):
             records[name]["skipped"] = NOT_SELECTED_REASON
             progress.step(count=rounds + 1)
             continue
@@ -231,8 +232,10 @@ def run_case(
             record["bandwidth_fraction"] = record["gbps"] / limit["gbps"]
         if flops and record.get("median_ms"):
             record["gflops"] = flops / (record["median_ms"] * 1e-3) / 1e9
-            if peak_gflops:
-                record["peak_fraction"] = record["gflops"] / peak_gflops
+    peak = _peak_limit(scenario, records, peak_gflops)
+    for record in records.values():
+        if peak is not None and record.get("gflops") is not None:
+            record["peak_fraction"] = record["gflops"] / peak["gflops"]
 
     case = {
         "scenario": scenario.name,
@@ -243,6 +246,7 @@ def run_case(
         "bytes_read": bytes_read,
         "flops": flops,
         "bandwidth_limit": limit,
+        "peak_limit": peak,
         "methods": records,
         "targets": [_target_verdict(scenario, t, records) for t in scenario.targets],
         "measurements": measurements,
@@ -262,6 +266,18 @@ def _bandwidth_limit(scenario: Scenario, records: dict[str, dict[str, Any]],
     if gbps:
         return {"source": method, "gbps": gbps}
     return {"source": "run probe", "gbps": run_gbps} if run_gbps else None
+
+
+def _peak_limit(scenario: Scenario, records: dict[str, dict[str, Any]],
+                run_gflops: float | None) -> dict[str, Any] | None:
+    """What this case's "% of peak" divides by: its ``peak_method``'s GFLOP/s
+    when that ran (the case's flops, same rounds), else the run-level probe;
+    None when neither was measured."""
+    method = scenario.peak_method
+    gflops = records.get(method, {}).get("gflops") if method else None
+    if gflops:
+        return {"source": method, "gflops": gflops}
+    return {"source": "run probe", "gflops": run_gflops} if run_gflops else None
 
 
 def _empty_record() -> dict[str, Any]:

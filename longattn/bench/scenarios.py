@@ -123,6 +123,12 @@ class Scenario:
     # flops(inputs): floating-point operations of the exact computation (compute-bound
     # cases); gives GFLOP/s and the fraction of the machine's FMA peak measured in the run.
     flops: Callable[[Any], float] | None = None
+    # A method of this scenario whose GFLOP/s in this case is the FMA peak
+    # ("% of peak" divides by it): the register-only FMA loop run for the
+    # case's flops in the same interleaved rounds (machine.fma_peak_method),
+    # as bandwidth_method is for bytes. Without it, or when it did not run,
+    # the run-level probe (best of three at the start) is the peak.
+    peak_method: str | None = None
     # measure(inputs, outputs) -> {name: value}: figures other than speed taken
     # once per case after timing (a sparse method's recall, a time split);
     # printed under the table and stored with the case.

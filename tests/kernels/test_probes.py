@@ -34,6 +34,19 @@ def test_fma_peak_uses_the_builds_widest_vectors():
 
 
 @needs_library
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("flops", [1, 383, 384, 385, 10**6 + 7, 3e7])
+def test_fma_run_runs_at_least_the_flops_asked_in_whole_iterations(flops, threads):
+    # One iteration is 12 FMAs on every lane (2 flops each): each thread rounds
+    # its share up to whole iterations, never more than one over.
+    lanes = {"avx512": 16, "avx2": 8, "scalar": 1}[probes.fma_peak_gflops(threads=1, seconds=0.001).isa]
+    per_iteration = 2 * 12 * lanes
+    ran = probes.fma_run(flops, threads=threads)
+    assert ran >= flops and ran % per_iteration == 0
+    assert ran == threads * math.ceil(flops / threads / per_iteration) * per_iteration
+
+
+@needs_library
 @pytest.mark.parametrize("threads", [None, 1, 2])
 def test_stream_read_is_a_sane_positive_figure(threads):
     probe = probes.stream_read_gbs(gib=1 / 64, threads=threads, repeats=2)
@@ -72,7 +85,8 @@ def test_a_planted_nan_shows_up_wherever_it_is(where):
 
 @pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
 def test_bad_threads_are_named(threads):
-    for call in (lambda: probes.fma_peak_gflops(threads=threads), lambda: probes.stream_read_gbs(threads=threads)):
+    for call in (lambda: probes.fma_peak_gflops(threads=threads), lambda: probes.stream_read_gbs(threads=threads),
+                 lambda: probes.fma_run(100, threads=threads)):
         with pytest.raises(ArgumentError, match="threads"):
             call()
 
@@ -81,6 +95,12 @@ def test_bad_threads_are_named(threads):
 def test_bad_seconds_are_named(seconds):
     with pytest.raises(ArgumentError, match="seconds"):
         probes.fma_peak_gflops(seconds=seconds)
+
+
+@pytest.mark.parametrize("flops", [0, 0.5, -1, float("nan"), float("inf"), 1e16, None, "100", True])
+def test_bad_flops_are_named(flops):
+    with pytest.raises(ArgumentError, match="flops"):
+        probes.fma_run(flops)
 
 
 @pytest.mark.parametrize("gib", [0, -0.5, float("nan"), float("inf"), 1e4, None, False])

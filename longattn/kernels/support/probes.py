@@ -4,7 +4,8 @@
   register-only loop of 12 independent FMA chains on the widest vectors the
   build has (AVX-512: 16 lanes, AVX2+FMA: 8, else scalar multiply-adds),
   counted as 2 flops per lane per FMA. Compute-bound kernels (dense prefill)
-  are reported as a fraction of it.
+  are reported as a fraction of it. :func:`fma_run` runs the same loop for a
+  given flop count, for benchmarks that time it beside the kernels.
 * :func:`stream_read_gbs` -- the read bandwidth: a multi-threaded streaming
   pass over a fresh float32 buffer of ``gib`` GiB, each thread reading one
   contiguous slice, best of ``repeats`` passes, in GB/s (1e9 bytes/s).
@@ -37,6 +38,7 @@ SOURCE = "probes.cpp"
 # before it ties up the machine for an hour or allocates terabytes.
 MAX_SECONDS = 60.0
 MAX_GIB = 64.0
+MAX_FLOPS = 1e15  # ~1 hour of a 2-core machine's fp32 peak
 _ISA_BY_LANES = {16: "avx512", 8: "avx2", 1: "scalar"}
 
 
@@ -61,6 +63,7 @@ def _library():
     lib = cpp_build.load_library(SOURCE)
     lib.longattn_probes_lanes.argtypes, lib.longattn_probes_lanes.restype = [], ctypes.c_int
     lib.longattn_fma_peak_gflops.argtypes, lib.longattn_fma_peak_gflops.restype = [ctypes.c_int, ctypes.c_double], ctypes.c_double
+    lib.longattn_fma_run.argtypes, lib.longattn_fma_run.restype = [ctypes.c_int, ctypes.c_double], ctypes.c_double
     lib.longattn_stream_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
                                        ctypes.POINTER(ctypes.c_double)]
     lib.longattn_stream_read_sum.restype = ctypes.c_double
@@ -110,6 +113,25 @@ def fma_peak_gflops(threads: int | None = None, seconds: float = 0.2) -> Probe:
     if not (value > 0 and math.isfinite(value)):
         raise RuntimeError(f"longattn_fma_peak_gflops returned {value}; this is a bug")
     return Probe(value, _isa(lib), threads)
+
+
+def fma_run(flops: float, threads: int | None = None) -> float:
+    """Run the register-only FMA loop of :func:`fma_peak_gflops` for a fixed
+    amount of work -- at least ``flops`` flops (in [1, 1e15]), shared evenly
+    by ``threads`` threads (default: torch's count), rounded up to whole loop
+    iterations -- and return the flops run. The caller times it: the
+    benchmarks run it with a case's own flop count in the same interleaved
+    rounds as the kernels, so that the peak a kernel is divided by was
+    measured at the same moments (this shared VM's speed moves by 2x within
+    minutes). Raises :class:`~longattn.kernels.support.cpp_build.BuildError`
+    when the library is unavailable."""
+    threads = _threads(threads)
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not (1 <= flops <= MAX_FLOPS):
+        raise ArgumentError(f"flops must be a number in [1, {MAX_FLOPS:g}], got {flops!r}")
+    value = _library().longattn_fma_run(threads, float(flops))
+    if not (value >= flops and math.isfinite(value)):
+        raise RuntimeError(f"longattn_fma_run returned {value} for {flops:g} flops; this is a bug")
+    return value
 
 
 def read_tensor(data: torch.Tensor, threads: int | None = None, repeats: int = 1) -> tuple[Probe, float]:
