@@ -53,6 +53,14 @@
 
 #include "simd.h"
 
+// bf16 scored on AMX tiles where the compiler targets them (or, for the
+// tests, on their emulation, -DLONGATTN_AMX_EMULATE, in any AVX512-BF16
+// build): see amx_batch_scores. amx_tiles.h opens its own namespace.
+#if defined(LONGATTN_AVX512BF16) && ((defined(__AMX_TILE__) && defined(__AMX_BF16__)) || defined(LONGATTN_AMX_EMULATE))
+#define LONGATTN_AMX_SEARCH 1
+#include "amx_tiles.h"
+#endif
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -64,7 +72,11 @@ struct ScoreProblem {
   const int64_t* block_table; int64_t bt_stride; int page_size;
   int64_t rows; int S, D, bk, sink, causal, nheads, nheads_k, nqb;
   bool bf16;  // queries as bf16 pair words, keys bf16 (the _bf16 entry)
+  bool amx;   // bf16 scored on AMX tiles (amx_batch_scores)
 };
+
+// AMX tiles take 32 bf16 head dims a step: the head dim the tiles see (zeros past D).
+int amx_headdim(int D) { return (D + 31) / 32 * 32; }
 
 // Key `pos` of batch b, kv head hk; T is the keys' element type (float, or bf16 bits as uint16_t).
 template <class T = float>
@@ -208,7 +220,10 @@ struct RowContext {
 };
 
 // 32-bit words of row r's transposed strided queries: (D, S) floats, or (D / 2, S) bf16 pair words.
-size_t transposed_words(const ScoreProblem& p) { return static_cast<size_t>(p.bf16 ? p.D / 2 : p.D) * p.S; }
+// With AMX, rows of zero words pad the head dim to amx_headdim (B tiles read 16 pairs a step).
+size_t transposed_words(const ScoreProblem& p) {
+  return static_cast<size_t>(p.amx ? amx_headdim(p.D) / 2 : p.bf16 ? p.D / 2 : p.D) * p.S;
+}
 
 // The row's strided queries, read from q, transposed into qt (transposed_words
 // words); head dims past q_dim are zero (they add nothing to a dot product).
@@ -276,12 +291,114 @@ void batch_tiles(const ScoreProblem& p, const RowContext& row, const void* const
   }
 }
 
+#ifdef LONGATTN_AMX_SEARCH
+// Keys per AMX batch: the rows of a tile (a batch holds as many whole blocks
+// as fit, at least one; a longer block goes through in pieces of 16 keys).
+constexpr int kAmxKeys = 16;
+int amx_blocks_per_batch(int bk) { return std::max(1, kAmxKeys / bk); }
+
+// The tiles: C 0..3 (16 keys x 16 query lanes, fp32), A 4 (16 keys x 32 head
+// dims, bf16), B 5 and 6 by turns (16 head-dim pairs x 16 query lanes): every
+// tile 16 rows x 64 bytes, one configuration (palette 1) for the thread.
+struct AmxTiles {
+  explicit AmxTiles(bool on) : on_(on) {
+    if (!on_) return;
+    amx::Config config;
+    for (int t = 0; t < 7; ++t) {
+      config.rows[t] = 16;
+      config.colsb[t] = 64;
+    }
+    amx::configure(config);
+  }
+  ~AmxTiles() {
+    if (on_) amx::release();
+  }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+
+ private:
+  bool on_;
+};
+
+// C tiles 0..ng-1 = keys (A, tile 4) x query lanes of groups 0..ng-1 (B: the
+// row's pair words from qs, 16 lanes a group, rows `pair_stride` bytes apart).
+template <int G>
+inline void amx_group(const uint32_t* qs, int64_t pair_stride) {
+  static_assert(G >= 0 && G < 4, "four C tiles");
+  if constexpr (G == 0) { amx::load<5>(qs, pair_stride); amx::dp_bf16<0, 4, 5>(); }
+  if constexpr (G == 1) { amx::load<6>(qs + 16, pair_stride); amx::dp_bf16<1, 4, 6>(); }
+  if constexpr (G == 2) { amx::load<5>(qs + 32, pair_stride); amx::dp_bf16<2, 4, 5>(); }
+  if constexpr (G == 3) { amx::load<6>(qs + 48, pair_stride); amx::dp_bf16<3, 4, 6>(); }
+}
+
+// The bf16 batch on AMX tiles (p.amx): score[i] = max(score[i], the max over
+// the row's query lanes and block i's keys); kp, kpos, owner as for
+// max_over_keys. Per 16 keys: the key rows are copied into kbuf (16 rows of
+// amx_headdim(D) bf16, zero past D: A needs one row stride, the keys are
+// scattered), then per head-dim step of 32, A = those rows, B = the row's
+// transposed query pair words as they are (qt: (amx_headdim / 2, S) words,
+// zero past D / 2), up to four C tiles of 16 query lanes; C goes to cbuf
+// and each key's lanes fold into its block's max as on the vector path
+// (causal lanes dropped, NaN passed over). TDPBF16PS sums each pair's two
+// bf16 products (exact in fp32) in fp32, as vdpbf16ps does, in its own
+// order. The lines `ahead` are prefetched one per line copied.
+void amx_batch_scores(const ScoreProblem& p, const RowContext& row, const void* const* kp, const int64_t* kpos,
+                      const int* owner, int nk, int n, float* score, uint16_t* kbuf, float* cbuf, Spread ahead) {
+  const int dp = amx_headdim(p.D), groups = p.S / 16, row_bytes = p.D * 2;
+  const int line_steps = (row_bytes + 63) / 64;
+  const uint32_t* qt = static_cast<const uint32_t*>(row.qt);
+  const int64_t pair_stride = int64_t{p.S} * 4, key_stride = int64_t{dp} * 2;
+  __m512 best[kAmxKeys];
+  for (int i = 0; i < n; ++i) best[i] = _mm512_set1_ps(kNegInf);
+  const char* const* touch = ahead.plan(nk * line_steps);
+  for (int k0 = 0; k0 < nk; k0 += kAmxKeys) {
+    const int m = std::min(kAmxKeys, nk - k0);
+    for (int u = 0; u < m; ++u, touch += line_steps) {
+      const char* src = static_cast<const char*>(kp[k0 + u]);
+      char* dst = reinterpret_cast<char*>(kbuf + static_cast<size_t>(u) * dp);
+      for (int l = 0; l < line_steps; ++l) {
+        const int bytes = std::min(64, row_bytes - 64 * l);
+        const __mmask64 mask = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+        _mm512_mask_storeu_epi8(dst + 64 * l, mask, _mm512_maskz_loadu_epi8(mask, src + 64 * l));
+        prefetch_l2(touch[l]);
+      }
+    }
+    for (int g0 = 0; g0 < groups; g0 += 4) {
+      const int ng = std::min(4, groups - g0);
+      amx::zero<0>();
+      if (ng > 1) amx::zero<1>();
+      if (ng > 2) amx::zero<2>();
+      if (ng > 3) amx::zero<3>();
+      for (int s = 0; s < dp / 32; ++s) {
+        amx::load<4>(kbuf + s * 32, key_stride);
+        const uint32_t* qs = qt + static_cast<size_t>(s) * 16 * p.S + g0 * 16;
+        amx_group<0>(qs, pair_stride);
+        if (ng > 1) amx_group<1>(qs, pair_stride);
+        if (ng > 2) amx_group<2>(qs, pair_stride);
+        if (ng > 3) amx_group<3>(qs, pair_stride);
+      }
+      amx::store<0>(cbuf, 64);
+      if (ng > 1) amx::store<1>(cbuf + 256, 64);
+      if (ng > 2) amx::store<2>(cbuf + 512, 64);
+      if (ng > 3) amx::store<3>(cbuf + 768, 64);
+      for (int u = 0; u < m; ++u)
+        for (int g = 0; g < ng; ++g) {
+          __m512 sum = _mm512_loadu_ps(cbuf + g * 256 + u * 16);
+          if (p.causal) sum = Isa::drop_after(sum, row.qpos + (g0 + g) * 16, static_cast<int32_t>(kpos[k0 + u]));
+          best[owner[k0 + u]] = Isa::max(sum, best[owner[k0 + u]]);  // sum first: NaN passed over
+        }
+    }
+  }
+  for (int i = 0; i < n; ++i) score[i] = std::max(score[i], Isa::hmax(best[i]));
+}
+#endif
+
 // score[i] = the row's score of blocks[i] for i < n <= kBlocksPerBatch (blocks[i] <
 // 0: an empty candidate, -inf) on the vector paths (p.S % Isa::W == 0;
 // bf16 keys with AVX512-BF16). kp, kpos and owner hold n * bk entries; the
 // lines `ahead` are prefetched meanwhile.
 void batch_scores(const ScoreProblem& p, const RowContext& row, const int64_t* blocks, int n, float* score,
-                  const void** kp, int64_t* kpos, int* owner, Spread ahead) {
+                  const void** kp, int64_t* kpos, int* owner, uint16_t* kbuf, float* cbuf, Spread ahead) {
   int nk = 0;
   for (int i = 0; i < n; ++i) {
     score[i] = kNegInf;
@@ -299,6 +416,10 @@ void batch_scores(const ScoreProblem& p, const RowContext& row, const int64_t* b
     for (int i = 0; i < ahead.count; ++i) prefetch_l2(ahead.touch[i]);
     return;
   }
+#ifdef LONGATTN_AMX_SEARCH
+  if (p.amx) return amx_batch_scores(p, row, kp, kpos, owner, nk, n, score, kbuf, cbuf, ahead);
+#endif
+  (void)kbuf; (void)cbuf;
 #ifdef LONGATTN_AVX512BF16
   if (p.bf16) return batch_tiles<uint16_t>(p, row, kp, kpos, owner, nk, n, score, ahead);
 #endif
@@ -378,6 +499,8 @@ class RowSearch {
         nb_(nb),
         cs_(2 * nb), ce_(2 * nb), score_(2 * nb), ranked_(6 * nb), kept_(nb), todo_(2 * nb),
         kp_(static_cast<size_t>(kBatchKeys) * p.bk), kpos_(kp_.size()), owner_(kp_.size()),
+        batch_blocks_(batch_blocks(p)), kbuf_(p.amx ? static_cast<size_t>(16) * amx_headdim(p.D) : 0),
+        cbuf_(p.amx ? 1024 : 0),
         // a batch's steps (passes <= keys, steps <= D) or its blocks' lines, whichever is more
         touch_(std::max(kp_.size() * p.D, static_cast<size_t>(std::max(kBatchKeys, 1)) * p.bk * line_count(p)),
                idle_line()) {
@@ -425,10 +548,23 @@ class RowSearch {
   int64_t centre(int i) const { return centre_of(cs_[i], ce_[i]); }
 
 #ifdef LONGATTN_AVX2
-  static constexpr int kBatchKeys = kBlocksPerBatch;  // blocks per batch_scores call (times bk keys)
+  static constexpr int kBatchKeys = 16;  // most blocks per batch_scores call (times bk keys): see batch_blocks
 #else
   static constexpr int kBatchKeys = 0;  // no batched path: the batch lists stay empty
 #endif
+  // Blocks per batch_scores call: kBlocksPerBatch on the vector paths, as
+  // many as fill a tile's 16 key rows on AMX.
+  static int batch_blocks(const ScoreProblem& p) {
+#ifdef LONGATTN_AMX_SEARCH
+    if (p.amx) return amx_blocks_per_batch(p.bk);
+#endif
+    (void)p;
+#ifdef LONGATTN_AVX2
+    return kBlocksPerBatch;
+#else
+    return 0;
+#endif
+  }
 
   // The score of candidate i when it is already known: a half whose centre
   // is its group's centre (a group of 1, 2 or 3 blocks: the last round of a
@@ -455,10 +591,10 @@ class RowSearch {
     // The vector paths: candidate blocks scored a batch at a time
     // (bf16 only reaches here with AVX512-BF16, W = 16; the entry checked S % 16).
     if (p_.S % Isa::W == 0) {
-      for (int t0 = 0; t0 < todo; t0 += kBlocksPerBatch) {
-        const int n = std::min(kBlocksPerBatch, todo - t0);
-        int64_t blocks[kBlocksPerBatch];
-        float scores[kBlocksPerBatch];
+      for (int t0 = 0; t0 < todo; t0 += batch_blocks_) {
+        const int n = std::min(batch_blocks_, todo - t0);
+        int64_t blocks[kBatchKeys];
+        float scores[kBatchKeys];
         int lines = 0;
         for (int t = t0; t < t0 + n; ++t) {
           // Blocks are scattered over the sequence: fetch later ones while these compute.
@@ -469,7 +605,8 @@ class RowSearch {
         // The previous batch's lines past this one's: back to a line in L1.
         std::fill(touch_.begin() + lines, touch_.begin() + std::max(lines, touched_), idle_line());
         touched_ = lines;
-        batch_scores(p_, row_, blocks, n, scores, kp_.data(), kpos_.data(), owner_.data(), Spread{touch_.data(), lines});
+        batch_scores(p_, row_, blocks, n, scores, kp_.data(), kpos_.data(), owner_.data(), kbuf_.data(), cbuf_.data(),
+                     Spread{touch_.data(), lines});
         for (int t = t0; t < t0 + n; ++t) score_[todo_[t]] = scores[t - t0];
       }
       return;
@@ -521,6 +658,9 @@ class RowSearch {
   std::vector<const void*> kp_;        // one batch's key rows, positions and blocks (batch_scores), sized once
   std::vector<int64_t> kpos_;
   std::vector<int> owner_;
+  const int batch_blocks_;
+  std::vector<uint16_t> kbuf_;  // AMX: a batch's key rows, 16 x amx_headdim(D) bf16 (zero past D)
+  std::vector<float> cbuf_;     // AMX: the C tiles' scores, 4 x 16 keys x 16 lanes
   // The lines of the blocks kPrefetchAhead later, prefetched while a batch
   // is scored (Spread), then idle_line() for its remaining steps.
   std::vector<const char*> touch_;
@@ -538,6 +678,9 @@ class RowSearch {
 constexpr int kRowsPerGroup = 8;
 
 void search_rows(const ScoreProblem& p, int64_t r0, int64_t r1, int64_t* starts, int64_t* ends, int nb, int rounds) {
+#ifdef LONGATTN_AMX_SEARCH
+  const AmxTiles tiles(p.amx);  // this thread's tile configuration, released at the end
+#endif
   std::vector<RowSearch> group;
   group.reserve(static_cast<size_t>(r1 - r0));
   int most = 0;
@@ -549,6 +692,15 @@ void search_rows(const ScoreProblem& p, int64_t r0, int64_t r1, int64_t* starts,
     for (RowSearch& row : group)
       if (round < row.rounds()) row.round();
   for (RowSearch& row : group) row.order_groups();
+}
+
+// Whether this build scores bf16 on AMX tiles and the OS lets this process use them.
+bool amx_search() {
+#ifdef LONGATTN_AMX_SEARCH
+  return amx_ready();
+#else
+  return false;
+#endif
 }
 
 int run_search(const void* q, int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t q_offset, int q_dim,
@@ -564,7 +716,7 @@ int run_search(const void* q, int64_t q_sb, int64_t q_ss, int64_t q_sh, int64_t 
   if (q_dim < 1 || q_dim > D) return 1;
   const ScoreProblem p{q, q_sb, q_ss, q_sh, q_offset, q_dim, query_pos, range_end, keys, batch_stride, head_stride,
                        pos_stride, block_table, bt_stride, page_size, rows, S, D, bk, sink, causal, nheads, nheads_k,
-                       nqb, bf16};
+                       nqb, bf16, bf16 && amx_search()};
   // A row's state is 60 * nb bytes (its 2 nb halves' bounds, scores and
   // indices, its nb kept scores) and its transposed queries: groups stay
   // within ~1 MiB, so a huge nb searches row by row.
@@ -600,6 +752,10 @@ extern "C" int longattn_hip_search_has_bf16() {
   return 0;
 #endif
 }
+
+// 1 when the bfloat16 search scores on AMX tiles here (this build targets
+// them, or emulates them, and the OS granted this process AMX state), else 0.
+extern "C" int longattn_hip_search_uses_amx() { return amx_search() ? 1 : 0; }
 
 // The same search on bfloat16: q bf16 bits, keys bf16 rows; D even, S a
 // multiple of 16. Returns 2 when built without AVX512-BF16.

@@ -10,10 +10,13 @@ from hypothesis import strategies as st
 import longattn
 from longattn.errors import ArgumentError, UnsupportedFeatureError
 from longattn.kernels.block_sparse import BlockSparseLayout
+from longattn.kernels.dense.cpp import AMX_EMULATE as AMX_EMULATED  # the tiles' software emulation (-D flag)
 from longattn.reference import attention_ref
 from longattn.sparse import HiP, hip_select_blocks
 from longattn.sparse.hip_mask import searchable_blocks
 from tests.tolerance import assert_close_to_oracle
+
+NO_AMX = ("-mno-amx-tile",)  # an AMX CPU's build without tiles: the bf16 dot-product search
 
 
 @st.composite
@@ -153,13 +156,15 @@ def test_backends_select_the_same_blocks():
 
 @pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
                     reason="the C++ HiP scorer does not build here")
-@pytest.mark.parametrize("build_flags", [(), ("-mno-avx512bf16",), ("-mno-avx512f",),
+@pytest.mark.parametrize("build_flags", [(), AMX_EMULATED, NO_AMX, ("-mno-avx512bf16",), ("-mno-avx512f",),
                                          ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
 @pytest.mark.parametrize("dtype, headdim", [(torch.float32, 40), (torch.bfloat16, 40), (torch.bfloat16, 41)])
 def test_cpu_search_on_every_vector_path_selects_what_the_eager_search_selects(build_flags, dtype, headdim,
                                                                                 monkeypatch):
-    """bfloat16 runs the bf16 dot-product search where the build has it (the
-    default build on an AVX512-BF16 CPU), float32 scoring of the same values elsewhere."""
+    """bfloat16 runs the AMX search where the build has it (the default build
+    on an AMX CPU; emulated tiles on any AVX512-BF16 CPU), the bf16
+    dot-product search where it has AVX512-BF16 (the default build there, and
+    -mno-amx-tile on an AMX CPU), float32 scoring of the same values elsewhere."""
     import longattn.kernels.hip_score.cpp as hsc
 
     real = hsc.search_blocks_cpu
@@ -190,7 +195,7 @@ def plant_nans(q: torch.Tensor, k: torch.Tensor, seed: int) -> tuple[torch.Tenso
 
 @pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
                     reason="the C++ HiP scorer does not build here")
-@pytest.mark.parametrize("build_flags", [(), ("-mno-avx512bf16",), ("-mno-avx512f",),
+@pytest.mark.parametrize("build_flags", [(), AMX_EMULATED, NO_AMX, ("-mno-avx512bf16",), ("-mno-avx512f",),
                                          ("-mno-avx512f", "-mno-avx2", "-mno-fma")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_dot_products_are_passed_over_alike_by_the_cpu_and_eager_searches(build_flags, dtype, monkeypatch):
@@ -241,6 +246,38 @@ def test_cpu_search_with_many_groups_per_row_selects_what_the_eager_search_selec
     assert torch.equal(hip_select_blocks(q, k, cfg, backend="cpp"), hip_select_blocks(q, k, cfg, backend="eager"))
 
 
+@pytest.mark.skipif(__import__("longattn.kernels.hip_score.cpp", fromlist=["x"]).score_unavailable_reason() is not None,
+                    reason="the C++ HiP scorer does not build here")
+@pytest.mark.parametrize("build_flags", [(), AMX_EMULATED])
+@pytest.mark.parametrize("block_q, query_stride, block_k, headdim", [
+    (16, 1, 2, 128),   # the default shape: 16 lanes, 8 two-key blocks per batch
+    (160, 2, 3, 40),   # 80 lanes: five C tiles, two passes of up to four; 5 blocks of 3 keys a batch; D padded to 64
+    (32, 2, 20, 72),   # a block of 20 keys: two pieces of 16 rows; D padded to 96
+    (48, 3, 1, 34),    # one-key blocks, D padded to 64 (34 = 32 + one pair)
+])
+def test_amx_search_selects_what_the_eager_search_selects_at_awkward_shapes(build_flags, block_q, query_stride,
+                                                                           block_k, headdim, monkeypatch):
+    """The AMX search's own edges: more query lanes than four C tiles hold,
+    blocks longer than a tile's 16 key rows, head dims padded to 32-dim steps.
+    On emulated tiles wherever the CPU has AVX512-BF16 (the emulation aborts
+    on any tile misuse), on real ones where it has AMX."""
+    import longattn.kernels.hip_score.cpp as hsc
+
+    if not hsc.bf16_search_uses_amx(build_flags):
+        pytest.skip(f"no AMX search in this build ({build_flags or 'default'}): the CPU lacks "
+                    f"{'AVX512-BF16' if build_flags else 'AMX-TILE/AMX-BF16 (or the OS grants no AMX state)'}")
+    real = hsc.search_blocks_cpu
+    monkeypatch.setattr(hsc, "search_blocks_cpu", lambda *a, **kw: real(*a, **kw, build_flags=build_flags))
+    gen = torch.Generator().manual_seed(block_q + headdim)
+    q = torch.randn(1, 700, 4, headdim, generator=gen).bfloat16()
+    k = torch.randn(1, 700, 2, headdim, generator=gen).bfloat16()
+    for causal in (True, False):
+        cfg = HiP(topk=8 * block_k, block_q=block_q, block_k=block_k, query_stride=query_stride, sink_size=3,
+                  recent_size=2 * block_q)
+        assert torch.equal(hip_select_blocks(q, k, cfg, causal=causal, backend="cpp"),
+                           hip_select_blocks(q, k, cfg, causal=causal, backend="eager"))
+
+
 def test_the_bf16_search_is_built_where_the_cpu_has_avx512_bf16():
     from longattn.kernels.hip_score.cpp import has_bf16_search, score_unavailable_reason
     from longattn.kernels.support.cpp_build import cpu_features
@@ -249,6 +286,19 @@ def test_the_bf16_search_is_built_where_the_cpu_has_avx512_bf16():
         pytest.skip(f"the C++ HiP search does not build here: {score_unavailable_reason()}")
     assert has_bf16_search() == ({"avx512f", "avx512_bf16"} <= cpu_features())
     assert not has_bf16_search(("-mno-avx512bf16",))
+
+
+def test_the_bf16_search_runs_on_amx_tiles_where_the_cpu_has_them():
+    from longattn.kernels.hip_score.cpp import bf16_search_uses_amx, has_bf16_search, score_unavailable_reason
+    from longattn.kernels.support.cpp_build import cpu_features
+
+    if score_unavailable_reason() is not None:
+        pytest.skip(f"the C++ HiP search does not build here: {score_unavailable_reason()}")
+    amx = {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"} <= cpu_features()
+    # (a kernel that refuses AMX state to the process would make this False on an AMX CPU: not these machines)
+    assert bf16_search_uses_amx() == amx
+    assert not bf16_search_uses_amx(NO_AMX) and has_bf16_search(NO_AMX) == has_bf16_search()
+    assert bf16_search_uses_amx(AMX_EMULATED) == has_bf16_search()  # emulated tiles on any AVX512-BF16 build
 
 
 @pytest.mark.skipif(__import__("longattn.kernels.dense.cpp", fromlist=["x"]).flash_unavailable_reason() is not None,
