@@ -66,6 +66,7 @@ def collect() -> dict[str, Any]:
         "cpp_libraries": _cpp_libraries(),
         "cpp_threads": _cpp_threads(),
         "flash_engines": _flash_engines(),
+        "hip_search_bf16": _hip_search_bf16(),
     }
 
 
@@ -96,6 +97,16 @@ def _flash_engines() -> dict[str, str]:
         return {}
     return {str(dtype).removeprefix("torch."): flash_cpu.choose_math(dtype)
             for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _hip_search_bf16() -> str | None:
+    """How the C++ HiP search scores bfloat16 here: ``"amx"`` (AMX tiles),
+    ``"bf16-dot"`` (vdpbf16ps) or ``"fp32"`` (widened); None without the search."""
+    from longattn.kernels.hip_score import cpp as hip_cpu
+
+    if hip_cpu.score_unavailable_reason() is not None:
+        return None
+    return "amx" if hip_cpu.bf16_search_uses_amx() else "bf16-dot" if hip_cpu.has_bf16_search() else "fp32"
 
 
 def _cpp_threads() -> str:
@@ -209,6 +220,8 @@ def format_report(info: dict[str, Any]) -> str:
     if info.get("flash_engines"):
         engines = ", ".join(f"{dtype} -> {math}" for dtype, math in info["flash_engines"].items())
         lines.append(f"  flash_cpu.cpp arithmetic per input dtype: {engines} (fp32 = float32 FMAs on widened inputs)")
+    if info.get("hip_search_bf16"):
+        lines.append(f"  hip_score.cpp arithmetic for bfloat16: {info['hip_search_bf16']}")
     if "cpp_threads" in info:
         lines.append(f"  threads: {info['cpp_threads']}")
     return "\n".join(lines)
