@@ -22,8 +22,9 @@
 //               b * q_sb + i * q_ss + h * q_sh (element strides); q_dim <= D.
 //               The bf16 entry (AVX512-BF16 builds) pairs them, (q[2t], q[2t+1])
 //               per 32-bit word (an odd q_dim's last word padded with zero), D even;
-//               keys bfloat16 rows of D, scored with vdpbf16ps (bf16 products
-//               exact in float32, float32 sums).
+//               keys bfloat16 rows of D, scored with vdpbf16ps, or on AMX tiles
+//               where the build targets them and the OS grants AMX state
+//               (amx_batch_scores; bf16 products exact in float32, float32 sums).
 //   query_pos   (nqb, S) int32: key position of each strided query of query
 //               block qb, i.e. its row i = query_pos - q_offset in q; S a
 //               multiple of the vector width (callers pad by repeating a query)
@@ -320,8 +321,8 @@ struct AmxTiles {
   bool on_;
 };
 
-// C tiles 0..ng-1 = keys (A, tile 4) x query lanes of groups 0..ng-1 (B: the
-// row's pair words from qs, 16 lanes a group, rows `pair_stride` bytes apart).
+// C tile G += keys (A, tile 4) x query lanes of group G (B, tiles 5 and 6 by
+// turns: the row's pair words from qs + 16 G, rows `pair_stride` bytes apart).
 template <int G>
 inline void amx_group(const uint32_t* qs, int64_t pair_stride) {
   static_assert(G >= 0 && G < 4, "four C tiles");

@@ -261,11 +261,7 @@ def _bandwidth_limit(scenario: Scenario, records: dict[str, dict[str, Any]],
     """What this case's "% of bw" divides by: its ``bandwidth_method``'s GB/s
     when that ran (same bytes, same rounds), else the run-level probe; None
     when neither was measured."""
-    method = scenario.bandwidth_method
-    gbps = records.get(method, {}).get("gbps") if method else None
-    if gbps:
-        return {"source": method, "gbps": gbps}
-    return {"source": "run probe", "gbps": run_gbps} if run_gbps else None
+    return _limit_from_row(scenario.bandwidth_method, records, "gbps", run_gbps)
 
 
 def _peak_limit(scenario: Scenario, records: dict[str, dict[str, Any]],
@@ -273,11 +269,17 @@ def _peak_limit(scenario: Scenario, records: dict[str, dict[str, Any]],
     """What this case's "% of peak" divides by: its ``peak_method``'s GFLOP/s
     when that ran (the case's flops, same rounds), else the run-level probe;
     None when neither was measured."""
-    method = scenario.peak_method
-    gflops = records.get(method, {}).get("gflops") if method else None
-    if gflops:
-        return {"source": method, "gflops": gflops}
-    return {"source": "run probe", "gflops": run_gflops} if run_gflops else None
+    return _limit_from_row(scenario.peak_method, records, "gflops", run_gflops)
+
+
+def _limit_from_row(method: str | None, records: dict[str, dict[str, Any]], field: str,
+                    run_value: float | None) -> dict[str, Any] | None:
+    """``{"source": method, field: its value}`` when the yardstick row ran,
+    else ``{"source": "run probe", field: run_value}``, else None."""
+    value = records.get(method, {}).get(field) if method else None
+    if value:
+        return {"source": method, field: value}
+    return {"source": "run probe", field: run_value} if run_value else None
 
 
 def _empty_record() -> dict[str, Any]:
