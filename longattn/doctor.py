@@ -106,7 +106,7 @@ def _hip_search_bf16() -> str | None:
 
     if hip_cpu.score_unavailable_reason() is not None:
         return None
-    return "amx" if hip_cpu.bf16_search_uses_amx() else "bf16-dot" if hip_cpu.has_bf16_search() else "fp32"
+    return hip_cpu.bf16_search_arithmetic()
 
 
 def _cpp_threads() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from longattn.cli import main
 
 
@@ -32,6 +34,15 @@ def test_hip_bench_quick_runs(tmp_path, capsys):
         assert 0 < m["recall (dense mass kept)"] <= 1 + 1e-6 and 0 <= m["needles seen"] <= 1
         assert math.isfinite(m["rel error vs dense"])
         assert case["methods"]["longattn hip"]["max_error"] <= 1e-4  # vs the eager twin, same selection
+        # the bf16 row names the arithmetic its C++ search and attention run here
+        from longattn.kernels.dense.cpp import choose_math, flash_unavailable_reason
+        from longattn.kernels.hip_score.cpp import bf16_search_arithmetic, score_unavailable_reason
+
+        note = case["methods"]["longattn hip bf16"]["note"] or ""
+        if score_unavailable_reason() is None:
+            assert f"search: {bf16_search_arithmetic()}" in note
+        if flash_unavailable_reason() is None:
+            assert f"attention: {choose_math(torch.bfloat16)}" in note
 
 
 def test_streaming_bench_where_the_window_covers_everything_is_dense(tmp_path, capsys):

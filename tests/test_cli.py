@@ -40,11 +40,10 @@ def test_doctor_text_report(capsys):
 
     if flash_unavailable_reason() is None:  # which arithmetic each dtype runs
         assert f"bfloat16 -> {choose_math(torch.bfloat16)}" in out and "float32 -> fp32" in out
-    from longattn.kernels.hip_score.cpp import bf16_search_uses_amx, has_bf16_search, score_unavailable_reason
+    from longattn.kernels.hip_score.cpp import bf16_search_arithmetic, score_unavailable_reason
 
     if score_unavailable_reason() is None:  # and how HiP's search scores bfloat16
-        want = "amx" if bf16_search_uses_amx() else "bf16-dot" if has_bf16_search() else "fp32"
-        assert f"hip_score.cpp arithmetic for bfloat16: {want}\n" in out
+        assert f"hip_score.cpp arithmetic for bfloat16: {bf16_search_arithmetic()}\n" in out
 
 
 def test_quick_bench_writes_checked_results(tmp_path, capsys):

@@ -212,13 +212,30 @@ def measure_quality(inputs: HipInputs, outputs: dict) -> dict[str, float]:
     return figures
 
 
+def build_hip_bf16(inputs: HipInputs):
+    """``longattn hip`` on bfloat16 copies (:func:`in_bfloat16`), its note
+    naming the arithmetic of the C++ search and attention it runs here."""
+    fn = in_bfloat16(run_hip)(inputs)
+    from longattn.kernels.dense import cpp as flash_cpu
+    from longattn.kernels.hip_score import cpp as hip_cpu
+
+    parts = []
+    if hip_cpu.score_unavailable_reason() is None:
+        parts.append(f"search: {hip_cpu.bf16_search_arithmetic()}")
+    if flash_cpu.flash_unavailable_reason() is None:
+        parts.append(f"attention: {flash_cpu.choose_math(torch.bfloat16)}")
+    if parts:
+        fn.note = ", ".join(parts)
+    return fn
+
+
 def hip_scenario(seqlen: int, nheads: int = NHEADS, nheads_k: int = NHEADS, group: str = "hip") -> Scenario:
     methods = [
         Method("longattn hip", no_setup(run_hip)),
         Method("block-sparse (given mask)", build_block_sparse),
         Method("flex (same mask)", build_flex, slow_setup=True),
         Method("sdpa", no_setup(run_sdpa)),
-        Method("longattn hip bf16", in_bfloat16(run_hip)),
+        Method("longattn hip bf16", build_hip_bf16),
         Method("sdpa bf16", in_bfloat16(run_sdpa)),
     ]
     targets = []

@@ -299,6 +299,10 @@ def test_the_bf16_search_runs_on_amx_tiles_where_the_cpu_has_them():
     assert bf16_search_uses_amx() == amx
     assert not bf16_search_uses_amx(NO_AMX) and has_bf16_search(NO_AMX) == has_bf16_search()
     assert bf16_search_uses_amx(AMX_EMULATED) == has_bf16_search()  # emulated tiles on any AVX512-BF16 build
+    from longattn.kernels.hip_score.cpp import bf16_search_arithmetic
+
+    assert bf16_search_arithmetic() == ("amx" if amx else "bf16-dot" if has_bf16_search() else "fp32")
+    assert bf16_search_arithmetic(NO_AMX) == ("bf16-dot" if has_bf16_search() else "fp32")
 
 
 @pytest.mark.skipif(__import__("longattn.kernels.dense.cpp", fromlist=["x"]).flash_unavailable_reason() is not None,

@@ -76,6 +76,15 @@ def bf16_search_uses_amx(build_flags: tuple[str, ...] = ()) -> bool:
         return False
 
 
+def bf16_search_arithmetic(build_flags: tuple[str, ...] = ()) -> str:
+    """How this build's search scores bfloat16: ``"amx"`` (AMX tiles,
+    :func:`bf16_search_uses_amx`), ``"bf16-dot"`` (``vdpbf16ps``,
+    :func:`has_bf16_search`) or ``"fp32"`` (widened to float32)."""
+    if bf16_search_uses_amx(build_flags):
+        return "amx"
+    return "bf16-dot" if has_bf16_search(build_flags) else "fp32"
+
+
 def search_blocks_cpu(
     q: torch.Tensor,
     query_pos: torch.Tensor,
