@@ -53,8 +53,8 @@
 namespace {
 
 constexpr int kTileRows = 16;  // rows of every tile: 16 fp32 or 32 bf16 (64 bytes) each
-constexpr int kRowGroups = BM / kTileRows;
 static_assert(BM % kTileRows == 0 && BN % 32 == 0, "the tiles cut BM rows and BN keys evenly");
+static_assert(kTileRows == W, "a row group of the tiles is a row vector of RowState (nq counts both)");
 
 // One pair of V rows as words dst[p] = (v0[d], v1[d]), the head dims of each
 // block of 32 in the order one unpacklo and one unpackhi leave them (column p
@@ -126,17 +126,22 @@ struct AmxEngine : RowState {
   AmxEngine(const AmxEngine&) = delete;
   AmxEngine& operator=(const AmxEngine&) = delete;
 
+  // A block of fewer than BM rows (the 16-row piece a block_q = 64 listing
+  // leaves after a 48-row one, a sequence's last rows) computes only its row
+  // groups of 16 (nq, RowState::reset): the piece of HiP's 64-row blocks then
+  // costs a third of a full block, not a whole one. Each row's result is the
+  // same bits either way (rows never mix).
   void begin(const Problem& pb, const Seq& sq, int h, int first_row, int rows) {
     for (int r = 0; r < BM; ++r) {
       const uint16_t* qrow = query_row<uint16_t>(pb, sq, h, first_row, r, rows);
       for (int t = 0; t < headdim / 2; ++t) qt2[t * BM + r] = r < rows ? load_word(qrow + 2 * t) : 0u;
     }
-    reset();
+    reset(rows);
   }
 
   void tile(const Problem& pb, const Seq& sq, int kv_head, const int64_t* keys, const uint8_t* listed, int n,
             int rows, int64_t p0, bool needs_mask) {
-    (void)rows;  // padding rows are computed (finite, never written out), as in the other engines
+    (void)rows;  // the block's row groups (nq) were set by begin; padding rows within them are computed, never written
     const uint16_t* k_base = head_rows<uint16_t>(sq.k, pb.k_sh, kv_head);
     const uint16_t* v_base = head_rows<uint16_t>(sq.v, pb.v_sh, kv_head);
     const int n_scored = (n + kTileRows - 1) / kTileRows * kTileRows;  // whole key groups of 16
@@ -150,7 +155,7 @@ struct AmxEngine : RowState {
         _mm512_storeu_ps(st.data() + i, _mm512_mul_ps(_mm512_loadu_ps(st.data() + i), scale));
       score_scale = 1.0f;
     }
-    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), NQ,
+    online_softmax(pb, st.data(), keys, listed, n, n_scored, p0, needs_mask, m.data(), l.data(), alpha.data(), nq,
                    score_scale);
     const int steps = (n + 31) / 32;  // P V k steps of 32 keys (16 pairs)
     if (!vp->holds(v_base, keys, n)) {
@@ -188,22 +193,26 @@ struct AmxEngine : RowState {
         a_stride = d32 * static_cast<int64_t>(sizeof(uint16_t));
       }
       amx::zero<0>();
-      amx::zero<1>();
-      amx::zero<2>();
+      if (nq > 1) amx::zero<1>();
+      if (nq > 2) amx::zero<2>();
       for (int s = 0; s < d32 / 32; ++s) {
         amx::load<3>(a + s * 32, a_stride);
         const uint32_t* qs = qt2.data() + static_cast<size_t>(s * 16) * BM;
         amx::load<4>(qs, q_stride);
-        amx::load<5>(qs + kTileRows, q_stride);
-        amx::load<6>(qs + 2 * kTileRows, q_stride);
         amx::dp_bf16<0, 3, 4>();
-        amx::dp_bf16<1, 3, 5>();
-        amx::dp_bf16<2, 3, 6>();
+        if (nq > 1) {
+          amx::load<5>(qs + kTileRows, q_stride);
+          amx::dp_bf16<1, 3, 5>();
+        }
+        if (nq > 2) {
+          amx::load<6>(qs + 2 * kTileRows, q_stride);
+          amx::dp_bf16<2, 3, 6>();
+        }
       }
       float* sg = st.data() + static_cast<size_t>(j0) * BM;
       amx::store<0>(sg, q_stride);
-      amx::store<1>(sg + kTileRows, q_stride);
-      amx::store<2>(sg + 2 * kTileRows, q_stride);
+      if (nq > 1) amx::store<1>(sg + kTileRows, q_stride);
+      if (nq > 2) amx::store<2>(sg + 2 * kTileRows, q_stride);
     }
   }
 
@@ -244,7 +253,7 @@ struct AmxEngine : RowState {
   void transpose_probabilities(int n, int steps) {
     const __m512i pair_up = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int g = 0; g < kRowGroups; ++g)
+    for (int g = 0; g < nq; ++g)
       for (int s = 0; s < steps; ++s) {
         __m512i w[16];
         for (int t = 0; t < 16; ++t) {
@@ -273,7 +282,7 @@ struct AmxEngine : RowState {
   void accumulate_values(int steps) {
     const int64_t p_stride = BN * sizeof(uint16_t), v_stride = headdim * sizeof(uint32_t);
     const int64_t o_stride = headdim * static_cast<int64_t>(sizeof(float));
-    for (int g = 0; g < kRowGroups; ++g) {
+    for (int g = 0; g < nq; ++g) {
       for (int r = g * kTileRows; r < (g + 1) * kTileRows; ++r) {
         if (alpha[r] == 1.0f) continue;
         const __m512 a = _mm512_set1_ps(alpha[r]);
