@@ -503,8 +503,8 @@ class RowSearch {
         batch_blocks_(batch_blocks(p)), kbuf_(p.amx ? static_cast<size_t>(16) * amx_headdim(p.D) : 0),
         cbuf_(p.amx ? 1024 : 0),
         // a batch's steps (passes <= keys, steps <= D) or its blocks' lines, whichever is more
-        touch_(std::max(kp_.size() * p.D, static_cast<size_t>(std::max(kBatchKeys, 1)) * p.bk * line_count(p)),
-               idle_line()) {
+        // (sized by this path's batch: filled once per row, it is written in full)
+        touch_(static_cast<size_t>(std::max(batch_blocks_, 1)) * p.bk * std::max(p.D, line_count(p)), idle_line()) {
     // A row whose groups are already single blocks is done: rows with short
     // ranges (early query blocks, when causal) need fewer rounds than the longest.
     int64_t largest = 0;
