@@ -1,5 +1,6 @@
 // A scalar software emulation of the AMX tile instructions the flash kernel
-// uses (header-only; built with -DLONGATTN_AMX_EMULATE, see flash_amx.h).
+// and HiP's bf16 search use (header-only; built with -DLONGATTN_AMX_EMULATE,
+// see amx_tiles.h).
 //
 // Why: the AMX engine must be right on the Intel machines that have AMX,
 // while most development machines lack it. The emulated build runs the

@@ -9,7 +9,7 @@ time on. bfloat16 inputs are scored with AVX512-BF16 dot products where the
 CPU has them (:func:`has_bf16_search`; about half the float32 search's time
 on a Zen 4), on AMX tiles where it has those too and the OS grants the
 process AMX state (:func:`bf16_search_uses_amx`; the Intel Xeon's bf16
-search ran 1.8x faster on tiles than with dot products), else in float32.
+search ran 1.8-2x faster on tiles than with dot products), else in float32.
 Built on first use like the decode kernel; without a compiler the PyTorch
 search serves.
 """
