@@ -445,10 +445,12 @@ def _is_token_sparse(sparse) -> bool:
     return isinstance(sparse, (Quest, DoubleSparsity, TidalLayer))
 
 
-@torch.compiler.disable
 def _token_sparse_step(q, args: CacheArgs, config, state, *, scale: float, softcap: float, backend: str,
                        return_selection: bool):
-    """:func:`_token_sparse_decode`, always run eagerly (torch.compile breaks the graph here)."""
+    """:func:`_token_sparse_decode` outside torch.compile (which goes through
+    ``_traced_token_step`` instead). Not wrapped in ``torch.compiler.disable``:
+    no traced call reaches it, and the decorator imported torch._dynamo (~2 s)
+    on every ``import longattn``."""
     return _token_sparse_decode(q, args, config, state, scale=scale, softcap=softcap, backend=backend,
                                 return_selection=return_selection)
 

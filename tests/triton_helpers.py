@@ -13,6 +13,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from longattn.kernels.support import cpp_build
+
 HAS_CUDA = torch.cuda.is_available()
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,12 +62,19 @@ _EACH_CONFIG = textwrap.dedent("""
 """)
 
 
-def assert_compiles_for_gpu(script: str, cache_dir) -> None:
+def assert_compiles_for_gpu(script: str) -> None:
     """Run ``script`` (which compiles kernels to cubin and prints "compiled") in a
     fresh process without the interpreter; skip when triton has no ptxas here.
     The script may call ``each_config(configs, body)`` (see ``_EACH_CONFIG``)
-    to compile its configs side by side."""
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "TRITON_DEFAULT_FP_FUSION": "1"}
+    to compile its configs side by side.
+
+    The compiled kernels stay in a Triton cache beside longattn's C++ builds
+    (``<cache_dir>/triton-aot``), as those do: Triton keys each entry by the
+    kernel's source and what it calls, the signature and constants, the target,
+    the options and Triton's own version, so a hit is this very kernel compiled
+    before, and any edit compiles anew. (Cold, these checks take minutes.)"""
+    cache = cpp_build.cache_dir() / "triton-aot"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "TRITON_DEFAULT_FP_FUSION": "1"}
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _EACH_CONFIG + script], env=env, capture_output=True, text=True,

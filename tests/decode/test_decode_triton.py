@@ -232,11 +232,11 @@ _AOT = textwrap.dedent("""
 """)
 
 
-def test_kernels_compile_for_gpu_targets(tmp_path):
+def test_kernels_compile_for_gpu_targets():
     """Ahead-of-time compile to cubin for sm_80 and sm_90 (bf16, fp16, fp32; paged and
     contiguous): catches what the interpreter accepts but the compiler rejects, and checks
     shared memory fits. Needs triton's bundled ptxas, not a GPU."""
-    assert_compiles_for_gpu(_AOT, tmp_path)
+    assert_compiles_for_gpu(_AOT)
 
 
 def test_imports_without_triton(monkeypatch):
