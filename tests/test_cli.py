@@ -125,6 +125,20 @@ def test_quick_bf16_bench_names_the_engine_and_keeps_targets_to_their_sizes(tmp_
             assert cpp["max_error"] <= 0.05
         else:
             assert cpp["skipped"]
+        # "% of peak" divides by the bf16 loop's row: the case's flops on this machine's fastest bf16 arithmetic
+        from longattn.bench.machine import BF16_PEAK
+        from longattn.kernels.support.probes import bf16_arithmetic
+
+        yardstick = case["methods"][BF16_PEAK]
+        assert case["peak_limit"] == {"source": BF16_PEAK, "gflops": yardstick["gflops"]}
+        assert yardstick["peak_fraction"] == pytest.approx(1.0) and yardstick["max_error"] is None
+        loop = {"amx": "AMX tile (TDPBF16PS)", "avx512bf16": "AVX512-BF16 dot-product (VDPBF16PS)",
+                None: "fp32 FMA (no bf16 arithmetic on this CPU)"}[bf16_arithmetic()]
+        assert yardstick["note"] == f"the limit: register-only {loop} loop of the case's flops, same rounds"
+        for name, record in case["methods"].items():
+            if not record["skipped"]:
+                assert record["peak_fraction"] == pytest.approx(record["gflops"] / yardstick["gflops"]), name
+    assert "% of peak = GFLOP/s / the same case's bf16 peak row" in table
 
 
 def test_unknown_group_is_a_clear_error(capsys):

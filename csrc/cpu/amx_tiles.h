@@ -1,7 +1,7 @@
 // A thin layer over the AMX tile instructions (header-only), real or
-// emulated: the flash kernel's AMX engine (flash_amx.h) and HiP's bf16
-// search (hip_score.cpp) use it. Include it where the compiler targets
-// AMX-TILE + AMX-BF16, or with -DLONGATTN_AMX_EMULATE, which asks for the
+// emulated: the flash kernel's AMX engine (flash_amx.h), HiP's bf16 search
+// (hip_score.cpp) and the AMX peak probe (probes.cpp) use it. Include it
+// where the compiler targets AMX-TILE + AMX-BF16, or with -DLONGATTN_AMX_EMULATE, which asks for the
 // scalar emulation of amx_emulate.h (any AVX512-BF16 build): it runs the same
 // sequence of tile operations and checks each one.
 //
@@ -87,6 +87,7 @@ template <int C, int A, int B> struct Dp;
     }                                                                                                     \
   };
 LONGATTN_AMX_DP(0, 3, 4) LONGATTN_AMX_DP(1, 3, 5) LONGATTN_AMX_DP(2, 3, 6)
+LONGATTN_AMX_DP(0, 4, 6) LONGATTN_AMX_DP(1, 4, 7) LONGATTN_AMX_DP(2, 5, 6) LONGATTN_AMX_DP(3, 5, 7)
 LONGATTN_AMX_DP(0, 4, 5) LONGATTN_AMX_DP(1, 4, 6) LONGATTN_AMX_DP(2, 4, 5) LONGATTN_AMX_DP(3, 4, 6)
 LONGATTN_AMX_DP(0, 7, 5) LONGATTN_AMX_DP(1, 7, 6) LONGATTN_AMX_DP(2, 7, 5) LONGATTN_AMX_DP(3, 7, 6)
 #undef LONGATTN_AMX_DP

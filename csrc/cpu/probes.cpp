@@ -3,6 +3,10 @@
 // longattn_fma_peak_gflops: the fp32 FMA peak of `threads` cores, a loop that keeps
 //   every FMA pipe busy from registers alone (no loads, no stores);
 //   longattn_fma_run: the same loop for a given amount of work, timed by the caller.
+// longattn_bf16_run: the bfloat16 counterpart for a given amount of work, in
+//   the fastest bf16 arithmetic of this build and process
+//   (longattn_bf16_arithmetic): AMX tiles (TDPBF16PS) or AVX512-BF16 dot
+//   products (VDPBF16PS), register-only as well.
 // longattn_stream_read_gbs / longattn_stream_read_sum: the read bandwidth of a
 //   multi-threaded streaming pass over a buffer (each thread one contiguous
 //   slice), the fair limit for memory-bound kernels such as decode.
@@ -20,6 +24,11 @@
 #include <cstdint>
 
 #include "simd.h"
+
+#if defined(LONGATTN_AVX512BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define LONGATTN_AMX_PROBE 1
+#include "amx_tiles.h"  // opens its own anonymous namespace
+#endif
 
 namespace {
 
@@ -132,6 +141,63 @@ double read_pass(const float* data, int64_t n, int threads, double* sum) {
 
 }  // namespace
 
+namespace {
+
+#ifdef LONGATTN_AVX512BF16
+// kChains independent VDPBF16PS chains for `iterations` iterations; returns
+// the instructions run. Each adds 2 x (1/128)^2 per lane per iteration: finite
+// for any run length; the sum escapes through *sink.
+int64_t bf16_dot_loop(int64_t iterations, volatile float* sink) {
+  __m512 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_setzero_ps();
+  const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3c00);  // bf16 1/128 in every half
+  for (int64_t i = 0; i < iterations; ++i)
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], x, x);
+  __m512 total = acc[0];
+  for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[c]);
+  *sink = _mm512_reduce_add_ps(total);
+  return iterations * kChains;
+}
+#endif
+
+#ifdef LONGATTN_AMX_PROBE
+// Four independent TDPBF16PS per iteration (C tiles 0..3 from A tiles 4, 5
+// and B tiles 6, 7: a 2 x 2 block, as a GEMM keeps them), operands loaded
+// once; returns the instructions run. Every tile is 16 rows x 64 bytes; the
+// inputs are bf16 1/128, so C grows by 32 x 2^-14 per product: finite.
+int64_t amx_loop(int64_t iterations, volatile float* sink) {
+  amx::Config config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  amx::configure(config);
+  alignas(64) uint16_t operand[16 * 32];
+  std::fill(operand, operand + 16 * 32, static_cast<uint16_t>(0x3c00));
+  amx::load<4>(operand, 64);
+  amx::load<5>(operand, 64);
+  amx::load<6>(operand, 64);
+  amx::load<7>(operand, 64);
+  amx::zero<0>();
+  amx::zero<1>();
+  amx::zero<2>();
+  amx::zero<3>();
+  for (int64_t i = 0; i < iterations; ++i) {
+    amx::dp_bf16<0, 4, 6>();
+    amx::dp_bf16<1, 4, 7>();
+    amx::dp_bf16<2, 5, 6>();
+    amx::dp_bf16<3, 5, 7>();
+  }
+  alignas(64) float out[16 * 16];
+  amx::store<0>(out, 64);
+  amx::release();
+  *sink = out[0];
+  return 4 * iterations;
+}
+#endif
+
+}  // namespace
+
 extern "C" {
 
 // Vector lanes the probes use: 16 (AVX-512), 8 (AVX2+FMA) or 1 (scalar).
@@ -183,6 +249,51 @@ double longattn_fma_run(int threads, double flops) {
     sink += mine;
   }
   return 2.0 * static_cast<double>(fmas);
+}
+
+// The bfloat16 arithmetic longattn_bf16_run uses: 2 = AMX tiles (the build
+// targets them and the OS granted this process AMX state), 1 = AVX512-BF16
+// dot products, 0 = none (bfloat16 is then computed in float32: the FMA loop
+// is its limit).
+int longattn_bf16_arithmetic() {
+#ifdef LONGATTN_AMX_PROBE
+  if (amx_ready()) return 2;
+#endif
+#ifdef LONGATTN_AVX512BF16
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// At least `flops` flops of that arithmetic (a TDPBF16PS is 16 x 16 x 32
+// multiply-adds, a VDPBF16PS 16 x 2), shared evenly by `threads` threads and
+// rounded up to whole iterations, register-only; returns the flops run. The
+// caller times it, as for longattn_fma_run. -1 for threads < 1 or flops not
+// in [1, 1e15]; -2 when longattn_bf16_arithmetic() is 0.
+double longattn_bf16_run(int threads, double flops) {
+  if (threads < 1 || !(flops >= 1.0 && flops <= 1e15)) return -1.0;
+  const int arithmetic = longattn_bf16_arithmetic();
+  if (arithmetic == 0) return -2.0;
+  const double per_instruction = arithmetic == 2 ? 2.0 * 16 * 16 * 32 : 2.0 * 16 * 2;
+  const double per_iteration = per_instruction * (arithmetic == 2 ? 4 : kChains);
+  const auto iterations = static_cast<int64_t>(std::ceil(flops / threads / per_iteration));
+  (void)iterations;  // unused in a build with neither loop (arithmetic 0 returned above)
+  int64_t instructions = 0;
+  volatile float sink = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : instructions)
+  {
+    volatile float mine = 0.0f;
+#ifdef LONGATTN_AMX_PROBE
+    if (arithmetic == 2) instructions += amx_loop(iterations, &mine);
+#endif
+#ifdef LONGATTN_AVX512BF16
+    if (arithmetic == 1) instructions += bf16_dot_loop(iterations, &mine);
+#endif
+#pragma omp atomic
+    sink += mine;
+  }
+  return per_instruction * static_cast<double>(instructions);
 }
 
 // Read bandwidth in GB/s (1e9 bytes/s): the best of `repeats` passes over

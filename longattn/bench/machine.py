@@ -16,8 +16,10 @@ import torch
 from longattn.bench.scenarios import Method, MethodUnavailable
 from longattn.kernels.support.cpp_build import cpu_model
 
-# The compute-bound cases' limit as a method (see fma_peak_method).
+# The compute-bound cases' limit as a method (see fma_peak_method), and the
+# bfloat16 cases' (bf16_peak_method).
 FMA_PEAK = "fma peak"
+BF16_PEAK = "bf16 peak"
 
 
 def cpu_description() -> str:
@@ -122,3 +124,32 @@ def fma_peak_method(flops) -> Method:
         return run
 
     return Method(FMA_PEAK, build, compare=False)
+
+
+def bf16_peak_method(flops) -> Method:
+    """:func:`fma_peak_method` for bfloat16 cases: the register-only loop of
+    this machine's fastest bf16 arithmetic (:func:`longattn.kernels.support.
+    probes.bf16_run`: AMX tiles, else AVX512-BF16 dot products) run for the
+    case's flops in the same rounds; where the CPU has neither, bf16 is
+    computed in float32 and the FMA loop is the limit. Its row's note names
+    the loop."""
+    from longattn.kernels.support import cpp_build
+    from longattn.kernels.support.probes import bf16_arithmetic, bf16_run, fma_run
+
+    def build(inputs):
+        try:
+            arithmetic = bf16_arithmetic()
+        except cpp_build.BuildError as exc:
+            raise MethodUnavailable(f"C++ bf16 loop unavailable: {exc}") from exc
+        work = flops(inputs)
+        loop = fma_run if arithmetic is None else bf16_run
+
+        def run(_inputs) -> torch.Tensor:
+            return torch.tensor(loop(work))
+
+        what = {"amx": "AMX tile (TDPBF16PS)", "avx512bf16": "AVX512-BF16 dot-product (VDPBF16PS)",
+                None: "fp32 FMA (no bf16 arithmetic on this CPU)"}[arithmetic]
+        run.note = f"the limit: register-only {what} loop of the case's flops, same rounds"
+        return run
+
+    return Method(BF16_PEAK, build, compare=False)

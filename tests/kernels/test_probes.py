@@ -4,6 +4,7 @@ read, bad arguments named, and no compiler reported rather than raised."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -46,6 +47,77 @@ def test_fma_run_runs_at_least_the_flops_asked_in_whole_iterations(flops, thread
     assert ran == threads * math.ceil(flops / threads / per_iteration) * per_iteration
 
 
+def _expected_bf16_arithmetic():
+    features = cpp_build.build_plan(probes.SOURCE).features
+    # (the OS could refuse AMX state to the process on an AMX CPU: not on these machines)
+    if {"amx_tile", "amx_bf16", "avx512_bf16"} <= features:
+        return "amx"
+    return "avx512bf16" if "avx512_bf16" in features else None
+
+
+@needs_library
+def test_the_bf16_loop_is_the_builds_fastest_bf16_arithmetic():
+    assert probes.bf16_arithmetic() == _expected_bf16_arithmetic()
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("flops", [1, 16383, 16384, 16385, 10**7 + 7, 3e8])
+def test_bf16_run_runs_at_least_the_flops_asked_in_whole_iterations(flops, threads):
+    # One AMX iteration is four 16 x 16 x 32 tile products, one AVX512-BF16
+    # iteration 12 dot products of 16 lanes x 2 pairs (2 flops each multiply-add):
+    # each thread rounds its share up to whole iterations.
+    arithmetic = probes.bf16_arithmetic()
+    if arithmetic is None:
+        with pytest.raises(RuntimeError, match="no bfloat16 arithmetic here"):
+            probes.bf16_run(flops, threads=threads)
+        return
+    per_iteration = {"amx": 4 * 2 * 16 * 16 * 32, "avx512bf16": 12 * 2 * 16 * 2}[arithmetic]
+    ran = probes.bf16_run(flops, threads=threads)
+    assert ran >= flops and ran == threads * math.ceil(flops / threads / per_iteration) * per_iteration
+
+
+@needs_library
+@pytest.mark.parametrize("cap, arithmetic", [("avx512bf16", "avx512bf16"), ("avx512", None)])
+def test_each_bf16_loop_runs_in_a_build_capped_to_its_level(cap, arithmetic):
+    """The AVX512-BF16 loop on an AMX CPU (and none below it): a fresh process
+    with LONGATTN_MAX_CPU_ISA builds the probes at that level."""
+    import subprocess
+    import sys
+
+    if _level_rank(cap) > _level_rank(cpp_build.isa_level().name):
+        pytest.skip(f"this CPU has no {cap}: nothing to cap down to")
+    script = ("from longattn.kernels.support import probes\n"
+              "a = probes.bf16_arithmetic()\n"
+              "print(a, probes.bf16_run(1e6, threads=2) if a else probes.fma_run(1e6, threads=2))\n")
+    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LONGATTN_MAX_CPU_ISA": cap},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    name, ran = run.stdout.split()
+    per_iteration = 12 * 2 * 16 * 2 if arithmetic else 12 * 2 * 16
+    assert name == str(arithmetic) and float(ran) == 2 * math.ceil(1e6 / 2 / per_iteration) * per_iteration
+
+
+def _level_rank(name: str) -> int:
+    """Index of an ISA level, lowest first."""
+    return [level.name for level in reversed(cpp_build.LEVELS)].index(name)
+
+
+@needs_library
+def test_the_bf16_loop_is_timed_as_compute_not_as_a_no_op():
+    """A loop the compiler dropped would 'run' 1e11 flops in no time: the
+    time must be at least what 1e11 flops take at 50 TFLOP/s per thread (no CPU
+    core does more), and grow with the work."""
+    import time
+
+    if probes.bf16_arithmetic() is None:
+        pytest.skip("no bfloat16 arithmetic on this CPU or build: bf16_run raises (tested above)")
+    probes.bf16_run(1e8, threads=1)
+    start = time.perf_counter()
+    probes.bf16_run(1e11, threads=1)
+    assert time.perf_counter() - start >= 1e11 / 50e12
+
+
 @needs_library
 @pytest.mark.parametrize("threads", [None, 1, 2])
 def test_stream_read_is_a_sane_positive_figure(threads):
@@ -86,7 +158,7 @@ def test_a_planted_nan_shows_up_wherever_it_is(where):
 @pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
 def test_bad_threads_are_named(threads):
     for call in (lambda: probes.fma_peak_gflops(threads=threads), lambda: probes.stream_read_gbs(threads=threads),
-                 lambda: probes.fma_run(100, threads=threads)):
+                 lambda: probes.fma_run(100, threads=threads), lambda: probes.bf16_run(100, threads=threads)):
         with pytest.raises(ArgumentError, match="threads"):
             call()
 
@@ -99,8 +171,9 @@ def test_bad_seconds_are_named(seconds):
 
 @pytest.mark.parametrize("flops", [0, 0.5, -1, float("nan"), float("inf"), 1e16, None, "100", True])
 def test_bad_flops_are_named(flops):
-    with pytest.raises(ArgumentError, match="flops"):
-        probes.fma_run(flops)
+    for run in (probes.fma_run, probes.bf16_run):
+        with pytest.raises(ArgumentError, match="flops"):
+            run(flops)
 
 
 @pytest.mark.parametrize("gib", [0, -0.5, float("nan"), float("inf"), 1e4, None, False])

@@ -6,6 +6,11 @@
   counted as 2 flops per lane per FMA. Compute-bound kernels (dense prefill)
   are reported as a fraction of it. :func:`fma_run` runs the same loop for a
   given flop count, for benchmarks that time it beside the kernels.
+* :func:`bf16_run` -- the bfloat16 counterpart of :func:`fma_run`, in the
+  fastest bf16 arithmetic of this build and process
+  (:func:`bf16_arithmetic`): AMX tiles (TDPBF16PS, a 2 x 2 block of C tiles
+  as a GEMM keeps them) or AVX512-BF16 dot products (VDPBF16PS), register-
+  only. The limit of bf16 prefill (the ``dense-bf16`` bench).
 * :func:`stream_read_gbs` -- the read bandwidth: a multi-threaded streaming
   pass over a fresh float32 buffer of ``gib`` GiB, each thread reading one
   contiguous slice, best of ``repeats`` passes, in GB/s (1e9 bytes/s).
@@ -64,6 +69,8 @@ def _library():
     lib.longattn_probes_lanes.argtypes, lib.longattn_probes_lanes.restype = [], ctypes.c_int
     lib.longattn_fma_peak_gflops.argtypes, lib.longattn_fma_peak_gflops.restype = [ctypes.c_int, ctypes.c_double], ctypes.c_double
     lib.longattn_fma_run.argtypes, lib.longattn_fma_run.restype = [ctypes.c_int, ctypes.c_double], ctypes.c_double
+    lib.longattn_bf16_arithmetic.argtypes, lib.longattn_bf16_arithmetic.restype = [], ctypes.c_int
+    lib.longattn_bf16_run.argtypes, lib.longattn_bf16_run.restype = [ctypes.c_int, ctypes.c_double], ctypes.c_double
     lib.longattn_stream_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
                                        ctypes.POINTER(ctypes.c_double)]
     lib.longattn_stream_read_sum.restype = ctypes.c_double
@@ -131,6 +138,40 @@ def fma_run(flops: float, threads: int | None = None) -> float:
     value = _library().longattn_fma_run(threads, float(flops))
     if not (value >= flops and math.isfinite(value)):
         raise RuntimeError(f"longattn_fma_run returned {value} for {flops:g} flops; this is a bug")
+    return value
+
+
+_BF16_ARITHMETIC = {2: "amx", 1: "avx512bf16"}
+
+
+def bf16_arithmetic() -> str | None:
+    """The bfloat16 arithmetic :func:`bf16_run` uses here: ``"amx"`` (the
+    build targets AMX tiles and the OS granted this process AMX state),
+    ``"avx512bf16"`` (VDPBF16PS dot products), or None (no bf16 arithmetic:
+    bf16 is computed in float32, whose limit is :func:`fma_run`). Raises
+    :class:`~longattn.kernels.support.cpp_build.BuildError` when the library
+    is unavailable."""
+    return _BF16_ARITHMETIC.get(_library().longattn_bf16_arithmetic())
+
+
+def bf16_run(flops: float, threads: int | None = None) -> float:
+    """:func:`fma_run` for bfloat16: at least ``flops`` flops (in [1, 1e15])
+    of :func:`bf16_arithmetic`'s register-only loop -- a TDPBF16PS counts
+    16 x 16 x 32 multiply-adds, a VDPBF16PS 16 x 2, 2 flops each -- shared
+    evenly by ``threads`` threads, rounded up to whole iterations; returns
+    the flops run, for the caller to time. Raises RuntimeError when this CPU
+    or build has no bf16 arithmetic (``bf16_arithmetic()`` is None) and
+    :class:`~longattn.kernels.support.cpp_build.BuildError` when the library
+    is unavailable."""
+    threads = _threads(threads)
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not (1 <= flops <= MAX_FLOPS):
+        raise ArgumentError(f"flops must be a number in [1, {MAX_FLOPS:g}], got {flops!r}")
+    value = _library().longattn_bf16_run(threads, float(flops))
+    if value == -2.0:
+        raise RuntimeError("no bfloat16 arithmetic here (neither AMX tiles nor AVX512-BF16): "
+                           "bf16 runs in float32, see fma_run")
+    if not (value >= flops and math.isfinite(value)):
+        raise RuntimeError(f"longattn_bf16_run returned {value} for {flops:g} flops; this is a bug")
     return value
 
 
