@@ -133,7 +133,7 @@ def test_quick_bf16_bench_names_the_engine_and_keeps_targets_to_their_sizes(tmp_
         assert case["peak_limit"] == {"source": BF16_PEAK, "gflops": yardstick["gflops"]}
         assert yardstick["peak_fraction"] == pytest.approx(1.0) and yardstick["max_error"] is None
         loop = {"amx": "AMX tile (TDPBF16PS)", "avx512bf16": "AVX512-BF16 dot-product (VDPBF16PS)",
-                None: "fp32 FMA (no bf16 arithmetic on this CPU)"}[bf16_arithmetic()]
+                None: "fp32 FMA (bf16 runs in fp32 in this build)"}[bf16_arithmetic()]
         assert yardstick["note"] == f"the limit: register-only {loop} loop of the case's flops, same rounds"
         for name, record in case["methods"].items():
             if not record["skipped"]:

@@ -148,7 +148,7 @@ def bf16_peak_method(flops) -> Method:
             return torch.tensor(loop(work))
 
         what = {"amx": "AMX tile (TDPBF16PS)", "avx512bf16": "AVX512-BF16 dot-product (VDPBF16PS)",
-                None: "fp32 FMA (no bf16 arithmetic on this CPU)"}[arithmetic]
+                None: "fp32 FMA (bf16 runs in fp32 in this build)"}[arithmetic]
         run.note = f"the limit: register-only {what} loop of the case's flops, same rounds"
         return run
 
