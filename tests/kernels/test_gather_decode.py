@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +28,7 @@ from longattn.kernels.gather.cpp import cpu_unavailable_reason, gather_decode_cp
 from longattn.kernels.gather.eager import gather_decode_eager
 from longattn.reference import attention_ref
 from tests.decode.test_decode_cuda import check_launch_args, macro_params
+from tests.nvcc_check import NVCC, assert_nvcc_compiles
 from tests.tolerance import assert_close_to_oracle
 
 CPP_REASON = cpu_unavailable_reason()
@@ -348,16 +347,11 @@ def test_triton_through_the_registry_splits_long_lists():
 
 # --- CUDA: nvcc compile check, launch arguments, CPU emulation ------------------
 
-NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH (the CUDA source is compile-checked only with it)")
-def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
-    cmd = [NVCC, "-c", "-std=c++17", "--Werror", "all-warnings",
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-           "-o", str(tmp_path / "gather_decode.o"), str(gather_cuda.SOURCE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr}"
+def test_cuda_source_compiles_for_sm80_and_sm90():
+    assert_nvcc_compiles(gather_cuda.SOURCE)
 
 
 @pytest.mark.parametrize("page_size", [None, 3])
