@@ -19,9 +19,11 @@ What runs where:
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,23 +187,47 @@ EMU_LAUNCH(bf16, __nv_bfloat16)
 def build_emulation(harness: str, source_dir, timeout: int = 120):
     """Yield the CUDA sources in ``source_dir`` compiled with ``harness`` for the
     CPU emulation of the CUDA execution model, as a ctypes library (a
-    generator for module fixtures; skips when g++ cannot build it)."""
+    generator for module fixtures; skips when g++ cannot build it).
+
+    The library is kept beside longattn's C++ builds
+    (``<cache_dir>/cuda-emulation/``) under a key that hashes g++'s version,
+    the command, the generated headers and harness, and every file in
+    ``source_dir``: each module and xdist worker built it again before (10-20
+    s each); an edit to any of those builds anew."""
+    import hashlib
     import tempfile
+
+    from longattn.kernels.support import cpp_build
 
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on the PATH (needed to run the CUDA kernels in the CPU emulation)")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in (("cuda_fp16.h", _EMU_FP16), ("cuda_bf16.h", _EMU_BF16), ("prelude.h", _EMU_PRELUDE),
-                           ("harness.cpp", harness)):
-            with open(f"{tmp}/{name}", "w") as f:
-                f.write(text)
-        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{tmp}", f"-I{source_dir}",
-               "-include", "prelude.h", f"{tmp}/harness.cpp", "-o", f"{tmp}/emu.so"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:  # an old toolchain (no C++20 <barrier>, no _Float16); nvcc checks the source
-            pytest.skip(f"g++ cannot build the CUDA emulation: {proc.stderr.strip()[-300:]}")
-        yield ctypes.CDLL(f"{tmp}/emu.so")
+    files = (("cuda_fp16.h", _EMU_FP16), ("cuda_bf16.h", _EMU_BF16), ("prelude.h", _EMU_PRELUDE),
+             ("harness.cpp", harness))
+    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
+    version = subprocess.run([gxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256((version + " ".join(flags)).encode())
+    for name, text in files:
+        key.update(name.encode() + b"\0" + text.encode())
+    for path in sorted(Path(source_dir).iterdir()):
+        if path.is_file():
+            key.update(path.name.encode() + b"\0" + path.read_bytes())
+    cached = cpp_build.cache_dir() / "cuda-emulation" / f"emu-{key.hexdigest()[:20]}.so"
+    if not cached.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in files:
+                with open(f"{tmp}/{name}", "w") as f:
+                    f.write(text)
+            cmd = [gxx, *flags, f"-I{tmp}", f"-I{source_dir}", "-include", "prelude.h", f"{tmp}/harness.cpp",
+                   "-o", f"{tmp}/emu.so"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0:  # an old toolchain (no C++20 <barrier>, no _Float16); nvcc checks the source
+                pytest.skip(f"g++ cannot build the CUDA emulation: {proc.stderr.strip()[-300:]}")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            staged = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp")
+            shutil.copyfile(f"{tmp}/emu.so", staged)
+            os.replace(staged, cached)  # whole or absent, whatever another worker does meanwhile
+    yield ctypes.CDLL(str(cached))
 
 
 @pytest.fixture(scope="module")
