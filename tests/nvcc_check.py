@@ -3,13 +3,12 @@ sm_80 and sm_90 with every warning an error (no GPU is needed to compile)."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from longattn.kernels.support import cpp_build
+from tests.tool_cache import cache_path
 
 NVCC = shutil.which("nvcc")
 FLAGS = ("-c", "-std=c++17", "--Werror", "all-warnings",
@@ -19,17 +18,11 @@ FLAGS = ("-c", "-std=c++17", "--Werror", "all-warnings",
 def assert_nvcc_compiles(source: Path) -> None:
     """``nvcc FLAGS source`` succeeds and writes an object file.
 
-    A success is remembered, as longattn's C++ builds are, in
-    ``<cache_dir>/nvcc-checks/``, under a key that hashes nvcc's version
-    text, the flags, and the source with every file beside it (the headers
-    it includes live there): only an edit to one of them, or another nvcc,
-    compiles again. Cold, each check takes 12-16 s of one core here."""
-    version = subprocess.run([NVCC, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(version.encode() + "\0".join(FLAGS).encode() + source.name.encode())
-    for path in sorted(source.parent.iterdir()):
-        if path.is_file():
-            key.update(path.name.encode() + b"\0" + path.read_bytes())
-    marker = cpp_build.cache_dir() / "nvcc-checks" / f"{source.stem}-{key.hexdigest()[:20]}.ok"
+    A success is remembered (:func:`tests.tool_cache.cache_path`: nvcc's
+    version, the flags, the source with every file beside it -- the headers
+    it includes live there): only an edit, or another nvcc, compiles again.
+    Cold, each check takes 12-16 s of one core here."""
+    marker = cache_path("nvcc-checks", source.stem, ".ok", NVCC, (*FLAGS, source.name), {}, source.parent)
     if marker.exists():
         return
     with tempfile.TemporaryDirectory() as tmp:

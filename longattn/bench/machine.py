@@ -107,23 +107,13 @@ def fma_peak_method(flops) -> Method:
     and waits for the slowest. Its output (the flops run) is not attention:
     not compared. Skipped, with the reason, where the probes library does not
     build."""
-    from longattn.kernels.support import cpp_build
     from longattn.kernels.support.probes import fma_run
 
-    def build(inputs):
-        try:
-            fma_run(1)
-        except cpp_build.BuildError as exc:
-            raise MethodUnavailable(f"C++ FMA loop unavailable: {exc}") from exc
-        work = flops(inputs)
+    def choose():
+        fma_run(1)  # builds the library, or raises BuildError
+        return fma_run, "FMA"
 
-        def run(_inputs) -> torch.Tensor:
-            return torch.tensor(fma_run(work))
-
-        run.note = "the limit: register-only FMA loop of the case's flops, same rounds"
-        return run
-
-    return Method(FMA_PEAK, build, compare=False)
+    return _limit_loop_method(FMA_PEAK, "FMA", flops, choose)
 
 
 def bf16_peak_method(flops) -> Method:
@@ -133,23 +123,34 @@ def bf16_peak_method(flops) -> Method:
     case's flops in the same rounds; where the CPU has neither, bf16 is
     computed in float32 and the FMA loop is the limit. Its row's note names
     the loop."""
-    from longattn.kernels.support import cpp_build
     from longattn.kernels.support.probes import bf16_arithmetic, bf16_run, fma_run
+
+    def choose():
+        arithmetic = bf16_arithmetic()
+        what = {"amx": "AMX tile (TDPBF16PS)", "avx512bf16": "AVX512-BF16 dot-product (VDPBF16PS)",
+                None: "fp32 FMA (bf16 runs in fp32 in this build)"}[arithmetic]
+        return (fma_run if arithmetic is None else bf16_run), what
+
+    return _limit_loop_method(BF16_PEAK, "bf16", flops, choose)
+
+
+def _limit_loop_method(name: str, kind: str, flops, choose) -> Method:
+    """A yardstick row: ``choose()`` gives (loop, what it is) -- a probes
+    function that runs at least the flops asked, or raises BuildError, which
+    skips the row -- run for ``flops(inputs)`` in the kernels' rounds."""
+    from longattn.kernels.support import cpp_build
 
     def build(inputs):
         try:
-            arithmetic = bf16_arithmetic()
+            loop, what = choose()
         except cpp_build.BuildError as exc:
-            raise MethodUnavailable(f"C++ bf16 loop unavailable: {exc}") from exc
+            raise MethodUnavailable(f"C++ {kind} loop unavailable: {exc}") from exc
         work = flops(inputs)
-        loop = fma_run if arithmetic is None else bf16_run
 
         def run(_inputs) -> torch.Tensor:
             return torch.tensor(loop(work))
 
-        what = {"amx": "AMX tile (TDPBF16PS)", "avx512bf16": "AVX512-BF16 dot-product (VDPBF16PS)",
-                None: "fp32 FMA (bf16 runs in fp32 in this build)"}[arithmetic]
         run.note = f"the limit: register-only {what} loop of the case's flops, same rounds"
         return run
 
-    return Method(BF16_PEAK, build, compare=False)
+    return Method(name, build, compare=False)

@@ -189,15 +189,13 @@ def build_emulation(harness: str, source_dir, timeout: int = 120):
     CPU emulation of the CUDA execution model, as a ctypes library (a
     generator for module fixtures; skips when g++ cannot build it).
 
-    The library is kept beside longattn's C++ builds
-    (``<cache_dir>/cuda-emulation/``) under a key that hashes g++'s version,
-    the command, the generated headers and harness, and every file in
-    ``source_dir``: each module and xdist worker built it again before (10-20
-    s each); an edit to any of those builds anew."""
-    import hashlib
+    The library is kept (:func:`tests.tool_cache.cache_path`: g++'s version,
+    the flags, the generated headers and harness, every file in
+    ``source_dir``): each module and xdist worker built it again before
+    (10-20 s each); an edit to any of those builds anew."""
     import tempfile
 
-    from longattn.kernels.support import cpp_build
+    from tests.tool_cache import cache_path
 
     gxx = shutil.which("g++")
     if gxx is None:
@@ -205,14 +203,7 @@ def build_emulation(harness: str, source_dir, timeout: int = 120):
     files = (("cuda_fp16.h", _EMU_FP16), ("cuda_bf16.h", _EMU_BF16), ("prelude.h", _EMU_PRELUDE),
              ("harness.cpp", harness))
     flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
-    version = subprocess.run([gxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256((version + " ".join(flags)).encode())
-    for name, text in files:
-        key.update(name.encode() + b"\0" + text.encode())
-    for path in sorted(Path(source_dir).iterdir()):
-        if path.is_file():
-            key.update(path.name.encode() + b"\0" + path.read_bytes())
-    cached = cpp_build.cache_dir() / "cuda-emulation" / f"emu-{key.hexdigest()[:20]}.so"
+    cached = cache_path("cuda-emulation", "emu", ".so", gxx, flags, dict(files), Path(source_dir))
     if not cached.exists():
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in files:
