@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longattn.bench.timing import round_order, time_interleaved
+from longattn.bench.timing import paired_ratios, round_order, time_interleaved
 
 
 @given(n=st.integers(1, 9), rnd=st.integers(0, 200))
@@ -45,3 +45,32 @@ def test_time_interleaved_calls_in_round_order_and_times_after_warmup():
 
 def test_round_order_of_nothing_is_empty():
     assert round_order([], 3) == []
+
+
+@given(mine=st.lists(st.floats(1e-3, 1e3), max_size=12), base=st.lists(st.floats(1e-3, 1e3), max_size=12))
+def test_paired_ratios_divide_round_by_round_over_the_rounds_both_ran(mine, base):
+    ratios = paired_ratios(mine, base)
+    assert len(ratios) == min(len(mine), len(base))
+    assert ratios == [m / b for m, b in zip(mine, base)]
+
+
+def test_a_method_that_left_the_rotation_pairs_with_the_baselines_first_rounds():
+    """_over_budget drops a slow method for good, so its times are the first
+    rounds: they pair with the baseline's rounds of the same index."""
+    clock = {"t": 0.0}
+    cost = {"slow": 3.0, "base": 1.0}
+
+    def call(name):
+        clock["t"] += cost[name]
+
+    calls = {name: (lambda name=name: call(name)) for name in cost}
+    import longattn.bench.timing as timing
+
+    real = timing.time.perf_counter
+    timing.time.perf_counter = lambda: clock["t"]
+    try:
+        result = time_interleaved(calls, warmup=0, repeats=6, budget_s=7.0)
+    finally:
+        timing.time.perf_counter = real
+    assert result.seconds["slow"] == [3.0, 3.0] and result.seconds["base"] == [1.0] * 6
+    assert paired_ratios(result.seconds["slow"], result.seconds["base"]) == [3.0, 3.0]

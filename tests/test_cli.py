@@ -205,3 +205,23 @@ def test_peak_fraction_targets_are_judged_and_printed():
         assert ">= 70% of the FMA peak" in line
         if met is not None:
             assert f"{100 * fraction:.0f}% of the FMA peak" in line and ("NOT MET" in line) == (not met)
+
+
+def test_ratio_targets_report_their_rounds():
+    """Beside the ratio of medians, a ratio target counts the rounds whose own
+    time / the baseline's time in that round is within the limit, and the
+    table shows each method's lowest and highest per-round ratio."""
+    from longattn.bench.dense import dense_scenario
+    from longattn.bench.report import _round_range, _target_line
+    from longattn.bench.runner import _target_verdict
+    from longattn.bench.scenarios import Target
+
+    scenario = dense_scenario(8192)
+    target = Target("longattn.attention", max_ratio=1.1, note="n")
+    records = {"longattn.attention": {"median_ms": 1.2e3, "times_s": [1.0, 1.2, 1.5, 1.1]},
+               "sdpa": {"median_ms": 1.0e3, "times_s": [1.0, 1.0, 1.0, 1.0, 1.0]}}
+    verdict = _target_verdict(scenario, target, records)
+    assert verdict["round_ratios"] == [1.0, 1.2, 1.5, 1.1] and verdict["met"] is False
+    line = _target_line({"scenario": scenario.name}, verdict)
+    assert "1.2x (per round 1.00-1.50: 2 of 4 within) -> NOT MET" in line
+    assert _round_range([0.9]) == "" and _round_range([1.25, 0.875]) == "0.88-1.25"

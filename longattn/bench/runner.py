@@ -19,7 +19,7 @@ from longattn.bench.machine import machine_info, measure_fma_peak, measure_read_
 from longattn.bench.progress import Progress
 from longattn.bench.report import PLOT_NAME, write_outputs
 from longattn.bench.scenarios import Scenario, get_group, max_abs_error
-from longattn.bench.timing import describe_exception, summarize, time_interleaved
+from longattn.bench.timing import describe_exception, paired_ratios, summarize, time_interleaved
 from longattn.errors import ArgumentError
 
 WARMUP_ROUNDS = 1
@@ -221,9 +221,11 @@ def run_case(
     bytes_read = scenario.bytes_read(inputs) if scenario.bytes_read else None
     flops = scenario.flops(inputs) if scenario.flops else None
     base = records[scenario.baseline].get("median_ms")
-    for record in records.values():
+    for name, record in records.items():
         if base and record.get("median_ms") is not None:
             record["ratio"] = record["median_ms"] / base
+        if name != scenario.baseline:
+            record["round_ratios"] = paired_ratios(record["times_s"], records[scenario.baseline]["times_s"])
         if bytes_read and record.get("median_ms"):
             record["gbps"] = bytes_read / (record["median_ms"] * 1e-3) / 1e9
     limit = _bandwidth_limit(scenario, records, bandwidth_gbps)
@@ -285,7 +287,7 @@ def _limit_from_row(method: str | None, records: dict[str, dict[str, Any]], fiel
 def _empty_record() -> dict[str, Any]:
     return {
         "skipped": None, "setup_s": None, "times_s": [], "median_ms": None,
-        "min_ms": None, "ratio": None, "max_error": None, "gbps": None, "bandwidth_fraction": None,
+        "min_ms": None, "ratio": None, "round_ratios": [], "max_error": None, "gbps": None, "bandwidth_fraction": None,
         "gflops": None, "peak_fraction": None, "note": None,
     }
 
@@ -296,6 +298,7 @@ def _target_verdict(scenario: Scenario, target, records: dict[str, dict[str, Any
     fraction = record.get("bandwidth_fraction")
     mine, theirs = record.get("median_ms"), records.get(baseline, {}).get("median_ms")
     ratio = mine / theirs if mine is not None and theirs else None
+    rounds = paired_ratios(record.get("times_s", []), records.get(baseline, {}).get("times_s", []))
     checks = []
     if target.max_ratio is not None:
         checks.append(None if ratio is None else ratio <= target.max_ratio)
@@ -309,6 +312,7 @@ def _target_verdict(scenario: Scenario, target, records: dict[str, dict[str, Any
         "baseline": baseline,
         "max_ratio": target.max_ratio,
         "ratio": ratio,
+        "round_ratios": rounds,
         "min_bandwidth_fraction": target.min_bandwidth_fraction,
         "bandwidth_fraction": fraction,
         "min_peak_fraction": target.min_peak_fraction,

@@ -92,6 +92,19 @@ def _over_budget(seconds: list[float], budget_s: float | None) -> bool:
     return sum(seconds) + statistics.median(seconds) > budget_s
 
 
+def paired_ratios(seconds: list[float], baseline: list[float]) -> list[float]:
+    """``seconds[i] / baseline[i]``: a method's time over the baseline's in
+    the same round, for every round both were timed in.
+
+    Both lists hold consecutive rounds from the first timed one (a method
+    leaves the rotation for good, :func:`_over_budget` never turns back, and
+    a failed method has no list), so index i is round i in both. The median
+    of these is less moved by the machine's drift than a ratio of medians;
+    their spread says how far one run's ratio can be trusted.
+    """
+    return [mine / base for mine, base in zip(seconds, baseline) if base > 0]
+
+
 def summarize(seconds: list[float]) -> dict[str, float]:
     """Median and min in milliseconds (median: robust to a slow outlier;
     min: the best the machine did)."""
