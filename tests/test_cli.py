@@ -225,3 +225,21 @@ def test_ratio_targets_report_their_rounds():
     line = _target_line({"scenario": scenario.name}, verdict)
     assert "1.2x (per round 1.00-1.50: 2 of 4 within) -> NOT MET" in line
     assert _round_range([0.9]) == "" and _round_range([1.25, 0.875]) == "0.88-1.25"
+
+
+def test_fraction_targets_report_their_rounds():
+    """A % of peak target counts the rounds where the method reached the
+    fraction of the same round's yardstick row (the row's time / its time)."""
+    from longattn.bench.dense import PEAK_TARGET, dense_scenario
+    from longattn.bench.report import _target_line
+    from longattn.bench.runner import _target_verdict
+
+    scenario = dense_scenario(8192)
+    assert scenario.peak_method is not None
+    records = {"longattn.attention": {"median_ms": 1.0e3, "peak_fraction": 0.72, "times_s": [1.0, 1.6, 1.25]},
+               scenario.peak_method: {"median_ms": 0.72e3, "times_s": [0.75, 0.8, 0.9, 0.7]},
+               "sdpa": {"median_ms": 1.0e3}}
+    verdict = _target_verdict(scenario, PEAK_TARGET, records)
+    assert verdict["round_peak_fractions"] == pytest.approx([0.75, 0.5, 0.72]) and verdict["met"] is True
+    line = _target_line({"scenario": scenario.name}, verdict)
+    assert "72% of the FMA peak (per round 50-75%: 2 of 3 within) -> MET" in line

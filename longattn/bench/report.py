@@ -252,6 +252,15 @@ def _round_range(ratios: list[float]) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) >= 2 else ""
 
 
+def _fraction_rounds(fractions: list[float], least: float) -> str:
+    """" (per round lo-hi%: k of n within)" for a fraction target's rounds ("" under two)."""
+    if len(fractions) < 2:
+        return ""
+    within = sum(f >= least for f in fractions)
+    return (f" (per round {100 * min(fractions):.0f}-{100 * max(fractions):.0f}%: "
+            f"{within} of {len(fractions)} within)")
+
+
 def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
     wants = []
     if t["max_ratio"] is not None:
@@ -270,9 +279,11 @@ def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
         spread = f" (per round {_round_range(rounds)}: {within} of {len(rounds)} within)" if len(rounds) >= 2 else ""
         got.append(f"{t['ratio']:.3g}x{spread}")
     if t.get("bandwidth_fraction") is not None and t.get("min_bandwidth_fraction") is not None:
-        got.append(f"{100 * t['bandwidth_fraction']:.0f}% of bandwidth")
+        spread = _fraction_rounds(t.get("round_bandwidth_fractions") or [], t["min_bandwidth_fraction"])
+        got.append(f"{100 * t['bandwidth_fraction']:.0f}% of bandwidth{spread}")
     if t.get("peak_fraction") is not None and t.get("min_peak_fraction") is not None:
-        got.append(f"{100 * t['peak_fraction']:.0f}% of the FMA peak")
+        spread = _fraction_rounds(t.get("round_peak_fractions") or [], t["min_peak_fraction"])
+        got.append(f"{100 * t['peak_fraction']:.0f}% of the FMA peak{spread}")
     verdict = "MET" if t["met"] else "NOT MET"
     return f"target: {where}: {', '.join(got)} -> {verdict}  ({t['note']})"
 

@@ -315,11 +315,21 @@ def _target_verdict(scenario: Scenario, target, records: dict[str, dict[str, Any
         "round_ratios": rounds,
         "min_bandwidth_fraction": target.min_bandwidth_fraction,
         "bandwidth_fraction": fraction,
+        "round_bandwidth_fractions": _round_fractions(record, records, scenario.bandwidth_method),
         "min_peak_fraction": target.min_peak_fraction,
         "peak_fraction": peak,
+        "round_peak_fractions": _round_fractions(record, records, scenario.peak_method),
         "met": None if None in checks else all(checks),
         "note": target.note,
     }
+
+
+def _round_fractions(record: dict[str, Any], records: dict[str, dict[str, Any]], limit_method: str | None) -> list[float]:
+    """Per round, the fraction of a yardstick row (same bytes or flops, same
+    rounds) the method reached: the row's time / the method's time in that
+    round. Empty when the row did not run (the run-level probe is one number)."""
+    limit_times = records.get(limit_method, {}).get("times_s", []) if limit_method else []
+    return [1.0 / r for r in paired_ratios(record.get("times_s", []), limit_times)]
 
 
 def _case_summary(case: dict[str, Any]) -> str:
