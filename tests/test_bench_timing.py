@@ -54,23 +54,19 @@ def test_paired_ratios_divide_round_by_round_over_the_rounds_both_ran(mine, base
     assert ratios == [m / b for m, b in zip(mine, base)]
 
 
-def test_a_method_that_left_the_rotation_pairs_with_the_baselines_first_rounds():
+def test_a_method_that_left_the_rotation_pairs_with_the_baselines_first_rounds(monkeypatch):
     """_over_budget drops a slow method for good, so its times are the first
     rounds: they pair with the baseline's rounds of the same index."""
+    import longattn.bench.timing as timing
+
     clock = {"t": 0.0}
     cost = {"slow": 3.0, "base": 1.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
 
     def call(name):
         clock["t"] += cost[name]
 
     calls = {name: (lambda name=name: call(name)) for name in cost}
-    import longattn.bench.timing as timing
-
-    real = timing.time.perf_counter
-    timing.time.perf_counter = lambda: clock["t"]
-    try:
-        result = time_interleaved(calls, warmup=0, repeats=6, budget_s=7.0)
-    finally:
-        timing.time.perf_counter = real
+    result = time_interleaved(calls, warmup=0, repeats=6, budget_s=7.0)
     assert result.seconds["slow"] == [3.0, 3.0] and result.seconds["base"] == [1.0] * 6
     assert paired_ratios(result.seconds["slow"], result.seconds["base"]) == [3.0, 3.0]

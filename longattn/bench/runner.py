@@ -324,7 +324,8 @@ def _target_verdict(scenario: Scenario, target, records: dict[str, dict[str, Any
     }
 
 
-def _round_fractions(record: dict[str, Any], records: dict[str, dict[str, Any]], limit_method: str | None) -> list[float]:
+def _round_fractions(record: dict[str, Any], records: dict[str, dict[str, Any]],
+                     limit_method: str | None) -> list[float]:
     """Per round, the fraction of a yardstick row (same bytes or flops, same
     rounds) the method reached: the row's time / the method's time in that
     round. Empty when the row did not run (the run-level probe is one number)."""
