@@ -48,6 +48,25 @@ def test_paged_checks_prefer_the_contiguous_twin_timed_in_the_same_rounds():
     assert "same rounds" in check["note"]
 
 
+def test_paged_checks_count_the_rounds_timed_beside_the_contiguous_twin():
+    """Each round's paged time / its contiguous twin's in that round; the
+    check line says how many rounds were within the limit."""
+    case = _case("b=1 128k float32 paged", 2, 104.0, twin_ms=100.0)
+    case["methods"]["longattn cpp"]["times_s"] = [0.10, 0.11, 0.20]
+    case["methods"][decode_bench.CONTIGUOUS_TWIN]["times_s"] = [0.10, 0.10, 0.10, 0.10]
+    (check,) = decode_bench.paged_checks([case])
+    assert check["rounds"] == pytest.approx([1.0, 1.1, 2.0])
+    text = format_table({
+        "group": "decode", "description": "d", "cases": [],
+        "machine": {"cpu_model": "cpu", "torch": "t", "torch_threads": 2},
+        "settings": {"repeats": 3, "warmup_rounds": 1}, "checks": [check],
+    })
+    assert "1.04 (limit 1.05, per round 1.00-2.00: 1 of 3 within) -> MET" in text
+    twinless = decode_bench.paged_checks([_case("b=1 128k float32 contiguous", 1, 50.0),
+                                          _case("b=1 128k float32 paged", 2, 52.0)])
+    assert twinless[0]["rounds"] == []  # cases minutes apart: no rounds to pair
+
+
 def test_paged_checks_compare_each_paged_case_with_its_contiguous_twin():
     cases = [
         _case("b=1 128k float32 contiguous", 1, 100.0),

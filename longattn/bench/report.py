@@ -207,7 +207,11 @@ def _check_line(check: dict[str, Any]) -> str:
     if check.get("met") is None:
         return f"target: {check['what']}: not measured"
     verdict = "MET" if check["met"] else "NOT MET"
-    return f"target: {check['what']}: {check['value']:.3g} (limit {check['limit']:g}) -> {verdict}  ({check['note']})"
+    rounds = check.get("rounds") or []
+    within = sum(r <= check["limit"] for r in rounds)
+    spread = f", per round {_round_range(rounds)}: {within} of {len(rounds)} within" if len(rounds) >= 2 else ""
+    return (f"target: {check['what']}: {check['value']:.3g} (limit {check['limit']:g}{spread}) -> {verdict}  "
+            f"({check['note']})")
 
 
 def _rounds(settings: dict[str, Any]) -> str:
