@@ -61,7 +61,7 @@ def test_paged_checks_count_the_rounds_timed_beside_the_contiguous_twin():
         "machine": {"cpu_model": "cpu", "torch": "t", "torch_threads": 2},
         "settings": {"repeats": 3, "warmup_rounds": 1}, "checks": [check],
     })
-    assert "1.04 (limit 1.05, per round 1.00-2.00: 1 of 3 within) -> MET" in text
+    assert "1.04 (limit 1.05, per round 1.00-2.00, median 1.10: 1 of 3 within) -> MET" in text
     twinless = decode_bench.paged_checks([_case("b=1 128k float32 contiguous", 1, 50.0),
                                           _case("b=1 128k float32 paged", 2, 52.0)])
     assert twinless[0]["rounds"] == []  # cases minutes apart: no rounds to pair

@@ -223,7 +223,7 @@ def test_ratio_targets_report_their_rounds():
     verdict = _target_verdict(scenario, target, records)
     assert verdict["round_ratios"] == [1.0, 1.2, 1.5, 1.1] and verdict["met"] is False
     line = _target_line({"scenario": scenario.name}, verdict)
-    assert "1.2x (per round 1.00-1.50: 2 of 4 within) -> NOT MET" in line
+    assert "1.2x (per round 1.00-1.50, median 1.15: 2 of 4 within) -> NOT MET" in line
     assert _round_range([0.9]) == "" and _round_range([1.25, 0.875]) == "0.88-1.25"
 
 
@@ -242,4 +242,4 @@ def test_fraction_targets_report_their_rounds():
     verdict = _target_verdict(scenario, PEAK_TARGET, records)
     assert verdict["round_peak_fractions"] == pytest.approx([0.75, 0.5, 0.72]) and verdict["met"] is True
     line = _target_line({"scenario": scenario.name}, verdict)
-    assert "72% of the FMA peak (per round 50-75%: 2 of 3 within) -> MET" in line
+    assert "72% of the FMA peak (per round 50%-75%, median 72%: 2 of 3 within) -> MET" in line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -208,10 +209,9 @@ def _check_line(check: dict[str, Any]) -> str:
         return f"target: {check['what']}: not measured"
     verdict = "MET" if check["met"] else "NOT MET"
     rounds = check.get("rounds") or []
-    within = sum(r <= check["limit"] for r in rounds)
-    spread = f", per round {_round_range(rounds)}: {within} of {len(rounds)} within" if len(rounds) >= 2 else ""
-    return (f"target: {check['what']}: {check['value']:.3g} (limit {check['limit']:g}{spread}) -> {verdict}  "
-            f"({check['note']})")
+    spread = _per_round(rounds, sum(r <= check["limit"] for r in rounds))
+    return (f"target: {check['what']}: {check['value']:.3g} (limit {check['limit']:g}{', ' + spread if spread else ''})"
+            f" -> {verdict}  ({check['note']})")
 
 
 def _rounds(settings: dict[str, Any]) -> str:
@@ -256,13 +256,18 @@ def _round_range(ratios: list[float]) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) >= 2 else ""
 
 
-def _fraction_rounds(fractions: list[float], least: float) -> str:
-    """" (per round lo-hi%: k of n within)" for a fraction target's rounds ("" under two)."""
-    if len(fractions) < 2:
+def _per_round(values: list[float], within: int, percent: bool = False) -> str:
+    """"per round lo-hi, median m: k of n within" for a target's per-round
+    values, k of them within its limit ("" under two rounds)."""
+    if len(values) < 2:
         return ""
-    within = sum(f >= least for f in fractions)
-    return (f" (per round {100 * min(fractions):.0f}-{100 * max(fractions):.0f}%: "
-            f"{within} of {len(fractions)} within)")
+    show = (lambda v: f"{100 * v:.0f}%") if percent else (lambda v: f"{v:.2f}")
+    return (f"per round {show(min(values))}-{show(max(values))}, median {show(statistics.median(values))}: "
+            f"{within} of {len(values)} within")
+
+
+def _parenthesised(text: str) -> str:
+    return f" ({text})" if text else ""
 
 
 def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
@@ -279,15 +284,17 @@ def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
     got = []
     if t["ratio"] is not None and t["max_ratio"] is not None:
         rounds = t.get("round_ratios") or []
-        within = sum(r <= t["max_ratio"] for r in rounds)
-        spread = f" (per round {_round_range(rounds)}: {within} of {len(rounds)} within)" if len(rounds) >= 2 else ""
-        got.append(f"{t['ratio']:.3g}x{spread}")
+        got.append(f"{t['ratio']:.3g}x" + _parenthesised(_per_round(rounds, sum(r <= t["max_ratio"] for r in rounds))))
     if t.get("bandwidth_fraction") is not None and t.get("min_bandwidth_fraction") is not None:
-        spread = _fraction_rounds(t.get("round_bandwidth_fractions") or [], t["min_bandwidth_fraction"])
-        got.append(f"{100 * t['bandwidth_fraction']:.0f}% of bandwidth{spread}")
+        rounds = t.get("round_bandwidth_fractions") or []
+        within = sum(f >= t["min_bandwidth_fraction"] for f in rounds)
+        got.append(f"{100 * t['bandwidth_fraction']:.0f}% of bandwidth"
+                   + _parenthesised(_per_round(rounds, within, percent=True)))
     if t.get("peak_fraction") is not None and t.get("min_peak_fraction") is not None:
-        spread = _fraction_rounds(t.get("round_peak_fractions") or [], t["min_peak_fraction"])
-        got.append(f"{100 * t['peak_fraction']:.0f}% of the FMA peak{spread}")
+        rounds = t.get("round_peak_fractions") or []
+        within = sum(f >= t["min_peak_fraction"] for f in rounds)
+        got.append(f"{100 * t['peak_fraction']:.0f}% of the FMA peak"
+                   + _parenthesised(_per_round(rounds, within, percent=True)))
     verdict = "MET" if t["met"] else "NOT MET"
     return f"target: {where}: {', '.join(got)} -> {verdict}  ({t['note']})"
 
