@@ -209,7 +209,7 @@ def _check_line(check: dict[str, Any]) -> str:
         return f"target: {check['what']}: not measured"
     verdict = "MET" if check["met"] else "NOT MET"
     rounds = check.get("rounds") or []
-    spread = _per_round(rounds, sum(r <= check["limit"] for r in rounds))
+    spread = _per_round(rounds, lambda r: r <= check["limit"])
     return (f"target: {check['what']}: {check['value']:.3g} (limit {check['limit']:g}{', ' + spread if spread else ''})"
             f" -> {verdict}  ({check['note']})")
 
@@ -256,14 +256,14 @@ def _round_range(ratios: list[float]) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) >= 2 else ""
 
 
-def _per_round(values: list[float], within: int, percent: bool = False) -> str:
+def _per_round(values: list[float], ok: Callable[[float], bool], percent: bool = False) -> str:
     """"per round lo-hi, median m: k of n within" for a target's per-round
-    values, k of them within its limit ("" under two rounds)."""
+    values, k of them ok ("" under two rounds)."""
     if len(values) < 2:
         return ""
     show = (lambda v: f"{100 * v:.0f}%") if percent else (lambda v: f"{v:.2f}")
     return (f"per round {show(min(values))}-{show(max(values))}, median {show(statistics.median(values))}: "
-            f"{within} of {len(values)} within")
+            f"{sum(map(ok, values))} of {len(values)} within")
 
 
 def _parenthesised(text: str) -> str:
@@ -284,17 +284,15 @@ def _target_line(case: dict[str, Any], t: dict[str, Any]) -> str:
     got = []
     if t["ratio"] is not None and t["max_ratio"] is not None:
         rounds = t.get("round_ratios") or []
-        got.append(f"{t['ratio']:.3g}x" + _parenthesised(_per_round(rounds, sum(r <= t["max_ratio"] for r in rounds))))
+        got.append(f"{t['ratio']:.3g}x" + _parenthesised(_per_round(rounds, lambda r: r <= t["max_ratio"])))
     if t.get("bandwidth_fraction") is not None and t.get("min_bandwidth_fraction") is not None:
         rounds = t.get("round_bandwidth_fractions") or []
-        within = sum(f >= t["min_bandwidth_fraction"] for f in rounds)
         got.append(f"{100 * t['bandwidth_fraction']:.0f}% of bandwidth"
-                   + _parenthesised(_per_round(rounds, within, percent=True)))
+                   + _parenthesised(_per_round(rounds, lambda f: f >= t["min_bandwidth_fraction"], percent=True)))
     if t.get("peak_fraction") is not None and t.get("min_peak_fraction") is not None:
         rounds = t.get("round_peak_fractions") or []
-        within = sum(f >= t["min_peak_fraction"] for f in rounds)
         got.append(f"{100 * t['peak_fraction']:.0f}% of the FMA peak"
-                   + _parenthesised(_per_round(rounds, within, percent=True)))
+                   + _parenthesised(_per_round(rounds, lambda f: f >= t["min_peak_fraction"], percent=True)))
     verdict = "MET" if t["met"] else "NOT MET"
     return f"target: {where}: {', '.join(got)} -> {verdict}  ({t['note']})"
 
