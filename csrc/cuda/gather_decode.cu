@@ -46,6 +46,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;                      // list rows per CTA (blockIdx.y picks the block)
 constexpr int kRowsPerWarp = kRows / kWarps;
 constexpr int kBlockN = 32;                    // listed entries per step: one per lane
+static_assert(kBlockN == 32, "one key per lane of a warp: online_softmax_block folds 32");
 constexpr int kMaxDim = 256;
 constexpr int kDimsPerLane = kMaxDim / 32;
 constexpr int kMergeCols = 32;                 // headdim columns per merge CTA
@@ -129,28 +130,8 @@ __device__ void gather_partial(
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int lr = warp * kRowsPerWarp + rr;  // row within the CTA's block
       const int r = row0 + lr;
-      float sc = 0.f;
-      for (int d = 0; d < headdim; ++d) sc += q_s[lr * headdim + d] * k_s[lane * (headdim + 1) + d];
-      sc *= scale;
-      if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
-      sc = (r < rows && listed) ? sc * kLog2e : neg_inf();
-      const float m_new = fmaxf(m[rr], warp_max(sc));
-      // Nothing listed yet: subtract 0 so exp2 gives exact zeros, not NaN.
-      const float m_safe = m_new == neg_inf() ? 0.f : m_new;
-      const float p = exp2f(sc - m_safe);
-      const float alpha = exp2f(m[rr] - m_safe);
-      l[rr] = l[rr] * alpha + warp_sum(p);
-      m[rr] = m_new;
-      #pragma unroll
-      for (int j = 0; j < kDimsPerLane; ++j) acc[rr][j] *= alpha;
-      for (int jj = 0; jj < kBlockN; ++jj) {  // entry jj's probability, broadcast from lane jj
-        const float pj = __shfl_sync(0xffffffffu, p, jj);
-        #pragma unroll
-        for (int j = 0; j < kDimsPerLane; ++j) {
-          const int d = lane + 32 * j;
-          if (d < headdim) acc[rr][j] += pj * v_s[jj * headdim + d];
-        }
-      }
+      const float sc = lane_score(q_s + lr * headdim, k_s, lane, headdim, scale, softcap, r < rows && listed);
+      online_softmax_block(sc, m[rr], l[rr], acc[rr], v_s, headdim, lane);
     }
   }
 
@@ -158,25 +139,13 @@ __device__ void gather_partial(
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int r = row0 + warp * kRowsPerWarp + rr;
     if (r >= rows) continue;
-    const bool empty = l[rr] == 0.f;
-    const float inv = empty ? 0.f : 1.f / l[rr];
-    const float row_lse = empty ? neg_inf() : (m[rr] + log2f(l[rr])) * kLn2;
     const long long h = static_cast<long long>(b) * nheads + h0 + r;
     if (num_splits == 1) {  // the whole list: final output
-      T* o = out + h * headdim;
-      #pragma unroll
-      for (int j = 0; j < kDimsPerLane; ++j) {
-        const int d = lane + 32 * j;
-        if (d < headdim) o[d] = from_float<T>(acc[rr][j] * inv);
-      }
+      const float row_lse = finish_row(out + h * headdim, m[rr], l[rr], acc[rr], headdim, lane);
       if (lane == 0) lse[h] = row_lse;
     } else {  // one split of several: float32 partial, merged by gather_merge
       const long long base = (static_cast<long long>(item) * num_splits + split) * rows + r;
-      #pragma unroll
-      for (int j = 0; j < kDimsPerLane; ++j) {
-        const int d = lane + 32 * j;
-        if (d < headdim) ws_o[base * headdim + d] = acc[rr][j] * inv;
-      }
+      const float row_lse = finish_row(ws_o + base * headdim, m[rr], l[rr], acc[rr], headdim, lane);
       if (lane == 0) ws_l[base] = row_lse;
     }
   }
