@@ -739,4 +739,20 @@ float exp_shifted(float* s, int n, float m) {
   return sum;
 }
 
+// Folds one chunk of a row's scores s[0..n) (max chunk_max) into its online
+// softmax: s becomes exp(s - m_new) in place (the chunk's P, for pv_block),
+// the row's accumulator acc (D floats) and sum l are rescaled to the new
+// running max m, and the chunk's sum added to l.
+inline void fold_chunk(float* s, int n, float chunk_max, float* m, float* l, float* acc, int D) {
+  const float m_new = std::max(*m, chunk_max);
+  const float alpha = std::exp(*m - m_new);  // exp(-inf) = 0 on a row's first chunk
+  const float sum = exp_shifted(s, n, m_new);
+  if (alpha != 1.0f) {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) acc[d] *= alpha;
+  }
+  *l = *l * alpha + sum;
+  *m = m_new;
+}
+
 }  // namespace

@@ -263,16 +263,7 @@ void run_segment(const Problem& p, Scratch& w, int b, int hk0, int key_begin, in
           std::fill(sr, sr + n, 0.0f);
           continue;
         }
-        const float m_new = std::max(w.m[r], chunk_max);
-        const float alpha = std::exp(w.m[r] - m_new);  // exp(-inf) = 0 on the first visible chunk
-        const float sum = exp_shifted(sr, n, m_new);
-        float* ar = &w.acc[static_cast<size_t>(r) * D];
-        if (alpha != 1.0f) {
-#pragma omp simd
-          for (int d = 0; d < D; ++d) ar[d] *= alpha;
-        }
-        w.l[r] = w.l[r] * alpha + sum;
-        w.m[r] = m_new;
+        fold_chunk(sr, n, chunk_max, &w.m[r], &w.l[r], &w.acc[static_cast<size_t>(r) * D], D);
       }
       pv_block(s_head, head_rows, kChunk, row_dtype, w.vrow, n, &w.acc[static_cast<size_t>(r0) * D], D);
     }

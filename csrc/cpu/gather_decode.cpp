@@ -192,16 +192,7 @@ bool run_piece(const Gather& p, Scratch& w, int b, int l, int e0, int e1, bool w
       } else {
         chunk_max = row_max(sr, n);
       }
-      const float m_new = std::max(w.m[r], chunk_max);
-      const float alpha = std::exp(w.m[r] - m_new);  // exp(-inf) = 0 on the first chunk
-      const float sum = exp_shifted(sr, n, m_new);
-      float* ar = &w.acc[static_cast<size_t>(r) * D];
-      if (alpha != 1.0f) {
-#pragma omp simd
-        for (int d = 0; d < D; ++d) ar[d] *= alpha;
-      }
-      w.l[r] = w.l[r] * alpha + sum;
-      w.m[r] = m_new;
+      fold_chunk(sr, n, chunk_max, &w.m[r], &w.l[r], &w.acc[static_cast<size_t>(r) * D], D);
     }
     pv_block(w.s.data(), rows, kChunk, row_dtype, vrow, n, w.acc.data(), D);
     cur ^= 1;
