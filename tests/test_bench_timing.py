@@ -72,3 +72,56 @@ def test_a_method_that_left_the_rotation_pairs_with_the_baselines_first_rounds(m
     result = time_interleaved(calls, warmup=0, repeats=6, budget_s=7.0)
     assert result.seconds["slow"] == [3.0, 3.0] and result.seconds["base"] == [1.0] * 6
     assert paired_ratios(result.seconds["slow"], result.seconds["base"]) == [3.0, 3.0]
+
+
+def test_steal_seconds_reads_the_cpu_line_of_proc_stat(tmp_path, monkeypatch):
+    import os
+
+    from longattn.bench import vm_steal
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  9123099 47134 677968 4084362 38999 0 15380 755931 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    monkeypatch.setattr(vm_steal, "STAT_PATH", str(stat))
+    assert vm_steal.steal_seconds() == 755931 / os.sysconf("SC_CLK_TCK")
+    for text in ("cpu  1 2 3 4 5 6 7\n", "intr 5 6 7 8 9 10 11 12 13\n", "cpu  1 2 3 4 5 6 7 x 0 0\n", ""):
+        stat.write_text(text)  # a kernel without the column, a strange first line
+        assert vm_steal.steal_seconds() is None
+    monkeypatch.setattr(vm_steal, "STAT_PATH", str(tmp_path / "missing"))  # not Linux
+    assert vm_steal.steal_seconds() is None
+
+
+def test_steal_fraction_is_the_share_of_every_cpus_time(monkeypatch):
+    from longattn.bench import vm_steal
+
+    monkeypatch.setattr(vm_steal.os, "cpu_count", lambda: 2)
+    assert vm_steal.steal_fraction(10.0, 10.5, 1.0) == 0.25  # 0.5 s of 2 CPUs x 1 s
+    assert vm_steal.steal_fraction(10.0, 10.0, 1.0) == 0.0
+    assert vm_steal.steal_fraction(10.0, 13.0, 1.0) == 1.0  # tick rounding past the wall clock: clamped
+    assert vm_steal.steal_fraction(None, 10.0, 1.0) is None and vm_steal.steal_fraction(1.0, 2.0, 0.0) is None
+
+
+def test_time_interleaved_records_the_steal_of_each_timed_call(monkeypatch):
+    """Read around each call, outside the timed interval; one figure per timed
+    round (warmup rounds not kept), none for a failed method, none where the
+    machine has no count."""
+    import longattn.bench.timing as timing
+    from longattn.bench import vm_steal
+
+    clock, stolen = {"t": 0.0}, {"s": 0.0}
+    cost = {"a": (1.0, 0.5), "b": (2.0, 0.0)}  # (wall seconds, stolen CPU seconds) per call
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
+    monkeypatch.setattr(timing, "steal_seconds", lambda: stolen["s"])
+    monkeypatch.setattr(vm_steal.os, "cpu_count", lambda: 2)
+
+    def call(name):
+        if name == "bad":
+            raise RuntimeError("no")
+        clock["t"] += cost[name][0]
+        stolen["s"] += cost[name][1]
+
+    calls = {name: (lambda name=name: call(name)) for name in ("a", "b", "bad")}
+    result = time_interleaved(calls, warmup=1, repeats=3)
+    assert result.steal == {"a": [0.25] * 3, "b": [0.0] * 3}
+    assert result.seconds == {"a": [1.0] * 3, "b": [2.0] * 3}
+    monkeypatch.setattr(timing, "steal_seconds", lambda: None)
+    assert time_interleaved(calls, warmup=0, repeats=2).steal == {"a": [], "b": []}

@@ -243,3 +243,30 @@ def test_fraction_targets_report_their_rounds():
     assert verdict["round_peak_fractions"] == pytest.approx([0.75, 0.5, 0.72]) and verdict["met"] is True
     line = _target_line({"scenario": scenario.name}, verdict)
     assert "72% of the FMA peak (per round 50%-75%, median 72%: 2 of 3 within) -> MET" in line
+
+
+def test_the_table_shows_vm_steal_only_where_the_hypervisor_took_time():
+    """A "VM steal" column (lowest-highest share over a method's timed calls)
+    appears once any call lost CPU time to the hypervisor; on bare metal (all
+    0) or without the count (no figures) the table has no such column."""
+    from longattn.bench.report import format_table
+
+    def results(steal_a, steal_b):
+        rec = {"median_ms": 1.0, "min_ms": 1.0, "times_s": [1e-3] * 3, "ratio": None, "max_error": None,
+               "setup_s": None, "note": None, "skipped": None}
+        return {
+            "group": "g", "description": "d",
+            "machine": {"cpu_model": "cpu", "torch": "t", "torch_threads": 2},
+            "settings": {"repeats": 3, "warmup_rounds": 1},
+            "cases": [{"scenario": "s", "error_reference": "ref", "baseline": "b", "methods": {
+                "a": {**rec, "steal_fractions": steal_a}, "b": {**rec, "steal_fractions": steal_b}}}],
+        }
+
+    text = format_table(results([0.031, 0.27, 0.12], [0.0, 0.0, 0.0]))
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("scenario"))
+    header, row_a, row_b = lines[at], lines[at + 2], lines[at + 3]
+    assert "per round  VM steal  max error" in header and "VM steal = " in text
+    assert row_a.split()[-1] == "3-27%" and row_b.split()[-2:] == ["0%", "baseline"]
+    for quiet in (results([0.0] * 3, [0.0] * 3), results([], [])):
+        assert "steal" not in format_table(quiet)

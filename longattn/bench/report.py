@@ -87,7 +87,10 @@ def format_table(results: dict[str, Any]) -> str:
     """The results as an aligned text table, then targets and files."""
     memory_bound = any(case.get("bytes_read") for case in results["cases"])
     compute_bound = any(case.get("flops") for case in results["cases"])
+    stolen = any(any(rec.get("steal_fractions") or []) for case in results["cases"]
+                 for rec in case["methods"].values())
     header = ["scenario", "method", "median ms", "min ms", "runs", "ratio", "per round"]
+    header += ["VM steal"] if stolen else []
     header += ["GB/s", "% of bw"] if memory_bound else []
     header += ["GFLOP/s", "% of peak"] if compute_bound else []
     header += ["max error", "error vs", "note"]
@@ -104,6 +107,8 @@ def format_table(results: dict[str, Any]) -> str:
                 "" if rec["ratio"] is None else f"{rec['ratio']:.2f}x",
                 _round_range(rec.get("round_ratios") or []),
             ]
+            if stolen:
+                row.append(_steal_range(rec.get("steal_fractions") or []))
             if memory_bound:
                 row += [
                     "" if rec.get("gbps") is None else f"{rec['gbps']:.1f}",
@@ -137,6 +142,9 @@ def format_table(results: dict[str, Any]) -> str:
         f"{_rounds(settings)}; ratio = median / baseline's median; "
         "per round = the lowest and highest of time / baseline's time in the same round",
     ]
+    if stolen:
+        out.append("VM steal = the lowest and highest share of the CPUs' time the hypervisor took "
+                   "during the method's timed calls (/proc/stat): rounds it took much from ran slow for it")
     peak = machine.get("fma_peak")
     if peak:
         out += _peak_lines(peak, results)
@@ -254,6 +262,14 @@ def _figure(value: Any) -> str:
 def _round_range(ratios: list[float]) -> str:
     """"lo-hi" of a method's per-round ratios to the baseline ("" under two rounds)."""
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) >= 2 else ""
+
+
+def _steal_range(fractions: list[float]) -> str:
+    """A method's lowest and highest steal share over its timed calls, in percent ("" without any)."""
+    if not fractions:
+        return ""
+    lo, hi = (round(100 * f) for f in (min(fractions), max(fractions)))
+    return f"{lo}%" if lo == hi else f"{lo}-{hi}%"
 
 
 def _per_round(values: list[float], ok: Callable[[float], bool], percent: bool = False) -> str:

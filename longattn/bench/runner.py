@@ -195,7 +195,7 @@ def run_case(
     for name, reason in timings.failed.items():
         records[name]["skipped"] = f"failed while running: {reason}"
     for name, seconds in timings.seconds.items():
-        records[name].update(times_s=seconds, **summarize(seconds))
+        records[name].update(times_s=seconds, steal_fractions=timings.steal.get(name, []), **summarize(seconds))
 
     progress.status("checking against the reference")
     try:
@@ -287,7 +287,7 @@ def _limit_from_row(method: str | None, records: dict[str, dict[str, Any]], fiel
 def _empty_record() -> dict[str, Any]:
     return {
         "skipped": None, "setup_s": None, "times_s": [], "median_ms": None,
-        "min_ms": None, "ratio": None, "round_ratios": [], "max_error": None, "gbps": None, "bandwidth_fraction": None,
+        "min_ms": None, "ratio": None, "round_ratios": [], "steal_fractions": [], "max_error": None, "gbps": None, "bandwidth_fraction": None,
         "gflops": None, "peak_fraction": None, "note": None,
     }
 

@@ -9,7 +9,9 @@ of its two neighbours in the cycle (whose caches and allocator state it
 inherits), not always after the same one (:func:`round_order`).
 
 Thread count is left as torch sets it: the point is to measure what a user
-of this machine gets.
+of this machine gets. Around each call the hypervisor's steal count is read
+too (:mod:`longattn.bench.vm_steal`, outside the timed interval), so a
+report can say which rounds the VM took CPU time from.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from longattn.bench.vm_steal import steal_fraction, steal_seconds
+
 
 @dataclass
 class Timings:
-    """Per method: timed seconds, the first call's output, or why it failed."""
+    """Per method: timed seconds, the first call's output, or why it failed;
+    ``steal`` the share of the CPUs' time the hypervisor took during each
+    timed call (same order as ``seconds``; empty where the machine has no
+    steal count)."""
 
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    steal: dict[str, list[float]] = field(default_factory=dict)
     first_output: dict[str, object] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -48,12 +56,13 @@ def time_interleaved(
     and the number of repeats it got is in its ``seconds`` list.
     ``on_call(name, round)`` is invoked after each call (progress display).
     """
-    result = Timings(seconds={name: [] for name in calls})
+    result = Timings(seconds={name: [] for name in calls}, steal={name: [] for name in calls})
     names = list(calls)
     for rnd in range(warmup + repeats):
         for name in round_order(names, rnd):
             if name in result.failed or _over_budget(result.seconds[name], budget_s):
                 continue
+            stolen_before = steal_seconds()
             start = time.perf_counter()
             try:
                 out = calls[name]()
@@ -61,15 +70,19 @@ def time_interleaved(
                 result.failed[name] = describe_exception(exc)
             else:
                 elapsed = time.perf_counter() - start
+                stolen = steal_fraction(stolen_before, steal_seconds(), elapsed)
                 if name not in result.first_output:
                     result.first_output[name] = out
                 if rnd >= warmup:
                     result.seconds[name].append(elapsed)
+                    if stolen is not None:
+                        result.steal[name].append(stolen)
                 del out  # free before the next method allocates its own
             if on_call is not None:
                 on_call(name, rnd)
     for name in result.failed:
         result.seconds.pop(name, None)
+        result.steal.pop(name, None)
         result.first_output.pop(name, None)
     return result
 

@@ -1,0 +1,45 @@
+"""CPU time the hypervisor takes from a virtual machine ("steal"), as Linux counts it.
+
+On a shared VM a timed call can lose much of its wall time to other guests:
+the host deschedules a vCPU, and a kernel whose threads meet at a barrier
+waits for it. Linux counts that time per CPU in the ``steal`` column of
+``/proc/stat``. The bench reads the count around each timed call and reports
+the share of the machine's CPU time taken during it, so that a slow round can
+be told from a slow kernel (the README's Benchmarks section has a run on
+the Intel Xeon VM where one round lost 57% of the CPUs and took 3.5x the
+others' time).
+
+The count is 0 on bare metal and absent off Linux (then: None). It is in
+clock ticks (usually 10 ms), so a call shorter than a few ticks reads 0 or
+one tick's worth.
+"""
+
+from __future__ import annotations
+
+import os
+
+STAT_PATH = "/proc/stat"
+
+
+def steal_seconds() -> float | None:
+    """Seconds of CPU time taken from this machine's CPUs since boot, summed
+    over CPUs (the 8th value of ``/proc/stat``'s ``cpu`` line); None where
+    there is no such count."""
+    try:
+        with open(STAT_PATH) as f:
+            fields = f.readline().split()
+        ticks = int(fields[8]) if fields and fields[0] == "cpu" and len(fields) > 8 else None
+        per_second = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):  # no /proc, a strange line, no sysconf
+        return None
+    return None if ticks is None or per_second <= 0 else ticks / per_second
+
+
+def steal_fraction(before: float | None, after: float | None, elapsed_s: float) -> float | None:
+    """The share of all CPUs' time stolen over ``elapsed_s`` seconds of wall
+    time between two :func:`steal_seconds` readings (0 .. 1, clamped: the
+    count's ticks need not line up with the wall clock); None without both."""
+    cpus = os.cpu_count() or 1
+    if before is None or after is None or elapsed_s <= 0:
+        return None
+    return min(1.0, max(0.0, (after - before) / (elapsed_s * cpus)))
