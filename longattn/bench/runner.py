@@ -286,8 +286,8 @@ def _limit_from_row(method: str | None, records: dict[str, dict[str, Any]], fiel
 
 def _empty_record() -> dict[str, Any]:
     return {
-        "skipped": None, "setup_s": None, "times_s": [], "median_ms": None,
-        "min_ms": None, "ratio": None, "round_ratios": [], "steal_fractions": [], "max_error": None, "gbps": None, "bandwidth_fraction": None,
+        "skipped": None, "setup_s": None, "times_s": [], "steal_fractions": [], "median_ms": None,
+        "min_ms": None, "ratio": None, "round_ratios": [], "max_error": None, "gbps": None, "bandwidth_fraction": None,
         "gflops": None, "peak_fraction": None, "note": None,
     }
 

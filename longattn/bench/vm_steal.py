@@ -6,8 +6,8 @@ waits for it. Linux counts that time per CPU in the ``steal`` column of
 ``/proc/stat``. The bench reads the count around each timed call and reports
 the share of the machine's CPU time taken during it, so that a slow round can
 be told from a slow kernel (the README's Benchmarks section has a run on
-the Intel Xeon VM where one round lost 57% of the CPUs and took 3.5x the
-others' time).
+the Intel Xeon VM where one round lost 57% of the CPUs and took 3.5-4.4x
+the others' time).
 
 The count is 0 on bare metal and absent off Linux (then: None). It is in
 clock ticks (usually 10 ms), so a call shorter than a few ticks reads 0 or
