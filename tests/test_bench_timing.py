@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,6 +92,8 @@ def test_steal_seconds_reads_the_cpu_line_of_proc_stat(tmp_path, monkeypatch):
 
 
 def test_steal_fraction_is_the_share_of_every_cpus_time(monkeypatch):
+    import os
+
     from longattn.bench import vm_steal
 
     monkeypatch.setattr(vm_steal.os, "cpu_count", lambda: 2)
@@ -98,11 +101,16 @@ def test_steal_fraction_is_the_share_of_every_cpus_time(monkeypatch):
     assert vm_steal.steal_fraction(10.0, 10.0, 1.0) == 0.0
     assert vm_steal.steal_fraction(10.0, 13.0, 1.0) == 1.0  # tick rounding past the wall clock: clamped
     assert vm_steal.steal_fraction(None, 10.0, 1.0) is None and vm_steal.steal_fraction(1.0, 2.0, 0.0) is None
+    # a span of fewer than MIN_TICKS ticks of both CPUs: one tick would move it by over 5 points
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    shortest = vm_steal.MIN_TICKS * tick / 2
+    assert vm_steal.steal_fraction(10.0, 10.0 + tick, 0.99 * shortest) is None
+    assert vm_steal.steal_fraction(10.0, 10.0 + tick, shortest) == pytest.approx(1 / vm_steal.MIN_TICKS)
 
 
 def test_time_interleaved_records_the_steal_of_each_timed_call(monkeypatch):
-    """Read around each call, outside the timed interval; one figure per timed
-    round (warmup rounds not kept), none for a failed method, none where the
+    """Read around each call, outside the timed interval; one entry per timed
+    round (warmup rounds not kept), none for a failed method, None where the
     machine has no count."""
     import longattn.bench.timing as timing
     from longattn.bench import vm_steal
@@ -124,4 +132,4 @@ def test_time_interleaved_records_the_steal_of_each_timed_call(monkeypatch):
     assert result.steal == {"a": [0.25] * 3, "b": [0.0] * 3}
     assert result.seconds == {"a": [1.0] * 3, "b": [2.0] * 3}
     monkeypatch.setattr(timing, "steal_seconds", lambda: None)
-    assert time_interleaved(calls, warmup=0, repeats=2).steal == {"a": [], "b": []}
+    assert time_interleaved(calls, warmup=0, repeats=2).steal == {"a": [None] * 2, "b": [None] * 2}

@@ -246,9 +246,10 @@ def test_fraction_targets_report_their_rounds():
 
 
 def test_the_table_shows_vm_steal_only_where_the_hypervisor_took_time():
-    """A "VM steal" column (lowest-highest share over a method's timed calls)
-    appears once any call lost CPU time to the hypervisor; on bare metal (all
-    0) or without the count (no figures) the table has no such column."""
+    """A "VM steal" column (lowest-highest share over a method's timed calls,
+    passing over calls too short to tell) appears once any call lost CPU
+    time to the hypervisor; on bare metal (all 0) or without the count (no
+    figures) the table has no such column."""
     from longattn.bench.report import format_table
 
     def results(steal_a, steal_b):
@@ -262,11 +263,11 @@ def test_the_table_shows_vm_steal_only_where_the_hypervisor_took_time():
                 "a": {**rec, "steal_fractions": steal_a}, "b": {**rec, "steal_fractions": steal_b}}}],
         }
 
-    text = format_table(results([0.031, 0.27, 0.12], [0.0, 0.0, 0.0]))
+    text = format_table(results([0.031, None, 0.27, 0.12], [0.0, 0.0, 0.0, None]))
     lines = text.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("scenario"))
     header, row_a, row_b = lines[at], lines[at + 2], lines[at + 3]
     assert "per round  VM steal  max error" in header and "VM steal = " in text
     assert row_a.split()[-1] == "3-27%" and row_b.split()[-2:] == ["0%", "baseline"]
-    for quiet in (results([0.0] * 3, [0.0] * 3), results([], [])):
+    for quiet in (results([0.0] * 3, [0.0] * 3), results([None] * 3, [None] * 3), results([], [])):
         assert "steal" not in format_table(quiet)

@@ -264,8 +264,10 @@ def _round_range(ratios: list[float]) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) >= 2 else ""
 
 
-def _steal_range(fractions: list[float]) -> str:
-    """A method's lowest and highest steal share over its timed calls, in percent ("" without any)."""
+def _steal_range(fractions: list[float | None]) -> str:
+    """A method's lowest and highest steal share over its timed calls, in
+    percent ("" where no call was given one)."""
+    fractions = [f for f in fractions if f is not None]
     if not fractions:
         return ""
     lo, hi = (round(100 * f) for f in (min(fractions), max(fractions)))

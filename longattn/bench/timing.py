@@ -28,11 +28,11 @@ from longattn.bench.vm_steal import steal_fraction, steal_seconds
 class Timings:
     """Per method: timed seconds, the first call's output, or why it failed;
     ``steal`` the share of the CPUs' time the hypervisor took during each
-    timed call (same order as ``seconds``; empty where the machine has no
-    steal count)."""
+    timed call, one per entry of ``seconds`` (None where it cannot be told:
+    no steal count, or a call too short for its ticks)."""
 
     seconds: dict[str, list[float]] = field(default_factory=dict)
-    steal: dict[str, list[float]] = field(default_factory=dict)
+    steal: dict[str, list[float | None]] = field(default_factory=dict)
     first_output: dict[str, object] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -75,8 +75,7 @@ def time_interleaved(
                     result.first_output[name] = out
                 if rnd >= warmup:
                     result.seconds[name].append(elapsed)
-                    if stolen is not None:
-                        result.steal[name].append(stolen)
+                    result.steal[name].append(stolen)
                 del out  # free before the next method allocates its own
             if on_call is not None:
                 on_call(name, rnd)

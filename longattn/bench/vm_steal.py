@@ -9,9 +9,11 @@ be told from a slow kernel (the README's Benchmarks section has a run on
 the Intel Xeon VM where one round lost 57% of the CPUs and took 3.5-4.4x
 the others' time).
 
-The count is 0 on bare metal and absent off Linux (then: None). It is in
-clock ticks (usually 10 ms), so a call shorter than a few ticks reads 0 or
-one tick's worth.
+The count is 0 on bare metal and absent off Linux (then: None). It moves in
+clock ticks (usually 10 ms), so a share is only given for a call that spans
+at least MIN_TICKS ticks of all CPUs' time (0.1 s of wall time on 2 CPUs):
+one tick then moves it by at most 5 points. A millisecond call gets None,
+not a share of 0% or 100% decided by where the ticks fell.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 
 STAT_PATH = "/proc/stat"
+MIN_TICKS = 20  # the shortest span, in ticks of all CPUs' time, given a share
 
 
 def steal_seconds() -> float | None:
@@ -38,8 +41,9 @@ def steal_seconds() -> float | None:
 def steal_fraction(before: float | None, after: float | None, elapsed_s: float) -> float | None:
     """The share of all CPUs' time stolen over ``elapsed_s`` seconds of wall
     time between two :func:`steal_seconds` readings (0 .. 1, clamped: the
-    count's ticks need not line up with the wall clock); None without both."""
+    count's ticks need not line up with the wall clock); None without both
+    readings or for a span under MIN_TICKS ticks."""
     cpus = os.cpu_count() or 1
-    if before is None or after is None or elapsed_s <= 0:
+    if before is None or after is None or elapsed_s * cpus * os.sysconf("SC_CLK_TCK") < MIN_TICKS:
         return None
     return min(1.0, max(0.0, (after - before) / (elapsed_s * cpus)))
