@@ -24,18 +24,30 @@ STAT_PATH = "/proc/stat"
 MIN_TICKS = 20  # the shortest span, in ticks of all CPUs' time, given a share
 
 
+def _ticks_per_second() -> int:
+    """The clock ticks /proc/stat counts in (0 where the OS has no such clock)."""
+    try:
+        return max(0, os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, AttributeError):  # no sysconf (not a POSIX system)
+        return 0
+
+
+TICKS_PER_SECOND = _ticks_per_second()
+
+
 def steal_seconds() -> float | None:
     """Seconds of CPU time taken from this machine's CPUs since boot, summed
     over CPUs (the 8th value of ``/proc/stat``'s ``cpu`` line); None where
     there is no such count."""
+    if TICKS_PER_SECOND <= 0:
+        return None
     try:
         with open(STAT_PATH) as f:
             fields = f.readline().split()
         ticks = int(fields[8]) if fields and fields[0] == "cpu" and len(fields) > 8 else None
-        per_second = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, AttributeError):  # no /proc, a strange line, no sysconf
+    except (OSError, ValueError):  # no /proc, a strange line
         return None
-    return None if ticks is None or per_second <= 0 else ticks / per_second
+    return None if ticks is None else ticks / TICKS_PER_SECOND
 
 
 def steal_fraction(before: float | None, after: float | None, elapsed_s: float) -> float | None:
@@ -44,6 +56,6 @@ def steal_fraction(before: float | None, after: float | None, elapsed_s: float) 
     count's ticks need not line up with the wall clock); None without both
     readings or for a span under MIN_TICKS ticks."""
     cpus = os.cpu_count() or 1
-    if before is None or after is None or elapsed_s * cpus * os.sysconf("SC_CLK_TCK") < MIN_TICKS:
+    if before is None or after is None or elapsed_s * cpus * TICKS_PER_SECOND < MIN_TICKS:
         return None
     return min(1.0, max(0.0, (after - before) / (elapsed_s * cpus)))
