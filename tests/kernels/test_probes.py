@@ -23,8 +23,11 @@ def test_fma_peak_is_a_sane_positive_figure(threads):
     probe = probes.fma_peak_gflops(threads=threads, seconds=0.02)
     assert probe.reason is None and probe.isa in ISAS
     assert probe.threads == (cpp_build.kernel_threads() if threads is None else threads)
-    # >= 1 GFLOP/s even scalar on a loaded core; no CPU core reaches 1 TFLOP/s fp32 by itself.
-    assert math.isfinite(probe.value) and 1.0 <= probe.value <= 1000.0 * probe.threads
+    # No lower bound: how fast a loaded CI machine runs is not the probe's
+    # property (a floor here would be a timing assertion). The ceiling is: no
+    # CPU core reaches 1 TFLOP/s fp32 by itself, so a figure above it means the
+    # loop was optimised away or the flop count is wrong.
+    assert math.isfinite(probe.value) and 0.0 < probe.value <= 1000.0 * probe.threads
 
 
 @needs_library
@@ -108,7 +111,11 @@ def _level_rank(name: str) -> int:
 def test_stream_read_is_a_sane_positive_figure(threads):
     probe = probes.stream_read_gbs(gib=1 / 64, threads=threads, repeats=2)
     assert probe.reason is None and probe.isa in ISAS
-    assert math.isfinite(probe.value) and 1.0 <= probe.value <= 10_000.0
+    # No lower bound (a floor is a timing assertion: CI once read 0.75 GB/s for
+    # this 16 MiB buffer while the hypervisor took the CPUs). The ceiling is a
+    # property: no memory system streams 10 TB/s, so a figure above it means the
+    # read was optimised away or the byte count is wrong.
+    assert math.isfinite(probe.value) and 0.0 < probe.value <= 10_000.0
 
 
 @needs_library
