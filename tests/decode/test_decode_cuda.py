@@ -7,10 +7,10 @@ What runs where:
   parameter lists in the source (count, order, pointer element types and
   scalar widths): a mismatch there would be silent memory corruption;
 - with ``g++`` (C++20): the kernels *run on the CPU* in an emulation of the
-  CUDA execution model (one std::thread per CUDA thread, real barriers for
-  ``__syncthreads`` and warp shuffles, shared memory poisoned with NaN per
-  block), fed by the loader's own launch arguments, and are checked against
-  the oracle. This verifies the algorithm, indexing and synchronisation, not
+  CUDA execution model (one fiber per CUDA thread, barriers for
+  ``__syncthreads`` and warp shuffles, a fresh random schedule at every
+  barrier, shared memory poisoned with NaN per block), fed by the loader's own
+  launch arguments, and are checked against the oracle. This verifies the algorithm, indexing and synchronisation, not
   GPU-only behaviour (memory model, occupancy, shared-memory limits, NVRTC);
 - with a CUDA device and cupy: results against the float64 oracle
   (tolerance rule, eager twin as baseline) and bitwise determinism.
@@ -118,14 +118,23 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {  // round to nearest even (f
   unsigned u; std::memcpy(&u, &x, 4); u += 0x7fffu + ((u >> 16) & 1u); return {(unsigned short)(u >> 16)};
 }
 """
-# One std::thread per CUDA thread of a block (blocks run one after another); __syncthreads is a
-# barrier over the block, a shuffle is a write, a warp barrier, a read and another warp barrier.
+# Each CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
+# after another. __syncthreads is a barrier over the block; a shuffle is a write, a warp
+# barrier, a read and another warp barrier. A fiber runs until it waits at a barrier; the
+# scheduler then resumes the others in an order drawn afresh (seeded by the launch count)
+# for every sweep, so code that reads another thread's shared-memory writes without a
+# barrier between them reads the NaN poison, whichever thread the schedule put first.
+# (One std::thread per CUDA thread did the same with real concurrency, but on two cores
+# each barrier of 128 threads cost futex wake-ups: minutes per test file.)
 _EMU_PRELUDE = """#pragma once
 #include <math.h>
+#include <ucontext.h>
 #include <algorithm>
-#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <thread>
+#include <numeric>
 #include <vector>
 #define __global__
 #define __device__
@@ -135,18 +144,27 @@ _EMU_PRELUDE = """#pragma once
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
 struct Dim3 { int x, y, z; };
-inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 threadIdx, blockIdx;  // set by the scheduler before it resumes a fiber
 inline Dim3 blockDim{128, 1, 1};
-inline std::barrier<>* g_block;
-inline std::barrier<>* g_warp[32];
+struct EmuBarrier { int expected, arrived; unsigned generation; };
+inline EmuBarrier g_block, g_warp[32];
+inline ucontext_t g_scheduler;
+inline ucontext_t* g_running;  // the running fiber's context
+inline unsigned long long g_progress;  // arrivals and finished fibers: a sweep without any is a deadlock
+inline void emu_arrive_and_wait(EmuBarrier& b) {
+  const unsigned generation = b.generation;
+  ++g_progress;
+  if (++b.arrived == b.expected) { b.arrived = 0; ++b.generation; return; }
+  while (b.generation == generation) swapcontext(g_running, &g_scheduler);
+}
+inline void __syncthreads() { emu_arrive_and_wait(g_block); }
 inline float g_lanes[32][32];
-inline void __syncthreads() { g_block->arrive_and_wait(); }
 inline float emu_shfl(float x, int src) {
   const int w = threadIdx.x / 32;
   g_lanes[w][threadIdx.x % 32] = x;
-  g_warp[w]->arrive_and_wait();
+  emu_arrive_and_wait(g_warp[w]);
   const float r = g_lanes[w][src];
-  g_warp[w]->arrive_and_wait();
+  emu_arrive_and_wait(g_warp[w]);
   return r;
 }
 inline float __shfl_xor_sync(unsigned, float x, int o) { return emu_shfl(x, (threadIdx.x % 32) ^ o); }
@@ -155,18 +173,54 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 using std::max;
 using std::min;
 namespace { alignas(16) unsigned char smem_raw[1 << 20]; }  // the kernels' extern __shared__ array
+inline void* g_body;
+inline void (*g_invoke)(void*);
+inline bool g_finished;
+inline void emu_fiber_entry() { g_invoke(g_body); g_finished = true; }  // then uc_link: the scheduler
+inline unsigned long long g_launches;
 template <class F> void emu_grid(int gx, int gy, F body) {
+  constexpr size_t kStack = 256 << 10;
+  const int n = blockDim.x;
+  static std::vector<std::vector<char>> stacks;
+  stacks.resize(n, std::vector<char>(kStack));
+  std::vector<ucontext_t> fibers(n);
+  std::vector<int> order(n);
+  g_body = &body;
+  g_invoke = [](void* f) { (*static_cast<F*>(f))(); };
+  unsigned long long rng = 0x9e3779b97f4a7c15ull * ++g_launches;  // xorshift64: this launch's schedules
   for (int by = 0; by < gy; ++by)
     for (int bx = 0; bx < gx; ++bx) {
       std::memset(smem_raw, 0xff, sizeof smem_raw);  // NaN: reading unwritten shared memory shows
-      std::barrier<> block(blockDim.x);
-      for (int w = 0; w < blockDim.x / 32; ++w) g_warp[w] = new std::barrier<>(32);
-      g_block = &block;
-      std::vector<std::thread> threads;
-      for (int t = 0; t < blockDim.x; ++t)
-        threads.emplace_back([&, t] { threadIdx = {t, 0, 0}; blockIdx = {bx, by, 0}; body(); });
-      for (auto& th : threads) th.join();
-      for (int w = 0; w < blockDim.x / 32; ++w) delete g_warp[w];
+      g_block = {n, 0, 0};
+      for (int w = 0; w < n / 32; ++w) g_warp[w] = {32, 0, 0};
+      blockIdx = {bx, by, 0};
+      for (int t = 0; t < n; ++t) {
+        getcontext(&fibers[t]);
+        fibers[t].uc_stack = {stacks[t].data(), 0, kStack};
+        fibers[t].uc_link = &g_scheduler;
+        makecontext(&fibers[t], emu_fiber_entry, 0);
+      }
+      std::vector<char> done(n, 0);
+      for (int live = n; live > 0;) {
+        std::iota(order.begin(), order.end(), 0);
+        for (int i = n - 1; i > 0; --i) {  // Fisher-Yates with xorshift64
+          rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+          std::swap(order[i], order[rng % (i + 1)]);
+        }
+        const unsigned long long before = g_progress;
+        for (int t : order) {
+          if (done[t]) continue;
+          threadIdx = {t, 0, 0};
+          g_running = &fibers[t];
+          g_finished = false;
+          swapcontext(&g_scheduler, &fibers[t]);
+          if (g_finished) { done[t] = 1; --live; ++g_progress; }
+        }
+        if (live > 0 && g_progress == before) {
+          std::fprintf(stderr, "CUDA emulation: deadlock in block (%d, %d): a barrier not reached by all\\n", bx, by);
+          std::abort();
+        }
+      }
     }
 }
 """
@@ -212,7 +266,7 @@ def build_emulation(harness: str, source_dir, timeout: int = 120):
             cmd = [gxx, *flags, f"-I{tmp}", f"-I{source_dir}", "-include", "prelude.h", f"{tmp}/harness.cpp",
                    "-o", f"{tmp}/emu.so"]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            if proc.returncode != 0:  # an old toolchain (no C++20 <barrier>, no _Float16); nvcc checks the source
+            if proc.returncode != 0:  # an old toolchain (no C++20, no _Float16, no ucontext); nvcc checks the source
                 pytest.skip(f"g++ cannot build the CUDA emulation: {proc.stderr.strip()[-300:]}")
             cached.parent.mkdir(parents=True, exist_ok=True)
             staged = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp")
@@ -280,6 +334,42 @@ def test_kernels_match_oracle_in_cpu_emulation(emulated, name):
     merge_col_blocks = _emulate(emulated, case, num_workers, block_n, heads_per_tile)
     if name in _MULTI_COLUMN_MERGE:
         assert merge_col_blocks and min(merge_col_blocks) > 1
+
+
+# Kernels that break the rules, to show the emulation catches what the real kernels must not do.
+_EMU_RULE_BREAKERS = """__global__ void neighbour(float* out, int sync) {  // reads thread t+1's shared write
+  float* s = reinterpret_cast<float*>(smem_raw);  // the prelude's array (the kernels' extern __shared__)
+  const int t = threadIdx.x;
+  s[t] = (float)t;
+  if (sync) __syncthreads();
+  out[blockIdx.x * blockDim.x + t] = s[(t + 1) % blockDim.x];
+}
+__global__ void divergent_barrier() { if (threadIdx.x == 0) __syncthreads(); }
+extern "C" void emu_neighbour(int gx, float* out, int sync) { emu_grid(gx, 1, [&] { neighbour(out, sync); }); }
+extern "C" void emu_divergent_barrier() { emu_grid(1, 1, [&] { divergent_barrier(); }); }
+"""
+
+
+@pytest.fixture(scope="module")
+def rule_breakers():
+    yield from build_emulation(_EMU_RULE_BREAKERS, decode_cuda.SOURCE.parent)
+
+
+def test_emulation_catches_a_missing_barrier(rule_breakers):
+    out = torch.empty(4 * 128)
+    rule_breakers.emu_neighbour(4, ctypes.c_void_p(out.data_ptr()), 1)
+    assert torch.equal(out, (torch.arange(4 * 128) + 1).remainder(128).float())
+    # Without the barrier, a thread scheduled before its neighbour reads the NaN poison.
+    rule_breakers.emu_neighbour(4, ctypes.c_void_p(out.data_ptr()), 0)
+    assert out.isnan().any()
+
+
+def test_emulation_aborts_on_a_barrier_not_all_threads_reach(rule_breakers):
+    import sys
+
+    script = f"import ctypes; ctypes.CDLL({rule_breakers._name!r}).emu_divergent_barrier()"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "deadlock in block (0, 0)" in run.stderr
 
 
 def test_unavailable_reason_is_one_line():
