@@ -1,4 +1,13 @@
-"""Test-wide setup: the Triton interpreter, hypothesis profiles.
+"""Test-wide setup: OpenMP's wait policy, the Triton interpreter, hypothesis profiles.
+
+``OMP_WAIT_POLICY=PASSIVE`` (unless set already) must reach OpenMP before
+torch loads it, so it is set here, first. The suite runs in up to 4 xdist
+workers on CI's 2 cores, each with torch's 2 intra-op threads: with OpenMP's
+default policy a thread that finishes its share of a parallel region spins,
+burning CPU the other workers need. Sleeping instead kept every thread count
+and result and halved the CPU time of the attention and sparse test files
+here (see the README's test-time figures). Subprocesses the tests start
+(distributed ranks, examples, the CLI) inherit it.
 
 ``TRITON_INTERPRET`` must be set before triton is imported anywhere, so it is
 set here, at collection time, when the machine has no CUDA device. Triton
@@ -13,7 +22,9 @@ from __future__ import annotations
 
 import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see above
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
