@@ -4,10 +4,10 @@
 torch loads it, so it is set here, first. The suite runs in up to 4 xdist
 workers on CI's 2 cores, each with torch's 2 intra-op threads: with OpenMP's
 default policy a thread that finishes its share of a parallel region spins,
-burning CPU the other workers need. Sleeping instead kept every thread count
-and result and halved the CPU time of the attention and sparse test files
-here (see the README's test-time figures). Subprocesses the tests start
-(distributed ranks, examples, the CLI) inherit it.
+burning CPU the other workers need. Sleeping instead keeps every thread
+count and result (the README gives the suite's time before and after).
+Subprocesses the tests start (distributed ranks, examples, the CLI) inherit
+it.
 
 ``TRITON_INTERPRET`` must be set before triton is imported anywhere, so it is
 set here, at collection time, when the machine has no CUDA device. Triton

@@ -9,9 +9,9 @@ What runs where:
 - with ``g++`` (C++20): the kernels *run on the CPU* in an emulation of the
   CUDA execution model (one fiber per CUDA thread, barriers for
   ``__syncthreads`` and warp shuffles, a fresh random schedule at every
-  barrier, shared memory poisoned with NaN per block), fed by the loader's own
-  launch arguments, and are checked against the oracle. This verifies the algorithm, indexing and synchronisation, not
-  GPU-only behaviour (memory model, occupancy, shared-memory limits, NVRTC);
+  barrier, shared memory poisoned with NaN per block), fed by the loader's
+  own launch arguments, and are checked against the oracle. This verifies
+  the algorithm, indexing and synchronisation, not GPU-only behaviour (memory model, occupancy, shared-memory limits, NVRTC);
 - with a CUDA device and cupy: results against the float64 oracle
   (tolerance rule, eager twin as baseline) and bitwise determinism.
 """
@@ -125,7 +125,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {  // round to nearest even (f
 # for every sweep, so code that reads another thread's shared-memory writes without a
 # barrier between them reads the NaN poison, whichever thread the schedule put first.
 # (One std::thread per CUDA thread did the same with real concurrency, but on two cores
-# each barrier of 128 threads cost futex wake-ups: minutes per test file.)
+# each barrier of 128 threads cost futex wake-ups: about two minutes for this file's cases.)
 _EMU_PRELUDE = """#pragma once
 #include <math.h>
 #include <ucontext.h>
