@@ -8,10 +8,12 @@ What runs where:
   scalar widths): a mismatch there would be silent memory corruption;
 - with ``g++`` (C++20): the kernels *run on the CPU* in an emulation of the
   CUDA execution model (one fiber per CUDA thread, barriers for
-  ``__syncthreads`` and warp shuffles, a fresh random schedule at every
-  barrier, shared memory poisoned with NaN per block), fed by the loader's
-  own launch arguments, and are checked against the oracle. This verifies
-  the algorithm, indexing and synchronisation, not GPU-only behaviour (memory model, occupancy, shared-memory limits, NVRTC);
+  ``__syncthreads`` and warp shuffles, warps run one at a time in a random
+  order between block barriers, shared memory poisoned with NaN per
+  block), fed by the loader's own launch arguments, and are checked
+  against the oracle. This verifies the algorithm, indexing and
+  synchronisation, not GPU-only behaviour (memory model, occupancy,
+  shared-memory limits, NVRTC);
 - with a CUDA device and cupy: results against the float64 oracle
   (tolerance rule, eager twin as baseline) and bitwise determinism.
 """
@@ -120,12 +122,15 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {  // round to nearest even (f
 """
 # Each CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
 # after another. __syncthreads is a barrier over the block; a shuffle is a write, a warp
-# barrier, a read and another warp barrier. A fiber runs until it waits at a barrier; the
-# scheduler then resumes the others in an order drawn afresh (seeded by the launch count)
-# for every sweep, so code that reads another thread's shared-memory writes without a
-# barrier between them reads the NaN poison, whichever thread the schedule put first.
-# (One std::thread per CUDA thread did the same with real concurrency, but on two cores
-# each barrier of 128 threads cost futex wake-ups: about two minutes for this file's cases.)
+# barrier, a read and another warp barrier. A fiber runs until it waits at a barrier. The
+# schedule is adversarial and seeded (by the launch count): the warps take turns in a random
+# order, each running alone (its lanes resumed in a fresh random order per sweep) until all
+# of its lanes wait at the block barrier. So a warp runs a whole barrier phase -- e.g. a
+# compute loop and the next block's shared writes -- before or after another warp's phase,
+# and code that reads another thread's shared-memory write without a barrier in between
+# reads the NaN poison or the wrong block's values. (One std::thread per CUDA thread, the
+# earlier emulation, interleaved warps finely and missed such races; on two cores each
+# barrier of 128 threads also cost futex wake-ups: about two minutes for this file's cases.)
 _EMU_PRELUDE = """#pragma once
 #include <math.h>
 #include <ucontext.h>
@@ -184,7 +189,7 @@ template <class F> void emu_grid(int gx, int gy, F body) {
   static std::vector<std::vector<char>> stacks;
   stacks.resize(n, std::vector<char>(kStack));
   std::vector<ucontext_t> fibers(n);
-  std::vector<int> order(n);
+  std::vector<int> warp_order(n / 32), lane_order(32);
   g_body = &body;
   g_invoke = [](void* f) { (*static_cast<F*>(f))(); };
   unsigned long long rng = 0x9e3779b97f4a7c15ull * ++g_launches;  // xorshift64: this launch's schedules
@@ -201,22 +206,34 @@ template <class F> void emu_grid(int gx, int gy, F body) {
         makecontext(&fibers[t], emu_fiber_entry, 0);
       }
       std::vector<char> done(n, 0);
-      for (int live = n; live > 0;) {
-        std::iota(order.begin(), order.end(), 0);
-        for (int i = n - 1; i > 0; --i) {  // Fisher-Yates with xorshift64
+      int live = n;
+      auto shuffle = [&rng](std::vector<int>& v, int count) {  // Fisher-Yates with xorshift64
+        std::iota(v.begin(), v.begin() + count, 0);
+        for (int i = count - 1; i > 0; --i) {
           rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-          std::swap(order[i], order[rng % (i + 1)]);
+          std::swap(v[i], v[rng % (i + 1)]);
         }
-        const unsigned long long before = g_progress;
-        for (int t : order) {
-          if (done[t]) continue;
-          threadIdx = {t, 0, 0};
-          g_running = &fibers[t];
-          g_finished = false;
-          swapcontext(&g_scheduler, &fibers[t]);
-          if (g_finished) { done[t] = 1; --live; ++g_progress; }
+      };
+      while (live > 0) {
+        const unsigned long long round_start = g_progress;
+        shuffle(warp_order, n / 32);
+        for (int wi = 0; wi < n / 32; ++wi) {
+          const int w = warp_order[wi];
+          for (unsigned long long before = ~0ull; before != g_progress;) {  // until none of its lanes moves
+            before = g_progress;
+            shuffle(lane_order, 32);
+            for (int lane : lane_order) {
+              const int t = w * 32 + lane;
+              if (done[t]) continue;
+              threadIdx = {t, 0, 0};
+              g_running = &fibers[t];
+              g_finished = false;
+              swapcontext(&g_scheduler, &fibers[t]);
+              if (g_finished) { done[t] = 1; --live; ++g_progress; }
+            }
+          }
         }
-        if (live > 0 && g_progress == before) {
+        if (live > 0 && g_progress == round_start) {
           std::fprintf(stderr, "CUDA emulation: deadlock in block (%d, %d): a barrier not reached by all\\n", bx, by);
           std::abort();
         }

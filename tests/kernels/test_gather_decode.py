@@ -414,6 +414,10 @@ _EMU_CASES = {
     "page1-fp32-gqa8-hd256-empty-lists": (GatherCase(1, 20, 12, 2, 8, 256, torch.float32, 1, False, 1.0, 0.0, 3), 5),
     # 24 query heads of one kv head in one list: two row blocks of 16.
     "rows-24-two-row-blocks": (GatherCase(1, 48, 33, 1, 24, 16, torch.float32, 16, False, 0.1, 0.0, 4), 8),
+    # Every warp has rows and each CTA loops over 3 blocks with -1 entries in each: a warp that
+    # ran ahead into the next block's offsets before another warp read this block's would be seen.
+    "rows-16-three-blocks-padded": (GatherCase(1, 120, 80, 1, 16, 32, torch.float32, None, False, 0.3, 0.0, 5),
+                                    None),
 }
 
 
