@@ -62,7 +62,8 @@ def time_interleaved(
         for name in round_order(names, rnd):
             if name in result.failed or _over_budget(result.seconds[name], budget_s):
                 continue
-            stolen_before = steal_seconds()
+            timed = rnd >= warmup
+            stolen_before = steal_seconds() if timed else None  # warmup calls keep no share
             start = time.perf_counter()
             try:
                 out = calls[name]()
@@ -70,12 +71,11 @@ def time_interleaved(
                 result.failed[name] = describe_exception(exc)
             else:
                 elapsed = time.perf_counter() - start
-                stolen = steal_fraction(stolen_before, steal_seconds(), elapsed)
                 if name not in result.first_output:
                     result.first_output[name] = out
-                if rnd >= warmup:
+                if timed:
                     result.seconds[name].append(elapsed)
-                    result.steal[name].append(stolen)
+                    result.steal[name].append(steal_fraction(stolen_before, steal_seconds(), elapsed))
                 del out  # free before the next method allocates its own
             if on_call is not None:
                 on_call(name, rnd)
