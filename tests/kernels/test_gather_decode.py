@@ -421,13 +421,17 @@ _EMU_CASES = {
 }
 
 
+def _check_emulated(lib, case: GatherCase, split_len: int | None) -> None:
+    """``case`` in the emulation against the oracle, twice (two schedules): bitwise equal."""
+    results = []
+    for _ in range(2):
+        _check(case, lambda *a, **kw: results.append(_emulate(lib, *a, **kw, split_len=split_len)) or results[-1])
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("name", list(_EMU_CASES))
 def test_cuda_kernels_match_oracle_in_cpu_emulation(emulated, name):
-    case, split_len = _EMU_CASES[name]
-    results = []
-    for _ in range(2):  # twice: bitwise determinism
-        _check(case, lambda *a, **kw: results.append(_emulate(emulated, *a, **kw, split_len=split_len)) or results[-1])
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _check_emulated(emulated, *_EMU_CASES[name])
 
 
 @given(gather_cases(headdims=(16, 24, 59, 72, 128, 256), max_capacity=100, max_n=80, groups=(1, 4, 8, 16)),
@@ -435,10 +439,7 @@ def test_cuda_kernels_match_oracle_in_cpu_emulation(emulated, name):
 def test_cuda_kernels_match_oracle_in_cpu_emulation_for_any_call(emulated, case, split_len):
     """Drawn calls (up to 3 blocks of 32 entries per list, up to 16 rows: every warp busy) in the
     emulation: against the oracle, and bitwise equal across two schedules."""
-    results = []
-    for _ in range(2):
-        _check(case, lambda *a, **kw: results.append(_emulate(emulated, *a, **kw, split_len=split_len)) or results[-1])
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _check_emulated(emulated, case, split_len)
 
 
 @pytest.mark.parametrize("per_query", [False, True])
