@@ -218,19 +218,11 @@ inline void emu_start(EmuFiber& f, char* stack, size_t size, void (*entry)()) {
 inline EmuFiber g_scheduler;
 inline EmuFiber* g_running;  // the running fiber
 inline unsigned long long g_progress;  // arrivals and finished fibers: a sweep without any is a deadlock
-// What the running fiber waits for: the scheduler does not resume it before that barrier's
-// generation moves on (a resume only to find it still closed is two context switches).
-inline const EmuBarrier* g_waits_on;
-inline unsigned g_waits_for;
 inline void emu_arrive_and_wait(EmuBarrier& b) {
   const unsigned generation = b.generation;
   ++g_progress;
   if (++b.arrived == b.expected) { b.arrived = 0; ++b.generation; return; }
-  while (b.generation == generation) {
-    g_waits_on = &b;
-    g_waits_for = generation;
-    emu_switch(*g_running, g_scheduler);
-  }
+  while (b.generation == generation) emu_switch(*g_running, g_scheduler);
 }
 inline void __syncthreads() { emu_arrive_and_wait(g_block); }
 inline float g_lanes[32][32];
@@ -279,8 +271,6 @@ template <class F> void emu_grid(int gx, int gy, F body) {
         emu_start(fibers[t], stacks[t].data(), kStack, emu_fiber_entry);
       }
       std::vector<char> done(n, 0);
-      std::vector<const EmuBarrier*> waits_on(n, nullptr);
-      std::vector<unsigned> waits_for(n, 0);
       int live = n;
       auto shuffle = [&rng](std::vector<int>& v, int count) {  // Fisher-Yates with xorshift64
         std::iota(v.begin(), v.begin() + count, 0);
@@ -299,15 +289,12 @@ template <class F> void emu_grid(int gx, int gy, F body) {
             shuffle(lane_order, 32);
             for (int lane : lane_order) {
               const int t = w * 32 + lane;
-              if (done[t] || (waits_on[t] && waits_on[t]->generation == waits_for[t])) continue;
+              if (done[t]) continue;
               threadIdx = {t, 0, 0};
               g_running = &fibers[t];
               g_finished = false;
-              g_waits_on = nullptr;
               emu_switch(g_scheduler, fibers[t]);
               if (g_finished) { done[t] = 1; --live; ++g_progress; }
-              waits_on[t] = g_waits_on;
-              waits_for[t] = g_waits_for;
             }
           }
         }
